@@ -1,0 +1,82 @@
+/* cli — an asynchronous gRPC client over the gRPC C core.
+ *
+ * A cli owns completion-queue thread(s); every callback runs on one of them
+ * and must not block. One process can have thousands of calls in flight
+ * without a thread each. A channel per target connects lazily and
+ * reconnects by itself (the gRPC core's behaviour); calls on a channel that
+ * cannot connect fail with UNAVAILABLE once their deadline allows no wait.
+ *
+ * Callback contract: if a start function returns an error, no callback
+ * fires. Otherwise the done callback fires exactly once, last. */
+#ifndef CONVO_CLI_H
+#define CONVO_CLI_H
+
+#include "rpc.h"
+
+#include <protobuf-c/protobuf-c.h>
+#include <stdint.h>
+
+typedef struct cli cli;
+typedef struct cli_channel cli_channel;
+typedef struct cli_call cli_call;
+
+/* Per-call options; a zeroed struct is valid (no deadline, no metadata). */
+typedef struct cli_opts {
+    int64_t timeout_ms;        /* 0: no deadline */
+    const char *request_id;    /* sent as x-request-id; NULL: none */
+    int wait_for_ready;        /* wait for the channel to connect instead of failing fast */
+    const char *const *meta;   /* extra metadata: key, value, key, value, ..., NULL */
+} cli_opts;
+
+/* The call ended. `resp` is the decoded unary response (NULL unless code is
+ * RPC_OK, always NULL for streams) and now belongs to the callback: free it
+ * with protobuf_c_message_free_unpacked(resp, NULL). `message` is the
+ * server's (or the core's) reason, valid during the callback. */
+typedef void (*cli_done_fn)(void *arg, rpc_code code, const char *message, ProtobufCMessage *resp);
+/* A streamed message, freed when the callback returns. Return 0 to keep
+ * reading, 1 to pause reading until cli_call_resume() (backpressure). */
+typedef int (*cli_msg_fn)(void *arg, const ProtobufCMessage *msg);
+
+/* Creates a client with `threads` completion-queue threads (>= 1). */
+cli *cli_create(int threads, int64_t max_message_bytes);
+/* Cancels every call still in flight, waits for their done callbacks, stops
+ * the threads and frees the client and its channels; clears *c. Must not be
+ * called from a callback. */
+void cli_destroy(cli **c);
+
+/* A channel to "HOST:PORT" (or any gRPC target, e.g. "dns:///svc:50051").
+ * `round_robin` spreads calls over every address the name resolves to (for
+ * Kubernetes headless Services). Owned by the client; freed with it. */
+cli_channel *cli_channel_create(cli *c, const char *target, int round_robin);
+const char *cli_channel_target(const cli_channel *ch);
+
+/* Starts a unary call. `out`, when not NULL, receives a handle the caller
+ * must give back with cli_call_release() (it stays valid until then); with
+ * NULL the call runs to its end on its own. Returns 0, RPC_EENCODE,
+ * RPC_ECALL or RPC_ESHUTDOWN. */
+int cli_unary(cli_channel *ch, const char *method, const ProtobufCMessage *req,
+              const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts,
+              cli_done_fn done, void *arg, cli_call **out);
+
+/* Starts a server-streaming call: on_msg per message, then done. */
+int cli_stream(cli_channel *ch, const char *method, const ProtobufCMessage *req,
+               const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts,
+               cli_msg_fn on_msg, cli_done_fn done, void *arg, cli_call **out);
+
+/* Cancels the call; done still fires, with RPC_CANCELLED unless it had
+ * already ended. Thread-safe; harmless after the end. */
+void cli_call_cancel(cli_call *call);
+/* Resumes reading a stream paused by an on_msg that returned 1. Thread-safe. */
+void cli_call_resume(cli_call *call);
+/* Gives back a handle from `out`; clears *call. */
+void cli_call_release(cli_call **call);
+
+/* A blocking unary call, for programs and tests that are not event driven;
+ * never call it on a cli thread. Returns the status code; *resp gets the
+ * response on RPC_OK (caller frees), *message (when not NULL) a copy of the
+ * status message to free with mem_free. */
+rpc_code cli_unary_sync(cli_channel *ch, const char *method, const ProtobufCMessage *req,
+                        const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts,
+                        ProtobufCMessage **resp, char **message);
+
+#endif

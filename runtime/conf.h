@@ -1,0 +1,64 @@
+/* conf — command-line flags with environment-variable equivalents.
+ *
+ * Each module declares its options in one X-macro table beside its code; the
+ * table generates the options struct, the defaults, the flag and env parsing
+ * and the --help text, so they cannot drift apart:
+ *
+ *   #define MY_OPTS(X, S) \
+ *       X(S, listen, STR, "listen", "LISTEN_ADDR", "0.0.0.0:50051", "HOST:PORT to serve on") \
+ *       X(S, max_bytes, INT, "max-bytes", "MAX_BYTES", "65536", "largest accepted message")
+ *   CONF_DECLARE(my_opts, MY_OPTS)
+ *
+ * declares `typedef struct my_opts {char *listen; long long max_bytes;} my_opts;`
+ * and `my_opts_table`. Precedence: built-in default < environment < flag. */
+#ifndef CONVO_CONF_H
+#define CONVO_CONF_H
+
+#include <stddef.h>
+
+typedef enum conf_type { CONF_STR, CONF_INT, CONF_BOOL } conf_type;
+
+typedef struct conf_opt {
+    const char *flag; /* without the leading "--" */
+    const char *env;  /* NULL when there is none */
+    conf_type type;
+    const char *def; /* the default, as it would be written on the command line */
+    const char *help;
+    size_t offset; /* of the field in the options struct */
+} conf_opt;
+
+/* One options struct and its table; a program parses several at once (its
+ * own and those of the runtime modules it uses). */
+typedef struct conf_section {
+    const conf_opt *opts;
+    size_t n;
+    void *base;
+} conf_section;
+
+#define CONF__T_STR  char *
+#define CONF__T_INT  long long
+#define CONF__T_BOOL int
+#define CONF__MEMBER(S, field, type, flag, env, def, help) CONF__T_##type field;
+#define CONF__ROW(S, field, type, flag, env, def, help)                                            \
+    {flag, env, CONF_##type, def, help, offsetof(struct S, field)},
+#define CONF_DECLARE(S, OPTS)                                                                      \
+    typedef struct S {                                                                             \
+        OPTS(CONF__MEMBER, S)                                                                      \
+    } S;                                                                                           \
+    static const conf_opt S##_table[] = {OPTS(CONF__ROW, S)};
+#define CONF_SECTION(S, ptr) ((conf_section){S##_table, sizeof S##_table / sizeof S##_table[0], (ptr)})
+
+/* Fills every section from defaults, the environment and argv (--flag value
+ * or --flag=value; a BOOL flag alone means true). INT values must be
+ * non-negative integers; BOOL values are true/false/1/0/yes/no.
+ * Returns 0 to go on, 1 when --help or --version was printed (exit 0), -1
+ * after printing what is wrong and the usage (exit 2). `about` is one line
+ * for --help. Strings in the sections are owned by them: conf_free(). */
+int conf_parse(int argc, char **argv, const char *prog, const char *about,
+               const conf_section *secs, size_t nsecs);
+void conf_free(const conf_section *secs, size_t nsecs);
+
+/* The project's version string, also printed by --version. */
+const char *conf_version(void);
+
+#endif

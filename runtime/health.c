@@ -1,0 +1,239 @@
+#include "health.h"
+
+#include "log.h"
+#include "mem.h"
+#include "rpc_internal.h"
+
+#include "grpc/health/v1/health.pb-c.h"
+
+#include <pthread.h>
+#include <string.h>
+
+typedef struct service_status {
+    char *name;
+    health_status status;
+} service_status;
+
+typedef struct watcher {
+    srv_call *call;
+    char *service;
+    struct watcher *next;
+} watcher;
+
+struct health {
+    pthread_mutex_t mu;
+    service_status *services;
+    size_t nservices;
+    watcher *watchers;
+    int closed; /* the server is going away: no new watchers */
+};
+
+health *health__create(void)
+{
+    health *h = mem_calloc(1, sizeof *h);
+    pthread_mutex_init(&h->mu, NULL);
+    h->services = mem_calloc(1, sizeof *h->services);
+    h->services[0].name = mem_strdup("");
+    h->services[0].status = HEALTH_UNKNOWN;
+    h->nservices = 1;
+    return h;
+}
+
+void health__destroy(health **hp)
+{
+    health *h = *hp;
+    if (h == NULL)
+        return;
+    *hp = NULL;
+    for (size_t i = 0; i < h->nservices; i++)
+        mem_free(h->services[i].name);
+    mem_free(h->services);
+    pthread_mutex_destroy(&h->mu);
+    mem_free(h);
+}
+
+static service_status *find_locked(health *h, const char *name)
+{
+    for (size_t i = 0; i < h->nservices; i++)
+        if (strcmp(h->services[i].name, name) == 0)
+            return &h->services[i];
+    return NULL;
+}
+
+void health__add_service(srv *s, const char *service)
+{
+    health *h = srv__health(s);
+    pthread_mutex_lock(&h->mu);
+    if (find_locked(h, service) == NULL) {
+        h->services = mem_realloc(h->services, (h->nservices + 1) * sizeof *h->services);
+        h->services[h->nservices].name = mem_strdup(service);
+        h->services[h->nservices].status = HEALTH_UNKNOWN;
+        h->nservices++;
+    }
+    pthread_mutex_unlock(&h->mu);
+}
+
+/* What a Watch stream reports for `service`: SERVICE_UNKNOWN for names the
+ * server has never heard of, as the protocol asks. */
+static int wire_status_locked(health *h, const char *service)
+{
+    service_status *st = find_locked(h, service);
+    return st == NULL ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVICE_UNKNOWN
+                      : (int)st->status;
+}
+
+static void send_status(srv_call *call, int status)
+{
+    Grpc__Health__V1__HealthCheckResponse resp = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+    resp.status = status;
+    int rc = srv_call_send(call, &resp.base);
+    if (rc != 0 && rc != RPC_EDONE)
+        log_warn("health: a Watch update was dropped: %s", rpc_strerror(rc));
+}
+
+static void notify_locked(health *h, const char *service)
+{
+    for (watcher *w = h->watchers; w != NULL; w = w->next)
+        if (service == NULL || strcmp(w->service, service) == 0)
+            send_status(w->call, wire_status_locked(h, w->service));
+}
+
+static void set_locked(health *h, const char *service, health_status status)
+{
+    service_status *st = find_locked(h, service);
+    if (st == NULL) {
+        h->services = mem_realloc(h->services, (h->nservices + 1) * sizeof *h->services);
+        st = &h->services[h->nservices++];
+        st->name = mem_strdup(service);
+        st->status = HEALTH_UNKNOWN;
+    }
+    if (st->status != status) {
+        st->status = status;
+        notify_locked(h, service);
+    }
+}
+
+void health_set(srv *s, const char *service, health_status status)
+{
+    health *h = srv__health(s);
+    pthread_mutex_lock(&h->mu);
+    set_locked(h, service, status);
+    pthread_mutex_unlock(&h->mu);
+}
+
+void health_set_all(srv *s, health_status status)
+{
+    health *h = srv__health(s);
+    pthread_mutex_lock(&h->mu);
+    for (size_t i = 0; i < h->nservices; i++)
+        set_locked(h, h->services[i].name, status);
+    pthread_mutex_unlock(&h->mu);
+}
+
+health_status health_get(srv *s, const char *service)
+{
+    health *h = srv__health(s);
+    pthread_mutex_lock(&h->mu);
+    service_status *st = find_locked(h, service);
+    health_status status = st != NULL ? st->status : HEALTH_UNKNOWN;
+    pthread_mutex_unlock(&h->mu);
+    return status;
+}
+
+static void on_check(srv_call *call, const ProtobufCMessage *msg)
+{
+    const Grpc__Health__V1__HealthCheckRequest *req =
+        (const Grpc__Health__V1__HealthCheckRequest *)msg;
+    health *h = srv__health(srv_call_server(call));
+    pthread_mutex_lock(&h->mu);
+    service_status *st = find_locked(h, req->service);
+    int status = st != NULL ? (int)st->status : -1;
+    pthread_mutex_unlock(&h->mu);
+
+    if (status < 0) {
+        srv_call_finishf(call, RPC_NOT_FOUND, "unknown service '%s'", req->service);
+        return;
+    }
+    Grpc__Health__V1__HealthCheckResponse resp = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+    resp.status = status;
+    srv_call_finish(call, RPC_OK, NULL, &resp.base);
+}
+
+/* Unlinks the watcher of `call`; returns whether it was still listed. */
+static int unlink_locked(health *h, srv_call *call)
+{
+    for (watcher **p = &h->watchers; *p != NULL; p = &(*p)->next) {
+        if ((*p)->call == call) {
+            watcher *w = *p;
+            *p = w->next;
+            mem_free(w->service);
+            mem_free(w);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static void on_watch_cancel(srv_call *call)
+{
+    health *h = srv__health(srv_call_server(call));
+    pthread_mutex_lock(&h->mu);
+    int listed = unlink_locked(h, call);
+    pthread_mutex_unlock(&h->mu);
+    if (listed)
+        srv_call_finish(call, RPC_CANCELLED, "watch cancelled", NULL);
+}
+
+static void on_watch(srv_call *call, const ProtobufCMessage *msg)
+{
+    const Grpc__Health__V1__HealthCheckRequest *req =
+        (const Grpc__Health__V1__HealthCheckRequest *)msg;
+    health *h = srv__health(srv_call_server(call));
+    pthread_mutex_lock(&h->mu);
+    if (h->closed) {
+        pthread_mutex_unlock(&h->mu);
+        srv_call_finish(call, RPC_UNAVAILABLE, "the server is shutting down", NULL);
+        return;
+    }
+    watcher *w = mem_calloc(1, sizeof *w);
+    w->call = call;
+    w->service = mem_strdup(req->service);
+    w->next = h->watchers;
+    h->watchers = w;
+    srv_call_on_cancel(call, on_watch_cancel);
+    send_status(call, wire_status_locked(h, req->service));
+    pthread_mutex_unlock(&h->mu);
+}
+
+void health__close_watchers(srv *s)
+{
+    health *h = srv__health(s);
+    pthread_mutex_lock(&h->mu);
+    h->closed = 1;
+    while (h->watchers != NULL) {
+        srv_call *call = h->watchers->call;
+        unlink_locked(h, call);
+        srv_call_finish(call, RPC_UNAVAILABLE, "the server is shutting down", NULL);
+    }
+    pthread_mutex_unlock(&h->mu);
+}
+
+void health__register(srv *s)
+{
+    static const srv_method check = {
+        .path = "/grpc.health.v1.Health/Check",
+        .kind = SRV_UNARY,
+        .request = &grpc__health__v1__health_check_request__descriptor,
+        .response = &grpc__health__v1__health_check_response__descriptor,
+        .on_call = on_check,
+    };
+    static const srv_method watch = {
+        .path = "/grpc.health.v1.Health/Watch",
+        .kind = SRV_SERVER_STREAM,
+        .request = &grpc__health__v1__health_check_request__descriptor,
+        .response = &grpc__health__v1__health_check_response__descriptor,
+        .on_call = on_watch,
+    };
+    srv_add_method(s, &check, NULL);
+    srv_add_method(s, &watch, NULL);
+}

@@ -1,0 +1,165 @@
+#include "rpc_internal.h"
+
+#include "log.h"
+#include "mem.h"
+
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/slice.h>
+#include <grpc/support/log.h>
+#include <pthread.h>
+#include <string.h>
+#include <time.h>
+
+static const char *const code_names[] = {
+    "OK",        "CANCELLED",         "UNKNOWN",        "INVALID_ARGUMENT",    "DEADLINE_EXCEEDED",
+    "NOT_FOUND", "ALREADY_EXISTS",    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",   "UNIMPLEMENTED",       "INTERNAL",
+    "UNAVAILABLE", "DATA_LOSS",       "UNAUTHENTICATED",
+};
+
+const char *rpc_code_name(rpc_code code)
+{
+    if ((unsigned)code >= sizeof code_names / sizeof code_names[0])
+        return "UNKNOWN";
+    return code_names[code];
+}
+
+int rpc_code_http_status(rpc_code code)
+{
+    /* The mapping of google.rpc.Code's documentation. */
+    static const int http[] = {200, 499, 500, 400, 504, 404, 409, 403, 429,
+                               400, 409, 400, 501, 500, 503, 500, 401};
+    if ((unsigned)code >= sizeof http / sizeof http[0])
+        return 500;
+    return http[code];
+}
+
+const char *rpc_strerror(int err)
+{
+    switch (err) {
+    case 0:
+        return "success";
+    case RPC_EFULL:
+        return "the call's write queue is full";
+    case RPC_EDONE:
+        return "the call is finished or cancelled";
+    case RPC_EENCODE:
+        return "the message could not be serialized";
+    case RPC_ECALL:
+        return "the gRPC core refused the operation";
+    case RPC_EBIND:
+        return "the listen address could not be bound";
+    case RPC_EARG:
+        return "invalid argument";
+    case RPC_ESHUTDOWN:
+        return "shutting down";
+    }
+    return "unknown error";
+}
+
+int64_t rpc_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int rpc_utf8_valid(const char *str, size_t len)
+{
+    const unsigned char *s = (const unsigned char *)str;
+    size_t i = 0;
+    while (i < len) {
+        unsigned c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        size_t n;
+        unsigned cp;
+        if (c >= 0xC2 && c <= 0xDF) {
+            n = 1;
+            cp = c & 0x1F;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            n = 2;
+            cp = c & 0x0F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            n = 3;
+            cp = c & 0x07;
+        } else {
+            return 0;
+        }
+        if (i + n >= len)
+            return 0;
+        for (size_t k = 1; k <= n; k++) {
+            if ((s[i + k] & 0xC0) != 0x80)
+                return 0;
+            cp = (cp << 6) | (s[i + k] & 0x3F);
+        }
+        if ((n == 2 && cp < 0x800) || (n == 3 && (cp < 0x10000 || cp > 0x10FFFF)) ||
+            (cp >= 0xD800 && cp <= 0xDFFF))
+            return 0;
+        i += n + 1;
+    }
+    return 1;
+}
+
+grpc_byte_buffer *rpc__encode(const ProtobufCMessage *msg)
+{
+    size_t len = protobuf_c_message_get_packed_size(msg);
+    grpc_slice slice = grpc_slice_malloc(len);
+    if (protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(slice)) != len) {
+        grpc_slice_unref(slice);
+        return NULL;
+    }
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&slice, 1);
+    grpc_slice_unref(slice);
+    return bb;
+}
+
+ProtobufCMessage *rpc__decode(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc)
+{
+    grpc_byte_buffer_reader reader;
+    if (!grpc_byte_buffer_reader_init(&reader, bb))
+        return NULL;
+    grpc_slice slice = grpc_byte_buffer_reader_readall(&reader);
+    grpc_byte_buffer_reader_destroy(&reader);
+    ProtobufCMessage *msg = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(slice),
+                                                      GRPC_SLICE_START_PTR(slice));
+    grpc_slice_unref(slice);
+    return msg;
+}
+
+void rpc__cq_loop(grpc_completion_queue *cq)
+{
+    for (;;) {
+        grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        if (ev.type == GRPC_QUEUE_SHUTDOWN)
+            return;
+        if (ev.type == GRPC_OP_COMPLETE) {
+            rpc__tag *tag = ev.tag;
+            tag->fn(tag, ev.success);
+        }
+    }
+}
+
+/* The core's own diagnostics go through our JSON logger, so stderr stays
+ * one JSON object per line. */
+static void core_log(gpr_log_func_args *args)
+{
+    log_level level = args->severity == GPR_LOG_SEVERITY_ERROR  ? LOG_ERROR
+                      : args->severity == GPR_LOG_SEVERITY_INFO ? LOG_INFO
+                                                                : LOG_DEBUG;
+    const log_field fields[] = {{"origin", "grpc-core"}, {NULL, NULL}};
+    log_fields(level, fields, "%s", args->message);
+}
+
+void rpc__grpc_ref(void)
+{
+    gpr_set_log_function(core_log);
+    grpc_init();
+}
+
+void rpc__grpc_unref(void)
+{
+    grpc_shutdown_blocking();
+}

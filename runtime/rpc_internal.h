@@ -1,0 +1,42 @@
+/* Internals shared by srv.c, cli.c and health.c; not part of any API. */
+#ifndef CONVO_RPC_INTERNAL_H
+#define CONVO_RPC_INTERNAL_H
+
+#include "rpc.h"
+#include "srv.h"
+
+#include <grpc/grpc.h>
+#include <protobuf-c/protobuf-c.h>
+
+/* Every completion-queue tag is one of these, embedded in the object the
+ * operation belongs to; the thread that pops it calls fn. */
+typedef struct rpc__tag {
+    void (*fn)(struct rpc__tag *tag, int ok);
+} rpc__tag;
+
+#define rpc__container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+
+/* Serializes msg into a new byte buffer (caller destroys); NULL on failure. */
+grpc_byte_buffer *rpc__encode(const ProtobufCMessage *msg);
+/* Decodes a byte buffer; NULL when it is not a valid `desc` message. The
+ * result is freed with protobuf_c_message_free_unpacked(msg, NULL). */
+ProtobufCMessage *rpc__decode(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc);
+/* Pops completion-queue events until the queue is shut down. */
+void rpc__cq_loop(grpc_completion_queue *cq);
+/* Makes the gRPC core's init/shutdown reference counting explicit. */
+void rpc__grpc_ref(void);
+void rpc__grpc_unref(void);
+
+/* health.c, driven by srv.c. */
+typedef struct health health;
+health *health__create(void);
+void health__destroy(health **h);
+/* Registers Check and Watch on the server. */
+void health__register(srv *s);
+/* Adds a service name (known services are listed by Check). */
+void health__add_service(srv *s, const char *service);
+/* Ends every Watch stream: the server is going away. */
+void health__close_watchers(srv *s);
+health *srv__health(srv *s);
+
+#endif

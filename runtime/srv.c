@@ -1,0 +1,958 @@
+#include "srv.h"
+
+#include "health.h"
+#include "log.h"
+#include "mem.h"
+#include "rpc_internal.h"
+
+#include <errno.h>
+#include <grpc/grpc_security.h>
+#include <grpc/support/time.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/random.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+/* Calls requested from the core ahead of time per method and queue, so a
+ * burst of arrivals does not wait for the handler thread to re-request. */
+#define SLOTS_PER_METHOD 8
+
+typedef struct method_entry {
+    srv_method m;
+    void *data;
+    void *handle; /* from grpc_server_register_method */
+} method_entry;
+
+typedef struct cq_thread {
+    grpc_completion_queue *cq;
+    pthread_t tid;
+} cq_thread;
+
+/* One outstanding grpc_server_request_registered_call. */
+typedef struct slot {
+    rpc__tag tag;
+    srv *s;
+    method_entry *method;
+    cq_thread *thread;
+    grpc_call *call;
+    gpr_timespec deadline;
+    grpc_metadata_array md;
+    grpc_byte_buffer *payload;
+} slot;
+
+struct srv {
+    char *name;
+    char *listen;
+    srv_opts opts;
+    grpc_server *server;
+    cq_thread *threads;
+    size_t nthreads;
+    method_entry **methods;
+    size_t nmethods;
+    slot **slots;
+    size_t nslots;
+    int port;
+    int started;
+    int threads_started;
+    atomic_int active_calls;
+    atomic_int live_slots;
+    int stop_fd; /* eventfd written by srv_stop */
+    rpc__tag shutdown_tag;
+    pthread_mutex_t shutdown_mu;
+    pthread_cond_t shutdown_cv;
+    int shutdown_done;
+    health *health;
+};
+
+typedef struct out_msg {
+    grpc_byte_buffer *bb;
+    struct out_msg *next;
+} out_msg;
+
+typedef struct meta_kv {
+    char *key;
+    char *value;
+} meta_kv;
+
+struct srv_call {
+    srv *s;
+    method_entry *method;
+    grpc_call *call;
+    gpr_timespec deadline;
+    meta_kv *meta;
+    size_t nmeta;
+    char *request_id;
+    void *data;
+
+    pthread_mutex_t mu;
+    int refs;
+    out_msg *head, *tail;
+    size_t queued;
+    grpc_byte_buffer *in_flight; /* the message being written */
+    int writing;                 /* a send batch is in flight */
+    int sent_headers;
+    int finished;    /* the handler called srv_call_finish */
+    int status_sent; /* the status batch was started */
+    rpc_code code;
+    char *status_message;
+    grpc_slice status_slice;
+    grpc_byte_buffer *response; /* unary response, sent with the status */
+    int want_writable;
+    atomic_int cancelled;
+    void (*on_writable)(srv_call *);
+    void (*on_cancel)(srv_call *);
+
+    rpc__tag close_tag;
+    int close_cancelled; /* filled by RECV_CLOSE_ON_SERVER */
+    rpc__tag write_tag;
+    rpc__tag recv_tag;
+    grpc_byte_buffer *recv_bb;
+};
+
+static void slot_request(slot *sl);
+
+/* A call to a method nobody registered: answered UNIMPLEMENTED at once
+ * (otherwise the core would hold it until its deadline). */
+typedef struct unknown_slot {
+    rpc__tag tag;
+    rpc__tag done_tag;
+    srv *s;
+    cq_thread *thread;
+    grpc_call *call;
+    grpc_call_details details;
+    grpc_metadata_array md;
+    grpc_slice status;
+    int cancelled;
+} unknown_slot;
+
+static void unknown_request(unknown_slot *u);
+
+/* ---- call lifetime -------------------------------------------------- */
+
+static void call_unref_locked_release(srv_call *c);
+
+static void call_ref(srv_call *c)
+{
+    pthread_mutex_lock(&c->mu);
+    c->refs++;
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void call_free(srv_call *c)
+{
+    for (out_msg *m = c->head, *next; m != NULL; m = next) {
+        next = m->next;
+        grpc_byte_buffer_destroy(m->bb);
+        mem_free(m);
+    }
+    if (c->response != NULL)
+        grpc_byte_buffer_destroy(c->response);
+    if (c->status_sent)
+        grpc_slice_unref(c->status_slice);
+    for (size_t i = 0; i < c->nmeta; i++) {
+        mem_free(c->meta[i].key);
+        mem_free(c->meta[i].value);
+    }
+    mem_free(c->meta);
+    mem_free(c->request_id);
+    mem_free(c->status_message);
+    grpc_call_unref(c->call);
+    pthread_mutex_destroy(&c->mu);
+    atomic_fetch_sub(&c->s->active_calls, 1);
+    mem_free(c);
+}
+
+/* Drops one reference; c->mu must be held and is released. */
+static void call_unref_locked_release(srv_call *c)
+{
+    int last = --c->refs == 0;
+    pthread_mutex_unlock(&c->mu);
+    if (last)
+        call_free(c);
+}
+
+static void call_unref(srv_call *c)
+{
+    pthread_mutex_lock(&c->mu);
+    call_unref_locked_release(c);
+}
+
+static void with_log_context(srv_call *c)
+{
+    log_context_set(c->request_id, NULL);
+}
+
+/* ---- writing -------------------------------------------------------- */
+
+/* Starts the next send batch if none is in flight: a queued message, or
+ * once the queue is empty and the handler finished, the status. c->mu held. */
+static void call_pump_locked(srv_call *c)
+{
+    if (c->writing || c->status_sent)
+        return;
+    if (atomic_load(&c->cancelled)) {
+        /* Nothing will reach the client; the status batch is skipped too. */
+        return;
+    }
+    grpc_op ops[3];
+    size_t n = 0;
+    memset(ops, 0, sizeof ops);
+    if (!c->sent_headers) {
+        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+        ops[n].data.send_initial_metadata.count = 0;
+        n++;
+    }
+    if (c->head != NULL) {
+        out_msg *m = c->head;
+        c->head = m->next;
+        if (c->head == NULL)
+            c->tail = NULL;
+        c->queued--;
+        c->in_flight = m->bb;
+        mem_free(m);
+        ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n].data.send_message.send_message = c->in_flight;
+        n++;
+    } else if (c->finished) {
+        if (c->response != NULL) {
+            c->in_flight = c->response;
+            c->response = NULL;
+            ops[n].op = GRPC_OP_SEND_MESSAGE;
+            ops[n].data.send_message.send_message = c->in_flight;
+            n++;
+        }
+        c->status_slice =
+            grpc_slice_from_copied_string(c->status_message != NULL ? c->status_message : "");
+        ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+        ops[n].data.send_status_from_server.status = (grpc_status_code)c->code;
+        ops[n].data.send_status_from_server.status_details = &c->status_slice;
+        ops[n].data.send_status_from_server.trailing_metadata_count = 0;
+        n++;
+        c->status_sent = 1;
+    } else {
+        return;
+    }
+    c->sent_headers = 1;
+    c->writing = 1;
+    c->refs++;
+    grpc_call_error err = grpc_call_start_batch(c->call, ops, n, &c->write_tag, NULL);
+    if (err != GRPC_CALL_OK) {
+        log_error("grpc_call_start_batch(send) failed: %d", (int)err);
+        c->writing = 0;
+        c->refs--;
+        if (c->in_flight != NULL) {
+            grpc_byte_buffer_destroy(c->in_flight);
+            c->in_flight = NULL;
+        }
+    }
+}
+
+static void on_write_done(rpc__tag *tag, int ok)
+{
+    srv_call *c = rpc__container_of(tag, srv_call, write_tag);
+    void (*writable)(srv_call *) = NULL;
+
+    pthread_mutex_lock(&c->mu);
+    c->writing = 0;
+    if (c->in_flight != NULL) {
+        grpc_byte_buffer_destroy(c->in_flight);
+        c->in_flight = NULL;
+    }
+    if (!ok)
+        atomic_store(&c->cancelled, 1);
+    call_pump_locked(c);
+    if (c->want_writable && !c->finished &&
+        (atomic_load(&c->cancelled) || c->queued <= (size_t)c->s->opts.max_queued_writes / 2)) {
+        c->want_writable = 0;
+        writable = c->on_writable;
+    }
+    pthread_mutex_unlock(&c->mu);
+
+    if (writable != NULL) {
+        with_log_context(c);
+        writable(c);
+        log_context_set(NULL, NULL);
+    }
+    call_unref(c);
+}
+
+int srv_call_send(srv_call *c, const ProtobufCMessage *msg)
+{
+    int rc = 0;
+    pthread_mutex_lock(&c->mu);
+    if (c->finished || atomic_load(&c->cancelled)) {
+        rc = RPC_EDONE;
+        goto out;
+    }
+    if (c->queued >= (size_t)c->s->opts.max_queued_writes) {
+        c->want_writable = 1;
+        rc = RPC_EFULL;
+        goto out;
+    }
+    grpc_byte_buffer *bb = rpc__encode(msg);
+    if (bb == NULL) {
+        rc = RPC_EENCODE;
+        goto out;
+    }
+    out_msg *m = mem_alloc(sizeof *m);
+    m->bb = bb;
+    m->next = NULL;
+    if (c->tail != NULL)
+        c->tail->next = m;
+    else
+        c->head = m;
+    c->tail = m;
+    c->queued++;
+    call_pump_locked(c);
+out:
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
+void srv_call_finish(srv_call *c, rpc_code code, const char *message, const ProtobufCMessage *resp)
+{
+    grpc_byte_buffer *bb = NULL;
+    if (resp != NULL && code == RPC_OK) {
+        bb = rpc__encode(resp);
+        if (bb == NULL) {
+            code = RPC_INTERNAL;
+            message = "the response could not be serialized";
+        }
+    }
+    pthread_mutex_lock(&c->mu);
+    if (c->finished) {
+        pthread_mutex_unlock(&c->mu);
+        log_error("srv_call_finish called twice on one call; the second is ignored");
+        if (bb != NULL)
+            grpc_byte_buffer_destroy(bb);
+        return;
+    }
+    c->finished = 1;
+    c->code = code;
+    c->status_message = message != NULL ? mem_strdup(message) : NULL;
+    c->response = bb;
+    call_pump_locked(c);
+    /* The handler's reference ends here. */
+    call_unref_locked_release(c);
+}
+
+void srv_call_finishf(srv_call *c, rpc_code code, const char *fmt, ...)
+{
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    srv_call_finish(c, code, buf, NULL);
+}
+
+/* ---- close / cancellation ------------------------------------------- */
+
+static void on_close(rpc__tag *tag, int ok)
+{
+    srv_call *c = rpc__container_of(tag, srv_call, close_tag);
+    void (*cancel)(srv_call *) = NULL;
+    void (*writable)(srv_call *) = NULL;
+
+    pthread_mutex_lock(&c->mu);
+    if (c->close_cancelled || !ok) {
+        atomic_store(&c->cancelled, 1);
+        if (!c->finished) {
+            cancel = c->on_cancel;
+            if (c->want_writable) {
+                /* A sender waiting for room learns the call is gone. */
+                c->want_writable = 0;
+                writable = c->on_writable;
+            }
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+
+    with_log_context(c);
+    if (cancel != NULL)
+        cancel(c);
+    else if (writable != NULL)
+        writable(c);
+    log_context_set(NULL, NULL);
+    call_unref(c);
+}
+
+void srv_call_on_writable(srv_call *c, void (*fn)(srv_call *))
+{
+    pthread_mutex_lock(&c->mu);
+    c->on_writable = fn;
+    pthread_mutex_unlock(&c->mu);
+}
+
+void srv_call_on_cancel(srv_call *c, void (*fn)(srv_call *))
+{
+    pthread_mutex_lock(&c->mu);
+    c->on_cancel = fn;
+    pthread_mutex_unlock(&c->mu);
+}
+
+int srv_call_cancelled(srv_call *c)
+{
+    return atomic_load(&c->cancelled);
+}
+
+int64_t srv_call_remaining_ms(srv_call *c)
+{
+    gpr_timespec dl = gpr_convert_clock_type(c->deadline, GPR_CLOCK_MONOTONIC);
+    if (gpr_time_cmp(dl, gpr_inf_future(GPR_CLOCK_MONOTONIC)) == 0)
+        return INT64_MAX;
+    gpr_timespec left = gpr_time_sub(dl, gpr_now(GPR_CLOCK_MONOTONIC));
+    int64_t ms = (int64_t)left.tv_sec * 1000 + left.tv_nsec / 1000000;
+    return ms < 0 ? 0 : ms;
+}
+
+const char *srv_call_request_id(srv_call *c)
+{
+    return c->request_id;
+}
+
+const char *srv_call_metadata(srv_call *c, const char *key)
+{
+    for (size_t i = 0; i < c->nmeta; i++)
+        if (strcmp(c->meta[i].key, key) == 0)
+            return c->meta[i].value;
+    return NULL;
+}
+
+void *srv_call_data(srv_call *c)
+{
+    return c->data;
+}
+
+void srv_call_set_data(srv_call *c, void *data)
+{
+    c->data = data;
+}
+
+void *srv_call_method_data(srv_call *c)
+{
+    return c->method->data;
+}
+
+srv *srv_call_server(srv_call *c)
+{
+    return c->s;
+}
+
+/* ---- client streaming ----------------------------------------------- */
+
+static void call_start_recv(srv_call *c)
+{
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &c->recv_bb;
+    call_ref(c);
+    if (grpc_call_start_batch(c->call, &op, 1, &c->recv_tag, NULL) != GRPC_CALL_OK) {
+        log_error("grpc_call_start_batch(recv) failed");
+        call_unref(c);
+    }
+}
+
+static void on_recv(rpc__tag *tag, int ok)
+{
+    srv_call *c = rpc__container_of(tag, srv_call, recv_tag);
+    grpc_byte_buffer *bb = c->recv_bb;
+    c->recv_bb = NULL;
+    const srv_method *m = &c->method->m;
+
+    with_log_context(c);
+    if (!ok || atomic_load(&c->cancelled)) {
+        /* The close tag reports the cancellation. */
+    } else if (bb == NULL) {
+        m->on_end(c);
+    } else {
+        ProtobufCMessage *msg = rpc__decode(bb, m->request);
+        if (msg == NULL) {
+            srv_call_finishf(c, RPC_INVALID_ARGUMENT, "a request message is not a valid %s",
+                             m->request->name);
+        } else {
+            m->on_message(c, msg);
+            protobuf_c_message_free_unpacked(msg, NULL);
+            pthread_mutex_lock(&c->mu);
+            int more = !c->finished;
+            pthread_mutex_unlock(&c->mu);
+            if (more)
+                call_start_recv(c);
+        }
+    }
+    log_context_set(NULL, NULL);
+    if (bb != NULL)
+        grpc_byte_buffer_destroy(bb);
+    call_unref(c);
+}
+
+/* ---- arrival -------------------------------------------------------- */
+
+static char *slice_strdup(grpc_slice s)
+{
+    return mem_strndup((const char *)GRPC_SLICE_START_PTR(s), GRPC_SLICE_LENGTH(s));
+}
+
+static char *make_request_id(void)
+{
+    unsigned char raw[8];
+    if (getrandom(raw, sizeof raw, GRND_NONBLOCK) != (ssize_t)sizeof raw)
+        memset(raw, 0, sizeof raw);
+    char *id = mem_alloc(2 * sizeof raw + 1);
+    for (size_t i = 0; i < sizeof raw; i++)
+        snprintf(id + 2 * i, 3, "%02x", raw[i]);
+    return id;
+}
+
+static srv_call *call_create(slot *sl)
+{
+    srv_call *c = mem_calloc(1, sizeof *c);
+    c->s = sl->s;
+    c->method = sl->method;
+    c->call = sl->call;
+    c->deadline = sl->deadline;
+    pthread_mutex_init(&c->mu, NULL);
+    /* One reference for the handler (until finish), one for the close op. */
+    c->refs = 2;
+    c->close_tag.fn = on_close;
+    c->write_tag.fn = on_write_done;
+    c->recv_tag.fn = on_recv;
+    atomic_fetch_add(&c->s->active_calls, 1);
+
+    c->nmeta = sl->md.count;
+    c->meta = mem_calloc(c->nmeta ? c->nmeta : 1, sizeof *c->meta);
+    for (size_t i = 0; i < sl->md.count; i++) {
+        c->meta[i].key = slice_strdup(sl->md.metadata[i].key);
+        c->meta[i].value = slice_strdup(sl->md.metadata[i].value);
+    }
+    const char *rid = srv_call_metadata(c, "x-request-id");
+    c->request_id = rid != NULL && rid[0] != '\0' ? mem_strndup(rid, 64) : make_request_id();
+    return c;
+}
+
+static void on_call_arrived(rpc__tag *tag, int ok)
+{
+    slot *sl = rpc__container_of(tag, slot, tag);
+    srv *s = sl->s;
+    if (!ok) {
+        /* The server is shutting down: this slot is done. */
+        grpc_metadata_array_destroy(&sl->md);
+        mem_free(sl);
+        atomic_fetch_sub(&s->live_slots, 1);
+        return;
+    }
+
+    srv_call *c = call_create(sl);
+    grpc_byte_buffer *payload = sl->payload;
+    sl->payload = NULL;
+    grpc_metadata_array_destroy(&sl->md);
+    slot_request(sl);
+
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    op.data.recv_close_on_server.cancelled = &c->close_cancelled;
+    if (grpc_call_start_batch(c->call, &op, 1, &c->close_tag, NULL) != GRPC_CALL_OK) {
+        log_error("grpc_call_start_batch(close) failed; dropping the call");
+        c->refs = 1;
+        srv_call_finish(c, RPC_INTERNAL, "internal error", NULL);
+        goto out;
+    }
+
+    const srv_method *m = &c->method->m;
+    with_log_context(c);
+    if (atomic_load(&s->active_calls) > s->opts.max_calls) {
+        log_warn("refusing %s: %lld calls in progress (--max-calls)", m->path, s->opts.max_calls);
+        srv_call_finishf(c, RPC_RESOURCE_EXHAUSTED,
+                         "the server is handling its maximum of %lld calls; retry later",
+                         s->opts.max_calls);
+    } else if (m->kind == SRV_CLIENT_STREAM) {
+        m->on_call(c, NULL);
+        pthread_mutex_lock(&c->mu);
+        int more = !c->finished;
+        pthread_mutex_unlock(&c->mu);
+        if (more)
+            call_start_recv(c);
+    } else {
+        ProtobufCMessage *req = payload != NULL ? rpc__decode(payload, m->request) : NULL;
+        if (req == NULL) {
+            srv_call_finishf(c, RPC_INVALID_ARGUMENT, "the request is not a valid %s",
+                             m->request->name);
+        } else {
+            m->on_call(c, req);
+            protobuf_c_message_free_unpacked(req, NULL);
+        }
+    }
+    log_context_set(NULL, NULL);
+out:
+    if (payload != NULL)
+        grpc_byte_buffer_destroy(payload);
+}
+
+static void slot_request(slot *sl)
+{
+    grpc_metadata_array_init(&sl->md);
+    sl->call = NULL;
+    sl->payload = NULL;
+    grpc_call_error err = grpc_server_request_registered_call(
+        sl->s->server, sl->method->handle, &sl->call, &sl->deadline, &sl->md,
+        sl->method->m.kind == SRV_CLIENT_STREAM ? NULL : &sl->payload, sl->thread->cq,
+        sl->thread->cq, &sl->tag);
+    if (err != GRPC_CALL_OK) {
+        log_error("grpc_server_request_registered_call failed: %d", (int)err);
+        grpc_metadata_array_destroy(&sl->md);
+        atomic_fetch_sub(&sl->s->live_slots, 1);
+        mem_free(sl);
+    }
+}
+
+static void on_unknown_answered(rpc__tag *tag, int ok)
+{
+    unknown_slot *u = rpc__container_of(tag, unknown_slot, done_tag);
+    grpc_slice_unref(u->status);
+    grpc_call_unref(u->call);
+    grpc_call_details_destroy(&u->details);
+    grpc_metadata_array_destroy(&u->md);
+    unknown_request(u);
+}
+
+static void on_unknown_arrived(rpc__tag *tag, int ok)
+{
+    unknown_slot *u = rpc__container_of(tag, unknown_slot, tag);
+    if (!ok) {
+        grpc_call_details_destroy(&u->details);
+        grpc_metadata_array_destroy(&u->md);
+        atomic_fetch_sub(&u->s->live_slots, 1);
+        mem_free(u);
+        return;
+    }
+    char *method = mem_strndup((const char *)GRPC_SLICE_START_PTR(u->details.method),
+                               GRPC_SLICE_LENGTH(u->details.method));
+    char *text = mem_asprintf("unknown method %s", method);
+    log_warn("%s: refused a call to %s: no such method", u->s->name, method);
+    u->status = grpc_slice_from_copied_string(text);
+    mem_free(text);
+    mem_free(method);
+
+    grpc_op ops[3];
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[1].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[1].data.send_status_from_server.status = GRPC_STATUS_UNIMPLEMENTED;
+    ops[1].data.send_status_from_server.status_details = &u->status;
+    ops[2].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    ops[2].data.recv_close_on_server.cancelled = &u->cancelled;
+    u->done_tag.fn = on_unknown_answered;
+    if (grpc_call_start_batch(u->call, ops, 3, &u->done_tag, NULL) != GRPC_CALL_OK) {
+        log_error("grpc_call_start_batch(unknown method) failed");
+        on_unknown_answered(&u->done_tag, 0);
+    }
+}
+
+static void unknown_request(unknown_slot *u)
+{
+    u->tag.fn = on_unknown_arrived;
+    u->call = NULL;
+    grpc_call_details_init(&u->details);
+    grpc_metadata_array_init(&u->md);
+    if (grpc_server_request_call(u->s->server, &u->call, &u->details, &u->md, u->thread->cq,
+                                 u->thread->cq, &u->tag) != GRPC_CALL_OK) {
+        log_error("grpc_server_request_call failed");
+        grpc_call_details_destroy(&u->details);
+        grpc_metadata_array_destroy(&u->md);
+        atomic_fetch_sub(&u->s->live_slots, 1);
+        mem_free(u);
+    }
+}
+
+/* ---- server --------------------------------------------------------- */
+
+srv *srv_create(const char *name, const char *listen, const srv_opts *opts)
+{
+    rpc__grpc_ref();
+    srv *s = mem_calloc(1, sizeof *s);
+    s->name = mem_strdup(name);
+    s->listen = mem_strdup(listen);
+    s->opts = *opts;
+    if (s->opts.threads < 1)
+        s->opts.threads = 1;
+    if (s->opts.max_queued_writes < 1)
+        s->opts.max_queued_writes = 1;
+    s->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    pthread_mutex_init(&s->shutdown_mu, NULL);
+    pthread_cond_init(&s->shutdown_cv, NULL);
+
+    grpc_arg args[5];
+    memset(args, 0, sizeof args);
+    args[0].type = GRPC_ARG_INTEGER;
+    args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+    args[0].value.integer = (int)opts->max_message_bytes;
+    args[1].type = GRPC_ARG_INTEGER;
+    args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
+    args[1].value.integer = (int)opts->max_message_bytes;
+    /* Clients (ours) send keepalive pings every 30 s to notice dead peers;
+     * accept them instead of answering with GOAWAY "too_many_pings". */
+    args[2].type = GRPC_ARG_INTEGER;
+    args[2].key = GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS;
+    args[2].value.integer = 10000;
+    args[3].type = GRPC_ARG_INTEGER;
+    args[3].key = GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS;
+    args[3].value.integer = 1;
+    /* The core sets SO_REUSEPORT by default, which would let a second
+     * instance silently share our port; a clash must fail loudly. */
+    args[4].type = GRPC_ARG_INTEGER;
+    args[4].key = GRPC_ARG_ALLOW_REUSEPORT;
+    args[4].value.integer = 0;
+    grpc_channel_args cargs = {5, args};
+    s->server = grpc_server_create(&cargs, NULL);
+
+    s->health = health__create();
+    health__register(s);
+    return s;
+}
+
+int srv_add_method(srv *s, const srv_method *m, void *data)
+{
+    if (s->started || m->path == NULL || m->path[0] != '/' || m->on_call == NULL ||
+        m->request == NULL || m->response == NULL ||
+        (m->kind == SRV_CLIENT_STREAM && (m->on_message == NULL || m->on_end == NULL)))
+        return RPC_EARG;
+    method_entry *e = mem_calloc(1, sizeof *e);
+    e->m = *m;
+    e->data = data;
+    e->handle = grpc_server_register_method(s->server, m->path, NULL,
+                                            m->kind == SRV_CLIENT_STREAM
+                                                ? GRPC_SRM_PAYLOAD_NONE
+                                                : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
+                                            0);
+    if (e->handle == NULL) {
+        mem_free(e);
+        return RPC_EARG;
+    }
+    s->methods = mem_realloc(s->methods, (s->nmethods + 1) * sizeof *s->methods);
+    s->methods[s->nmethods++] = e;
+
+    /* "/convo.v1.Router/Route" serves service "convo.v1.Router". */
+    const char *slash = strrchr(m->path, '/');
+    char *service = mem_strndup(m->path + 1, (size_t)(slash - m->path - 1));
+    health__add_service(s, service);
+    mem_free(service);
+    return 0;
+}
+
+static void *cq_thread_main(void *arg)
+{
+    cq_thread *t = arg;
+    rpc__cq_loop(t->cq);
+    return NULL;
+}
+
+static void on_shutdown_done(rpc__tag *tag, int ok)
+{
+    srv *s = rpc__container_of(tag, srv, shutdown_tag);
+    pthread_mutex_lock(&s->shutdown_mu);
+    s->shutdown_done = 1;
+    pthread_cond_broadcast(&s->shutdown_cv);
+    pthread_mutex_unlock(&s->shutdown_mu);
+}
+
+int srv_start(srv *s)
+{
+    s->nthreads = (size_t)s->opts.threads;
+    s->threads = mem_calloc(s->nthreads, sizeof *s->threads);
+    for (size_t i = 0; i < s->nthreads; i++) {
+        s->threads[i].cq = grpc_completion_queue_create_for_next(NULL);
+        grpc_server_register_completion_queue(s->server, s->threads[i].cq, NULL);
+    }
+    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    s->port = grpc_server_add_http2_port(s->server, s->listen, creds);
+    grpc_server_credentials_release(creds);
+    if (s->port == 0) {
+        log_error("cannot listen on %s: the address is in use or invalid; pick another with "
+                  "--listen HOST:PORT",
+                  s->listen);
+        return RPC_EBIND;
+    }
+    grpc_server_start(s->server);
+    s->started = 1;
+
+    for (size_t t = 0; t < s->nthreads; t++) {
+        for (size_t i = 0; i < s->nmethods; i++) {
+            for (int k = 0; k < SLOTS_PER_METHOD; k++) {
+                slot *sl = mem_calloc(1, sizeof *sl);
+                sl->tag.fn = on_call_arrived;
+                sl->s = s;
+                sl->method = s->methods[i];
+                sl->thread = &s->threads[t];
+                atomic_fetch_add(&s->live_slots, 1);
+                slot_request(sl);
+            }
+        }
+    }
+    for (size_t t = 0; t < s->nthreads; t++) {
+        unknown_slot *u = mem_calloc(1, sizeof *u);
+        u->s = s;
+        u->thread = &s->threads[t];
+        atomic_fetch_add(&s->live_slots, 1);
+        unknown_request(u);
+    }
+    for (size_t i = 0; i < s->nthreads; i++)
+        pthread_create(&s->threads[i].tid, NULL, cq_thread_main, &s->threads[i]);
+    s->threads_started = 1;
+
+    if (health_get(s, "") == HEALTH_UNKNOWN)
+        health_set_all(s, HEALTH_SERVING);
+    log_info("%s %s serving gRPC on %s (port %d)", s->name, conf_version(), s->listen, s->port);
+    return 0;
+}
+
+int srv_port(const srv *s)
+{
+    return s->port;
+}
+
+void srv_block_signals(void)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    /* Writes to closed sockets return EPIPE instead of killing us. */
+    signal(SIGPIPE, SIG_IGN);
+}
+
+void srv_stop(srv *s)
+{
+    uint64_t one = 1;
+    ssize_t unused = write(s->stop_fd, &one, sizeof one);
+    (void)unused;
+}
+
+/* Waits for the core's shutdown notification, at most `ms` (-1: forever).
+ * Returns whether it came. */
+static int wait_shutdown(srv *s, int64_t ms)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += ms / 1000;
+    until.tv_nsec += (ms % 1000) * 1000000;
+    if (until.tv_nsec >= 1000000000) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&s->shutdown_mu);
+    while (!s->shutdown_done) {
+        if (ms < 0)
+            pthread_cond_wait(&s->shutdown_cv, &s->shutdown_mu);
+        else if (pthread_cond_timedwait(&s->shutdown_cv, &s->shutdown_mu, &until) == ETIMEDOUT)
+            break;
+    }
+    int done = s->shutdown_done;
+    pthread_mutex_unlock(&s->shutdown_mu);
+    return done;
+}
+
+/* The graceful shutdown shared by srv_run and srv_destroy of a server whose
+ * srv_run never ran. */
+static void srv_shutdown(srv *s, const char *why)
+{
+    int64_t t0 = rpc_now_ms();
+    log_info("%s: shutting down (%s): health NOT_SERVING, draining %lld ms, grace %lld ms", s->name,
+             why, s->opts.drain_delay_ms, s->opts.shutdown_grace_ms);
+    health_set_all(s, HEALTH_NOT_SERVING);
+    if (s->opts.drain_delay_ms > 0)
+        usleep((useconds_t)(s->opts.drain_delay_ms * 1000));
+    health__close_watchers(s);
+
+    s->shutdown_tag.fn = on_shutdown_done;
+    grpc_server_shutdown_and_notify(s->server, s->threads[0].cq, &s->shutdown_tag);
+    if (!wait_shutdown(s, s->opts.shutdown_grace_ms)) {
+        log_warn("%s: %d calls still running after the %lld ms grace period; cancelling them",
+                 s->name, atomic_load(&s->active_calls), s->opts.shutdown_grace_ms);
+        grpc_server_cancel_all_calls(s->server);
+        wait_shutdown(s, -1);
+    }
+    for (size_t i = 0; i < s->nthreads; i++)
+        grpc_completion_queue_shutdown(s->threads[i].cq);
+    for (size_t i = 0; i < s->nthreads; i++)
+        pthread_join(s->threads[i].tid, NULL);
+    s->started = 0;
+    log_info("%s: stopped in %lld ms", s->name, (long long)(rpc_now_ms() - t0));
+}
+
+void srv_run(srv *s)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    int sfd = signalfd(-1, &set, SFD_CLOEXEC);
+    struct pollfd pfd[2] = {{sfd, POLLIN, 0}, {s->stop_fd, POLLIN, 0}};
+    const char *why = "srv_stop";
+    for (;;) {
+        int n = poll(pfd, 2, -1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            log_error("poll failed: %s", strerror(errno));
+            break;
+        }
+        if (pfd[0].revents & POLLIN) {
+            struct signalfd_siginfo si;
+            if (read(sfd, &si, sizeof si) == (ssize_t)sizeof si)
+                why = si.ssi_signo == SIGTERM ? "SIGTERM" : "SIGINT";
+            break;
+        }
+        if (pfd[1].revents & POLLIN)
+            break;
+    }
+    if (sfd >= 0)
+        close(sfd);
+
+    srv_shutdown(s, why);
+}
+
+void srv_destroy(srv **sp)
+{
+    srv *s = *sp;
+    if (s == NULL)
+        return;
+    *sp = NULL;
+    if (s->started)
+        srv_shutdown(s, "srv_destroy");
+    grpc_server_destroy(s->server);
+    for (size_t i = 0; i < s->nthreads; i++) {
+        if (!s->threads_started) {
+            /* Never served (bind failed): drain the queue ourselves. */
+            grpc_completion_queue_shutdown(s->threads[i].cq);
+            rpc__cq_loop(s->threads[i].cq);
+        }
+        grpc_completion_queue_destroy(s->threads[i].cq);
+    }
+    mem_free(s->threads);
+    for (size_t i = 0; i < s->nmethods; i++)
+        mem_free(s->methods[i]);
+    mem_free(s->methods);
+    health__destroy(&s->health);
+    close(s->stop_fd);
+    pthread_mutex_destroy(&s->shutdown_mu);
+    pthread_cond_destroy(&s->shutdown_cv);
+    mem_free(s->name);
+    mem_free(s->listen);
+    mem_free(s);
+    rpc__grpc_unref();
+}
+
+health *srv__health(srv *s)
+{
+    return s->health;
+}

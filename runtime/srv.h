@@ -1,0 +1,136 @@
+/* srv — a gRPC server over the gRPC C core's completion queues.
+ *
+ * Methods are registered by path ("/convo.v1.Router/Route") with protobuf-c
+ * descriptors for their request and response. Each completion-queue thread
+ * owns its own queue, so all callbacks of one call run on one thread, one at
+ * a time. Callbacks must not block: a handler that needs slow work (a
+ * database, another service) hands the call to its own machinery and
+ * finishes it later from any thread.
+ *
+ * Life of a call: the method's on_call fires once; the handler then sends
+ * messages (streaming) and finishes the call exactly once with
+ * srv_call_finish(), even after a cancellation. The runtime frees the call
+ * when it is finished, its status is sent and the client is gone. A handler
+ * that keeps the call beyond finish must not touch it afterwards.
+ *
+ * Every server also serves grpc.health.v1.Health (see health.h). */
+#ifndef CONVO_SRV_H
+#define CONVO_SRV_H
+
+#include "conf.h"
+#include "rpc.h"
+
+#include <protobuf-c/protobuf-c.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* The server's options; every service binary parses them. */
+#define SRV_OPTS(X, S)                                                                             \
+    X(S, threads, INT, "grpc-threads", "GRPC_THREADS", "2",                                        \
+      "completion-queue threads serving gRPC calls")                                               \
+    X(S, shutdown_grace_ms, INT, "shutdown-grace-ms", "SHUTDOWN_GRACE_MS", "10000",                \
+      "on SIGTERM/SIGINT, how long in-flight calls may run before they are cancelled")             \
+    X(S, drain_delay_ms, INT, "drain-delay-ms", "DRAIN_DELAY_MS", "0",                             \
+      "on SIGTERM/SIGINT, how long health reports NOT_SERVING while calls are still taken, so "    \
+      "load balancers stop routing here first")                                                    \
+    X(S, max_message_bytes, INT, "max-message-bytes", "GRPC_MAX_MESSAGE_BYTES", "4194304",         \
+      "largest gRPC message received or sent")                                                     \
+    X(S, max_queued_writes, INT, "max-queued-writes", "GRPC_MAX_QUEUED_WRITES", "256",             \
+      "streamed messages queued per call behind the one being written; beyond it senders wait")    \
+    X(S, max_calls, INT, "max-calls", "GRPC_MAX_CALLS", "10000",                                   \
+      "calls handled at once; more are refused with RESOURCE_EXHAUSTED")
+CONF_DECLARE(srv_opts, SRV_OPTS)
+
+typedef struct srv srv;
+typedef struct srv_call srv_call;
+
+typedef enum srv_kind {
+    SRV_UNARY,         /* one request, one response */
+    SRV_SERVER_STREAM, /* one request, a stream of responses */
+    SRV_CLIENT_STREAM, /* a stream of requests, one response */
+} srv_kind;
+
+typedef struct srv_method {
+    const char *path; /* "/package.Service/Method" */
+    srv_kind kind;
+    const ProtobufCMessageDescriptor *request;
+    const ProtobufCMessageDescriptor *response;
+    /* The call arrived. For unary and server-streaming methods `req` is the
+     * decoded request (a request that does not decode is refused with
+     * INVALID_ARGUMENT before this); for client streaming it is NULL. `req`
+     * is freed when on_call returns: copy what you keep. */
+    void (*on_call)(srv_call *call, const ProtobufCMessage *req);
+    /* Client streaming only: the next request message (freed on return). */
+    void (*on_message)(srv_call *call, const ProtobufCMessage *msg);
+    /* Client streaming only: the client sent its last message. */
+    void (*on_end)(srv_call *call);
+} srv_method;
+
+/* Creates a server that will listen on `listen` ("HOST:PORT"; port 0 picks
+ * a free one). `name` is used in logs. Nothing is bound until srv_start. */
+srv *srv_create(const char *name, const char *listen, const srv_opts *opts);
+/* Registers a method before srv_start; `data` is given back by
+ * srv_call_method_data(). Returns 0 or RPC_EARG. */
+int srv_add_method(srv *s, const srv_method *m, void *data);
+/* Binds, starts the completion-queue threads and marks every registered
+ * service SERVING (unless the program set it otherwise before). Returns 0
+ * or RPC_EBIND (logged with the address). */
+int srv_start(srv *s);
+/* The port actually bound (useful with port 0); 0 before srv_start. */
+int srv_port(const srv *s);
+/* Blocks until SIGTERM or SIGINT arrives (or srv_stop is called), then shuts
+ * down gracefully: health goes NOT_SERVING, after drain_delay_ms no new
+ * calls are taken, in-flight calls get shutdown_grace_ms to finish, the rest
+ * are cancelled. Call from the main thread after srv_start; the signals are
+ * blocked in every thread the runtime starts. */
+void srv_run(srv *s);
+/* Makes srv_run return (through the same graceful shutdown). Thread-safe. */
+void srv_stop(srv *s);
+/* Frees a server whose srv_run has returned (or that was never started);
+ * clears *s. */
+void srv_destroy(srv **s);
+/* Blocks SIGTERM/SIGINT/SIGPIPE in the calling thread (and so in threads it
+ * creates afterwards). Call first thing in main(), before any thread. */
+void srv_block_signals(void);
+
+/* Sends one message of a server stream. Thread-safe. The first send also
+ * sends the response headers. Returns 0, RPC_EFULL when max_queued_writes
+ * messages already wait (nothing queued: wait for on_writable), RPC_EDONE
+ * when the call is finished or cancelled, or RPC_EENCODE. */
+int srv_call_send(srv_call *call, const ProtobufCMessage *msg);
+/* Called on the call's thread when a sender that got RPC_EFULL may send
+ * again (the queue drained to half). */
+void srv_call_on_writable(srv_call *call, void (*fn)(srv_call *call));
+/* Called once on the call's thread when the client cancels, the deadline
+ * passes or the server shuts down before the handler finished. The handler
+ * still finishes the call (its status is then not sent). */
+void srv_call_on_cancel(srv_call *call, void (*fn)(srv_call *call));
+/* Ends the call: `resp` is the unary/client-streaming response (NULL on
+ * error or for streams), sent after any queued stream messages, then the
+ * status. `message` is a human-readable reason (copied; may be NULL).
+ * Thread-safe; exactly once per call. */
+void srv_call_finish(srv_call *call, rpc_code code, const char *message,
+                     const ProtobufCMessage *resp);
+/* printf-style message, for errors. */
+void srv_call_finishf(srv_call *call, rpc_code code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Whether the client went away or the deadline passed. Thread-safe. */
+int srv_call_cancelled(srv_call *call);
+/* Milliseconds until the call's deadline; INT64_MAX when it has none. */
+int64_t srv_call_remaining_ms(srv_call *call);
+/* The x-request-id the client sent, or one made up for the call. Valid for
+ * the life of the call. */
+const char *srv_call_request_id(srv_call *call);
+/* The first value of a request metadata key (lower case), NUL-terminated, or
+ * NULL. Valid for the life of the call. */
+const char *srv_call_metadata(srv_call *call, const char *key);
+/* The handler's per-call pointer (NULL until set). */
+void *srv_call_data(srv_call *call);
+void srv_call_set_data(srv_call *call, void *data);
+/* The `data` given to srv_add_method. */
+void *srv_call_method_data(srv_call *call);
+/* The server the call arrived on. */
+srv *srv_call_server(srv_call *call);
+
+#endif
