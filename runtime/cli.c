@@ -48,10 +48,10 @@ struct cli_call {
 
     pthread_mutex_t mu;
     int refs;
-    int paused;        /* on_msg asked to stop reading */
-    int reading;       /* a RECV_MESSAGE is in flight */
-    int stream_ended;  /* RECV_MESSAGE returned no message */
-    int have_status;   /* RECV_STATUS_ON_CLIENT completed */
+    int paused;       /* on_msg asked to stop reading */
+    int reading;      /* a RECV_MESSAGE is in flight */
+    int stream_ended; /* RECV_MESSAGE returned no message */
+    int have_status;  /* RECV_STATUS_ON_CLIENT completed */
     int done_fired;
     struct cli_call *prev, *next; /* in c->calls while done has not fired */
 
@@ -200,8 +200,7 @@ static int call_create(cli_channel *ch, const char *method, const ProtobufCMessa
     grpc_metadata_array_init(&k->trailing_md);
     if (opts != NULL && opts->request_id != NULL)
         add_meta(k, "x-request-id", opts->request_id);
-    for (const char *const *m = opts != NULL ? opts->meta : NULL; m != NULL && m[0] && m[1];
-         m += 2)
+    for (const char *const *m = opts != NULL ? opts->meta : NULL; m != NULL && m[0] && m[1]; m += 2)
         add_meta(k, m[0], m[1]);
 
     gpr_timespec deadline = gpr_inf_future(GPR_CLOCK_REALTIME);
@@ -251,8 +250,8 @@ static void call_finish(cli_call *k)
 {
     rpc_code code = (rpc_code)k->status;
     ProtobufCMessage *resp = NULL;
-    char *message = mem_strndup((const char *)GRPC_SLICE_START_PTR(k->details),
-                                GRPC_SLICE_LENGTH(k->details));
+    char *message =
+        mem_strndup((const char *)GRPC_SLICE_START_PTR(k->details), GRPC_SLICE_LENGTH(k->details));
     if (code == RPC_OK && !k->streaming) {
         resp = k->recv_bb != NULL ? rpc__decode(k->recv_bb, k->resp_desc) : NULL;
         if (resp == NULL) {
@@ -314,8 +313,8 @@ static void on_unary_done(rpc__tag *tag, int ok)
 }
 
 int cli_unary(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-              const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts,
-              cli_done_fn done, void *arg, cli_call **out)
+              const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts, cli_done_fn done,
+              void *arg, cli_call **out)
 {
     cli_call *k = NULL;
     int rc = call_create(ch, method, req, resp_desc, opts, done, arg, &k);
@@ -434,8 +433,8 @@ static void on_stream_sent(rpc__tag *tag, int ok)
 }
 
 int cli_stream(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-               const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts,
-               cli_msg_fn on_msg, cli_done_fn done, void *arg, cli_call **out)
+               const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts, cli_msg_fn on_msg,
+               cli_done_fn done, void *arg, cli_call **out)
 {
     cli_call *k = NULL;
     int rc = call_create(ch, method, req, resp_desc, opts, done, arg, &k);

@@ -22,10 +22,10 @@ typedef struct cli_call cli_call;
 
 /* Per-call options; a zeroed struct is valid (no deadline, no metadata). */
 typedef struct cli_opts {
-    int64_t timeout_ms;        /* 0: no deadline */
-    const char *request_id;    /* sent as x-request-id; NULL: none */
-    int wait_for_ready;        /* wait for the channel to connect instead of failing fast */
-    const char *const *meta;   /* extra metadata: key, value, key, value, ..., NULL */
+    int64_t timeout_ms;      /* 0: no deadline */
+    const char *request_id;  /* sent as x-request-id; NULL: none */
+    int wait_for_ready;      /* wait for the channel to connect instead of failing fast */
+    const char *const *meta; /* extra metadata: key, value, key, value, ..., NULL */
 } cli_opts;
 
 /* The call ended. `resp` is the decoded unary response (NULL unless code is
@@ -55,13 +55,13 @@ const char *cli_channel_target(const cli_channel *ch);
  * NULL the call runs to its end on its own. Returns 0, RPC_EENCODE,
  * RPC_ECALL or RPC_ESHUTDOWN. */
 int cli_unary(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-              const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts,
-              cli_done_fn done, void *arg, cli_call **out);
+              const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts, cli_done_fn done,
+              void *arg, cli_call **out);
 
 /* Starts a server-streaming call: on_msg per message, then done. */
 int cli_stream(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-               const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts,
-               cli_msg_fn on_msg, cli_done_fn done, void *arg, cli_call **out);
+               const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts, cli_msg_fn on_msg,
+               cli_done_fn done, void *arg, cli_call **out);
 
 /* Cancels the call; done still fires, with RPC_CANCELLED unless it had
  * already ended. Thread-safe; harmless after the end. */

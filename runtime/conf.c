@@ -72,8 +72,9 @@ static void print_usage(FILE *f, const char *prog, const char *about, const conf
                         size_t nsecs)
 {
     static const char *const type_names[] = {"TEXT", "N", "BOOL"};
-    fprintf(f, "%s %s — %s\n\nUsage: %s [options]\n\nOptions (flag, environment variable, "
-               "default):\n",
+    fprintf(f,
+            "%s %s — %s\n\nUsage: %s [options]\n\nOptions (flag, environment variable, "
+            "default):\n",
             prog, CONVO_VERSION, about, prog);
     for (size_t s = 0; s < nsecs; s++) {
         for (size_t i = 0; i < secs[s].n; i++) {
@@ -103,8 +104,8 @@ static const conf_opt *find_flag(const conf_section *secs, size_t nsecs, const c
     return NULL;
 }
 
-int conf_parse(int argc, char **argv, const char *prog, const char *about,
-               const conf_section *secs, size_t nsecs)
+int conf_parse(int argc, char **argv, const char *prog, const char *about, const conf_section *secs,
+               size_t nsecs)
 {
     for (size_t s = 0; s < nsecs; s++) {
         for (size_t i = 0; i < secs[s].n; i++) {

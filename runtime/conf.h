@@ -35,9 +35,9 @@ typedef struct conf_section {
     void *base;
 } conf_section;
 
-#define CONF__T_STR  char *
-#define CONF__T_INT  long long
-#define CONF__T_BOOL int
+#define CONF__T_STR                                        char *
+#define CONF__T_INT                                        long long
+#define CONF__T_BOOL                                       int
 #define CONF__MEMBER(S, field, type, flag, env, def, help) CONF__T_##type field;
 #define CONF__ROW(S, field, type, flag, env, def, help)                                            \
     {flag, env, CONF_##type, def, help, offsetof(struct S, field)},
@@ -46,7 +46,8 @@ typedef struct conf_section {
         OPTS(CONF__MEMBER, S)                                                                      \
     } S;                                                                                           \
     static const conf_opt S##_table[] = {OPTS(CONF__ROW, S)};
-#define CONF_SECTION(S, ptr) ((conf_section){S##_table, sizeof S##_table / sizeof S##_table[0], (ptr)})
+#define CONF_SECTION(S, ptr)                                                                       \
+    ((conf_section){S##_table, sizeof S##_table / sizeof S##_table[0], (ptr)})
 
 /* Fills every section from defaults, the environment and argv (--flag value
  * or --flag=value; a BOOL flag alone means true). INT values must be
@@ -54,8 +55,8 @@ typedef struct conf_section {
  * Returns 0 to go on, 1 when --help or --version was printed (exit 0), -1
  * after printing what is wrong and the usage (exit 2). `about` is one line
  * for --help. Strings in the sections are owned by them: conf_free(). */
-int conf_parse(int argc, char **argv, const char *prog, const char *about,
-               const conf_section *secs, size_t nsecs);
+int conf_parse(int argc, char **argv, const char *prog, const char *about, const conf_section *secs,
+               size_t nsecs);
 void conf_free(const conf_section *secs, size_t nsecs);
 
 /* The project's version string, also printed by --version. */

@@ -72,7 +72,8 @@ void log_fields(log_level level, const log_field *fields, const char *fmt, ...)
         add_string(o, f->key, f->value);
 
     size_t len;
-    const char *text = json_object_to_json_string_length(o, JSON_C_TO_STRING_PLAIN, &len);
+    const char *text = json_object_to_json_string_length(
+        o, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE, &len);
     /* One writev per line: atomic on pipes up to PIPE_BUF, so lines of
      * concurrent threads never interleave. */
     struct iovec iov[2] = {{(void *)text, len}, {"\n", 1}};

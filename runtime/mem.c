@@ -12,8 +12,9 @@ static atomic_size_t used;
 static void *checked(void *p, size_t size)
 {
     if (p == NULL && size != 0) {
-        fprintf(stderr, "{\"level\":\"fatal\",\"message\":\"out of memory allocating %zu bytes; "
-                        "raise the memory limit or lower the configured bounds\"}\n",
+        fprintf(stderr,
+                "{\"level\":\"fatal\",\"message\":\"out of memory allocating %zu bytes; "
+                "raise the memory limit or lower the configured bounds\"}\n",
                 size);
         abort();
     }

@@ -14,7 +14,7 @@ typedef struct rpc__tag {
     void (*fn)(struct rpc__tag *tag, int ok);
 } rpc__tag;
 
-#define rpc__container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+#define rpc__container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
 /* Serializes msg into a new byte buffer (caller destroys); NULL on failure. */
 grpc_byte_buffer *rpc__encode(const ProtobufCMessage *msg);

@@ -93,10 +93,10 @@ void srv_destroy(srv **s);
  * creates afterwards). Call first thing in main(), before any thread. */
 void srv_block_signals(void);
 
-/* Sends one message of a server stream. Thread-safe. The first send also
- * sends the response headers. Returns 0, RPC_EFULL when max_queued_writes
- * messages already wait (nothing queued: wait for on_writable), RPC_EDONE
- * when the call is finished or cancelled, or RPC_EENCODE. */
+/* Sends one message of a server stream (serialized before this returns).
+ * Thread-safe. The first send also sends the response headers. Returns 0, RPC_EFULL when
+ * max_queued_writes messages already wait (nothing queued: wait for on_writable), RPC_EDONE when
+ * the call is finished or cancelled, or RPC_EENCODE. */
 int srv_call_send(srv_call *call, const ProtobufCMessage *msg);
 /* Called on the call's thread when a sender that got RPC_EFULL may send
  * again (the queue drained to half). */
@@ -107,8 +107,9 @@ void srv_call_on_writable(srv_call *call, void (*fn)(srv_call *call));
 void srv_call_on_cancel(srv_call *call, void (*fn)(srv_call *call));
 /* Ends the call: `resp` is the unary/client-streaming response (NULL on
  * error or for streams), sent after any queued stream messages, then the
- * status. `message` is a human-readable reason (copied; may be NULL).
- * Thread-safe; exactly once per call. */
+ * status. `resp` is serialized before this returns and `message` (a
+ * human-readable reason; may be NULL) is copied, so both may live on the
+ * caller's stack. Thread-safe; exactly once per call. */
 void srv_call_finish(srv_call *call, rpc_code code, const char *message,
                      const ProtobufCMessage *resp);
 /* printf-style message, for errors. */

@@ -7,7 +7,9 @@
 #include "testsvc.pb-c.h"
 
 #include <pthread.h>
+#include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 typedef struct collector {
     pthread_mutex_t mu;

@@ -8,7 +8,7 @@
 #include "conf.h"
 
 #define OPTS(X, S)                                                                                 \
-    X(S, listen, STR, "listen", "TEST_LISTEN", "0.0.0.0:1", "address")                            \
+    X(S, listen, STR, "listen", "TEST_LISTEN", "0.0.0.0:1", "address")                             \
     X(S, limit, INT, "limit", "TEST_LIMIT", "10", "a limit")                                       \
     X(S, verbose, BOOL, "verbose", NULL, "false", "say more")
 CONF_DECLARE(test_opts, OPTS)

@@ -17,7 +17,7 @@
 #include "testsvc_server.h"
 
 static Convo__Test__EchoReply *echo(cli_channel *ch, Convo__Test__EchoRequest *req, rpc_code *code,
-                                  char **message, const cli_opts *opts)
+                                    char **message, const cli_opts *opts)
 {
     ProtobufCMessage *resp = NULL;
     *code = cli_unary_sync(ch, "/convo.test.Test/Echo", &req->base,
@@ -124,11 +124,21 @@ static void bad_registrations_are_refused(void **state)
 {
     srv_opts o = testsvc_default_opts();
     srv *s = srv_create("t", "127.0.0.1:0", &o);
-    srv_method bad = {"/x.Y/Z", SRV_CLIENT_STREAM, &convo__test__item__descriptor,
-                      &convo__test__echo_reply__descriptor, NULL, NULL, NULL};
+    srv_method bad = {"/x.Y/Z",
+                      SRV_CLIENT_STREAM,
+                      &convo__test__item__descriptor,
+                      &convo__test__echo_reply__descriptor,
+                      NULL,
+                      NULL,
+                      NULL};
     assert_int_equal(srv_add_method(s, &bad, NULL), RPC_EARG);
-    srv_method no_slash = {"x.Y/Z", SRV_UNARY, &convo__test__item__descriptor,
-                           &convo__test__echo_reply__descriptor, NULL, NULL, NULL};
+    srv_method no_slash = {"x.Y/Z",
+                           SRV_UNARY,
+                           &convo__test__item__descriptor,
+                           &convo__test__echo_reply__descriptor,
+                           NULL,
+                           NULL,
+                           NULL};
     assert_int_equal(srv_add_method(s, &no_slash, NULL), RPC_EARG);
     srv_destroy(&s);
     assert_null(s);
@@ -184,9 +194,9 @@ static int check_health(cli_channel *ch, const char *service, rpc_code *code)
     req.service = (char *)service;
     ProtobufCMessage *resp = NULL;
     cli_opts opts = {.timeout_ms = 5000};
-    *code = cli_unary_sync(ch, "/grpc.health.v1.Health/Check", &req.base,
-                           &grpc__health__v1__health_check_response__descriptor, &opts, &resp,
-                           NULL);
+    *code =
+        cli_unary_sync(ch, "/grpc.health.v1.Health/Check", &req.base,
+                       &grpc__health__v1__health_check_response__descriptor, &opts, &resp, NULL);
     int status = resp != NULL ? (int)((Grpc__Health__V1__HealthCheckResponse *)resp)->status : -1;
     if (resp != NULL)
         protobuf_c_message_free_unpacked(resp, NULL);

@@ -1,0 +1,82 @@
+/* router-svc — serves convo.v1.Router: the strategy, system prompt and
+ * generation parameters of each conversation turn. */
+#include "conf.h"
+#include "log.h"
+#include "mem.h"
+#include "rconf.h"
+#include "route.h"
+#include "router.h"
+#include "srv.h"
+
+#include <stdio.h>
+
+#define ROUTER_OPTS(X, S)                                                                          \
+    X(S, listen, STR, "listen", "LISTEN_ADDR", "0.0.0.0:50051", "HOST:PORT to serve gRPC on")      \
+    X(S, config, STR, "config", "ROUTER_CONFIG", "",                                               \
+      "rules, prompts and generation parameters (router.conf); \"\" uses the built-in "            \
+      "defaults, which are the shipped router.conf")                                               \
+    X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
+CONF_DECLARE(router_opts, ROUTER_OPTS)
+
+int main(int argc, char **argv)
+{
+    router_opts opts = {0};
+    srv_opts sopts = {0};
+    const conf_section secs[] = {
+        CONF_SECTION(router_opts, &opts),
+        CONF_SECTION(srv_opts, &sopts),
+    };
+    const size_t nsecs = sizeof secs / sizeof secs[0];
+    route_config *cfg = NULL;
+    srv *server = NULL;
+    char *err = NULL;
+    int status = 2;
+
+    srv_block_signals();
+    int rc = conf_parse(argc, argv, "router-svc",
+                        "picks the strategy, system prompt and generation parameters of each turn",
+                        secs, nsecs);
+    if (rc != 0) {
+        status = rc > 0 ? 0 : 2;
+        goto out;
+    }
+    int level = log_level_parse(opts.log_level);
+    if (level < 0) {
+        fprintf(stderr, "router-svc: --log-level: '%s' is not debug, info, warn or error\n",
+                opts.log_level);
+        goto out;
+    }
+    log_init("router-svc", (log_level)level);
+
+    if (opts.config[0] == '\0') {
+        cfg = route_config_new();
+        log_info("using the built-in rules (no --config)");
+    } else if (rconf_load(opts.config, &cfg, &err) != 0) {
+        log_error("bad config: %s", err);
+        goto out;
+    } else {
+        log_info("loaded %s: %zu analytical keywords, summarization after %lld user messages, "
+                 "tool-heavy after %lld tool calls",
+                 opts.config, cfg->n_keywords, cfg->summarization_min_user_messages,
+                 cfg->tool_heavy_min_tool_calls);
+    }
+
+    status = 1;
+    server = srv_create("router-svc", opts.listen, &sopts);
+    if (router_register(server, cfg) != 0) {
+        log_error("cannot register %s", ROUTER_METHOD_ROUTE);
+        goto out;
+    }
+    if (srv_start(server) != 0)
+        goto out; /* srv_start logged the address */
+    srv_run(server);
+    status = 0;
+
+out:
+    if (server != NULL)
+        srv_destroy(&server);
+    route_config_free(&cfg);
+    mem_free(err);
+    conf_free(secs, nsecs);
+    return status;
+}

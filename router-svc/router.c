@@ -1,0 +1,150 @@
+#include "router.h"
+
+#include "log.h"
+#include "rpc.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static const Convo__V1__Strategy proto_strategy[ROUTE_N_STRATEGIES] = {
+    [ROUTE_FAST_CONCISE] = CONVO__V1__STRATEGY__STRATEGY_FAST_CONCISE,
+    [ROUTE_ANALYTICAL] = CONVO__V1__STRATEGY__STRATEGY_ANALYTICAL,
+    [ROUTE_SUMMARIZATION_AWARE] = CONVO__V1__STRATEGY__STRATEGY_SUMMARIZATION_AWARE,
+    [ROUTE_TOOL_HEAVY] = CONVO__V1__STRATEGY__STRATEGY_TOOL_HEAVY,
+};
+
+static const Convo__V1__Verbosity proto_verbosity[ROUTE_N_VERBOSITIES] = {
+    [ROUTE_CONCISE] = CONVO__V1__VERBOSITY__VERBOSITY_CONCISE,
+    [ROUTE_BALANCED] = CONVO__V1__VERBOSITY__VERBOSITY_BALANCED,
+    [ROUTE_DETAILED] = CONVO__V1__VERBOSITY__VERBOSITY_DETAILED,
+};
+
+/* protobuf-c gives unset strings as "", but a message built by hand may
+ * hold NULL. */
+static const char *str_or_empty(const char *s)
+{
+    return s != NULL ? s : "";
+}
+
+/* An optional text field: empty, or valid UTF-8 of at most `max` bytes. */
+static int check_text(const char *field, const char *s, size_t max, char *err, size_t errsize)
+{
+    size_t len = strlen(s);
+    if (len > max) {
+        snprintf(err, errsize, "%s is %zu bytes, over the limit of %zu", field, len, max);
+        return -1;
+    }
+    if (!rpc_utf8_valid(s, len)) {
+        snprintf(err, errsize, "%s is not valid UTF-8", field);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_count(const char *field, int64_t n, char *err, size_t errsize)
+{
+    if (n < 0) {
+        snprintf(err, errsize, "%s must be >= 0, got %lld", field, (long long)n);
+        return -1;
+    }
+    return 0;
+}
+
+int router_check_request(const route_config *cfg, const Convo__V1__RouteRequest *req, char *err,
+                         size_t errsize)
+{
+    const char *msg = str_or_empty(req->last_user_message);
+    if (check_text("session_id", str_or_empty(req->session_id), ROUTER_MAX_ID_BYTES, err,
+                   errsize) != 0 ||
+        check_text("user_id", str_or_empty(req->user_id), ROUTER_MAX_ID_BYTES, err, errsize) != 0)
+        return -1;
+    if (msg[0] == '\0') {
+        snprintf(err, errsize, "last_user_message is required");
+        return -1;
+    }
+    if (check_text("last_user_message", msg, cfg->max_message_bytes, err, errsize) != 0 ||
+        check_count("user_message_count", req->user_message_count, err, errsize) != 0 ||
+        check_count("tool_call_count", req->tool_call_count, err, errsize) != 0 ||
+        check_count("assistant_message_count", req->assistant_message_count, err, errsize) != 0)
+        return -1;
+    return 0;
+}
+
+void router_reply_fill(router_reply *r, const route_decision *d)
+{
+    convo__v1__route_response__init(&r->resp);
+    convo__v1__generation_params__init(&r->params);
+    /* protobuf-c's message fields are not const; packing never writes
+     * through them, so pointing into the read-only config is safe. */
+    r->params.model = d->conf->model;
+    r->params.temperature = (float)d->conf->temperature;
+    r->params.max_tokens = d->conf->max_tokens;
+    r->params.tools_enabled = d->conf->tools_enabled != 0;
+    for (size_t i = 0; i < d->n_reasons; i++)
+        r->reasons[i] = (char *)d->reasons[i];
+    r->resp.strategy = proto_strategy[d->strategy];
+    r->resp.verbosity = proto_verbosity[d->verbosity];
+    r->resp.n_reasons = d->n_reasons;
+    r->resp.reasons = r->reasons;
+    r->resp.system_prompt = d->conf->system_prompt;
+    r->resp.params = &r->params;
+    r->resp.strategy_name = (char *)route_strategy_name(d->strategy);
+}
+
+static void log_decision(const Convo__V1__RouteRequest *req, const route_decision *d)
+{
+    char why[ROUTE_MAX_REASONS * (ROUTE_REASON_SIZE + 2)];
+    size_t at = 0;
+    why[0] = '\0';
+    for (size_t i = 0; i < d->n_reasons && at < sizeof why; i++)
+        at += (size_t)snprintf(why + at, sizeof why - at, "%s%s", i ? "; " : "", d->reasons[i]);
+    const log_field fields[] = {
+        {"session_id", str_or_empty(req->session_id)},
+        {"user_id", str_or_empty(req->user_id)},
+        {"strategy", route_strategy_name(d->strategy)},
+        {NULL, NULL},
+    };
+    log_fields(LOG_DEBUG, fields, "route: %s, %s (%s)", route_strategy_name(d->strategy),
+               route_verbosity_name(d->verbosity), why);
+}
+
+/* Unary and pure: the whole answer is computed and sent on the call's
+ * thread, with nothing allocated. */
+static void on_route(srv_call *call, const ProtobufCMessage *msg)
+{
+    const route_config *cfg = srv_call_method_data(call);
+    const Convo__V1__RouteRequest *req = (const Convo__V1__RouteRequest *)msg;
+    char err[256];
+    if (router_check_request(cfg, req, err, sizeof err) != 0) {
+        log_info("Route refused: %s", err);
+        srv_call_finish(call, RPC_INVALID_ARGUMENT, err, NULL);
+        return;
+    }
+
+    const char *text = str_or_empty(req->last_user_message);
+    route_input in = {
+        .message = text,
+        .message_len = strlen(text),
+        .user_message_count = req->user_message_count,
+        .tool_call_count = req->tool_call_count,
+    };
+    route_decision d;
+    route_decide(cfg, &in, &d);
+    log_decision(req, &d);
+
+    router_reply reply;
+    router_reply_fill(&reply, &d);
+    srv_call_finish(call, RPC_OK, NULL, &reply.resp.base);
+}
+
+int router_register(srv *s, const route_config *cfg)
+{
+    static const srv_method route = {
+        .path = ROUTER_METHOD_ROUTE,
+        .kind = SRV_UNARY,
+        .request = &convo__v1__route_request__descriptor,
+        .response = &convo__v1__route_response__descriptor,
+        .on_call = on_route,
+    };
+    return srv_add_method(s, &route, (void *)cfg);
+}
