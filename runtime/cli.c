@@ -49,6 +49,7 @@ struct cli_call {
     pthread_mutex_t mu;
     int refs;
     int paused;       /* on_msg asked to stop reading */
+    int resume_asked; /* cli_call_resume came while on_msg ran */
     int reading;      /* a RECV_MESSAGE is in flight */
     int stream_ended; /* RECV_MESSAGE returned no message */
     int have_status;  /* RECV_STATUS_ON_CLIENT completed */
@@ -401,12 +402,16 @@ static void on_stream_msg(rpc__tag *tag, int ok)
 
     pthread_mutex_lock(&k->mu);
     k->reading = 0;
-    if (!ok || bb == NULL || bad)
+    if (!ok || bb == NULL || bad) {
         k->stream_ended = 1;
-    else if (pause)
+    } else if (pause && !k->resume_asked) {
         k->paused = 1;
-    else
+    } else {
+        /* A resume that raced with the callback asking to pause wins, so
+         * a stream is never left paused with nobody to resume it. */
+        k->resume_asked = 0;
         stream_read_locked(k);
+    }
     int finish = stream_should_finish_locked(k);
     pthread_mutex_unlock(&k->mu);
     if (finish)
@@ -487,6 +492,8 @@ void cli_call_resume(cli_call *k)
     if (k->paused && !k->reading && !k->stream_ended) {
         k->paused = 0;
         stream_read_locked(k);
+    } else if (k->reading) {
+        k->resume_asked = 1;
     }
     pthread_mutex_unlock(&k->mu);
 }

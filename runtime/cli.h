@@ -66,7 +66,9 @@ int cli_stream(cli_channel *ch, const char *method, const ProtobufCMessage *req,
 /* Cancels the call; done still fires, with RPC_CANCELLED unless it had
  * already ended. Thread-safe; harmless after the end. */
 void cli_call_cancel(cli_call *call);
-/* Resumes reading a stream paused by an on_msg that returned 1. Thread-safe. */
+/* Resumes reading a stream paused by an on_msg that returned 1. Thread-safe;
+ * a resume that arrives while on_msg is still running cancels the pause it
+ * is about to ask for. */
 void cli_call_resume(cli_call *call);
 /* Gives back a handle from `out`; clears *call. */
 void cli_call_release(cli_call **call);

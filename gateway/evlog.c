@@ -1,0 +1,471 @@
+#include "evlog.h"
+
+#include "convo/v1/summary.pb-c.h"
+#include "log.h"
+#include "mem.h"
+
+#include <libwebsockets.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+
+#define BACKOFF_FIRST_MS 100
+#define BACKOFF_MAX_MS   5000
+
+typedef struct event {
+    Convo__V1__EventType type;
+    char *content;
+    size_t len;
+    int64_t ts_us;
+    int64_t seq; /* 0 until the event is first sent */
+} event;
+
+typedef enum call_kind { CALL_OPEN, CALL_APPEND, CALL_END } call_kind;
+
+struct evlog {
+    lws_sorted_usec_list_t timer; /* first: lws hands the sul back */
+    gw *g;
+    char *session_id;
+    char *user_id;
+    evlog_open_fn on_open;
+    evlog_closed_fn on_closed;
+    void *arg;
+
+    event *q; /* q[head .. n) wait, in order */
+    size_t head, n, cap;
+    size_t batch; /* events of the AppendEvents in flight */
+
+    int64_t next_seq; /* 0 until the session is open */
+    int open_reported;
+    int busy; /* one call in flight */
+    int timer_armed;
+    int flush_due;
+    int backoff_ms;
+    int closing;
+    int ended; /* EndSession succeeded */
+    int closed_fired;
+    int refused;      /* the store refused the session for good */
+    int64_t close_ms; /* when closing began, for --event-retry-ms */
+    unsigned long dropped;
+};
+
+typedef struct reply {
+    evlog *ev;
+    call_kind kind;
+    rpc_code code;
+    char *message;
+    ProtobufCMessage *resp;
+} reply;
+
+static void pump(evlog *ev);
+
+static int64_t now_us(void)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (int64_t)tv.tv_sec * 1000000 + tv.tv_usec;
+}
+
+static size_t waiting(const evlog *ev)
+{
+    return ev->n - ev->head;
+}
+
+static void on_timer(lws_sorted_usec_list_t *sul)
+{
+    evlog *ev = (evlog *)sul;
+    ev->timer_armed = 0;
+    ev->flush_due = 1;
+    pump(ev);
+}
+
+static void arm(evlog *ev, int ms)
+{
+    ev->timer_armed = 1;
+    lws_sul_schedule(ev->g->ctx, 0, &ev->timer, on_timer, (lws_usec_t)ms * LWS_US_PER_MS);
+}
+
+/* Schedules a retry after a failed call, backing off with jitter. */
+static void retry_later(evlog *ev)
+{
+    ev->backoff_ms = ev->backoff_ms ? ev->backoff_ms * 2 : BACKOFF_FIRST_MS;
+    if (ev->backoff_ms > BACKOFF_MAX_MS)
+        ev->backoff_ms = BACKOFF_MAX_MS;
+    arm(ev, ev->backoff_ms / 2 + rand() % (ev->backoff_ms / 2 + 1));
+}
+
+static void drop_events(evlog *ev, size_t count, const char *why)
+{
+    for (size_t i = 0; i < count && ev->head < ev->n; i++) {
+        mem_free(ev->q[ev->head].content);
+        ev->head++;
+    }
+    ev->batch = 0;
+    ev->dropped += count;
+    atomic_fetch_add(&ev->g->counters.events_dropped, (long)count);
+    atomic_fetch_sub(&ev->g->counters.events_buffered, (long)count);
+    const log_field f[] = {{"session_id", ev->session_id}, {NULL, NULL}};
+    log_fields(LOG_ERROR, f, "dropped %zu events of the session (%lu in all): %s", count,
+               ev->dropped, why);
+}
+
+/* ---- replies (posted from the gRPC thread) --------------------------- */
+
+static void on_reply_loop(void *arg);
+
+static void on_reply(void *arg, rpc_code code, const char *message, ProtobufCMessage *resp,
+                     call_kind kind)
+{
+    reply *r = mem_calloc(1, sizeof *r);
+    r->ev = arg;
+    r->kind = kind;
+    r->code = code;
+    r->message = mem_strdup(message != NULL ? message : "");
+    r->resp = resp;
+    bridge_post(r->ev->g->bridge, on_reply_loop, r);
+}
+
+static void on_open_reply(void *arg, rpc_code code, const char *message, ProtobufCMessage *resp)
+{
+    on_reply(arg, code, message, resp, CALL_OPEN);
+}
+
+static void on_append_reply(void *arg, rpc_code code, const char *message, ProtobufCMessage *resp)
+{
+    on_reply(arg, code, message, resp, CALL_APPEND);
+}
+
+static void on_end_reply(void *arg, rpc_code code, const char *message, ProtobufCMessage *resp)
+{
+    on_reply(arg, code, message, resp, CALL_END);
+}
+
+static void on_summarize_reply(void *arg, rpc_code code, const char *message,
+                               ProtobufCMessage *resp)
+{
+    if (code != RPC_OK)
+        log_warn("Summarize of session %s failed (%s: %s); summary-svc's sweep will pick it up",
+                 (char *)arg, rpc_code_name(code), message);
+    if (resp != NULL)
+        protobuf_c_message_free_unpacked(resp, NULL);
+    mem_free(arg);
+}
+
+static int retryable(rpc_code code)
+{
+    return code == RPC_UNAVAILABLE || code == RPC_DEADLINE_EXCEEDED ||
+           code == RPC_RESOURCE_EXHAUSTED || code == RPC_ABORTED || code == RPC_INTERNAL ||
+           code == RPC_UNKNOWN || code == RPC_CANCELLED;
+}
+
+static void handle_open(evlog *ev, reply *r)
+{
+    const Convo__V1__OpenSessionResponse *resp = (const Convo__V1__OpenSessionResponse *)r->resp;
+    int first = !ev->open_reported;
+    if (r->code == RPC_OK) {
+        ev->backoff_ms = 0;
+        ev->next_seq = (resp->session != NULL ? resp->session->last_seq : 0) + 1;
+        ev->flush_due = 1;
+    } else if (retryable(r->code)) {
+        retry_later(ev);
+    } else {
+        /* Refused for good (another user's session, a bad id): nothing of
+         * this session can be stored. */
+        drop_events(ev, waiting(ev), r->message);
+        ev->refused = 1;
+    }
+    if (first && (r->code == RPC_OK || !retryable(r->code) || ev->backoff_ms >= 800)) {
+        /* Tell the session once: at success, refusal, or after a few quick
+         * retries (the conversation goes on without the store). */
+        ev->open_reported = 1;
+        ev->on_open(ev->arg, r->code, r->message, resp);
+    }
+}
+
+static void handle_append(evlog *ev, reply *r)
+{
+    size_t sent = ev->batch;
+    if (r->code == RPC_OK) {
+        const Convo__V1__AppendEventsResponse *resp =
+            (const Convo__V1__AppendEventsResponse *)r->resp;
+        for (size_t i = 0; i < sent; i++)
+            mem_free(ev->q[ev->head + i].content);
+        ev->head += sent;
+        ev->batch = 0;
+        ev->backoff_ms = 0;
+        atomic_fetch_add(&ev->g->counters.events_logged, (long)resp->appended);
+        atomic_fetch_sub(&ev->g->counters.events_buffered, (long)sent);
+        return;
+    }
+    ev->batch = 0;
+    if (r->code == RPC_NOT_FOUND || r->code == RPC_FAILED_PRECONDITION) {
+        /* The session is gone or was ended elsewhere: open it again, then
+         * send the same events with the same seqs. */
+        ev->next_seq = 0;
+        ev->flush_due = 1;
+        return;
+    }
+    if (retryable(r->code)) {
+        log_warn("AppendEvents for %s failed (%s: %s); retrying %zu events", ev->session_id,
+                 rpc_code_name(r->code), r->message, sent);
+        retry_later(ev);
+        return;
+    }
+    drop_events(ev, sent, r->message);
+}
+
+static void handle_end(evlog *ev, reply *r)
+{
+    if (r->code == RPC_OK || r->code == RPC_NOT_FOUND) {
+        ev->ended = 1;
+        ev->backoff_ms = 0;
+    } else {
+        retry_later(ev);
+    }
+}
+
+static void on_reply_loop(void *arg)
+{
+    reply *r = arg;
+    evlog *ev = r->ev;
+    ev->busy = 0;
+    switch (r->kind) {
+    case CALL_OPEN:
+        handle_open(ev, r);
+        break;
+    case CALL_APPEND:
+        handle_append(ev, r);
+        break;
+    case CALL_END:
+        handle_end(ev, r);
+        break;
+    }
+    if (r->resp != NULL)
+        protobuf_c_message_free_unpacked(r->resp, NULL);
+    mem_free(r->message);
+    mem_free(r);
+    pump(ev);
+}
+
+/* ---- calls ----------------------------------------------------------- */
+
+static cli_opts store_opts(evlog *ev)
+{
+    cli_opts o = {.timeout_ms = ev->g->opts.store_timeout_ms};
+    return o;
+}
+
+static void start_open(evlog *ev)
+{
+    Convo__V1__OpenSessionRequest req = CONVO__V1__OPEN_SESSION_REQUEST__INIT;
+    req.session_id = ev->session_id;
+    req.user_id = ev->user_id;
+    cli_opts o = store_opts(ev);
+    ev->busy = 1;
+    if (cli_unary(ev->g->store, "/convo.v1.Store/OpenSession", &req.base,
+                  &convo__v1__open_session_response__descriptor, &o, on_open_reply, ev,
+                  NULL) != 0) {
+        ev->busy = 0;
+        retry_later(ev);
+    }
+}
+
+static void start_append(evlog *ev)
+{
+    size_t n = waiting(ev);
+    if (n > (size_t)ev->g->opts.event_batch)
+        n = (size_t)ev->g->opts.event_batch;
+    Convo__V1__Event *events = mem_calloc(n, sizeof *events);
+    Convo__V1__Event **ptrs = mem_calloc(n, sizeof *ptrs);
+    for (size_t i = 0; i < n; i++) {
+        event *e = &ev->q[ev->head + i];
+        if (e->seq == 0)
+            e->seq = ev->next_seq++;
+        convo__v1__event__init(&events[i]);
+        events[i].seq = e->seq;
+        events[i].type = e->type;
+        events[i].content = e->content;
+        events[i].timestamp_us = e->ts_us;
+        ptrs[i] = &events[i];
+    }
+    Convo__V1__AppendEventsRequest req = CONVO__V1__APPEND_EVENTS_REQUEST__INIT;
+    req.session_id = ev->session_id;
+    req.n_events = n;
+    req.events = ptrs;
+    cli_opts o = store_opts(ev);
+    ev->busy = 1;
+    ev->batch = n;
+    ev->flush_due = 0;
+    if (cli_unary(ev->g->store, "/convo.v1.Store/AppendEvents", &req.base,
+                  &convo__v1__append_events_response__descriptor, &o, on_append_reply, ev,
+                  NULL) != 0) {
+        ev->busy = 0;
+        ev->batch = 0;
+        retry_later(ev);
+    }
+    mem_free(ptrs);
+    mem_free(events);
+}
+
+static void start_end(evlog *ev)
+{
+    Convo__V1__EndSessionRequest req = CONVO__V1__END_SESSION_REQUEST__INIT;
+    req.session_id = ev->session_id;
+    cli_opts o = store_opts(ev);
+    ev->busy = 1;
+    if (cli_unary(ev->g->store, "/convo.v1.Store/EndSession", &req.base,
+                  &convo__v1__end_session_response__descriptor, &o, on_end_reply, ev, NULL) != 0) {
+        ev->busy = 0;
+        retry_later(ev);
+    }
+}
+
+static void summarize(evlog *ev)
+{
+    Convo__V1__SummarizeRequest req = CONVO__V1__SUMMARIZE_REQUEST__INIT;
+    req.session_id = ev->session_id;
+    cli_opts o = {.timeout_ms = ev->g->opts.store_timeout_ms};
+    if (cli_unary(ev->g->summary, "/convo.v1.Summary/Summarize", &req.base,
+                  &convo__v1__summarize_response__descriptor, &o, on_summarize_reply,
+                  mem_strdup(ev->session_id), NULL) != 0)
+        log_warn("could not ask summary-svc to summarize %s; its sweep will", ev->session_id);
+}
+
+/* Decides the next step; at most one call in flight. */
+static void pump(evlog *ev)
+{
+    if (ev->busy || ev->timer_armed || ev->closed_fired)
+        return;
+    if (ev->refused) {
+        if (ev->closing) {
+            ev->closed_fired = 1;
+            ev->on_closed(ev->arg);
+        }
+        return;
+    }
+    if (ev->closing && !ev->ended && ev->g->opts.event_retry_ms > 0 &&
+        lws_now_usecs() / 1000 - ev->close_ms > ev->g->opts.event_retry_ms && ev->backoff_ms > 0) {
+        drop_events(ev, waiting(ev), "store-svc unreachable for longer than --event-retry-ms");
+        ev->ended = 1;
+    }
+    if (!ev->ended && ev->next_seq == 0) {
+        start_open(ev);
+    } else if (!ev->ended && waiting(ev) > 0) {
+        if (ev->flush_due || ev->closing || waiting(ev) >= (size_t)ev->g->opts.event_batch)
+            start_append(ev);
+        else
+            arm(ev, (int)ev->g->opts.event_flush_ms);
+    } else if (ev->closing && !ev->ended) {
+        start_end(ev);
+    } else if (ev->closing && ev->ended) {
+        if (waiting(ev) == 0 && ev->dropped == 0)
+            summarize(ev);
+        ev->closed_fired = 1;
+        ev->on_closed(ev->arg);
+    }
+}
+
+/* ---- API ------------------------------------------------------------- */
+
+evlog *evlog_create(gw *g, const char *session_id, const char *user_id, evlog_open_fn on_open,
+                    void *arg)
+{
+    evlog *ev = mem_calloc(1, sizeof *ev);
+    ev->g = g;
+    ev->session_id = mem_strdup(session_id);
+    ev->user_id = mem_strdup(user_id);
+    ev->on_open = on_open;
+    ev->arg = arg;
+    pump(ev);
+    return ev;
+}
+
+void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t len)
+{
+    if (ev->refused) {
+        ev->dropped++;
+        atomic_fetch_add(&ev->g->counters.events_dropped, 1);
+        return;
+    }
+    if (waiting(ev) >= (size_t)ev->g->opts.event_buffer) {
+        ev->dropped++;
+        atomic_fetch_add(&ev->g->counters.events_dropped, 1);
+        if (ev->dropped == 1 || ev->dropped % 1000 == 0) {
+            const log_field f[] = {{"session_id", ev->session_id}, {NULL, NULL}};
+            log_fields(LOG_ERROR, f,
+                       "event buffer full (%lld events waiting for store-svc, --event-buffer): "
+                       "%lu events dropped so far",
+                       ev->g->opts.event_buffer, ev->dropped);
+        }
+        return;
+    }
+    if (ev->head > 0 && ev->head == ev->n) {
+        ev->head = ev->n = 0;
+    } else if (ev->n == ev->cap && ev->head > ev->cap / 2) {
+        memmove(ev->q, ev->q + ev->head, (ev->n - ev->head) * sizeof *ev->q);
+        ev->n -= ev->head;
+        ev->head = 0;
+    }
+    if (ev->n == ev->cap) {
+        ev->cap = ev->cap ? 2 * ev->cap : 64;
+        ev->q = mem_realloc(ev->q, ev->cap * sizeof *ev->q);
+    }
+    event *e = &ev->q[ev->n++];
+    e->type = type;
+    e->content = mem_strndup(content, len);
+    e->len = len;
+    e->ts_us = now_us();
+    e->seq = 0;
+    atomic_fetch_add(&ev->g->counters.events_buffered, 1);
+    pump(ev);
+}
+
+void evlog_close(evlog *ev, evlog_closed_fn on_closed)
+{
+    ev->on_closed = on_closed;
+    ev->closing = 1;
+    ev->close_ms = lws_now_usecs() / 1000;
+    if (ev->timer_armed && ev->backoff_ms == 0) {
+        /* A flush timer: flush now instead. */
+        lws_sul_cancel(&ev->timer);
+        ev->timer_armed = 0;
+    }
+    pump(ev);
+}
+
+void evlog_reopen(evlog *ev)
+{
+    ev->closing = 0;
+    ev->closed_fired = 0;
+    if (ev->ended) {
+        ev->ended = 0;
+        ev->next_seq = 0;
+    }
+    pump(ev);
+}
+
+size_t evlog_pending(const evlog *ev)
+{
+    return waiting(ev);
+}
+
+int evlog_busy(const evlog *ev)
+{
+    return ev->busy;
+}
+
+void evlog_destroy(evlog **evp)
+{
+    evlog *ev = *evp;
+    if (ev == NULL)
+        return;
+    *evp = NULL;
+    lws_sul_cancel(&ev->timer);
+    size_t left = waiting(ev);
+    if (left > 0)
+        drop_events(ev, left, "the gateway is stopping");
+    mem_free(ev->q);
+    mem_free(ev->session_id);
+    mem_free(ev->user_id);
+    mem_free(ev);
+}

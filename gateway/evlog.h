@@ -1,0 +1,50 @@
+/* evlog — a session's event log on its way to store-svc.
+ *
+ * Events are numbered (seq) and sent in order in batches (--event-batch
+ * events, or whatever waited --event-flush-ms), one AppendEvents call in
+ * flight per session. A failed batch is retried as it was, same seqs, so the
+ * store's idempotency (session, seq) makes retries safe. While store-svc is
+ * down, events wait in a bounded buffer (--event-buffer); past it they are
+ * dropped, counted and logged. The evlog also owns the session's
+ * OpenSession (retried until the store answers) and, once the session is
+ * closed and every event is stored, EndSession and Summarize.
+ * Loop thread only. */
+#ifndef GW_EVLOG_H
+#define GW_EVLOG_H
+
+#include "convo/v1/store.pb-c.h"
+#include "gw.h"
+
+#include <stddef.h>
+
+typedef struct evlog evlog;
+
+/* The first answer to OpenSession: code RPC_OK with the response, or the
+ * error (RPC_UNAVAILABLE when the store could not be reached in time; the
+ * evlog keeps trying in the background). */
+typedef void (*evlog_open_fn)(void *arg, rpc_code code, const char *message,
+                              const Convo__V1__OpenSessionResponse *resp);
+/* The session is ended in the store (or given up on): the evlog may be
+ * destroyed. */
+typedef void (*evlog_closed_fn)(void *arg);
+
+/* Starts OpenSession at once; on_open fires once. */
+evlog *evlog_create(gw *g, const char *session_id, const char *user_id, evlog_open_fn on_open,
+                    void *arg);
+/* Queues an event (content copied). */
+void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t len);
+/* Ends the session after the last event is stored: EndSession, then
+ * Summarize (fire and forget), then on_closed. */
+void evlog_close(evlog *ev, evlog_closed_fn on_closed);
+/* Takes a closing session back (a reconnect within the grace period or
+ * before the events were flushed): it is not ended. */
+void evlog_reopen(evlog *ev);
+/* Events waiting (not yet stored). */
+size_t evlog_pending(const evlog *ev);
+/* Frees an evlog with no call in flight (after on_closed, or never
+ * opened); clears *ev. */
+void evlog_destroy(evlog **ev);
+/* Whether a call is in flight (destroying must wait). */
+int evlog_busy(const evlog *ev);
+
+#endif

@@ -1,0 +1,50 @@
+/* frame — the WebSocket wire format (DESIGN.md, seed-compatible).
+ *
+ * Client → server: {"message": "..."}, or any text that does not start with
+ * '{' (taken as the message, as the seed does), or {"type": "cancel"}.
+ * Server → client: token, tool_call, tool_result, done, error (the seed's
+ * frames, with added fields such as turn_id and code) and session (sent once
+ * after connecting). Every builder returns a NUL-terminated JSON text the
+ * caller frees with mem_free(), its length in *len. */
+#ifndef GW_FRAME_H
+#define GW_FRAME_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum frame_kind {
+    FRAME_MESSAGE, /* text: the user's message */
+    FRAME_CANCEL,  /* stop the answer being streamed */
+    FRAME_INVALID, /* code and error say why */
+} frame_kind;
+
+typedef struct frame_in {
+    frame_kind kind;
+    char *text;       /* FRAME_MESSAGE: owned, free with mem_free */
+    const char *code; /* FRAME_INVALID: machine-readable, e.g. "invalid_json" */
+    char error[200];  /* FRAME_INVALID: for people */
+} frame_in;
+
+/* Parses one complete text message from a client. Messages over
+ * max_message_bytes, empty or whitespace-only messages, invalid UTF-8,
+ * malformed JSON and unknown types are FRAME_INVALID. */
+void frame_parse(const char *data, size_t len, size_t max_message_bytes, frame_in *out);
+void frame_in_clear(frame_in *f);
+
+char *frame_token(const char *content, uint64_t turn_id, size_t *len);
+/* arguments_json is embedded as JSON when it parses, else as a string. */
+char *frame_tool_call(const char *tool, const char *call_id, const char *arguments_json,
+                      uint64_t turn_id, size_t *len);
+char *frame_tool_result(const char *tool, const char *call_id, const char *result_json,
+                        int is_error, uint64_t turn_id, size_t *len);
+/* status: "completed" or "cancelled"; finish_reason may be NULL. */
+char *frame_done(uint64_t turn_id, const char *status, const char *finish_reason, size_t *len);
+/* turn_id 0: not about a turn. */
+char *frame_error(const char *code, const char *content, uint64_t turn_id, size_t *len);
+/* The first frame of a connection. */
+char *frame_session(const char *session_id, const char *user_id, int resumed, int history_loaded,
+                    int64_t user_messages, size_t *len);
+/* A message was queued behind the answer being streamed. */
+char *frame_queued(uint64_t turn_id, size_t position, size_t *len);
+
+#endif

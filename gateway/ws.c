@@ -1,0 +1,258 @@
+#include "ws.h"
+
+#include "frame.h"
+#include "gw.h"
+#include "http.h"
+#include "log.h"
+#include "mem.h"
+#include "session.h"
+
+#include <libwebsockets.h>
+#include <string.h>
+
+#define WS_PATH_PREFIX "/ws/session/"
+#define ID_MAX         128
+
+typedef struct out_frame {
+    struct out_frame *next;
+    long charge;
+    size_t len;
+    unsigned char data[]; /* LWS_PRE bytes of room, then the frame */
+} out_frame;
+
+struct conn {
+    struct lws *wsi;
+    gw *g;
+    session *s;
+    out_frame *head, *tail;
+    size_t out_bytes;
+    char *rx; /* the message being reassembled */
+    size_t rx_len;
+    int closing;
+    int close_code;
+    char close_reason[64];
+};
+
+/* What libwebsockets keeps per connection: one of the two is set. */
+typedef struct pss {
+    conn *ws;
+    http_req *http;
+} pss;
+
+size_t ws_session_data_size(void)
+{
+    return sizeof(pss);
+}
+
+static int id_valid(const char *id)
+{
+    size_t n = strlen(id);
+    if (n == 0 || n > ID_MAX)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        char ch = id[i];
+        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+              ch == '.' || ch == '_' || ch == '-'))
+            return 0;
+    }
+    return 1;
+}
+
+static void enqueue(conn *c, char *frame, size_t len, long charge)
+{
+    out_frame *f = mem_alloc(sizeof *f + LWS_PRE + len);
+    f->next = NULL;
+    f->charge = charge;
+    f->len = len;
+    memcpy(f->data + LWS_PRE, frame, len);
+    mem_free(frame);
+    if (c->tail != NULL)
+        c->tail->next = f;
+    else
+        c->head = f;
+    c->tail = f;
+    c->out_bytes += len;
+    lws_callback_on_writable(c->wsi);
+}
+
+void conn_send(conn *c, char *frame, size_t len, long charge)
+{
+    if (c->closing) {
+        mem_free(frame);
+        if (c->s != NULL)
+            sess_on_sent(c->s, charge);
+        return;
+    }
+    enqueue(c, frame, len, charge);
+    /* A client that sends but never reads would grow this queue without
+     * bound (answers pause at --max-out-buffer-bytes; error frames do not). */
+    if (c->out_bytes > 4 * (size_t)c->g->opts.max_out_bytes + 65536 && c->s != NULL) {
+        session *s = c->s;
+        log_warn("closing a connection that does not read its frames (%zu bytes waiting)",
+                 c->out_bytes);
+        conn_close(c, 1008, "not_reading", "the connection does not read what is sent to it");
+        sess_detach(s, c);
+    }
+}
+
+void conn_close(conn *c, int code, const char *error_code, const char *reason)
+{
+    if (c->closing)
+        return;
+    size_t len;
+    char *f = frame_error(error_code, reason, 0, &len);
+    enqueue(c, f, len, 0);
+    c->closing = 1;
+    c->close_code = code;
+    snprintf(c->close_reason, sizeof c->close_reason, "%s", error_code);
+    c->s = NULL;
+    lws_callback_on_writable(c->wsi);
+}
+
+static void conn_free(conn *c)
+{
+    for (out_frame *f = c->head, *next; f != NULL; f = next) {
+        next = f->next;
+        if (c->s != NULL)
+            sess_on_sent(c->s, f->charge);
+        mem_free(f);
+    }
+    mem_free(c->rx);
+    mem_free(c);
+}
+
+/* A new WebSocket connection: check the path, ids and limits, then attach
+ * it to its session. */
+static void on_established(struct lws *wsi, pss *p)
+{
+    gw *g = gw_main;
+    conn *c = mem_calloc(1, sizeof *c);
+    c->wsi = wsi;
+    c->g = g;
+    p->ws = c;
+    long open = atomic_fetch_add(&g->counters.connections, 1) + 1;
+
+    char uri[512] = "";
+    char userarg[512] = "";
+    lws_hdr_copy(wsi, uri, sizeof uri, WSI_TOKEN_GET_URI);
+    const char *id = strncmp(uri, WS_PATH_PREFIX, strlen(WS_PATH_PREFIX)) == 0
+                         ? uri + strlen(WS_PATH_PREFIX)
+                         : NULL;
+    const char *user = lws_get_urlarg_by_name(wsi, "user_id=", userarg, sizeof userarg);
+    int has_user = user != NULL && user[0] != '\0';
+    if (open > g->opts.max_connections) {
+        atomic_fetch_add(&g->counters.refused, 1);
+        conn_close(c, WS_CLOSE_TRY_LATER, "too_many_connections",
+                   "the server is at its connection limit (--max-connections); try again later");
+    } else if (id == NULL || !id_valid(id)) {
+        atomic_fetch_add(&g->counters.refused, 1);
+        conn_close(c, WS_CLOSE_BAD_SESSION, "invalid_session_id",
+                   "connect to /ws/session/{session_id} with a session id of 1 to 128 "
+                   "characters from A-Z a-z 0-9 . _ -");
+    } else if (has_user && !id_valid(user)) {
+        atomic_fetch_add(&g->counters.refused, 1);
+        conn_close(c, WS_CLOSE_BAD_SESSION, "invalid_user_id",
+                   "user_id must be 1 to 128 characters from A-Z a-z 0-9 . _ -");
+    } else {
+        /* Without a user_id the session id stands in for it, as in the seed. */
+        c->s = sess_attach(g, c, id, has_user ? user : id);
+    }
+}
+
+static int on_writeable(struct lws *wsi, conn *c)
+{
+    out_frame *f = c->head;
+    if (f != NULL) {
+        c->head = f->next;
+        if (c->head == NULL)
+            c->tail = NULL;
+        c->out_bytes -= f->len;
+        int n = lws_write(wsi, f->data + LWS_PRE, f->len, LWS_WRITE_TEXT);
+        long charge = f->charge;
+        mem_free(f);
+        if (c->s != NULL)
+            sess_on_sent(c->s, charge);
+        if (n < 0)
+            return -1;
+        if (c->head != NULL) {
+            lws_callback_on_writable(wsi);
+            return 0;
+        }
+    }
+    if (c->closing) {
+        lws_close_reason(wsi, (enum lws_close_status)c->close_code,
+                         (unsigned char *)c->close_reason, strlen(c->close_reason));
+        return -1;
+    }
+    return 0;
+}
+
+static int on_receive(struct lws *wsi, conn *c, const char *in, size_t len)
+{
+    if (c->closing || c->s == NULL)
+        return 0;
+    if (lws_frame_is_binary(wsi)) {
+        session *s = c->s;
+        conn_close(c, WS_CLOSE_UNSUPPORTED, "binary_frame",
+                   "binary frames are not accepted; send JSON text frames");
+        sess_detach(s, c);
+        return 0;
+    }
+    if (c->rx_len + len > (size_t)c->g->opts.max_frame_bytes) {
+        session *s = c->s;
+        char reason[128];
+        snprintf(reason, sizeof reason, "a message is larger than the limit of %lld bytes",
+                 c->g->opts.max_frame_bytes);
+        conn_close(c, WS_CLOSE_TOO_BIG, "frame_too_big", reason);
+        sess_detach(s, c);
+        return 0;
+    }
+    c->rx = mem_realloc(c->rx, c->rx_len + len + 1);
+    memcpy(c->rx + c->rx_len, in, len);
+    c->rx_len += len;
+    if (lws_is_final_fragment(wsi) && lws_remaining_packet_payload(wsi) == 0) {
+        size_t n = c->rx_len;
+        c->rx_len = 0;
+        sess_on_text(c->s, c->rx, n);
+    }
+    return 0;
+}
+
+int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in, size_t len)
+{
+    pss *p = user;
+    switch (reason) {
+    case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
+        bridge_drain(gw_main->bridge);
+        return 0;
+    case LWS_CALLBACK_ESTABLISHED:
+        on_established(wsi, p);
+        return 0;
+    case LWS_CALLBACK_RECEIVE:
+        return p->ws != NULL ? on_receive(wsi, p->ws, in, len) : -1;
+    case LWS_CALLBACK_SERVER_WRITEABLE:
+        return p->ws != NULL ? on_writeable(wsi, p->ws) : 0;
+    case LWS_CALLBACK_CLOSED:
+        if (p->ws != NULL) {
+            conn *c = p->ws;
+            p->ws = NULL;
+            if (c->s != NULL)
+                sess_detach(c->s, c);
+            conn_free(c);
+            atomic_fetch_sub(&gw_main->counters.connections, 1);
+        }
+        return 0;
+    case LWS_CALLBACK_HTTP:
+        return http_on_request(wsi, &p->http, (const char *)in);
+    case LWS_CALLBACK_HTTP_WRITEABLE:
+        return http_on_writeable(wsi, p->http);
+    case LWS_CALLBACK_HTTP_FILE_COMPLETION:
+        return lws_http_transaction_completed(wsi) ? -1 : 0;
+    case LWS_CALLBACK_CLOSED_HTTP:
+        http_on_closed(&p->http);
+        return 0;
+    default:
+        break;
+    }
+    return lws_callback_http_dummy(wsi, reason, user, in, len);
+}

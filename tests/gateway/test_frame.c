@@ -1,0 +1,154 @@
+/* frame: client frames (seed-compatible), their errors, and server frames. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+#include <json-c/json.h>
+#include <string.h>
+
+#include "frame.h"
+#include "mem.h"
+
+static frame_in parse(const char *s)
+{
+    frame_in f;
+    frame_parse(s, strlen(s), 100, &f);
+    return f;
+}
+
+static void message_object(void **state)
+{
+    frame_in f = parse("{\"message\": \"Hello \\u00e9\"}");
+    assert_int_equal(f.kind, FRAME_MESSAGE);
+    assert_string_equal(f.text, "Hello \xc3\xa9");
+    frame_in_clear(&f);
+    f = parse("  {\"type\":\"message\",\"message\":\"x\"}  ");
+    assert_int_equal(f.kind, FRAME_MESSAGE);
+    assert_string_equal(f.text, "x");
+    frame_in_clear(&f);
+}
+
+static void plain_text_is_the_message(void **state)
+{
+    frame_in f = parse("what is python?");
+    assert_int_equal(f.kind, FRAME_MESSAGE);
+    assert_string_equal(f.text, "what is python?");
+    frame_in_clear(&f);
+    f = parse("[1,2]"); /* not an object: plain text, as the seed does */
+    assert_int_equal(f.kind, FRAME_MESSAGE);
+    frame_in_clear(&f);
+}
+
+static void cancel(void **state)
+{
+    frame_in f = parse("{\"type\":\"cancel\"}");
+    assert_int_equal(f.kind, FRAME_CANCEL);
+}
+
+static void assert_invalid(const char *text, size_t len, const char *code)
+{
+    frame_in f;
+    frame_parse(text, len, 100, &f);
+    assert_int_equal(f.kind, FRAME_INVALID);
+    assert_string_equal(f.code, code);
+    assert_true(strlen(f.error) > 10);
+    assert_null(f.text);
+}
+
+static void errors(void **state)
+{
+    assert_invalid("{bad", 4, "invalid_json");
+    assert_invalid("{\"message\":\"x\"} trailing", 24, "invalid_json");
+    assert_invalid("{\"msg\":\"x\"}", 11, "missing_message");
+    assert_invalid("{\"message\":42}", 14, "missing_message");
+    assert_invalid("{\"message\":\"   \"}", 17, "empty_message");
+    assert_invalid("   ", 3, "empty_message");
+    assert_invalid("", 0, "empty_message");
+    assert_invalid("{\"type\":\"dance\"}", 16, "unknown_type");
+    assert_invalid("{\"type\":7}", 10, "invalid_type");
+    assert_invalid("caf\xc3", 4, "invalid_utf8");
+    assert_invalid("a\0b", 3, "invalid_text");
+    char big[200];
+    memset(big, 'a', sizeof big);
+    assert_invalid(big, sizeof big, "message_too_long");
+    char json[220] = "{\"message\":\"";
+    memset(json + 12, 'b', 150);
+    strcpy(json + 162, "\"}");
+    assert_invalid(json, strlen(json), "message_too_long");
+}
+
+/* Arguments are evaluated in any order: the frame is built first. */
+#define DECODE(call) (frame_text = (call), decode(frame_text, len))
+static char *frame_text;
+
+static json_object *decode(char *text, size_t len)
+{
+    assert_int_equal(strlen(text), len);
+    json_object *o = json_tokener_parse(text);
+    assert_non_null(o);
+    mem_free(text);
+    return o;
+}
+
+static const char *str(json_object *o, const char *key)
+{
+    json_object *v;
+    assert_true(json_object_object_get_ex(o, key, &v));
+    return json_object_get_string(v);
+}
+
+static void server_frames(void **state)
+{
+    size_t len;
+    json_object *o = DECODE(frame_token("tok \"q\" /", 3, &len));
+    assert_string_equal(str(o, "type"), "token");
+    assert_string_equal(str(o, "content"), "tok \"q\" /");
+    assert_string_equal(str(o, "turn_id"), "3");
+    json_object_put(o);
+
+    o = DECODE(
+        frame_tool_call("fetch_internal_knowledge", "call_1", "{\"topic\":\"python\"}", 1, &len));
+    json_object *args;
+    assert_true(json_object_object_get_ex(o, "arguments", &args));
+    assert_true(json_object_is_type(args, json_type_object));
+    assert_string_equal(str(args, "topic"), "python");
+    assert_string_equal(str(o, "tool"), "fetch_internal_knowledge");
+    json_object_put(o);
+
+    o = DECODE(frame_tool_call("t", "c", "not json", 1, &len));
+    assert_string_equal(str(o, "arguments"), "not json");
+    json_object_put(o);
+
+    o = DECODE(frame_tool_result("t", "c", "{\"error\":\"boom\"}", 1, 2, &len));
+    json_object *res;
+    assert_true(json_object_object_get_ex(o, "result", &res));
+    assert_string_equal(str(res, "error"), "boom");
+    assert_string_equal(str(o, "is_error"), "true");
+    json_object_put(o);
+
+    o = DECODE(frame_done(4, "cancelled", NULL, &len));
+    assert_string_equal(str(o, "type"), "done");
+    assert_string_equal(str(o, "status"), "cancelled");
+    json_object_put(o);
+
+    o = DECODE(frame_error("queue_full", "wait", 0, &len));
+    assert_string_equal(str(o, "content"), "wait");
+    assert_string_equal(str(o, "code"), "queue_full");
+    assert_false(json_object_object_get_ex(o, "turn_id", NULL));
+    json_object_put(o);
+
+    o = DECODE(frame_session("s1", "u1", 1, 1, 7, &len));
+    assert_string_equal(str(o, "message_count"), "7");
+    assert_string_equal(str(o, "resumed"), "true");
+    json_object_put(o);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(message_object), cmocka_unit_test(plain_text_is_the_message),
+        cmocka_unit_test(cancel),         cmocka_unit_test(errors),
+        cmocka_unit_test(server_frames),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
