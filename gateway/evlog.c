@@ -24,6 +24,7 @@ typedef enum call_kind { CALL_OPEN, CALL_APPEND, CALL_END } call_kind;
 
 struct evlog {
     lws_sorted_usec_list_t timer; /* first: lws hands the sul back */
+    lws_sorted_usec_list_t closed_timer;
     gw *g;
     char *session_id;
     char *user_id;
@@ -58,6 +59,20 @@ typedef struct reply {
 } reply;
 
 static void pump(evlog *ev);
+
+/* on_closed may free the evlog, so it never runs inside the evlog's own
+ * call chain: it is fired from the loop, on a timer of its own. */
+static void on_closed_timer(lws_sorted_usec_list_t *sul)
+{
+    evlog *ev = lws_container_of(sul, evlog, closed_timer);
+    ev->on_closed(ev->arg);
+}
+
+static void fire_closed(evlog *ev)
+{
+    ev->closed_fired = 1;
+    lws_sul_schedule(ev->g->ctx, 0, &ev->closed_timer, on_closed_timer, 1);
+}
 
 static int64_t now_us(void)
 {
@@ -337,10 +352,8 @@ static void pump(evlog *ev)
     if (ev->busy || ev->timer_armed || ev->closed_fired)
         return;
     if (ev->refused) {
-        if (ev->closing) {
-            ev->closed_fired = 1;
-            ev->on_closed(ev->arg);
-        }
+        if (ev->closing)
+            fire_closed(ev);
         return;
     }
     if (ev->closing && !ev->ended && ev->g->opts.event_retry_ms > 0 &&
@@ -360,8 +373,7 @@ static void pump(evlog *ev)
     } else if (ev->closing && ev->ended) {
         if (waiting(ev) == 0 && ev->dropped == 0)
             summarize(ev);
-        ev->closed_fired = 1;
-        ev->on_closed(ev->arg);
+        fire_closed(ev);
     }
 }
 
@@ -435,6 +447,7 @@ void evlog_close(evlog *ev, evlog_closed_fn on_closed)
 
 void evlog_reopen(evlog *ev)
 {
+    lws_sul_cancel(&ev->closed_timer);
     ev->closing = 0;
     ev->closed_fired = 0;
     if (ev->ended) {
@@ -461,6 +474,7 @@ void evlog_destroy(evlog **evp)
         return;
     *evp = NULL;
     lws_sul_cancel(&ev->timer);
+    lws_sul_cancel(&ev->closed_timer);
     size_t left = waiting(ev);
     if (left > 0)
         drop_events(ev, left, "the gateway is stopping");

@@ -20,9 +20,8 @@ typedef enum route {
     ROUTE_SUMMARY,
 } route;
 
-struct http_req {
+typedef struct http_req {
     struct lws *wsi; /* NULL once the client is gone */
-    http_req **slot;
     route route;
     int pending; /* gRPC calls not yet answered */
     int status;
@@ -34,7 +33,7 @@ struct http_req {
     const char *service_addrs[SERVICES];
     int service_status[SERVICES]; /* health status, or -1 unreachable */
     char service_error[SERVICES][96];
-};
+} http_req;
 
 static const char *const health_names[] = {"UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"};
 
@@ -75,8 +74,9 @@ static int req_alive(http_req *req)
     return 0;
 }
 
-int http_on_writeable(struct lws *wsi, http_req *req)
+int http_on_writeable(struct lws *wsi)
 {
+    http_req *req = lws_get_opaque_user_data(wsi);
     if (req == NULL || req->body == NULL)
         return 0;
     unsigned char hdr[LWS_PRE + 512];
@@ -94,7 +94,7 @@ int http_on_writeable(struct lws *wsi, http_req *req)
         return -1;
     /* The connection may carry another request (keep-alive): this one is
      * done. */
-    *req->slot = NULL;
+    lws_set_opaque_user_data(wsi, NULL);
     req_free(req);
     return lws_http_transaction_completed(wsi) ? -1 : 0;
 }
@@ -407,7 +407,7 @@ static int serve_file(struct lws *wsi, const char *rel)
     return 0;
 }
 
-int http_on_request(struct lws *wsi, http_req **slot, const char *uri)
+int http_on_request(struct lws *wsi, const char *uri)
 {
     if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) <= 0)
         return lws_return_http_status(wsi, 405, "only GET is served") ? -1 : 0;
@@ -422,8 +422,7 @@ int http_on_request(struct lws *wsi, http_req **slot, const char *uri)
 
     http_req *req = mem_calloc(1, sizeof *req);
     req->wsi = wsi;
-    req->slot = slot;
-    *slot = req;
+    lws_set_opaque_user_data(wsi, req);
 
     const char *prefix = "/api/sessions/";
     if (strcmp(uri, "/") == 0) {
@@ -458,12 +457,12 @@ int http_on_request(struct lws *wsi, http_req **slot, const char *uri)
     return 0;
 }
 
-void http_on_closed(http_req **slot)
+void http_on_closed(struct lws *wsi)
 {
-    http_req *req = *slot;
+    http_req *req = lws_get_opaque_user_data(wsi);
     if (req == NULL)
         return;
-    *slot = NULL;
+    lws_set_opaque_user_data(wsi, NULL);
     req->wsi = NULL;
     if (req->pending == 0)
         req_free(req);

@@ -13,14 +13,14 @@
 #define GW_HTTP_H
 
 struct lws;
-typedef struct http_req http_req;
 
-/* LWS_CALLBACK_HTTP; *slot is the connection's request pointer. */
-int http_on_request(struct lws *wsi, http_req **slot, const char *uri);
+/* LWS_CALLBACK_HTTP. The request rides on the connection's opaque user
+ * data (libwebsockets gives HTTP connections no per-session data). */
+int http_on_request(struct lws *wsi, const char *uri);
 /* LWS_CALLBACK_HTTP_WRITEABLE. */
-int http_on_writeable(struct lws *wsi, http_req *req);
+int http_on_writeable(struct lws *wsi);
 /* LWS_CALLBACK_CLOSED_HTTP: forgets the connection; a request still
  * waiting for gRPC answers is freed when they arrive. */
-void http_on_closed(http_req **slot);
+void http_on_closed(struct lws *wsi);
 
 #endif

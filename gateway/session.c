@@ -737,8 +737,9 @@ session *sess_attach(gw *g, conn *c, const char *id, const char *user_id)
             s->end_timer_armed = 0;
         }
         if (s->ending) {
+            /* Back before the session was ended in the store: it is not
+             * (the evlog still holds its reference). */
             s->ending = 0;
-            s->refs++;
             evlog_reopen(s->log);
         }
         s->resumed = 1;

@@ -33,10 +33,9 @@ struct conn {
     char close_reason[64];
 };
 
-/* What libwebsockets keeps per connection: one of the two is set. */
+/* What libwebsockets keeps per WebSocket connection. */
 typedef struct pss {
     conn *ws;
-    http_req *http;
 } pss;
 
 size_t ws_session_data_size(void)
@@ -243,13 +242,13 @@ int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, v
         }
         return 0;
     case LWS_CALLBACK_HTTP:
-        return http_on_request(wsi, &p->http, (const char *)in);
+        return http_on_request(wsi, (const char *)in);
     case LWS_CALLBACK_HTTP_WRITEABLE:
-        return http_on_writeable(wsi, p->http);
+        return http_on_writeable(wsi);
     case LWS_CALLBACK_HTTP_FILE_COMPLETION:
         return lws_http_transaction_completed(wsi) ? -1 : 0;
     case LWS_CALLBACK_CLOSED_HTTP:
-        http_on_closed(&p->http);
+        http_on_closed(wsi);
         return 0;
     default:
         break;

@@ -1,0 +1,124 @@
+/* llm-svc — serves convo.v1.Llm: talks to an OpenAI-compatible model
+ * (OPENAI_BASE_URL; the offline model for offline runs and tests) and runs
+ * the tools, round after round. */
+#include "cli.h"
+#include "conf.h"
+#include "kb.h"
+#include "llm.h"
+#include "log.h"
+#include "mem.h"
+#include "srv.h"
+#include "tools.h"
+#include "upstream.h"
+
+#include <stdio.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#ifndef LLM_KNOWLEDGE_DIR
+#define LLM_KNOWLEDGE_DIR "knowledge"
+#endif
+
+#define MAIN_OPTS(X, S)                                                                            \
+    X(S, listen, STR, "listen", "LISTEN_ADDR", "0.0.0.0:50052", "HOST:PORT to serve gRPC on")      \
+    X(S, store, STR, "store", "STORE_ADDR", "127.0.0.1:50053",                                     \
+      "store-svc, for lookup_contextual_data")                                                     \
+    X(S, knowledge_dir, STR, "knowledge-dir", "KNOWLEDGE_DIR", LLM_KNOWLEDGE_DIR,                  \
+      "the folder of Markdown/text documents fetch_internal_knowledge searches")                   \
+    X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
+CONF_DECLARE(main_opts, MAIN_OPTS)
+
+/* Every upstream stream holds a socket: 1,000 streams need more than the
+ * usual soft limit of 1,024 descriptors. */
+static void raise_fd_limit(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    main_opts mo = {0};
+    llm_opts lo = {0};
+    upstream_opts uo = {0};
+    srv_opts so = {0};
+    const conf_section secs[] = {
+        CONF_SECTION(main_opts, &mo),
+        CONF_SECTION(llm_opts, &lo),
+        CONF_SECTION(upstream_opts, &uo),
+        CONF_SECTION(srv_opts, &so),
+    };
+    const size_t nsecs = sizeof secs / sizeof secs[0];
+    kb *k = NULL;
+    tools *t = NULL;
+    cli *c = NULL;
+    upstream *u = NULL;
+    llm *l = NULL;
+    srv *server = NULL;
+    char err[256];
+    int status = 2;
+
+    srv_block_signals();
+    int rc = conf_parse(argc, argv, "llm-svc",
+                        "streams answers from an OpenAI-compatible model and runs its tools", secs,
+                        nsecs);
+    if (rc != 0) {
+        status = rc > 0 ? 0 : 2;
+        goto out;
+    }
+    int level = log_level_parse(mo.log_level);
+    if (level < 0) {
+        fprintf(stderr, "llm-svc: --log-level: '%s' is not debug, info, warn or error\n",
+                mo.log_level);
+        goto out;
+    }
+    if (lo.max_rounds < 1) {
+        fprintf(stderr, "llm-svc: --max-rounds must be at least 1\n");
+        goto out;
+    }
+    log_init("llm-svc", (log_level)level);
+    raise_fd_limit();
+    status = 1;
+    if (kb_load(mo.knowledge_dir, &k, err, sizeof err) != 0) {
+        log_error("knowledge base: %s", err);
+        goto out;
+    }
+    c = cli_create(1, so.max_message_bytes);
+    t = tools_create();
+    if (tool_knowledge_register(t, k) != 0 ||
+        tool_context_register(t, cli_channel_create(c, mo.store, 0), lo.tool_timeout_ms) != 0) {
+        log_error("cannot register the tools");
+        goto out;
+    }
+    u = upstream_create(&uo);
+    if (u == NULL) {
+        log_error("cannot start the upstream loop (libcurl)");
+        goto out;
+    }
+    l = llm_create(&lo, u, t);
+    server = srv_create("llm-svc", mo.listen, &so);
+    if (llm_register(server, l) != 0)
+        goto out;
+    if (srv_start(server) != 0)
+        goto out;
+    log_info("upstream %s, model %s%s, %zu knowledge passages from %s, store %s", lo.base_url,
+             lo.model, lo.api_key[0] ? "" : " (no API key)", kb_passages(k), mo.knowledge_dir,
+             mo.store);
+    srv_run(server);
+    status = 0;
+out:
+    if (server != NULL)
+        srv_destroy(&server);
+    /* The server is gone, so nothing starts new upstream requests. */
+    upstream_destroy(&u);
+    if (c != NULL)
+        cli_destroy(&c);
+    llm_destroy(&l);
+    tools_destroy(&t);
+    kb_destroy(&k);
+    conf_free(secs, nsecs);
+    return status;
+}

@@ -1,0 +1,502 @@
+#include "upstream.h"
+
+#include "log.h"
+#include "mem.h"
+#include "rpc.h"
+
+#include <curl/curl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+/* Commands from other threads, as bits on the request. */
+#define CMD_START  1
+#define CMD_CANCEL 2
+#define CMD_RESUME 4
+
+struct upstream_req {
+    upstream *u;
+    upstream_cbs cbs;
+    void *arg;
+    char *url, *body, *auth, *request_id;
+    int stream;
+    int64_t deadline_ms;
+    /* Under u->mu. */
+    int cmd_bits, queued, dead;
+    upstream_req *cmd_next;
+    /* Loop thread only from here on. */
+    upstream_req *prev, *next; /* the active list */
+    CURL *easy;
+    struct curl_slist *headers;
+    char errbuf[CURL_ERROR_SIZE];
+    int attempts, delivered, got_first_byte, paused, stop_requested;
+    long status;
+    long retry_after_ms;
+    int64_t last_activity_ms, retry_due_ms; /* retry_due_ms != 0: waiting to retry */
+    char *errbody;
+    size_t errlen;
+};
+
+struct upstream {
+    upstream_opts o;
+    CURLM *multi;
+    pthread_t thread;
+    pthread_mutex_t mu;
+    upstream_req *cmds;   /* under mu */
+    size_t count;         /* requests alive, under mu */
+    int stopping;         /* under mu */
+    upstream_req *active; /* loop only */
+    int64_t last_scan_ms;
+};
+
+static void req_free(upstream_req *r)
+{
+    mem_free(r->url);
+    mem_free(r->body);
+    mem_free(r->auth);
+    mem_free(r->request_id);
+    mem_free(r->errbody);
+    mem_free(r);
+}
+
+/* Pushes a command; the loop picks it up at its next wakeup. */
+static void push_cmd(upstream_req *r, int bit)
+{
+    upstream *u = r->u;
+    pthread_mutex_lock(&u->mu);
+    r->cmd_bits |= bit;
+    if (!r->queued) {
+        r->queued = 1;
+        r->cmd_next = u->cmds;
+        u->cmds = r;
+    }
+    pthread_mutex_unlock(&u->mu);
+    curl_multi_wakeup(u->multi);
+}
+
+static void detach_easy(upstream_req *r)
+{
+    if (r->easy != NULL) {
+        /* Removing an unfinished transfer closes its connection: the
+         * upstream sees the client leave and stops generating. */
+        curl_multi_remove_handle(r->u->multi, r->easy);
+        curl_easy_cleanup(r->easy);
+        r->easy = NULL;
+    }
+    curl_slist_free_all(r->headers);
+    r->headers = NULL;
+}
+
+/* Ends a request: on_done, then free (or leave it to the command pass when
+ * a command still points at it). */
+static void finish(upstream_req *r, upstream_result result, const char *message)
+{
+    upstream *u = r->u;
+    detach_easy(r);
+    if (r->prev)
+        r->prev->next = r->next;
+    else if (u->active == r)
+        u->active = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    r->prev = r->next = NULL;
+    if (r->errbody != NULL)
+        r->errbody[r->errlen] = '\0';
+    upstream_done_info info = {
+        .result = result,
+        .status = r->status,
+        .message = message ? message : "",
+        .attempts = r->attempts,
+        .delivered = r->delivered,
+    };
+    r->cbs.on_done(r->arg, &info);
+    pthread_mutex_lock(&u->mu);
+    u->count--;
+    int keep = r->queued;
+    r->dead = 1;
+    pthread_mutex_unlock(&u->mu);
+    if (!keep)
+        req_free(r);
+}
+
+static int64_t now_ms(void)
+{
+    return rpc_now_ms();
+}
+
+static size_t on_write(char *p, size_t sz, size_t n, void *ud)
+{
+    upstream_req *r = ud;
+    size_t len = sz * n;
+    r->last_activity_ms = now_ms();
+    r->got_first_byte = 1;
+    if (r->status == 0)
+        curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &r->status);
+    if (r->status < 200 || r->status >= 300) {
+        /* An error answer: keep its start for the message, bounded. */
+        size_t room = (size_t)r->u->o.max_error_body - r->errlen;
+        size_t take = len < room ? len : room;
+        if (r->errbody == NULL)
+            r->errbody = mem_alloc((size_t)r->u->o.max_error_body + 1);
+        memcpy(r->errbody + r->errlen, p, take);
+        r->errlen += take;
+        return len;
+    }
+    r->delivered = 1;
+    int rc = r->cbs.on_data(r->arg, p, len);
+    if (rc < 0) {
+        r->stop_requested = 1;
+        return 0; /* curl ends the transfer with a write error */
+    }
+    if (rc == 1 && !r->paused) {
+        /* The data was consumed; only what comes next waits. */
+        r->paused = 1;
+        curl_easy_pause(r->easy, CURLPAUSE_RECV);
+    }
+    return len;
+}
+
+static size_t on_header(char *p, size_t sz, size_t n, void *ud)
+{
+    upstream_req *r = ud;
+    size_t len = sz * n;
+    r->last_activity_ms = now_ms();
+    r->got_first_byte = 1;
+    if (len > 15 && strncasecmp(p, "retry-after-ms:", 15) == 0) {
+        r->retry_after_ms = strtol(p + 15, NULL, 10);
+    } else if (len > 12 && strncasecmp(p, "retry-after:", 12) == 0 && r->retry_after_ms < 0) {
+        /* Seconds; an HTTP-date form parses as 0 and means "soon". */
+        r->retry_after_ms = strtol(p + 12, NULL, 10) * 1000;
+    } else if (len >= 5 && strncmp(p, "HTTP/", 5) == 0) {
+        r->retry_after_ms = -1; /* a new response (after a 100 Continue) */
+    }
+    return len;
+}
+
+static void attempt(upstream_req *r)
+{
+    upstream *u = r->u;
+    r->attempts++;
+    r->status = 0;
+    r->errlen = 0;
+    r->retry_after_ms = -1;
+    r->got_first_byte = 0;
+    r->retry_due_ms = 0;
+    r->errbuf[0] = '\0';
+    r->last_activity_ms = now_ms();
+    CURL *e = curl_easy_init();
+    r->easy = e;
+    r->headers = curl_slist_append(NULL, "Content-Type: application/json");
+    r->headers = curl_slist_append(r->headers, r->stream ? "Accept: text/event-stream"
+                                                         : "Accept: application/json");
+    if (r->auth != NULL)
+        r->headers = curl_slist_append(r->headers, r->auth);
+    if (r->request_id != NULL)
+        r->headers = curl_slist_append(r->headers, r->request_id);
+    curl_easy_setopt(e, CURLOPT_URL, r->url);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDS, r->body);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE, (long)strlen(r->body));
+    curl_easy_setopt(e, CURLOPT_HTTPHEADER, r->headers);
+    curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_write);
+    curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
+    curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(e, CURLOPT_HEADERDATA, r);
+    curl_easy_setopt(e, CURLOPT_PRIVATE, r);
+    curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
+    curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)u->o.connect_timeout_ms);
+    curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+    curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
+    /* HTTP/2 over TLS multiplexes many streams on one connection. */
+    curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
+    curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
+    curl_easy_setopt(e, CURLOPT_USERAGENT, "convo-llm-svc/" CONVO_VERSION);
+    curl_multi_add_handle(u->multi, e);
+}
+
+/* Retries when allowed (nothing delivered, attempts and deadline left),
+ * else ends the request with `result`. */
+static void retry_or_finish(upstream_req *r, upstream_result result, const char *message)
+{
+    upstream *u = r->u;
+    int64_t now = now_ms();
+    if (!r->delivered && r->attempts < u->o.max_attempts) {
+        int64_t delay;
+        int from_header = r->retry_after_ms >= 0;
+        if (from_header) {
+            delay = r->retry_after_ms;
+        } else {
+            /* Exponential backoff with jitter in [d/2, d], so that many
+             * streams refused at once do not come back at once. */
+            int64_t d = u->o.backoff_base_ms << (r->attempts - 1 < 20 ? r->attempts - 1 : 20);
+            if (d > u->o.backoff_max_ms)
+                d = u->o.backoff_max_ms;
+            delay = d / 2 + (d > 1 ? random() % (d / 2 + 1) : 0);
+        }
+        int fits = delay <= u->o.backoff_max_ms &&
+                   (r->deadline_ms == 0 || now + delay + 50 < r->deadline_ms);
+        if (fits) {
+            log_info("upstream attempt %d failed (%s%s%ld), retrying in %lld ms", r->attempts,
+                     message ? message : "", r->status ? ", HTTP " : "", r->status,
+                     (long long)delay);
+            detach_easy(r);
+            r->retry_due_ms = now + (delay > 0 ? delay : 1);
+            return;
+        }
+    }
+    finish(r, result, message);
+}
+
+static void on_complete(upstream_req *r, CURLcode res)
+{
+    if (r->status == 0 && r->easy)
+        curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &r->status);
+    if (r->stop_requested) {
+        finish(r, UPSTREAM_STOPPED, "stopped by the consumer");
+        return;
+    }
+    if (res == CURLE_OK) {
+        if (r->status >= 200 && r->status < 300) {
+            finish(r, UPSTREAM_OK, NULL);
+            return;
+        }
+        if (r->errbody != NULL)
+            r->errbody[r->errlen] = '\0';
+        const char *msg = r->errbody ? r->errbody : "";
+        if (r->status == 429 || r->status == 408 || r->status >= 500)
+            retry_or_finish(r, UPSTREAM_HTTP, msg);
+        else
+            finish(r, UPSTREAM_HTTP, msg);
+        return;
+    }
+    const char *msg = r->errbuf[0] ? r->errbuf : curl_easy_strerror(res);
+    switch (res) {
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_RESOLVE_PROXY:
+    case CURLE_SSL_CONNECT_ERROR:
+        retry_or_finish(r, UPSTREAM_CONNECT, msg);
+        return;
+    case CURLE_OPERATION_TIMEDOUT:
+        finish(r, UPSTREAM_TIMEOUT, msg);
+        return;
+    default:
+        /* Broken before anything reached the consumer: safe to retry. */
+        if (!r->delivered)
+            retry_or_finish(r, UPSTREAM_DROPPED, msg);
+        else
+            finish(r, UPSTREAM_DROPPED, msg);
+    }
+}
+
+/* Retries that are due, first-byte and idle timeouts. Returns the ms until
+ * the next thing due (capped). */
+static long scan(upstream *u, int64_t now)
+{
+    long wait = 1000;
+    for (upstream_req *r = u->active, *next; r != NULL; r = next) {
+        next = r->next;
+        if (r->retry_due_ms != 0) {
+            if (now >= r->retry_due_ms)
+                attempt(r);
+            else if (r->retry_due_ms - now < wait)
+                wait = (long)(r->retry_due_ms - now);
+            continue;
+        }
+        if (r->paused)
+            continue; /* our consumer is slow, not the upstream */
+        int64_t limit = r->got_first_byte ? u->o.idle_timeout_ms : u->o.first_byte_timeout_ms;
+        int64_t due = r->last_activity_ms + limit;
+        if (now >= due) {
+            char msg[96];
+            snprintf(msg, sizeof msg, "%s %lld ms",
+                     r->got_first_byte ? "no data for" : "no answer within", (long long)limit);
+            finish(r, UPSTREAM_TIMEOUT, msg);
+        } else if (due - now < wait) {
+            wait = (long)(due - now);
+        }
+    }
+    return wait;
+}
+
+static void *loop_main(void *arg)
+{
+    upstream *u = arg;
+    for (;;) {
+        pthread_mutex_lock(&u->mu);
+        upstream_req *cmds = u->cmds;
+        u->cmds = NULL;
+        int stopping = u->stopping;
+        /* Move the command bits out under the lock; act on them outside. */
+        for (upstream_req *r = cmds; r != NULL; r = r->cmd_next) {
+            r->queued = 0;
+            int bits = r->cmd_bits;
+            r->cmd_bits = 0;
+            r->cmd_bits = bits << 8; /* loop-owned copy in the high bits */
+        }
+        pthread_mutex_unlock(&u->mu);
+        for (upstream_req *r = cmds, *next; r != NULL; r = next) {
+            next = r->cmd_next;
+            int bits = r->cmd_bits >> 8;
+            r->cmd_bits = 0;
+            if (r->dead) {
+                req_free(r); /* ended while a command was on its way */
+                continue;
+            }
+            if (bits & CMD_START) {
+                r->next = u->active;
+                if (u->active)
+                    u->active->prev = r;
+                u->active = r;
+                if (!(bits & CMD_CANCEL))
+                    attempt(r);
+            }
+            if (bits & CMD_CANCEL) {
+                finish(r, UPSTREAM_CANCELLED, "cancelled");
+            } else if ((bits & CMD_RESUME) && r->paused) {
+                r->paused = 0;
+                r->last_activity_ms = now_ms();
+                if (r->easy)
+                    curl_easy_pause(r->easy, CURLPAUSE_CONT);
+            }
+        }
+        if (stopping) {
+            while (u->active != NULL)
+                finish(u->active, UPSTREAM_CANCELLED, "shutting down");
+            break;
+        }
+        int running = 0;
+        curl_multi_perform(u->multi, &running);
+        CURLMsg *m;
+        int left;
+        while ((m = curl_multi_info_read(u->multi, &left)) != NULL) {
+            if (m->msg != CURLMSG_DONE)
+                continue;
+            upstream_req *r = NULL;
+            curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&r);
+            on_complete(r, m->data.result);
+        }
+        int64_t now = now_ms();
+        long wait = 1000;
+        if (u->active != NULL) {
+            /* Scanning is O(streams): at most every 10 ms. */
+            if (now - u->last_scan_ms >= 10) {
+                u->last_scan_ms = now;
+                wait = scan(u, now);
+            } else {
+                wait = 10;
+            }
+        }
+        long ct = -1;
+        curl_multi_timeout(u->multi, &ct);
+        if (ct >= 0 && ct < wait)
+            wait = ct;
+        curl_multi_poll(u->multi, NULL, 0, (int)(wait > 0 ? wait : 0), NULL);
+    }
+    return NULL;
+}
+
+static void global_init(void)
+{
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+}
+
+upstream *upstream_create(const upstream_opts *o)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, global_init);
+    upstream *u = mem_calloc(1, sizeof *u);
+    u->o = *o;
+    if (u->o.max_attempts < 1)
+        u->o.max_attempts = 1;
+    u->multi = curl_multi_init();
+    if (u->multi == NULL) {
+        mem_free(u);
+        return NULL;
+    }
+    curl_multi_setopt(u->multi, CURLMOPT_PIPELINING, CURLPIPE_MULTIPLEX);
+    pthread_mutex_init(&u->mu, NULL);
+    if (pthread_create(&u->thread, NULL, loop_main, u) != 0) {
+        curl_multi_cleanup(u->multi);
+        mem_free(u);
+        return NULL;
+    }
+    return u;
+}
+
+void upstream_destroy(upstream **up)
+{
+    if (up == NULL || *up == NULL)
+        return;
+    upstream *u = *up;
+    pthread_mutex_lock(&u->mu);
+    u->stopping = 1;
+    pthread_mutex_unlock(&u->mu);
+    curl_multi_wakeup(u->multi);
+    pthread_join(u->thread, NULL);
+    /* Requests started after the loop stopped never ran: end them too. */
+    while (u->cmds != NULL) {
+        upstream_req *r = u->cmds;
+        u->cmds = r->cmd_next;
+        r->queued = 0;
+        if (r->dead) {
+            req_free(r);
+            continue;
+        }
+        finish(r, UPSTREAM_CANCELLED, "shutting down");
+    }
+    curl_multi_cleanup(u->multi);
+    pthread_mutex_destroy(&u->mu);
+    mem_free(u);
+    *up = NULL;
+}
+
+int upstream_start(upstream *u, const upstream_spec *spec, const upstream_cbs *cbs, void *arg,
+                   upstream_req **out)
+{
+    pthread_mutex_lock(&u->mu);
+    int rc = u->stopping                             ? UPSTREAM_ESHUTDOWN
+             : u->count >= (size_t)u->o.max_requests ? UPSTREAM_EBUSY
+                                                     : 0;
+    if (rc == 0)
+        u->count++;
+    pthread_mutex_unlock(&u->mu);
+    if (rc != 0)
+        return rc;
+    upstream_req *r = mem_calloc(1, sizeof *r);
+    r->u = u;
+    r->cbs = *cbs;
+    r->arg = arg;
+    r->url = mem_strdup(spec->url);
+    r->body = mem_strdup(spec->body);
+    if (spec->api_key != NULL && spec->api_key[0] != '\0')
+        r->auth = mem_asprintf("Authorization: Bearer %s", spec->api_key);
+    if (spec->request_id != NULL && spec->request_id[0] != '\0')
+        r->request_id = mem_asprintf("X-Request-Id: %s", spec->request_id);
+    r->stream = spec->stream;
+    r->deadline_ms = spec->deadline_ms;
+    if (out != NULL)
+        *out = r;
+    push_cmd(r, CMD_START);
+    return 0;
+}
+
+void upstream_cancel(upstream_req *r)
+{
+    push_cmd(r, CMD_CANCEL);
+}
+
+void upstream_resume(upstream_req *r)
+{
+    push_cmd(r, CMD_RESUME);
+}
+
+size_t upstream_active(upstream *u)
+{
+    pthread_mutex_lock(&u->mu);
+    size_t n = u->count;
+    pthread_mutex_unlock(&u->mu);
+    return n;
+}
