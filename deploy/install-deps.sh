@@ -40,10 +40,12 @@ PACKAGES=(
   python3-pytest
   python3-psycopg2
   python3-websockets
+  python3-yaml
   nodejs
   npm
   chromium
   clang-format
+  kubernetes-client
 )
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -71,7 +73,11 @@ missing_packages() {
         n = split($3, prov, /, */)
         for (i = 1; i <= n; i++) { sub(/[ (].*/, "", prov[i]); if (prov[i] != "") have[prov[i]] = 1 }
       }
-      END { n = split(want, w, " "); for (i = 1; i <= n; i++) if (!(w[i] in have)) print w[i] }'
+      END { n = split(want, w, " "); for (i = 1; i <= n; i++) if (!(w[i] in have)) print w[i] }' |
+    # Any kubectl will do for `kubectl kustomize`; a newer one from another
+    # package (e.g. Google's `kubectl`) owns /usr/bin/kubectl, and installing
+    # kubernetes-client beside it would fail on that file.
+    if command -v kubectl >/dev/null 2>&1; then grep -vx kubernetes-client || true; else cat; fi
 }
 
 # The content the npm stamp records: the manifests and the Node version.

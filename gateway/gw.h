@@ -18,9 +18,6 @@
     X(S, llm, STR, "llm", "LLM_ADDR", "127.0.0.1:50052", "llm-svc address")                        \
     X(S, store, STR, "store", "STORE_ADDR", "127.0.0.1:50053", "store-svc address")                \
     X(S, summary, STR, "summary", "SUMMARY_ADDR", "127.0.0.1:50054", "summary-svc address")        \
-    X(S, round_robin, BOOL, "grpc-round-robin", "GRPC_ROUND_ROBIN", "false",                       \
-      "spread calls over every address a service name resolves to (Kubernetes headless "           \
-      "Services)")                                                                                 \
     X(S, web_root, STR, "web-root", "WEB_ROOT", "",                                                \
       "folder of the web page served at /app/; empty: gateway/web of the source tree, or the "     \
       "installed copy")                                                                            \
@@ -80,6 +77,7 @@ typedef struct gw_counters {
 
 typedef struct gw {
     gw_opts opts;
+    cli_conf client_opts;
     struct lws_context *ctx;
     bridge *bridge;
     cli *client;

@@ -103,11 +103,11 @@ int main(int argc, char **argv)
 
     static gw g;
     gw_main = &g;
-    conf_section secs[] = {CONF_SECTION(gw_opts, &g.opts)};
+    conf_section secs[] = {CONF_SECTION(gw_opts, &g.opts), CONF_SECTION(cli_conf, &g.client_opts)};
     int prc = conf_parse(argc, argv, "gateway",
                          "WebSocket sessions relayed over gRPC to the convo services, REST and "
                          "the web page",
-                         secs, 1);
+                         secs, 2);
     if (prc != 0)
         return prc > 0 ? 0 : 2;
     int level = log_level_parse(g.opts.log_level);
@@ -136,10 +136,10 @@ int main(int argc, char **argv)
 
     g.bridge = bridge_create();
     g.client = cli_create((int)g.opts.grpc_threads, 4 << 20);
-    g.router = cli_channel_create(g.client, g.opts.router, g.opts.round_robin);
-    g.llm = cli_channel_create(g.client, g.opts.llm, g.opts.round_robin);
-    g.store = cli_channel_create(g.client, g.opts.store, g.opts.round_robin);
-    g.summary = cli_channel_create(g.client, g.opts.summary, g.opts.round_robin);
+    g.router = cli_channel_create(g.client, g.opts.router, g.client_opts.round_robin);
+    g.llm = cli_channel_create(g.client, g.opts.llm, g.client_opts.round_robin);
+    g.store = cli_channel_create(g.client, g.opts.store, g.client_opts.round_robin);
+    g.summary = cli_channel_create(g.client, g.opts.summary, g.client_opts.round_robin);
 
     static struct lws_protocols protocols[] = {
         {"convo", ws_callback, 0, 0, 0, NULL, 0},
@@ -201,6 +201,6 @@ out:
     if (g.ctx != NULL)
         lws_context_destroy(g.ctx);
     bridge_destroy(&g.bridge);
-    conf_free(secs, 1);
+    conf_free(secs, 2);
     return rc;
 }

@@ -45,11 +45,10 @@ int main(int argc, char **argv)
     llm_opts lo = {0};
     upstream_opts uo = {0};
     srv_opts so = {0};
+    cli_conf cc = {0};
     const conf_section secs[] = {
-        CONF_SECTION(main_opts, &mo),
-        CONF_SECTION(llm_opts, &lo),
-        CONF_SECTION(upstream_opts, &uo),
-        CONF_SECTION(srv_opts, &so),
+        CONF_SECTION(cli_conf, &cc),      CONF_SECTION(main_opts, &mo), CONF_SECTION(llm_opts, &lo),
+        CONF_SECTION(upstream_opts, &uo), CONF_SECTION(srv_opts, &so),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     kb *k = NULL;
@@ -89,7 +88,8 @@ int main(int argc, char **argv)
     c = cli_create(1, so.max_message_bytes);
     t = tools_create();
     if (tool_knowledge_register(t, k) != 0 ||
-        tool_context_register(t, cli_channel_create(c, mo.store, 0), lo.tool_timeout_ms) != 0) {
+        tool_context_register(t, cli_channel_create(c, mo.store, cc.round_robin),
+                              lo.tool_timeout_ms) != 0) {
         log_error("cannot register the tools");
         goto out;
     }

@@ -11,10 +11,19 @@
 #ifndef CONVO_CLI_H
 #define CONVO_CLI_H
 
+#include "conf.h"
 #include "rpc.h"
 
 #include <protobuf-c/protobuf-c.h>
 #include <stdint.h>
+
+/* The client's options; every binary that calls other services parses
+ * them and passes round_robin to cli_channel_create. */
+#define CLI_OPTS(X, S)                                                                             \
+    X(S, round_robin, BOOL, "grpc-round-robin", "GRPC_ROUND_ROBIN", "false",                       \
+      "spread calls over every address a service name resolves to (use with dns:///NAME:PORT "     \
+      "and Kubernetes headless Services)")
+CONF_DECLARE(cli_conf, CLI_OPTS)
 
 typedef struct cli cli;
 typedef struct cli_channel cli_channel;

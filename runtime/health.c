@@ -26,6 +26,7 @@ struct health {
     size_t nservices;
     watcher *watchers;
     int closed; /* the server is going away: no new watchers */
+    int frozen; /* shutting down: NOT_SERVING stays, whatever a service says */
 };
 
 health *health__create(void)
@@ -117,16 +118,32 @@ void health_set(srv *s, const char *service, health_status status)
 {
     health *h = srv__health(s);
     pthread_mutex_lock(&h->mu);
-    set_locked(h, service, status);
+    if (!h->frozen)
+        set_locked(h, service, status);
     pthread_mutex_unlock(&h->mu);
+}
+
+static void set_all_locked(health *h, health_status status)
+{
+    for (size_t i = 0; i < h->nservices; i++)
+        set_locked(h, h->services[i].name, status);
 }
 
 void health_set_all(srv *s, health_status status)
 {
     health *h = srv__health(s);
     pthread_mutex_lock(&h->mu);
-    for (size_t i = 0; i < h->nservices; i++)
-        set_locked(h, h->services[i].name, status);
+    if (!h->frozen)
+        set_all_locked(h, status);
+    pthread_mutex_unlock(&h->mu);
+}
+
+void health__shutting_down(srv *s)
+{
+    health *h = srv__health(s);
+    pthread_mutex_lock(&h->mu);
+    set_all_locked(h, HEALTH_NOT_SERVING);
+    h->frozen = 1;
     pthread_mutex_unlock(&h->mu);
 }
 

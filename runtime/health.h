@@ -16,7 +16,8 @@ typedef enum health_status {
 
 /* Sets the status of `service` ("" for the whole server) of server `s`.
  * Thread-safe. A service store-svc, say, is NOT_SERVING while its database
- * is unreachable. */
+ * is unreachable. Ignored once the server is shutting down (it stays
+ * NOT_SERVING). */
 void health_set(srv *s, const char *service, health_status status);
 /* Sets every known service, "" included. Thread-safe. */
 void health_set_all(srv *s, health_status status);

@@ -35,6 +35,9 @@ void health__destroy(health **h);
 void health__register(srv *s);
 /* Adds a service name (known services are listed by Check). */
 void health__add_service(srv *s, const char *service);
+/* Every service NOT_SERVING for good: later health_set calls (a database
+ * reconnecting during the drain, say) change nothing. */
+void health__shutting_down(srv *s);
 /* Ends every Watch stream: the server is going away. */
 void health__close_watchers(srv *s);
 health *srv__health(srv *s);

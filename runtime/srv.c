@@ -690,28 +690,36 @@ srv *srv_create(const char *name, const char *listen, const srv_opts *opts)
     pthread_mutex_init(&s->shutdown_mu, NULL);
     pthread_cond_init(&s->shutdown_cv, NULL);
 
-    grpc_arg args[5];
+    grpc_arg args[6];
+    size_t n = 0;
     memset(args, 0, sizeof args);
-    args[0].type = GRPC_ARG_INTEGER;
-    args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
-    args[0].value.integer = (int)opts->max_message_bytes;
-    args[1].type = GRPC_ARG_INTEGER;
-    args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
-    args[1].value.integer = (int)opts->max_message_bytes;
+    args[n].type = GRPC_ARG_INTEGER;
+    args[n].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+    args[n++].value.integer = (int)opts->max_message_bytes;
+    args[n].type = GRPC_ARG_INTEGER;
+    args[n].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
+    args[n++].value.integer = (int)opts->max_message_bytes;
     /* Clients (ours) send keepalive pings every 30 s to notice dead peers;
      * accept them instead of answering with GOAWAY "too_many_pings". */
-    args[2].type = GRPC_ARG_INTEGER;
-    args[2].key = GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS;
-    args[2].value.integer = 10000;
-    args[3].type = GRPC_ARG_INTEGER;
-    args[3].key = GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS;
-    args[3].value.integer = 1;
+    args[n].type = GRPC_ARG_INTEGER;
+    args[n].key = GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS;
+    args[n++].value.integer = 10000;
+    args[n].type = GRPC_ARG_INTEGER;
+    args[n].key = GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS;
+    args[n++].value.integer = 1;
     /* The core sets SO_REUSEPORT by default, which would let a second
      * instance silently share our port; a clash must fail loudly. */
-    args[4].type = GRPC_ARG_INTEGER;
-    args[4].key = GRPC_ARG_ALLOW_REUSEPORT;
-    args[4].value.integer = 0;
-    grpc_channel_args cargs = {5, args};
+    args[n].type = GRPC_ARG_INTEGER;
+    args[n].key = GRPC_ARG_ALLOW_REUSEPORT;
+    args[n++].value.integer = 0;
+    if (opts->max_connection_age_ms > 0) {
+        /* HTTP/2 connections live long; ageing them out makes clients
+         * resolve again and find replicas added since. */
+        args[n].type = GRPC_ARG_INTEGER;
+        args[n].key = GRPC_ARG_MAX_CONNECTION_AGE_MS;
+        args[n++].value.integer = (int)opts->max_connection_age_ms;
+    }
+    grpc_channel_args cargs = {n, args};
     s->server = grpc_server_create(&cargs, NULL);
 
     s->health = health__create();
@@ -868,7 +876,7 @@ static void srv_shutdown(srv *s, const char *why)
     int64_t t0 = rpc_now_ms();
     log_info("%s: shutting down (%s): health NOT_SERVING, draining %lld ms, grace %lld ms", s->name,
              why, s->opts.drain_delay_ms, s->opts.shutdown_grace_ms);
-    health_set_all(s, HEALTH_NOT_SERVING);
+    health__shutting_down(s);
     if (s->opts.drain_delay_ms > 0)
         usleep((useconds_t)(s->opts.drain_delay_ms * 1000));
     health__close_watchers(s);

@@ -38,7 +38,11 @@
     X(S, max_queued_writes, INT, "max-queued-writes", "GRPC_MAX_QUEUED_WRITES", "256",             \
       "streamed messages queued per call behind the one being written; beyond it senders wait")    \
     X(S, max_calls, INT, "max-calls", "GRPC_MAX_CALLS", "10000",                                   \
-      "calls handled at once; more are refused with RESOURCE_EXHAUSTED")
+      "calls handled at once; more are refused with RESOURCE_EXHAUSTED")                           \
+    X(S, max_connection_age_ms, INT, "max-connection-age-ms", "GRPC_MAX_CONNECTION_AGE_MS",        \
+      "300000",                                                                                    \
+      "close client connections after this long (calls in flight finish first), so clients "       \
+      "re-resolve and spread over new replicas; 0: never")
 CONF_DECLARE(srv_opts, SRV_OPTS)
 
 typedef struct srv srv;

@@ -1,0 +1,253 @@
+/* store-svc — serves convo.v1.Store: sessions and their event log in
+ * PostgreSQL.
+ *
+ *   store-svc [options]           serve (migrating the schema on start-up)
+ *   store-svc migrate [options]   apply the migrations and exit (a Kubernetes Job) */
+#include "conf.h"
+#include "db.h"
+#include "health.h"
+#include "log.h"
+#include "mem.h"
+#include "migrate.h"
+#include "pool.h"
+#include "srv.h"
+#include "store.h"
+
+#include <libpq-fe.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#define STORE_OPTS(X, S)                                                                           \
+    X(S, listen, STR, "listen", "LISTEN_ADDR", "0.0.0.0:50053", "HOST:PORT to serve gRPC on")      \
+    X(S, database_url, STR, "database-url", "DATABASE_URL",                                        \
+      "postgresql://postgres@127.0.0.1:5432/postgres",                                             \
+      "PostgreSQL connection URI or key=value string (libpq); sslmode and other parameters in "    \
+      "it are honoured (a Supabase connection string works as given)")                             \
+    X(S, db_pool_size, INT, "db-pool-size", "DB_POOL_SIZE", "4",                                   \
+      "database connections, one per worker thread")                                               \
+    X(S, db_connect_timeout, INT, "db-connect-timeout", "DB_CONNECT_TIMEOUT", "5",                 \
+      "seconds a connection attempt may take (unless DATABASE_URL sets connect_timeout)")          \
+    X(S, db_statement_timeout_ms, INT, "db-statement-timeout-ms", "DB_STATEMENT_TIMEOUT_MS",       \
+      "30000",                                                                                     \
+      "statement_timeout of every connection; a statement cut off fails UNAVAILABLE "              \
+      "and rolls back whole (0: none)")                                                            \
+    X(S, db_retry_max_ms, INT, "db-retry-max-ms", "DB_RETRY_MAX_MS", "5000",                       \
+      "longest wait between reconnection attempts (the backoff starts at 100 ms and doubles)")     \
+    X(S, db_prepare, BOOL, "db-prepare", "DB_PREPARE", "true",                                     \
+      "prepare the store's statements on each connection (parsed and planned once); turned off "   \
+      "by itself on a connection where a transaction pooler refuses them")                         \
+    X(S, migrate_on_start, BOOL, "migrate-on-start", "MIGRATE_ON_START", "true",                   \
+      "apply pending migrations when the first connection is made; with false, stay "              \
+      "NOT_SERVING until `store-svc migrate` has brought the schema up to date")                   \
+    X(S, migrate_wait_ms, INT, "migrate-wait-ms", "MIGRATE_WAIT_MS", "60000",                      \
+      "`store-svc migrate` only: how long to keep trying to reach the database")                   \
+    X(S, max_batch_events, INT, "max-batch-events", "STORE_MAX_BATCH_EVENTS", "1000",              \
+      "events accepted in one AppendEvents call")                                                  \
+    X(S, max_content_bytes, INT, "max-content-bytes", "STORE_MAX_CONTENT_BYTES", "262144",         \
+      "largest event content, summary or error text in bytes")                                     \
+    X(S, queue_size, INT, "queue-size", "STORE_QUEUE_SIZE", "1024",                                \
+      "database jobs waiting for a worker; beyond it calls fail RESOURCE_EXHAUSTED")               \
+    X(S, queue_max_bytes, INT, "queue-max-bytes", "STORE_QUEUE_MAX_BYTES", "67108864",             \
+      "bytes held by waiting jobs (their event batches); beyond it calls fail "                    \
+      "RESOURCE_EXHAUSTED")                                                                        \
+    X(S, list_page_size, INT, "list-page-size", "STORE_LIST_PAGE_SIZE", "1000",                    \
+      "events read from the database per page of ListEvents (the most held per stream)")           \
+    X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
+CONF_DECLARE(store_opts, STORE_OPTS)
+
+/* Health follows the pool: NOT_SERVING while no connection is up. */
+static void on_ready(void *arg, int ready)
+{
+    srv *s = arg;
+    health_status st = ready ? HEALTH_SERVING : HEALTH_NOT_SERVING;
+    health_set(s, STORE_SERVICE, st);
+    health_set(s, "", st);
+}
+
+/* Checks an INT option's range; prints and returns -1 when out of it. */
+static int check_range(const char *flag, long long v, long long lo, long long hi)
+{
+    if (v < lo || v > hi) {
+        fprintf(stderr, "store-svc: --%s: %lld is outside %lld to %lld\n", flag, v, lo, hi);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_opts(const store_opts *o, const srv_opts *so)
+{
+    if (check_range("db-pool-size", o->db_pool_size, 1, 256) != 0 ||
+        check_range("db-connect-timeout", o->db_connect_timeout, 1, 600) != 0 ||
+        check_range("db-statement-timeout-ms", o->db_statement_timeout_ms, 0, 86400000) != 0 ||
+        check_range("db-retry-max-ms", o->db_retry_max_ms, 100, 600000) != 0 ||
+        check_range("migrate-wait-ms", o->migrate_wait_ms, 0, 86400000) != 0 ||
+        check_range("max-batch-events", o->max_batch_events, 1, 100000) != 0 ||
+        check_range("max-content-bytes", o->max_content_bytes, 1, so->max_message_bytes) != 0 ||
+        check_range("queue-size", o->queue_size, 1, 10000000) != 0 ||
+        check_range("queue-max-bytes", o->queue_max_bytes, 1, 1LL << 40) != 0 ||
+        check_range("list-page-size", o->list_page_size, 1, 100000) != 0)
+        return -1;
+    if (o->database_url[0] == '\0') {
+        fprintf(stderr, "store-svc: --database-url is empty\n");
+        return -1;
+    }
+    /* A malformed URL never gets better: refuse it now rather than retry
+     * forever. (The message names the bad part, never the password.) */
+    char *err = NULL;
+    PQconninfoOption *parsed = PQconninfoParse(o->database_url, &err);
+    if (parsed == NULL) {
+        fprintf(stderr,
+                "store-svc: --database-url (DATABASE_URL) is not a libpq URI or "
+                "key=value string: %s",
+                err != NULL ? err : "out of memory\n");
+        PQfreemem(err);
+        return -1;
+    }
+    PQconninfoFree(parsed);
+    return 0;
+}
+
+static db_settings settings_of(const store_opts *o)
+{
+    db_settings s = {
+        .url = o->database_url,
+        .connect_timeout_s = (int)o->db_connect_timeout,
+        .statement_timeout_ms = (int)o->db_statement_timeout_ms,
+        .application_name = "store-svc",
+        .prepare = o->db_prepare,
+    };
+    return s;
+}
+
+/* `store-svc migrate`: connect (retrying while the database comes up, as a
+ * Job started beside it would see), migrate, exit 0. */
+static int run_migrate(const store_opts *o)
+{
+    db_settings s = settings_of(o);
+    db_conn *c = db_conn_create(&s);
+    int64_t deadline = rpc_now_ms() + o->migrate_wait_ms;
+    int delay = 100, status = 1, rc;
+
+    while ((rc = db_conn_connect(c)) != 0) {
+        if (rpc_now_ms() + delay > deadline) {
+            log_error("cannot reach the database within %lld ms: %s", o->migrate_wait_ms,
+                      db_conn_error(c));
+            goto out;
+        }
+        log_warn("cannot reach the database (%s); retrying in %d ms", db_conn_error(c), delay);
+        usleep((useconds_t)delay * 1000);
+        delay = delay * 2 > 5000 ? 5000 : delay * 2;
+    }
+    int version = 0, applied = 0;
+    if ((rc = migrate_apply(c, &version, &applied)) != 0) {
+        log_error("migration failed: %s", db_conn_error(c));
+        goto out;
+    }
+    log_info("database %s at schema version %d (%d migrations applied now)", db_conn_where(c),
+             version, applied);
+    status = 0;
+out:
+    db_conn_destroy(&c);
+    return status;
+}
+
+int main(int argc, char **argv)
+{
+    store_opts opts = {0};
+    srv_opts sopts = {0};
+    const conf_section secs[] = {
+        CONF_SECTION(store_opts, &opts),
+        CONF_SECTION(srv_opts, &sopts),
+    };
+    const size_t nsecs = sizeof secs / sizeof secs[0];
+    srv *server = NULL;
+    pool *db_pool = NULL;
+    store *st = NULL;
+    int status = 2;
+    int migrate_only = 0;
+
+    srv_block_signals();
+    /* The subcommand comes first; the options after it are the same. */
+    if (argc > 1 && strcmp(argv[1], "migrate") == 0) {
+        migrate_only = 1;
+        argv[1] = argv[0];
+        argv++;
+        argc--;
+    }
+    int rc = conf_parse(argc, argv, "store-svc",
+                        "sessions and their event log in PostgreSQL (convo.v1.Store); "
+                        "`store-svc migrate [options]` applies the schema migrations and exits",
+                        secs, nsecs);
+    if (rc != 0) {
+        status = rc > 0 ? 0 : 2;
+        goto out;
+    }
+    int level = log_level_parse(opts.log_level);
+    if (level < 0) {
+        fprintf(stderr, "store-svc: --log-level: '%s' is not debug, info, warn or error\n",
+                opts.log_level);
+        goto out;
+    }
+    if (check_opts(&opts, &sopts) != 0)
+        goto out;
+    log_init("store-svc", (log_level)level);
+
+    if (migrate_only) {
+        status = run_migrate(&opts);
+        goto out;
+    }
+
+    status = 1;
+    server = srv_create("store-svc", opts.listen, &sopts);
+    pool_config pc = {
+        .db = settings_of(&opts),
+        .workers = (int)opts.db_pool_size,
+        .max_jobs = (size_t)opts.queue_size,
+        .max_bytes = (size_t)opts.queue_max_bytes,
+        .retry_min_ms = 100,
+        .retry_max_ms = (int)opts.db_retry_max_ms,
+        .migrate = opts.migrate_on_start,
+        .on_ready = on_ready,
+        .arg = server,
+    };
+    store_limits lim = {
+        .max_batch_events = opts.max_batch_events,
+        .max_content_bytes = opts.max_content_bytes,
+        .list_page_size = opts.list_page_size,
+        .max_message_bytes = sopts.max_message_bytes,
+    };
+    /* NOT_SERVING until a worker is connected and the schema is current
+     * (srv_start only marks SERVING what is still UNKNOWN). The workers
+     * start connecting now; no call can reach them before srv_start. */
+    health_set(server, "", HEALTH_NOT_SERVING);
+    health_set(server, STORE_SERVICE, HEALTH_NOT_SERVING);
+    db_pool = pool_create(&pc);
+    st = store_create(server, db_pool, &lim);
+    if (st == NULL)
+        goto out;
+    if (srv_start(server) != 0)
+        goto out; /* srv_start logged the address */
+    log_info("store-svc: %lld database workers, queue %lld jobs / %lld bytes, batches up to %lld "
+             "events, content up to %lld bytes",
+             opts.db_pool_size, opts.queue_size, opts.queue_max_bytes, opts.max_batch_events,
+             opts.max_content_bytes);
+    srv_run(server);
+    pool_stats ps;
+    pool_get_stats(db_pool, &ps);
+    log_info("store-svc: stopped; %llu calls refused on a full queue, %llu failed without a "
+             "database connection, %llu reconnections",
+             (unsigned long long)ps.rejected, (unsigned long long)ps.unavailable,
+             (unsigned long long)ps.reconnects);
+    status = 0;
+
+out:
+    /* srv_run returned only when every call was finished; the workers are
+     * idle or running nothing that belongs to a call. */
+    pool_destroy(&db_pool);
+    if (server != NULL)
+        srv_destroy(&server);
+    store_destroy(&st);
+    conf_free(secs, nsecs);
+    return status;
+}

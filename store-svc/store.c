@@ -1,0 +1,963 @@
+#include "store.h"
+
+#include "db.h"
+#include "log.h"
+#include "mem.h"
+
+#include "convo/v1/store.pb-c.h"
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#define PATH(m) "/" STORE_SERVICE "/" m
+
+/* List limits: the contract's defaults, and caps that keep one response
+ * (and the rows behind it) small. */
+#define USER_SESSIONS_DEFAULT   10
+#define USER_SESSIONS_MAX       100
+#define UNSUMMARIZED_DEFAULT    100
+#define UNSUMMARIZED_MAX        1000
+#define LEASE_DEFAULT_S         300
+#define LEASE_MAX_S             86400
+#define RESPONSE_HEADROOM_BYTES 65536
+
+struct store {
+    srv *s;
+    pool *pool;
+    store_limits lim;
+};
+
+/* ---- checks --------------------------------------------------------------- */
+
+int store_check_id(const char *field, const char *s, char *err, size_t errsize)
+{
+    size_t len = strlen(s);
+    if (len == 0) {
+        snprintf(err, errsize, "%s is empty", field);
+        return -1;
+    }
+    if (len > STORE_MAX_ID_BYTES) {
+        snprintf(err, errsize, "%s is %zu bytes, over the limit of %d", field, len,
+                 STORE_MAX_ID_BYTES);
+        return -1;
+    }
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char)s[i];
+        if (!((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') ||
+              ch == '.' || ch == '_' || ch == '-')) {
+            snprintf(err, errsize, "%s has a byte outside [A-Za-z0-9._-] at offset %zu (0x%02x)",
+                     field, i, ch);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int store_check_text(const char *field, const char *s, size_t max, char *err, size_t errsize)
+{
+    size_t len = strlen(s);
+    if (len > max) {
+        snprintf(err, errsize, "%s is %zu bytes, over the limit of %zu", field, len, max);
+        return -1;
+    }
+    if (!rpc_utf8_valid(s, len)) {
+        snprintf(err, errsize, "%s is not valid UTF-8", field);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_time(const char *field, int64_t us, char *err, size_t errsize)
+{
+    if (us < 0 || us > STORE_MAX_TIME_US) {
+        snprintf(err, errsize, "%s is %lld, outside 0 to %lld (microseconds since the epoch)",
+                 field, (long long)us, STORE_MAX_TIME_US);
+        return -1;
+    }
+    return 0;
+}
+
+/* protobuf-c gives unset strings as "", but a message built by hand may
+ * hold NULL. */
+static const char *str(const char *s)
+{
+    return s != NULL ? s : "";
+}
+
+/* ---- jobs ------------------------------------------------------------------ */
+
+/* The part every job shares; pool_job first so the pool's pointer is ours. */
+typedef struct job {
+    pool_job pj;
+    srv_call *call;
+    store *st;
+    char *session_id; /* for errors and log lines; may be "" */
+} job;
+
+static void *job_new(size_t size, srv_call *call, store *st, const char *session_id, pool_job_fn fn)
+{
+    job *j = mem_calloc(1, size);
+    j->pj.fn = fn;
+    j->pj.bytes = size;
+    j->call = call;
+    j->st = st;
+    j->session_id = mem_strdup(session_id);
+    return j;
+}
+
+static void job_free(job *j)
+{
+    mem_free(j->session_id);
+    mem_free(j);
+}
+
+/* Queues the job, or answers the call when the pool refuses it (the job
+ * is freed then by `free_fn`). */
+static void job_submit(job *j, void (*free_fn)(job *))
+{
+    int rc = pool_submit(j->st->pool, &j->pj);
+    if (rc == 0)
+        return;
+    if (rc == POOL_EFULL)
+        srv_call_finish(j->call, RPC_RESOURCE_EXHAUSTED,
+                        "the store's job queue is full; retry with backoff", NULL);
+    else
+        srv_call_finish(j->call, RPC_UNAVAILABLE, "the store is shutting down; retry", NULL);
+    free_fn(j);
+}
+
+/* Ends the call from a worker. The log context is cleared first: the
+ * request id it points to dies with the call. */
+static void job_finish(job *j, rpc_code code, const char *msg, const ProtobufCMessage *resp)
+{
+    log_context_set(NULL, NULL);
+    srv_call_finish(j->call, code, msg, resp);
+}
+
+static void job_finishf(job *j, rpc_code code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void job_finishf(job *j, rpc_code code, const char *fmt, ...)
+{
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    job_finish(j, code, buf, NULL);
+}
+
+/* The start of every job function: 1 when it should go to the database,
+ * 0 when the call was answered already (no connection, shutting down, or
+ * the client gave up while the job waited: nothing is written then). */
+static int job_begin(job *j, db_conn *conn, int err)
+{
+    log_context_set(srv_call_request_id(j->call), j->session_id[0] ? j->session_id : NULL);
+    if (err == POOL_ESHUTDOWN) {
+        job_finish(j, RPC_UNAVAILABLE, "the store is shutting down; retry", NULL);
+        return 0;
+    }
+    if (err != 0 || conn == NULL) {
+        job_finish(j, RPC_UNAVAILABLE, "the database is unavailable; safe to retry", NULL);
+        return 0;
+    }
+    if (srv_call_cancelled(j->call)) {
+        job_finish(j, RPC_CANCELLED, "cancelled before it ran", NULL);
+        return 0;
+    }
+    return 1;
+}
+
+/* Answers a database error. DB_ELEASE is answered by its caller. */
+static void job_fail(job *j, db_conn *conn, int rc)
+{
+    switch (rc) {
+    case DB_ENOTFOUND:
+        job_finishf(j, RPC_NOT_FOUND, "session '%s' not found", j->session_id);
+        return;
+    case DB_EOWNER:
+        job_finishf(j, RPC_PERMISSION_DENIED, "session '%s' belongs to another user",
+                    j->session_id);
+        return;
+    case DB_EENDED:
+        job_finishf(j, RPC_FAILED_PRECONDITION,
+                    "session '%s' has ended; OpenSession resumes it before more events",
+                    j->session_id);
+        return;
+    case DB_EUNAVAIL:
+        log_warn("database unavailable: %s", db_conn_error(conn));
+        job_finishf(j, RPC_UNAVAILABLE, "the database is unavailable (%s); safe to retry",
+                    db_conn_error(conn));
+        return;
+    default:
+        log_error("database error: %s", db_conn_error(conn));
+        job_finishf(j, RPC_INTERNAL, "database error (see the store-svc log, request id %s)",
+                    srv_call_request_id(j->call));
+        return;
+    }
+}
+
+static void session_to_pb(const db_session *s, Convo__V1__Session *pb)
+{
+    convo__v1__session__init(pb);
+    /* protobuf-c's string fields are not const; packing never writes. */
+    pb->session_id = s->session_id;
+    pb->user_id = s->user_id;
+    pb->start_time_us = s->start_time_us;
+    pb->end_time_us = s->end_time_us;
+    pb->duration_seconds = s->duration_seconds;
+    pb->final_summary = s->final_summary;
+    pb->summary_status = (Convo__V1__SummaryStatus)s->summary_status;
+    pb->summary_error = s->summary_error;
+    pb->summary_attempts = s->summary_attempts;
+    pb->event_count = s->event_count;
+    pb->last_seq = s->last_seq;
+    pb->user_message_count = s->user_message_count;
+    pb->tool_call_count = s->tool_call_count;
+}
+
+static void finish_invalid(srv_call *call, const char *err)
+{
+    srv_call_finish(call, RPC_INVALID_ARGUMENT, err, NULL);
+}
+
+/* ---- OpenSession -------------------------------------------------------- */
+
+typedef struct open_job {
+    job h;
+    char *user_id;
+} open_job;
+
+static void open_free(job *h)
+{
+    open_job *j = (open_job *)h;
+    mem_free(j->user_id);
+    job_free(h);
+}
+
+static void open_run(pool_job *pj, db_conn *conn, int err)
+{
+    open_job *j = (open_job *)pj;
+    db_session s = {0};
+    int created = 0;
+    if (job_begin(&j->h, conn, err)) {
+        int rc = db_open_session(conn, j->h.session_id, j->user_id, &s, &created);
+        if (rc == 0) {
+            Convo__V1__OpenSessionResponse resp = CONVO__V1__OPEN_SESSION_RESPONSE__INIT;
+            Convo__V1__Session pb;
+            session_to_pb(&s, &pb);
+            resp.session = &pb;
+            resp.created = created;
+            log_debug("%s session for user %s", created ? "created" : "resumed", j->user_id);
+            job_finish(&j->h, RPC_OK, NULL, &resp.base);
+        } else {
+            job_fail(&j->h, conn, rc);
+        }
+    }
+    db_session_clear(&s);
+    open_free(&j->h);
+}
+
+static void on_open(srv_call *call, const ProtobufCMessage *msg)
+{
+    const Convo__V1__OpenSessionRequest *req = (const Convo__V1__OpenSessionRequest *)msg;
+    store *st = srv_call_method_data(call);
+    char err[256];
+    if (store_check_id("session_id", str(req->session_id), err, sizeof err) != 0 ||
+        store_check_id("user_id", str(req->user_id), err, sizeof err) != 0) {
+        finish_invalid(call, err);
+        return;
+    }
+    open_job *j = job_new(sizeof *j, call, st, req->session_id, open_run);
+    j->user_id = mem_strdup(req->user_id);
+    job_submit(&j->h, open_free);
+}
+
+/* ---- AppendEvents ------------------------------------------------------- */
+
+typedef struct append_job {
+    job h;
+    db_batch *batch;
+} append_job;
+
+static void append_free(job *h)
+{
+    append_job *j = (append_job *)h;
+    db_batch_destroy(&j->batch);
+    job_free(h);
+}
+
+static void append_run(pool_job *pj, db_conn *conn, int err)
+{
+    append_job *j = (append_job *)pj;
+    if (job_begin(&j->h, conn, err)) {
+        db_append_result res;
+        int rc = db_append_events(conn, j->h.session_id, j->batch, &res);
+        if (rc == 0) {
+            Convo__V1__AppendEventsResponse resp = CONVO__V1__APPEND_EVENTS_RESPONSE__INIT;
+            resp.appended = res.appended;
+            resp.duplicates = res.duplicates;
+            resp.last_seq = res.last_seq;
+            if (res.duplicates > 0)
+                log_debug("append: %u new, %u already stored (a retry)", res.appended,
+                          res.duplicates);
+            job_finish(&j->h, RPC_OK, NULL, &resp.base);
+        } else {
+            job_fail(&j->h, conn, rc);
+        }
+    }
+    append_free(&j->h);
+}
+
+/* Checks every event and encodes the good batch; on a bad one nothing is
+ * kept and err names it. */
+static db_batch *append_encode(const store *st, const Convo__V1__AppendEventsRequest *req,
+                               char *err, size_t errsize)
+{
+    char field[64];
+    const char *sid = str(req->session_id);
+    size_t content_bytes = 0;
+    int64_t prev = 0;
+
+    if (store_check_id("session_id", sid, err, errsize) != 0)
+        return NULL;
+    if ((long long)req->n_events > st->lim.max_batch_events) {
+        snprintf(err, errsize, "events has %zu events, over the batch limit of %lld", req->n_events,
+                 st->lim.max_batch_events);
+        return NULL;
+    }
+    for (size_t i = 0; i < req->n_events; i++) {
+        const Convo__V1__Event *e = req->events[i];
+        const char *esid = str(e->session_id);
+        if (esid[0] != '\0' && strcmp(esid, sid) != 0) {
+            snprintf(err, errsize, "events[%zu].session_id is '%.*s', not the request's '%s'", i,
+                     STORE_MAX_ID_BYTES, esid, sid);
+            return NULL;
+        }
+        if (e->seq < 1) {
+            snprintf(err, errsize, "events[%zu].seq is %lld; seqs start at 1", i,
+                     (long long)e->seq);
+            return NULL;
+        }
+        if (e->seq <= prev) {
+            snprintf(err, errsize,
+                     "events[%zu].seq is %lld after %lld; seqs must be strictly increasing", i,
+                     (long long)e->seq, (long long)prev);
+            return NULL;
+        }
+        prev = e->seq;
+        if (db_event_type_name((int)e->type) == NULL) {
+            snprintf(err, errsize,
+                     "events[%zu].type %d is not a known event type (USER_MESSAGE, AI_TOKEN, "
+                     "TOOL_CALL, TOOL_RESULT or SYSTEM_EVENT)",
+                     i, (int)e->type);
+            return NULL;
+        }
+        snprintf(field, sizeof field, "events[%zu].content", i);
+        if (store_check_text(field, str(e->content), (size_t)st->lim.max_content_bytes, err,
+                             errsize) != 0)
+            return NULL;
+        snprintf(field, sizeof field, "events[%zu].timestamp_us", i);
+        if (check_time(field, e->timestamp_us, err, errsize) != 0)
+            return NULL;
+        content_bytes += strlen(str(e->content));
+    }
+
+    db_batch *b = db_batch_create(req->n_events, content_bytes);
+    for (size_t i = 0; i < req->n_events; i++) {
+        const Convo__V1__Event *e = req->events[i];
+        const char *content = str(e->content);
+        db_batch_add(b, e->seq, (int)e->type, content, strlen(content), e->timestamp_us);
+    }
+    return b;
+}
+
+static void on_append(srv_call *call, const ProtobufCMessage *msg)
+{
+    const Convo__V1__AppendEventsRequest *req = (const Convo__V1__AppendEventsRequest *)msg;
+    store *st = srv_call_method_data(call);
+    char err[512];
+    db_batch *b = append_encode(st, req, err, sizeof err);
+    if (b == NULL) {
+        finish_invalid(call, err);
+        return;
+    }
+    append_job *j = job_new(sizeof *j, call, st, req->session_id, append_run);
+    j->batch = b;
+    j->h.pj.bytes += db_batch_bytes(b);
+    job_submit(&j->h, append_free);
+}
+
+/* ---- EndSession, GetSession ----------------------------------------------- */
+
+typedef struct session_job {
+    job h;
+    int64_t end_us;
+    int end; /* EndSession rather than GetSession */
+} session_job;
+
+static void session_free(job *h)
+{
+    job_free(h);
+}
+
+static void session_run(pool_job *pj, db_conn *conn, int err)
+{
+    session_job *j = (session_job *)pj;
+    db_session s = {0};
+    if (job_begin(&j->h, conn, err)) {
+        int rc = j->end ? db_end_session(conn, j->h.session_id, j->end_us, &s)
+                        : db_get_session(conn, j->h.session_id, &s);
+        if (rc == 0) {
+            Convo__V1__Session pb;
+            session_to_pb(&s, &pb);
+            if (j->end) {
+                Convo__V1__EndSessionResponse resp = CONVO__V1__END_SESSION_RESPONSE__INIT;
+                resp.session = &pb;
+                job_finish(&j->h, RPC_OK, NULL, &resp.base);
+            } else {
+                Convo__V1__GetSessionResponse resp = CONVO__V1__GET_SESSION_RESPONSE__INIT;
+                resp.session = &pb;
+                job_finish(&j->h, RPC_OK, NULL, &resp.base);
+            }
+        } else {
+            job_fail(&j->h, conn, rc);
+        }
+    }
+    db_session_clear(&s);
+    session_free(&j->h);
+}
+
+static void on_end(srv_call *call, const ProtobufCMessage *msg)
+{
+    const Convo__V1__EndSessionRequest *req = (const Convo__V1__EndSessionRequest *)msg;
+    store *st = srv_call_method_data(call);
+    char err[256];
+    if (store_check_id("session_id", str(req->session_id), err, sizeof err) != 0 ||
+        check_time("end_time_us", req->end_time_us, err, sizeof err) != 0) {
+        finish_invalid(call, err);
+        return;
+    }
+    session_job *j = job_new(sizeof *j, call, st, req->session_id, session_run);
+    j->end = 1;
+    j->end_us = req->end_time_us;
+    job_submit(&j->h, session_free);
+}
+
+static void on_get(srv_call *call, const ProtobufCMessage *msg)
+{
+    const Convo__V1__GetSessionRequest *req = (const Convo__V1__GetSessionRequest *)msg;
+    store *st = srv_call_method_data(call);
+    char err[256];
+    if (store_check_id("session_id", str(req->session_id), err, sizeof err) != 0) {
+        finish_invalid(call, err);
+        return;
+    }
+    session_job *j = job_new(sizeof *j, call, st, req->session_id, session_run);
+    job_submit(&j->h, session_free);
+}
+
+/* ---- SaveSummary, ClaimSummary ------------------------------------------- */
+
+typedef struct summary_job {
+    job h;
+    int claim;
+    int status;
+    char *summary, *error, *worker_id;
+    int32_t lease_seconds, max_attempts;
+} summary_job;
+
+static void summary_free(job *h)
+{
+    summary_job *j = (summary_job *)h;
+    mem_free(j->summary);
+    mem_free(j->error);
+    mem_free(j->worker_id);
+    job_free(h);
+}
+
+static void summary_run(pool_job *pj, db_conn *conn, int err)
+{
+    summary_job *j = (summary_job *)pj;
+    db_session s = {0};
+    if (job_begin(&j->h, conn, err)) {
+        Convo__V1__Session pb;
+        int claimed = 0, rc;
+        if (j->claim)
+            rc = db_claim_summary(conn, j->h.session_id, j->worker_id, j->lease_seconds,
+                                  j->max_attempts, &s, &claimed);
+        else
+            rc = db_save_summary(conn, j->h.session_id, j->status, j->summary, j->error,
+                                 j->worker_id, &s);
+        if (rc == 0 && j->claim) {
+            Convo__V1__ClaimSummaryResponse resp = CONVO__V1__CLAIM_SUMMARY_RESPONSE__INIT;
+            session_to_pb(&s, &pb);
+            resp.session = &pb;
+            resp.claimed = claimed;
+            job_finish(&j->h, RPC_OK, NULL, &resp.base);
+        } else if (rc == 0) {
+            Convo__V1__SaveSummaryResponse resp = CONVO__V1__SAVE_SUMMARY_RESPONSE__INIT;
+            session_to_pb(&s, &pb);
+            resp.session = &pb;
+            job_finish(&j->h, RPC_OK, NULL, &resp.base);
+        } else if (rc == DB_ELEASE) {
+            job_finishf(&j->h, RPC_FAILED_PRECONDITION,
+                        "worker '%s' does not hold the summary lease of session '%s' (it "
+                        "expired and was taken over, or the session was resumed); nothing saved",
+                        j->worker_id, j->h.session_id);
+        } else {
+            job_fail(&j->h, conn, rc);
+        }
+    }
+    db_session_clear(&s);
+    summary_free(&j->h);
+}
+
+static void on_save_summary(srv_call *call, const ProtobufCMessage *msg)
+{
+    const Convo__V1__SaveSummaryRequest *req = (const Convo__V1__SaveSummaryRequest *)msg;
+    store *st = srv_call_method_data(call);
+    size_t max = (size_t)st->lim.max_content_bytes;
+    char err[256];
+    if (store_check_id("session_id", str(req->session_id), err, sizeof err) != 0)
+        goto invalid;
+    if (req->status != CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_DONE &&
+        req->status != CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_FAILED &&
+        req->status != CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_PENDING) {
+        snprintf(err, sizeof err, "status %d is not DONE, FAILED or PENDING", (int)req->status);
+        goto invalid;
+    }
+    if (store_check_text("summary", str(req->summary), max, err, sizeof err) != 0 ||
+        store_check_text("error", str(req->error), max, err, sizeof err) != 0)
+        goto invalid;
+    if (req->status == CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_DONE &&
+        str(req->summary)[0] == 0) {
+        snprintf(err, sizeof err, "summary is empty; status DONE needs the summary text");
+        goto invalid;
+    }
+    if (str(req->worker_id)[0] != '\0' &&
+        store_check_id("worker_id", req->worker_id, err, sizeof err) != 0)
+        goto invalid;
+
+    summary_job *j = job_new(sizeof *j, call, st, req->session_id, summary_run);
+    j->status = (int)req->status;
+    j->summary = mem_strdup(str(req->summary));
+    j->error = mem_strdup(str(req->error));
+    j->worker_id = mem_strdup(str(req->worker_id));
+    j->h.pj.bytes += strlen(j->summary) + strlen(j->error);
+    job_submit(&j->h, summary_free);
+    return;
+invalid:
+    finish_invalid(call, err);
+}
+
+static void on_claim_summary(srv_call *call, const ProtobufCMessage *msg)
+{
+    const Convo__V1__ClaimSummaryRequest *req = (const Convo__V1__ClaimSummaryRequest *)msg;
+    store *st = srv_call_method_data(call);
+    char err[256];
+    if (store_check_id("session_id", str(req->session_id), err, sizeof err) != 0 ||
+        store_check_id("worker_id", str(req->worker_id), err, sizeof err) != 0)
+        goto invalid;
+    if (req->lease_seconds < 0 || req->lease_seconds > LEASE_MAX_S) {
+        snprintf(err, sizeof err, "lease_seconds is %d, outside 0 (the default, %d) to %d",
+                 (int)req->lease_seconds, LEASE_DEFAULT_S, LEASE_MAX_S);
+        goto invalid;
+    }
+    if (req->max_attempts < 0) {
+        snprintf(err, sizeof err, "max_attempts is %d; it must be >= 0 (0: no limit)",
+                 (int)req->max_attempts);
+        goto invalid;
+    }
+    summary_job *j = job_new(sizeof *j, call, st, req->session_id, summary_run);
+    j->claim = 1;
+    j->worker_id = mem_strdup(req->worker_id);
+    j->lease_seconds = req->lease_seconds > 0 ? req->lease_seconds : LEASE_DEFAULT_S;
+    j->max_attempts = req->max_attempts;
+    job_submit(&j->h, summary_free);
+    return;
+invalid:
+    finish_invalid(call, err);
+}
+
+/* ---- ListUserSessions, ListUnsummarizedSessions ------------------------- */
+
+typedef struct list_job {
+    job h;
+    int unsummarized;
+    char *user_id, *exclude;
+    uint32_t limit;
+    int64_t ended_before_us;
+    int32_t max_attempts;
+} list_job;
+
+static void list_free(job *h)
+{
+    list_job *j = (list_job *)h;
+    mem_free(j->user_id);
+    mem_free(j->exclude);
+    job_free(h);
+}
+
+static size_t session_size(const db_session *s)
+{
+    return strlen(s->session_id) + strlen(s->user_id) + strlen(s->final_summary) +
+           strlen(s->summary_error) + 128;
+}
+
+static void list_run(pool_job *pj, db_conn *conn, int err)
+{
+    list_job *j = (list_job *)pj;
+    db_session *ss = NULL;
+    size_t n = 0;
+    Convo__V1__Session *pbs = NULL;
+    Convo__V1__Session **ptrs = NULL;
+    if (!job_begin(&j->h, conn, err))
+        goto out;
+    int rc =
+        j->unsummarized
+            ? db_list_unsummarized(conn, j->limit, j->ended_before_us, j->max_attempts, &ss, &n)
+            : db_list_user_sessions(conn, j->user_id, j->limit, j->exclude, &ss, &n);
+    if (rc != 0) {
+        job_fail(&j->h, conn, rc);
+        goto out;
+    }
+    /* Stop short of the largest message rather than fail the whole list:
+     * the caller sees fewer than it asked for and can page. */
+    size_t budget = (size_t)j->h.st->lim.max_message_bytes > RESPONSE_HEADROOM_BYTES
+                        ? (size_t)j->h.st->lim.max_message_bytes - RESPONSE_HEADROOM_BYTES
+                        : (size_t)j->h.st->lim.max_message_bytes / 2;
+    size_t used = 0, k = 0;
+    pbs = mem_calloc(n ? n : 1, sizeof *pbs);
+    ptrs = mem_calloc(n ? n : 1, sizeof *ptrs);
+    for (; k < n; k++) {
+        used += session_size(&ss[k]);
+        if (used > budget && k > 0) {
+            log_warn("list truncated to %zu of %zu sessions to fit one message", k, n);
+            break;
+        }
+        session_to_pb(&ss[k], &pbs[k]);
+        ptrs[k] = &pbs[k];
+    }
+    if (j->unsummarized) {
+        Convo__V1__ListUnsummarizedSessionsResponse resp =
+            CONVO__V1__LIST_UNSUMMARIZED_SESSIONS_RESPONSE__INIT;
+        resp.n_sessions = k;
+        resp.sessions = ptrs;
+        job_finish(&j->h, RPC_OK, NULL, &resp.base);
+    } else {
+        Convo__V1__ListUserSessionsResponse resp = CONVO__V1__LIST_USER_SESSIONS_RESPONSE__INIT;
+        resp.n_sessions = k;
+        resp.sessions = ptrs;
+        job_finish(&j->h, RPC_OK, NULL, &resp.base);
+    }
+out:
+    mem_free(ptrs);
+    mem_free(pbs);
+    db_sessions_free(&ss, n);
+    list_free(&j->h);
+}
+
+static void on_list_user_sessions(srv_call *call, const ProtobufCMessage *msg)
+{
+    const Convo__V1__ListUserSessionsRequest *req = (const Convo__V1__ListUserSessionsRequest *)msg;
+    store *st = srv_call_method_data(call);
+    char err[256];
+    if (store_check_id("user_id", str(req->user_id), err, sizeof err) != 0 ||
+        (str(req->exclude_session_id)[0] != '\0' &&
+         store_check_id("exclude_session_id", req->exclude_session_id, err, sizeof err) != 0)) {
+        finish_invalid(call, err);
+        return;
+    }
+    list_job *j = job_new(sizeof *j, call, st, "", list_run);
+    j->user_id = mem_strdup(req->user_id);
+    j->exclude = mem_strdup(str(req->exclude_session_id));
+    j->limit = req->limit == 0                  ? USER_SESSIONS_DEFAULT
+               : req->limit > USER_SESSIONS_MAX ? USER_SESSIONS_MAX
+                                                : req->limit;
+    job_submit(&j->h, list_free);
+}
+
+static void on_list_unsummarized(srv_call *call, const ProtobufCMessage *msg)
+{
+    const Convo__V1__ListUnsummarizedSessionsRequest *req =
+        (const Convo__V1__ListUnsummarizedSessionsRequest *)msg;
+    store *st = srv_call_method_data(call);
+    char err[256];
+    if (check_time("ended_before_us", req->ended_before_us, err, sizeof err) != 0)
+        goto invalid;
+    if (req->max_attempts < 0) {
+        snprintf(err, sizeof err, "max_attempts is %d; it must be >= 0 (0: no limit)",
+                 (int)req->max_attempts);
+        goto invalid;
+    }
+    list_job *j = job_new(sizeof *j, call, st, "", list_run);
+    j->unsummarized = 1;
+    j->limit = req->limit == 0                 ? UNSUMMARIZED_DEFAULT
+               : req->limit > UNSUMMARIZED_MAX ? UNSUMMARIZED_MAX
+                                               : req->limit;
+    j->ended_before_us = req->ended_before_us;
+    j->max_attempts = req->max_attempts;
+    job_submit(&j->h, list_free);
+    return;
+invalid:
+    finish_invalid(call, err);
+}
+
+/* ---- ListEvents ------------------------------------------------------------ */
+
+/* One ListEvents call. At any moment exactly one party owns it: the job
+ * queue or a worker (a page is being read), a sender (a page is being
+ * sent, on a worker or on the call's completion-queue thread), or nobody
+ * while it is parked waiting for on_writable. The owner works without a
+ * lock; streams_mu only guards the hand-overs (state, the call's data
+ * pointer) so that a cancel or writable callback racing a finish never
+ * touches a freed stream. */
+typedef struct lstream {
+    job h;
+    int64_t after_seq; /* the last seq sent (or the request's after_seq) */
+    int64_t left;      /* events the request still allows */
+    int checked;       /* the session's existence was checked */
+    db_page *page;     /* the page being sent, NULL between pages */
+    size_t next;       /* its next row */
+    int last_page;     /* the page was short: nothing after it */
+    int parked;        /* waiting for on_writable; nobody owns it */
+    int writable_seen; /* on_writable came while the owner was still sending */
+} lstream;
+
+static pthread_mutex_t streams_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void stream_free(lstream *ls)
+{
+    db_page_destroy(&ls->page);
+    job_free(&ls->h);
+}
+
+/* The owner ends the stream: unhooks it from the call under the lock, so
+ * that callbacks arriving later find nothing, then finishes and frees. */
+static void stream_end(lstream *ls, rpc_code code, const char *msg)
+{
+    pthread_mutex_lock(&streams_mu);
+    srv_call_set_data(ls->h.call, NULL);
+    pthread_mutex_unlock(&streams_mu);
+    job_finish(&ls->h, code, msg, NULL);
+    stream_free(ls);
+}
+
+static void stream_page_run(pool_job *pj, db_conn *conn, int err);
+
+/* Sends what is left of the page, then queues the next page's job. Runs
+ * on whichever thread owns the stream; never blocks. */
+static void stream_pump(lstream *ls)
+{
+    size_t count = ls->page != NULL ? db_page_count(ls->page) : 0;
+    while (ls->next < count) {
+        db_event ev;
+        db_page_event(ls->page, ls->next, &ev);
+        Convo__V1__Event out = CONVO__V1__EVENT__INIT;
+        out.session_id = ls->h.session_id;
+        out.seq = ev.seq;
+        out.type = (Convo__V1__EventType)ev.type;
+        out.content = (char *)ev.content;
+        out.timestamp_us = ev.timestamp_us;
+        out.event_id = ev.event_id;
+        int rc = srv_call_send(ls->h.call, &out.base);
+        if (rc == RPC_EFULL) {
+            pthread_mutex_lock(&streams_mu);
+            if (ls->writable_seen) {
+                /* The queue drained while we were getting here. */
+                ls->writable_seen = 0;
+                pthread_mutex_unlock(&streams_mu);
+                continue;
+            }
+            if (srv_call_cancelled(ls->h.call)) {
+                /* on_cancel came (or is coming) while we owned it and
+                 * left the stream to us: no on_writable will follow. */
+                pthread_mutex_unlock(&streams_mu);
+                stream_end(ls, RPC_CANCELLED, "cancelled");
+                return;
+            }
+            ls->parked = 1;
+            pthread_mutex_unlock(&streams_mu);
+            log_context_set(NULL, NULL);
+            return;
+        }
+        if (rc == RPC_EDONE) {
+            stream_end(ls, RPC_CANCELLED, "cancelled");
+            return;
+        }
+        if (rc != 0) {
+            log_error("ListEvents: cannot send seq %lld: %s", (long long)ev.seq, rpc_strerror(rc));
+            stream_end(ls, RPC_INTERNAL, "an event could not be encoded");
+            return;
+        }
+        ls->next++;
+        ls->after_seq = ev.seq;
+        ls->left--;
+    }
+    db_page_destroy(&ls->page);
+    ls->next = 0;
+    if (ls->last_page || ls->left <= 0) {
+        stream_end(ls, RPC_OK, NULL);
+        return;
+    }
+    log_context_set(NULL, NULL);
+    ls->h.pj.fn = stream_page_run;
+    if (pool_resubmit(ls->h.st->pool, &ls->h.pj) != 0) {
+        stream_end(ls, RPC_UNAVAILABLE, "the store is shutting down; resume with after_seq");
+        return;
+    }
+}
+
+static void stream_page_run(pool_job *pj, db_conn *conn, int err)
+{
+    lstream *ls = (lstream *)pj;
+    int rc = 0;
+    log_context_set(srv_call_request_id(ls->h.call), ls->h.session_id);
+    if (err != 0 || conn == NULL) {
+        stream_end(ls, RPC_UNAVAILABLE,
+                   err == POOL_ESHUTDOWN ? "the store is shutting down; resume with after_seq"
+                                         : "the database is unavailable; resume with after_seq");
+        return;
+    }
+    if (srv_call_cancelled(ls->h.call)) {
+        stream_end(ls, RPC_CANCELLED, "cancelled");
+        return;
+    }
+    int64_t want = ls->h.st->lim.list_page_size;
+    if (want > ls->left)
+        want = ls->left;
+    rc = db_list_events(conn, ls->h.session_id, ls->after_seq, want, !ls->checked, &ls->page);
+    if (rc != 0) {
+        /* job_fail finishes the call; the stream is unhooked first. */
+        pthread_mutex_lock(&streams_mu);
+        srv_call_set_data(ls->h.call, NULL);
+        pthread_mutex_unlock(&streams_mu);
+        job_fail(&ls->h, conn, rc);
+        stream_free(ls);
+        return;
+    }
+    ls->checked = 1;
+    ls->next = 0;
+    ls->last_page = (int64_t)db_page_count(ls->page) < want;
+    stream_pump(ls);
+}
+
+/* On the call's completion-queue thread: the write queue drained. */
+static void stream_on_writable(srv_call *call)
+{
+    pthread_mutex_lock(&streams_mu);
+    lstream *ls = srv_call_data(call);
+    int take = 0;
+    if (ls != NULL) {
+        if (ls->parked) {
+            ls->parked = 0;
+            take = 1;
+        } else {
+            ls->writable_seen = 1;
+        }
+    }
+    pthread_mutex_unlock(&streams_mu);
+    if (take)
+        stream_pump(ls);
+}
+
+/* On the call's completion-queue thread: the client went away. A parked
+ * stream is ended here; an owned one ends when its owner next looks
+ * (srv_call_send answers RPC_EDONE, a queued page job checks first). */
+static void stream_on_cancel(srv_call *call)
+{
+    pthread_mutex_lock(&streams_mu);
+    lstream *ls = srv_call_data(call);
+    int take = 0;
+    if (ls != NULL && ls->parked) {
+        ls->parked = 0;
+        take = 1;
+    }
+    pthread_mutex_unlock(&streams_mu);
+    if (take)
+        stream_end(ls, RPC_CANCELLED, "cancelled");
+}
+
+static void on_list_events(srv_call *call, const ProtobufCMessage *msg)
+{
+    const Convo__V1__ListEventsRequest *req = (const Convo__V1__ListEventsRequest *)msg;
+    store *st = srv_call_method_data(call);
+    char err[256];
+    if (store_check_id("session_id", str(req->session_id), err, sizeof err) != 0)
+        goto invalid;
+    if (req->after_seq < 0) {
+        snprintf(err, sizeof err, "after_seq is %lld; it must be >= 0", (long long)req->after_seq);
+        goto invalid;
+    }
+    if (req->limit < 0) {
+        snprintf(err, sizeof err, "limit is %lld; it must be >= 0 (0: all)", (long long)req->limit);
+        goto invalid;
+    }
+    lstream *ls = job_new(sizeof *ls, call, st, req->session_id, stream_page_run);
+    ls->after_seq = req->after_seq;
+    ls->left = req->limit > 0 ? req->limit : INT64_MAX;
+    srv_call_set_data(call, ls);
+    srv_call_on_writable(call, stream_on_writable);
+    srv_call_on_cancel(call, stream_on_cancel);
+    int rc = pool_submit(st->pool, &ls->h.pj);
+    if (rc != 0) {
+        srv_call_set_data(call, NULL);
+        srv_call_finish(call, rc == POOL_EFULL ? RPC_RESOURCE_EXHAUSTED : RPC_UNAVAILABLE,
+                        rc == POOL_EFULL ? "the store's job queue is full; retry with backoff"
+                                         : "the store is shutting down; retry",
+                        NULL);
+        stream_free(ls);
+    }
+    return;
+invalid:
+    finish_invalid(call, err);
+}
+
+/* ---- registration ------------------------------------------------------------ */
+
+store *store_create(srv *s, pool *p, const store_limits *lim)
+{
+    static const srv_method methods[] = {
+        {PATH("OpenSession"), SRV_UNARY, &convo__v1__open_session_request__descriptor,
+         &convo__v1__open_session_response__descriptor, on_open, NULL, NULL},
+        {PATH("AppendEvents"), SRV_UNARY, &convo__v1__append_events_request__descriptor,
+         &convo__v1__append_events_response__descriptor, on_append, NULL, NULL},
+        {PATH("EndSession"), SRV_UNARY, &convo__v1__end_session_request__descriptor,
+         &convo__v1__end_session_response__descriptor, on_end, NULL, NULL},
+        {PATH("GetSession"), SRV_UNARY, &convo__v1__get_session_request__descriptor,
+         &convo__v1__get_session_response__descriptor, on_get, NULL, NULL},
+        {PATH("ListEvents"), SRV_SERVER_STREAM, &convo__v1__list_events_request__descriptor,
+         &convo__v1__event__descriptor, on_list_events, NULL, NULL},
+        {PATH("SaveSummary"), SRV_UNARY, &convo__v1__save_summary_request__descriptor,
+         &convo__v1__save_summary_response__descriptor, on_save_summary, NULL, NULL},
+        {PATH("ListUserSessions"), SRV_UNARY, &convo__v1__list_user_sessions_request__descriptor,
+         &convo__v1__list_user_sessions_response__descriptor, on_list_user_sessions, NULL, NULL},
+        {PATH("ListUnsummarizedSessions"), SRV_UNARY,
+         &convo__v1__list_unsummarized_sessions_request__descriptor,
+         &convo__v1__list_unsummarized_sessions_response__descriptor, on_list_unsummarized, NULL,
+         NULL},
+        {PATH("ClaimSummary"), SRV_UNARY, &convo__v1__claim_summary_request__descriptor,
+         &convo__v1__claim_summary_response__descriptor, on_claim_summary, NULL, NULL},
+    };
+    store *st = mem_calloc(1, sizeof *st);
+    st->s = s;
+    st->pool = p;
+    st->lim = *lim;
+    for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++) {
+        if (srv_add_method(s, &methods[i], st) != 0) {
+            log_error("cannot register %s", methods[i].path);
+            mem_free(st);
+            return NULL;
+        }
+    }
+    return st;
+}
+
+void store_destroy(store **stp)
+{
+    mem_free(*stp);
+    *stp = NULL;
+}

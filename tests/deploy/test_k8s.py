@@ -1,0 +1,420 @@
+"""deploy/k8s: every overlay renders with `kubectl kustomize`, holds what
+issue 7 asks for, and gives each container only ports, flags and environment
+variables its binary accepts (no drift from the binaries' --help).
+
+The Kubernetes API schema validation of every rendered object is
+validate_k8s.mjs (Node, kubernetes-models)."""
+import base64
+import os
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from deploy_util import (BINARIES, K8S, OVERLAYS, REPO, by_kind, help_options, image_binary,
+                         need_kubectl, pod_spec, render, render_text)
+
+SERVICES = ["gateway", "router-svc", "llm-svc", "store-svc", "summary-svc"]
+GRPC_PORTS = {"router-svc": 50051, "llm-svc": 50052, "store-svc": 50053, "summary-svc": 50054}
+# Who may call whom (NetworkPolicy ingress), by app.kubernetes.io/name.
+CALLERS = {
+    "router-svc": {"gateway"},
+    "llm-svc": {"gateway", "summary-svc"},
+    "store-svc": {"gateway", "llm-svc", "summary-svc"},
+    "summary-svc": {"gateway"},
+}
+DEV_CALLERS = {"postgres": {"store-svc", "store-migrate"}, "offline-model": {"llm-svc"}}
+NAMESPACE = {"dev": "convo-dev", "prod": "convo"}
+# The gateway's shutdown: WebSockets closed with 1001, events flushed for up
+# to 10 s (gateway/main.c SHUTDOWN_FLUSH_MS); it has no flag for it.
+GATEWAY_FLUSH_S = 10
+# Environment variables a binary reads that --help does not list as (env ...).
+EXTRA_ENV = {"gateway": {"HOST", "PORT"}}
+
+
+def containers(objs):
+    """(object, container) for every container of every workload."""
+    for o in objs:
+        spec = pod_spec(o)
+        if spec is None:
+            continue
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            yield o, c
+
+
+def env_of(c) -> dict:
+    return {e["name"]: e.get("value") for e in c.get("env", [])}
+
+
+def labels_name(o) -> str:
+    return o["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+
+
+# ------------------------------------------------------------------ rendering
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders(overlay):
+    objs = render(overlay)
+    assert len(objs) > 20
+    seen = set()
+    for o in objs:
+        key = (o["kind"], o["metadata"]["name"])
+        assert key not in seen, f"{key} twice"
+        seen.add(key)
+        if o["kind"] != "Namespace":
+            assert o["metadata"].get("namespace") == NAMESPACE[overlay], key
+    assert by_kind(objs, "Namespace").keys() == {NAMESPACE[overlay]}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_has_every_part(overlay):
+    objs = render(overlay)
+    deps, svcs = by_kind(objs, "Deployment"), by_kind(objs, "Service")
+    for s in SERVICES:
+        assert s in deps and s in svcs, s
+    assert "convo-migrate" in by_kind(objs, "Job")
+    assert set(by_kind(objs, "HorizontalPodAutoscaler")) == {"gateway", "llm-svc"}
+    assert set(SERVICES) <= set(by_kind(objs, "PodDisruptionBudget"))
+    assert set(by_kind(objs, "Ingress")) == {"gateway"}
+    cms = by_kind(objs, "ConfigMap")
+    for prefix in ("router-config", "llm-knowledge", "convo-env"):
+        assert any(n.startswith(prefix + "-") for n in cms), prefix
+    secrets = by_kind(objs, "Secret")
+    if overlay == "dev":
+        assert "postgres" in by_kind(objs, "StatefulSet")
+        assert any(n.startswith("convo-secrets-") for n in secrets)
+    else:
+        # prod: external PostgreSQL; the Secret is created by hand, never committed.
+        assert not by_kind(objs, "StatefulSet")
+        assert not secrets
+
+
+# ------------------------------------------------------------ no drift (--help)
+def _check_args(binary, args, opts, problems):
+    i = 0
+    if binary == "store-svc" and args[:1] == ["migrate"]:
+        i = 1  # the subcommand of the migration Job
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            problems.append(f"argument {a!r} is not a flag")
+            i += 1
+            continue
+        flag, eq, value = a.partition("=")
+        if flag not in opts:
+            problems.append(f"{flag} is not an option of {binary}")
+            i += 1
+            continue
+        if opts[flag]["arg"] and not eq:
+            value = args[i + 1] if i + 1 < len(args) else None
+            i += 1
+        _check_value(binary, flag, opts[flag]["arg"], value, problems)
+        i += 1
+
+
+def _check_value(binary, what, kind, value, problems):
+    if value is None:
+        problems.append(f"{what} of {binary} has no value")
+    elif kind == "N" and not re.fullmatch(r"-?\d+", value):
+        problems.append(f"{what}={value!r}: {binary} wants a number")
+    elif kind == "BOOL" and value not in ("true", "false", "1", "0", "yes", "no"):
+        problems.append(f"{what}={value!r}: {binary} wants true or false")
+
+
+def _listen_port(binary, c, opts):
+    """The port the container's process listens on, from its args/env/default."""
+    args = c.get("args", [])
+    listen = None
+    for i, a in enumerate(args):
+        if a == "--listen" and i + 1 < len(args):
+            listen = args[i + 1]
+        elif a.startswith("--listen="):
+            listen = a.split("=", 1)[1]
+    env = env_of(c)
+    listen_env = opts["--listen"]["env"]
+    if listen is None and env.get(listen_env):
+        listen = env[listen_env]
+    if listen is None and binary == "gateway":
+        return int(env.get("PORT") or 8000)
+    if listen is None:
+        listen = opts["--listen"]["default"]
+    return int(listen.rsplit(":", 1)[1])
+
+
+def _drift_cases():
+    for overlay in OVERLAYS:
+        for b in BINARIES:
+            yield pytest.param(overlay, b, id=f"{overlay}-{b}")
+
+
+@pytest.mark.parametrize("overlay,binary", list(_drift_cases()))
+def test_containers_match_their_binary(overlay, binary):
+    """Flags, env names, values and ports given to each container of image
+    convo/<binary> are ones `<binary> --help` accepts."""
+    objs = render(overlay)
+    mine = [(o, c) for o, c in containers(objs) if image_binary(c["image"]) == binary]
+    if not mine:
+        if binary == "offline-model" and overlay == "prod":
+            pytest.skip("prod uses a real model: no offline-model container")
+        pytest.fail(f"no container of image convo/{binary} in overlays/{overlay}")
+    opts = help_options(binary)
+    if opts is None:
+        pytest.skip(f"{binary} is not built yet (no {binary} binary under the build tree): "
+                    f"its flags and environment cannot be checked")
+    envs = {o["env"]: o for o in opts.values() if o["env"]}
+    problems = []
+    for o, c in mine:
+        where = f"{o['kind']}/{o['metadata']['name']} container {c['name']}"
+        before = len(problems)
+        assert c.get("command") in (None, [f"/usr/bin/{binary}"]), where
+        _check_args(binary, c.get("args", []), opts, problems)
+        for e in c.get("env", []):
+            name = e["name"]
+            if name in EXTRA_ENV.get(binary, ()):
+                continue
+            if name not in envs:
+                problems.append(f"env {name} is not read by {binary}")
+            elif "value" in e:
+                _check_value(binary, name, envs[name]["arg"], e["value"], problems)
+        if o["kind"] != "Job":
+            port = _listen_port(binary, c, opts)
+            declared = {p["containerPort"] for p in c.get("ports", [])}
+            if declared != {port}:
+                problems.append(f"containerPort {sorted(declared)} but {binary} listens on {port}")
+            named = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                pr = c.get(probe)
+                if not pr:
+                    continue
+                for kind in ("grpc", "httpGet", "tcpSocket"):
+                    if kind in pr:
+                        p = pr[kind]["port"]
+                        p = named.get(p, p) if isinstance(p, str) else p
+                        if p != port:
+                            problems.append(f"{probe} probes port {p}, {binary} listens on {port}")
+        problems[before:] = [f"{where}: {p}" for p in problems[before:]]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_target_container_ports(overlay):
+    objs = render(overlay)
+    pods = {}
+    for o, c in containers(objs):
+        if o["kind"] in ("Deployment", "StatefulSet"):
+            pods.setdefault(labels_name(o), []).extend(c.get("ports", []))
+    for name, svc in by_kind(objs, "Service").items():
+        sel = svc["spec"]["selector"]["app.kubernetes.io/name"]
+        assert sel in pods, f"Service {name} selects no pod"
+        for sp in svc["spec"]["ports"]:
+            t = sp["targetPort"]
+            ok = any(p.get("name") == t or p["containerPort"] == t for p in pods[sel])
+            assert ok, f"Service {name} targets port {t}, not a port of {sel}"
+
+
+# -------------------------------------------------------------- gRPC, probes
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grpc_services_headless_with_native_probes(overlay):
+    objs = render(overlay)
+    deps, svcs = by_kind(objs, "Deployment"), by_kind(objs, "Service")
+    for name, port in GRPC_PORTS.items():
+        svc = svcs[name]
+        assert svc["spec"].get("clusterIP") == "None", f"{name}: headless, for round_robin"
+        assert [p["port"] for p in svc["spec"]["ports"]] == [port]
+        c = pod_spec(deps[name])["containers"][0]
+        assert c["readinessProbe"]["grpc"]["port"] == port, name
+        live = c["livenessProbe"]
+        assert live.get("grpc", live.get("tcpSocket"))["port"] == port, name
+    gw = pod_spec(deps["gateway"])["containers"][0]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert gw[probe]["httpGet"]["path"] == "/api/health"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_clients_use_dns_targets_of_real_services(overlay):
+    """Every peer address is dns:///<Service>:<its port>; the gateway spreads
+    calls over replicas (round_robin)."""
+    objs = render(overlay)
+    svcs = by_kind(objs, "Service")
+    for o, c in containers(objs):
+        for name, value in env_of(c).items():
+            if name in ("ROUTER_ADDR", "LLM_ADDR", "STORE_ADDR", "SUMMARY_ADDR"):
+                m = re.fullmatch(r"dns:///([a-z0-9-]+):(\d+)", value or "")
+                assert m, f"{c['name']}: {name}={value!r} is not dns:///service:port"
+                svc = svcs.get(m.group(1))
+                assert svc, f"{c['name']}: {name} names no Service"
+                assert int(m.group(2)) in [p["port"] for p in svc["spec"]["ports"]]
+                assert svc["spec"].get("clusterIP") == "None"
+    gw = pod_spec(by_kind(objs, "Deployment")["gateway"])["containers"][0]
+    assert env_of(gw)["GRPC_ROUND_ROBIN"] == "true"
+
+
+@pytest.mark.parametrize("binary", ["gateway", "llm-svc", "summary-svc"])
+def test_grpc_clients_have_round_robin(binary):
+    """Notes which gRPC clients can spread calls over a headless Service's
+    replicas; one without --grpc-round-robin uses pick_first (one replica
+    per channel until that connection breaks)."""
+    opts = help_options(binary)
+    if opts is None:
+        pytest.skip(f"{binary} is not built yet")
+    if "--grpc-round-robin" not in opts:
+        pytest.skip(f"{binary} has no --grpc-round-robin (GRPC_ROUND_ROBIN): its channels use "
+                    f"pick_first over a headless Service's addresses (noted in the README)")
+
+
+# --------------------------------------------------------------- termination
+def test_termination_grace_covers_drain():
+    for overlay in OVERLAYS:
+        for name, o in by_kind(render(overlay), "Deployment").items():
+            if name not in SERVICES:
+                continue
+            spec = pod_spec(o)
+            c = spec["containers"][0]
+            env = env_of(c)
+            pre = 0
+            cmd = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+            if cmd[:1] == ["sleep"]:
+                pre = int(cmd[1])
+            if name == "gateway":
+                need = pre + GATEWAY_FLUSH_S
+            else:
+                need = (int(env.get("DRAIN_DELAY_MS", 0)) + int(env.get("SHUTDOWN_GRACE_MS", 10000))) / 1000
+                # Drain longer than the readiness period, so no new calls
+                # arrive after the pod stops taking them.
+                ready = c["readinessProbe"]
+                assert int(env.get("DRAIN_DELAY_MS", 0)) / 1000 >= ready.get("periodSeconds", 10) * \
+                    ready.get("failureThreshold", 3), f"{overlay} {name}: drain shorter than readiness"
+            grace = spec.get("terminationGracePeriodSeconds", 30)
+            assert need < grace <= need + 15, f"{overlay} {name}: grace {grace}s for {need}s of shutdown"
+
+
+# ------------------------------------------------------ resources, security
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_requests_limits_and_non_root(overlay):
+    for o, c in containers(render(overlay)):
+        where = f"{overlay} {o['kind']}/{o['metadata']['name']}"
+        for k in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(c.get("resources", {}).get(k, {})), f"{where}: {k}"
+        assert pod_spec(o)["securityContext"]["runAsNonRoot"] is True, where
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False, where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_hpa_targets_have_no_fixed_replicas(overlay):
+    objs = render(overlay)
+    deps = by_kind(objs, "Deployment")
+    for name, hpa in by_kind(objs, "HorizontalPodAutoscaler").items():
+        ref = hpa["spec"]["scaleTargetRef"]
+        assert ref["kind"] == "Deployment" and ref["name"] in deps
+        assert "replicas" not in deps[ref["name"]]["spec"], f"{name}: kubectl apply would reset the HPA"
+        assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pdbs_select_pods(overlay):
+    objs = render(overlay)
+    names = {labels_name(o) for o in objs if o["kind"] == "Deployment"}
+    for name, pdb in by_kind(objs, "PodDisruptionBudget").items():
+        assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] in names, name
+
+
+# ----------------------------------------------------------- network policy
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies(overlay):
+    objs = render(overlay)
+    pols = list(by_kind(objs, "NetworkPolicy").values())
+    deny = [p for p in pols if p["spec"]["podSelector"] == {}]
+    assert deny and deny[0]["spec"]["policyTypes"] == ["Ingress"] and not deny[0]["spec"].get("ingress")
+    allowed = {}
+    open_to_all = set()
+    for p in pols:
+        target = p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name")
+        for rule in p["spec"].get("ingress", []):
+            if "from" not in rule:
+                open_to_all.add(target)
+                continue
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"}, f"{p['metadata']['name']}: only pods of this namespace"
+                allowed.setdefault(target, set()).add(peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"])
+    assert open_to_all == {"gateway"}, "only the gateway is reachable from outside"
+    expected = dict(CALLERS, **(DEV_CALLERS if overlay == "dev" else {}))
+    assert allowed == expected
+    # Every workload is behind a policy of its own.
+    for o in objs:
+        if pod_spec(o) is not None and o["kind"] != "Job":
+            assert labels_name(o) in allowed or labels_name(o) in open_to_all, o["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ingress_websocket_timeouts(overlay):
+    ing = by_kind(render(overlay), "Ingress")["gateway"]
+    ann = ing["metadata"]["annotations"]
+    for k in ("proxy-read-timeout", "proxy-send-timeout"):
+        assert int(ann[f"nginx.ingress.kubernetes.io/{k}"]) >= 3600, k
+    backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == "gateway"
+
+
+# --------------------------------------------------------------- config maps
+def test_config_copies_in_sync():
+    r = subprocess.run(["bash", str(K8S / "sync-config.sh"), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_configmaps_hold_the_sources(overlay):
+    objs = render(overlay)
+    cms = {n.rsplit("-", 1)[0]: o for n, o in by_kind(objs, "ConfigMap").items()}
+    assert cms["router-config"]["data"]["router.conf"] == (REPO / "router-svc/router.conf").read_text()
+    kb = REPO / "llm-svc" / "knowledge"
+    want = {p.name: p.read_text() for p in kb.iterdir() if p.suffix in (".md", ".txt")}
+    assert cms["llm-knowledge"]["data"] == want
+    assert len(yaml.safe_dump(cms["llm-knowledge"])) < 1000000, "a ConfigMap holds at most 1 MiB"
+    # The mounts point where the binaries are told to look.
+    deps = by_kind(objs, "Deployment")
+    llm = pod_spec(deps["llm-svc"])["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in llm["volumeMounts"]}
+    assert env_of(llm)["KNOWLEDGE_DIR"] == mounts["knowledge"]
+    router = pod_spec(deps["router-svc"])["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in router["volumeMounts"]}
+    assert router["args"] == ["--config", mounts["router-config"] + "/router.conf"]
+
+
+def test_dev_secret_is_throwaway_and_prod_has_none():
+    secrets = by_kind(render("dev"), "Secret")
+    (s,) = secrets.values()
+    url = base64.b64decode(s["data"]["DATABASE_URL"]).decode()
+    assert "@postgres:5432/" in url, "dev points at its in-cluster PostgreSQL only"
+    assert "OPENAI_API_KEY" not in s["data"]
+    # Nothing under deploy/ looks like a real key.
+    for p in (REPO / "deploy").rglob("*"):
+        if p.is_file():
+            assert not re.search(r"sk-[A-Za-z0-9_-]{20,}", p.read_text(errors="replace")), p
+
+
+def _normalized(text):
+    """A render with generated-name hashes, empty maps and base64 wrapping
+    ironed out (they differ between kustomize versions)."""
+    text = re.sub(r"-[a-z0-9]{10}\b", "-HASH", text)
+    objs = {}
+    for d in yaml.safe_load_all(text):
+        if not d:
+            continue
+        for k in ("labels", "annotations"):
+            if d["metadata"].get(k) == {}:
+                del d["metadata"][k]
+        if d["kind"] == "Secret":
+            d["data"] = {k: v.replace("\n", "") for k, v in d["data"].items()}
+        objs[(d["kind"], d["metadata"]["name"])] = d
+    return objs
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_same_render_with_debian_kubectl(overlay):
+    """With KUBECTL_COMPAT=<another kubectl> (e.g. Debian 12's kubernetes-client
+    1.20, kustomize v2.0.3), both render the same objects."""
+    other = os.environ.get("KUBECTL_COMPAT")
+    if not other:
+        pytest.skip("set KUBECTL_COMPAT to a second kubectl (e.g. Debian 12's 1.20) to compare renders")
+    need_kubectl()
+    assert _normalized(render_text(overlay)) == _normalized(render_text(overlay, other))

@@ -1,0 +1,164 @@
+// loadgen — the project's load generator for the gateway (not a test).
+//
+// Opens N concurrent WebSocket sessions, runs T turns each, checks that every
+// token of every answer arrived in order ("w1 w2 ... wW" from the offline
+// model's [[words:W]] rule), and reports time to first token p50/p95/p99,
+// tokens per second and errors. With --model it first streams the same
+// requests straight from the offline model (SSE over HTTP), so the time the
+// whole path (gateway, router-svc, llm-svc, store-svc) adds to the first
+// token is measured side by side in one run.
+//
+//   node loadgen.mjs --gateway 127.0.0.1:8000 [--model 127.0.0.1:8089]
+//        [--sessions 100] [--turns 5] [--words 50] [--delay-ms 0] [--json]
+import http from "node:http";
+import { createRequire } from "node:module";
+const require = createRequire(import.meta.url);
+const WebSocket = require("ws");
+
+function parseArgs(argv) {
+  const o = { gateway: "127.0.0.1:8000", model: "", sessions: 100, turns: 5, words: 50,
+              delayMs: 0, json: false, timeoutMs: 120000 };
+  for (let i = 2; i < argv.length; i++) {
+    const k = argv[i];
+    const v = () => argv[++i];
+    if (k === "--gateway") o.gateway = v();
+    else if (k === "--model") o.model = v();
+    else if (k === "--sessions") o.sessions = +v();
+    else if (k === "--turns") o.turns = +v();
+    else if (k === "--words") o.words = +v();
+    else if (k === "--delay-ms") o.delayMs = +v();
+    else if (k === "--timeout-ms") o.timeoutMs = +v();
+    else if (k === "--json") o.json = true;
+    else { console.error(`loadgen: unknown option ${k}`); process.exit(2); }
+  }
+  return o;
+}
+
+const opts = parseArgs(process.argv);
+const message = `[[words:${opts.words}]] [[delay:${opts.delayMs}]]`;
+const expected = Array.from({ length: opts.words }, (_, i) => `w${i + 1}`).join(" ");
+
+function pct(sorted, p) {
+  if (sorted.length === 0) return NaN;
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+}
+
+function summary(name, ttft, tokens, errors, seconds) {
+  const s = [...ttft].sort((a, b) => a - b);
+  return { path: name, answers: ttft.length, errors, ttft_p50_ms: pct(s, 50),
+           ttft_p95_ms: pct(s, 95), ttft_p99_ms: pct(s, 99), tokens, seconds,
+           tokens_per_s: tokens / seconds };
+}
+
+// One session: T turns over one WebSocket, one at a time.
+function runSession(id, stats) {
+  return new Promise((resolve) => {
+    const ws = new WebSocket(`ws://${opts.gateway}/ws/session/${id}?user_id=load`);
+    let turn = 0, text = "", t0 = 0, first = true;
+    const timer = setTimeout(() => { stats.errors++; ws.terminate(); }, opts.timeoutMs);
+    const next = () => {
+      if (turn === opts.turns) { ws.close(1000); return; }
+      turn++; text = ""; first = true; t0 = performance.now();
+      ws.send(JSON.stringify({ message }));
+    };
+    ws.on("message", (data) => {
+      const f = JSON.parse(data);
+      if (f.type === "session") next();
+      else if (f.type === "token") {
+        if (first) { stats.ttft.push(performance.now() - t0); first = false; }
+        text += f.content;
+        stats.tokens++;
+      } else if (f.type === "done") {
+        if (text !== expected) stats.errors++;
+        next();
+      } else if (f.type === "error") {
+        stats.errors++;
+        stats.messages.add(f.code);
+        next();
+      }
+    });
+    ws.on("error", (e) => { stats.errors++; stats.messages.add(e.message); });
+    ws.on("close", () => { clearTimeout(timer); resolve(); });
+  });
+}
+
+// The same turn straight from the offline model (OpenAI streaming format).
+function modelTurn(stats, agent) {
+  return new Promise((resolve) => {
+    const [host, port] = opts.model.split(":");
+    const body = JSON.stringify({ model: "offline-model", stream: true,
+                                  messages: [{ role: "user", content: message }] });
+    const t0 = performance.now();
+    let first = true, text = "", buf = "";
+    const req = http.request({ host, port, path: "/v1/chat/completions", method: "POST", agent,
+                               headers: { "content-type": "application/json",
+                                          "content-length": Buffer.byteLength(body) } }, (res) => {
+      res.setEncoding("utf8");
+      res.on("data", (chunk) => {
+        buf += chunk;
+        let i;
+        while ((i = buf.indexOf("\n\n")) >= 0) {
+          const ev = buf.slice(0, i); buf = buf.slice(i + 2);
+          const data = ev.split("\n").filter((l) => l.startsWith("data:"))
+                         .map((l) => l.slice(5).trim()).join("\n");
+          if (!data || data === "[DONE]") continue;
+          const content = JSON.parse(data).choices?.[0]?.delta?.content;
+          if (content) {
+            if (first) { stats.ttft.push(performance.now() - t0); first = false; }
+            text += content; stats.tokens++;
+          }
+        }
+      });
+      res.on("end", () => { if (text !== expected) stats.errors++; resolve(); });
+    });
+    req.on("error", (e) => { stats.errors++; stats.messages.add(e.message); resolve(); });
+    req.end(body);
+  });
+}
+
+async function runModel() {
+  const stats = { ttft: [], tokens: 0, errors: 0, messages: new Set() };
+  const agent = new http.Agent({ keepAlive: true, maxSockets: opts.sessions });
+  const t0 = performance.now();
+  await Promise.all(Array.from({ length: opts.sessions }, async () => {
+    for (let t = 0; t < opts.turns; t++) await modelTurn(stats, agent);
+  }));
+  agent.destroy();
+  return [summary("offline model direct", stats.ttft, stats.tokens, stats.errors,
+                  (performance.now() - t0) / 1000), stats];
+}
+
+async function runGateway() {
+  const stats = { ttft: [], tokens: 0, errors: 0, messages: new Set() };
+  const run = `load-${process.pid}-${Date.now()}`;
+  const t0 = performance.now();
+  await Promise.all(Array.from({ length: opts.sessions }, (_, i) => runSession(`${run}-${i}`, stats)));
+  return [summary("through the gateway", stats.ttft, stats.tokens, stats.errors,
+                  (performance.now() - t0) / 1000), stats];
+}
+
+const results = [];
+const messages = new Set();
+if (opts.model) {
+  const [r, s] = await runModel();
+  results.push(r); s.messages.forEach((m) => messages.add(m));
+}
+const [g, gs] = await runGateway();
+results.push(g); gs.messages.forEach((m) => messages.add(m));
+
+if (opts.json) {
+  console.log(JSON.stringify({ options: opts, results, errors: [...messages] }));
+} else {
+  console.log(`sessions ${opts.sessions}, turns ${opts.turns}, ${opts.words} tokens per answer, ` +
+              `${opts.delayMs} ms per token`);
+  console.log("path                      answers  errors  ttft p50   p95      p99      tokens/s");
+  for (const r of results)
+    console.log(`${r.path.padEnd(26)}${String(r.answers).padStart(7)}${String(r.errors).padStart(8)}` +
+                `  ${r.ttft_p50_ms.toFixed(2).padStart(7)}  ${r.ttft_p95_ms.toFixed(2).padStart(7)}` +
+                `  ${r.ttft_p99_ms.toFixed(2).padStart(7)}  ${r.tokens_per_s.toFixed(0).padStart(9)}`);
+  if (results.length === 2)
+    console.log(`added time to first token: p50 ${(results[1].ttft_p50_ms - results[0].ttft_p50_ms).toFixed(2)} ms, ` +
+                `p99 ${(results[1].ttft_p99_ms - results[0].ttft_p99_ms).toFixed(2)} ms`);
+  if (messages.size) console.log("error kinds:", [...messages].join(", "));
+}
+process.exit(results.some((r) => r.errors > 0) ? 1 : 0);
