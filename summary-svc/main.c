@@ -1,0 +1,91 @@
+/* summary-svc — serves convo.v1.Summary: durable post-session summaries
+ * made from store-svc's event log by llm-svc's Complete. */
+#include "cli.h"
+#include "conf.h"
+#include "log.h"
+#include "mem.h"
+#include "service.h"
+#include "srv.h"
+
+#include <stdio.h>
+
+#define SUMMARY_OPTS(X, S)                                                                         \
+    X(S, listen, STR, "listen", "LISTEN_ADDR", "0.0.0.0:50054", "HOST:PORT to serve gRPC on")      \
+    X(S, client_threads, INT, "client-threads", "SUMMARY_CLIENT_THREADS", "1",                     \
+      "completion-queue threads of the gRPC client (calls to store-svc and llm-svc)")              \
+    X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
+CONF_DECLARE(summary_opts, SUMMARY_OPTS)
+
+int main(int argc, char **argv)
+{
+    summary_opts opts = {0};
+    service_opts svopts = {0};
+    srv_opts sopts = {0};
+    cli_conf copts = {0};
+    const conf_section secs[] = {
+        CONF_SECTION(summary_opts, &opts),
+        CONF_SECTION(service_opts, &svopts),
+        CONF_SECTION(cli_conf, &copts),
+        CONF_SECTION(srv_opts, &sopts),
+    };
+    const size_t nsecs = sizeof secs / sizeof secs[0];
+    srv *server = NULL;
+    cli *client = NULL;
+    service *sv = NULL;
+    char err[256];
+    int status = 2;
+
+    srv_block_signals();
+    int rc = conf_parse(argc, argv, "summary-svc",
+                        "summarizes ended sessions from store-svc's event log with llm-svc, "
+                        "durably (a sweep retries what failed)",
+                        secs, nsecs);
+    if (rc != 0) {
+        status = rc > 0 ? 0 : 2;
+        goto out;
+    }
+    int level = log_level_parse(opts.log_level);
+    if (level < 0) {
+        fprintf(stderr, "summary-svc: --log-level: '%s' is not debug, info, warn or error\n",
+                opts.log_level);
+        goto out;
+    }
+    if (service_check_opts(&svopts, err, sizeof err) != 0) {
+        fprintf(stderr, "summary-svc: %s\n", err);
+        goto out;
+    }
+    if (opts.client_threads < 1 || opts.client_threads > 64) {
+        fprintf(stderr, "summary-svc: --client-threads must be between 1 and 64\n");
+        goto out;
+    }
+    log_init("summary-svc", (log_level)level);
+
+    status = 1;
+    client = cli_create((int)opts.client_threads, sopts.max_message_bytes);
+    sv = service_create(&svopts, client, copts.round_robin);
+    server = srv_create("summary-svc", opts.listen, &sopts);
+    if (service_register(sv, server) != 0) {
+        log_error("cannot register the Summary methods");
+        goto out;
+    }
+    if (srv_start(server) != 0)
+        goto out; /* srv_start logged the address */
+    log_info("serving on port %d; store-svc %s, llm-svc %s", srv_port(server), svopts.store,
+             svopts.llm);
+    service_start(sv);
+    srv_run(server);
+    status = 0;
+
+out:
+    /* Jobs first (they finish the calls waiting on them), then the server
+     * those calls belong to, then the client the jobs used. */
+    if (sv != NULL)
+        service_stop(sv);
+    if (server != NULL)
+        srv_destroy(&server);
+    service_destroy(&sv);
+    if (client != NULL)
+        cli_destroy(&client);
+    conf_free(secs, nsecs);
+    return status;
+}

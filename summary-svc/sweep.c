@@ -1,0 +1,219 @@
+#include "sweep.h"
+
+#include "bcall.h"
+#include "log.h"
+#include "mem.h"
+
+#include "convo/v1/store.pb-c.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <time.h>
+
+struct sweep {
+    sweep_cfg cfg;
+    cli_channel *store;
+    sweep_hooks hooks;
+    bcall_scope *sc;
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int stop, kicked;
+    int llm_skips; /* rounds skipped in a row, to log once */
+};
+
+static int64_t wall_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+int64_t sweep_due_us(const sweep_cfg *cfg, int64_t end_time_us, int32_t attempts)
+{
+    int64_t due = end_time_us + cfg->delay_ms * 1000;
+    int64_t wait = cfg->backoff_ms;
+    for (int32_t i = 0; i < attempts; i++) {
+        due += (wait < cfg->backoff_max_ms ? wait : cfg->backoff_max_ms) * 1000;
+        /* Doubling stops at the cap (and long before overflowing). */
+        if (wait < cfg->backoff_max_ms)
+            wait *= 2;
+    }
+    return due;
+}
+
+/* A session out of attempts with no verdict (its last worker died, or the
+ * lease ran out before the save): it will never be claimed again, so it is
+ * marked FAILED here. Any replica may do it; doing it twice is harmless. */
+static void give_up(sweep *sw, const Convo__V1__Session *s)
+{
+    Convo__V1__SaveSummaryRequest req = CONVO__V1__SAVE_SUMMARY_REQUEST__INIT;
+    char *reason = mem_asprintf("gave up after %d attempt%s; the last one: %s",
+                                (int)s->summary_attempts, s->summary_attempts == 1 ? "" : "s",
+                                s->summary_error != NULL && s->summary_error[0]
+                                    ? s->summary_error
+                                    : "did not finish (the worker stopped or its lease ran out)");
+    req.session_id = s->session_id;
+    req.status = CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_FAILED;
+    req.summary = "";
+    req.error = reason;
+    req.worker_id = ""; /* no lease is live: ListUnsummarizedSessions said so */
+    ProtobufCMessage *resp = NULL;
+    char *msg = NULL;
+    rpc_code code = bcall_unary(sw->sc, sw->store, "/convo.v1.Store/SaveSummary", &req.base,
+                                &convo__v1__save_summary_response__descriptor,
+                                sw->cfg.store_timeout_ms, &resp, &msg);
+    const log_field f[] = {{"session_id", s->session_id}, {NULL, NULL}};
+    if (code == RPC_OK)
+        log_fields(LOG_WARN, f, "summary marked failed: %s", reason);
+    else
+        log_fields(LOG_WARN, f, "could not mark the summary failed (%s: %s)", rpc_code_name(code),
+                   msg != NULL ? msg : "");
+    if (resp != NULL)
+        protobuf_c_message_free_unpacked(resp, NULL);
+    mem_free(msg);
+    mem_free(reason);
+}
+
+static void sweep_once(sweep *sw)
+{
+    const sweep_cfg *cfg = &sw->cfg;
+    if (sw->hooks.room(sw->hooks.arg) <= 0)
+        return; /* every worker busy: the next round will look */
+    if (!sw->hooks.llm_ok(sw->hooks.arg)) {
+        if (sw->llm_skips++ == 0)
+            log_warn("llm-svc is unreachable: sweeping paused until it answers");
+        return;
+    }
+    if (sw->llm_skips > 0)
+        log_info("llm-svc answers again: sweeping resumed");
+    sw->llm_skips = 0;
+
+    int64_t now = wall_us();
+    Convo__V1__ListUnsummarizedSessionsRequest req =
+        CONVO__V1__LIST_UNSUMMARIZED_SESSIONS_REQUEST__INIT;
+    req.limit = cfg->batch;
+    req.ended_before_us = now - cfg->delay_ms * 1000;
+    /* Any attempt count: exhausted ones are given up on here. */
+    req.max_attempts = 0;
+    ProtobufCMessage *resp = NULL;
+    char *msg = NULL;
+    rpc_code code =
+        bcall_unary(sw->sc, sw->store, "/convo.v1.Store/ListUnsummarizedSessions", &req.base,
+                    &convo__v1__list_unsummarized_sessions_response__descriptor,
+                    cfg->store_timeout_ms, &resp, &msg);
+    if (code != RPC_OK) {
+        if (code != RPC_CANCELLED)
+            log_warn("sweep: ListUnsummarizedSessions failed (%s: %s)", rpc_code_name(code),
+                     msg != NULL ? msg : "");
+        mem_free(msg);
+        return;
+    }
+    const Convo__V1__ListUnsummarizedSessionsResponse *r =
+        (const Convo__V1__ListUnsummarizedSessionsResponse *)resp;
+    size_t queued = 0, waiting = 0;
+    for (size_t i = 0; i < r->n_sessions; i++) {
+        const Convo__V1__Session *s = r->sessions[i];
+        if (cfg->max_attempts > 0 && s->summary_attempts >= cfg->max_attempts) {
+            give_up(sw, s);
+            continue;
+        }
+        if (wall_us() < sweep_due_us(cfg, s->end_time_us, s->summary_attempts) ||
+            !sw->hooks.may_retry(sw->hooks.arg, s->session_id)) {
+            waiting++;
+            continue;
+        }
+        if (sw->hooks.room(sw->hooks.arg) <= 0)
+            break;
+        int rc = sw->hooks.submit(sw->hooks.arg, s->session_id);
+        if (rc < 0)
+            break;
+        queued += rc == 0;
+    }
+    if (queued > 0 || r->n_sessions > 0)
+        log_debug("sweep: %zu pending sessions listed, %zu handed over, %zu waiting to retry",
+                  r->n_sessions, queued, waiting);
+    if (queued > 0)
+        log_info("sweep: %zu sessions without a summary handed to the workers", queued);
+    protobuf_c_message_free_unpacked(resp, NULL);
+    mem_free(msg);
+}
+
+static void *sweep_main(void *arg)
+{
+    sweep *sw = arg;
+    pthread_mutex_lock(&sw->mu);
+    while (!sw->stop) {
+        sw->kicked = 0;
+        pthread_mutex_unlock(&sw->mu);
+        sweep_once(sw);
+        pthread_mutex_lock(&sw->mu);
+        /* A little jitter keeps replicas started together from sweeping in
+         * lockstep (they would only race for the same leases). */
+        int64_t wait = sw->cfg.interval_ms + rand() % (sw->cfg.interval_ms / 10 + 1);
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_sec += wait / 1000;
+        until.tv_nsec += (wait % 1000) * 1000000;
+        if (until.tv_nsec >= 1000000000) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000;
+        }
+        while (!sw->stop && !sw->kicked) {
+            if (pthread_cond_timedwait(&sw->cv, &sw->mu, &until) == ETIMEDOUT)
+                break;
+        }
+    }
+    pthread_mutex_unlock(&sw->mu);
+    return NULL;
+}
+
+sweep *sweep_start(const sweep_cfg *cfg, cli_channel *store, const sweep_hooks *hooks)
+{
+    sweep *sw = mem_calloc(1, sizeof *sw);
+    sw->cfg = *cfg;
+    if (sw->cfg.interval_ms < 10)
+        sw->cfg.interval_ms = 10;
+    sw->store = store;
+    sw->hooks = *hooks;
+    sw->sc = bcall_scope_new();
+    pthread_mutex_init(&sw->mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&sw->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    int rc = pthread_create(&sw->thread, NULL, sweep_main, sw);
+    if (rc != 0) {
+        log_error("cannot start the sweep thread: error %d", rc);
+        abort();
+    }
+    return sw;
+}
+
+void sweep_kick(sweep *sw)
+{
+    pthread_mutex_lock(&sw->mu);
+    sw->kicked = 1;
+    pthread_cond_signal(&sw->cv);
+    pthread_mutex_unlock(&sw->mu);
+}
+
+void sweep_stop(sweep **swp)
+{
+    sweep *sw = *swp;
+    if (sw == NULL)
+        return;
+    pthread_mutex_lock(&sw->mu);
+    sw->stop = 1;
+    pthread_cond_signal(&sw->cv);
+    pthread_mutex_unlock(&sw->mu);
+    bcall_scope_cancel(sw->sc);
+    pthread_join(sw->thread, NULL);
+    bcall_scope_free(&sw->sc);
+    pthread_mutex_destroy(&sw->mu);
+    pthread_cond_destroy(&sw->cv);
+    mem_free(sw);
+    *swp = NULL;
+}
