@@ -95,7 +95,7 @@ cli *cli_create(int threads, int64_t max_message_bytes)
 
 cli_channel *cli_channel_create(cli *c, const char *target, int round_robin)
 {
-    grpc_arg args[6];
+    grpc_arg args[8];
     size_t n = 0;
     memset(args, 0, sizeof args);
     args[n].type = GRPC_ARG_INTEGER;
@@ -109,6 +109,14 @@ cli_channel *cli_channel_create(cli *c, const char *target, int round_robin)
     args[n].type = GRPC_ARG_INTEGER;
     args[n].key = GRPC_ARG_MAX_RECONNECT_BACKOFF_MS;
     args[n++].value.integer = 2000;
+    /* The core's first retry waits a whole second; a peer that is starting
+     * or restarting is usually back within a few milliseconds. */
+    args[n].type = GRPC_ARG_INTEGER;
+    args[n].key = GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS;
+    args[n++].value.integer = 100;
+    args[n].type = GRPC_ARG_INTEGER;
+    args[n].key = GRPC_ARG_MIN_RECONNECT_BACKOFF_MS;
+    args[n++].value.integer = 100;
     /* Pings notice a peer that vanished without closing the connection. */
     args[n].type = GRPC_ARG_INTEGER;
     args[n].key = GRPC_ARG_KEEPALIVE_TIME_MS;

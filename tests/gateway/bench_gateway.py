@@ -26,7 +26,9 @@ def main():
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--words", type=int, default=50)
     ap.add_argument("--delay-ms", type=int, default=0)
+    ap.add_argument("gateway_args", nargs="*", help="extra gateway options (after --)")
     a = ap.parse_args()
+    extra = a.gateway_args
     quiet = {"LOG_LEVEL": "warn"}
     with Postgres() as pg:
         store = Service("store-svc", env={"DATABASE_URL": pg.url, **quiet})
@@ -38,7 +40,7 @@ def main():
         router = Service("router-svc", env=quiet)
         gw = Service("gateway", args=["--router", router.addr, "--llm", llm.addr, "--store",
                                       store.addr, "--summary", "127.0.0.1:1",
-                                      "--rate-limit", "100000", "--max-connections", "100000"],
+                                      "--rate-limit", "100000", "--max-connections", "100000", *extra],
                      env=quiet, ready="http")
         try:
             r = subprocess.run(["node", str(HERE / "loadgen.mjs"), "--gateway", gw.addr,

@@ -8,16 +8,20 @@
 // whole path (gateway, router-svc, llm-svc, store-svc) adds to the first
 // token is measured side by side in one run.
 //
+// The first --warmup turns of each session (default 1) are run and checked
+// but left out of the time-to-first-token figures: they include connecting
+// every process to its peers.
+//
 //   node loadgen.mjs --gateway 127.0.0.1:8000 [--model 127.0.0.1:8089]
-//        [--sessions 100] [--turns 5] [--words 50] [--delay-ms 0] [--json]
+//        [--sessions 100] [--turns 5] [--warmup 1] [--words 50] [--delay-ms 0] [--json]
 import http from "node:http";
 import { createRequire } from "node:module";
 const require = createRequire(import.meta.url);
 const WebSocket = require("ws");
 
 function parseArgs(argv) {
-  const o = { gateway: "127.0.0.1:8000", model: "", sessions: 100, turns: 5, words: 50,
-              delayMs: 0, json: false, timeoutMs: 120000 };
+  const o = { gateway: "127.0.0.1:8000", model: "", sessions: 100, turns: 5, warmup: 1,
+              words: 50, delayMs: 0, json: false, timeoutMs: 120000 };
   for (let i = 2; i < argv.length; i++) {
     const k = argv[i];
     const v = () => argv[++i];
@@ -25,6 +29,7 @@ function parseArgs(argv) {
     else if (k === "--model") o.model = v();
     else if (k === "--sessions") o.sessions = +v();
     else if (k === "--turns") o.turns = +v();
+    else if (k === "--warmup") o.warmup = +v();
     else if (k === "--words") o.words = +v();
     else if (k === "--delay-ms") o.delayMs = +v();
     else if (k === "--timeout-ms") o.timeoutMs = +v();
@@ -45,7 +50,7 @@ function pct(sorted, p) {
 
 function summary(name, ttft, tokens, errors, seconds) {
   const s = [...ttft].sort((a, b) => a - b);
-  return { path: name, answers: ttft.length, errors, ttft_p50_ms: pct(s, 50),
+  return { path: name, answers: opts.sessions * opts.turns, errors, ttft_p50_ms: pct(s, 50),
            ttft_p95_ms: pct(s, 95), ttft_p99_ms: pct(s, 99), tokens, seconds,
            tokens_per_s: tokens / seconds };
 }
@@ -65,7 +70,8 @@ function runSession(id, stats) {
       const f = JSON.parse(data);
       if (f.type === "session") next();
       else if (f.type === "token") {
-        if (first) { stats.ttft.push(performance.now() - t0); first = false; }
+        if (first && turn > opts.warmup) stats.ttft.push(performance.now() - t0);
+        first = false;
         text += f.content;
         stats.tokens++;
       } else if (f.type === "done") {
@@ -83,7 +89,7 @@ function runSession(id, stats) {
 }
 
 // The same turn straight from the offline model (OpenAI streaming format).
-function modelTurn(stats, agent) {
+function modelTurn(stats, agent, measured) {
   return new Promise((resolve) => {
     const [host, port] = opts.model.split(":");
     const body = JSON.stringify({ model: "offline-model", stream: true,
@@ -104,7 +110,8 @@ function modelTurn(stats, agent) {
           if (!data || data === "[DONE]") continue;
           const content = JSON.parse(data).choices?.[0]?.delta?.content;
           if (content) {
-            if (first) { stats.ttft.push(performance.now() - t0); first = false; }
+            if (first && measured) stats.ttft.push(performance.now() - t0);
+            first = false;
             text += content; stats.tokens++;
           }
         }
@@ -121,7 +128,7 @@ async function runModel() {
   const agent = new http.Agent({ keepAlive: true, maxSockets: opts.sessions });
   const t0 = performance.now();
   await Promise.all(Array.from({ length: opts.sessions }, async () => {
-    for (let t = 0; t < opts.turns; t++) await modelTurn(stats, agent);
+    for (let t = 0; t < opts.turns; t++) await modelTurn(stats, agent, t >= opts.warmup);
   }));
   agent.destroy();
   return [summary("offline model direct", stats.ttft, stats.tokens, stats.errors,
