@@ -1,5 +1,6 @@
 #include "http.h"
 
+#include "check.h"
 #include "convo/v1/store.pb-c.h"
 #include "convo/v1/summary.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
@@ -368,12 +369,6 @@ static void api_info(http_req *req)
     respond(req, 200, o);
 }
 
-static int id_char(char c)
-{
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' ||
-           c == '_' || c == '-';
-}
-
 /* Serves a file of the web page; refuses anything that could leave the
  * folder. Returns the callback's result. */
 static int serve_file(struct lws *wsi, const char *rel)
@@ -388,7 +383,7 @@ static int serve_file(struct lws *wsi, const char *rel)
     if (rel[0] == '\0')
         rel = "index.html";
     for (const char *p = rel; *p; p++)
-        if (!(id_char(*p) || *p == '/') || (p[0] == '.' && p[1] == '.'))
+        if (!(check_id_char(*p) || *p == '/') || (p[0] == '.' && p[1] == '.'))
             return lws_return_http_status(wsi, 404, NULL) ? -1 : 0;
     const char *mime = NULL;
     const char *dot = strrchr(rel, '.');
@@ -435,7 +430,7 @@ int http_on_request(struct lws *wsi, const char *uri)
         size_t idlen = slash != NULL ? (size_t)(slash - id) : strlen(id);
         int ok = idlen > 0 && idlen <= 128;
         for (size_t i = 0; ok && i < idlen; i++)
-            ok = id_char(id[i]);
+            ok = check_id_char(id[i]);
         if (!ok) {
             respond_error(req, 400,
                           "the session id must be 1 to 128 characters from "

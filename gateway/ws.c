@@ -1,5 +1,6 @@
 #include "ws.h"
 
+#include "check.h"
 #include "frame.h"
 #include "gw.h"
 #include "http.h"
@@ -11,7 +12,6 @@
 #include <string.h>
 
 #define WS_PATH_PREFIX "/ws/session/"
-#define ID_MAX         128
 
 typedef struct out_frame {
     struct out_frame *next;
@@ -41,20 +41,6 @@ typedef struct pss {
 size_t ws_session_data_size(void)
 {
     return sizeof(pss);
-}
-
-static int id_valid(const char *id)
-{
-    size_t n = strlen(id);
-    if (n == 0 || n > ID_MAX)
-        return 0;
-    for (size_t i = 0; i < n; i++) {
-        char ch = id[i];
-        if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
-              ch == '.' || ch == '_' || ch == '-'))
-            return 0;
-    }
-    return 1;
 }
 
 static void enqueue(conn *c, char *frame, size_t len, long charge)
@@ -133,6 +119,7 @@ static void on_established(struct lws *wsi, pss *p)
 
     char uri[512] = "";
     char userarg[512] = "";
+    char err[160];
     lws_hdr_copy(wsi, uri, sizeof uri, WSI_TOKEN_GET_URI);
     const char *id = strncmp(uri, WS_PATH_PREFIX, strlen(WS_PATH_PREFIX)) == 0
                          ? uri + strlen(WS_PATH_PREFIX)
@@ -143,12 +130,12 @@ static void on_established(struct lws *wsi, pss *p)
         atomic_fetch_add(&g->counters.refused, 1);
         conn_close(c, WS_CLOSE_TRY_LATER, "too_many_connections",
                    "the server is at its connection limit (--max-connections); try again later");
-    } else if (id == NULL || !id_valid(id)) {
+    } else if (id == NULL || check_id("session_id", id, err, sizeof err) != 0) {
         atomic_fetch_add(&g->counters.refused, 1);
         conn_close(c, WS_CLOSE_BAD_SESSION, "invalid_session_id",
                    "connect to /ws/session/{session_id} with a session id of 1 to 128 "
                    "characters from A-Z a-z 0-9 . _ -");
-    } else if (has_user && !id_valid(user)) {
+    } else if (has_user && check_id("user_id", user, err, sizeof err) != 0) {
         atomic_fetch_add(&g->counters.refused, 1);
         conn_close(c, WS_CLOSE_BAD_SESSION, "invalid_user_id",
                    "user_id must be 1 to 128 characters from A-Z a-z 0-9 . _ -");

@@ -1,5 +1,7 @@
 #include "router.h"
 
+#include "check.h"
+
 #include "log.h"
 #include "rpc.h"
 
@@ -24,21 +26,6 @@ static const Convo__V1__Verbosity proto_verbosity[ROUTE_N_VERBOSITIES] = {
 static const char *str_or_empty(const char *s)
 {
     return s != NULL ? s : "";
-}
-
-/* An optional text field: empty, or valid UTF-8 of at most `max` bytes. */
-static int check_text(const char *field, const char *s, size_t max, char *err, size_t errsize)
-{
-    size_t len = strlen(s);
-    if (len > max) {
-        snprintf(err, errsize, "%s is %zu bytes, over the limit of %zu", field, len, max);
-        return -1;
-    }
-    if (!rpc_utf8_valid(s, len)) {
-        snprintf(err, errsize, "%s is not valid UTF-8", field);
-        return -1;
-    }
-    return 0;
 }
 
 static int check_count(const char *field, int64_t n, char *err, size_t errsize)

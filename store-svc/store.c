@@ -1,5 +1,7 @@
 #include "store.h"
 
+#include "check.h"
+
 #include "db.h"
 #include "log.h"
 #include "mem.h"
@@ -31,44 +33,6 @@ struct store {
 };
 
 /* ---- checks --------------------------------------------------------------- */
-
-int store_check_id(const char *field, const char *s, char *err, size_t errsize)
-{
-    size_t len = strlen(s);
-    if (len == 0) {
-        snprintf(err, errsize, "%s is empty", field);
-        return -1;
-    }
-    if (len > STORE_MAX_ID_BYTES) {
-        snprintf(err, errsize, "%s is %zu bytes, over the limit of %d", field, len,
-                 STORE_MAX_ID_BYTES);
-        return -1;
-    }
-    for (size_t i = 0; i < len; i++) {
-        unsigned char ch = (unsigned char)s[i];
-        if (!((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') ||
-              ch == '.' || ch == '_' || ch == '-')) {
-            snprintf(err, errsize, "%s has a byte outside [A-Za-z0-9._-] at offset %zu (0x%02x)",
-                     field, i, ch);
-            return -1;
-        }
-    }
-    return 0;
-}
-
-int store_check_text(const char *field, const char *s, size_t max, char *err, size_t errsize)
-{
-    size_t len = strlen(s);
-    if (len > max) {
-        snprintf(err, errsize, "%s is %zu bytes, over the limit of %zu", field, len, max);
-        return -1;
-    }
-    if (!rpc_utf8_valid(s, len)) {
-        snprintf(err, errsize, "%s is not valid UTF-8", field);
-        return -1;
-    }
-    return 0;
-}
 
 static int check_time(const char *field, int64_t us, char *err, size_t errsize)
 {
@@ -265,8 +229,8 @@ static void on_open(srv_call *call, const ProtobufCMessage *msg)
     const Convo__V1__OpenSessionRequest *req = (const Convo__V1__OpenSessionRequest *)msg;
     store *st = srv_call_method_data(call);
     char err[256];
-    if (store_check_id("session_id", str(req->session_id), err, sizeof err) != 0 ||
-        store_check_id("user_id", str(req->user_id), err, sizeof err) != 0) {
+    if (check_id("session_id", str(req->session_id), err, sizeof err) != 0 ||
+        check_id("user_id", str(req->user_id), err, sizeof err) != 0) {
         finish_invalid(call, err);
         return;
     }
@@ -321,7 +285,7 @@ static db_batch *append_encode(const store *st, const Convo__V1__AppendEventsReq
     size_t content_bytes = 0;
     int64_t prev = 0;
 
-    if (store_check_id("session_id", sid, err, errsize) != 0)
+    if (check_id("session_id", sid, err, errsize) != 0)
         return NULL;
     if ((long long)req->n_events > st->lim.max_batch_events) {
         snprintf(err, errsize, "events has %zu events, over the batch limit of %lld", req->n_events,
@@ -356,8 +320,8 @@ static db_batch *append_encode(const store *st, const Convo__V1__AppendEventsReq
             return NULL;
         }
         snprintf(field, sizeof field, "events[%zu].content", i);
-        if (store_check_text(field, str(e->content), (size_t)st->lim.max_content_bytes, err,
-                             errsize) != 0)
+        if (check_text(field, str(e->content), (size_t)st->lim.max_content_bytes, err, errsize) !=
+            0)
             return NULL;
         snprintf(field, sizeof field, "events[%zu].timestamp_us", i);
         if (check_time(field, e->timestamp_us, err, errsize) != 0)
@@ -435,7 +399,7 @@ static void on_end(srv_call *call, const ProtobufCMessage *msg)
     const Convo__V1__EndSessionRequest *req = (const Convo__V1__EndSessionRequest *)msg;
     store *st = srv_call_method_data(call);
     char err[256];
-    if (store_check_id("session_id", str(req->session_id), err, sizeof err) != 0 ||
+    if (check_id("session_id", str(req->session_id), err, sizeof err) != 0 ||
         check_time("end_time_us", req->end_time_us, err, sizeof err) != 0) {
         finish_invalid(call, err);
         return;
@@ -451,7 +415,7 @@ static void on_get(srv_call *call, const ProtobufCMessage *msg)
     const Convo__V1__GetSessionRequest *req = (const Convo__V1__GetSessionRequest *)msg;
     store *st = srv_call_method_data(call);
     char err[256];
-    if (store_check_id("session_id", str(req->session_id), err, sizeof err) != 0) {
+    if (check_id("session_id", str(req->session_id), err, sizeof err) != 0) {
         finish_invalid(call, err);
         return;
     }
@@ -521,7 +485,7 @@ static void on_save_summary(srv_call *call, const ProtobufCMessage *msg)
     store *st = srv_call_method_data(call);
     size_t max = (size_t)st->lim.max_content_bytes;
     char err[256];
-    if (store_check_id("session_id", str(req->session_id), err, sizeof err) != 0)
+    if (check_id("session_id", str(req->session_id), err, sizeof err) != 0)
         goto invalid;
     if (req->status != CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_DONE &&
         req->status != CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_FAILED &&
@@ -529,8 +493,8 @@ static void on_save_summary(srv_call *call, const ProtobufCMessage *msg)
         snprintf(err, sizeof err, "status %d is not DONE, FAILED or PENDING", (int)req->status);
         goto invalid;
     }
-    if (store_check_text("summary", str(req->summary), max, err, sizeof err) != 0 ||
-        store_check_text("error", str(req->error), max, err, sizeof err) != 0)
+    if (check_text("summary", str(req->summary), max, err, sizeof err) != 0 ||
+        check_text("error", str(req->error), max, err, sizeof err) != 0)
         goto invalid;
     if (req->status == CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_DONE &&
         str(req->summary)[0] == 0) {
@@ -538,7 +502,7 @@ static void on_save_summary(srv_call *call, const ProtobufCMessage *msg)
         goto invalid;
     }
     if (str(req->worker_id)[0] != '\0' &&
-        store_check_id("worker_id", req->worker_id, err, sizeof err) != 0)
+        check_id("worker_id", req->worker_id, err, sizeof err) != 0)
         goto invalid;
 
     summary_job *j = job_new(sizeof *j, call, st, req->session_id, summary_run);
@@ -558,8 +522,8 @@ static void on_claim_summary(srv_call *call, const ProtobufCMessage *msg)
     const Convo__V1__ClaimSummaryRequest *req = (const Convo__V1__ClaimSummaryRequest *)msg;
     store *st = srv_call_method_data(call);
     char err[256];
-    if (store_check_id("session_id", str(req->session_id), err, sizeof err) != 0 ||
-        store_check_id("worker_id", str(req->worker_id), err, sizeof err) != 0)
+    if (check_id("session_id", str(req->session_id), err, sizeof err) != 0 ||
+        check_id("worker_id", str(req->worker_id), err, sizeof err) != 0)
         goto invalid;
     if (req->lease_seconds < 0 || req->lease_seconds > LEASE_MAX_S) {
         snprintf(err, sizeof err, "lease_seconds is %d, outside 0 (the default, %d) to %d",
@@ -665,9 +629,9 @@ static void on_list_user_sessions(srv_call *call, const ProtobufCMessage *msg)
     const Convo__V1__ListUserSessionsRequest *req = (const Convo__V1__ListUserSessionsRequest *)msg;
     store *st = srv_call_method_data(call);
     char err[256];
-    if (store_check_id("user_id", str(req->user_id), err, sizeof err) != 0 ||
+    if (check_id("user_id", str(req->user_id), err, sizeof err) != 0 ||
         (str(req->exclude_session_id)[0] != '\0' &&
-         store_check_id("exclude_session_id", req->exclude_session_id, err, sizeof err) != 0)) {
+         check_id("exclude_session_id", req->exclude_session_id, err, sizeof err) != 0)) {
         finish_invalid(call, err);
         return;
     }
@@ -886,7 +850,7 @@ static void on_list_events(srv_call *call, const ProtobufCMessage *msg)
     const Convo__V1__ListEventsRequest *req = (const Convo__V1__ListEventsRequest *)msg;
     store *st = srv_call_method_data(call);
     char err[256];
-    if (store_check_id("session_id", str(req->session_id), err, sizeof err) != 0)
+    if (check_id("session_id", str(req->session_id), err, sizeof err) != 0)
         goto invalid;
     if (req->after_seq < 0) {
         snprintf(err, sizeof err, "after_seq is %lld; it must be >= 0", (long long)req->after_seq);

@@ -41,10 +41,4 @@ store *store_create(srv *s, pool *p, const store_limits *lim);
  * pool is destroyed; clears *st. */
 void store_destroy(store **st);
 
-/* An id: 1 to STORE_MAX_ID_BYTES bytes of [A-Za-z0-9._-]. Returns 0, or -1
- * with a message naming `field` in err. */
-int store_check_id(const char *field, const char *s, char *err, size_t errsize);
-/* A text: valid UTF-8 of at most `max` bytes (may be empty). */
-int store_check_text(const char *field, const char *s, size_t max, char *err, size_t errsize);
-
 #endif

@@ -1,6 +1,7 @@
 #include "service.h"
 
 #include "bcall.h"
+#include "check.h"
 #include "job.h"
 #include "log.h"
 #include "mem.h"
@@ -22,7 +23,7 @@
 
 #define METHOD_SUMMARIZE   "/convo.v1.Summary/Summarize"
 #define METHOD_GET_SUMMARY "/convo.v1.Summary/GetSummary"
-#define MAX_ID_BYTES       128
+
 /* The ticker's period: how late a deadline or a re-check may be noticed. */
 #define TICK_MS 50
 /* A waiting Summarize is answered PENDING this long before its deadline,
@@ -58,7 +59,7 @@ typedef struct waiter {
 } waiter;
 
 typedef struct retry_slot {
-    char id[MAX_ID_BYTES + 1];
+    char id[CHECK_ID_MAX + 1];
     int64_t not_before_ms;
 } retry_slot;
 
@@ -67,7 +68,7 @@ struct service {
     cli_channel *store, *llm;
     pool *pool;
     job_env env;
-    char worker_id[MAX_ID_BYTES + 1];
+    char worker_id[CHECK_ID_MAX + 1];
     sweep *sweep;
 
     pthread_mutex_t mu; /* everything below */
@@ -122,29 +123,6 @@ int service_check_opts(const service_opts *o, char *err, size_t errsize)
 }
 
 /* ---- ids and answers ------------------------------------------------------ */
-
-/* common.proto's id rule: [A-Za-z0-9._-]{1,128}. */
-static int check_id(const char *id, char *err, size_t errsize)
-{
-    size_t n = id != NULL ? strlen(id) : 0;
-    if (n == 0) {
-        snprintf(err, errsize, "session_id is required");
-        return -1;
-    }
-    if (n > MAX_ID_BYTES) {
-        snprintf(err, errsize, "session_id is %zu bytes, over the limit of %d", n, MAX_ID_BYTES);
-        return -1;
-    }
-    for (size_t i = 0; i < n; i++) {
-        char c = id[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-              c == '.' || c == '_' || c == '-')) {
-            snprintf(err, errsize, "session_id may only hold letters, digits, '.', '_' and '-'");
-            return -1;
-        }
-    }
-    return 0;
-}
 
 static void reply(srv_call *call, Convo__V1__SummaryStatus status, const char *summary,
                   const char *error)
@@ -401,7 +379,7 @@ static void on_summarize(srv_call *call, const ProtobufCMessage *msg)
     service *sv = srv_call_method_data(call);
     const Convo__V1__SummarizeRequest *req = (const Convo__V1__SummarizeRequest *)msg;
     char err[160];
-    if (check_id(req->session_id, err, sizeof err) != 0) {
+    if (check_id("session_id", req->session_id, err, sizeof err) != 0) {
         srv_call_finish(call, RPC_INVALID_ARGUMENT, err, NULL);
         return;
     }
@@ -486,7 +464,7 @@ static void on_get_summary(srv_call *call, const ProtobufCMessage *msg)
     service *sv = srv_call_method_data(call);
     const Convo__V1__GetSummaryRequest *req = (const Convo__V1__GetSummaryRequest *)msg;
     char err[160];
-    if (check_id(req->session_id, err, sizeof err) != 0) {
+    if (check_id("session_id", req->session_id, err, sizeof err) != 0) {
         srv_call_finish(call, RPC_INVALID_ARGUMENT, err, NULL);
         return;
     }
@@ -623,7 +601,7 @@ static int hook_submit(void *arg, const char *id)
     int fresh;
     rpc_code code;
     char err[160];
-    if (check_id(id, err, sizeof err) != 0)
+    if (check_id("session_id", id, err, sizeof err) != 0)
         return 1; /* not ours to summarize (cannot come from our store) */
     pthread_mutex_lock(&sv->mu);
     entry *e = file_session(sv, id, &fresh, &code);
