@@ -262,7 +262,7 @@ static void call_finish(cli_call *k)
     char *message =
         mem_strndup((const char *)GRPC_SLICE_START_PTR(k->details), GRPC_SLICE_LENGTH(k->details));
     if (code == RPC_OK && !k->streaming) {
-        resp = k->recv_bb != NULL ? rpc__decode(k->recv_bb, k->resp_desc) : NULL;
+        resp = k->recv_bb != NULL ? rpc__decode(k->recv_bb, k->resp_desc, NULL, 0) : NULL;
         if (resp == NULL) {
             code = RPC_INTERNAL;
             mem_free(message);
@@ -394,7 +394,7 @@ static void on_stream_msg(rpc__tag *tag, int ok)
     int bad = 0;
 
     if (ok && bb != NULL) {
-        ProtobufCMessage *msg = rpc__decode(bb, k->resp_desc);
+        ProtobufCMessage *msg = rpc__decode(bb, k->resp_desc, NULL, 0);
         if (msg == NULL) {
             bad = 1;
         } else {

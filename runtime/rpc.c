@@ -7,6 +7,7 @@
 #include <grpc/slice.h>
 #include <grpc/support/log.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 
@@ -129,15 +130,85 @@ grpc_byte_buffer *rpc__encode(const ProtobufCMessage *msg)
     return bb;
 }
 
-ProtobufCMessage *rpc__decode(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc)
+/* Reads a varint at *p (< end); -1 when it runs past the end or is too
+ * long. */
+static int read_varint(const uint8_t **p, const uint8_t *end, uint64_t *out)
+{
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64 && *p < end; shift += 7) {
+        uint8_t b = *(*p)++;
+        v |= (uint64_t)(b & 0x7f) << shift;
+        if ((b & 0x80) == 0) {
+            *out = v;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+int rpc__nul_in_strings(const ProtobufCMessageDescriptor *desc, const uint8_t *data, size_t len,
+                        char *path, size_t pathsize, int depth)
+{
+    const uint8_t *p = data, *end = data + len;
+    if (depth > 32)
+        return 0;
+    while (p < end) {
+        uint64_t key, n;
+        if (read_varint(&p, end, &key) != 0)
+            return 0; /* malformed: the decoder will say so */
+        switch (key & 7) {
+        case 0:
+            if (read_varint(&p, end, &n) != 0)
+                return 0;
+            break;
+        case 1:
+            p += 8;
+            break;
+        case 5:
+            p += 4;
+            break;
+        case 2: {
+            if (read_varint(&p, end, &n) != 0 || n > (uint64_t)(end - p))
+                return 0;
+            const ProtobufCFieldDescriptor *f =
+                protobuf_c_message_descriptor_get_field(desc, (unsigned)(key >> 3));
+            if (f != NULL && f->type == PROTOBUF_C_TYPE_STRING && memchr(p, 0, n) != NULL) {
+                snprintf(path, pathsize, "%s", f->name);
+                return 1;
+            }
+            if (f != NULL && f->type == PROTOBUF_C_TYPE_MESSAGE &&
+                rpc__nul_in_strings(f->descriptor, p, n, path, pathsize, depth + 1)) {
+                /* Prefix the inner path with this field: "events.content". */
+                char inner[128];
+                snprintf(inner, sizeof inner, "%s", path);
+                snprintf(path, pathsize, "%s.%s", f->name, inner);
+                return 1;
+            }
+            p += n;
+            break;
+        }
+        default:
+            return 0;
+        }
+    }
+    return 0;
+}
+
+ProtobufCMessage *rpc__decode(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc,
+                              char *nul_field, size_t nul_size)
 {
     grpc_byte_buffer_reader reader;
     if (!grpc_byte_buffer_reader_init(&reader, bb))
         return NULL;
     grpc_slice slice = grpc_byte_buffer_reader_readall(&reader);
     grpc_byte_buffer_reader_destroy(&reader);
-    ProtobufCMessage *msg = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(slice),
-                                                      GRPC_SLICE_START_PTR(slice));
+    ProtobufCMessage *msg = NULL;
+    if (nul_field != NULL && rpc__nul_in_strings(desc, GRPC_SLICE_START_PTR(slice),
+                                                 GRPC_SLICE_LENGTH(slice), nul_field, nul_size, 0))
+        goto out;
+    msg = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(slice),
+                                    GRPC_SLICE_START_PTR(slice));
+out:
     grpc_slice_unref(slice);
     return msg;
 }

@@ -19,8 +19,17 @@ typedef struct rpc__tag {
 /* Serializes msg into a new byte buffer (caller destroys); NULL on failure. */
 grpc_byte_buffer *rpc__encode(const ProtobufCMessage *msg);
 /* Decodes a byte buffer; NULL when it is not a valid `desc` message. The
- * result is freed with protobuf_c_message_free_unpacked(msg, NULL). */
-ProtobufCMessage *rpc__decode(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc);
+ * result is freed with protobuf_c_message_free_unpacked(msg, NULL). With
+ * nul_field, a string field holding a NUL byte is refused too: NULL, and
+ * nul_field gets its path ("events.content"); otherwise nul_field is left
+ * empty. protobuf-c would silently cut the string at the NUL. */
+ProtobufCMessage *rpc__decode(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc,
+                              char *nul_field, size_t nul_size);
+/* Whether a string field of a `desc` message in wire format holds a NUL
+ * byte, nested messages included; the field's path goes to `path`. 0 for
+ * malformed bytes too (decoding reports those). */
+int rpc__nul_in_strings(const ProtobufCMessageDescriptor *desc, const uint8_t *data, size_t len,
+                        char *path, size_t pathsize, int depth);
 /* Pops completion-queue events until the queue is shut down. */
 void rpc__cq_loop(grpc_completion_queue *cq);
 /* Makes the gRPC core's init/shutdown reference counting explicit. */

@@ -446,6 +446,18 @@ srv *srv_call_server(srv_call *c)
     return c->s;
 }
 
+/* A request that does not decode, or that holds a string protobuf-c would
+ * cut short, is refused here: the handler never sees it. */
+static void refuse_undecodable(srv_call *c, const srv_method *m, const char *nul_field)
+{
+    if (nul_field[0] != '\0')
+        srv_call_finishf(c, RPC_INVALID_ARGUMENT, "field %s of %s contains a NUL character",
+                         nul_field, m->request->name);
+    else
+        srv_call_finishf(c, RPC_INVALID_ARGUMENT, "the request is not a valid %s",
+                         m->request->name);
+}
+
 /* ---- client streaming ----------------------------------------------- */
 
 static void call_start_recv(srv_call *c)
@@ -474,10 +486,10 @@ static void on_recv(rpc__tag *tag, int ok)
     } else if (bb == NULL) {
         m->on_end(c);
     } else {
-        ProtobufCMessage *msg = rpc__decode(bb, m->request);
+        char nul[128] = "";
+        ProtobufCMessage *msg = rpc__decode(bb, m->request, nul, sizeof nul);
         if (msg == NULL) {
-            srv_call_finishf(c, RPC_INVALID_ARGUMENT, "a request message is not a valid %s",
-                             m->request->name);
+            refuse_undecodable(c, m, nul);
         } else {
             m->on_message(c, msg);
             protobuf_c_message_free_unpacked(msg, NULL);
@@ -582,10 +594,11 @@ static void on_call_arrived(rpc__tag *tag, int ok)
         if (more)
             call_start_recv(c);
     } else {
-        ProtobufCMessage *req = payload != NULL ? rpc__decode(payload, m->request) : NULL;
+        char nul[128] = "";
+        ProtobufCMessage *req =
+            payload != NULL ? rpc__decode(payload, m->request, nul, sizeof nul) : NULL;
         if (req == NULL) {
-            srv_call_finishf(c, RPC_INVALID_ARGUMENT, "the request is not a valid %s",
-                             m->request->name);
+            refuse_undecodable(c, m, nul);
         } else {
             m->on_call(c, req);
             protobuf_c_message_free_unpacked(req, NULL);

@@ -111,3 +111,14 @@ def test_sigterm_with_open_stream_exits_cleanly_after_grace(pb):
         assert 0.4 < took < 5
         lines = [l for l in svc.log_lines() if "grace period" in l.get("message", "")]
         assert lines, "the server logs that it cancelled calls after the grace period"
+
+
+def test_nul_in_a_string_is_refused_not_cut(pb, server):
+    """protobuf-c would cut "a\\0b" to "a"; the runtime refuses it instead."""
+    msgs, rpc = pb
+    stub = rpc.TestStub(server.channel())
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Echo(msgs.EchoRequest(text="before\x00after"), timeout=5)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "field text of convo.test.EchoRequest contains a NUL character" in e.value.details()
+    assert stub.Echo(msgs.EchoRequest(text="fine"), timeout=5).text == "fine"

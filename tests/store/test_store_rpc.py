@@ -306,6 +306,17 @@ def test_invalid_utf8_content_is_invalid_argument(store, stub, pg):
     assert db_count(pg, sid) == 0
 
 
+def test_nul_in_content_is_refused_not_cut(stub, pg):
+    """A NUL inside a nested string (events[].content) would be cut short by
+    the decoder; it is refused, and nothing is written."""
+    sid = new_id()
+    open_session(stub, sid)
+    err = rpc_error(append, stub, sid, [ev(1, "ok"), ev(2, "before\x00after")])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "field events.content of convo.v1.AppendEventsRequest contains a NUL character" in err.details()
+    assert db_count(pg, sid) == 0
+
+
 def test_undecodable_request_is_invalid_argument(store):
     err = rpc_error(_raw_append, store, b"\xff\xff\xff\xff")
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
