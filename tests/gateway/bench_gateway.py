@@ -26,6 +26,7 @@ def main():
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--words", type=int, default=50)
     ap.add_argument("--delay-ms", type=int, default=0)
+    ap.add_argument("--stagger-ms", type=int, default=0)
     ap.add_argument("gateway_args", nargs="*", help="extra gateway options (after --)")
     a = ap.parse_args()
     extra = a.gateway_args
@@ -46,7 +47,8 @@ def main():
             r = subprocess.run(["node", str(HERE / "loadgen.mjs"), "--gateway", gw.addr,
                                 "--model", model.addr, "--sessions", str(a.sessions),
                                 "--turns", str(a.turns), "--words", str(a.words),
-                                "--delay-ms", str(a.delay_ms)], text=True)
+                                "--delay-ms", str(a.delay_ms),
+                                "--stagger-ms", str(a.stagger_ms)], text=True)
             # Every token must reach PostgreSQL: wait for the last batches.
             want = a.sessions * a.turns * a.words
             t0 = time.monotonic()

@@ -8,12 +8,17 @@
 // whole path (gateway, router-svc, llm-svc, store-svc) adds to the first
 // token is measured side by side in one run.
 //
+// --stagger-ms spreads the sessions' starts evenly over that many ms (real
+// users do not all press enter in the same millisecond); 0 starts them all
+// at once, the worst case for the first token.
+//
 // The first --warmup turns of each session (default 1) are run and checked
 // but left out of the time-to-first-token figures: they include connecting
 // every process to its peers.
 //
 //   node loadgen.mjs --gateway 127.0.0.1:8000 [--model 127.0.0.1:8089]
-//        [--sessions 100] [--turns 5] [--warmup 1] [--words 50] [--delay-ms 0] [--json]
+//        [--sessions 100] [--turns 5] [--warmup 1] [--words 50] [--delay-ms 0]
+//        [--stagger-ms 0] [--json]
 import http from "node:http";
 import { createRequire } from "node:module";
 const require = createRequire(import.meta.url);
@@ -21,7 +26,7 @@ const WebSocket = require("ws");
 
 function parseArgs(argv) {
   const o = { gateway: "127.0.0.1:8000", model: "", sessions: 100, turns: 5, warmup: 1,
-              words: 50, delayMs: 0, json: false, timeoutMs: 120000 };
+              words: 50, delayMs: 0, staggerMs: 0, json: false, timeoutMs: 120000 };
   for (let i = 2; i < argv.length; i++) {
     const k = argv[i];
     const v = () => argv[++i];
@@ -32,6 +37,7 @@ function parseArgs(argv) {
     else if (k === "--warmup") o.warmup = +v();
     else if (k === "--words") o.words = +v();
     else if (k === "--delay-ms") o.delayMs = +v();
+    else if (k === "--stagger-ms") o.staggerMs = +v();
     else if (k === "--timeout-ms") o.timeoutMs = +v();
     else if (k === "--json") o.json = true;
     else { console.error(`loadgen: unknown option ${k}`); process.exit(2); }
@@ -42,6 +48,9 @@ function parseArgs(argv) {
 const opts = parseArgs(process.argv);
 const message = `[[words:${opts.words}]] [[delay:${opts.delayMs}]]`;
 const expected = Array.from({ length: opts.words }, (_, i) => `w${i + 1}`).join(" ");
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const startDelay = (i) => (opts.staggerMs * i) / opts.sessions;
 
 function pct(sorted, p) {
   if (sorted.length === 0) return NaN;
@@ -127,7 +136,8 @@ async function runModel() {
   const stats = { ttft: [], tokens: 0, errors: 0, messages: new Set() };
   const agent = new http.Agent({ keepAlive: true, maxSockets: opts.sessions });
   const t0 = performance.now();
-  await Promise.all(Array.from({ length: opts.sessions }, async () => {
+  await Promise.all(Array.from({ length: opts.sessions }, async (_, i) => {
+    await sleep(startDelay(i));
     for (let t = 0; t < opts.turns; t++) await modelTurn(stats, agent, t >= opts.warmup);
   }));
   agent.destroy();
@@ -139,7 +149,8 @@ async function runGateway() {
   const stats = { ttft: [], tokens: 0, errors: 0, messages: new Set() };
   const run = `load-${process.pid}-${Date.now()}`;
   const t0 = performance.now();
-  await Promise.all(Array.from({ length: opts.sessions }, (_, i) => runSession(`${run}-${i}`, stats)));
+  await Promise.all(Array.from({ length: opts.sessions },
+                               (_, i) => sleep(startDelay(i)).then(() => runSession(`${run}-${i}`, stats))));
   return [summary("through the gateway", stats.ttft, stats.tokens, stats.errors,
                   (performance.now() - t0) / 1000), stats];
 }
@@ -157,7 +168,7 @@ if (opts.json) {
   console.log(JSON.stringify({ options: opts, results, errors: [...messages] }));
 } else {
   console.log(`sessions ${opts.sessions}, turns ${opts.turns}, ${opts.words} tokens per answer, ` +
-              `${opts.delayMs} ms per token`);
+              `${opts.delayMs} ms per token, starts spread over ${opts.staggerMs} ms`);
   console.log("path                      answers  errors  ttft p50   p95      p99      tokens/s");
   for (const r of results)
     console.log(`${r.path.padEnd(26)}${String(r.answers).padStart(7)}${String(r.errors).padStart(8)}` +
