@@ -62,7 +62,6 @@ struct srv {
     int started;
     int threads_started;
     atomic_int active_calls;
-    atomic_int live_slots;
     int stop_fd; /* eventfd written by srv_stop */
     rpc__tag shutdown_tag;
     pthread_mutex_t shutdown_mu;
@@ -558,7 +557,6 @@ static void on_call_arrived(rpc__tag *tag, int ok)
         /* The server is shutting down: this slot is done. */
         grpc_metadata_array_destroy(&sl->md);
         mem_free(sl);
-        atomic_fetch_sub(&s->live_slots, 1);
         return;
     }
 
@@ -622,7 +620,6 @@ static void slot_request(slot *sl)
     if (err != GRPC_CALL_OK) {
         log_error("grpc_server_request_registered_call failed: %d", (int)err);
         grpc_metadata_array_destroy(&sl->md);
-        atomic_fetch_sub(&sl->s->live_slots, 1);
         mem_free(sl);
     }
 }
@@ -643,7 +640,6 @@ static void on_unknown_arrived(rpc__tag *tag, int ok)
     if (!ok) {
         grpc_call_details_destroy(&u->details);
         grpc_metadata_array_destroy(&u->md);
-        atomic_fetch_sub(&u->s->live_slots, 1);
         mem_free(u);
         return;
     }
@@ -681,7 +677,6 @@ static void unknown_request(unknown_slot *u)
         log_error("grpc_server_request_call failed");
         grpc_call_details_destroy(&u->details);
         grpc_metadata_array_destroy(&u->md);
-        atomic_fetch_sub(&u->s->live_slots, 1);
         mem_free(u);
     }
 }
@@ -813,7 +808,6 @@ int srv_start(srv *s)
                 sl->s = s;
                 sl->method = s->methods[i];
                 sl->thread = &s->threads[t];
-                atomic_fetch_add(&s->live_slots, 1);
                 slot_request(sl);
             }
         }
@@ -822,7 +816,6 @@ int srv_start(srv *s)
         unknown_slot *u = mem_calloc(1, sizeof *u);
         u->s = s;
         u->thread = &s->threads[t];
-        atomic_fetch_add(&s->live_slots, 1);
         unknown_request(u);
     }
     for (size_t i = 0; i < s->nthreads; i++)
