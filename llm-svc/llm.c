@@ -47,6 +47,7 @@ typedef struct turn {
     toolcall_set *calls;
     char *text; /* this round's text (for the assistant message), or the Complete body */
     size_t text_len;
+    size_t text_cap;
     char *finish_reason, *resp_model;
     int saw_end; /* [DONE] or a finish_reason */
     uint32_t prompt_tokens, completion_tokens, total_tokens;
@@ -276,7 +277,13 @@ static int append_text(turn *t, const char *s, size_t n)
 {
     if (t->text_len + n > (size_t)t->l->o.max_answer_bytes)
         return -1;
-    t->text = mem_realloc(t->text, t->text_len + n + 1);
+    if (t->text_len + n + 1 > t->text_cap) {
+        /* Doubling: a long answer arrives a token at a time. */
+        t->text_cap = t->text_cap ? t->text_cap : 256;
+        while (t->text_len + n + 1 > t->text_cap)
+            t->text_cap *= 2;
+        t->text = mem_realloc(t->text, t->text_cap);
+    }
     memcpy(t->text + t->text_len, s, n);
     t->text_len += n;
     t->text[t->text_len] = '\0';
@@ -512,6 +519,7 @@ static void start_round(turn *t)
     mem_free(t->text);
     t->text = NULL;
     t->text_len = 0;
+    t->text_cap = 0;
     mem_free(t->finish_reason);
     t->finish_reason = NULL;
     t->saw_end = 0;

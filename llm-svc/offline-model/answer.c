@@ -7,12 +7,14 @@
 #include <stdio.h>
 #include <string.h>
 
-/* A small growable string for composing replies; capped, since a reply is
- * built from request text of bounded size. */
-#define SB_CAP (256 * 1024)
+/* A growable string for composing replies; capped (1 MiB holds the
+ * largest [[words:N]] answer, N = 100,000). A reply cut at the cap ends with
+ * finish_reason "length", as a real model's does at its token limit. */
+#define SB_CAP (1024 * 1024)
 typedef struct sb {
     char *s;
     size_t len, cap;
+    int truncated;
 } sb;
 
 static void sb_addf(sb *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -27,8 +29,10 @@ static void sb_addf(sb *b, const char *fmt, ...)
     if (piece == NULL)
         return;
     size_t n = strlen(piece);
-    if (b->len + n + 1 > SB_CAP)
+    if (b->len + n + 1 > SB_CAP) {
         n = b->len + 1 < SB_CAP ? SB_CAP - b->len - 1 : 0;
+        b->truncated = 1;
+    }
     if (b->len + n + 1 > b->cap) {
         b->cap = (b->len + n + 1) * 2;
         b->s = mem_realloc(b->s, b->cap);
@@ -449,6 +453,8 @@ int answer_make(json_object *req, answer *a, char *err, size_t errsize)
         mem_free(said);
     }
     a->text = b.s;
+    if (b.truncated)
+        a->finish_reason = "length";
     return 0;
 }
 

@@ -49,7 +49,11 @@ CONF_DECLARE(offline_opts, OFFLINE_OPTS)
 
 #define MAX_REQUEST (1 << 20)  /* headers + body of one request */
 #define MAX_OUTPUT  (16 << 20) /* queued, unwritten bytes of one connection */
-#define MAX_PIECES  200000     /* scheduled writes of one response */
+/* Pieces wait while this much is unwritten: a reader that stops reading
+ * stalls the answer through TCP, as a real server's, instead of the whole
+ * answer piling up here. */
+#define OUT_HIGH   (64 << 10)
+#define MAX_PIECES 200000 /* scheduled writes of one response */
 
 static offline_opts opts;
 static volatile sig_atomic_t stopping;
@@ -519,7 +523,7 @@ static int queue_out(conn *c, const char *b, size_t n)
  * cap, 1 when a drop piece says to cut the connection now. */
 static int run_pieces(conn *c, long long now)
 {
-    while (c->next_piece < c->npieces && now >= c->due_ms) {
+    while (c->next_piece < c->npieces && now >= c->due_ms && c->out_len - c->out_off < OUT_HIGH) {
         piece *p = &c->pieces[c->next_piece++];
         if (p->drop)
             return 1;
@@ -621,7 +625,7 @@ int main(int argc, char **argv)
             pfds[i + 1] = (struct pollfd){.fd = c->fd, .events = POLLIN};
             if (c->out_off < c->out_len)
                 pfds[i + 1].events |= POLLOUT;
-            if (c->next_piece < c->npieces) {
+            if (c->next_piece < c->npieces && c->out_len - c->out_off < OUT_HIGH) {
                 long long w = c->due_ms - now;
                 if (w < wait)
                     wait = w < 0 ? 0 : w;

@@ -251,3 +251,11 @@ def test_500_concurrent_streams_every_token(stub):
     bad = [i for i, r in enumerate(results)
            if isinstance(r, Exception) or text(r) != expected or kinds(r)[-1] != "done"]
     assert not bad, (len(bad), results[bad[0]] if bad else None)
+
+
+def test_a_long_answer_arrives_whole(stub):
+    """100,000 tokens (~700 KB of text, ~13 MB of upstream SSE) in one
+    answer: every token, in order, and a normal end."""
+    ev = chat(stub, "[[words:100000]]", tools=False, timeout=120)
+    assert ev[-1].WhichOneof("event") == "done" and ev[-1].done.finish_reason == "stop"
+    assert text(ev) == " ".join(f"w{i}" for i in range(1, 100001))
