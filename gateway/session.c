@@ -102,14 +102,22 @@ size_t sess_count(void)
 
 /* Sends a frame to the attached connection, if any; the frame is charged
  * to the session until written. */
-static void send_frame(session *s, char *frame, size_t len)
+/* Sends a frame whose `charge` is already counted in out_bytes; with no
+ * connection the charge is given back at once. */
+static void send_charged(session *s, char *frame, size_t len, long charge)
 {
     if (s->conn == NULL) {
         mem_free(frame);
+        sess_on_sent(s, charge);
         return;
     }
+    conn_send(s->conn, frame, len, charge);
+}
+
+static void send_frame(session *s, char *frame, size_t len)
+{
     atomic_fetch_add(&s->out_bytes, (long)len);
-    conn_send(s->conn, frame, len, (long)len);
+    send_charged(s, frame, len, (long)len);
 }
 
 static void send_error(session *s, const char *code, const char *content, uint64_t turn_id)
@@ -127,11 +135,10 @@ void sess_on_sent(session *s, long charge)
         cli_call_resume(s->cur->chat);
 }
 
-/* The connection's queued frames are gone with it: forget their charges
- * and let a paused answer stream go on. */
+/* Nobody reads for the session now (the connection's queued frames gave
+ * their charges back when it was closed): let a paused answer go on. */
 static void reset_output(session *s)
 {
-    atomic_store(&s->out_bytes, 0);
     if (atomic_exchange(&s->paused, 0) && s->cur != NULL && s->cur->chat != NULL)
         cli_call_resume(s->cur->chat);
 }
@@ -207,6 +214,7 @@ static void fail_turn(session *s, turn *t, const char *code, const char *content
 typedef struct chat_job {
     turn *t;
     Convo__V1__ChatEvent *ev; /* NULL: the call ended */
+    long charge;              /* counted in out_bytes when the event was read */
     rpc_code code;
     char *message;
 } chat_job;
@@ -245,21 +253,22 @@ static void tool_event_json(session *s, Convo__V1__EventType type, const char *i
     record_json(s, type, o);
 }
 
-static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev)
+/* Relays one event as one frame, which carries the event's charge. */
+static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, long charge)
 {
     size_t len;
     char *f = NULL;
     switch (ev->event_case) {
     case CONVO__V1__CHAT_EVENT__EVENT_TOKEN:
         f = frame_token(ev->token->content, t->id, &len);
-        send_frame(s, f, len);
+        send_charged(s, f, len, charge);
         record(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_AI_TOKEN, ev->token->content,
                strlen(ev->token->content));
         break;
     case CONVO__V1__CHAT_EVENT__EVENT_TOOL_CALL: {
         const Convo__V1__ToolCallEvent *c = ev->tool_call;
         f = frame_tool_call(c->name, c->call_id, c->arguments_json, t->id, &len);
-        send_frame(s, f, len);
+        send_charged(s, f, len, charge);
         tool_event_json(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_TOOL_CALL, c->call_id, c->name,
                         "arguments", c->arguments_json);
         break;
@@ -267,7 +276,7 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev)
     case CONVO__V1__CHAT_EVENT__EVENT_TOOL_RESULT: {
         const Convo__V1__ToolResultEvent *r = ev->tool_result;
         f = frame_tool_result(r->name, r->call_id, r->result_json, r->is_error, t->id, &len);
-        send_frame(s, f, len);
+        send_charged(s, f, len, charge);
         tool_event_json(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_TOOL_RESULT, r->call_id, r->name,
                         "result", r->result_json);
         break;
@@ -275,16 +284,18 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev)
     case CONVO__V1__CHAT_EVENT__EVENT_DONE:
         t->terminal = 1;
         f = frame_done(t->id, "completed", ev->done->finish_reason, &len);
-        send_frame(s, f, len);
+        send_charged(s, f, len, charge);
         hist_end_turn(s->history);
         break;
     case CONVO__V1__CHAT_EVENT__EVENT_ERROR:
         t->terminal = 1;
-        send_error(s, category_code(ev->error->category), ev->error->message, t->id);
+        f = frame_error(category_code(ev->error->category), ev->error->message, t->id, &len);
+        send_charged(s, f, len, charge);
         record_system(s, "turn_failed", t->id, ev->error->message);
         atomic_fetch_add(&s->g->counters.turn_errors, 1);
         break;
     default:
+        sess_on_sent(s, charge);
         break;
     }
 }
@@ -296,7 +307,9 @@ static void on_chat_job(void *arg)
     session *s = t->s;
     if (j->ev != NULL) {
         if (!t->cancelled && !t->terminal)
-            on_chat_event(s, t, j->ev);
+            on_chat_event(s, t, j->ev, j->charge);
+        else
+            sess_on_sent(s, j->charge);
         protobuf_c_message_free_unpacked(&j->ev->base, NULL);
     } else {
         if (!t->terminal) {
@@ -334,12 +347,18 @@ static int on_chat_msg(void *arg, const ProtobufCMessage *msg)
                                                               NULL, n, buf);
     if (buf != stackbuf)
         mem_free(buf);
-    bridge_post(s->g->bridge, on_chat_job, j);
-    if (atomic_load(&s->out_bytes) > s->g->opts.max_out_bytes) {
+    /* Counted now, not when the loop queues the frame: events waiting in
+     * the bridge are the client's backlog too, and the pause must see them. */
+    j->charge = (long)n + 48; /* about the frame it becomes */
+    long pending = atomic_fetch_add(&s->out_bytes, j->charge) + j->charge;
+    int pause = pending > s->g->opts.max_out_bytes;
+    /* Flagged before the event is posted: the loop resumes the stream when
+     * it writes this event's frame or a later one, so it must already see
+     * the flag then, or nothing would ever resume it. */
+    if (pause)
         atomic_store(&s->paused, 1);
-        return 1;
-    }
-    return 0;
+    bridge_post(s->g->bridge, on_chat_job, j);
+    return pause;
 }
 
 static void on_chat_done(void *arg, rpc_code code, const char *message, ProtobufCMessage *resp)

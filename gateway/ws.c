@@ -84,6 +84,15 @@ void conn_close(conn *c, int code, const char *error_code, const char *reason)
 {
     if (c->closing)
         return;
+    /* Frames queued now will never be read: give their charges back while
+     * the session is still known. */
+    long returned = 0;
+    for (out_frame *f = c->head; f != NULL; f = f->next) {
+        returned += f->charge;
+        f->charge = 0;
+    }
+    if (c->s != NULL && returned > 0)
+        sess_on_sent(c->s, returned);
     size_t len;
     char *f = frame_error(error_code, reason, 0, &len);
     enqueue(c, f, len, 0);
@@ -145,10 +154,13 @@ static void on_established(struct lws *wsi, pss *p)
     }
 }
 
+/* Writes queued frames while the socket takes them whole. A frame lws had
+ * to buffer in part would make it service the socket itself and call us
+ * back only when asked again, so it stops at a choked pipe instead. */
 static int on_writeable(struct lws *wsi, conn *c)
 {
-    out_frame *f = c->head;
-    if (f != NULL) {
+    while (c->head != NULL && !lws_send_pipe_choked(wsi)) {
+        out_frame *f = c->head;
         c->head = f->next;
         if (c->head == NULL)
             c->tail = NULL;
@@ -160,10 +172,10 @@ static int on_writeable(struct lws *wsi, conn *c)
             sess_on_sent(c->s, charge);
         if (n < 0)
             return -1;
-        if (c->head != NULL) {
-            lws_callback_on_writable(wsi);
-            return 0;
-        }
+    }
+    if (c->head != NULL) {
+        lws_callback_on_writable(wsi);
+        return 0;
     }
     if (c->closing) {
         lws_close_reason(wsi, (enum lws_close_status)c->close_code,

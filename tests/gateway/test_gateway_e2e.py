@@ -6,6 +6,7 @@ against what store-svc wrote to the database."""
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -468,3 +469,40 @@ def test_web_page_in_chromium(stack, gateway, tmp_path):
                        capture_output=True, text=True, timeout=150)
     assert r.returncode == 0, r.stdout + r.stderr
     assert shot.exists()
+
+
+def test_a_client_that_stops_reading_then_reads_gets_every_token(stack):
+    """A client stops reading for 2 s in the middle of a 100,000-token answer:
+    when it reads again every token arrives, in order, and the session goes
+    on (the stall fills the sockets' buffers and the gateway's out-queue)."""
+    gw = stack.gateway("--max-out-buffer-bytes", "65536")
+    words = 100000
+
+    async def go():
+        # A receive buffer fixed before connecting (so the kernel cannot
+        # grow it into megabytes): the stall reaches the gateway.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 << 10)
+        sock.connect((gw.host, gw.port))
+        async with websockets.connect(ws_url(gw, "e2e-slow-reader", "pat"), sock=sock,
+                                      max_queue=1, read_limit=2 ** 12,
+                                      ping_interval=None) as ws:
+            await first_frame(ws)
+            await ws.send(json.dumps({"message": f"[[words:{words}]]"}))
+            text = streamed_text([await recv(ws)])
+            await asyncio.sleep(2)
+            while True:
+                f = await recv(ws)
+                if f["type"] != "token":
+                    break
+                text += f["content"]
+            again = await turn(ws, "still there?")
+            return text, f, again
+
+    try:
+        text, last, again = run(go())
+        assert last["type"] == "done" and last.get("finish_reason") == "stop", last
+        assert text == " ".join(f"w{i}" for i in range(1, words + 1)), "every token, in order"
+        assert again[-1]["type"] == "done"
+    finally:
+        gw.stop()
