@@ -348,6 +348,24 @@ static void answer_from_tools(json_object *msgs, size_t from, size_t nmsgs, sb *
     }
 }
 
+/* Honours max_tokens (or max_completion_tokens) as a real model does: the
+ * reply stops there with finish_reason "length". */
+static void cap_tokens(json_object *req, answer *a)
+{
+    json_object *v = NULL;
+    if (!json_object_object_get_ex(req, "max_completion_tokens", &v) &&
+        !json_object_object_get_ex(req, "max_tokens", &v))
+        return;
+    int64_t max = json_object_get_int64(v);
+    if (max <= 0 || a->text == NULL || answer_tokens(a->text, NULL, (size_t)-1) <= (size_t)max)
+        return;
+    size_t *starts = mem_alloc(((size_t)max + 1) * sizeof *starts);
+    answer_tokens(a->text, starts, (size_t)max + 1);
+    a->text[starts[max]] = '\0';
+    a->finish_reason = "length";
+    mem_free(starts);
+}
+
 int answer_make(json_object *req, answer *a, char *err, size_t errsize)
 {
     memset(a, 0, sizeof *a);
@@ -455,6 +473,7 @@ int answer_make(json_object *req, answer *a, char *err, size_t errsize)
     a->text = b.s;
     if (b.truncated)
         a->finish_reason = "length";
+    cap_tokens(req, a);
     return 0;
 }
 
