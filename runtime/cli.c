@@ -95,41 +95,22 @@ cli *cli_create(int threads, int64_t max_message_bytes)
 
 cli_channel *cli_channel_create(cli *c, const char *target, int round_robin)
 {
-    grpc_arg args[8];
-    size_t n = 0;
-    memset(args, 0, sizeof args);
-    args[n].type = GRPC_ARG_INTEGER;
-    args[n].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
-    args[n++].value.integer = (int)c->max_message_bytes;
-    args[n].type = GRPC_ARG_INTEGER;
-    args[n].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
-    args[n++].value.integer = (int)c->max_message_bytes;
+    rpc__args args = {.n = 0};
+    rpc__args_int(&args, GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, (int)c->max_message_bytes);
+    rpc__args_int(&args, GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, (int)c->max_message_bytes);
     /* A restarted peer is found again within seconds, not the core's
-     * default of up to two minutes. */
-    args[n].type = GRPC_ARG_INTEGER;
-    args[n].key = GRPC_ARG_MAX_RECONNECT_BACKOFF_MS;
-    args[n++].value.integer = 2000;
-    /* The core's first retry waits a whole second; a peer that is starting
-     * or restarting is usually back within a few milliseconds. */
-    args[n].type = GRPC_ARG_INTEGER;
-    args[n].key = GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS;
-    args[n++].value.integer = 100;
-    args[n].type = GRPC_ARG_INTEGER;
-    args[n].key = GRPC_ARG_MIN_RECONNECT_BACKOFF_MS;
-    args[n++].value.integer = 100;
+     * default of up to two minutes; and the core's first retry would wait a
+     * whole second, when a restarting peer is usually back within a few
+     * milliseconds. */
+    rpc__args_int(&args, GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
+    rpc__args_int(&args, GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+    rpc__args_int(&args, GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
     /* Pings notice a peer that vanished without closing the connection. */
-    args[n].type = GRPC_ARG_INTEGER;
-    args[n].key = GRPC_ARG_KEEPALIVE_TIME_MS;
-    args[n++].value.integer = 30000;
-    args[n].type = GRPC_ARG_INTEGER;
-    args[n].key = GRPC_ARG_KEEPALIVE_TIMEOUT_MS;
-    args[n++].value.integer = 10000;
-    if (round_robin) {
-        args[n].type = GRPC_ARG_STRING;
-        args[n].key = GRPC_ARG_LB_POLICY_NAME;
-        args[n++].value.string = "round_robin";
-    }
-    grpc_channel_args cargs = {n, args};
+    rpc__args_int(&args, GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
+    rpc__args_int(&args, GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+    if (round_robin)
+        rpc__args_str(&args, GRPC_ARG_LB_POLICY_NAME, "round_robin");
+    grpc_channel_args cargs = rpc__args_get(&args);
     grpc_channel_credentials *creds = grpc_insecure_credentials_create();
 
     cli_channel *ch = mem_calloc(1, sizeof *ch);

@@ -117,6 +117,45 @@ int rpc_utf8_valid(const char *str, size_t len)
     return 1;
 }
 
+/* The lists are fixed in code: running out of room is a bug in this
+ * runtime, caught by the tests. */
+static grpc_arg *args_next(rpc__args *args)
+{
+    if (args->n == sizeof args->a / sizeof args->a[0]) {
+        log_error("rpc__args: more than %zu channel arguments; the rest are ignored", args->n);
+        return NULL;
+    }
+    grpc_arg *a = &args->a[args->n++];
+    memset(a, 0, sizeof *a);
+    return a;
+}
+
+void rpc__args_int(rpc__args *args, const char *key, int value)
+{
+    grpc_arg *a = args_next(args);
+    if (a == NULL)
+        return;
+    a->type = GRPC_ARG_INTEGER;
+    a->key = (char *)key;
+    a->value.integer = value;
+}
+
+void rpc__args_str(rpc__args *args, const char *key, char *value)
+{
+    grpc_arg *a = args_next(args);
+    if (a == NULL)
+        return;
+    a->type = GRPC_ARG_STRING;
+    a->key = (char *)key;
+    a->value.string = value;
+}
+
+grpc_channel_args rpc__args_get(rpc__args *args)
+{
+    grpc_channel_args c = {args->n, args->a};
+    return c;
+}
+
 grpc_byte_buffer *rpc__encode(const ProtobufCMessage *msg)
 {
     size_t len = protobuf_c_message_get_packed_size(msg);

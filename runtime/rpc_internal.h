@@ -16,6 +16,16 @@ typedef struct rpc__tag {
 
 #define rpc__container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
+/* Channel arguments for a server or a channel, built one by one. */
+typedef struct rpc__args {
+    grpc_arg a[12];
+    size_t n;
+} rpc__args;
+void rpc__args_int(rpc__args *args, const char *key, int value);
+void rpc__args_str(rpc__args *args, const char *key, char *value);
+/* The list as the core takes it (valid while args lives). */
+grpc_channel_args rpc__args_get(rpc__args *args);
+
 /* Serializes msg into a new byte buffer (caller destroys); NULL on failure. */
 grpc_byte_buffer *rpc__encode(const ProtobufCMessage *msg);
 /* Decodes a byte buffer; NULL when it is not a valid `desc` message. The

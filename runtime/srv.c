@@ -698,36 +698,21 @@ srv *srv_create(const char *name, const char *listen, const srv_opts *opts)
     pthread_mutex_init(&s->shutdown_mu, NULL);
     pthread_cond_init(&s->shutdown_cv, NULL);
 
-    grpc_arg args[6];
-    size_t n = 0;
-    memset(args, 0, sizeof args);
-    args[n].type = GRPC_ARG_INTEGER;
-    args[n].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
-    args[n++].value.integer = (int)opts->max_message_bytes;
-    args[n].type = GRPC_ARG_INTEGER;
-    args[n].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
-    args[n++].value.integer = (int)opts->max_message_bytes;
+    rpc__args args = {.n = 0};
+    rpc__args_int(&args, GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, (int)opts->max_message_bytes);
+    rpc__args_int(&args, GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, (int)opts->max_message_bytes);
     /* Clients (ours) send keepalive pings every 30 s to notice dead peers;
      * accept them instead of answering with GOAWAY "too_many_pings". */
-    args[n].type = GRPC_ARG_INTEGER;
-    args[n].key = GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS;
-    args[n++].value.integer = 10000;
-    args[n].type = GRPC_ARG_INTEGER;
-    args[n].key = GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS;
-    args[n++].value.integer = 1;
+    rpc__args_int(&args, GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
+    rpc__args_int(&args, GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
     /* The core sets SO_REUSEPORT by default, which would let a second
      * instance silently share our port; a clash must fail loudly. */
-    args[n].type = GRPC_ARG_INTEGER;
-    args[n].key = GRPC_ARG_ALLOW_REUSEPORT;
-    args[n++].value.integer = 0;
-    if (opts->max_connection_age_ms > 0) {
-        /* HTTP/2 connections live long; ageing them out makes clients
-         * resolve again and find replicas added since. */
-        args[n].type = GRPC_ARG_INTEGER;
-        args[n].key = GRPC_ARG_MAX_CONNECTION_AGE_MS;
-        args[n++].value.integer = (int)opts->max_connection_age_ms;
-    }
-    grpc_channel_args cargs = {n, args};
+    rpc__args_int(&args, GRPC_ARG_ALLOW_REUSEPORT, 0);
+    /* HTTP/2 connections live long; ageing them out makes clients resolve
+     * again and find replicas added since. */
+    if (opts->max_connection_age_ms > 0)
+        rpc__args_int(&args, GRPC_ARG_MAX_CONNECTION_AGE_MS, (int)opts->max_connection_age_ms);
+    grpc_channel_args cargs = rpc__args_get(&args);
     s->server = grpc_server_create(&cargs, NULL);
 
     s->health = health__create();
