@@ -7,6 +7,7 @@
 #include "log.h"
 #include "mem.h"
 #include "session.h"
+#include "srv.h"
 #include "ws.h"
 
 #include <libwebsockets.h>
@@ -94,12 +95,8 @@ static int listen_address(const gw_opts *o, char *host, size_t hostlen, int *por
 int main(int argc, char **argv)
 {
     int rc = 1;
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    srv_block_signals();
+    srv_raise_fd_limit();
 
     static gw g;
     gw_main = &g;
@@ -110,12 +107,10 @@ int main(int argc, char **argv)
                          secs, 2);
     if (prc != 0)
         return prc > 0 ? 0 : 2;
-    int level = log_level_parse(g.opts.log_level);
-    if (level < 0) {
-        fprintf(stderr, "gateway: --log-level must be debug, info, warn or error\n");
+    if (log_setup("gateway", g.opts.log_level) != 0) {
+        rc = 2;
         goto out;
     }
-    log_init("gateway", (log_level)level);
     lws_set_log_level(LLL_ERR | LLL_WARN, lws_log);
 
     char host[300];

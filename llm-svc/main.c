@@ -12,7 +12,6 @@
 #include "upstream.h"
 
 #include <stdio.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #ifndef LLM_KNOWLEDGE_DIR
@@ -27,17 +26,6 @@
       "the folder of Markdown/text documents fetch_internal_knowledge searches")                   \
     X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
 CONF_DECLARE(main_opts, MAIN_OPTS)
-
-/* Every upstream stream holds a socket: 1,000 streams need more than the
- * usual soft limit of 1,024 descriptors. */
-static void raise_fd_limit(void)
-{
-    struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-        rl.rlim_cur = rl.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &rl);
-    }
-}
 
 int main(int argc, char **argv)
 {
@@ -68,18 +56,14 @@ int main(int argc, char **argv)
         status = rc > 0 ? 0 : 2;
         goto out;
     }
-    int level = log_level_parse(mo.log_level);
-    if (level < 0) {
-        fprintf(stderr, "llm-svc: --log-level: '%s' is not debug, info, warn or error\n",
-                mo.log_level);
+    if (log_setup("llm-svc", mo.log_level) != 0)
         goto out;
-    }
     if (lo.max_rounds < 1) {
         fprintf(stderr, "llm-svc: --max-rounds must be at least 1\n");
         goto out;
     }
-    log_init("llm-svc", (log_level)level);
-    raise_fd_limit();
+    /* Every upstream stream holds a socket. */
+    srv_raise_fd_limit();
     status = 1;
     if (kb_load(mo.knowledge_dir, &k, err, sizeof err) != 0) {
         log_error("knowledge base: %s", err);

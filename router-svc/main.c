@@ -40,13 +40,8 @@ int main(int argc, char **argv)
         status = rc > 0 ? 0 : 2;
         goto out;
     }
-    int level = log_level_parse(opts.log_level);
-    if (level < 0) {
-        fprintf(stderr, "router-svc: --log-level: '%s' is not debug, info, warn or error\n",
-                opts.log_level);
+    if (log_setup("router-svc", opts.log_level) != 0)
         goto out;
-    }
-    log_init("router-svc", (log_level)level);
 
     if (opts.config[0] == '\0') {
         cfg = route_config_new();

@@ -30,6 +30,18 @@ int log_level_parse(const char *name)
     return -1;
 }
 
+int log_setup(const char *service, const char *level_name)
+{
+    int level = log_level_parse(level_name);
+    if (level < 0) {
+        fprintf(stderr, "%s: --log-level: '%s' is not debug, info, warn or error\n", service,
+                level_name);
+        return -1;
+    }
+    log_init(service, (log_level)level);
+    return 0;
+}
+
 void log_context_set(const char *request_id, const char *session_id)
 {
     ctx_request_id = request_id;

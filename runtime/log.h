@@ -17,6 +17,9 @@ typedef struct log_field {
 void log_init(const char *service, log_level min_level);
 /* Parses "debug", "info", "warn" or "error"; -1 for anything else. */
 int log_level_parse(const char *name);
+/* log_init from a --log-level value: returns 0, or -1 after telling stderr
+ * what is wrong (the program then exits 2). */
+int log_setup(const char *service, const char *level_name);
 
 /* Request and session id added to every line this thread writes until
  * cleared with NULLs. The strings must outlive the setting (the gRPC runtime

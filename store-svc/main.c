@@ -183,15 +183,8 @@ int main(int argc, char **argv)
         status = rc > 0 ? 0 : 2;
         goto out;
     }
-    int level = log_level_parse(opts.log_level);
-    if (level < 0) {
-        fprintf(stderr, "store-svc: --log-level: '%s' is not debug, info, warn or error\n",
-                opts.log_level);
+    if (log_setup("store-svc", opts.log_level) != 0 || check_opts(&opts, &sopts) != 0)
         goto out;
-    }
-    if (check_opts(&opts, &sopts) != 0)
-        goto out;
-    log_init("store-svc", (log_level)level);
 
     if (migrate_only) {
         status = run_migrate(&opts);

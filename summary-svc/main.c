@@ -44,12 +44,8 @@ int main(int argc, char **argv)
         status = rc > 0 ? 0 : 2;
         goto out;
     }
-    int level = log_level_parse(opts.log_level);
-    if (level < 0) {
-        fprintf(stderr, "summary-svc: --log-level: '%s' is not debug, info, warn or error\n",
-                opts.log_level);
+    if (log_setup("summary-svc", opts.log_level) != 0)
         goto out;
-    }
     if (service_check_opts(&svopts, err, sizeof err) != 0) {
         fprintf(stderr, "summary-svc: %s\n", err);
         goto out;
@@ -58,7 +54,6 @@ int main(int argc, char **argv)
         fprintf(stderr, "summary-svc: --client-threads must be between 1 and 64\n");
         goto out;
     }
-    log_init("summary-svc", (log_level)level);
 
     status = 1;
     client = cli_create((int)opts.client_threads, sopts.max_message_bytes);

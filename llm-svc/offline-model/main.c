@@ -14,6 +14,7 @@
 #include "conf.h"
 #include "log.h"
 #include "mem.h"
+#include "srv.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -25,7 +26,6 @@
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -575,15 +575,6 @@ static int listen_on(const char *addr)
     return fd;
 }
 
-static void raise_fd_limit(void)
-{
-    struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-        rl.rlim_cur = rl.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &rl);
-    }
-}
-
 int main(int argc, char **argv)
 {
     const conf_section secs[] = {CONF_SECTION(offline_opts, &opts)};
@@ -597,8 +588,10 @@ int main(int argc, char **argv)
         status = rc > 0 ? 0 : 2;
         goto out;
     }
-    int level = log_level_parse(opts.log_level);
-    log_init("offline-model", level < 0 ? LOG_INFO : (log_level)level);
+    if (log_setup("offline-model", opts.log_level) != 0) {
+        status = 2;
+        goto out;
+    }
     if (opts.fault[0] != '\0' && answer_fault_parse(opts.fault) == FAULT_NONE) {
         fprintf(stderr, "offline-model: --fault: unknown fault '%s'\n", opts.fault);
         goto out;
@@ -606,7 +599,7 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     signal(SIGTERM, on_signal);
     signal(SIGINT, on_signal);
-    raise_fd_limit();
+    srv_raise_fd_limit();
     status = 1;
     lfd = listen_on(opts.listen);
     if (lfd < 0) {
