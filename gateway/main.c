@@ -6,6 +6,7 @@
 #include "gw.h"
 #include "log.h"
 #include "mem.h"
+#include "proc.h"
 #include "session.h"
 #include "srv.h"
 #include "ws.h"
@@ -96,7 +97,7 @@ int main(int argc, char **argv)
 {
     int rc = 1;
     srv_block_signals();
-    srv_raise_fd_limit();
+    proc_raise_fd_limit();
 
     static gw g;
     gw_main = &g;

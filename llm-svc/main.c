@@ -7,6 +7,7 @@
 #include "llm.h"
 #include "log.h"
 #include "mem.h"
+#include "proc.h"
 #include "srv.h"
 #include "tools.h"
 #include "upstream.h"
@@ -63,7 +64,7 @@ int main(int argc, char **argv)
         goto out;
     }
     /* Every upstream stream holds a socket. */
-    srv_raise_fd_limit();
+    proc_raise_fd_limit();
     status = 1;
     if (kb_load(mo.knowledge_dir, &k, err, sizeof err) != 0) {
         log_error("knowledge base: %s", err);

@@ -93,9 +93,6 @@ void srv_stop(srv *s);
 /* Frees a server whose srv_run has returned (or that was never started);
  * clears *s. */
 void srv_destroy(srv **s);
-/* Raises the soft limit on open descriptors to the hard one: a process
- * with thousands of streams or connections needs more than the usual 1,024. */
-void srv_raise_fd_limit(void);
 /* Blocks SIGTERM/SIGINT/SIGPIPE in the calling thread (and so in threads it
  * creates afterwards). Call first thing in main(), before any thread. */
 void srv_block_signals(void);

@@ -14,7 +14,7 @@
 #include "conf.h"
 #include "log.h"
 #include "mem.h"
-#include "srv.h"
+#include "proc.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -599,7 +599,7 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     signal(SIGTERM, on_signal);
     signal(SIGINT, on_signal);
-    srv_raise_fd_limit();
+    proc_raise_fd_limit();
     status = 1;
     lfd = listen_on(opts.listen);
     if (lfd < 0) {
