@@ -27,6 +27,8 @@ PACKAGES=(
   protobuf-c-compiler
   protobuf-compiler
   libwebsockets-dev
+  libwebsockets-evlib-ev
+  libev-dev
   libcurl4-openssl-dev
   libpq-dev
   libjson-c-dev

@@ -39,7 +39,7 @@
       "bytes waiting for a slow client before reading the answer stream pauses")                   \
     X(S, event_batch, INT, "event-batch", "EVENT_BATCH", "256",                                    \
       "events per AppendEvents call to store-svc")                                                 \
-    X(S, event_flush_ms, INT, "event-flush-ms", "EVENT_FLUSH_MS", "100",                            \
+    X(S, event_flush_ms, INT, "event-flush-ms", "EVENT_FLUSH_MS", "100",                           \
       "longest an event waits before its batch is sent")                                           \
     X(S, event_buffer, INT, "event-buffer", "EVENT_BUFFER", "100000",                              \
       "events per session waiting for store-svc (while it is down); beyond it events are "         \

@@ -1,8 +1,11 @@
 /* gateway — WebSocket sessions relayed over gRPC, REST, and the web page.
  *
- * One libwebsockets event loop (this thread) owns every connection and
- * session; gRPC client threads hand their results to it through the
- * bridge. No thread per session or stream. */
+ * One event loop (this thread) owns every connection and session; gRPC
+ * client threads hand their results to it through the bridge. No thread
+ * per session or stream. The loop is libev's, lent to libwebsockets: its
+ * own poll() loop scans every connection on each wake-up, and a wake-up per
+ * token is the gateway's commonest event, so with thousands of sessions
+ * epoll is the difference. */
 #include "gw.h"
 #include "log.h"
 #include "mem.h"
@@ -11,6 +14,7 @@
 #include "srv.h"
 #include "ws.h"
 
+#include <ev.h>
 #include <libwebsockets.h>
 #include <pthread.h>
 #include <signal.h>
@@ -29,13 +33,20 @@
 /* How long sessions get to store their last events at shutdown. */
 #define SHUTDOWN_FLUSH_MS 10000
 
+/* How often the shutdown checks whether every session has ended. */
+#define SHUTDOWN_TICK_S 0.1
+
 gw *gw_main;
 
 static atomic_int stop_signal;
+static struct ev_loop *loop;
+static ev_async stop_watcher;
 
+/* Signals are blocked in every thread (the gRPC core's too); this one
+ * waits for them and wakes the loop, which is the only safe way in. */
 static void *signal_thread(void *arg)
 {
-    gw *g = arg;
+    (void)arg;
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGTERM);
@@ -43,8 +54,25 @@ static void *signal_thread(void *arg)
     int sig = 0;
     sigwait(&set, &sig);
     atomic_store(&stop_signal, sig);
-    lws_cancel_service(g->ctx);
+    ev_async_send(loop, &stop_watcher);
     return NULL;
+}
+
+static void on_stop(struct ev_loop *l, ev_async *w, int revents)
+{
+    (void)w;
+    (void)revents;
+    ev_break(l, EVBREAK_ALL);
+}
+
+static int64_t shutdown_deadline;
+
+static void on_shutdown_tick(struct ev_loop *l, ev_timer *w, int revents)
+{
+    (void)w;
+    (void)revents;
+    if (sess_count() == 0 || rpc_now_ms() >= shutdown_deadline)
+        ev_break(l, EVBREAK_ALL);
 }
 
 static void lws_log(int level, const char *line)
@@ -56,11 +84,6 @@ static void lws_log(int level, const char *line)
         msg[--n] = '\0';
     const log_field f[] = {{"origin", "libwebsockets"}, {NULL, NULL}};
     log_fields(level & LLL_ERR ? LOG_ERROR : LOG_WARN, f, "%s", msg);
-}
-
-static void on_shutdown_tick(lws_sorted_usec_list_t *sul)
-{
-    /* Only wakes the loop so it can check the shutdown deadline. */
 }
 
 static int dir_exists(const char *path)
@@ -155,24 +178,34 @@ int main(int argc, char **argv)
     if (g.opts.ping_secs > 0)
         info.retry_and_idle_policy = &retry;
     info.pt_serv_buf_size = 32768;
+    loop = ev_loop_new(EVFLAG_AUTO);
+    if (loop == NULL) {
+        log_error("cannot create the event loop (libev): out of memory or descriptors");
+        goto out;
+    }
+    void *foreign[] = {loop};
+    info.options |= LWS_SERVER_OPTION_LIBEV;
+    info.foreign_loops = foreign;
     g.ctx = lws_create_context(&info);
     if (g.ctx == NULL) {
-        log_error("cannot listen on %s:%d: the address is in use or invalid; pick another with "
-                  "--listen HOST:PORT",
+        log_error("cannot listen on %s:%d: the address is in use or invalid (pick another with "
+                  "--listen HOST:PORT), or libwebsockets' libev plugin is missing (install the "
+                  "Debian package libwebsockets-evlib-ev)",
                   host, port);
         goto out;
     }
     bridge_set_context(g.bridge, g.ctx);
+    ev_async_init(&stop_watcher, on_stop);
+    ev_async_start(loop, &stop_watcher);
     pthread_t sigthr;
-    pthread_create(&sigthr, NULL, signal_thread, &g);
+    pthread_create(&sigthr, NULL, signal_thread, NULL);
     pthread_detach(sigthr);
     log_info("gateway %s serving HTTP and WebSocket on %s:%d (router %s, llm %s, store %s, "
              "summary %s; web page /app/ from %s)",
              conf_version(), host, port, g.opts.router, g.opts.llm, g.opts.store, g.opts.summary,
              g.opts.web_root);
 
-    while (atomic_load(&stop_signal) == 0)
-        lws_service(g.ctx, 0);
+    ev_run(loop, 0);
 
     /* Shutdown: close every connection, then give sessions a bounded time
      * to store their last events and end. */
@@ -180,14 +213,12 @@ int main(int argc, char **argv)
              atomic_load(&stop_signal) == SIGTERM ? "SIGTERM" : "SIGINT", sess_count());
     g.stopping = 1;
     sess_close_all(&g);
-    int64_t deadline = rpc_now_ms() + SHUTDOWN_FLUSH_MS;
-    lws_sorted_usec_list_t tick;
-    memset(&tick, 0, sizeof tick);
-    while (sess_count() > 0 && rpc_now_ms() < deadline) {
-        lws_sul_schedule(g.ctx, 0, &tick, on_shutdown_tick, 100 * LWS_US_PER_MS);
-        lws_service(g.ctx, 0);
-    }
-    lws_sul_cancel(&tick);
+    shutdown_deadline = rpc_now_ms() + SHUTDOWN_FLUSH_MS;
+    ev_timer tick;
+    ev_timer_init(&tick, on_shutdown_tick, 0., SHUTDOWN_TICK_S);
+    ev_timer_start(loop, &tick);
+    ev_run(loop, 0);
+    ev_timer_stop(loop, &tick);
     if (sess_count() > 0)
         log_warn("gateway: %zu sessions could not store their last events in time", sess_count());
     rc = 0;
@@ -196,6 +227,10 @@ out:
         cli_destroy(&g.client);
     if (g.ctx != NULL)
         lws_context_destroy(g.ctx);
+    if (loop != NULL) {
+        ev_async_stop(loop, &stop_watcher);
+        ev_loop_destroy(loop);
+    }
     bridge_destroy(&g.bridge);
     conf_free(secs, 2);
     return rc;

@@ -52,6 +52,8 @@ struct turn {
     session *s;
     uint64_t id;
     char *message;
+    /* Owned by the Route call until its callback, which sends and frees it. */
+    Convo__V1__ChatRequest *chat_req;
     cli_call *chat;
     int cancelled;
     int terminal; /* a done or error event arrived */
@@ -371,7 +373,11 @@ static void on_chat_done(void *arg, rpc_code code, const char *message, Protobuf
     bridge_post(t->s->g->bridge, on_chat_job, j);
 }
 
-static void start_chat(session *s, turn *t, const Convo__V1__RouteResponse *route)
+/* The turn's Chat request without what Route decides, built on the loop
+ * when the turn starts. Packed and unpacked: a copy owning its memory, so
+ * the gRPC thread that sends it when Route answers shares nothing with the
+ * live history. NULL when out of memory. */
+static Convo__V1__ChatRequest *chat_request(session *s, turn *t)
 {
     Convo__V1__Message **msgs;
     size_t n = hist_view(s->history, &msgs);
@@ -382,25 +388,18 @@ static void start_chat(session *s, turn *t, const Convo__V1__RouteResponse *rout
     Convo__V1__ChatRequest req = CONVO__V1__CHAT_REQUEST__INIT;
     req.session_id = s->id;
     req.user_id = s->user_id;
-    req.system_prompt = route->system_prompt;
     req.n_history = n;
     req.history = msgs;
     req.message = t->message;
-    req.params = route->params;
     char turn_id[24];
     snprintf(turn_id, sizeof turn_id, "%llu", (unsigned long long)t->id);
     req.turn_id = turn_id;
-
-    char rid[160];
-    snprintf(rid, sizeof rid, "%s/%s", s->id, turn_id);
-    cli_opts o = {.timeout_ms = s->g->opts.chat_timeout_ms, .request_id = rid};
-    s->refs++;
-    if (cli_stream(s->g->llm, "/convo.v1.Llm/Chat", &req.base, &convo__v1__chat_event__descriptor,
-                   &o, on_chat_msg, on_chat_done, t, &t->chat) != 0) {
-        s->refs--;
-        fail_turn(s, t, "internal", "The answer could not be started; please try again.");
-        end_turn(s, t);
-    }
+    size_t len = protobuf_c_message_get_packed_size(&req.base);
+    uint8_t *buf = mem_alloc(len);
+    protobuf_c_message_pack(&req.base, buf);
+    Convo__V1__ChatRequest *copy = convo__v1__chat_request__unpack(NULL, len, buf);
+    mem_free(buf);
+    return copy;
 }
 
 typedef struct route_job {
@@ -408,6 +407,7 @@ typedef struct route_job {
     rpc_code code;
     char *message;
     Convo__V1__RouteResponse *resp;
+    cli_call *chat; /* started when Route answered; NULL: not started */
 } route_job;
 
 static void on_route_job(void *arg)
@@ -415,18 +415,9 @@ static void on_route_job(void *arg)
     route_job *j = arg;
     turn *t = j->t;
     session *s = t->s;
-    if (t->cancelled) {
-        fail_turn(s, t, "cancelled", "cancelled");
-        end_turn(s, t);
-    } else if (j->code != RPC_OK) {
-        const log_field f[] = {{"session_id", s->id}, {NULL, NULL}};
-        log_fields(LOG_WARN, f, "turn %llu failed: Router.Route ended with %s: %s",
-                   (unsigned long long)t->id, rpc_code_name(j->code), j->message);
-        const char *content = "The answer failed: the routing service is unavailable. Your "
-                              "session is intact; please send your message again.";
-        fail_turn(s, t, "router_unavailable", content);
-        end_turn(s, t);
-    } else {
+    if (j->chat != NULL) {
+        t->chat = j->chat;
+        s->refs++; /* the Chat call's, given back when it ends */
         json_object *o = json_object_new_object();
         json_object_object_add(o, "event", json_object_new_string("route"));
         json_object_object_add(o, "turn_id", json_object_new_int64((int64_t)t->id));
@@ -436,7 +427,22 @@ static void on_route_job(void *arg)
             json_object_array_add(reasons, json_object_new_string(j->resp->reasons[i]));
         json_object_object_add(o, "reasons", reasons);
         record_json(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_SYSTEM_EVENT, o);
-        start_chat(s, t, j->resp);
+        /* Cancelled while Route ran: the answer ends as soon as it began. */
+        if (t->cancelled)
+            cli_call_cancel(t->chat);
+    } else if (j->code != RPC_OK) {
+        if (!t->cancelled) {
+            const log_field f[] = {{"session_id", s->id}, {NULL, NULL}};
+            log_fields(LOG_WARN, f, "turn %llu failed: Router.Route ended with %s: %s",
+                       (unsigned long long)t->id, rpc_code_name(j->code), j->message);
+        }
+        const char *content = "The answer failed: the routing service is unavailable. Your "
+                              "session is intact; please send your message again.";
+        fail_turn(s, t, "router_unavailable", content);
+        end_turn(s, t);
+    } else {
+        fail_turn(s, t, "internal", "The answer could not be started; please try again.");
+        end_turn(s, t);
     }
     if (j->resp != NULL)
         protobuf_c_message_free_unpacked(&j->resp->base, NULL);
@@ -445,15 +451,37 @@ static void on_route_job(void *arg)
     sess_unref(s);
 }
 
+/* gRPC thread: Route answered, so Chat starts here rather than one hop
+ * later on the loop. Its callbacks run on this thread after this returns
+ * (cli.h), so the route job posted below reaches the loop before any Chat
+ * event. Reads only what does not change during the turn. */
 static void on_route_done(void *arg, rpc_code code, const char *message, ProtobufCMessage *resp)
 {
     turn *t = arg;
+    session *s = t->s;
     route_job *j = mem_calloc(1, sizeof *j);
     j->t = t;
     j->code = code;
     j->message = mem_strdup(message != NULL ? message : "");
     j->resp = (Convo__V1__RouteResponse *)resp;
-    bridge_post(t->s->g->bridge, on_route_job, j);
+    Convo__V1__ChatRequest *req = t->chat_req;
+    t->chat_req = NULL;
+    if (code == RPC_OK) {
+        req->system_prompt = j->resp->system_prompt;
+        req->params = j->resp->params;
+        char rid[160];
+        snprintf(rid, sizeof rid, "%s/%s", s->id, req->turn_id);
+        cli_opts o = {.timeout_ms = s->g->opts.chat_timeout_ms, .request_id = rid};
+        if (cli_stream(s->g->llm, "/convo.v1.Llm/Chat", &req->base,
+                       &convo__v1__chat_event__descriptor, &o, on_chat_msg, on_chat_done, t,
+                       &j->chat) != 0)
+            j->chat = NULL;
+        /* Borrowed from the route response, which the loop frees. */
+        req->system_prompt = NULL;
+        req->params = NULL;
+    }
+    protobuf_c_message_free_unpacked(&req->base, NULL);
+    bridge_post(s->g->bridge, on_route_job, j);
 }
 
 /* Starts a turn for `message` (owned by the turn from here). */
@@ -478,10 +506,15 @@ static void start_turn(session *s, char *message)
     req.tool_call_count = counts.tool_calls;
     req.assistant_message_count = counts.assistant_messages;
     cli_opts o = {.timeout_ms = s->g->opts.route_timeout_ms};
+    t->chat_req = chat_request(s, t);
     s->refs++;
-    if (cli_unary(s->g->router, "/convo.v1.Router/Route", &req.base,
+    if (t->chat_req == NULL ||
+        cli_unary(s->g->router, "/convo.v1.Router/Route", &req.base,
                   &convo__v1__route_response__descriptor, &o, on_route_done, t, NULL) != 0) {
         s->refs--;
+        if (t->chat_req != NULL)
+            protobuf_c_message_free_unpacked(&t->chat_req->base, NULL);
+        t->chat_req = NULL;
         fail_turn(s, t, "internal", "The answer could not be started; please try again.");
         end_turn(s, t);
     }

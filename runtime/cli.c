@@ -13,9 +13,13 @@
 #define MAX_META 8
 
 typedef struct cq_thread {
+    cli *owner;
     grpc_completion_queue *cq;
     pthread_t tid;
 } cq_thread;
+
+/* The completion-queue thread this is, when it is one. */
+static _Thread_local cq_thread *this_thread;
 
 struct cli_channel {
     cli *c;
@@ -73,6 +77,7 @@ struct cli_call {
 static void *thread_main(void *arg)
 {
     cq_thread *t = arg;
+    this_thread = t;
     rpc__cq_loop(t->cq);
     return NULL;
 }
@@ -87,6 +92,7 @@ cli *cli_create(int threads, int64_t max_message_bytes)
     pthread_cond_init(&c->idle, NULL);
     c->threads = mem_calloc(c->nthreads, sizeof *c->threads);
     for (size_t i = 0; i < c->nthreads; i++) {
+        c->threads[i].owner = c;
         c->threads[i].cq = grpc_completion_queue_create_for_next(NULL);
         pthread_create(&c->threads[i].tid, NULL, thread_main, &c->threads[i]);
     }
@@ -197,7 +203,11 @@ static int call_create(cli_channel *ch, const char *method, const ProtobufCMessa
     if (opts != NULL && opts->timeout_ms > 0)
         deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
                                 gpr_time_from_millis(opts->timeout_ms, GPR_TIMESPAN));
-    cq_thread *t = &c->threads[atomic_fetch_add(&c->next_thread, 1) % c->nthreads];
+    /* A call started from a callback stays on that callback's thread (see
+     * cli.h); any other goes to the next thread in turn. */
+    cq_thread *t = this_thread != NULL && this_thread->owner == c
+                       ? this_thread
+                       : &c->threads[atomic_fetch_add(&c->next_thread, 1) % c->nthreads];
     grpc_slice path = grpc_slice_from_copied_string(method);
 
     pthread_mutex_lock(&c->mu);

@@ -7,7 +7,11 @@
  * cannot connect fail with UNAVAILABLE once their deadline allows no wait.
  *
  * Callback contract: if a start function returns an error, no callback
- * fires. Otherwise the done callback fires exactly once, last. */
+ * fires. Otherwise the done callback fires exactly once, last. A call
+ * started from inside one of this client's callbacks has its callbacks run
+ * on the same thread, so none of them runs before the starting callback
+ * returns: what that callback hands on (to another thread's queue, say)
+ * is ahead of anything the new call produces. */
 #ifndef CONVO_CLI_H
 #define CONVO_CLI_H
 

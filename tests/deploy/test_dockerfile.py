@@ -16,6 +16,9 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 BASE_PACKAGES = {"libc6", "libgcc-s1", "zlib1g", "libasan8", "libubsan1", "libstdc++6"}
 # ca-certificates: not linked, but TLS to the model / database needs it.
 OPTIONAL = {"ca-certificates"}
+# Loaded with dlopen at start-up, so absent from the binary's NEEDED list:
+# {binary: {package: the file it must hold}}.
+PLUGINS = {"gateway": {"libwebsockets-evlib-ev": "libwebsockets-evlib_ev.so"}}
 
 
 def parse():
@@ -180,8 +183,14 @@ def test_runtime_stage_has_exactly_the_linked_libraries(binary):
     have = {p for s in chain(parse(), binary) for p in apt_packages(s)}
     # What apt brings in with the listed packages covers every linked library...
     assert need <= closure(have), f"the {binary} image lacks {sorted(need - closure(have))}"
-    # ...and nothing is listed that the binary does not link.
-    assert have - OPTIONAL <= need, f"the {binary} image installs unneeded {sorted(have - OPTIONAL - need)}"
+    # ...and nothing is listed that the binary does not link or load.
+    plugins = PLUGINS.get(binary, {})
+    assert have - OPTIONAL - set(plugins) <= need, \
+        f"the {binary} image installs unneeded {sorted(have - OPTIONAL - set(plugins) - need)}"
+    for pkg, lib in plugins.items():
+        assert pkg in have, f"the {binary} image lacks {pkg}, which it loads at start-up"
+        files = subprocess.run(["dpkg", "-L", pkg], capture_output=True, text=True).stdout
+        assert any(f.endswith("/" + lib) for f in files.split()), f"{pkg} does not hold {lib}"
 
 
 def test_runtime_package_names_exist_in_debian():

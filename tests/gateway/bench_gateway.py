@@ -10,6 +10,7 @@ to PostgreSQL. Use a Release build (the default ctest tree has sanitizers)."""
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -20,6 +21,21 @@ sys.path.insert(0, str(HERE.parent / "harness"))
 from harness import Postgres, Service, build_dir  # noqa: E402
 
 
+def cpu_seconds(pid, tick):
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(f[11]) + int(f[12])) / tick
+
+
+def comm(pid):
+    try:
+        return open(f"/proc/{pid}/comm").read().strip()
+    except OSError:
+        return ""
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sessions", type=int, default=100)
@@ -27,6 +43,7 @@ def main():
     ap.add_argument("--words", type=int, default=50)
     ap.add_argument("--delay-ms", type=int, default=0)
     ap.add_argument("--stagger-ms", type=int, default=0)
+    ap.add_argument("--think-ms", type=int, default=0)
     ap.add_argument("gateway_args", nargs="*", help="extra gateway options (after --)")
     a = ap.parse_args()
     extra = a.gateway_args
@@ -44,11 +61,14 @@ def main():
                                       "--rate-limit", "100000", "--max-connections", "100000", *extra],
                      env=quiet, ready="http")
         try:
+            n0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            node0 = n0.ru_utime + n0.ru_stime
             r = subprocess.run(["node", str(HERE / "loadgen.mjs"), "--gateway", gw.addr,
                                 "--model", model.addr, "--sessions", str(a.sessions),
                                 "--turns", str(a.turns), "--words", str(a.words),
                                 "--delay-ms", str(a.delay_ms),
-                                "--stagger-ms", str(a.stagger_ms)], text=True)
+                                "--stagger-ms", str(a.stagger_ms),
+                                "--think-ms", str(a.think_ms)], text=True)
             # Every token must reach PostgreSQL: wait for the last batches.
             want = a.sessions * a.turns * a.words
             t0 = time.monotonic()
@@ -62,11 +82,13 @@ def main():
             print(f"ai_token events stored: {stored} of {want} "
                   f"({time.monotonic() - t0:.1f} s after the last answer)")
             tick = os.sysconf("SC_CLK_TCK")
-            cpu = []
-            for s in (gw, router, llm, model, store):
-                f = open(f"/proc/{s.pid}/stat").read().rsplit(")", 1)[1].split()
-                cpu.append(f"{s.name} {(int(f[11]) + int(f[12])) / tick:.1f}")
-            print("CPU seconds used:", ", ".join(cpu), "(PostgreSQL and loadgen not counted)")
+            cpu = [f"{s.name} {cpu_seconds(s.pid, tick):.1f}" for s in (gw, router, llm, model, store)]
+            pg_cpu = sum(cpu_seconds(int(p), tick) for p in os.listdir("/proc")
+                         if p.isdigit() and comm(p) == "postgres")
+            node = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu.append(f"PostgreSQL {pg_cpu:.1f}")
+            cpu.append(f"loadgen {node.ru_utime + node.ru_stime - node0:.1f}")
+            print("CPU seconds used:", ", ".join(cpu))
             return r.returncode or (stored != want)
         finally:
             for s in (gw, router, llm, model, store):

@@ -12,13 +12,19 @@
 // users do not all press enter in the same millisecond); 0 starts them all
 // at once, the worst case for the first token.
 //
+// --think-ms is a user's pause between an answer and the next message (each
+// pause drawn evenly from 0.5x to 1.5x it, so sessions do not fall into
+// step). 0 sends the next message the moment an answer ends: a closed loop
+// that keeps every process busy, so the first token then measures queueing
+// at saturation rather than the path's own cost.
+//
 // The first --warmup turns of each session (default 1) are run and checked
 // but left out of the time-to-first-token figures: they include connecting
 // every process to its peers.
 //
 //   node loadgen.mjs --gateway 127.0.0.1:8000 [--model 127.0.0.1:8089]
 //        [--sessions 100] [--turns 5] [--warmup 1] [--words 50] [--delay-ms 0]
-//        [--stagger-ms 0] [--json]
+//        [--stagger-ms 0] [--think-ms 0] [--json]
 import http from "node:http";
 import { createRequire } from "node:module";
 const require = createRequire(import.meta.url);
@@ -26,7 +32,7 @@ const WebSocket = require("ws");
 
 function parseArgs(argv) {
   const o = { gateway: "127.0.0.1:8000", model: "", sessions: 100, turns: 5, warmup: 1,
-              words: 50, delayMs: 0, staggerMs: 0, json: false, timeoutMs: 120000 };
+              words: 50, delayMs: 0, staggerMs: 0, thinkMs: 0, json: false, timeoutMs: 120000 };
   for (let i = 2; i < argv.length; i++) {
     const k = argv[i];
     const v = () => argv[++i];
@@ -38,6 +44,7 @@ function parseArgs(argv) {
     else if (k === "--words") o.words = +v();
     else if (k === "--delay-ms") o.delayMs = +v();
     else if (k === "--stagger-ms") o.staggerMs = +v();
+    else if (k === "--think-ms") o.thinkMs = +v();
     else if (k === "--timeout-ms") o.timeoutMs = +v();
     else if (k === "--json") o.json = true;
     else { console.error(`loadgen: unknown option ${k}`); process.exit(2); }
@@ -51,6 +58,7 @@ const expected = Array.from({ length: opts.words }, (_, i) => `w${i + 1}`).join(
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const startDelay = (i) => (opts.staggerMs * i) / opts.sessions;
+const thinkTime = () => opts.thinkMs * (0.5 + Math.random());
 
 function pct(sorted, p) {
   if (sorted.length === 0) return NaN;
@@ -70,10 +78,14 @@ function runSession(id, stats) {
     const ws = new WebSocket(`ws://${opts.gateway}/ws/session/${id}?user_id=load`);
     let turn = 0, text = "", t0 = 0, first = true;
     const timer = setTimeout(() => { stats.errors++; ws.terminate(); }, opts.timeoutMs);
-    const next = () => {
-      if (turn === opts.turns) { ws.close(1000); return; }
+    const send = () => {
       turn++; text = ""; first = true; t0 = performance.now();
       ws.send(JSON.stringify({ message }));
+    };
+    const next = () => {
+      if (turn === opts.turns) { ws.close(1000); return; }
+      if (turn > 0 && opts.thinkMs > 0) setTimeout(send, thinkTime());
+      else send();
     };
     ws.on("message", (data) => {
       const f = JSON.parse(data);
@@ -138,7 +150,10 @@ async function runModel() {
   const t0 = performance.now();
   await Promise.all(Array.from({ length: opts.sessions }, async (_, i) => {
     await sleep(startDelay(i));
-    for (let t = 0; t < opts.turns; t++) await modelTurn(stats, agent, t >= opts.warmup);
+    for (let t = 0; t < opts.turns; t++) {
+      if (t > 0 && opts.thinkMs > 0) await sleep(thinkTime());
+      await modelTurn(stats, agent, t >= opts.warmup);
+    }
   }));
   agent.destroy();
   return [summary("offline model direct", stats.ttft, stats.tokens, stats.errors,
@@ -168,7 +183,8 @@ if (opts.json) {
   console.log(JSON.stringify({ options: opts, results, errors: [...messages] }));
 } else {
   console.log(`sessions ${opts.sessions}, turns ${opts.turns}, ${opts.words} tokens per answer, ` +
-              `${opts.delayMs} ms per token, starts spread over ${opts.staggerMs} ms`);
+              `${opts.delayMs} ms per token, starts spread over ${opts.staggerMs} ms, ` +
+              `${opts.thinkMs} ms between answer and next message`);
   console.log("path                      answers  errors  ttft p50   p95      p99      tokens/s");
   for (const r of results)
     console.log(`${r.path.padEnd(26)}${String(r.answers).padStart(7)}${String(r.errors).padStart(8)}` +

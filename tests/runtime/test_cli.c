@@ -5,8 +5,10 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <cmocka.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -197,6 +199,81 @@ static void destroy_with_calls_in_flight(void **state)
     assert_int_equal(drip.code, RPC_CANCELLED);
 }
 
+/* A call started from a callback: its callbacks run on that thread, after
+ * the starting callback has returned (what the gateway relies on to keep a
+ * turn's events in order). */
+typedef struct chain {
+    cli_channel *ch;
+    pthread_t parent;
+    atomic_int parent_returned;
+    atomic_int wrong_thread;
+    atomic_int too_early;
+    atomic_int done;
+} chain;
+
+static void check_child(chain *k)
+{
+    if (!pthread_equal(pthread_self(), k->parent))
+        atomic_fetch_add(&k->wrong_thread, 1);
+    if (!atomic_load(&k->parent_returned))
+        atomic_fetch_add(&k->too_early, 1);
+}
+
+static int on_child_msg(void *arg, const ProtobufCMessage *msg)
+{
+    check_child(arg);
+    return 0;
+}
+
+static void on_child_done(void *arg, rpc_code code, const char *message, ProtobufCMessage *resp)
+{
+    chain *k = arg;
+    check_child(k);
+    atomic_fetch_add(&k->done, 1);
+}
+
+static void on_parent_done(void *arg, rpc_code code, const char *message, ProtobufCMessage *resp)
+{
+    chain *k = arg;
+    if (resp != NULL)
+        protobuf_c_message_free_unpacked(resp, NULL);
+    k->parent = pthread_self();
+    Convo__Test__CountRequest req = CONVO__TEST__COUNT_REQUEST__INIT;
+    req.count = 3;
+    if (cli_stream(k->ch, "/convo.test.Test/Count", &req.base, &convo__test__item__descriptor, NULL,
+                   on_child_msg, on_child_done, k, NULL) != 0)
+        atomic_fetch_add(&k->done, 1);
+    /* Time for the answer to arrive, were another thread free to take it. */
+    usleep(3000);
+    atomic_store(&k->parent_returned, 1);
+}
+
+static void calls_started_in_a_callback_stay_on_its_thread(void **state)
+{
+    enum { N = 40 };
+    cli *c = cli_create(4, 0);
+    cli_channel *ch = cli_channel_create(c, server.target, 0);
+    static chain chains[N];
+    Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;
+    req.text = "x";
+    for (int i = 0; i < N; i++) {
+        memset(&chains[i], 0, sizeof chains[i]);
+        chains[i].ch = ch;
+        assert_int_equal(cli_unary(ch, "/convo.test.Test/Echo", &req.base,
+                                   &convo__test__echo_reply__descriptor, NULL, on_parent_done,
+                                   &chains[i], NULL),
+                         0);
+    }
+    for (int i = 0; i < N; i++) {
+        for (int waited = 0; !atomic_load(&chains[i].done) && waited < 10000; waited += 5)
+            usleep(5000);
+        assert_int_equal(atomic_load(&chains[i].done), 1);
+        assert_int_equal(atomic_load(&chains[i].wrong_thread), 0);
+        assert_int_equal(atomic_load(&chains[i].too_early), 0);
+    }
+    cli_destroy(&c);
+}
+
 static void *run_server(void *s)
 {
     srv_run(s);
@@ -245,6 +322,7 @@ int main(void)
         cmocka_unit_test(paused_stream_resumes_in_order),
         cmocka_unit_test(unreachable_peer_fails_fast_with_unavailable),
         cmocka_unit_test(destroy_with_calls_in_flight),
+        cmocka_unit_test(calls_started_in_a_callback_stay_on_its_thread),
         cmocka_unit_test(wait_for_ready_waits_for_a_late_server),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
