@@ -204,3 +204,22 @@ char *frame_queued(uint64_t turn_id, size_t position, size_t *len)
     json_object_object_add(o, "position", json_object_new_int64((int64_t)position));
     return finish(o, len);
 }
+
+size_t frame_ws_header(unsigned char *h, uint64_t len)
+{
+    h[0] = 0x81; /* FIN, text */
+    if (len < 126) {
+        h[1] = (unsigned char)len;
+        return 2;
+    }
+    if (len <= 0xffff) {
+        h[1] = 126;
+        h[2] = (unsigned char)(len >> 8);
+        h[3] = (unsigned char)len;
+        return 4;
+    }
+    h[1] = 127;
+    for (int i = 0; i < 8; i++)
+        h[2 + i] = (unsigned char)(len >> (56 - 8 * i));
+    return 10;
+}

@@ -47,4 +47,11 @@ char *frame_session(const char *session_id, const char *user_id, int resumed, in
 /* A message was queued behind the answer being streamed. */
 char *frame_queued(uint64_t turn_id, size_t position, size_t *len);
 
+/* The longest header frame_ws_header writes. */
+#define FRAME_WS_HEADER_MAX 10
+/* Writes the RFC 6455 header of an unmasked, final server-to-client text
+ * frame carrying `len` bytes into h (FRAME_WS_HEADER_MAX bytes of room);
+ * returns its length. Lets the gateway put several frames in one write. */
+size_t frame_ws_header(unsigned char *h, uint64_t len);
+
 #endif

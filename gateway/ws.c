@@ -154,23 +154,63 @@ static void on_established(struct lws *wsi, pss *p)
     }
 }
 
-/* Writes queued frames while the socket takes them whole. A frame lws had
+/* Queued frames go out together, up to this many bytes a write: a burst of
+ * tokens costs one send, not one each. A larger frame goes alone. */
+#define WS_WRITE_BATCH 32768
+
+static unsigned char batch[LWS_PRE + WS_WRITE_BATCH]; /* loop thread only */
+
+/* Takes the head frame off the queue; the caller frees it. */
+static out_frame *pop(conn *c)
+{
+    out_frame *f = c->head;
+    c->head = f->next;
+    if (c->head == NULL)
+        c->tail = NULL;
+    c->out_bytes -= f->len;
+    return f;
+}
+
+/* Copies frames from the head of the queue into `batch`, each with its
+ * header, while they fit. Returns the bytes gathered (0: the head frame is
+ * too big to share a write) and their charges in *charge. */
+static size_t gather(conn *c, long *charge)
+{
+    size_t n = 0;
+    *charge = 0;
+    while (c->head != NULL && n + FRAME_WS_HEADER_MAX + c->head->len <= WS_WRITE_BATCH) {
+        out_frame *f = pop(c);
+        n += frame_ws_header(batch + LWS_PRE + n, f->len);
+        memcpy(batch + LWS_PRE + n, f->data + LWS_PRE, f->len);
+        n += f->len;
+        *charge += f->charge;
+        mem_free(f);
+    }
+    return n;
+}
+
+/* Writes queued frames while the socket takes them whole. A write lws had
  * to buffer in part would make it service the socket itself and call us
- * back only when asked again, so it stops at a choked pipe instead. */
+ * back only when asked again, so it stops at a choked pipe instead. The
+ * gathered frames are framed here and written raw (no extensions are
+ * negotiated, so the frames are exactly what lws would have made). */
 static int on_writeable(struct lws *wsi, conn *c)
 {
     while (c->head != NULL && !lws_send_pipe_choked(wsi)) {
-        out_frame *f = c->head;
-        c->head = f->next;
-        if (c->head == NULL)
-            c->tail = NULL;
-        c->out_bytes -= f->len;
-        int n = lws_write(wsi, f->data + LWS_PRE, f->len, LWS_WRITE_TEXT);
-        long charge = f->charge;
-        mem_free(f);
+        long charge;
+        size_t n = gather(c, &charge);
+        int w;
+        if (n > 0) {
+            w = lws_write(wsi, batch + LWS_PRE, n, LWS_WRITE_RAW);
+        } else {
+            out_frame *f = pop(c);
+            w = lws_write(wsi, f->data + LWS_PRE, f->len, LWS_WRITE_TEXT);
+            charge = f->charge;
+            mem_free(f);
+        }
         if (c->s != NULL)
             sess_on_sent(c->s, charge);
-        if (n < 0)
+        if (w < 0)
             return -1;
     }
     if (c->head != NULL) {

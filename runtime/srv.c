@@ -218,6 +218,11 @@ static void call_pump_locked(srv_call *c)
         mem_free(m);
         ops[n].op = GRPC_OP_SEND_MESSAGE;
         ops[n].data.send_message.send_message = c->in_flight;
+        /* More are queued right behind it (a burst of tokens): the transport
+         * may gather them into one write. The last one, unhinted, flushes,
+         * so nothing waits on the wire for a message that may never come. */
+        if (c->head != NULL || c->finished)
+            ops[n].flags = GRPC_WRITE_BUFFER_HINT;
         n++;
     } else if (c->finished) {
         if (c->response != NULL) {

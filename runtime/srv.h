@@ -26,8 +26,9 @@
 
 /* The server's options; every service binary parses them. */
 #define SRV_OPTS(X, S)                                                                             \
-    X(S, threads, INT, "grpc-threads", "GRPC_THREADS", "2",                                        \
-      "completion-queue threads serving gRPC calls")                                               \
+    X(S, threads, INT, "grpc-threads", "GRPC_THREADS", "1",                                        \
+      "completion-queue threads serving gRPC calls; one hands no call from thread to thread "      \
+      "(the lowest latency); raise it when this thread keeps a core busy")                         \
     X(S, shutdown_grace_ms, INT, "shutdown-grace-ms", "SHUTDOWN_GRACE_MS", "10000",                \
       "on SIGTERM/SIGINT, how long in-flight calls may run before they are cancelled")             \
     X(S, drain_delay_ms, INT, "drain-delay-ms", "DRAIN_DELAY_MS", "0",                             \

@@ -143,12 +143,38 @@ static void server_frames(void **state)
     json_object_put(o);
 }
 
+static void ws_headers(void **state)
+{
+    unsigned char h[FRAME_WS_HEADER_MAX];
+    assert_int_equal(frame_ws_header(h, 0), 2);
+    assert_int_equal(h[0], 0x81);
+    assert_int_equal(h[1], 0);
+    assert_int_equal(frame_ws_header(h, 125), 2);
+    assert_int_equal(h[1], 125);
+    /* 126 needs the 16-bit length, big-endian. */
+    assert_int_equal(frame_ws_header(h, 126), 4);
+    assert_int_equal(h[1], 126);
+    assert_int_equal(h[2], 0);
+    assert_int_equal(h[3], 126);
+    assert_int_equal(frame_ws_header(h, 0xffff), 4);
+    assert_int_equal(h[2], 0xff);
+    assert_int_equal(h[3], 0xff);
+    /* 65536 and up: the 64-bit length. */
+    assert_int_equal(frame_ws_header(h, 0x10000), 10);
+    assert_int_equal(h[1], 127);
+    const unsigned char want[8] = {0, 0, 0, 0, 0, 1, 0, 0};
+    assert_memory_equal(h + 2, want, 8);
+    assert_int_equal(frame_ws_header(h, 0x0102030405060708ULL), 10);
+    const unsigned char big[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    assert_memory_equal(h + 2, big, 8);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(message_object), cmocka_unit_test(plain_text_is_the_message),
         cmocka_unit_test(cancel),         cmocka_unit_test(errors),
-        cmocka_unit_test(server_frames),
+        cmocka_unit_test(server_frames),  cmocka_unit_test(ws_headers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
