@@ -101,9 +101,8 @@ cli *cli_create(int threads, int64_t max_message_bytes)
 
 cli_channel *cli_channel_create(cli *c, const char *target, int round_robin)
 {
-    rpc__args args = {.n = 0};
-    rpc__args_int(&args, GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, (int)c->max_message_bytes);
-    rpc__args_int(&args, GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, (int)c->max_message_bytes);
+    rpc__args args;
+    rpc__args_init(&args, c->max_message_bytes);
     /* A restarted peer is found again within seconds, not the core's
      * default of up to two minutes; and the core's first retry would wait a
      * whole second, when a restarting peer is usually back within a few

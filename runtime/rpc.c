@@ -150,6 +150,13 @@ void rpc__args_str(rpc__args *args, const char *key, char *value)
     a->value.string = value;
 }
 
+void rpc__args_init(rpc__args *args, int64_t max_message_bytes)
+{
+    args->n = 0;
+    rpc__args_int(args, GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, (int)max_message_bytes);
+    rpc__args_int(args, GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, (int)max_message_bytes);
+}
+
 grpc_channel_args rpc__args_get(rpc__args *args)
 {
     grpc_channel_args c = {args->n, args->a};

@@ -21,6 +21,9 @@ typedef struct rpc__args {
     grpc_arg a[12];
     size_t n;
 } rpc__args;
+/* Starts a list with what servers and channels share: the message size
+ * limit both ways. */
+void rpc__args_init(rpc__args *args, int64_t max_message_bytes);
 void rpc__args_int(rpc__args *args, const char *key, int value);
 void rpc__args_str(rpc__args *args, const char *key, char *value);
 /* The list as the core takes it (valid while args lives). */

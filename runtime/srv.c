@@ -703,9 +703,8 @@ srv *srv_create(const char *name, const char *listen, const srv_opts *opts)
     pthread_mutex_init(&s->shutdown_mu, NULL);
     pthread_cond_init(&s->shutdown_cv, NULL);
 
-    rpc__args args = {.n = 0};
-    rpc__args_int(&args, GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, (int)opts->max_message_bytes);
-    rpc__args_int(&args, GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, (int)opts->max_message_bytes);
+    rpc__args args;
+    rpc__args_init(&args, opts->max_message_bytes);
     /* Clients (ours) send keepalive pings every 30 s to notice dead peers;
      * accept them instead of answering with GOAWAY "too_many_pings". */
     rpc__args_int(&args, GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
