@@ -140,11 +140,68 @@ static json_object *json_or_string(const char *text)
     return v != NULL ? v : json_object_new_string(text);
 }
 
+/* Writes s as a JSON string (quotes included) at out, which has room for
+ * 6 bytes per input byte plus 2; returns the bytes written. Escapes what
+ * JSON requires and nothing else, as json-c does with NOSLASHESCAPE. */
+static size_t json_quote(char *out, const char *s, size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    char *o = out;
+    *o++ = '"';
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        char esc = 0;
+        switch (c) {
+        case '"':
+        case '\\':
+            esc = (char)c;
+            break;
+        case '\b':
+            esc = 'b';
+            break;
+        case '\f':
+            esc = 'f';
+            break;
+        case '\n':
+            esc = 'n';
+            break;
+        case '\r':
+            esc = 'r';
+            break;
+        case '\t':
+            esc = 't';
+            break;
+        }
+        if (esc != 0) {
+            *o++ = '\\';
+            *o++ = esc;
+        } else if (c >= 0x20) {
+            *o++ = (char)c;
+        } else {
+            memcpy(o, "\\u00", 4);
+            o[4] = hex[c >> 4];
+            o[5] = hex[c & 15];
+            o += 6;
+        }
+    }
+    *o++ = '"';
+    return (size_t)(o - out);
+}
+
+/* The commonest frame by far (one per token), so it is written directly
+ * rather than built as a json-c object. */
 char *frame_token(const char *content, uint64_t turn_id, size_t *len)
 {
-    json_object *o = typed("token", turn_id);
-    json_object_object_add(o, "content", json_object_new_string(content));
-    return finish(o, len);
+    size_t n = strlen(content);
+    char *f = mem_alloc(64 + 6 * n);
+    int head = turn_id != 0 ? snprintf(f, 64, "{\"type\":\"token\",\"turn_id\":%llu,\"content\":",
+                                       (unsigned long long)turn_id)
+                            : snprintf(f, 64, "{\"type\":\"token\",\"content\":");
+    size_t at = (size_t)head + json_quote(f + head, content, n);
+    f[at++] = '}';
+    f[at] = '\0';
+    *len = at;
+    return f;
 }
 
 char *frame_tool_call(const char *tool, const char *call_id, const char *arguments_json,

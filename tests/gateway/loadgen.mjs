@@ -56,6 +56,7 @@ const opts = parseArgs(process.argv);
 const message = `[[words:${opts.words}]] [[delay:${opts.delayMs}]]`;
 const expected = Array.from({ length: opts.words }, (_, i) => `w${i + 1}`).join(" ");
 
+const HISTORY_MESSAGES = 50;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const startDelay = (i) => (opts.staggerMs * i) / opts.sessions;
 const thinkTime = () => opts.thinkMs * (0.5 + Math.random());
@@ -109,12 +110,16 @@ function runSession(id, stats) {
   });
 }
 
-// The same turn straight from the offline model (OpenAI streaming format).
-function modelTurn(stats, agent, measured) {
+// The same turn straight from the offline model (OpenAI streaming format),
+// carrying the conversation so far as the seed's backend did (and as
+// llm-svc does, up to the gateway's --history-messages, default 50), so
+// both paths ask the model the same amount.
+function modelTurn(stats, agent, measured, history) {
   return new Promise((resolve) => {
     const [host, port] = opts.model.split(":");
+    history.push({ role: "user", content: message });
     const body = JSON.stringify({ model: "offline-model", stream: true,
-                                  messages: [{ role: "user", content: message }] });
+                                  messages: history.slice(-(HISTORY_MESSAGES + 1)) });
     const t0 = performance.now();
     let first = true, text = "", buf = "";
     const req = http.request({ host, port, path: "/v1/chat/completions", method: "POST", agent,
@@ -137,7 +142,11 @@ function modelTurn(stats, agent, measured) {
           }
         }
       });
-      res.on("end", () => { if (text !== expected) stats.errors++; resolve(); });
+      res.on("end", () => {
+        if (text !== expected) stats.errors++;
+        history.push({ role: "assistant", content: text });
+        resolve();
+      });
     });
     req.on("error", (e) => { stats.errors++; stats.messages.add(e.message); resolve(); });
     req.end(body);
@@ -150,9 +159,10 @@ async function runModel() {
   const t0 = performance.now();
   await Promise.all(Array.from({ length: opts.sessions }, async (_, i) => {
     await sleep(startDelay(i));
+    const history = [];
     for (let t = 0; t < opts.turns; t++) {
       if (t > 0 && opts.thinkMs > 0) await sleep(thinkTime());
-      await modelTurn(stats, agent, t >= opts.warmup);
+      await modelTurn(stats, agent, t >= opts.warmup, history);
     }
   }));
   agent.destroy();

@@ -143,6 +143,34 @@ static void server_frames(void **state)
     json_object_put(o);
 }
 
+/* frame_token writes its JSON by hand: it must be exactly what json-c
+ * writes, for every byte a token can hold. */
+static void token_frames_equal_json_c(void **state)
+{
+    char all[256];
+    for (int i = 1; i < 128; i++)
+        all[i - 1] = (char)i;
+    strcpy(all + 127, "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80 / \\ \"");
+    const char *cases[] = {"", "w1", "tok \"q\" /", "a\nb\tc\rd\x01\x1f", all};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        for (uint64_t turn = 0; turn < 2; turn++) {
+            json_object *o = json_object_new_object();
+            json_object_object_add(o, "type", json_object_new_string("token"));
+            if (turn != 0)
+                json_object_object_add(o, "turn_id", json_object_new_int64((int64_t)turn));
+            json_object_object_add(o, "content", json_object_new_string(cases[i]));
+            const char *want = json_object_to_json_string_ext(
+                o, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE);
+            size_t len;
+            char *got = frame_token(cases[i], turn, &len);
+            assert_string_equal(got, want);
+            assert_int_equal(len, strlen(want));
+            mem_free(got);
+            json_object_put(o);
+        }
+    }
+}
+
 static void ws_headers(void **state)
 {
     unsigned char h[FRAME_WS_HEADER_MAX];
@@ -172,9 +200,13 @@ static void ws_headers(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(message_object), cmocka_unit_test(plain_text_is_the_message),
-        cmocka_unit_test(cancel),         cmocka_unit_test(errors),
-        cmocka_unit_test(server_frames),  cmocka_unit_test(ws_headers),
+        cmocka_unit_test(message_object),
+        cmocka_unit_test(plain_text_is_the_message),
+        cmocka_unit_test(cancel),
+        cmocka_unit_test(errors),
+        cmocka_unit_test(server_frames),
+        cmocka_unit_test(ws_headers),
+        cmocka_unit_test(token_frames_equal_json_c),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
