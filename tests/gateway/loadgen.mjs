@@ -22,6 +22,13 @@
 // but left out of the time-to-first-token figures: they include connecting
 // every process to its peers.
 //
+// Besides the whole run, each path is also measured over its steady window:
+// from the moment the last session began its first measured turn to the
+// moment the first session finished, when all N sessions are active at once.
+// Its tokens/s counts the tokens that arrived inside the window, and its
+// first-token figures the turns that started inside it; the ramp up and down
+// at either end (lighter load) is left out.
+//
 //   node loadgen.mjs --gateway 127.0.0.1:8000 [--model 127.0.0.1:8089]
 //        [--sessions 100] [--turns 5] [--warmup 1] [--words 50] [--delay-ms 0]
 //        [--stagger-ms 0] [--think-ms 0] [--json]
@@ -66,11 +73,40 @@ function pct(sorted, p) {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 }
 
-function summary(name, ttft, tokens, errors, seconds) {
-  const s = [...ttft].sort((a, b) => a - b);
-  return { path: name, answers: opts.sessions * opts.turns, errors, ttft_p50_ms: pct(s, 50),
-           ttft_p95_ms: pct(s, 95), ttft_p99_ms: pct(s, 99), tokens, seconds,
-           tokens_per_s: tokens / seconds };
+function newStats() {
+  return { ttft: [], tokens: 0, errors: 0, messages: new Set(),
+           turns: [], tokenTimes: [], spans: [] };
+}
+
+// A measured turn's first token came `ms` after the turn started at t0.
+function firstToken(stats, t0, now) {
+  stats.ttft.push(now - t0);
+  stats.turns.push({ t0, ms: now - t0 });
+}
+
+function gotToken(stats, now) {
+  stats.tokens++;
+  stats.tokenTimes.push(now);
+}
+
+function steady(stats) {
+  if (stats.spans.length < opts.sessions) return null;
+  const from = Math.max(...stats.spans.map((s) => s.from));
+  const to = Math.min(...stats.spans.map((s) => s.to));
+  if (!(to > from)) return null;
+  const tokens = stats.tokenTimes.filter((t) => t >= from && t <= to).length;
+  const ttft = stats.turns.filter((x) => x.t0 >= from && x.t0 <= to).map((x) => x.ms)
+    .sort((a, b) => a - b);
+  return { seconds: (to - from) / 1000, answers: ttft.length, tokens_per_s: tokens / ((to - from) / 1000),
+           ttft_p50_ms: pct(ttft, 50), ttft_p95_ms: pct(ttft, 95), ttft_p99_ms: pct(ttft, 99) };
+}
+
+function summary(name, stats, seconds) {
+  const s = [...stats.ttft].sort((a, b) => a - b);
+  return { path: name, answers: opts.sessions * opts.turns, errors: stats.errors,
+           ttft_p50_ms: pct(s, 50), ttft_p95_ms: pct(s, 95), ttft_p99_ms: pct(s, 99),
+           tokens: stats.tokens, seconds, tokens_per_s: stats.tokens / seconds,
+           steady: steady(stats) };
 }
 
 // One session: T turns over one WebSocket, one at a time.
@@ -78,13 +114,20 @@ function runSession(id, stats) {
   return new Promise((resolve) => {
     const ws = new WebSocket(`ws://${opts.gateway}/ws/session/${id}?user_id=load`);
     let turn = 0, text = "", t0 = 0, first = true;
+    const span = { from: Infinity, to: 0 };
     const timer = setTimeout(() => { stats.errors++; ws.terminate(); }, opts.timeoutMs);
     const send = () => {
       turn++; text = ""; first = true; t0 = performance.now();
+      if (turn === opts.warmup + 1) span.from = t0;
       ws.send(JSON.stringify({ message }));
     };
     const next = () => {
-      if (turn === opts.turns) { ws.close(1000); return; }
+      if (turn === opts.turns) {
+        span.to = performance.now();
+        stats.spans.push(span);
+        ws.close(1000);
+        return;
+      }
       if (turn > 0 && opts.thinkMs > 0) setTimeout(send, thinkTime());
       else send();
     };
@@ -92,10 +135,11 @@ function runSession(id, stats) {
       const f = JSON.parse(data);
       if (f.type === "session") next();
       else if (f.type === "token") {
-        if (first && turn > opts.warmup) stats.ttft.push(performance.now() - t0);
+        const now = performance.now();
+        if (first && turn > opts.warmup) firstToken(stats, t0, now);
         first = false;
         text += f.content;
-        stats.tokens++;
+        gotToken(stats, now);
       } else if (f.type === "done") {
         if (text !== expected) stats.errors++;
         next();
@@ -136,9 +180,11 @@ function modelTurn(stats, agent, measured, history) {
           if (!data || data === "[DONE]") continue;
           const content = JSON.parse(data).choices?.[0]?.delta?.content;
           if (content) {
-            if (first && measured) stats.ttft.push(performance.now() - t0);
+            const now = performance.now();
+            if (first && measured) firstToken(stats, t0, now);
             first = false;
-            text += content; stats.tokens++;
+            text += content;
+            gotToken(stats, now);
           }
         }
       });
@@ -154,30 +200,32 @@ function modelTurn(stats, agent, measured, history) {
 }
 
 async function runModel() {
-  const stats = { ttft: [], tokens: 0, errors: 0, messages: new Set() };
+  const stats = newStats();
   const agent = new http.Agent({ keepAlive: true, maxSockets: opts.sessions });
   const t0 = performance.now();
   await Promise.all(Array.from({ length: opts.sessions }, async (_, i) => {
     await sleep(startDelay(i));
     const history = [];
+    const span = { from: Infinity, to: 0 };
     for (let t = 0; t < opts.turns; t++) {
       if (t > 0 && opts.thinkMs > 0) await sleep(thinkTime());
+      if (t === opts.warmup) span.from = performance.now();
       await modelTurn(stats, agent, t >= opts.warmup, history);
     }
+    span.to = performance.now();
+    stats.spans.push(span);
   }));
   agent.destroy();
-  return [summary("offline model direct", stats.ttft, stats.tokens, stats.errors,
-                  (performance.now() - t0) / 1000), stats];
+  return [summary("offline model direct", stats, (performance.now() - t0) / 1000), stats];
 }
 
 async function runGateway() {
-  const stats = { ttft: [], tokens: 0, errors: 0, messages: new Set() };
+  const stats = newStats();
   const run = `load-${process.pid}-${Date.now()}`;
   const t0 = performance.now();
   await Promise.all(Array.from({ length: opts.sessions },
                                (_, i) => sleep(startDelay(i)).then(() => runSession(`${run}-${i}`, stats))));
-  return [summary("through the gateway", stats.ttft, stats.tokens, stats.errors,
-                  (performance.now() - t0) / 1000), stats];
+  return [summary("through the gateway", stats, (performance.now() - t0) / 1000), stats];
 }
 
 const results = [];
@@ -189,6 +237,13 @@ if (opts.model) {
 const [g, gs] = await runGateway();
 results.push(g); gs.messages.forEach((m) => messages.add(m));
 
+const row = (name, answers, errors, r) =>
+  `${name.padEnd(26)}${String(answers).padStart(7)}${String(errors).padStart(8)}` +
+  `  ${r.ttft_p50_ms.toFixed(2).padStart(7)}  ${r.ttft_p95_ms.toFixed(2).padStart(7)}` +
+  `  ${r.ttft_p99_ms.toFixed(2).padStart(7)}  ${r.tokens_per_s.toFixed(0).padStart(9)}`;
+const added = (a, b) => `p50 ${(b.ttft_p50_ms - a.ttft_p50_ms).toFixed(2)} ms, ` +
+                        `p99 ${(b.ttft_p99_ms - a.ttft_p99_ms).toFixed(2)} ms`;
+
 if (opts.json) {
   console.log(JSON.stringify({ options: opts, results, errors: [...messages] }));
 } else {
@@ -196,13 +251,16 @@ if (opts.json) {
               `${opts.delayMs} ms per token, starts spread over ${opts.staggerMs} ms, ` +
               `${opts.thinkMs} ms between answer and next message`);
   console.log("path                      answers  errors  ttft p50   p95      p99      tokens/s");
-  for (const r of results)
-    console.log(`${r.path.padEnd(26)}${String(r.answers).padStart(7)}${String(r.errors).padStart(8)}` +
-                `  ${r.ttft_p50_ms.toFixed(2).padStart(7)}  ${r.ttft_p95_ms.toFixed(2).padStart(7)}` +
-                `  ${r.ttft_p99_ms.toFixed(2).padStart(7)}  ${r.tokens_per_s.toFixed(0).padStart(9)}`);
-  if (results.length === 2)
-    console.log(`added time to first token: p50 ${(results[1].ttft_p50_ms - results[0].ttft_p50_ms).toFixed(2)} ms, ` +
-                `p99 ${(results[1].ttft_p99_ms - results[0].ttft_p99_ms).toFixed(2)} ms`);
+  for (const r of results) console.log(row(r.path, r.answers, r.errors, r));
+  if (results.length === 2) console.log(`added time to first token: ${added(results[0], results[1])}`);
+  if (results.every((r) => r.steady)) {
+    console.log(`steady window (all ${opts.sessions} sessions active):`);
+    for (const r of results)
+      console.log(row(`  ${r.path}`, r.steady.answers, "", r.steady) +
+                  `  (${r.steady.seconds.toFixed(1)} s)`);
+    if (results.length === 2)
+      console.log(`added time to first token, steady: ${added(results[0].steady, results[1].steady)}`);
+  }
   if (messages.size) console.log("error kinds:", [...messages].join(", "));
 }
 process.exit(results.some((r) => r.errors > 0) ? 1 : 0);
