@@ -5,11 +5,18 @@
 #include "rpc.h"
 
 #include <curl/curl.h>
+#include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+/* Socket events handled per epoll_wait. */
+#define MAX_EVENTS 256
 
 /* Commands from other threads, as bits on the request. */
 #define CMD_START  1
@@ -42,6 +49,12 @@ struct upstream_req {
 struct upstream {
     upstream_opts o;
     CURLM *multi;
+    /* curl's socket interface on epoll: each wake-up costs what is ready,
+     * not a scan of every transfer (curl_multi_poll/perform walk them all,
+     * which thousands of streams cannot afford). Loop thread only. */
+    int epfd;
+    int wakefd;          /* eventfd: commands waiting, or stop */
+    int64_t curl_due_ms; /* when curl wants its timeout handled; -1: never */
     pthread_t thread;
     pthread_mutex_t mu;
     upstream_req *cmds;   /* under mu */
@@ -61,6 +74,14 @@ static void req_free(upstream_req *r)
     mem_free(r);
 }
 
+static void wake(upstream *u)
+{
+    uint64_t one = 1;
+    /* Only fails when the counter is full, and then the loop is awake. */
+    if (write(u->wakefd, &one, sizeof one) < 0 && errno != EAGAIN)
+        log_error("upstream: waking the loop failed: %s", strerror(errno));
+}
+
 /* Pushes a command; the loop picks it up at its next wakeup. */
 static void push_cmd(upstream_req *r, int bit)
 {
@@ -73,7 +94,7 @@ static void push_cmd(upstream_req *r, int bit)
         u->cmds = r;
     }
     pthread_mutex_unlock(&u->mu);
-    curl_multi_wakeup(u->multi);
+    wake(u);
 }
 
 static void detach_easy(upstream_req *r)
@@ -321,64 +342,114 @@ static long scan(upstream *u, int64_t now)
     return wait;
 }
 
+/* curl says which events a socket of its needs (CURLMOPT_SOCKETFUNCTION). */
+static int on_socket(CURL *e, curl_socket_t fd, int what, void *userp, void *socketp)
+{
+    (void)e;
+    upstream *u = userp;
+    if (what == CURL_POLL_REMOVE) {
+        epoll_ctl(u->epfd, EPOLL_CTL_DEL, fd, NULL);
+        return 0;
+    }
+    struct epoll_event ev = {
+        .events = (what & CURL_POLL_IN ? EPOLLIN : 0u) | (what & CURL_POLL_OUT ? EPOLLOUT : 0u),
+        .data.fd = fd,
+    };
+    /* socketp marks a socket already in the epoll set. */
+    if (epoll_ctl(u->epfd, socketp != NULL ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev) != 0) {
+        log_error("upstream: epoll_ctl on a model connection failed: %s", strerror(errno));
+        return -1;
+    }
+    if (socketp == NULL)
+        curl_multi_assign(u->multi, fd, u);
+    return 0;
+}
+
+/* curl says when it next needs its timeout handled (CURLMOPT_TIMERFUNCTION). */
+static int on_timer(CURLM *m, long timeout_ms, void *userp)
+{
+    (void)m;
+    upstream *u = userp;
+    u->curl_due_ms = timeout_ms < 0 ? -1 : now_ms() + timeout_ms;
+    return 0;
+}
+
+/* Ends the transfers curl has finished. */
+static void reap(upstream *u)
+{
+    CURLMsg *m;
+    int left;
+    while ((m = curl_multi_info_read(u->multi, &left)) != NULL) {
+        if (m->msg != CURLMSG_DONE)
+            continue;
+        upstream_req *r = NULL;
+        curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&r);
+        on_complete(r, m->data.result);
+    }
+}
+
+/* Takes the commands queued by other threads and acts on them. Returns
+ * whether the loop is to stop. */
+static int run_commands(upstream *u)
+{
+    pthread_mutex_lock(&u->mu);
+    upstream_req *cmds = u->cmds;
+    u->cmds = NULL;
+    int stopping = u->stopping;
+    /* Move the command bits out under the lock; act on them outside. */
+    for (upstream_req *r = cmds; r != NULL; r = r->cmd_next) {
+        r->queued = 0;
+        int bits = r->cmd_bits;
+        r->cmd_bits = 0;
+        r->cmd_bits = bits << 8; /* loop-owned copy in the high bits */
+    }
+    pthread_mutex_unlock(&u->mu);
+    for (upstream_req *r = cmds, *next; r != NULL; r = next) {
+        next = r->cmd_next;
+        int bits = r->cmd_bits >> 8;
+        r->cmd_bits = 0;
+        if (r->dead) {
+            req_free(r); /* ended while a command was on its way */
+            continue;
+        }
+        if (bits & CMD_START) {
+            r->next = u->active;
+            if (u->active)
+                u->active->prev = r;
+            u->active = r;
+            if (!(bits & CMD_CANCEL))
+                attempt(r);
+        }
+        if (bits & CMD_CANCEL) {
+            finish(r, UPSTREAM_CANCELLED, "cancelled");
+        } else if ((bits & CMD_RESUME) && r->paused) {
+            r->paused = 0;
+            r->last_activity_ms = now_ms();
+            if (r->easy)
+                curl_easy_pause(r->easy, CURLPAUSE_CONT);
+        }
+    }
+    return stopping;
+}
+
 static void *loop_main(void *arg)
 {
     upstream *u = arg;
+    struct epoll_event evs[MAX_EVENTS];
+    int running = 0;
     for (;;) {
-        pthread_mutex_lock(&u->mu);
-        upstream_req *cmds = u->cmds;
-        u->cmds = NULL;
-        int stopping = u->stopping;
-        /* Move the command bits out under the lock; act on them outside. */
-        for (upstream_req *r = cmds; r != NULL; r = r->cmd_next) {
-            r->queued = 0;
-            int bits = r->cmd_bits;
-            r->cmd_bits = 0;
-            r->cmd_bits = bits << 8; /* loop-owned copy in the high bits */
-        }
-        pthread_mutex_unlock(&u->mu);
-        for (upstream_req *r = cmds, *next; r != NULL; r = next) {
-            next = r->cmd_next;
-            int bits = r->cmd_bits >> 8;
-            r->cmd_bits = 0;
-            if (r->dead) {
-                req_free(r); /* ended while a command was on its way */
-                continue;
-            }
-            if (bits & CMD_START) {
-                r->next = u->active;
-                if (u->active)
-                    u->active->prev = r;
-                u->active = r;
-                if (!(bits & CMD_CANCEL))
-                    attempt(r);
-            }
-            if (bits & CMD_CANCEL) {
-                finish(r, UPSTREAM_CANCELLED, "cancelled");
-            } else if ((bits & CMD_RESUME) && r->paused) {
-                r->paused = 0;
-                r->last_activity_ms = now_ms();
-                if (r->easy)
-                    curl_easy_pause(r->easy, CURLPAUSE_CONT);
-            }
-        }
-        if (stopping) {
+        if (run_commands(u)) {
             while (u->active != NULL)
                 finish(u->active, UPSTREAM_CANCELLED, "shutting down");
             break;
         }
-        int running = 0;
-        curl_multi_perform(u->multi, &running);
-        CURLMsg *m;
-        int left;
-        while ((m = curl_multi_info_read(u->multi, &left)) != NULL) {
-            if (m->msg != CURLMSG_DONE)
-                continue;
-            upstream_req *r = NULL;
-            curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&r);
-            on_complete(r, m->data.result);
-        }
         int64_t now = now_ms();
+        /* A request just added is due at once: sent before sleeping. */
+        if (u->curl_due_ms >= 0 && now >= u->curl_due_ms) {
+            u->curl_due_ms = -1;
+            curl_multi_socket_action(u->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+        }
+        reap(u);
         long wait = 1000;
         if (u->active != NULL) {
             /* Scanning is O(streams): at most every 10 ms. */
@@ -389,11 +460,23 @@ static void *loop_main(void *arg)
                 wait = 10;
             }
         }
-        long ct = -1;
-        curl_multi_timeout(u->multi, &ct);
-        if (ct >= 0 && ct < wait)
-            wait = ct;
-        curl_multi_poll(u->multi, NULL, 0, (int)(wait > 0 ? wait : 0), NULL);
+        if (u->curl_due_ms >= 0 && u->curl_due_ms - now < wait)
+            wait = (long)(u->curl_due_ms > now ? u->curl_due_ms - now : 0);
+        int n = epoll_wait(u->epfd, evs, MAX_EVENTS, (int)wait);
+        for (int i = 0; i < n; i++) {
+            int fd = evs[i].data.fd;
+            if (fd == u->wakefd) {
+                uint64_t count;
+                if (read(u->wakefd, &count, sizeof count) < 0 && errno != EAGAIN)
+                    log_error("upstream: reading the wake-up counter failed: %s", strerror(errno));
+                continue;
+            }
+            uint32_t e = evs[i].events;
+            int mask = (e & EPOLLIN ? CURL_CSELECT_IN : 0) | (e & EPOLLOUT ? CURL_CSELECT_OUT : 0) |
+                       (e & (EPOLLERR | EPOLLHUP) ? CURL_CSELECT_ERR : 0);
+            curl_multi_socket_action(u->multi, fd, mask, &running);
+        }
+        reap(u);
     }
     return NULL;
 }
@@ -411,19 +494,34 @@ upstream *upstream_create(const upstream_opts *o)
     u->o = *o;
     if (u->o.max_attempts < 1)
         u->o.max_attempts = 1;
+    u->curl_due_ms = -1;
+    u->epfd = epoll_create1(EPOLL_CLOEXEC);
+    u->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     u->multi = curl_multi_init();
-    if (u->multi == NULL) {
-        mem_free(u);
-        return NULL;
-    }
+    struct epoll_event wev = {.events = EPOLLIN, .data.fd = u->wakefd};
+    if (u->multi == NULL || u->epfd < 0 || u->wakefd < 0 ||
+        epoll_ctl(u->epfd, EPOLL_CTL_ADD, u->wakefd, &wev) != 0)
+        goto fail;
     curl_multi_setopt(u->multi, CURLMOPT_PIPELINING, CURLPIPE_MULTIPLEX);
+    curl_multi_setopt(u->multi, CURLMOPT_SOCKETFUNCTION, on_socket);
+    curl_multi_setopt(u->multi, CURLMOPT_SOCKETDATA, u);
+    curl_multi_setopt(u->multi, CURLMOPT_TIMERFUNCTION, on_timer);
+    curl_multi_setopt(u->multi, CURLMOPT_TIMERDATA, u);
     pthread_mutex_init(&u->mu, NULL);
     if (pthread_create(&u->thread, NULL, loop_main, u) != 0) {
-        curl_multi_cleanup(u->multi);
-        mem_free(u);
-        return NULL;
+        pthread_mutex_destroy(&u->mu);
+        goto fail;
     }
     return u;
+fail:
+    if (u->multi != NULL)
+        curl_multi_cleanup(u->multi);
+    if (u->epfd >= 0)
+        close(u->epfd);
+    if (u->wakefd >= 0)
+        close(u->wakefd);
+    mem_free(u);
+    return NULL;
 }
 
 void upstream_destroy(upstream **up)
@@ -434,7 +532,7 @@ void upstream_destroy(upstream **up)
     pthread_mutex_lock(&u->mu);
     u->stopping = 1;
     pthread_mutex_unlock(&u->mu);
-    curl_multi_wakeup(u->multi);
+    wake(u);
     pthread_join(u->thread, NULL);
     /* Requests started after the loop stopped never ran: end them too. */
     while (u->cmds != NULL) {
@@ -448,6 +546,8 @@ void upstream_destroy(upstream **up)
         finish(r, UPSTREAM_CANCELLED, "shutting down");
     }
     curl_multi_cleanup(u->multi);
+    close(u->epfd);
+    close(u->wakefd);
     pthread_mutex_destroy(&u->mu);
     mem_free(u);
     *up = NULL;

@@ -1,6 +1,7 @@
 /* upstream — every HTTP request to the model endpoint, driven by ONE thread
- * running a libcurl multi loop (curl_multi_poll, woken by
- * curl_multi_wakeup). No thread per stream: thousands of streams share it.
+ * running a libcurl multi loop (curl's socket interface on epoll, woken by
+ * an eventfd). No thread per stream: thousands of streams share it, and a
+ * wake-up costs what is ready, not a pass over every stream.
  *
  * Requests are handed to the loop through a bounded intake (at most
  * max_requests in flight; beyond it upstream_start refuses). The loop also
