@@ -7,6 +7,7 @@
 #include "gw.h"
 #include "log.h"
 #include "mem.h"
+#include "names.h"
 #include "session.h"
 
 #include <json-c/json.h>
@@ -204,22 +205,6 @@ static void start_health(http_req *req)
 
 /* ---- /api/sessions/{id}[/summary] ----------------------------------------- */
 
-static const char *summary_status_name(Convo__V1__SummaryStatus st)
-{
-    switch (st) {
-    case CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_NONE:
-        return "none";
-    case CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_PENDING:
-        return "pending";
-    case CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_DONE:
-        return "done";
-    case CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_FAILED:
-        return "failed";
-    default:
-        return "unknown";
-    }
-}
-
 static json_object *time_or_null(int64_t us)
 {
     if (us == 0)
@@ -246,7 +231,7 @@ static json_object *session_json(const Convo__V1__Session *s)
     json_object_object_add(o, "user_message_count", json_object_new_int64(s->user_message_count));
     json_object_object_add(o, "tool_call_count", json_object_new_int64(s->tool_call_count));
     json_object_object_add(o, "summary_status",
-                           json_object_new_string(summary_status_name(s->summary_status)));
+                           json_object_new_string(names_summary_status(s->summary_status)));
     json_object_object_add(o, "final_summary",
                            s->final_summary[0] ? json_object_new_string(s->final_summary) : NULL);
     return o;
@@ -285,7 +270,7 @@ static void on_session_job(void *arg)
     if (req->route == ROUTE_SUMMARY && j->resp != NULL &&
         j->resp->descriptor == &convo__v1__get_summary_response__descriptor) {
         const Convo__V1__GetSummaryResponse *r = (const Convo__V1__GetSummaryResponse *)j->resp;
-        answer_summary(req, summary_status_name(r->status), r->summary, r->error, r->attempts);
+        answer_summary(req, names_summary_status(r->status), r->summary, r->error, r->attempts);
     } else if (req->route == ROUTE_SUMMARY && j->code == RPC_UNAVAILABLE && j->resp == NULL &&
                req->pending == 0 && req->status == 0) {
         /* summary-svc is down: the store knows the status too. */
@@ -300,7 +285,7 @@ static void on_session_job(void *arg)
         if (s == NULL)
             respond_error(req, 404, "no such session");
         else if (req->route == ROUTE_SUMMARY)
-            answer_summary(req, summary_status_name(s->summary_status), s->final_summary,
+            answer_summary(req, names_summary_status(s->summary_status), s->final_summary,
                            s->summary_error, s->summary_attempts);
         else
             respond(req, 200, session_json(s));

@@ -9,6 +9,7 @@
 #include "cli.h"
 #include "log.h"
 #include "mem.h"
+#include "names.h"
 #include "tools.h"
 
 #include "convo/v1/store.pb-c.h"
@@ -35,22 +36,6 @@ typedef struct lookup {
     Convo__V1__GetSessionResponse *get;
     Convo__V1__ListUserSessionsResponse *list;
 } lookup;
-
-static const char *status_name(Convo__V1__SummaryStatus s)
-{
-    switch (s) {
-    case CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_NONE:
-        return "none";
-    case CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_PENDING:
-        return "pending";
-    case CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_DONE:
-        return "done";
-    case CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_FAILED:
-        return "failed";
-    default:
-        return "unknown";
-    }
-}
 
 static void answer(lookup *l)
 {
@@ -91,7 +76,7 @@ static void answer(lookup *l)
             json_object_object_add(e, "start_time_us", json_object_new_int64(p->start_time_us));
             json_object_object_add(e, "duration_seconds", json_object_new_int(p->duration_seconds));
             json_object_object_add(e, "summary_status",
-                                   json_object_new_string(status_name(p->summary_status)));
+                                   json_object_new_string(names_summary_status(p->summary_status)));
             json_object_object_add(e, "summary", json_object_new_string(p->final_summary));
             json_object_array_add(prev, e);
         }

@@ -1,0 +1,12 @@
+/* names — the words convo.v1 enum values are written as where people read
+ * them (REST answers, tool results): one table, so every service says the
+ * same thing. */
+#ifndef CONVO_NAMES_H
+#define CONVO_NAMES_H
+
+#include "convo/v1/common.pb-c.h"
+
+/* "none", "pending", "done", "failed"; "unknown" for any other value. */
+const char *names_summary_status(Convo__V1__SummaryStatus s);
+
+#endif
