@@ -259,3 +259,30 @@ def test_a_long_answer_arrives_whole(stub):
     ev = chat(stub, "[[words:100000]]", tools=False, timeout=120)
     assert ev[-1].WhichOneof("event") == "done" and ev[-1].done.finish_reason == "stop"
     assert text(ev) == " ".join(f"w{i}" for i in range(1, 100001))
+
+
+def test_a_stalled_caller_pauses_the_upstream_and_loses_nothing(model):
+    """The caller stops reading for 2 s early in a 100,000-token answer
+    (~13 MB of upstream SSE, more than the socket buffers on the way hold):
+    llm-svc's write queue fills, it pauses the upstream transfer, and the
+    offline model, which writes only as fast as it is read, cannot finish
+    during the stall. Then every token arrives, in order."""
+    words = 100000  # the offline model's longest [[words:N]]
+    with llm_service(model, "--max-queued-writes", "64") as svc:
+        # No BDP probing: the stream's flow-control window stays at 64 KiB,
+        # so the stall reaches llm-svc at once.
+        stub = pb.llm_pb2_grpc.LlmStub(svc.channel(options=[("grpc.http2.bdp_probe", 0)]))
+        req = L.ChatRequest(session_id="stall", user_id="u1", message=f"[[words:{words}]]",
+                            turn_id="t", params=C.GenerationParams(tools_enabled=False))
+        # /stats counts itself as a completed request once it has answered.
+        before = stats(model)["completed"]
+        it = stub.Chat(req, timeout=120)
+        events = [next(it)]
+        time.sleep(2)
+        during = stats(model)["completed"]
+        events += list(it)
+        after = stats(model)["completed"]
+    assert during == before + 1, "the model finished the answer while the caller was not reading"
+    assert events[-1].WhichOneof("event") == "done" and events[-1].done.finish_reason == "stop"
+    assert text(events) == " ".join(f"w{i}" for i in range(1, words + 1))
+    assert after == during + 2, "the answer and the second /stats completed"
