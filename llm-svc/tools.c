@@ -63,7 +63,13 @@ json_object *tools_openai_json(const tools *t)
         json_object *tool = json_object_new_object(), *fn = json_object_new_object();
         json_object_object_add(fn, "name", json_object_new_string(t->e[i].def.name));
         json_object_object_add(fn, "description", json_object_new_string(t->e[i].def.description));
-        json_object_object_add(fn, "parameters", json_object_get(t->e[i].schema));
+        /* A copy, not a reference: json-c's reference counts are not atomic
+         * (Debian builds it without ENABLE_THREADING), and request bodies
+         * are built and freed on different threads. */
+        json_object *schema = NULL;
+        if (json_object_deep_copy(t->e[i].schema, &schema, NULL) != 0)
+            schema = json_object_new_object();
+        json_object_object_add(fn, "parameters", schema);
         json_object_object_add(tool, "type", json_object_new_string("function"));
         json_object_object_add(tool, "function", fn);
         json_object_array_add(arr, tool);
