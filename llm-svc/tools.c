@@ -2,12 +2,15 @@
 
 #include "mem.h"
 
+#include <json-c/printbuf.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
 #define TOOLS_MAX 32
 
+/* The schema is parsed once and only read afterwards (validate), from
+ * any thread. */
 typedef struct entry {
     tool_def def;
     json_object *schema;
@@ -16,6 +19,9 @@ typedef struct entry {
 struct tools {
     entry e[TOOLS_MAX];
     size_t n;
+    /* The "tools" array of a chat request as JSON text, rebuilt by
+     * tools_add (before serving) and only read afterwards. */
+    char *openai;
 };
 
 tools *tools_create(void)
@@ -29,8 +35,27 @@ void tools_destroy(tools **tp)
         return;
     for (size_t i = 0; i < (*tp)->n; i++)
         json_object_put((*tp)->e[i].schema);
+    mem_free((*tp)->openai);
     mem_free(*tp);
     *tp = NULL;
+}
+
+/* The OpenAI "tools" array for the tools registered so far. */
+static char *openai_text(const tools *t)
+{
+    json_object *arr = json_object_new_array();
+    for (size_t i = 0; i < t->n; i++) {
+        json_object *tool = json_object_new_object(), *fn = json_object_new_object();
+        json_object_object_add(fn, "name", json_object_new_string(t->e[i].def.name));
+        json_object_object_add(fn, "description", json_object_new_string(t->e[i].def.description));
+        json_object_object_add(fn, "parameters", json_object_get(t->e[i].schema));
+        json_object_object_add(tool, "type", json_object_new_string("function"));
+        json_object_object_add(tool, "function", fn);
+        json_object_array_add(arr, tool);
+    }
+    char *text = mem_strdup(json_object_to_json_string_ext(arr, JSON_C_TO_STRING_PLAIN));
+    json_object_put(arr);
+    return text;
 }
 
 int tools_add(tools *t, const tool_def *def)
@@ -43,6 +68,8 @@ int tools_add(tools *t, const tool_def *def)
     t->e[t->n].def = *def;
     t->e[t->n].schema = schema;
     t->n++;
+    mem_free(t->openai);
+    t->openai = openai_text(t);
     return 0;
 }
 
@@ -56,25 +83,24 @@ const tool_def *tools_get(const tools *t, size_t i)
     return i < t->n ? &t->e[i].def : NULL;
 }
 
+/* Prints the array built by tools_add where a request's placeholder stands. */
+static int print_prebuilt(json_object *jso, struct printbuf *pb, int level, int flags)
+{
+    (void)level;
+    (void)flags;
+    const char *text = json_object_get_userdata(jso);
+    return printbuf_memappend(pb, text, (int)strlen(text));
+}
+
 json_object *tools_openai_json(const tools *t)
 {
-    json_object *arr = json_object_new_array();
-    for (size_t i = 0; i < t->n; i++) {
-        json_object *tool = json_object_new_object(), *fn = json_object_new_object();
-        json_object_object_add(fn, "name", json_object_new_string(t->e[i].def.name));
-        json_object_object_add(fn, "description", json_object_new_string(t->e[i].def.description));
-        /* A copy, not a reference: json-c's reference counts are not atomic
-         * (Debian builds it without ENABLE_THREADING), and request bodies
-         * are built and freed on different threads. */
-        json_object *schema = NULL;
-        if (json_object_deep_copy(t->e[i].schema, &schema, NULL) != 0)
-            schema = json_object_new_object();
-        json_object_object_add(fn, "parameters", schema);
-        json_object_object_add(tool, "type", json_object_new_string("function"));
-        json_object_object_add(tool, "function", fn);
-        json_object_array_add(arr, tool);
-    }
-    return arr;
+    /* A placeholder of its own for each request, printing text built once:
+     * nothing is shared between requests (json-c's reference counts are
+     * not atomic, and bodies are built and freed on different threads), and
+     * the array is not rebuilt for every request. */
+    json_object *o = json_object_new_array();
+    json_object_set_serializer(o, print_prebuilt, t->openai != NULL ? t->openai : "[]", NULL);
+    return o;
 }
 
 char *tools_error_json(const char *fmt, ...)

@@ -121,9 +121,21 @@ static void test_tools_validation(void **state)
     }
     mem_free(last);
     last = NULL;
-    json_object *o = tools_openai_json(t);
-    assert_int_equal(json_object_array_length(o), 1);
-    json_object_put(o);
+    /* What a request body carries: the array as the model reads it. */
+    json_object *body = json_object_new_object();
+    json_object_object_add(body, "tools", tools_openai_json(t));
+    json_object *seen =
+        json_tokener_parse(json_object_to_json_string_ext(body, JSON_C_TO_STRING_PLAIN));
+    json_object *arr = NULL, *fn = NULL, *name = NULL, *params = NULL;
+    assert_true(json_object_object_get_ex(seen, "tools", &arr));
+    assert_int_equal(json_object_array_length(arr), 1);
+    assert_true(json_object_object_get_ex(json_object_array_get_idx(arr, 0), "function", &fn));
+    assert_true(json_object_object_get_ex(fn, "name", &name));
+    assert_string_equal(json_object_get_string(name), "fetch_internal_knowledge");
+    assert_true(json_object_object_get_ex(fn, "parameters", &params));
+    assert_true(json_object_is_type(params, json_type_object));
+    json_object_put(seen);
+    json_object_put(body);
     tools_destroy(&t);
     kb_destroy(&k);
 }
