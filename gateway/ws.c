@@ -196,12 +196,14 @@ static size_t gather(conn *c, long *charge)
  * negotiated, so the frames are exactly what lws would have made). */
 static int on_writeable(struct lws *wsi, conn *c)
 {
-    while (c->head != NULL && !lws_send_pipe_choked(wsi)) {
+    /* The first write needs no check (the socket just said it is
+     * writable); checking costs a poll() each time. */
+    for (int writes = 0; c->head != NULL && (writes == 0 || !lws_send_pipe_choked(wsi)); writes++) {
         long charge;
-        size_t n = gather(c, &charge);
+        size_t len = gather(c, &charge);
         int w;
-        if (n > 0) {
-            w = lws_write(wsi, batch + LWS_PRE, n, LWS_WRITE_RAW);
+        if (len > 0) {
+            w = lws_write(wsi, batch + LWS_PRE, len, LWS_WRITE_RAW);
         } else {
             out_frame *f = pop(c);
             w = lws_write(wsi, f->data + LWS_PRE, f->len, LWS_WRITE_TEXT);
