@@ -54,6 +54,7 @@ struct turn {
     char *message;
     /* Owned by the Route call until its callback, which sends and frees it. */
     Convo__V1__ChatRequest *chat_req;
+    cli_call *route; /* until the route decision reaches the loop */
     cli_call *chat;
     int cancelled;
     int terminal; /* a done or error event arrived */
@@ -415,6 +416,7 @@ static void on_route_job(void *arg)
     route_job *j = arg;
     turn *t = j->t;
     session *s = t->s;
+    cli_call_release(&t->route);
     if (j->chat != NULL) {
         t->chat = j->chat;
         s->refs++; /* the Chat call's, given back when it ends */
@@ -510,7 +512,7 @@ static void start_turn(session *s, char *message)
     s->refs++;
     if (t->chat_req == NULL ||
         cli_unary(s->g->router, "/convo.v1.Router/Route", &req.base,
-                  &convo__v1__route_response__descriptor, &o, on_route_done, t, NULL) != 0) {
+                  &convo__v1__route_response__descriptor, &o, on_route_done, t, &t->route) != 0) {
         s->refs--;
         if (t->chat_req != NULL)
             protobuf_c_message_free_unpacked(&t->chat_req->base, NULL);
@@ -554,8 +556,12 @@ static void cancel_turn(session *s)
         return;
     }
     t->cancelled = 1;
+    /* While Route runs, stopping it ends the turn at once (a router that
+     * hangs would otherwise hold the cancel until --route-timeout-ms). */
     if (t->chat != NULL)
         cli_call_cancel(t->chat);
+    else if (t->route != NULL)
+        cli_call_cancel(t->route);
 }
 
 void sess_on_text(session *s, const char *data, size_t len)

@@ -11,17 +11,20 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import psycopg2
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from harness import Service
+from harness import Service, proto_stubs
 
 TIMEOUT = 20
 
@@ -220,6 +223,50 @@ def test_cancel_stops_the_answer_and_the_next_message_works(stack, gateway):
             assert f["type"] == "error" and f["code"] == "no_active_turn"
 
     run(go())
+
+
+def test_cancel_while_the_router_hangs_ends_the_turn_at_once(stack):
+    """A router that takes calls and never answers them: a cancel sent while
+    Route is pending stops Route and ends the turn at once, not when
+    --route-timeout-ms runs out."""
+    pb = proto_stubs()
+    released = threading.Event()
+
+    class Hang(pb.router_pb2_grpc.RouterServicer):
+        def Route(self, request, context):
+            context.add_callback(released.set)
+            released.wait(30)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "hung")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb.router_pb2_grpc.add_RouterServicer_to_server(Hang(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    peers = stack.peers()
+    peers[peers.index("--router") + 1] = f"127.0.0.1:{port}"
+    gw = Service("gateway", args=[*peers, "--route-timeout-ms", "20000"], ready="http")
+    try:
+        async def go():
+            async with websockets.connect(ws_url(gw, "e2e-cancel-route", "ria")) as ws:
+                await first_frame(ws)
+                await ws.send(json.dumps({"message": "hello?"}))
+                await asyncio.sleep(0.5)
+                t0 = time.monotonic()
+                await ws.send(json.dumps({"type": "cancel"}))
+                f = await recv(ws)
+                return f, time.monotonic() - t0
+
+        f, took = run(go())
+        assert f["type"] == "done" and f["status"] == "cancelled", f
+        assert took < 2, f"the cancel took {took:.1f} s"
+        assert released.wait(5), "the router saw its call cancelled"
+        rows = events(stack.pg, "e2e-cancel-route",
+                      lambda r: any('"turn_cancelled"' in c for _, t, c in r))
+        assert any(t == "system_event" and '"turn_cancelled"' in c for _, t, c in rows)
+    finally:
+        gw.stop()
+        released.set()
+        server.stop(0)
 
 
 def test_messages_sent_during_an_answer_are_queued_in_order(gateway):
