@@ -548,6 +548,18 @@ static int rate_allows(session *s)
     return 1;
 }
 
+/* Stops the turn's call in flight; its end comes back as a cancelled
+ * turn. While Route runs, stopping Route ends the turn at once (a router
+ * that hangs would otherwise hold it until --route-timeout-ms). */
+static void stop_turn(turn *t)
+{
+    t->cancelled = 1;
+    if (t->chat != NULL)
+        cli_call_cancel(t->chat);
+    else if (t->route != NULL)
+        cli_call_cancel(t->route);
+}
+
 static void cancel_turn(session *s)
 {
     turn *t = s->cur;
@@ -555,13 +567,7 @@ static void cancel_turn(session *s)
         send_error(s, "no_active_turn", "there is no answer being streamed to cancel", 0);
         return;
     }
-    t->cancelled = 1;
-    /* While Route runs, stopping it ends the turn at once (a router that
-     * hangs would otherwise hold the cancel until --route-timeout-ms). */
-    if (t->chat != NULL)
-        cli_call_cancel(t->chat);
-    else if (t->route != NULL)
-        cli_call_cancel(t->route);
+    stop_turn(t);
 }
 
 void sess_on_text(session *s, const char *data, size_t len)
@@ -818,11 +824,8 @@ void sess_detach(session *s, conn *c)
     reset_output(s);
     /* Nobody is listening: stop the answer (and the upstream model call)
      * at once, and drop what waits. */
-    if (s->cur != NULL && !s->cur->cancelled) {
-        s->cur->cancelled = 1;
-        if (s->cur->chat != NULL)
-            cli_call_cancel(s->cur->chat);
-    }
+    if (s->cur != NULL && !s->cur->cancelled)
+        stop_turn(s->cur);
     for (size_t i = 0; i < s->nqueue; i++)
         mem_free(s->queue[i]);
     s->nqueue = 0;
