@@ -355,8 +355,13 @@ static int on_socket(CURL *e, curl_socket_t fd, int what, void *userp, void *soc
         .events = (what & CURL_POLL_IN ? EPOLLIN : 0u) | (what & CURL_POLL_OUT ? EPOLLOUT : 0u),
         .data.fd = fd,
     };
-    /* socketp marks a socket already in the epoll set. */
-    if (epoll_ctl(u->epfd, socketp != NULL ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev) != 0) {
+    /* socketp marks a socket already in the epoll set; a descriptor number
+     * curl reused, or one the kernel dropped from the set on close, may
+     * still say otherwise, so the other operation is the fallback. */
+    int op = socketp != NULL ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+    if (epoll_ctl(u->epfd, op, fd, &ev) != 0 &&
+        (errno != (op == EPOLL_CTL_ADD ? EEXIST : ENOENT) ||
+         epoll_ctl(u->epfd, op == EPOLL_CTL_ADD ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev) != 0)) {
         log_error("upstream: epoll_ctl on a model connection failed: %s", strerror(errno));
         return -1;
     }
