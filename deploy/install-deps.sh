@@ -32,6 +32,7 @@ PACKAGES=(
   libcurl4-openssl-dev
   libpq-dev
   libjson-c-dev
+  libcjose-dev
   libcmocka-dev
   postgresql
   postgresql-contrib
@@ -43,6 +44,8 @@ PACKAGES=(
   python3-psycopg2
   python3-websockets
   python3-yaml
+  python3-jwt
+  python3-cryptography
   nodejs
   npm
   chromium
