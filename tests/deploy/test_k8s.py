@@ -162,6 +162,9 @@ def test_containers_match_their_binary(overlay, binary):
         pytest.skip(f"{binary} is not built yet (no {binary} binary under the build tree): "
                     f"its flags and environment cannot be checked")
     envs = {o["env"]: o for o in opts.values() if o["env"]}
+    # A secret's variable may also be NAME_FILE, a file holding it (runtime/conf.h).
+    envs.update({o["env"] + "_FILE": dict(o, arg="TEXT") for o in opts.values()
+                 if o["env"] and o["arg"] == "SECRET"})
     problems = []
     for o, c in mine:
         where = f"{o['kind']}/{o['metadata']['name']} container {c['name']}"
