@@ -110,8 +110,9 @@ int auth_new(const auth_opts *o, auth **out, char *err, size_t errlen);
 void auth_destroy(auth **a);
 auth_mode auth_get_mode(const auth *a);
 /* Verifies a bearer token (NUL-terminated; NULL or "" is missing_token).
- * Returns 0 with the user (sub) in user, or an AUTH_E* code; usercap must
- * be at least AUTH_USER_MAX + 1. Loop thread; never blocks on the network. */
+ * Returns 0 with the user (sub) in user, or an AUTH_E* code (wrong_mode
+ * under --auth none); usercap must be at least AUTH_USER_MAX + 1. Loop
+ * thread; never blocks on the network. */
 int auth_verify(auth *a, const char *token, char *user, size_t usercap);
 /* --auth dev only: a token for user (an id as above; else invalid_subject),
  * HS256 with the start-up secret, exp = now + --dev-token-ttl-secs.
