@@ -33,6 +33,7 @@ PACKAGES=(
   libpq-dev
   libjson-c-dev
   libcjose-dev
+  libunistring-dev
   libcmocka-dev
   postgresql
   postgresql-contrib
