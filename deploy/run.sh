@@ -264,7 +264,9 @@ fi
 # -------------------------------------------------------------------- services
 if [ -n "${bin[store-svc]}" ]; then
   need_port store-svc "$bind" "$store_port" STORE_PORT
-  launch store-svc "${bin[store-svc]}" --listen "$store_addr" --database-url "$db_url"
+  # In the environment, not on the command line (where ps shows it to anyone).
+  DATABASE_URL=$db_url DATABASE_URL_FILE='' \
+    launch store-svc "${bin[store-svc]}" --listen "$store_addr"
   await store-svc grpc "$store_addr"
   say "store-svc  ready on $store_addr"
 fi
