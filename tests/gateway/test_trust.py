@@ -426,6 +426,23 @@ def test_origins(stack):
         gw.stop()
 
 
+def test_the_seeds_page_opened_from_a_file_works_in_none_mode_when_null_is_allowed(stack,
+                                                                                  gateway_none):
+    """The seed's frontend/index.html is opened from disk: browsers send
+    Origin: null. Refused by default, served once listed."""
+    url = ws_url(gateway_none, "t-null-origin", "user1")
+    assert handshake_status(url, {"Origin": "null"})[0] == 403
+    gw = stack.gateway("--allowed-origins", "null", auth="none")
+    try:
+        hello, frames = converse(ws_url(gw, "t-null-origin", "user1"), headers={"Origin": "null"})
+        assert hello["user_id"] == "user1" and frames[-1]["type"] == "done"
+        status, headers, body = request(gw, "GET", "/api/sessions/t-null-origin/summary",
+                                        headers={"Origin": "null"})
+        assert status == 200 and headers["access-control-allow-origin"] == "null", body
+    finally:
+        gw.stop()
+
+
 def test_star_is_never_an_allowed_origin(stack):
     gw = Service("gateway", args=[*stack.peers(), "--auth", "dev", "--allowed-origins", "*"],
                  ready=None)
