@@ -12,6 +12,7 @@
 #include "proc.h"
 #include "session.h"
 #include "srv.h"
+#include "tls.h"
 #include "ws.h"
 
 #include <ev.h>
@@ -124,11 +125,16 @@ int main(int argc, char **argv)
 
     static gw g;
     gw_main = &g;
-    conf_section secs[] = {CONF_SECTION(gw_opts, &g.opts), CONF_SECTION(cli_conf, &g.client_opts)};
+    static tls_opts topts;
+    tls *mtls = NULL;
+    char tls_err[512];
+    conf_section secs[] = {CONF_SECTION(gw_opts, &g.opts), CONF_SECTION(cli_conf, &g.client_opts),
+                           CONF_SECTION(tls_opts, &topts)};
+    const size_t nsecs = sizeof secs / sizeof secs[0];
     int prc = conf_parse(argc, argv, "gateway",
                          "WebSocket sessions relayed over gRPC to the convo services, REST and "
                          "the web page",
-                         secs, 2);
+                         secs, nsecs);
     if (prc != 0)
         return prc > 0 ? 0 : 2;
     if (log_setup("gateway", g.opts.log_level) != 0) {
@@ -136,6 +142,11 @@ int main(int argc, char **argv)
         goto out;
     }
     lws_set_log_level(LLL_ERR | LLL_WARN, lws_log);
+    if (tls_create(&topts, &mtls, tls_err, sizeof tls_err) != 0) {
+        log_error("%s", tls_err);
+        rc = 2;
+        goto out;
+    }
 
     char host[300];
     int port;
@@ -155,6 +166,7 @@ int main(int argc, char **argv)
 
     g.bridge = bridge_create();
     g.client = cli_create((int)g.opts.grpc_threads, 4 << 20);
+    cli_use_tls(g.client, mtls);
     g.router = cli_channel_create(g.client, g.opts.router, g.client_opts.round_robin);
     g.llm = cli_channel_create(g.client, g.opts.llm, g.client_opts.round_robin);
     g.store = cli_channel_create(g.client, g.opts.store, g.client_opts.round_robin);
@@ -232,6 +244,7 @@ out:
         ev_loop_destroy(loop);
     }
     bridge_destroy(&g.bridge);
-    conf_free(secs, 2);
+    tls_destroy(&mtls);
+    conf_free(secs, nsecs);
     return rc;
 }

@@ -898,13 +898,17 @@ llm *llm_create(const llm_opts *o, upstream *u, tools *t)
 
 int llm_register(srv *s, llm *l)
 {
+    /* Who calls what (README.md), enforced under mutual TLS: turns come from
+     * the gateway, summaries from summary-svc; `admin` (an operator) only
+     * reads the tools. */
     const srv_method methods[] = {
         {"/convo.v1.Llm/Chat", SRV_SERVER_STREAM, &convo__v1__chat_request__descriptor,
-         &convo__v1__chat_event__descriptor, on_chat, NULL, NULL},
+         &convo__v1__chat_event__descriptor, on_chat, NULL, NULL, "gateway"},
         {"/convo.v1.Llm/Complete", SRV_UNARY, &convo__v1__complete_request__descriptor,
-         &convo__v1__complete_response__descriptor, on_complete, NULL, NULL},
+         &convo__v1__complete_response__descriptor, on_complete, NULL, NULL, "summary-svc"},
         {"/convo.v1.Llm/ListTools", SRV_UNARY, &convo__v1__list_tools_request__descriptor,
-         &convo__v1__list_tools_response__descriptor, on_list_tools, NULL, NULL},
+         &convo__v1__list_tools_response__descriptor, on_list_tools, NULL, NULL,
+         "gateway summary-svc admin"},
     };
     for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
         if (srv_add_method(s, &methods[i], l) != 0)

@@ -36,6 +36,7 @@ struct cli {
     pthread_mutex_t mu;
     pthread_cond_t idle;
     cli_channel *channels;
+    tls *tls;        /* NULL: plaintext channels */
     cli_call *calls; /* calls whose done has not fired, for cli_destroy */
     size_t ncalls;
     int closing;
@@ -99,6 +100,11 @@ cli *cli_create(int threads, int64_t max_message_bytes)
     return c;
 }
 
+void cli_use_tls(cli *c, tls *t)
+{
+    c->tls = t;
+}
+
 cli_channel *cli_channel_create(cli *c, const char *target, int round_robin)
 {
     rpc__args args;
@@ -116,7 +122,7 @@ cli_channel *cli_channel_create(cli *c, const char *target, int round_robin)
     if (round_robin)
         rpc__args_str(&args, GRPC_ARG_LB_POLICY_NAME, "round_robin");
     grpc_channel_args cargs = rpc__args_get(&args);
-    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+    grpc_channel_credentials *creds = tls__channel_credentials(c->tls);
 
     cli_channel *ch = mem_calloc(1, sizeof *ch);
     ch->c = c;

@@ -19,6 +19,7 @@
 
 #include "conf.h"
 #include "rpc.h"
+#include "tls.h"
 
 #include <protobuf-c/protobuf-c.h>
 #include <stddef.h>
@@ -69,14 +70,25 @@ typedef struct srv_method {
     void (*on_message)(srv_call *call, const ProtobufCMessage *msg);
     /* Client streaming only: the client sent its last message. */
     void (*on_end)(srv_call *call);
+    /* Who may call it when the server runs mutual TLS (srv_use_tls): caller
+     * names (tls.h) separated by spaces, "gateway admin", or "*" for any
+     * caller with a certificate of the CA. Required: a method without it is
+     * refused at registration, so none is open by omission. Others get
+     * PERMISSION_DENIED, counted and logged with their name. */
+    const char *callers;
 } srv_method;
 
 /* Creates a server that will listen on `listen` ("HOST:PORT"; port 0 picks
  * a free one). `name` is used in logs. Nothing is bound until srv_start. */
 srv *srv_create(const char *name, const char *listen, const srv_opts *opts);
 /* Registers a method before srv_start; `data` is given back by
- * srv_call_method_data(). Returns 0 or RPC_EARG. */
+ * srv_call_method_data(). Returns 0 or RPC_EARG (logged: no path, no
+ * handler, a bad `callers` list). */
 int srv_add_method(srv *s, const srv_method *m, void *data);
+/* Serves mutual TLS with t's certificates instead of plaintext, and lets
+ * each method be called by its `callers` only. Before srv_start; t (may be
+ * NULL: plaintext) must outlive the server. */
+void srv_use_tls(srv *s, tls *t);
 /* Binds, starts the completion-queue threads and marks every registered
  * service SERVING (unless the program set it otherwise before). Returns 0
  * or RPC_EBIND (logged with the address). */

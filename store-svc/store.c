@@ -882,29 +882,39 @@ invalid:
 
 /* ---- registration ------------------------------------------------------------ */
 
+/* Who calls what (the table in README.md), enforced under mutual TLS.
+ * `admin` is an operator's certificate: the methods that only read. */
+#define BY_GATEWAY  "gateway"
+#define BY_SUMMARY  "summary-svc"
+#define READ_GW     "gateway llm-svc summary-svc admin"
+#define READ_EVENTS "gateway summary-svc admin"
+#define READ_USER   "gateway llm-svc admin"
+#define READ_SWEEP  "summary-svc admin"
+
 store *store_create(srv *s, pool *p, const store_limits *lim)
 {
     static const srv_method methods[] = {
         {PATH("OpenSession"), SRV_UNARY, &convo__v1__open_session_request__descriptor,
-         &convo__v1__open_session_response__descriptor, on_open, NULL, NULL},
+         &convo__v1__open_session_response__descriptor, on_open, NULL, NULL, BY_GATEWAY},
         {PATH("AppendEvents"), SRV_UNARY, &convo__v1__append_events_request__descriptor,
-         &convo__v1__append_events_response__descriptor, on_append, NULL, NULL},
+         &convo__v1__append_events_response__descriptor, on_append, NULL, NULL, BY_GATEWAY},
         {PATH("EndSession"), SRV_UNARY, &convo__v1__end_session_request__descriptor,
-         &convo__v1__end_session_response__descriptor, on_end, NULL, NULL},
+         &convo__v1__end_session_response__descriptor, on_end, NULL, NULL, BY_GATEWAY},
         {PATH("GetSession"), SRV_UNARY, &convo__v1__get_session_request__descriptor,
-         &convo__v1__get_session_response__descriptor, on_get, NULL, NULL},
+         &convo__v1__get_session_response__descriptor, on_get, NULL, NULL, READ_GW},
         {PATH("ListEvents"), SRV_SERVER_STREAM, &convo__v1__list_events_request__descriptor,
-         &convo__v1__event__descriptor, on_list_events, NULL, NULL},
+         &convo__v1__event__descriptor, on_list_events, NULL, NULL, READ_EVENTS},
         {PATH("SaveSummary"), SRV_UNARY, &convo__v1__save_summary_request__descriptor,
-         &convo__v1__save_summary_response__descriptor, on_save_summary, NULL, NULL},
+         &convo__v1__save_summary_response__descriptor, on_save_summary, NULL, NULL, BY_SUMMARY},
         {PATH("ListUserSessions"), SRV_UNARY, &convo__v1__list_user_sessions_request__descriptor,
-         &convo__v1__list_user_sessions_response__descriptor, on_list_user_sessions, NULL, NULL},
+         &convo__v1__list_user_sessions_response__descriptor, on_list_user_sessions, NULL, NULL,
+         READ_USER},
         {PATH("ListUnsummarizedSessions"), SRV_UNARY,
          &convo__v1__list_unsummarized_sessions_request__descriptor,
          &convo__v1__list_unsummarized_sessions_response__descriptor, on_list_unsummarized, NULL,
-         NULL},
+         NULL, READ_SWEEP},
         {PATH("ClaimSummary"), SRV_UNARY, &convo__v1__claim_summary_request__descriptor,
-         &convo__v1__claim_summary_response__descriptor, on_claim_summary, NULL, NULL},
+         &convo__v1__claim_summary_response__descriptor, on_claim_summary, NULL, NULL, BY_SUMMARY},
     };
     store *st = mem_calloc(1, sizeof *st);
     st->s = s;
