@@ -47,6 +47,7 @@ int main(int argc, char **argv)
     cli *c = NULL;
     upstream *u = NULL;
     llm *l = NULL;
+    models *mods = NULL;
     srv *server = NULL;
     tls *mtls = NULL;
     char err[512];
@@ -66,7 +67,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "llm-svc: --max-rounds must be at least 1\n");
         goto out;
     }
-    if (tls_create(&to, &mtls, err, sizeof err) != 0) {
+    if (tls_create(&to, &mtls, err, sizeof err) != 0 ||
+        models_create(lo.model, lo.allowed_models, lo.router_config, &mods, err, sizeof err) != 0) {
         log_error("%s", err);
         goto out;
     }
@@ -91,16 +93,17 @@ int main(int argc, char **argv)
         log_error("cannot start the upstream loop (libcurl)");
         goto out;
     }
-    l = llm_create(&lo, u, t);
+    l = llm_create(&lo, u, t, mods);
     server = srv_create("llm-svc", mo.listen, &so);
     srv_use_tls(server, mtls);
     if (llm_register(server, l) != 0)
         goto out;
     if (srv_start(server) != 0)
         goto out;
-    log_info("upstream %s, model %s%s, %zu knowledge passages from %s, store %s", lo.base_url,
-             lo.model, lo.api_key[0] ? "" : " (no API key)", kb_passages(k), mo.knowledge_dir,
-             mo.store);
+    log_info("upstream %s, model %s%s (callers may ask for: %s), %zu knowledge passages from %s, "
+             "store %s",
+             lo.base_url, lo.model, lo.api_key[0] ? "" : " (no API key)", models_list(mods),
+             kb_passages(k), mo.knowledge_dir, mo.store);
     srv_run(server);
     status = 0;
 out:
@@ -112,6 +115,7 @@ out:
         cli_destroy(&c);
     tls_destroy(&mtls);
     llm_destroy(&l);
+    models_destroy(&mods);
     tools_destroy(&t);
     kb_destroy(&k);
     conf_free(secs, nsecs);
