@@ -122,7 +122,7 @@ def test_each_method_answers_its_callers_only(stack, identities, process):
     assert not wrong, "\n".join(wrong)
     assert denied > 0
     # Each refusal is logged with the caller's name and the method.
-    lines = [l for l in svc.log_lines() if "permission denied" in l.get("message", "")]
+    lines = [l for l in svc.log_lines() if "caller" in l and "permission denied" in l["message"]]
     assert {(l["caller"], l["method"]) for l in lines} >= {
         ("mallory", path) for path, _, allowed in calls if ANY not in allowed}
 
