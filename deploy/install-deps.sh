@@ -33,6 +33,7 @@ PACKAGES=(
   libcurl4-openssl-dev
   libpq-dev
   libjson-c-dev
+  libunistring-dev
   libcmocka-dev
   postgresql
   postgresql-contrib
