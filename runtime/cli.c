@@ -11,6 +11,8 @@
 #include <string.h>
 
 #define MAX_META 8
+/* The least time a connection attempt (TCP and TLS) is given. */
+#define CONNECT_TIMEOUT_MS 5000
 
 typedef struct cq_thread {
     cli *owner;
@@ -115,7 +117,11 @@ cli_channel *cli_channel_create(cli *c, const char *target, int round_robin)
      * milliseconds. */
     rpc__args_int(&args, GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
     rpc__args_int(&args, GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-    rpc__args_int(&args, GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+    /* Despite its name the core reads this as the least time one connection
+     * attempt may take, the TLS handshake included: at 100 ms, handshakes
+     * on a busy machine timed out and were retried over and over. A refused
+     * connection still fails (and is retried) at once. */
+    rpc__args_int(&args, GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, CONNECT_TIMEOUT_MS);
     /* Pings notice a peer that vanished without closing the connection. */
     rpc__args_int(&args, GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
     rpc__args_int(&args, GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
