@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -52,18 +53,33 @@ def main():
     ap.add_argument("--think-ms", type=int, default=0)
     ap.add_argument("--tls", action="store_true",
                     help="run plaintext, then mutual TLS between the services, and compare")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --tls: alternate plaintext and mutual TLS this many times and "
+                         "compare the medians (a noisy machine)")
     ap.add_argument("gateway_args", nargs="*", help="extra gateway options (after --)")
     a = ap.parse_args()
     if not a.tls:
         return run(a, tls=False)[0]
-    status, plain = run(a, tls=False, as_json=True)
-    status2, mtls = run(a, tls=True, as_json=True)
-    compare(plain, mtls)
-    return status or status2
+    status, added = 0, {False: [], True: []}
+    for i in range(a.rounds):
+        reports = {}
+        for tls in (False, True):
+            rc, reports[tls] = run(a, tls=tls, as_json=True)
+            status = status or rc
+        print(f"\nround {i + 1} of {a.rounds}")
+        for tls, p50 in zip((False, True), compare(reports[False], reports[True])):
+            added[tls].append(p50)
+    if a.rounds > 1:
+        med = {k: statistics.median(v) for k, v in added.items()}
+        print(f"\nadded first-token time at the median (steady window where there is one), "
+              f"median of {a.rounds} rounds: plaintext {med[False]:.2f} ms, mutual TLS "
+              f"{med[True]:.2f} ms, difference {med[True] - med[False]:+.2f} ms")
+    return status
 
 
 def compare(plain, mtls):
-    """The loadgen figures of both runs side by side."""
+    """The loadgen figures of both runs side by side; returns the added
+    first-token time at the median of each (steady window where there is one)."""
     print("\nfirst token (ms), through the gateway / straight from the model / added; tokens/s")
     print(f"{'':34}{'plaintext':>28}{'mutual TLS':>28}")
     for key, label in (("all", "all measured turns"), ("steady", "steady window")):
@@ -86,6 +102,7 @@ def compare(plain, mtls):
     added = [r["results"][-1].get("steady", r["results"][-1])["ttft_p50_ms"]
              - r["results"][0].get("steady", r["results"][0])["ttft_p50_ms"] for r in (plain, mtls)]
     print(f"mutual TLS moves the added first-token time at the median by {added[1] - added[0]:+.2f} ms")
+    return added
 
 
 def run(a, tls, as_json=False):
