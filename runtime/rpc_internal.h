@@ -56,10 +56,13 @@ void rpc__grpc_unref(void);
 grpc_server_credentials *tls__server_credentials(tls *t);
 grpc_channel_credentials *tls__channel_credentials(tls *t);
 /* The caller name of a server call's peer certificate (tls_name_of_dns of
- * its first DNS name) into out (TLS_NAME_MAX + 1 bytes); "" when none. */
-void tls__caller(grpc_call *call, char *out);
+ * its first DNS name) into out (TLS_NAME_MAX + 1 bytes); "" when none.
+ * Returns whether the peer showed a certificate the TLS handshake verified
+ * (0 for a plaintext connection). */
+int tls__caller(grpc_call *call, char *out);
 
-/* health.c, driven by srv.c. */
+/* health.c, driven by srv.c. Its methods' paths start with this. */
+#define HEALTH__PATH_PREFIX "/grpc.health.v1.Health/"
 typedef struct health health;
 health *health__create(void);
 void health__destroy(health **h);

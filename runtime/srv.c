@@ -560,14 +560,22 @@ static srv_call *call_create(slot *sl)
 }
 
 /* Under mutual TLS, whether the caller's certificate names a caller the
- * method allows; if not, the call is answered PERMISSION_DENIED here. */
+ * method allows; if not, the call is answered PERMISSION_DENIED here. A
+ * call without a certificate came in on the --health-listen port: health
+ * only. */
 static int caller_allowed(srv_call *c)
 {
     const method_entry *e = c->method;
     char name[TLS_NAME_MAX + 1];
+    if (!tls__caller(c->call, name)) {
+        if (strncmp(e->m.path, HEALTH__PATH_PREFIX, strlen(HEALTH__PATH_PREFIX)) == 0)
+            return 1;
+        srv_call_finishf(c, RPC_UNAUTHENTICATED,
+                         "no client certificate: only grpc.health.v1 is answered without one");
+        return 0;
+    }
     if (e->any_caller)
         return 1;
-    tls__caller(c->call, name);
     for (size_t i = 0; i < e->ncallers; i++)
         if (strcmp(e->callers[i], name) == 0)
             return 1;
@@ -856,6 +864,23 @@ int srv_start(srv *s)
                   "--listen HOST:PORT",
                   s->listen);
         return RPC_EBIND;
+    }
+    if (s->opts.health_listen != NULL && s->opts.health_listen[0] != '\0') {
+        creds = grpc_insecure_server_credentials_create();
+        int port = grpc_server_add_http2_port(s->server, s->opts.health_listen, creds);
+        grpc_server_credentials_release(creds);
+        if (port == 0) {
+            log_error("cannot listen on %s: the address is in use or invalid; pick another with "
+                      "--health-listen HOST:PORT",
+                      s->opts.health_listen);
+            /* The core will not destroy a server holding a bound port it
+             * was never told to shut down; srv_destroy drains the queue. */
+            s->shutdown_tag.fn = on_shutdown_done;
+            grpc_server_shutdown_and_notify(s->server, s->threads[0].cq, &s->shutdown_tag);
+            return RPC_EBIND;
+        }
+        log_info("%s: grpc.health.v1 without TLS on %s (port %d)", s->name, s->opts.health_listen,
+                 port);
     }
     grpc_server_start(s->server);
     s->started = 1;

@@ -44,7 +44,11 @@
     X(S, max_connection_age_ms, INT, "max-connection-age-ms", "GRPC_MAX_CONNECTION_AGE_MS",        \
       "300000",                                                                                    \
       "close client connections after this long (calls in flight finish first), so clients "       \
-      "re-resolve and spread over new replicas; 0: never")
+      "re-resolve and spread over new replicas; 0: never")                                         \
+    X(S, health_listen, STR, "health-listen", "HEALTH_LISTEN", "",                                 \
+      "HOST:PORT answering grpc.health.v1 without TLS, for probes that cannot present a "          \
+      "certificate (Kubernetes' gRPC probes); under mutual TLS nothing else is answered there; "   \
+      "\"\": none")
 CONF_DECLARE(srv_opts, SRV_OPTS)
 
 typedef struct srv srv;
@@ -86,12 +90,15 @@ srv *srv_create(const char *name, const char *listen, const srv_opts *opts);
  * handler, a bad `callers` list). */
 int srv_add_method(srv *s, const srv_method *m, void *data);
 /* Serves mutual TLS with t's certificates instead of plaintext, and lets
- * each method be called by its `callers` only. Before srv_start; t (may be
- * NULL: plaintext) must outlive the server. */
+ * each method be called by its `callers` only; a call without a client
+ * certificate (only the --health-listen port takes one) reaches health
+ * only (UNAUTHENTICATED otherwise). Before srv_start; t (may be NULL:
+ * plaintext) must outlive the server. */
 void srv_use_tls(srv *s, tls *t);
-/* Binds, starts the completion-queue threads and marks every registered
- * service SERVING (unless the program set it otherwise before). Returns 0
- * or RPC_EBIND (logged with the address). */
+/* Binds (the listen address, and --health-listen when set), starts the
+ * completion-queue threads and marks every registered service SERVING
+ * (unless the program set it otherwise before). Returns 0 or RPC_EBIND
+ * (logged with the address). */
 int srv_start(srv *s);
 /* The port actually bound (useful with port 0); 0 before srv_start. */
 int srv_port(const srv *s);

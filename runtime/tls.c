@@ -262,12 +262,13 @@ grpc_channel_credentials *tls__channel_credentials(tls *t)
     return grpc_tls_credentials_create(opt);
 }
 
-void tls__caller(grpc_call *call, char *out)
+int tls__caller(grpc_call *call, char *out)
 {
     out[0] = '\0';
     grpc_auth_context *ctx = grpc_call_auth_context(call);
     if (ctx == NULL)
-        return;
+        return 0;
+    int verified = grpc_auth_context_peer_is_authenticated(ctx);
     /* The DNS names in the certificate's order. */
     grpc_auth_property_iterator it =
         grpc_auth_context_find_properties_by_name(ctx, GRPC_PEER_DNS_PROPERTY_NAME);
@@ -275,4 +276,5 @@ void tls__caller(grpc_call *call, char *out)
     if (p != NULL)
         tls_name_of_dns(p->value, p->value_length, out);
     grpc_auth_context_release(ctx);
+    return verified;
 }

@@ -141,6 +141,12 @@ def _listen_port(binary, c, opts):
     return int(listen.rsplit(":", 1)[1])
 
 
+def _health_port(c):
+    """The port of HEALTH_LISTEN (plaintext grpc.health.v1), or None."""
+    value = env_of(c).get("HEALTH_LISTEN")
+    return int(value.rsplit(":", 1)[1]) if value else None
+
+
 def _drift_cases():
     for overlay in OVERLAYS:
         for b in BINARIES:
@@ -175,10 +181,14 @@ def test_containers_match_their_binary(overlay, binary):
                 _check_value(binary, name, envs[name]["arg"], e["value"], problems)
         if o["kind"] != "Job":
             port = _listen_port(binary, c, opts)
+            health = _health_port(c)
+            listening = {port} | ({health} if health else set())
             declared = {p["containerPort"] for p in c.get("ports", [])}
-            if declared != {port}:
-                problems.append(f"containerPort {sorted(declared)} but {binary} listens on {port}")
+            if declared != listening:
+                problems.append(f"containerPort {sorted(declared)} but {binary} listens on "
+                                f"{sorted(listening)}")
             named = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+            tls = bool(env_of(c).get("TLS_CERT_FILE"))
             for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                 pr = c.get(probe)
                 if not pr:
@@ -187,8 +197,14 @@ def test_containers_match_their_binary(overlay, binary):
                     if kind in pr:
                         p = pr[kind]["port"]
                         p = named.get(p, p) if isinstance(p, str) else p
-                        if p != port:
-                            problems.append(f"{probe} probes port {p}, {binary} listens on {port}")
+                        if p not in listening:
+                            problems.append(f"{probe} probes port {p}, {binary} listens on "
+                                            f"{sorted(listening)}")
+                        # The kubelet's gRPC probe is plaintext: under mutual
+                        # TLS only the health port answers it.
+                        if kind == "grpc" and tls and p != health:
+                            problems.append(f"{probe} is a gRPC probe on port {p}, which needs a "
+                                            f"client certificate; the health port is {health}")
         problems[before:] = [f"{where}: {p}" for p in problems[before:]]
     assert not problems, "\n".join(problems)
 
@@ -219,9 +235,13 @@ def test_grpc_services_headless_with_native_probes(overlay):
         assert svc["spec"].get("clusterIP") == "None", f"{name}: headless, for round_robin"
         assert [p["port"] for p in svc["spec"]["ports"]] == [port]
         c = pod_spec(deps[name])["containers"][0]
-        assert c["readinessProbe"]["grpc"]["port"] == port, name
+        # Under mutual TLS the kubelet's (plaintext) gRPC probe asks the
+        # health port.
+        health = _health_port(c)
+        assert health and health != port, name
+        assert c["readinessProbe"]["grpc"]["port"] == health, name
         live = c["livenessProbe"]
-        assert live.get("grpc", live.get("tcpSocket"))["port"] == port, name
+        assert live.get("grpc", live.get("tcpSocket"))["port"] in (port, health), name
     gw = pod_spec(deps["gateway"])["containers"][0]
     for probe in ("readinessProbe", "livenessProbe"):
         assert gw[probe]["httpGet"]["path"] == "/api/health"

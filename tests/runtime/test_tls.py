@@ -404,3 +404,50 @@ def test_sigterm_with_tls_connections_open(pb, ca):
     next(stream)
     assert svc.stop(signal.SIGTERM) == 0, svc.log_tail()
     ch.close()
+
+
+# ------------------------------------------------------------ probes
+def test_health_port_answers_health_only_and_without_tls(pb, ca):
+    """--health-listen: the kubelet's gRPC probe cannot show a certificate,
+    so health is answered there in plaintext; nothing else is, and the
+    status follows the server's (NOT_SERVING while it drains)."""
+    msgs, rpc = pb
+    health = proto_stubs()
+    hp = free_port()
+    svc = Service("testsvc-server", binary=SERVER, tls=ca.issue("testsvc"),
+                  caller=ca.issue("gateway"),
+                  args=["--health-listen", f"127.0.0.1:{hp}", "--drain-delay-ms", "3000"])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{hp}") as ch:
+            stub = health.health_pb2_grpc.HealthStub(ch)
+            req = health.health_pb2.HealthCheckRequest()
+            assert stub.Check(req, timeout=5).status == health.health_pb2.HealthCheckResponse.SERVING
+            watch = stub.Watch(req, timeout=30)
+            assert next(watch).status == health.health_pb2.HealthCheckResponse.SERVING
+            for call in (lambda: echo(pb, ch),
+                         lambda: list(rpc.TestStub(ch).Count(msgs.CountRequest(count=1), timeout=5))):
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value
+                assert "grpc.health.v1" in e.value.details()
+            # The TLS port still refuses plaintext, health included.
+            with grpc.insecure_channel(svc.addr) as plain:
+                with pytest.raises(grpc.RpcError) as e:
+                    health.health_pb2_grpc.HealthStub(plain).Check(req, timeout=3)
+                assert e.value.code() in HANDSHAKE_REFUSED
+            svc._proc.send_signal(signal.SIGTERM)
+            assert next(watch).status == health.health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+        assert svc._proc.wait(timeout=20) == 0
+    finally:
+        svc.kill()
+
+
+def test_health_port_in_use_is_a_start_up_error(ca):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = start_fails(ca.issue("testsvc").env(),
+                                args=["--health-listen", f"127.0.0.1:{port}"])
+    assert code == 1 and "--health-listen" in err, err
