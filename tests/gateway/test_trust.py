@@ -23,33 +23,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatusCode
 
 from conftest import dev_token, ws_url
 from harness import Service, free_port
+from test_gateway_e2e import TIMEOUT, first_frame, recv, run, turn  # one WebSocket client
 
-TIMEOUT = 20
 SECRET = b"a test secret of the jwt mode, 32+ bytes long"
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 120))
-
-
-async def recv(ws):
-    return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
-
-
-async def first_frame(ws):
-    frame = await recv(ws)
-    assert frame["type"] == "session", frame
-    return frame
-
-
-async def turn(ws, message):
-    await ws.send(json.dumps({"message": message}))
-    frames = []
-    while True:
-        f = await recv(ws)
-        frames.append(f)
-        if f["type"] in ("done", "error"):
-            return frames
 
 
 async def closed_with(ws):
