@@ -145,6 +145,8 @@ def run(a, tls, as_json=False):
                     print(f"{res['path']}: {res['answers']} answers, {res['errors']} errors, first "
                           f"token p50 {res['ttft_p50_ms']:.2f} ms, p99 {res['ttft_p99_ms']:.2f} ms, "
                           f"{res['tokens_per_s']:.0f} tokens/s")
+                if report["errors"]:
+                    print("error kinds:", ", ".join(report["errors"]))
             # Every token must reach PostgreSQL: wait for the last batches.
             want = a.sessions * a.turns * a.words
             t0 = time.monotonic()
