@@ -33,6 +33,7 @@ PACKAGES=(
   libcurl4-openssl-dev
   libpq-dev
   libjson-c-dev
+  libcjose-dev
   libunistring-dev
   libcmocka-dev
   postgresql
@@ -45,6 +46,8 @@ PACKAGES=(
   python3-psycopg2
   python3-websockets
   python3-yaml
+  python3-jwt
+  python3-cryptography
   nodejs
   npm
   chromium

@@ -19,7 +19,7 @@
 #define LLM_OPTS(X, S)                                                                             \
     X(S, base_url, STR, "openai-base-url", "OPENAI_BASE_URL", "https://api.openai.com/v1",         \
       "the OpenAI-compatible endpoint (the offline model: http://127.0.0.1:8089/v1)")              \
-    X(S, api_key, STR, "openai-api-key", "OPENAI_API_KEY", "",                                     \
+    X(S, api_key, SECRET, "openai-api-key", "OPENAI_API_KEY", "",                                  \
       "sent as a Bearer token; \"\" sends none")                                                   \
     X(S, model, STR, "openai-model", "OPENAI_MODEL", "gpt-4o-mini",                                \
       "the model when the request's params name none")                                             \

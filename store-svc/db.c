@@ -619,16 +619,20 @@ static int many_sessions(db_conn *c, int id, const char *what, const char *sql, 
 }
 
 int db_list_user_sessions(db_conn *c, const char *user_id, uint32_t limit, const char *exclude,
-                          db_session **out, size_t *n)
+                          int64_t before_us, const char *before_id, db_session **out, size_t *n)
 {
-    char lim[16];
+    char lim[16], before[32];
     snprintf(lim, sizeof lim, "%u", limit);
-    const char *vals[] = {user_id, exclude, lim};
+    fmt_i64(before, sizeof before, before_us);
+    const char *vals[] = {user_id, exclude, lim, before, before_id};
+    /* The cursor is a row of the previous page: its time exactly (the
+     * microseconds the store handed out) and its id break ties. */
     return many_sessions(c, ST_LIST_USER, "ListUserSessions",
                          "SELECT " SESSION_COLS " FROM sessions WHERE user_id = $1 "
-                         "AND session_id <> $2 ORDER BY start_time DESC, session_id DESC "
-                         "LIMIT $3::int8",
-                         3, vals, out, n);
+                         "AND session_id <> $2 AND ($4::int8 = 0 OR (start_time, session_id) < "
+                         "('epoch'::timestamptz + $4::int8 * interval '1 microsecond', $5)) "
+                         "ORDER BY start_time DESC, session_id DESC LIMIT $3::int8",
+                         5, vals, out, n);
 }
 
 int db_list_unsummarized(db_conn *c, uint32_t limit, int64_t ended_before_us, int32_t max_attempts,

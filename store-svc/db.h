@@ -135,10 +135,12 @@ int db_save_summary(db_conn *c, const char *session_id, int status, const char *
 int db_claim_summary(db_conn *c, const char *session_id, const char *worker_id,
                      int32_t lease_seconds, int32_t max_attempts, int give_up, db_session *out,
                      int *claimed);
-/* Newest first, at most limit, without exclude ("" excludes nothing).
- * *out is an array of *n sessions (db_sessions_free). */
+/* Newest first, at most limit, without exclude ("" excludes nothing),
+ * only those older than (before_us, before_id) in that order when
+ * before_us > 0 (paging). *out is an array of *n sessions
+ * (db_sessions_free). */
 int db_list_user_sessions(db_conn *c, const char *user_id, uint32_t limit, const char *exclude,
-                          db_session **out, size_t *n);
+                          int64_t before_us, const char *before_id, db_session **out, size_t *n);
 /* Ended sessions with a PENDING summary and no live lease, oldest end first. */
 int db_list_unsummarized(db_conn *c, uint32_t limit, int64_t ended_before_us, int32_t max_attempts,
                          db_session **out, size_t *n);

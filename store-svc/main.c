@@ -21,7 +21,7 @@
 
 #define STORE_OPTS(X, S)                                                                           \
     X(S, listen, STR, "listen", "LISTEN_ADDR", "0.0.0.0:50053", "HOST:PORT to serve gRPC on")      \
-    X(S, database_url, STR, "database-url", "DATABASE_URL",                                        \
+    X(S, database_url, SECRET, "database-url", "DATABASE_URL",                                     \
       "postgresql://postgres@127.0.0.1:5432/postgres",                                             \
       "PostgreSQL connection URI or key=value string (libpq); sslmode and other parameters in "    \
       "it are honoured (a Supabase connection string works as given)")                             \

@@ -566,7 +566,8 @@ invalid:
 typedef struct list_job {
     job h;
     int unsummarized;
-    char *user_id, *exclude;
+    char *user_id, *exclude, *before_id;
+    int64_t before_us;
     uint32_t limit;
     int64_t ended_before_us;
     int32_t max_attempts;
@@ -577,6 +578,7 @@ static void list_free(job *h)
     list_job *j = (list_job *)h;
     mem_free(j->user_id);
     mem_free(j->exclude);
+    mem_free(j->before_id);
     job_free(h);
 }
 
@@ -598,7 +600,8 @@ static void list_run(pool_job *pj, db_conn *conn, int err)
     int rc =
         j->unsummarized
             ? db_list_unsummarized(conn, j->limit, j->ended_before_us, j->max_attempts, &ss, &n)
-            : db_list_user_sessions(conn, j->user_id, j->limit, j->exclude, &ss, &n);
+            : db_list_user_sessions(conn, j->user_id, j->limit, j->exclude, j->before_us,
+                                    j->before_id != NULL ? j->before_id : "", &ss, &n);
     if (rc != 0) {
         job_fail(&j->h, conn, rc);
         goto out;
@@ -650,9 +653,17 @@ static void on_list_user_sessions(srv_call *call, const ProtobufCMessage *msg)
         finish_invalid(call, err);
         return;
     }
+    if (check_time("before_start_time_us", req->before_start_time_us, err, sizeof err) != 0 ||
+        (req->before_start_time_us != 0 &&
+         check_id("before_session_id", str(req->before_session_id), err, sizeof err) != 0)) {
+        finish_invalid(call, err);
+        return;
+    }
     list_job *j = job_new(sizeof *j, call, st, "", list_run);
     j->user_id = mem_strdup(req->user_id);
     j->exclude = mem_strdup(str(req->exclude_session_id));
+    j->before_us = req->before_start_time_us;
+    j->before_id = mem_strdup(str(req->before_session_id));
     j->limit = req->limit == 0                  ? USER_SESSIONS_DEFAULT
                : req->limit > USER_SESSIONS_MAX ? USER_SESSIONS_MAX
                                                 : req->limit;

@@ -8,12 +8,14 @@ import base64
 import os
 import re
 import subprocess
+import time
 
+import jwt
 import pytest
 import yaml
 
-from deploy_util import (BINARIES, K8S, OVERLAYS, REPO, by_kind, help_options, image_binary,
-                         need_kubectl, pod_spec, render, render_text)
+from deploy_util import (BINARIES, K8S, OVERLAYS, REPO, build_dir, by_kind, help_options,
+                         image_binary, need_kubectl, pod_spec, render, render_text)
 
 SERVICES = ["gateway", "router-svc", "llm-svc", "store-svc", "summary-svc"]
 GRPC_PORTS = {"router-svc": 50051, "llm-svc": 50052, "store-svc": 50053, "summary-svc": 50054}
@@ -165,6 +167,9 @@ def test_containers_match_their_binary(overlay, binary):
         pytest.fail(f"no container of image convo/{binary} in overlays/{overlay}")
     opts = help_options(binary)
     envs = {o["env"]: o for o in opts.values() if o["env"]}
+    # A secret's variable may also be NAME_FILE, a file holding it (runtime/conf.h).
+    envs.update({o["env"] + "_FILE": dict(o, arg="TEXT") for o in opts.values()
+                 if o["env"] and o["arg"] == "SECRET"})
     problems = []
     for o, c in mine:
         where = f"{o['kind']}/{o['metadata']['name']} container {c['name']}"
@@ -243,8 +248,8 @@ def test_grpc_services_headless_with_native_probes(overlay):
         live = c["livenessProbe"]
         assert live.get("grpc", live.get("tcpSocket"))["port"] in (port, health), name
     gw = pod_spec(deps["gateway"])["containers"][0]
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert gw[probe]["httpGet"]["path"] == "/api/health"
+    assert gw["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert gw["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -398,7 +403,7 @@ def test_configmaps_hold_the_sources(overlay):
 
 def test_dev_secret_is_throwaway_and_prod_has_none():
     secrets = by_kind(render("dev"), "Secret")
-    (s,) = secrets.values()
+    (s,) = [o for n, o in secrets.items() if n.startswith("convo-secrets-")]
     url = base64.b64decode(s["data"]["DATABASE_URL"]).decode()
     assert "@postgres:5432/" in url, "dev points at its in-cluster PostgreSQL only"
     assert "OPENAI_API_KEY" not in s["data"]
@@ -406,6 +411,91 @@ def test_dev_secret_is_throwaway_and_prod_has_none():
     for p in (REPO / "deploy").rglob("*"):
         if p.is_file():
             assert not re.search(r"sk-[A-Za-z0-9_-]{20,}", p.read_text(errors="replace")), p
+
+
+# ------------------------------------------------------------ authentication
+def _gateway(objs):
+    return pod_spec(by_kind(objs, "Deployment")["gateway"])
+
+
+def _gateway_env(objs):
+    """The gateway's environment with configMapKeyRefs resolved (convo-env)."""
+    cms = {n.rsplit("-", 1)[0]: o.get("data", {}) for n, o in by_kind(objs, "ConfigMap").items()}
+    env = {}
+    for e in _gateway(objs)["containers"][0].get("env", []):
+        ref = e.get("valueFrom", {}).get("configMapKeyRef")
+        if ref is not None:
+            assert ref["key"] in cms[ref["name"].rsplit("-", 1)[0]], f"{e['name']}: no key {ref['key']}"
+            env[e["name"]] = cms[ref["name"].rsplit("-", 1)[0]][ref["key"]]
+        else:
+            env[e["name"]] = e.get("value")
+    return env
+
+
+def _auth_mode(objs):
+    args = _gateway(objs)["containers"][0].get("args", [])
+    for i, a in enumerate(args):
+        if a == "--auth":
+            return args[i + 1]
+        if a.startswith("--auth="):
+            return a.split("=", 1)[1]
+    return _gateway_env(objs).get("AUTH_MODE") or "jwt"
+
+
+def _secret_file_source(objs, path):
+    """The Secret volume (name, optional) and key that `path` in the gateway is."""
+    spec = _gateway(objs)
+    folder, key = path.rsplit("/", 1)
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["mountPath"] == folder)
+    assert mount.get("readOnly") is True
+    vol = next(v for v in spec["volumes"] if v["name"] == mount["name"])["secret"]
+    assert vol.get("defaultMode", 0o644) & 0o007 == 0, "the secret is not readable by others"
+    return vol, key
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_overlay_runs_without_authentication(overlay):
+    text = render_text(overlay)
+    assert not re.search(r"--auth(=|\s+|\n\s*-\s*)[\"']?none", text), "--auth none in the render"
+    assert not re.search(r"AUTH_MODE\W+(value:\s*)?[\"']?none", text), "AUTH_MODE none in the render"
+    assert _auth_mode(render(overlay)) == "jwt"
+
+
+def test_prod_verifies_with_a_jwks_url_or_a_secret_file():
+    objs = render("prod")
+    env = _gateway_env(objs)
+    # Both sources are wired, to be set in overlays/prod (README): the URL as
+    # a convo-env literal, the secret file from a Secret made by hand.
+    assert "JWKS_URL" in env and "JWT_SECRET_FILE" in env
+    assert env["JWT_AUDIENCE"] == "authenticated", "Supabase's access tokens"
+    vol, key = _secret_file_source(objs, "/etc/convo/jwt/jwt-secret")
+    assert vol["secretName"] == "convo-jwt" and vol.get("optional") is True
+    assert "convo-jwt" not in by_kind(objs, "Secret"), "never committed"
+    # Set as the README says, the URL is https and the file is that Secret's key.
+    for value in (env["JWKS_URL"], env["JWT_SECRET_FILE"]):
+        assert value == "" or value.startswith("https://") or value == "/etc/convo/jwt/" + key
+
+
+def test_dev_verifies_with_its_own_secret(tmp_path):
+    """The dev overlay's secret is mounted where JWT_SECRET_FILE points, and a
+    token minted with it as the README shows passes the gateway's check
+    (tests/gateway/authcheck, the gateway's own auth.c); prod never uses it."""
+    objs = render("dev")
+    env = _gateway_env(objs)
+    vol, key = _secret_file_source(objs, env["JWT_SECRET_FILE"])
+    secret = by_kind(objs, "Secret")[vol["secretName"]]
+    value = base64.b64decode(secret["data"][key]).decode()
+    assert len(value) >= 32
+    assert value not in render_text("prod")
+    (tmp_path / key).write_text(value)
+    token = jwt.encode({"sub": "alice", "exp": int(time.time()) + 3600}, value, algorithm="HS256")
+    forged = jwt.encode({"sub": "alice", "exp": int(time.time()) + 3600}, "x" * 40, algorithm="HS256")
+    authcheck = build_dir() / "tests" / "gateway" / "authcheck"
+    r = subprocess.run([str(authcheck), "--auth", _auth_mode(objs),
+                        "--jwt-secret-file", str(tmp_path / key)],
+                       input=f"{token}\n{forged}\n", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["ok alice", "error bad_signature"]
 
 
 def _normalized(text):

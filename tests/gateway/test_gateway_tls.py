@@ -15,8 +15,8 @@ import pytest
 import websockets
 
 from harness import proto_stubs
-from stack import Stack
-from test_gateway_e2e import events, first_frame, run, streamed_text, tokens_of, turn, ws_url
+from stack import Stack, dev_token, ws_url
+from test_gateway_e2e import events, first_frame, run, streamed_text, tokens_of, turn
 
 pb = proto_stubs()
 
@@ -35,8 +35,12 @@ def gw(tls_stack):
     g.stop()
 
 
-def get_json(gw, path):
-    with urllib.request.urlopen(f"http://{gw.addr}{path}", timeout=5) as r:
+def get_json(gw, path, user=None):
+    """GET path; as `user` (a dev token) when given: the session routes
+    answer their owner only."""
+    headers = {"Authorization": "Bearer " + dev_token(gw, user)} if user else {}
+    req = urllib.request.Request(f"http://{gw.addr}{path}", headers=headers)
+    with urllib.request.urlopen(req, timeout=5) as r:
         return json.load(r)
 
 
@@ -82,9 +86,9 @@ def test_every_hop_over_mutual_tls(tls_stack, gw):
     # (gateway -> summary-svc), then summary-svc -> store-svc (ClaimSummary,
     # ListEvents, SaveSummary) and -> llm-svc (Complete).
     summary = wait_for(lambda: (lambda s: s if s["status"] == "done" else None)(
-        get_json(gw, f"/api/sessions/{sid}/summary")), what="the summary")
+        get_json(gw, f"/api/sessions/{sid}/summary", "alice")), what="the summary")
     assert "Overview" in summary["summary"]
-    session = get_json(gw, f"/api/sessions/{sid}")  # GetSession (gateway -> store-svc)
+    session = get_json(gw, f"/api/sessions/{sid}", "alice")  # GetSession (gateway -> store-svc)
     assert session["user_id"] == "alice" and session["summary_status"] == "done"
     health = get_json(gw, "/api/health")
     for name in ("router-svc", "llm-svc", "store-svc", "summary-svc"):

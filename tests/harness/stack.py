@@ -17,6 +17,9 @@ its certs.Identity. The harness's own calls use an `admin` certificate."""
 
 from __future__ import annotations
 
+import json
+import urllib.parse
+import urllib.request
 from typing import Iterable, Mapping, Optional
 
 from harness import Postgres, Service, build_dir, find_binary
@@ -71,10 +74,16 @@ class Stack:
         return ["--router", self.router.addr, "--llm", self.llm.addr, "--store", self.store.addr,
                 "--summary", summary]
 
-    def gateway(self, *extra: str, env: Optional[dict] = None, **kw) -> Service:
-        """A gateway against this stack (stopped by the caller or at exit)."""
-        return self._start("gateway", args=[*self.peers(), "--end-grace-ms", "0", *extra],
-                           env=env, ready="http", **kw)
+    def gateway(self, *extra: str, auth: str = "dev", env: Optional[dict] = None,
+                **kw) -> Service:
+        """A gateway against this stack (stopped by the caller or at exit).
+        --auth dev unless a test asks for another mode: the closest to
+        production (every call carries a bearer token, signed by the
+        gateway's POST /api/dev/token; dev_token())."""
+        gw = self._start("gateway", args=[*self.peers(), "--end-grace-ms", "0", "--auth", auth,
+                                          *extra], env=env, ready="http", **kw)
+        gw.auth = auth
+        return gw
 
     def stop(self) -> None:
         for svc in (self.summary, self.router, self.llm, self.model, self.store):
@@ -87,3 +96,28 @@ class Stack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def dev_token(gw, user: str) -> str:
+    """A token for `user` from a --auth dev gateway (cached per gateway)."""
+    cache = gw.__dict__.setdefault("tokens", {})
+    if user not in cache:
+        req = urllib.request.Request(f"http://{gw.addr}/api/dev/token", method="POST",
+                                     data=json.dumps({"user_id": user}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            cache[user] = json.load(r)["access_token"]
+    return cache[user]
+
+
+def ws_url(gw, session: str, user: Optional[str] = None, **args) -> str:
+    """The WebSocket URL of `session` for `user`: with --auth dev its token
+    (?access_token=, as browsers send it) and user_id; with --auth none the
+    seed's ?user_id=. Extra query arguments are added as given."""
+    query = dict(args)
+    if user is not None:
+        query["user_id"] = user
+        if getattr(gw, "auth", "none") == "dev":
+            query["access_token"] = dev_token(gw, user)
+    url = f"ws://{gw.addr}/ws/session/{session}"
+    return url + ("?" + urllib.parse.urlencode(query) if query else "")

@@ -548,6 +548,34 @@ def test_list_user_sessions_newest_first_with_summaries(stub):
     assert list(r.sessions) == []
 
 
+def test_list_user_sessions_pages_by_cursor(stub):
+    """Each page starts after the last session of the previous one (its
+    start time and id), so paging through lists every session once, also
+    those that share a start time."""
+    user = new_id("user")
+    sids = [new_id() for _ in range(7)]
+    for sid in sids:
+        open_session(stub, sid, user)
+    seen, before_us, before_id = [], 0, ""
+    while True:
+        r = stub.ListUserSessions(S.ListUserSessionsRequest(
+            user_id=user, limit=3, before_start_time_us=before_us,
+            before_session_id=before_id), timeout=10)
+        page = list(r.sessions)
+        assert len(page) <= 3
+        seen += [s.session_id for s in page]
+        if len(page) < 3:
+            break
+        before_us, before_id = page[-1].start_time_us, page[-1].session_id
+    assert sorted(seen) == sorted(sids) and len(seen) == len(set(seen))
+    whole = stub.ListUserSessions(S.ListUserSessionsRequest(user_id=user, limit=10), timeout=10)
+    assert seen == [s.session_id for s in whole.sessions], "pages keep the list's order"
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ListUserSessions(S.ListUserSessionsRequest(
+            user_id=user, before_start_time_us=1, before_session_id="bad id"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 # ---------------------------------------------------------------- forged writes
 
 
