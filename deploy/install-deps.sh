@@ -32,6 +32,7 @@ PACKAGES=(
   libcurl4-openssl-dev
   libpq-dev
   libjson-c-dev
+  libmicrohttpd-dev
   libcmocka-dev
   postgresql
   postgresql-contrib
@@ -48,6 +49,7 @@ PACKAGES=(
   chromium
   clang-format
   kubernetes-client
+  prometheus
 )
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
