@@ -16,6 +16,7 @@
 #define CONVO_CLI_H
 
 #include "conf.h"
+#include "metrics.h"
 #include "rpc.h"
 
 #include <protobuf-c/protobuf-c.h>
@@ -56,6 +57,11 @@ cli *cli_create(int threads, int64_t max_message_bytes);
  * the threads and frees the client and its channels; clears *c. Must not be
  * called from a callback. */
 void cli_destroy(cli **c);
+
+/* Counts every call into m (convo_grpc_client_*: by method and status
+ * code, durations, calls in flight, streamed messages received). Call
+ * before the first call; m (NULL: nothing counted) must outlive the client. */
+void cli_set_metrics(cli *c, metrics *m);
 
 /* A channel to "HOST:PORT" (or any gRPC target, e.g. "dns:///svc:50051").
  * `round_robin` spreads calls over every address the name resolves to (for
