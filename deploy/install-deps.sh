@@ -42,6 +42,7 @@ PACKAGES=(
   python3-protobuf
   python3-pytest
   python3-psycopg2
+  python3-prometheus-client
   python3-websockets
   python3-yaml
   nodejs

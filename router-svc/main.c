@@ -1,11 +1,13 @@
 /* router-svc — serves convo.v1.Router: the strategy, system prompt and
  * generation parameters of each conversation turn. */
 #include "conf.h"
+#include "health.h"
 #include "log.h"
 #include "mem.h"
 #include "rconf.h"
 #include "route.h"
 #include "router.h"
+#include "scrape.h"
 #include "srv.h"
 
 #include <stdio.h>
@@ -22,13 +24,19 @@ int main(int argc, char **argv)
 {
     router_opts opts = {0};
     srv_opts sopts = {0};
+    scrape_opts mopts = {0};
     const conf_section secs[] = {
         CONF_SECTION(router_opts, &opts),
         CONF_SECTION(srv_opts, &sopts),
+        CONF_SECTION(scrape_opts, &mopts),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     route_config *cfg = NULL;
     srv *server = NULL;
+    metrics *m = NULL;
+    scrape *sc = NULL;
+    router_ctx ctx;
+    char maddr[300];
     char *err = NULL;
     int status = 2;
 
@@ -40,7 +48,8 @@ int main(int argc, char **argv)
         status = rc > 0 ? 0 : 2;
         goto out;
     }
-    if (log_setup("router-svc", opts.log_level) != 0)
+    if (log_setup("router-svc", opts.log_level) != 0 ||
+        scrape_setup(&mopts, "router-svc", opts.listen, maddr, sizeof maddr, &m) != 0)
         goto out;
 
     if (opts.config[0] == '\0') {
@@ -58,18 +67,24 @@ int main(int argc, char **argv)
 
     status = 1;
     server = srv_create("router-svc", opts.listen, &sopts);
-    if (router_register(server, cfg) != 0) {
+    srv_set_metrics(server, m);
+    router_ctx_init(&ctx, cfg, m);
+    if (router_register(server, &ctx) != 0) {
         log_error("cannot register %s", ROUTER_METHOD_ROUTE);
         goto out;
     }
+    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, server)) == NULL)
+        goto out; /* scrape_start logged the address */
     if (srv_start(server) != 0)
         goto out; /* srv_start logged the address */
     srv_run(server);
     status = 0;
 
 out:
+    scrape_stop(&sc);
     if (server != NULL)
         srv_destroy(&server);
+    metrics_destroy(&m);
     route_config_free(&cfg);
     mem_free(err);
     conf_free(secs, nsecs);

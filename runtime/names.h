@@ -5,8 +5,13 @@
 #define CONVO_NAMES_H
 
 #include "convo/v1/common.pb-c.h"
+#include "convo/v1/llm.pb-c.h"
 
 /* "none", "pending", "done", "failed"; "unknown" for any other value. */
 const char *names_summary_status(Convo__V1__SummaryStatus s);
+/* "rate_limited", "auth_failed", "model_not_found", "upstream_unavailable",
+ * "timeout", "bad_upstream_data", "invalid_request", "internal"; "unknown"
+ * for any other value. Metric label values. */
+const char *names_error_category(Convo__V1__ErrorCategory c);
 
 #endif

@@ -54,7 +54,8 @@ static int split(const char *hp, char *host, size_t hostsize, long *port)
     return 0;
 }
 
-int scrape_resolve(const char *value, const char *listen, char *addr, size_t addrsize, char *err,
+/* 0 with addr filled, 1 for off, -1 with the reason in err. */
+static int resolve(const char *value, const char *listen, char *addr, size_t addrsize, char *err,
                    size_t errsize)
 {
     char host[256];
@@ -83,6 +84,21 @@ int scrape_resolve(const char *value, const char *listen, char *addr, size_t add
         return -1;
     }
     snprintf(addr, addrsize, strchr(host, ':') != NULL ? "[%s]:%ld" : "%s:%ld", host, port);
+    return 0;
+}
+
+int scrape_setup(const scrape_opts *o, const char *program, const char *listen, char *addr,
+                 size_t addrsize, metrics **m)
+{
+    char err[512];
+    *m = NULL;
+    int rc = resolve(o->listen, listen, addr, addrsize, err, sizeof err);
+    if (rc < 0) {
+        fprintf(stderr, "%s: %s\n", program, err);
+        return -1;
+    }
+    if (rc == 0)
+        *m = metrics_create(program);
     return 0;
 }
 

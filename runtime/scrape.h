@@ -17,12 +17,13 @@
       "own address and its port + 1000; off: no listener and nothing recorded")
 CONF_DECLARE(scrape_opts, SCRAPE_OPTS)
 
-/* Turns a --metrics-listen value into an address, given the process's own
- * "HOST:PORT": returns 0 with `addr` filled, 1 for "off" (or ""), or -1
- * with the reason in `err` (not HOST:PORT, or auto past port 65535). Auto
- * keeps a port 0 as 0 (any free port). */
-int scrape_resolve(const char *value, const char *listen, char *addr, size_t addrsize, char *err,
-                   size_t errsize);
+/* The first step of start-up: turns o->listen into an address, given the
+ * process's own "HOST:PORT" (auto keeps a port 0 as 0: any free port), and
+ * makes the process's registry in *m, or leaves *m NULL when metrics are
+ * off. Returns 0, or -1 after printing what is wrong on stderr (not
+ * HOST:PORT, auto past port 65535): a usage error. */
+int scrape_setup(const scrape_opts *o, const char *program, const char *listen, char *addr,
+                 size_t addrsize, metrics **m);
 
 /* Whether /healthz answers 200 (else 503); runs on the listener's thread. */
 typedef int (*scrape_health_fn)(void *arg);
