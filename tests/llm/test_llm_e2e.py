@@ -6,6 +6,7 @@ fault into the first N alike requests, [[delay:MS]] paces tokens,
 [[words:N]] answers exactly N tokens."""
 
 import json
+import subprocess
 import threading
 import time
 import urllib.request
@@ -290,3 +291,40 @@ def test_a_stalled_caller_pauses_the_upstream_and_loses_nothing(model):
     assert events[-1].WhichOneof("event") == "done" and events[-1].done.finish_reason == "stop"
     assert text(events) == " ".join(f"w{i}" for i in range(1, words + 1))
     assert after == during + 2, "the answer and the second /stats completed"
+
+
+def promtool_check(text):
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_metrics_count_turns_retries_tools_and_tokens(model):
+    """A fresh llm-svc's /metrics after known turns: each counter moved by
+    exactly what happened, and a tool name the model made up is counted as
+    "unknown", never as its own label value."""
+    with llm_service(model) as svc:
+        s = pb.llm_pb2_grpc.LlmStub(svc.channel())
+        assert kinds(chat(s, "hello [[words:7]]", tools=False))[-1] == "done"
+        assert kinds(chat(s, "rate [[fault:429*2]] [[words:3]]", tools=False))[-1] == "done"
+        assert kinds(chat(s, "rate always [[fault:429]]", tools=False)) == ["error"]
+        ev = chat(s, 'go [[tool1:fetch_internal_knowledge {"topic":"postgresql indexes"}]]'
+                     '[[tool1:made_up_tool_x1 {}]]')
+        assert kinds(ev)[-1] == "done"
+        m = svc.metric
+        assert m("convo_llm_turns_total", kind="chat", outcome="done") == 3
+        assert m("convo_llm_turns_total", kind="chat", outcome="error") == 1
+        assert m("convo_llm_upstream_retries_total", reason="rate_limited") == 4  # 2, then 2 more
+        assert m("convo_llm_upstream_requests_total", outcome="http_error", category="rate_limited") == 1
+        assert m("convo_llm_upstream_requests_total", outcome="ok", category="none") == 4  # 2 rounds
+        assert m("convo_llm_tool_calls_total", tool="fetch_internal_knowledge", outcome="ok") == 1
+        assert m("convo_llm_tool_calls_total", tool="unknown", outcome="error") == 1
+        assert m("convo_llm_usage_tokens_total", kind="completion") >= 10
+        assert m("convo_llm_usage_tokens_total", kind="prompt") > 0
+        # Every attempt's first byte was timed: 4 ok + 5 refused.
+        assert m("convo_llm_upstream_first_byte_seconds_count") == 9
+        assert m("convo_grpc_server_handled_total", grpc_method="Chat", grpc_code="OK") == 4
+        assert m("convo_llm_upstream_requests_in_flight") == 0
+        text = svc.scrape()
+        assert "made_up_tool_x1" not in text
+        promtool_check(text)
+        assert svc.scrape("/healthz").strip() == "ok"
