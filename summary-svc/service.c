@@ -37,17 +37,17 @@
 #define HEALTH_TIMEOUT_MS 2000
 
 #define SERVICE_METRICS(X, S)                                                                      \
-    X(S, jobs, COUNTER_VEC, "convo_summary_jobs_total", "outcome", NULL,                           \
+    X(S, jobs, COUNTER_VEC, "convo_summarizer_jobs_total", "outcome", NULL,                        \
       "summary jobs ended, by outcome (done, failed, retry, busy: not claimed, not_ended, error)") \
-    X(S, attempts, COUNTER, "convo_summary_attempts_total", "", NULL,                              \
+    X(S, attempts, COUNTER, "convo_summarizer_attempts_total", "", NULL,                           \
       "summary attempts made here (leases taken; each counts against --max-attempts)")             \
-    X(S, lease_conflicts, COUNTER, "convo_summary_lease_conflicts_total", "", NULL,                \
+    X(S, lease_conflicts, COUNTER, "convo_summarizer_lease_conflicts_total", "", NULL,             \
       "jobs that found the lease held by another worker, or lost it to one")                       \
-    X(S, model_calls, COUNTER, "convo_summary_model_calls_total", "", NULL,                        \
+    X(S, model_calls, COUNTER, "convo_summarizer_model_calls_total", "", NULL,                     \
       "llm-svc Complete calls made for summaries (chunks and the final one)")                      \
-    X(S, in_progress, GAUGE, "convo_summary_sessions_in_progress", "", NULL,                       \
+    X(S, in_progress, GAUGE, "convo_summarizer_sessions_in_progress", "", NULL,                    \
       "sessions queued or being summarized here")                                                  \
-    X(S, backlog, GAUGE, "convo_summary_backlog_sessions", "", NULL,                               \
+    X(S, backlog, GAUGE, "convo_summarizer_backlog_sessions", "", NULL,                            \
       "ended sessions without a summary and without a live lease that the last sweep found (at "   \
       "most --sweep-batch): waiting for a worker or for their retry")
 METRICS_DECLARE(service_metrics, SERVICE_METRICS)
