@@ -33,6 +33,7 @@ PACKAGES=(
   libpq-dev
   libjson-c-dev
   libmicrohttpd-dev
+  libunistring-dev
   libcmocka-dev
   postgresql
   postgresql-contrib
