@@ -11,6 +11,7 @@
 #include "log.h"
 #include "mem.h"
 #include "proc.h"
+#include "scrape.h"
 #include "session.h"
 #include "srv.h"
 #include "ws.h"
@@ -87,6 +88,21 @@ static void on_shutdown_tick(struct ev_loop *l, ev_timer *w, int revents)
         ev_break(l, EVBREAK_ALL);
 }
 
+/* /healthz on the metrics listener: 503 once the gateway is stopping. */
+static int healthy(void *arg)
+{
+    gw *g = arg;
+    return !atomic_load(&g->stopping);
+}
+
+/* Before each scrape: the gauges /api/health's counters already keep. */
+static void sync_gauges(void *arg)
+{
+    gw *g = arg;
+    metrics_gauge_set(g->mx.connections, atomic_load(&g->counters.connections));
+    metrics_gauge_set(g->mx.events_buffered, atomic_load(&g->counters.events_buffered));
+}
+
 /* The one libwebsockets protocol: HTTP requests go to http.c, WebSocket
  * connections to ws.c, and a wake-up from a gRPC thread drains the bridge. */
 static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in,
@@ -160,25 +176,38 @@ int main(int argc, char **argv)
 
     static gw g;
     static runner run = {.g = &g};
-    conf_section secs[] = {CONF_SECTION(gw_opts, &g.opts), CONF_SECTION(cli_conf, &g.client_opts)};
+    scrape_opts mopts = {0};
+    scrape *sc = NULL;
+    conf_section secs[] = {CONF_SECTION(gw_opts, &g.opts), CONF_SECTION(cli_conf, &g.client_opts),
+                           CONF_SECTION(scrape_opts, &mopts)};
+    const size_t nsecs = sizeof secs / sizeof secs[0];
     int prc = conf_parse(argc, argv, "gateway",
                          "WebSocket sessions relayed over gRPC to the convo services, REST and "
                          "the web page",
-                         secs, 2);
-    if (prc != 0)
+                         secs, nsecs);
+    if (prc != 0) {
+        conf_free(secs, nsecs);
         return prc > 0 ? 0 : 2;
+    }
     if (log_setup("gateway", g.opts.log_level) != 0) {
         rc = 2;
         goto out;
     }
     lws_set_log_level(LLL_ERR | LLL_WARN, lws_log);
 
-    char host[300];
+    char host[300], self[320], maddr[320];
     int port;
     if (listen_address(&g.opts, host, sizeof host, &port) != 0) {
         log_error("the listen address must be HOST:PORT (--listen, LISTEN_ADDR, or HOST and PORT)");
         goto out;
     }
+    snprintf(self, sizeof self, "%s:%d", host, port);
+    if (scrape_setup(&mopts, "gateway", self, maddr, sizeof maddr, &g.metrics) != 0) {
+        rc = 2;
+        goto out;
+    }
+    metrics_register(g.metrics, METRICS_SECTION(gw_metrics, &g.mx));
+    metrics_on_render(g.metrics, sync_gauges, &g);
     if (g.opts.web_root[0] == '\0') {
         const char *root =
             dir_exists(GW_WEB_ROOT_SOURCE) ? GW_WEB_ROOT_SOURCE : GW_WEB_ROOT_INSTALLED;
@@ -191,6 +220,7 @@ int main(int argc, char **argv)
 
     g.bridge = bridge_create();
     g.client = cli_create((int)g.opts.grpc_threads, GW_GRPC_MAX_MESSAGE_BYTES);
+    cli_set_metrics(g.client, g.metrics);
     g.router = cli_channel_create(g.client, g.opts.router, g.client_opts.round_robin);
     g.llm = cli_channel_create(g.client, g.opts.llm, g.client_opts.round_robin);
     g.store = cli_channel_create(g.client, g.opts.store, g.client_opts.round_robin);
@@ -235,6 +265,8 @@ int main(int argc, char **argv)
         goto out;
     }
     bridge_set_context(g.bridge, g.ctx);
+    if (g.metrics != NULL && (sc = scrape_start(maddr, g.metrics, healthy, &g)) == NULL)
+        goto out; /* scrape_start logged the address */
     ev_async_init(&run.stop_watcher, on_stop);
     ev_async_start(run.loop, &run.stop_watcher);
     pthread_t sigthr;
@@ -266,6 +298,7 @@ int main(int argc, char **argv)
                  sess_count(g.sessions));
     rc = 0;
 out:
+    scrape_stop(&sc);
     if (g.client != NULL)
         cli_destroy(&g.client);
     if (g.ctx != NULL)
@@ -276,6 +309,7 @@ out:
     }
     ws_server_destroy(&g.ws);
     bridge_destroy(&g.bridge);
-    conf_free(secs, 2);
+    metrics_destroy(&g.metrics);
+    conf_free(secs, nsecs);
     return rc;
 }

@@ -7,6 +7,7 @@
 #include "history.h"
 #include "log.h"
 #include "mem.h"
+#include "names.h"
 
 #include <json-c/json.h>
 #include <libwebsockets.h>
@@ -59,7 +60,12 @@ struct turn {
     cli_call *chat;
     int cancelled;
     int terminal; /* a done or error event arrived */
-    int64_t start_ms;
+    /* For the metrics: when it started, the strategy and the outcome words,
+     * and whether a token went out yet. */
+    int64_t start_us;
+    const char *strategy;
+    const char *outcome;
+    int first_token_sent;
 };
 
 struct sess_table {
@@ -203,8 +209,29 @@ static void record_system(session *s, const char *event, uint64_t turn_id, const
 
 /* ---- turns ----------------------------------------------------------- */
 
+/* convo_gateway_turns_total and the turn's duration. */
+static void count_turn(session *s, const turn *t)
+{
+    const gw_metrics *mx = &s->g->mx;
+    if (mx->turns == NULL)
+        return;
+    const char *outcome = t->outcome != NULL ? t->outcome : "error";
+    metrics_counter_inc(metrics_counter_of(mx->turns, (const char *[]){t->strategy, outcome}));
+    metrics_histogram_observe(metrics_histogram_of(mx->turn_seconds, (const char *[]){t->strategy}),
+                              (uint64_t)(lws_now_usecs() - t->start_us));
+}
+
+/* The turn failed with error frame `code`, told to the client. */
+static void count_error(session *s, turn *t, const char *code)
+{
+    t->outcome = "error";
+    atomic_fetch_add(&s->g->counters.turn_errors, 1);
+    metrics_counter_inc(metrics_counter_of(s->g->mx.turn_errors, (const char *[]){code}));
+}
+
 static void end_turn(session *s, turn *t)
 {
+    count_turn(s, t);
     if (s->cur == t)
         s->cur = NULL;
     hist_end_turn(s->history);
@@ -224,10 +251,11 @@ static void fail_turn(session *s, turn *t, const char *code, const char *content
         char *f = frame_done(t->id, "cancelled", NULL, &len);
         send_frame(s, f, len);
         record_system(s, "turn_cancelled", t->id, NULL);
+        t->outcome = "cancelled";
     } else {
         send_error(s, code, content, t->id);
         record_system(s, "turn_failed", t->id, content);
-        atomic_fetch_add(&s->g->counters.turn_errors, 1);
+        count_error(s, t, code);
     }
 }
 
@@ -282,6 +310,13 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
     case CONVO__V1__CHAT_EVENT__EVENT_TOKEN:
         f = frame_token(ev->token->content, t->id, &len);
         send_charged(s, f, len, charge);
+        metrics_counter_inc(s->g->mx.tokens);
+        if (!t->first_token_sent && s->g->mx.first_token != NULL) {
+            t->first_token_sent = 1;
+            metrics_histogram_observe(
+                metrics_histogram_of(s->g->mx.first_token, (const char *[]){t->strategy}),
+                (uint64_t)(lws_now_usecs() - t->start_us));
+        }
         record(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_AI_TOKEN, ev->token->content,
                strlen(ev->token->content));
         break;
@@ -303,6 +338,7 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
     }
     case CONVO__V1__CHAT_EVENT__EVENT_DONE:
         t->terminal = 1;
+        t->outcome = "done";
         f = frame_done(t->id, "completed", ev->done->finish_reason, &len);
         send_charged(s, f, len, charge);
         hist_end_turn(s->history);
@@ -312,7 +348,7 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
         f = frame_error(category_code(ev->error->category), ev->error->message, t->id, &len);
         send_charged(s, f, len, charge);
         record_system(s, "turn_failed", t->id, ev->error->message);
-        atomic_fetch_add(&s->g->counters.turn_errors, 1);
+        count_error(s, t, category_code(ev->error->category));
         break;
     default:
         sess_on_sent(s, charge);
@@ -375,8 +411,8 @@ static int on_chat_msg(void *arg, const ProtobufCMessage *msg)
     /* Flagged before the event is posted: the loop resumes the stream when
      * it writes this event's frame or a later one, so it must already see
      * the flag then, or nothing would ever resume it. */
-    if (pause)
-        atomic_store(&s->paused, 1);
+    if (pause && !atomic_exchange(&s->paused, 1))
+        metrics_counter_inc(s->g->mx.pauses);
     bridge_post(s->g->bridge, on_chat_job, j);
     return pause;
 }
@@ -434,6 +470,8 @@ static void on_route_job(void *arg)
     turn *t = j->t;
     session *s = t->s;
     cli_call_release(&t->route);
+    if (j->resp != NULL)
+        t->strategy = names_strategy(j->resp->strategy);
     if (j->chat != NULL) {
         t->chat = j->chat;
         s->refs++; /* the Chat call's, given back when it ends */
@@ -510,7 +548,8 @@ static void start_turn(session *s, char *message)
     t->s = s;
     t->id = ++s->next_turn_id;
     t->message = message;
-    t->start_ms = lws_now_usecs() / 1000;
+    t->start_us = lws_now_usecs();
+    t->strategy = "none";
     s->cur = t;
     atomic_fetch_add(&s->g->counters.turns, 1);
 
@@ -597,12 +636,14 @@ static void sess_on_text(void *peer, const char *data, size_t len)
     } else if (in.kind == FRAME_CANCEL) {
         cancel_turn(s);
     } else if (!rate_allows(s)) {
+        gw_count_limited(s->g, "messages_per_minute");
         send_error(s, "rate_limited",
                    "too many messages: the limit is --rate-limit per minute; wait a moment", 0);
     } else if (s->cur == NULL && s->nqueue == 0 && s->open_answered && !s->loading) {
         start_turn(s, in.text);
         in.text = NULL;
     } else if (s->nqueue >= (size_t)s->g->opts.max_queued_messages) {
+        gw_count_limited(s->g, "queued_messages");
         send_error(s, "queue_full",
                    "an answer is being streamed and the queue of waiting messages is full; "
                    "wait for the answer (or cancel it) and send again",
@@ -704,7 +745,7 @@ static void on_open(void *arg, rpc_code code, const char *message,
     session *s = arg;
     s->open_answered = 1;
     if (code == RPC_PERMISSION_DENIED) {
-        atomic_fetch_add(&s->g->counters.refused, 1);
+        gw_count_refused(s->g, "forbidden");
         kick(s, WS_CLOSE_FORBIDDEN, "forbidden", "this session belongs to another user");
         return;
     }
@@ -732,6 +773,7 @@ static void sess_free(session *s)
 {
     unlink_session(s->g->sessions, s);
     s->g->sessions->live--;
+    metrics_gauge_add(s->g->mx.sessions, -1);
     evlog_destroy(&s->log);
     hist_destroy(&s->history);
     for (size_t i = 0; i < s->nqueue; i++)
@@ -788,6 +830,7 @@ static session *sess_create(gw *g, const char *id, const char *user_id)
     s->next = t->buckets[b];
     t->buckets[b] = s;
     t->live++;
+    metrics_gauge_add(g->mx.sessions, 1);
     s->log = evlog_create(g, id, user_id, on_open, s);
     return s;
 }
@@ -797,7 +840,7 @@ void sess_open(void *table, conn *c, const char *id, const char *user_id)
     sess_table *t = table;
     session *s = find(t, id);
     if (s != NULL && strcmp(s->user_id, user_id) != 0) {
-        atomic_fetch_add(&s->g->counters.refused, 1);
+        gw_count_refused(s->g, "forbidden");
         conn_close(c, WS_CLOSE_FORBIDDEN, "forbidden", "this session belongs to another user");
         return;
     }

@@ -114,6 +114,7 @@ static void enqueue(conn *c, char *frame, size_t len, long charge)
         c->head = f;
     c->tail = f;
     c->out_bytes += len;
+    metrics_gauge_add(c->ws->g->mx.frames_queued, 1);
     lws_callback_on_writable(c->wsi);
 }
 
@@ -170,6 +171,7 @@ static void conn_free(conn *c)
     for (out_frame *f = c->head, *next; f != NULL; f = next) {
         next = f->next;
         mem_free(f);
+        metrics_gauge_add(c->ws->g->mx.frames_queued, -1);
     }
     mem_free(c->rx);
     mem_free(c);
@@ -185,6 +187,7 @@ static void on_established(ws_server *ws, struct lws *wsi, pss *p)
     c->ws = ws;
     p->ws = c;
     long open = atomic_fetch_add(&g->counters.connections, 1) + 1;
+    metrics_counter_inc(g->mx.opened);
 
     char uri[WS_ARG_MAX] = "";
     char userarg[WS_ARG_MAX] = "";
@@ -196,16 +199,16 @@ static void on_established(ws_server *ws, struct lws *wsi, pss *p)
     const char *user = lws_get_urlarg_by_name(wsi, "user_id=", userarg, sizeof userarg);
     int has_user = user != NULL && user[0] != '\0';
     if (open > g->opts.max_connections) {
-        atomic_fetch_add(&g->counters.refused, 1);
+        gw_count_refused(g, "too_many_connections");
         conn_close(c, WS_CLOSE_TRY_LATER, "too_many_connections",
                    "the server is at its connection limit (--max-connections); try again later");
     } else if (id == NULL || check_id("session_id", id, err, sizeof err) != 0) {
-        atomic_fetch_add(&g->counters.refused, 1);
+        gw_count_refused(g, "invalid_session_id");
         conn_close(c, WS_CLOSE_BAD_SESSION, "invalid_session_id",
                    "connect to /ws/session/{session_id} with a session id of 1 to 128 "
                    "characters from A-Z a-z 0-9 . _ -");
     } else if (has_user && check_id("user_id", user, err, sizeof err) != 0) {
-        atomic_fetch_add(&g->counters.refused, 1);
+        gw_count_refused(g, "invalid_user_id");
         conn_close(c, WS_CLOSE_BAD_SESSION, "invalid_user_id",
                    "user_id must be 1 to 128 characters from A-Z a-z 0-9 . _ -");
     } else {
@@ -222,6 +225,7 @@ static out_frame *pop(conn *c)
     if (c->head == NULL)
         c->tail = NULL;
     c->out_bytes -= f->len;
+    metrics_gauge_add(c->ws->g->mx.frames_queued, -1);
     return f;
 }
 

@@ -39,3 +39,19 @@ const char *names_error_category(Convo__V1__ErrorCategory c)
         return "unknown";
     }
 }
+
+const char *names_strategy(Convo__V1__Strategy s)
+{
+    switch (s) {
+    case CONVO__V1__STRATEGY__STRATEGY_FAST_CONCISE:
+        return "fast_concise";
+    case CONVO__V1__STRATEGY__STRATEGY_ANALYTICAL:
+        return "analytical";
+    case CONVO__V1__STRATEGY__STRATEGY_SUMMARIZATION_AWARE:
+        return "summarization_aware";
+    case CONVO__V1__STRATEGY__STRATEGY_TOOL_HEAVY:
+        return "tool_heavy";
+    default:
+        return "unknown";
+    }
+}

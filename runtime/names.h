@@ -6,6 +6,7 @@
 
 #include "convo/v1/common.pb-c.h"
 #include "convo/v1/llm.pb-c.h"
+#include "convo/v1/router.pb-c.h"
 
 /* "none", "pending", "done", "failed"; "unknown" for any other value. */
 const char *names_summary_status(Convo__V1__SummaryStatus s);
@@ -13,5 +14,8 @@ const char *names_summary_status(Convo__V1__SummaryStatus s);
  * "timeout", "bad_upstream_data", "invalid_request", "internal"; "unknown"
  * for any other value. Metric label values. */
 const char *names_error_category(Convo__V1__ErrorCategory c);
+/* "fast_concise", "analytical", "summarization_aware", "tool_heavy" (the
+ * names router.conf uses); "unknown" for any other value. */
+const char *names_strategy(Convo__V1__Strategy s);
 
 #endif
