@@ -606,7 +606,9 @@ class Service:
     None removes a variable). Its stderr (JSON lines) goes to a log file in
     the temporary directory: log_lines() parses it. Binaries that serve
     metrics also get `--metrics-listen 127.0.0.1:<free port>` (unless `args`
-    name one): `.metrics_port`, `.scrape()`, `.metric()`.
+    name one): `.metrics_port`, `.scrape()`, `.metric()`. `listen_flag`
+    names the address flag of a binary not ours (Prometheus's
+    --web.listen-address).
 
     `ready` says when start() returns: "grpc" (default) when
     grpc.health.v1.Health/Check("") answers SERVING; "grpc-up" when Check
@@ -618,8 +620,9 @@ class Service:
     def __init__(self, name: str, args: Iterable[str] = (), env: Optional[Mapping[str, Optional[str]]] = None,
                  *, port: Optional[int] = None, host: str = "127.0.0.1", ready: Ready = "grpc",
                  timeout: float = 20.0, binary: Union[str, Path, None] = None, start: bool = True,
-                 metrics_port: Optional[int] = None):
+                 metrics_port: Optional[int] = None, listen_flag: str = "--listen"):
         self.name = name
+        self.listen_flag = listen_flag
         self.binary = Path(binary) if binary else find_binary(name)
         self.args = list(args)
         self.env = dict(env or {})
@@ -667,7 +670,7 @@ class Service:
 
     def argv(self) -> list:
         extra = ["--metrics-listen", self.metrics_addr] if self.metrics_port else []
-        return [str(self.binary), "--listen", self.addr, *extra, *self.args]
+        return [str(self.binary), self.listen_flag, self.addr, *extra, *self.args]
 
     def _environ(self) -> dict:
         env = dict(os.environ)
