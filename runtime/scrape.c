@@ -195,13 +195,14 @@ scrape *scrape_start(const char *addr, metrics *m, scrape_health_fn healthy, voi
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_USE_ERROR_LOG;
     if (ai->ai_family == AF_INET6)
         flags |= MHD_USE_IPv6;
-    /* No SO_REUSEPORT: a second process on the same address must fail to
-     * start, not share the port and answer half the scrapes. */
-    s->d = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_request, s,
-                            MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL, MHD_OPTION_SOCK_ADDR,
-                            ai->ai_addr, MHD_OPTION_CONNECTION_LIMIT, (unsigned)MAX_CONNECTIONS,
-                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)IDLE_TIMEOUT_S,
-                            MHD_OPTION_LISTENING_ADDRESS_REUSE, 0u, MHD_OPTION_END);
+    /* libmicrohttpd's default: SO_REUSEADDR (a restart binds at once,
+     * whatever TIME_WAIT connections of its predecessor hold the port) but
+     * not SO_REUSEPORT, so a second process on the address fails to start
+     * rather than share the port and answer half the scrapes. */
+    s->d = MHD_start_daemon(
+        flags, (uint16_t)port, NULL, NULL, on_request, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
+        MHD_OPTION_SOCK_ADDR, ai->ai_addr, MHD_OPTION_CONNECTION_LIMIT, (unsigned)MAX_CONNECTIONS,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)IDLE_TIMEOUT_S, MHD_OPTION_END);
     if (s->d == NULL) {
         log_error("cannot serve metrics on %s: the address is in use or invalid; pick another "
                   "with --metrics-listen HOST:PORT (or off)",
