@@ -482,6 +482,14 @@ int evlog_busy(const evlog *ev)
     return ev->busy;
 }
 
+void evlog_metrics_init(gw *g)
+{
+    static const char *const reasons[] = {"buffer_full", "refused", "store_unreachable",
+                                          "shutdown"};
+    for (size_t i = 0; i < sizeof reasons / sizeof reasons[0]; i++)
+        metrics_counter_of(g->mx.events_dropped, (const char *[]){reasons[i]});
+}
+
 void evlog_destroy(evlog **evp)
 {
     evlog *ev = *evp;

@@ -6,6 +6,7 @@
  * own poll() loop scans every connection on each wake-up, and a wake-up per
  * token is the gateway's commonest event, so with thousands of sessions
  * epoll is the difference. */
+#include "evlog.h"
 #include "gw.h"
 #include "http.h"
 #include "log.h"
@@ -208,6 +209,7 @@ int main(int argc, char **argv)
     }
     metrics_register(g.metrics, METRICS_SECTION(gw_metrics, &g.mx));
     metrics_on_render(g.metrics, sync_gauges, &g);
+    evlog_metrics_init(&g);
     if (g.opts.web_root[0] == '\0') {
         const char *root =
             dir_exists(GW_WEB_ROOT_SOURCE) ? GW_WEB_ROOT_SOURCE : GW_WEB_ROOT_INSTALLED;

@@ -83,12 +83,43 @@ static void sess_detach(void *peer, conn *c);
 /* What the connection attached to a session calls. */
 static const conn_peer_ops sess_peer_ops = {sess_on_text, sess_on_sent, sess_detach};
 
+static const char *category_code(Convo__V1__ErrorCategory c);
+
 /* ---- registry ------------------------------------------------------- */
+
+/* Every series of the turn metrics whose words are known, made at 0 now:
+ * a series born with its first count would hide that count from rate(). */
+static void make_turn_series(gw *g)
+{
+    static const char *const outcomes[] = {"done", "error", "cancelled"};
+    static const char *const codes[] = {"llm_unavailable", "router_unavailable", "timeout",
+                                        "internal"};
+    const gw_metrics *mx = &g->mx;
+    for (int s = CONVO__V1__STRATEGY__STRATEGY_UNSPECIFIED;
+         s <= CONVO__V1__STRATEGY__STRATEGY_TOOL_HEAVY; s++) {
+        const char *name = s == CONVO__V1__STRATEGY__STRATEGY_UNSPECIFIED
+                               ? "none"
+                               : names_strategy((Convo__V1__Strategy)s);
+        for (size_t o = 0; o < sizeof outcomes / sizeof outcomes[0]; o++)
+            metrics_counter_of(mx->turns, (const char *[]){name, outcomes[o]});
+        metrics_histogram_of(mx->turn_seconds, (const char *[]){name});
+        if (s != CONVO__V1__STRATEGY__STRATEGY_UNSPECIFIED)
+            metrics_histogram_of(mx->first_token, (const char *[]){name});
+    }
+    for (int c = CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_UNSPECIFIED;
+         c <= CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_INTERNAL; c++)
+        metrics_counter_of(mx->turn_errors, (const char *[]){category_code(c)});
+    for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++)
+        metrics_counter_of(mx->turn_errors, (const char *[]){codes[i]});
+    metrics_counter_of(mx->rate_limited, (const char *[]){"messages_per_minute"});
+    metrics_counter_of(mx->rate_limited, (const char *[]){"queued_messages"});
+}
 
 sess_table *sess_table_create(gw *g)
 {
     sess_table *t = mem_calloc(1, sizeof *t);
     t->g = g;
+    make_turn_series(g);
     return t;
 }
 

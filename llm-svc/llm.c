@@ -979,6 +979,33 @@ static void on_list_tools(srv_call *call, const ProtobufCMessage *msg)
     mem_free(tp);
 }
 
+/* The series of the outcomes that happen, made at 0 now: a series born
+ * with its first count would hide that count from rate() (and from the
+ * alert on rate-limited failures). */
+static void make_series(llm *l)
+{
+    static const char *const requests[][2] = {
+        {"ok", "none"},
+        {"http_error", "rate_limited"},
+        {"http_error", "auth_failed"},
+        {"http_error", "model_not_found"},
+        {"http_error", "invalid_request"},
+        {"http_error", "upstream_unavailable"},
+        {"connect_error", "upstream_unavailable"},
+        {"timeout", "timeout"},
+        {"dropped", "upstream_unavailable"},
+        {"stopped", "bad_upstream_data"},
+        {"cancelled", "none"},
+    };
+    static const char *const kinds[] = {"chat", "complete"};
+    static const char *const outcomes[] = {"done", "error", "cancelled"};
+    for (size_t i = 0; i < sizeof requests / sizeof requests[0]; i++)
+        metrics_counter_of(l->mx.requests, requests[i]);
+    for (size_t k = 0; k < 2; k++)
+        for (size_t o = 0; o < 3; o++)
+            metrics_counter_of(l->mx.turns, (const char *[]){kinds[k], outcomes[o]});
+}
+
 llm *llm_create(const llm_opts *o, upstream *u, tools *t, metrics *m)
 {
     llm *l = mem_calloc(1, sizeof *l);
@@ -986,6 +1013,7 @@ llm *llm_create(const llm_opts *o, upstream *u, tools *t, metrics *m)
     l->up = u;
     l->tools = t;
     metrics_register(m, METRICS_SECTION(llm_metrics, &l->mx));
+    make_series(l);
     l->prompt_tokens = metrics_counter_of(l->mx.tokens, (const char *[]){"prompt"});
     l->completion_tokens = metrics_counter_of(l->mx.tokens, (const char *[]){"completion"});
     l->ntool_mx = tools_count(t) + 1;

@@ -110,6 +110,10 @@ rpcm_method *rpcm_method_get(rpcm *r, const char *path)
         const char *labels[2] = {pm->service, pm->method};
         pm->in_flight = metrics_gauge_of(r->in_flight, labels);
         pm->seconds = metrics_histogram_of(r->seconds, labels);
+        /* OK from the start, at 0, so rate() sees the first calls. */
+        atomic_store(
+            &pm->by_code[RPC_OK],
+            metrics_counter_of(r->handled, (const char *[]){pm->service, pm->method, "OK"}));
         pm->next = r->methods;
         r->methods = pm;
     }

@@ -337,9 +337,11 @@ def test_metrics_count_turns_retries_tools_and_tokens(model):
     "unknown", never as its own label value."""
     with llm_service(model) as svc:
         s = pb.llm_pb2_grpc.LlmStub(svc.channel())
-        assert kinds(chat(s, "hello [[words:7]]", tools=False))[-1] == "done"
-        assert kinds(chat(s, "rate [[fault:429*2]] [[words:3]]", tools=False))[-1] == "done"
-        assert kinds(chat(s, "rate always [[fault:429]]", tools=False)) == ["error"]
+        # Messages of their own: the model counts faults per alike request,
+        # and other tests of this module send theirs to the same model.
+        assert kinds(chat(s, "metrics hello [[words:7]]", tools=False))[-1] == "done"
+        assert kinds(chat(s, "metrics rate [[fault:429*2]] [[words:3]]", tools=False))[-1] == "done"
+        assert kinds(chat(s, "metrics rate always [[fault:429]]", tools=False)) == ["error"]
         ev = chat(s, 'go [[tool1:fetch_internal_knowledge {"topic":"postgresql indexes"}]]'
                      '[[tool1:made_up_tool_x1 {}]]')
         assert kinds(ev)[-1] == "done"

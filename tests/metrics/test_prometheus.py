@@ -150,6 +150,11 @@ def test_prometheus_scrapes_every_process_and_the_counters_move(stack, prometheu
     assert all(t["health"] == "up" for t in targets), targets
     assert query(prometheus, "sum(up)") == len(PROCESSES)
     assert query(prometheus, 'sum(convo_gateway_turns_total)') == 0
+    # Series whose label words are known exist at 0 before anything happens,
+    # so rate() and increase() (the alerts) see their first counts.
+    assert query(prometheus, "count(convo_gateway_events_dropped_total)") == 4
+    assert query(prometheus, "count(convo_gateway_first_token_seconds_count)") == 4
+    assert query(prometheus, 'count(convo_llm_upstream_requests_total{category="rate_limited"})') == 1
 
     received = conversation(procs["gateway"])
     turns = SESSIONS * len(QUESTIONS)
