@@ -171,8 +171,11 @@ def test_prometheus_scrapes_every_process_and_the_counters_move(stack, prometheu
     assert eventually(q('sum(convo_llm_turns_total{kind="chat",outcome="done"})'), turns) == turns
     assert eventually(q('sum(convo_grpc_server_handled_total{job="router-svc",grpc_method="Route",'
                         'grpc_code="OK"})'), turns) == turns
+    # Every Chat the gateway made ended (OK, or CANCELLED when the client
+    # hung up between the done frame and the call's status).
     assert eventually(q('sum(convo_grpc_client_handled_total{job="gateway",grpc_method="Chat",'
-                        'grpc_code="OK"})'), turns) == turns
+                        'grpc_code=~"OK|CANCELLED"})'), turns) == turns
+    assert eventually(q('sum(convo_grpc_client_calls_in_flight{job="gateway"})'), 0) == 0
     assert query(prometheus, 'sum(convo_llm_usage_tokens_total{kind="completion"})') >= received
     assert query(prometheus, 'sum(convo_llm_tool_calls_total{tool="fetch_internal_knowledge",'
                              'outcome="ok"})') >= SESSIONS
