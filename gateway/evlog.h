@@ -49,6 +49,9 @@ size_t evlog_pending(const evlog *ev);
 /* Frees an evlog with no call in flight (after on_closed, or never
  * opened); clears *ev. */
 void evlog_destroy(evlog **ev);
+/* Makes the dropped-events series of every reason, at 0 (once, at start:
+ * an alert on their increase sees the first drop). */
+void evlog_metrics_init(gw *g);
 /* Whether a call is in flight (destroying must wait). */
 int evlog_busy(const evlog *ev);
 
