@@ -34,6 +34,7 @@ PACKAGES=(
   libpq-dev
   libjson-c-dev
   libcjose-dev
+  libmicrohttpd-dev
   libunistring-dev
   libcmocka-dev
   postgresql
@@ -44,6 +45,7 @@ PACKAGES=(
   python3-protobuf
   python3-pytest
   python3-psycopg2
+  python3-prometheus-client
   python3-websockets
   python3-yaml
   python3-jwt
@@ -53,6 +55,7 @@ PACKAGES=(
   chromium
   clang-format
   kubernetes-client
+  prometheus
 )
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

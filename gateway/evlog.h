@@ -47,5 +47,8 @@ void evlog_reopen(evlog *ev);
 /* Frees an evlog with no call in flight (after on_closed, or never
  * opened); clears *ev. */
 void evlog_destroy(evlog **ev);
+/* Makes the dropped-events series of every reason, at 0 (once, at start:
+ * an alert on their increase sees the first drop). */
+void evlog_metrics_init(gw *g);
 
 #endif

@@ -305,13 +305,8 @@ static json_object *counters_json(gw *g)
                            json_object_new_int64(atomic_load(&k->refused)));
     json_object_object_add(o, "unauthorized", json_object_new_int64(atomic_load(&k->unauthorized)));
     json_object *limited = json_object_new_object();
-    static const char *const kinds[LIM_KINDS] = {
-        [LIM_CONN_IP] = "connections_per_ip", [LIM_CONN_USER] = "connections_per_user",
-        [LIM_SESSIONS] = "sessions_per_user", [LIM_MESSAGES] = "messages_per_user",
-        [LIM_TOKENS] = "tokens_per_user",     [LIM_REST] = "rest_per_ip",
-    };
     for (int i = 0; i < LIM_KINDS; i++)
-        json_object_object_add(limited, kinds[i],
+        json_object_object_add(limited, lim_name((lim_kind)i),
                                json_object_new_int64(lim_refused(g->limits, (lim_kind)i)));
     json_object_object_add(o, "limits_refused", limited);
     json_object_object_add(o, "memory_bytes", json_object_new_int64((int64_t)mem_used()));
@@ -960,6 +955,7 @@ int http_on_request(gw *g, struct lws *wsi, const char *uri)
     }
     /* Everything else costs a service call or more: paced per address. */
     if (lim_take(g->limits, LIM_REST, req->who.ip, lws_now_usecs() / LWS_US_PER_MS) != 0) {
+        gw_count_limited(g, lim_name(LIM_REST));
         lws_set_opaque_user_data(wsi, NULL);
         why = (caller_refusal){429, lim_code(LIM_REST),
                                "too many requests from this address (--rest-rate-per-ip)", post};

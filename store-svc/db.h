@@ -15,6 +15,8 @@
 #ifndef CONVO_DB_H
 #define CONVO_DB_H
 
+#include "metrics.h"
+
 #include <libpq-fe.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -48,12 +50,19 @@ enum {
  * NULL when out of range. */
 const char *db_event_type_name(int type);
 
+/* The statements' metrics: time by statement, failures by statement and
+ * kind. Shared by every connection; NULL counts nothing. */
+typedef struct db_metrics db_metrics;
+db_metrics *db_metrics_create(metrics *m);
+void db_metrics_destroy(db_metrics **dm);
+
 typedef struct db_settings {
     const char *url;              /* a libpq URI or key=value string (DATABASE_URL) */
     int connect_timeout_s;        /* libpq connect_timeout, unless the URL sets one */
     int statement_timeout_ms;     /* SET statement_timeout after connecting; 0: none */
     const char *application_name; /* shown in pg_stat_activity */
-    int prepare; /* prepare statements per connection (falls back by itself when refused) */
+    int prepare;         /* prepare statements per connection (falls back by itself when refused) */
+    db_metrics *metrics; /* NULL: not counted; else it outlives the connections */
 } db_settings;
 
 typedef struct db_conn db_conn;

@@ -16,6 +16,7 @@
 #define CONVO_POOL_H
 
 #include "db.h"
+#include "metrics.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -40,6 +41,7 @@ struct pool_job {
     pool_job_fn fn;
     size_t bytes; /* memory the job holds, for the byte bound */
     pool_job *next;
+    uint64_t queued_us; /* the pool's: when it was queued (metrics) */
 };
 
 typedef struct pool_config {
@@ -54,6 +56,7 @@ typedef struct pool_config {
      * connected and the schema is current) or unready (none is). */
     void (*on_ready)(void *arg, int ready);
     void *arg;
+    metrics *metrics; /* queue and connection metrics; NULL: none */
 } pool_config;
 
 typedef struct pool_stats {

@@ -3,14 +3,18 @@ the offline model, llm-svc, router-svc and a gateway from a build tree, then
 runs loadgen.mjs against the gateway and, side by side, the offline model.
 
     CONVO_BUILD_DIR=/tmp/bench/build /usr/bin/python3 tests/gateway/bench_gateway.py \
-        --sessions 100 --turns 5 --words 50 --delay-ms 0 [--tls]
+        --sessions 100 --turns 5 --words 50 --delay-ms 0 [--tls | --metrics both]
 
 Every event is persisted: the figures include store-svc writing every token
 to PostgreSQL. Use a Release build (the default ctest tree has sanitizers).
 
 --tls runs the same load twice in one go, each on a fresh system: plaintext,
 then with every gRPC hop over mutual TLS (certificates of a throwaway CA,
-tests/harness/certs.py), and prints both side by side."""
+tests/harness/certs.py), and prints both side by side.
+
+--metrics both does the same with metrics off (--metrics-listen off in every
+process: nothing recorded) and on: what metrics cost the token path.
+--metrics off alone runs without them."""
 
 import argparse
 import json
@@ -53,39 +57,51 @@ def main():
     ap.add_argument("--think-ms", type=int, default=0)
     ap.add_argument("--tls", action="store_true",
                     help="run plaintext, then mutual TLS between the services, and compare")
+    ap.add_argument("--metrics", choices=("on", "off", "both"), default="on",
+                    help="metrics recorded and served (on), not at all (off: --metrics-listen "
+                         "off everywhere), or runs of each side by side (both)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="with --tls: alternate plaintext and mutual TLS this many times and "
+                    help="with --tls or --metrics both: alternate the two this many times and "
                          "compare the medians (a noisy machine)")
     ap.add_argument("gateway_args", nargs="*", help="extra gateway options (after --)")
     a = ap.parse_args()
-    if not a.tls:
-        return run(a, tls=False)[0]
-    status, added, through = 0, {False: [], True: []}, {False: [], True: []}
+    if a.tls and a.metrics == "both":
+        ap.error("--tls and --metrics both: compare one thing at a time")
+    if a.tls:
+        sides = [("plaintext", {"tls": False, "metrics": a.metrics}),
+                 ("mutual TLS", {"tls": True, "metrics": a.metrics})]
+    elif a.metrics == "both":
+        sides = [("metrics off", {"tls": False, "metrics": "off"}),
+                 ("metrics on", {"tls": False, "metrics": "on"})]
+    else:
+        return run(a, tls=False, metrics=a.metrics)[0]
+    names = [n for n, _ in sides]
+    status, added, through = 0, {n: [] for n in names}, {n: [] for n in names}
     for i in range(a.rounds):
         reports = {}
-        for tls in (False, True):
-            rc, reports[tls] = run(a, tls=tls, as_json=True)
+        for name, kw in sides:
+            rc, reports[name] = run(a, as_json=True, **kw)
             status = status or rc
         print(f"\nround {i + 1} of {a.rounds}")
-        for tls, (add, p50) in zip((False, True), compare(reports[False], reports[True])):
-            added[tls].append(add)
-            through[tls].append(p50)
+        for name, (add, p50) in zip(names, compare(names, reports[names[0]], reports[names[1]])):
+            added[name].append(add)
+            through[name].append(p50)
     if a.rounds > 1:
         for what, v in (("added first-token time", added), ("first token through the gateway", through)):
             med = {k: statistics.median(x) for k, x in v.items()}
             print(f"{what} at the median (steady window where there is one), median of "
-                  f"{a.rounds} rounds: plaintext {med[False]:.2f} ms, mutual TLS {med[True]:.2f} ms, "
-                  f"difference {med[True] - med[False]:+.2f} ms")
+                  f"{a.rounds} rounds: {names[0]} {med[names[0]]:.2f} ms, {names[1]} "
+                  f"{med[names[1]]:.2f} ms, difference {med[names[1]] - med[names[0]]:+.2f} ms")
     return status
 
 
-def compare(plain, mtls):
+def compare(names, plain, mtls):
     """The loadgen figures of both runs side by side; returns, for each, the
     added first-token time at the median and the median through the gateway
     (steady window where there is one). The direct path is the same in both
     runs, so the second is the steadier comparison on a noisy machine."""
     print("\nfirst token (ms), through the gateway / straight from the model / added; tokens/s")
-    print(f"{'':34}{'plaintext':>28}{'mutual TLS':>28}")
+    print(f"{'':34}{names[0]:>28}{names[1]:>28}")
     for key, label in (("all", "all measured turns"), ("steady", "steady window")):
         rows = []
         for res in (plain, mtls):
@@ -106,39 +122,37 @@ def compare(plain, mtls):
     window = [(r["results"][-1].get("steady", r["results"][-1]),
                r["results"][0].get("steady", r["results"][0])) for r in (plain, mtls)]
     added = [g["ttft_p50_ms"] - d["ttft_p50_ms"] for g, d in window]
-    print(f"mutual TLS moves the added first-token time at the median by {added[1] - added[0]:+.2f} ms "
+    print(f"{names[1]} (against {names[0]}) moves the added first-token time at the median by {added[1] - added[0]:+.2f} ms "
           f"(through the gateway alone: {window[1][0]['ttft_p50_ms'] - window[0][0]['ttft_p50_ms']:+.2f} ms)")
     return [(a, g["ttft_p50_ms"]) for a, (g, _) in zip(added, window)]
 
 
-def run(a, tls, as_json=False):
+def run(a, tls, metrics="on", as_json=False):
     """One run on a fresh system; returns (exit status, loadgen's JSON or None)."""
     extra = a.gateway_args
     quiet = {"LOG_LEVEL": "warn"}
+    # The harness gives each process a metrics port unless its args name one.
+    moff = ["--metrics-listen", "off"] if metrics == "off" else []
     ids, admin = {}, None
     if tls:
         ca = CA("bench-ca")
         ids = {n: ca.issue(n) for n in ("store-svc", "llm-svc", "router-svc", "gateway")}
         admin = ca.issue("admin")
-    print(f"--- {'mutual TLS between the services' if tls else 'plaintext'}", flush=True)
+    print(f"--- {'mutual TLS between the services' if tls else 'plaintext'}, metrics {metrics}",
+          flush=True)
     with Postgres() as pg:
-        store = Service("store-svc", env={"DATABASE_URL": pg.url, **quiet},
+        store = Service("store-svc", args=moff, env={"DATABASE_URL": pg.url, **quiet},
                         tls=ids.get("store-svc"), caller=admin)
         model = Service("offline-model", binary=build_dir() / "llm-svc" / "offline-model",
                         args=["--token-delay-ms", "0", "--log-level", "warn"], ready="tcp")
-        llm = Service("llm-svc", args=["--store", store.addr],
+        llm = Service("llm-svc", args=["--store", store.addr, *moff],
                       env={"OPENAI_BASE_URL": f"http://{model.addr}/v1", "OPENAI_API_KEY": "offline",
                            **quiet}, tls=ids.get("llm-svc"), caller=admin)
-        router = Service("router-svc", env=quiet, tls=ids.get("router-svc"), caller=admin)
+        router = Service("router-svc", args=moff, env=quiet, tls=ids.get("router-svc"), caller=admin)
         gw = Service("gateway", args=["--router", router.addr, "--llm", llm.addr, "--store",
                                       store.addr, "--summary", "127.0.0.1:1",
-                                      # loadgen connects as the seed's clients do
-                                      # (?user_id=), all from one address: no edge
-                                      # limits in the way of the figures.
-                                      "--auth", "none", "--rate-limit", "0",
-                                      "--max-connections", "100000", "--max-connections-per-ip", "0",
-                                      "--max-connections-per-user", "0", "--sessions-per-hour", "0",
-                                      "--user-tokens-per-minute", "0", *extra],
+                                      "--rate-limit", "100000", "--max-connections", "100000", *moff,
+                                      *extra],
                      env=quiet, ready="http", tls=ids.get("gateway"))
         try:
             n0 = resource.getrusage(resource.RUSAGE_CHILDREN)

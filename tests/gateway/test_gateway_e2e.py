@@ -390,6 +390,13 @@ def test_limits_frame_size_connections_and_rate(stack):
 
         run(go())
         assert gw.running, "the gateway survived every bad input"
+        # Each refusal counted under its reason, each limit under its name.
+        m = gw.metric
+        assert m("convo_gateway_connections_opened_total") == 4
+        assert m("convo_gateway_connections_refused_total", reason="too_many_connections") == 1
+        assert m("convo_gateway_connections_refused_total") == 1
+        assert m("convo_gateway_rate_limited_total", limit="messages_per_minute") >= 1
+        assert m("convo_gateway_rate_limited_total") <= 40
     finally:
         gw.stop()
 
@@ -597,6 +604,12 @@ def test_a_client_that_stops_reading_then_reads_gets_every_token(stack):
         assert last["type"] == "done" and last.get("finish_reason") == "stop", last
         assert text == " ".join(f"w{i}" for i in range(1, words + 1)), "every token, in order"
         assert again[-1]["type"] == "done"
+        # The stall paused the answer stream (counted), and every token of
+        # both answers went out; nothing waits in the out-queues now.
+        assert gw.metric("convo_gateway_backpressure_pauses_total") >= 1
+        assert gw.metric("convo_gateway_tokens_relayed_total") == \
+            words + sum(f["type"] == "token" for f in again)
+        assert gw.metric("convo_gateway_frames_queued") == 0
     finally:
         gw.stop()
         router.stop()

@@ -486,6 +486,11 @@ def test_connections_per_address_and_per_user(stack):
         status, _, body = request(gw, "GET", "/api/health")
         refused = body["gateway"]["limits_refused"]
         assert refused["connections_per_user"] == 1 and refused["connections_per_ip"] == 1
+        # The same refusals in /metrics, by limit and by the close's code.
+        assert gw.metric("convo_gateway_rate_limited_total", limit="connections_per_user") == 1
+        assert gw.metric("convo_gateway_rate_limited_total", limit="connections_per_ip") == 1
+        assert gw.metric("convo_gateway_connections_refused_total",
+                         reason="too_many_connections_user") == 1
     finally:
         gw.stop()
 
