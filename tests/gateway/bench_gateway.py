@@ -1,16 +1,30 @@
 """Benchmark of the whole path (not a test): starts PostgreSQL, store-svc,
 the offline model, llm-svc, router-svc and a gateway from a build tree, then
-runs loadgen.mjs against the gateway and, side by side, the offline model.
+runs the load generator against the gateway and, side by side, against the
+offline model (the same requests straight to it).
 
-    CONVO_BUILD_DIR=/tmp/bench/build /usr/bin/python3 tests/gateway/bench_gateway.py \
+    CONVO_BUILD_DIR=/tmp/bench/build /usr/bin/python3 tests/gateway/bench_gateway.py \\
         --sessions 100 --turns 5 --words 50 --delay-ms 0
 
 Every event is persisted: the figures include store-svc writing every token
-to PostgreSQL. Use a Release build (the default ctest tree has sanitizers)."""
+to PostgreSQL, and the run fails unless every ai_token event is in the
+database afterwards. The CPU model is printed with the figures, and the CPU
+time each process used during the run (PostgreSQL's: this server's own
+processes, exited ones included), with PostgreSQL's per stored event.
+
+--client picks the load generator: c (tests/gateway/loadgen/, the default),
+node (tests/gateway/loadgen.mjs), or c,node to run both one after the other
+against the same stack (the client's own CPU and frames per CPU-second are
+printed for each). --auth jwt signs one HS256 token per user with a secret
+made here (python3-jwt) and starts the gateway with --auth jwt; --auth none
+starts it with --auth none (the seed's trusted ?user_id=). A gateway built
+before --auth existed is started without it.
+
+Use a Release build (the default ctest tree has sanitizers)."""
 
 import argparse
 import os
-import resource
+import secrets
 import subprocess
 import sys
 import time
@@ -18,80 +32,242 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "harness"))
-from harness import Postgres, Service, build_dir  # noqa: E402
+from harness import Postgres, Service, build_dir, find_binary, tmp_root  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+TOKEN_LIFETIME_S = 3600
 
 
-def cpu_seconds(pid, tick):
+def cpu_model():
+    """lscpu's 'Model name' (the figures mean nothing without it)."""
     try:
-        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
     except OSError:
+        pass
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def proc_stat(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def cpu_seconds(pid):
+    """User + system CPU of a process (all its threads)."""
+    f = proc_stat(pid)
+    return (int(f[11]) + int(f[12])) / TICK if f else 0.0
+
+
+def postgres_cpu(postmaster):
+    """CPU of one PostgreSQL server: the postmaster, its live children, and
+    the children that already exited (the postmaster's cutime/cstime), so
+    other servers on the machine and short-lived backends are both right."""
+    f = proc_stat(postmaster)
+    if f is None:
         return 0.0
-    return (int(f[11]) + int(f[12])) / tick
+    total = sum(int(x) for x in f[11:15]) / TICK
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            c = proc_stat(p)
+            if c is not None and int(c[1]) == postmaster:
+                total += (int(c[11]) + int(c[12])) / TICK
+    return total
 
 
-def comm(pid):
-    try:
-        return open(f"/proc/{pid}/comm").read().strip()
-    except OSError:
-        return ""
+class Poller:
+    """One psql session kept open for the counts: a psql run per poll would
+    start a backend each time, whose CPU would count as PostgreSQL's. Its
+    own backend's CPU is left out of PostgreSQL's figure (backend_cpu)."""
+
+    MARK = "--end--"
+
+    def __init__(self, pg):
+        self.p = subprocess.Popen([str(pg.bindir / "psql"), "-X", "-q", "-A", "-t", "-v",
+                                   "ON_ERROR_STOP=1", "-d", pg.url], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        self.pid = int(self.query("SELECT pg_backend_pid()"))
+
+    def query(self, sql):
+        self.p.stdin.write(f"{sql};\n\\echo {self.MARK}\n")
+        self.p.stdin.flush()
+        lines = []
+        for line in self.p.stdout:
+            if line.strip() == self.MARK:
+                return "\n".join(lines).strip()
+            lines.append(line)
+        raise RuntimeError("psql ended")
+
+    def count(self, where=""):
+        return int(self.query(f"SELECT count(*) FROM session_events {where}"))
+
+    def backend_cpu(self):
+        return cpu_seconds(self.pid)
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait()
+
+
+def gateway_has_auth(binary):
+    r = subprocess.run([str(binary), "--help"], capture_output=True, text=True)
+    return "--auth" in r.stdout + r.stderr
+
+
+def write_tokens(users, prefix):
+    """A secret file and a token file: line k is a token of user <prefix>k."""
+    import jwt  # python3-jwt; only --auth jwt needs it
+
+    secret = secrets.token_hex(32)
+    d = tmp_root()
+    (d / "jwt-secret").write_text(secret)
+    now = int(time.time())
+    with open(d / "tokens", "w") as f:
+        for k in range(users):
+            claims = {"sub": f"{prefix}{k}", "iat": now, "exp": now + TOKEN_LIFETIME_S}
+            f.write(jwt.encode(claims, secret, algorithm="HS256") + "\n")
+    return d / "jwt-secret", d / "tokens"
+
+
+def loadgen_argv(client, a, gw, model, token_file):
+    common = ["--gateway", gw.addr, "--model", model.addr, "--sessions", str(a.sessions),
+              "--turns", str(a.turns), "--words", str(a.words), "--delay-ms", str(a.delay_ms),
+              "--stagger-ms", str(a.stagger_ms), "--think-ms", str(a.think_ms),
+              "--user-prefix", a.user_prefix, "--users", str(a.users or a.sessions)]
+    if token_file:
+        common += ["--access-token-file", str(token_file)]
+    if client == "node":
+        return ["node", str(HERE / "loadgen.mjs"), *common]
+    return [str(build_dir() / "tests" / "gateway" / "loadgen"), *common]
+
+
+class Meter:
+    """CPU seconds of each process between start() and stop()."""
+
+    def __init__(self, services, postmaster, poller):
+        self.services = services
+        self.postmaster = postmaster
+        self.poller = poller
+
+    def sample(self):
+        s = {svc.name: cpu_seconds(svc.pid) for svc in self.services}
+        s["PostgreSQL"] = postgres_cpu(self.postmaster) - self.poller.backend_cpu()
+        return s
+
+    def start(self):
+        self.t0 = self.sample()
+
+    def stop(self):
+        t1 = self.sample()
+        return {k: t1[k] - self.t0[k] for k in t1}
+
+
+def run_client(client, a, gw, model, db, meter, token_file, want_before):
+    print(f"--- load generator: {client} ({cpu_model()})", flush=True)
+    meter.start()
+    events0 = db.count()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(loadgen_argv(client, a, gw, model, token_file))
+    # wait4 gives the client's own CPU time.
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    client_cpu = usage.ru_utime + usage.ru_stime
+    ran = time.monotonic() - t0
+    # Every token must reach PostgreSQL: wait for the last batches.
+    want = want_before + a.sessions * a.turns * a.words
+    t1 = time.monotonic()
+    stored = 0
+    while time.monotonic() - t1 < 60:
+        stored = db.count("WHERE event_type = 'ai_token'")
+        if stored >= want:
+            break
+        time.sleep(0.2)
+    cpu = meter.stop()
+    events = db.count() - events0
+    print(f"ai_token events stored: {stored} of {want} "
+          f"({time.monotonic() - t1:.1f} s after the last answer); {events} events of every kind")
+    parts = [f"{k} {v:.1f}" for k, v in cpu.items()]
+    print(f"CPU seconds used during the run ({ran:.1f} s, {cpu_model()}): {', '.join(parts)}, "
+          f"load generator ({client}) {client_cpu:.1f}")
+    if events > 0:
+        print(f"PostgreSQL CPU per stored event: {cpu['PostgreSQL'] / events * 1e6:.1f} µs; "
+              f"store-svc {cpu['store-svc'] / events * 1e6:.1f} µs")
+    sys.stdout.flush()
+    return proc.returncode, stored == want, want
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=int, default=100)
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--words", type=int, default=50)
     ap.add_argument("--delay-ms", type=int, default=0)
     ap.add_argument("--stagger-ms", type=int, default=0)
     ap.add_argument("--think-ms", type=int, default=0)
+    ap.add_argument("--client", default="c", choices=["c", "node", "c,node", "node,c"],
+                    help="load generator(s), run one after the other (default c)")
+    ap.add_argument("--auth", default="none", choices=["none", "jwt"],
+                    help="the gateway's --auth (default none)")
+    ap.add_argument("--user-prefix", default="load-", help="users are <prefix>0, <prefix>1, ...")
+    ap.add_argument("--users", type=int, default=0, help="users the sessions are spread over "
+                    "(default: one per session)")
+    ap.add_argument("--durable", action="store_true",
+                    help="PostgreSQL with fsync=on (the harness's default is fsync=off)")
+    ap.add_argument("--pg", action="append", default=[], metavar="NAME=VALUE",
+                    help="a PostgreSQL setting (repeatable)")
+    ap.add_argument("--log-level", default="warn", help="LOG_LEVEL of every service")
     ap.add_argument("gateway_args", nargs="*", help="extra gateway options (after --)")
     a = ap.parse_args()
-    extra = a.gateway_args
-    quiet = {"LOG_LEVEL": "warn"}
-    with Postgres() as pg:
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; load average before: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    settings = {"fsync": "on", "synchronous_commit": "on"} if a.durable else {}
+    for kv in a.pg:
+        k, _, v = kv.partition("=")
+        settings[k] = v
+    quiet = {"LOG_LEVEL": a.log_level}
+    gw_bin = find_binary("gateway")
+    auth_args, token_file = [], None
+    if gateway_has_auth(gw_bin):
+        auth_args = ["--auth", a.auth]
+        if a.auth == "jwt":
+            secret, token_file = write_tokens(a.users or a.sessions, a.user_prefix)
+            auth_args += ["--jwt-secret-file", str(secret)]
+    elif a.auth == "jwt":
+        print("this gateway has no --auth option (built before authentication)", file=sys.stderr)
+        return 2
+    with Postgres(settings=settings) as pg:
         store = Service("store-svc", env={"DATABASE_URL": pg.url, **quiet})
         model = Service("offline-model", binary=build_dir() / "llm-svc" / "offline-model",
-                        args=["--token-delay-ms", "0", "--log-level", "warn"], ready="tcp")
+                        args=["--token-delay-ms", "0", "--log-level", a.log_level], ready="tcp")
         llm = Service("llm-svc", args=["--store", store.addr],
                       env={"OPENAI_BASE_URL": f"http://{model.addr}/v1", "OPENAI_API_KEY": "offline",
                            **quiet})
         router = Service("router-svc", env=quiet)
         gw = Service("gateway", args=["--router", router.addr, "--llm", llm.addr, "--store",
                                       store.addr, "--summary", "127.0.0.1:1",
-                                      "--rate-limit", "100000", "--max-connections", "100000", *extra],
-                     env=quiet, ready="http")
+                                      "--rate-limit", "100000", "--max-connections", "100000",
+                                      *auth_args, *a.gateway_args],
+                     env=quiet, ready="tcp")
+        services = (gw, router, llm, model, store)
+        db = Poller(pg)
+        meter = Meter(services, pg._proc.pid, db)
+        failed = 0
+        want = 0
         try:
-            n0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            node0 = n0.ru_utime + n0.ru_stime
-            r = subprocess.run(["node", str(HERE / "loadgen.mjs"), "--gateway", gw.addr,
-                                "--model", model.addr, "--sessions", str(a.sessions),
-                                "--turns", str(a.turns), "--words", str(a.words),
-                                "--delay-ms", str(a.delay_ms),
-                                "--stagger-ms", str(a.stagger_ms),
-                                "--think-ms", str(a.think_ms)], text=True)
-            # Every token must reach PostgreSQL: wait for the last batches.
-            want = a.sessions * a.turns * a.words
-            t0 = time.monotonic()
-            stored = 0
-            while time.monotonic() - t0 < 60:
-                out = pg.psql("SELECT count(*) FROM session_events WHERE event_type = 'ai_token'")
-                stored = int([l for l in out.split() if l.strip().isdigit()][0])
-                if stored >= want:
-                    break
-                time.sleep(0.2)
-            print(f"ai_token events stored: {stored} of {want} "
-                  f"({time.monotonic() - t0:.1f} s after the last answer)")
-            tick = os.sysconf("SC_CLK_TCK")
-            cpu = [f"{s.name} {cpu_seconds(s.pid, tick):.1f}" for s in (gw, router, llm, model, store)]
-            pg_cpu = sum(cpu_seconds(int(p), tick) for p in os.listdir("/proc")
-                         if p.isdigit() and comm(p) == "postgres")
-            node = resource.getrusage(resource.RUSAGE_CHILDREN)
-            cpu.append(f"PostgreSQL {pg_cpu:.1f}")
-            cpu.append(f"loadgen {node.ru_utime + node.ru_stime - node0:.1f}")
-            print("CPU seconds used:", ", ".join(cpu))
-            return r.returncode or (stored != want)
+            for client in a.client.split(","):
+                rc, all_stored, want = run_client(client, a, gw, model, db, meter, token_file, want)
+                failed |= rc != 0 or not all_stored
+            return 1 if failed else 0
         finally:
-            for s in (gw, router, llm, model, store):
+            db.close()
+            for s in services:
                 s.stop()
 
 
