@@ -32,9 +32,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "harness"))
-from harness import Postgres, Service, build_dir, find_binary, tmp_root  # noqa: E402
+from harness import (Postgres, Service, build_dir, find_binary, process_cpu_seconds,  # noqa: E402
+                     tmp_root)
 
-TICK = os.sysconf("SC_CLK_TCK")
 TOKEN_LIFETIME_S = 3600
 
 
@@ -51,35 +51,6 @@ def cpu_model():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return "unknown CPU"
-
-
-def proc_stat(pid):
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def cpu_seconds(pid):
-    """User + system CPU of a process (all its threads)."""
-    f = proc_stat(pid)
-    return (int(f[11]) + int(f[12])) / TICK if f else 0.0
-
-
-def postgres_cpu(postmaster):
-    """CPU of one PostgreSQL server: the postmaster, its live children, and
-    the children that already exited (the postmaster's cutime/cstime), so
-    other servers on the machine and short-lived backends are both right."""
-    f = proc_stat(postmaster)
-    if f is None:
-        return 0.0
-    total = sum(int(x) for x in f[11:15]) / TICK
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            c = proc_stat(p)
-            if c is not None and int(c[1]) == postmaster:
-                total += (int(c[11]) + int(c[12])) / TICK
-    return total
 
 
 class Poller:
@@ -109,7 +80,7 @@ class Poller:
         return int(self.query(f"SELECT count(*) FROM session_events {where}"))
 
     def backend_cpu(self):
-        return cpu_seconds(self.pid)
+        return process_cpu_seconds(self.pid)
 
     def close(self):
         self.p.stdin.close()
@@ -151,14 +122,14 @@ def loadgen_argv(client, a, gw, model, token_file):
 class Meter:
     """CPU seconds of each process between start() and stop()."""
 
-    def __init__(self, services, postmaster, poller):
+    def __init__(self, services, pg, poller):
         self.services = services
-        self.postmaster = postmaster
+        self.pg = pg
         self.poller = poller
 
     def sample(self):
-        s = {svc.name: cpu_seconds(svc.pid) for svc in self.services}
-        s["PostgreSQL"] = postgres_cpu(self.postmaster) - self.poller.backend_cpu()
+        s = {svc.name: process_cpu_seconds(svc.pid) for svc in self.services}
+        s["PostgreSQL"] = self.pg.cpu_seconds() - self.poller.backend_cpu()
         return s
 
     def start(self):
@@ -257,7 +228,7 @@ def main():
                      env=quiet, ready="tcp")
         services = (gw, router, llm, model, store)
         db = Poller(pg)
-        meter = Meter(services, pg._proc.pid, db)
+        meter = Meter(services, pg, db)
         failed = 0
         want = 0
         try:
