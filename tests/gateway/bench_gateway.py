@@ -108,15 +108,18 @@ def write_tokens(users, prefix):
 
 
 def loadgen_argv(client, a, gw, model, token_file):
-    common = ["--gateway", gw.addr, "--model", model.addr, "--sessions", str(a.sessions),
+    common = ["--gateway", gw.addr, "--sessions", str(a.sessions),
               "--turns", str(a.turns), "--words", str(a.words), "--delay-ms", str(a.delay_ms),
               "--stagger-ms", str(a.stagger_ms), "--think-ms", str(a.think_ms),
               "--user-prefix", a.user_prefix, "--users", str(a.users or a.sessions)]
     if token_file:
         common += ["--access-token-file", str(token_file)]
+    if a.direct:
+        common += ["--model", model.addr]
     if client == "node":
         return ["node", str(HERE / "loadgen.mjs"), *common]
-    return [str(build_dir() / "tests" / "gateway" / "loadgen"), *common]
+    extra = ["--turn-log", a.turn_log] if a.turn_log else []
+    return [str(build_dir() / "tests" / "gateway" / "loadgen"), *common, *extra]
 
 
 class Meter:
@@ -194,6 +197,10 @@ def main():
     ap.add_argument("--pg", action="append", default=[], metavar="NAME=VALUE",
                     help="a PostgreSQL setting (repeatable)")
     ap.add_argument("--log-level", default="warn", help="LOG_LEVEL of every service")
+    ap.add_argument("--no-direct", dest="direct", action="store_false",
+                    help="leave out the same requests straight to the model")
+    ap.add_argument("--turn-log", help="the C generator writes a JSON line per turn here "
+                    "(with CONVO_KEEP_TMP=1 the services' logs are kept to line them up)")
     ap.add_argument("gateway_args", nargs="*", help="extra gateway options (after --)")
     a = ap.parse_args()
     print(f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; load average before: "
@@ -227,6 +234,8 @@ def main():
                                       *auth_args, *a.gateway_args],
                      env=quiet, ready="tcp")
         services = (gw, router, llm, model, store)
+        print("pids: " + ", ".join(f"{s.name} {s.pid}" for s in services) +
+              f", PostgreSQL {pg._proc.pid}", flush=True)
         db = Poller(pg)
         meter = Meter(services, pg, db)
         failed = 0

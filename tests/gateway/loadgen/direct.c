@@ -24,6 +24,8 @@ typedef struct dsess {
     int turn;             /* turns finished */
     int first;
     double t0;
+    double first_at; /* when this turn's first token came (0: not yet) */
+    char id[32];     /* "direct-<i>", for the turn log */
     double span_from;
     plan_answer answer;
     char err[CURL_ERROR_SIZE];
@@ -77,6 +79,8 @@ static int on_event(void *arg, const char *event, const char *data, size_t len)
         double now = stats_now_ms();
         if (s->first && s->turn >= r->p->warmup)
             stats_first_token(r->st, s->t0, now);
+        if (s->first)
+            s->first_at = now;
         s->first = 0;
         plan_token(r->p, &s->answer, json_object_get_string(content),
                    (size_t)json_object_get_string_len(content));
@@ -130,6 +134,7 @@ static void send_request(dsess *s)
     sse_parser_destroy(&s->sse);
     s->sse = sse_parser_create(SSE_MAX_LINE, SSE_MAX_EVENT, on_event, s);
     s->first = 1;
+    s->first_at = 0;
     s->answer = (plan_answer){0};
     s->err[0] = '\0';
     curl_easy_setopt(s->easy, CURLOPT_POSTFIELDS, s->body);
@@ -154,6 +159,7 @@ static void turn_done(dsess *s, CURLcode result)
     long status = 0;
     curl_easy_getinfo(s->easy, CURLINFO_RESPONSE_CODE, &status);
     curl_multi_remove_handle(r->multi, s->easy);
+    stats_turn(r->st, s->id, s->turn + 1, s->t0, s->first_at, stats_now_ms());
     if (result != CURLE_OK) {
         fail(s, "model: %s", s->err[0] ? s->err : curl_easy_strerror(result));
     } else if (status != 200) {
@@ -273,6 +279,7 @@ static void on_start(struct ev_loop *loop, ev_timer *w, int revents)
 static void session_init(drun *r, dsess *s, int i)
 {
     s->r = r;
+    snprintf(s->id, sizeof s->id, "direct-%d", i);
     s->history = json_object_new_array();
     s->easy = curl_easy_init();
     curl_easy_setopt(s->easy, CURLOPT_URL, r->url);

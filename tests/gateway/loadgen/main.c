@@ -61,6 +61,9 @@
     X(S, users, INT, "users", "LOADGEN_USERS", "0",                                                \
       "users the sessions are spread over (0: one per session; the token count with "              \
       "--access-token-file)")                                                                      \
+    X(S, turn_log, STR, "turn-log", "LOADGEN_TURN_LOG", "",                                        \
+      "write a JSON line per turn to this file (wall-clock start, first token, end), to line up "  \
+      "slow turns with the services' logs")                                                        \
     X(S, seed, INT, "seed", "LOADGEN_SEED", "0", "think-time seed (0: from the clock)")            \
     X(S, json, BOOL, "json", "LOADGEN_JSON", "false", "print the figures as one JSON object")
 CONF_DECLARE(loadgen_opts, LOADGEN_OPTS)
@@ -266,10 +269,12 @@ static void print_json(const loadgen_opts *o, path_result *res, size_t n)
     json_object_put(top);
 }
 
-static int run_direct(struct ev_loop *loop, plan *p, const char *host, int port, path_result *r)
+static int run_direct(struct ev_loop *loop, plan *p, const char *host, int port, FILE *turn_log,
+                      path_result *r)
 {
     double secs, cpu0 = cpu_seconds();
     r->st = stats_create(stats_now_ms());
+    stats_turn_log(r->st, turn_log, "direct");
     if (direct_run(loop, p, host, port, r->st, &secs) != 0) {
         fprintf(stderr, "loadgen: libcurl could not be set up\n");
         return -1;
@@ -280,10 +285,12 @@ static int run_direct(struct ev_loop *loop, plan *p, const char *host, int port,
     return 0;
 }
 
-static int run_gateway(struct ev_loop *loop, plan *p, const wsrun_target *t, path_result *r)
+static int run_gateway(struct ev_loop *loop, plan *p, const wsrun_target *t, FILE *turn_log,
+                       path_result *r)
 {
     double secs, cpu0 = cpu_seconds();
     r->st = stats_create(stats_now_ms());
+    stats_turn_log(r->st, turn_log, "gateway");
     if (wsrun_run(loop, p, t, r->st, &secs) != 0) {
         fprintf(stderr, "loadgen: cannot create the WebSocket client (is libwebsockets' libev "
                         "plugin installed? Debian package libwebsockets-evlib-ev)\n");
@@ -306,6 +313,7 @@ int main(int argc, char **argv)
     long ntokens = 0;
     int gw_port = 0, model_port = 0, rc = 2;
     struct ev_loop *loop = NULL;
+    FILE *turn_log = NULL;
 
     int c = conf_parse(argc, argv, "loadgen",
                        "load generator for the gateway: N sessions x T turns, every token checked",
@@ -319,6 +327,10 @@ int main(int argc, char **argv)
         goto out;
     if (o.access_token_file[0] && (ntokens = read_tokens(o.access_token_file, &tokens)) < 0)
         goto out;
+    if (o.turn_log[0] && (turn_log = fopen(o.turn_log, "w")) == NULL) {
+        fprintf(stderr, "loadgen: --turn-log %s: cannot write it\n", o.turn_log);
+        goto out;
+    }
 
     plan_init(&p, (int)o.words, (int)o.delay_ms,
               o.seed ? (unsigned)o.seed : (unsigned)time(NULL) ^ (unsigned)getpid());
@@ -341,7 +353,7 @@ int main(int argc, char **argv)
     }
 
     rc = 1;
-    if (model_host != NULL && run_direct(loop, &p, model_host, model_port, &res[0]) != 0)
+    if (model_host != NULL && run_direct(loop, &p, model_host, model_port, turn_log, &res[0]) != 0)
         goto out;
     run_id = mem_asprintf("load-%d-%lld", (int)getpid(), (long long)time(NULL) * 1000);
     wsrun_target t = {
@@ -355,7 +367,7 @@ int main(int argc, char **argv)
         .tokens = tokens,
         .ntokens = (size_t)ntokens,
     };
-    if (run_gateway(loop, &p, &t, &res[1]) != 0)
+    if (run_gateway(loop, &p, &t, turn_log, &res[1]) != 0)
         goto out;
 
     path_result *first = res[0].ran ? &res[0] : &res[1];
@@ -374,6 +386,8 @@ out:
     mem_free(tokens);
     if (loop != NULL)
         ev_loop_destroy(loop);
+    if (turn_log != NULL)
+        fclose(turn_log);
     curl_global_cleanup();
     plan_free(&p);
     mem_free(gw_host);

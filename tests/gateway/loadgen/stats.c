@@ -27,6 +27,9 @@ struct stats {
     long long tokens, frames, errors;
     char *kinds[STATS_MAX_KINDS];
     size_t nkinds;
+    FILE *turn_log;
+    const char *path;
+    double wall_offset; /* realtime - monotonic, ms */
 };
 
 double stats_now_ms(void)
@@ -40,6 +43,9 @@ stats *stats_create(double origin_ms)
 {
     stats *s = mem_calloc(1, sizeof *s);
     s->origin = origin_ms;
+    struct timespec rt;
+    clock_gettime(CLOCK_REALTIME, &rt);
+    s->wall_offset = (double)rt.tv_sec * 1e3 + (double)rt.tv_nsec / 1e6 - stats_now_ms();
     return s;
 }
 
@@ -90,6 +96,29 @@ void stats_token(stats *s, double now)
 void stats_frame(stats *s)
 {
     s->frames++;
+}
+
+void stats_turn_log(stats *s, FILE *f, const char *path)
+{
+    s->turn_log = f;
+    s->path = path;
+}
+
+void stats_turn(stats *s, const char *id, int turn, double t0, double first, double end)
+{
+    if (s->turn_log == NULL)
+        return;
+    double wall = t0 + s->wall_offset;
+    time_t secs = (time_t)(wall / 1e3);
+    struct tm tm;
+    gmtime_r(&secs, &tm);
+    char when[32];
+    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%S", &tm);
+    long us = (long)((wall - (double)secs * 1e3) * 1e3);
+    fprintf(s->turn_log,
+            "{\"path\":\"%s\",\"session_id\":\"%s\",\"turn\":%d,\"start\":\"%s.%06ldZ\","
+            "\"first_token_ms\":%.3f,\"end_ms\":%.3f}\n",
+            s->path, id, turn, when, us, first > 0 ? first - t0 : -1.0, end - t0);
 }
 
 void stats_span(stats *s, double from, double to)

@@ -14,6 +14,7 @@
 #define CONVO_LOADGEN_STATS_H
 
 #include <stddef.h>
+#include <stdio.h>
 
 #define STATS_MAX_KINDS 16 /* distinct error texts kept (the rest are counted) */
 
@@ -32,6 +33,14 @@ void stats_first_token(stats *s, double t0, double now);
 void stats_token(stats *s, double now);
 /* One frame of any kind arrived (the client's own load, for its figures). */
 void stats_frame(stats *s);
+/* Writes a JSON line per turn to f from now on (the --turn-log; f stays
+ * the caller's), each naming `path`: wall-clock start with microseconds
+ * (to line up with the services' logs) and the first token and end in ms
+ * after it. */
+void stats_turn_log(stats *s, FILE *f, const char *path);
+/* A turn of session `id` that started at t0 ended at end; first is when its
+ * first token came (0: none). Written only with a turn log. */
+void stats_turn(stats *s, const char *id, int turn, double t0, double first, double end);
 /* A session ran every measured turn from `from` to `to`. */
 void stats_span(stats *s, double from, double to);
 /* Something failed; `kind` (copied) says what, for the error list. */

@@ -18,12 +18,14 @@ typedef struct wsess {
     wsrun *r;
     int index;
     struct lws *wsi;
+    char *id;
     char *path;
     ev_timer pause;    /* the start (stagger) and think pauses */
     ev_timer deadline; /* the plan's timeout */
     int turn;          /* turns sent so far */
     int first;         /* no token of this turn yet */
     double t0;         /* when this turn's message was written */
+    double first_at;   /* when its first token came (0: not yet) */
     double span_from;  /* when the first measured turn was written */
     plan_answer answer;
     int want_send, want_close;
@@ -97,6 +99,8 @@ static void on_token(wsess *s, json_object *f)
     }
     if (s->first && s->turn > r->p->warmup)
         stats_first_token(r->st, s->t0, now);
+    if (s->first)
+        s->first_at = now;
     s->first = 0;
     plan_token(r->p, &s->answer, text, len);
     stats_token(r->st, now);
@@ -130,10 +134,12 @@ static int on_frame(wsess *s, const char *data, size_t len)
         if (s->turn == 0)
             next_turn(s);
     } else if (strcmp(type, "done") == 0) {
+        stats_turn(r->st, s->id, s->turn, s->t0, s->first_at, stats_now_ms());
         if (!plan_complete(r->p, &s->answer))
             fail(s, "an answer differed from the expected tokens%s", "");
         next_turn(s);
     } else if (strcmp(type, "error") == 0) {
+        stats_turn(r->st, s->id, s->turn, s->t0, s->first_at, stats_now_ms());
         fail(s, "error frame: %s", str_field(f, "code"));
         next_turn(s);
     }
@@ -184,6 +190,7 @@ static int on_writable(wsess *s)
     s->want_send = 0;
     s->turn++;
     s->first = 1;
+    s->first_at = 0;
     s->answer = (plan_answer){0};
     s->t0 = stats_now_ms();
     if (s->turn == r->p->warmup + 1)
@@ -296,16 +303,16 @@ static void on_pause(struct ev_loop *loop, ev_timer *w, int revents)
         send_now(s);
 }
 
-/* "/ws/session/<run>-<i>?user_id=<user>[&access_token=<token>]", escaped. */
-static char *session_path(const wsrun_target *t, int i)
+/* "/ws/session/<id>?user_id=<user>[&access_token=<token>]", escaped. */
+static char *session_path(const wsrun_target *t, const char *id, int i)
 {
     char user[256];
     snprintf(user, sizeof user, "%s%d", t->user_prefix, i % (t->users > 0 ? t->users : 1));
     char *u = curl_easy_escape(NULL, user, 0);
     char *tok =
         t->ntokens > 0 ? curl_easy_escape(NULL, t->tokens[(size_t)i % t->ntokens], 0) : NULL;
-    char *path = mem_asprintf("/ws/session/%s-%d?user_id=%s%s%s", t->run_id, i, u,
-                              tok ? "&access_token=" : "", tok ? tok : "");
+    char *path = mem_asprintf("/ws/session/%s?user_id=%s%s%s", id, u, tok ? "&access_token=" : "",
+                              tok ? tok : "");
     curl_free(u);
     curl_free(tok);
     return path;
@@ -355,7 +362,8 @@ int wsrun_run(struct ev_loop *loop, plan *p, const wsrun_target *t, stats *st, d
         wsess *s = &r.s[i];
         s->r = &r;
         s->index = i;
-        s->path = session_path(t, i);
+        s->id = mem_asprintf("%s-%d", t->run_id, i);
+        s->path = session_path(t, s->id, i);
         ev_timer_init(&s->pause, on_pause, plan_start_ms(p, i) / 1e3, 0);
         s->pause.data = s;
         ev_timer_init(&s->deadline, on_deadline, 0, 0);
@@ -372,6 +380,7 @@ out:
         lws_context_destroy(r.ctx);
     if (r.s != NULL) {
         for (int i = 0; i < p->sessions; i++) {
+            mem_free(r.s[i].id);
             mem_free(r.s[i].path);
             mem_free(r.s[i].rx);
         }
