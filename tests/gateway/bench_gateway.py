@@ -197,6 +197,8 @@ def main():
     ap.add_argument("--pg", action="append", default=[], metavar="NAME=VALUE",
                     help="a PostgreSQL setting (repeatable)")
     ap.add_argument("--log-level", default="warn", help="LOG_LEVEL of every service")
+    ap.add_argument("--store-arg", action="append", default=[], metavar="ARG",
+                    help="an extra store-svc option (repeatable)")
     ap.add_argument("--no-direct", dest="direct", action="store_false",
                     help="leave out the same requests straight to the model")
     ap.add_argument("--turn-log", help="the C generator writes a JSON line per turn here "
@@ -221,7 +223,7 @@ def main():
         print("this gateway has no --auth option (built before authentication)", file=sys.stderr)
         return 2
     with Postgres(settings=settings) as pg:
-        store = Service("store-svc", env={"DATABASE_URL": pg.url, **quiet})
+        store = Service("store-svc", args=a.store_arg, env={"DATABASE_URL": pg.url, **quiet})
         model = Service("offline-model", binary=build_dir() / "llm-svc" / "offline-model",
                         args=["--token-delay-ms", "0", "--log-level", a.log_level], ready="tcp")
         llm = Service("llm-svc", args=["--store", store.addr],

@@ -38,6 +38,8 @@ def main() -> int:
     ap.add_argument("--durable", action="store_true", help="PostgreSQL with fsync=on")
     ap.add_argument("--pool-size", type=int, default=4, help="store-svc --db-pool-size")
     ap.add_argument("--batches", default="1,10,100,1000", help="batch sizes, in order")
+    ap.add_argument("--store-arg", action="append", default=[], metavar="ARG",
+                    help="an extra store-svc option (repeatable), e.g. --store-arg=--append-group-ms=0")
     ap.add_argument("rest", nargs=argparse.REMAINDER, help="-- then bench_store options")
     args = ap.parse_args()
     if args.build:
@@ -58,11 +60,12 @@ def main() -> int:
     status = 0
     with Postgres(settings=settings) as pg:
         with Service("store-svc", args=["--db-pool-size", str(args.pool_size),
-                                        "--log-level", "warn"],
+                                        "--log-level", "warn", *args.store_arg],
                      env={"DATABASE_URL": pg.url}) as store:
             print(f"PostgreSQL {pg.bindir.parent.name} "
                   f"({'fsync on' if args.durable else 'fsync off'}), "
-                  f"store-svc with {args.pool_size} database workers; {cpu_model()}, "
+                  f"store-svc with {args.pool_size} database workers {' '.join(args.store_arg)}; "
+                  f"{cpu_model()}, "
                   f"{os.cpu_count()} CPUs, load average before "
                   f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
             print(f"{'run':<28} {'events':>12} {'events/s':>14} {'PG µs/event':>12} "

@@ -196,12 +196,13 @@ static void check_done(drun *r)
 
 static void on_io(struct ev_loop *loop, ev_io *w, int revents)
 {
-    dsock *k = (dsock *)w;
+    /* curl may close the socket (and on_socket free the watcher) in the call. */
+    drun *r = ((dsock *)w)->r;
     int mask =
         (revents & EV_READ ? CURL_CSELECT_IN : 0) | (revents & EV_WRITE ? CURL_CSELECT_OUT : 0);
     int running;
-    curl_multi_socket_action(k->r->multi, w->fd, mask, &running);
-    check_done(k->r);
+    curl_multi_socket_action(r->multi, w->fd, mask, &running);
+    check_done(r);
 }
 
 static void on_curl_timeout(struct ev_loop *loop, ev_timer *w, int revents)
