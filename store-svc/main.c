@@ -57,9 +57,10 @@
       "(0: only calls already waiting are grouped)")                                               \
     X(S, append_group_idle_ms, INT, "append-group-idle-ms", "STORE_APPEND_GROUP_IDLE_MS", "2",     \
       "a group is closed when no AppendEvents call came for this many ms")                         \
-    X(S, append_group_calls, INT, "append-group-calls", "STORE_APPEND_GROUP_CALLS", "256",         \
-      "AppendEvents calls in one group at most")                                                   \
-    X(S, append_group_events, INT, "append-group-events", "STORE_APPEND_GROUP_EVENTS", "5000",     \
+    X(S, append_group_calls, INT, "append-group-calls", "STORE_APPEND_GROUP_CALLS", "16",          \
+      "AppendEvents calls in one group at most (groups run side by side on the workers, so a "     \
+      "burst is spread over them rather than made one statement on one core)")                     \
+    X(S, append_group_events, INT, "append-group-events", "STORE_APPEND_GROUP_EVENTS", "1000",     \
       "events in one group at most (a bigger call runs alone)")                                    \
     X(S, list_page_size, INT, "list-page-size", "STORE_LIST_PAGE_SIZE", "1000",                    \
       "events read from the database per page of ListEvents (the most held per stream)")           \

@@ -117,8 +117,8 @@ void stats_turn(stats *s, const char *id, int turn, double t0, double first, dou
     long us = (long)((wall - (double)secs * 1e3) * 1e3);
     fprintf(s->turn_log,
             "{\"path\":\"%s\",\"session_id\":\"%s\",\"turn\":%d,\"start\":\"%s.%06ldZ\","
-            "\"first_token_ms\":%.3f,\"end_ms\":%.3f}\n",
-            s->path, id, turn, when, us, first > 0 ? first - t0 : -1.0, end - t0);
+            "\"start_monotonic_s\":%.6f,\"first_token_ms\":%.3f,\"end_ms\":%.3f}\n",
+            s->path, id, turn, when, us, t0 / 1e3, first > 0 ? first - t0 : -1.0, end - t0);
 }
 
 void stats_span(stats *s, double from, double to)

@@ -36,7 +36,8 @@ void stats_frame(stats *s);
 /* Writes a JSON line per turn to f from now on (the --turn-log; f stays
  * the caller's), each naming `path`: wall-clock start with microseconds
  * (to line up with the services' logs) and the first token and end in ms
- * after it. */
+ * after it; also the monotonic start, to line up with `perf sched record
+ * -k CLOCK_MONOTONIC`. */
 void stats_turn_log(stats *s, FILE *f, const char *path);
 /* A turn of session `id` that started at t0 ended at end; first is when its
  * first token came (0: none). Written only with a turn log. */
