@@ -51,11 +51,11 @@
     X(S, queue_max_bytes, INT, "queue-max-bytes", "STORE_QUEUE_MAX_BYTES", "67108864",             \
       "bytes held by waiting jobs (their event batches); beyond it calls fail "                    \
       "RESOURCE_EXHAUSTED")                                                                        \
-    X(S, append_group_ms, INT, "append-group-ms", "STORE_APPEND_GROUP_MS", "10",                   \
+    X(S, append_group_ms, INT, "append-group-ms", "STORE_APPEND_GROUP_MS", "20",                   \
       "group commit: AppendEvents calls go to the database together, one statement and one "       \
       "commit, each answered once it is stored; a call waits at most this many ms for others "     \
       "(0: only calls already waiting are grouped)")                                               \
-    X(S, append_group_idle_ms, INT, "append-group-idle-ms", "STORE_APPEND_GROUP_IDLE_MS", "2",     \
+    X(S, append_group_idle_ms, INT, "append-group-idle-ms", "STORE_APPEND_GROUP_IDLE_MS", "5",     \
       "a group is closed when no AppendEvents call came for this many ms")                         \
     X(S, append_group_calls, INT, "append-group-calls", "STORE_APPEND_GROUP_CALLS", "16",          \
       "AppendEvents calls in one group at most (groups run side by side on the workers, so a "     \

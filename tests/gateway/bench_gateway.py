@@ -53,6 +53,24 @@ def cpu_model():
     return "unknown CPU"
 
 
+def children(pid):
+    out = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(p.name))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def renice(pids, nice):
+    """Every thread of the processes (Linux's nice is per thread)."""
+    for pid in pids:
+        for t in Path(f"/proc/{pid}/task").iterdir():
+            os.setpriority(os.PRIO_PROCESS, int(t.name), nice)
+
+
 class Poller:
     """One psql session kept open for the counts: a psql run per poll would
     start a backend each time, whose CPU would count as PostgreSQL's. Its
@@ -199,6 +217,9 @@ def main():
     ap.add_argument("--log-level", default="warn", help="LOG_LEVEL of every service")
     ap.add_argument("--store-arg", action="append", default=[], metavar="ARG",
                     help="an extra store-svc option (repeatable)")
+    ap.add_argument("--persist-nice", type=int, default=0, metavar="N",
+                    help="run PostgreSQL and store-svc at this nice value (an experiment: the "
+                    "token path first, persistence when a core is free)")
     ap.add_argument("--no-direct", dest="direct", action="store_false",
                     help="leave out the same requests straight to the model")
     ap.add_argument("--turn-log", help="the C generator writes a JSON line per turn here "
@@ -236,6 +257,8 @@ def main():
                                       *auth_args, *a.gateway_args],
                      env=quiet, ready="tcp")
         services = (gw, router, llm, model, store)
+        if a.persist_nice:
+            renice([pg._proc.pid, *children(pg._proc.pid), store.pid], a.persist_nice)
         print("pids: " + ", ".join(f"{s.name} {s.pid}" for s in services) +
               f", PostgreSQL {pg._proc.pid}", flush=True)
         db = Poller(pg)
