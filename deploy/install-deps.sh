@@ -32,6 +32,7 @@ PACKAGES=(
   libcurl4-openssl-dev
   libpq-dev
   libjson-c-dev
+  libunistring-dev
   libcmocka-dev
   postgresql
   postgresql-contrib

@@ -15,16 +15,18 @@
 #include <stdio.h>
 #include <unistd.h>
 
-#ifndef LLM_KNOWLEDGE_DIR
-#define LLM_KNOWLEDGE_DIR "knowledge"
+/* The source tree's knowledge folder, for a binary run from the build tree. */
+#ifndef LLM_KNOWLEDGE_SOURCE
+#define LLM_KNOWLEDGE_SOURCE ""
 #endif
 
 #define MAIN_OPTS(X, S)                                                                            \
     X(S, listen, STR, "listen", "LISTEN_ADDR", "0.0.0.0:50052", "HOST:PORT to serve gRPC on")      \
     X(S, store, STR, "store", "STORE_ADDR", "127.0.0.1:50053",                                     \
       "store-svc, for lookup_contextual_data")                                                     \
-    X(S, knowledge_dir, STR, "knowledge-dir", "KNOWLEDGE_DIR", LLM_KNOWLEDGE_DIR,                  \
-      "the folder of Markdown/text documents fetch_internal_knowledge searches")                   \
+    X(S, knowledge_dir, STR, "knowledge-dir", "KNOWLEDGE_DIR", "",                                 \
+      "the folder of Markdown/text documents fetch_internal_knowledge searches; empty: the "       \
+      "shipped one (PREFIX/share/convo/knowledge beside the installed binary)")                    \
     X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
 CONF_DECLARE(main_opts, MAIN_OPTS)
 
@@ -66,6 +68,16 @@ int main(int argc, char **argv)
     /* Every upstream stream holds a socket. */
     proc_raise_fd_limit();
     status = 1;
+    if (mo.knowledge_dir[0] == '\0') {
+        char *dir = proc_data_dir("knowledge", LLM_KNOWLEDGE_SOURCE);
+        if (dir == NULL) {
+            log_error("no knowledge folder beside the binary (../share/convo/knowledge): set "
+                      "--knowledge-dir");
+            goto out;
+        }
+        mem_free(mo.knowledge_dir);
+        mo.knowledge_dir = dir;
+    }
     if (kb_load(mo.knowledge_dir, &k, err, sizeof err) != 0) {
         log_error("knowledge base: %s", err);
         goto out;

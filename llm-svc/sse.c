@@ -168,19 +168,3 @@ int sse_is_done(const char *data, size_t len)
 {
     return len == 6 && memcmp(data, "[DONE]", 6) == 0;
 }
-
-const char *sse_strerror(int err)
-{
-    switch (err) {
-    case 0:
-        return "success";
-    case SSE_ETOOBIG:
-        return "an event-stream line or event is over its size cap";
-    case SSE_ESTOP:
-        return "stopped by the event handler";
-    case SSE_EDONE:
-        return "the parser already stopped";
-    default:
-        return "unknown error";
-    }
-}

@@ -39,6 +39,4 @@ int sse_idle(const sse_parser *p);
 /* Whether `data` is the OpenAI end-of-stream sentinel "[DONE]". */
 int sse_is_done(const char *data, size_t len);
 
-const char *sse_strerror(int err);
-
 #endif

@@ -85,7 +85,8 @@ static void answer(lookup *l)
                                json_object_new_string(rpc_code_name(l->list_code)));
     }
     json_object_object_add(o, "previous_sessions", prev);
-    result = mem_strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
+    result = mem_strdup(
+        json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
     json_object_put(o);
 out:
     l->done(l->arg, is_error, result);

@@ -5,6 +5,8 @@
 #include "mem.h"
 #include "tools.h"
 
+#include <stdio.h>
+
 #define KNOWLEDGE_HITS 3
 
 static void run(void *state, const tool_ctx *ctx, json_object *args, tool_done_fn done, void *arg)
@@ -19,8 +21,10 @@ static void run(void *state, const tool_ctx *ctx, json_object *args, tool_done_f
         json_object *h = json_object_new_object();
         json_object_object_add(h, "source", json_object_new_string(hits[i].source));
         json_object_object_add(h, "section", json_object_new_string(hits[i].section));
-        json_object_object_add(
-            h, "score", json_object_new_double((double)(long long)(hits[i].score * 1000) / 1000));
+        /* Written as printed ("3.416"), not as the nearest double's 17 digits. */
+        char score[32];
+        snprintf(score, sizeof score, "%.3f", hits[i].score);
+        json_object_object_add(h, "score", json_object_new_double_s(hits[i].score, score));
         json_object_object_add(h, "text", json_object_new_string(hits[i].text));
         json_object_array_add(arr, h);
     }
@@ -28,7 +32,9 @@ static void run(void *state, const tool_ctx *ctx, json_object *args, tool_done_f
     if (n == 0)
         json_object_object_add(o, "message",
                                json_object_new_string("nothing found in the knowledge base"));
-    done(arg, 0, mem_strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN)));
+    done(arg, 0,
+         mem_strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN |
+                                                          JSON_C_TO_STRING_NOSLASHESCAPE)));
     json_object_put(o);
 }
 

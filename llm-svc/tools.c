@@ -53,7 +53,8 @@ static char *openai_text(const tools *t)
         json_object_object_add(tool, "function", fn);
         json_object_array_add(arr, tool);
     }
-    char *text = mem_strdup(json_object_to_json_string_ext(arr, JSON_C_TO_STRING_PLAIN));
+    char *text = mem_strdup(json_object_to_json_string_ext(
+        arr, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
     json_object_put(arr);
     return text;
 }
@@ -112,7 +113,8 @@ char *tools_error_json(const char *fmt, ...)
     va_end(ap);
     json_object *o = json_object_new_object();
     json_object_object_add(o, "error", json_object_new_string(msg));
-    char *s = mem_strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
+    char *s = mem_strdup(
+        json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE));
     json_object_put(o);
     return s;
 }

@@ -597,11 +597,3 @@ void upstream_resume(upstream_req *r)
 {
     push_cmd(r, CMD_RESUME);
 }
-
-size_t upstream_active(upstream *u)
-{
-    pthread_mutex_lock(&u->mu);
-    size_t n = u->count;
-    pthread_mutex_unlock(&u->mu);
-    return n;
-}

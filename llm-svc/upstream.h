@@ -101,7 +101,4 @@ void upstream_cancel(upstream_req *r);
  * validity rule. */
 void upstream_resume(upstream_req *r);
 
-/* Requests in flight (for metrics and tests). */
-size_t upstream_active(upstream *u);
-
 #endif

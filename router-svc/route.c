@@ -4,7 +4,12 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unicase.h>
+#include <unictype.h>
+#include <unistr.h>
+#include <uniwbrk.h>
 
 /* The built-in defaults. They must equal router-svc/router.conf, which
  * writes them out for operators to tune; tests/router/test_rconf.c checks
@@ -111,180 +116,109 @@ int route_verbosity_parse(const char *name)
     return -1;
 }
 
-/* ---- UTF-8 and words ---- */
+/* ---- words ---- */
 
-#define CP_INVALID 0x110000u /* beyond Unicode: what a malformed byte decodes to */
-
-/* Decodes the code point at s[*i] and moves *i past it. A malformed
- * sequence yields CP_INVALID and moves one byte, so scanning never stalls
- * and never reads past `len`. */
-static uint32_t utf8_next(const unsigned char *s, size_t len, size_t *i)
-{
-    unsigned c = s[*i];
-    size_t n;
-    uint32_t cp, min;
-    if (c < 0x80) {
-        (*i)++;
-        return c;
-    }
-    if (c >= 0xC2 && c <= 0xDF) {
-        n = 1, cp = c & 0x1F, min = 0x80;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-        n = 2, cp = c & 0x0F, min = 0x800;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-        n = 3, cp = c & 0x07, min = 0x10000;
-    } else {
-        (*i)++;
-        return CP_INVALID;
-    }
-    if (len - *i <= n) {
-        (*i)++;
-        return CP_INVALID;
-    }
-    for (size_t k = 1; k <= n; k++) {
-        unsigned b = s[*i + k];
-        if ((b & 0xC0) != 0x80) {
-            (*i)++;
-            return CP_INVALID;
-        }
-        cp = cp << 6 | (b & 0x3F);
-    }
-    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) {
-        (*i)++;
-        return CP_INVALID;
-    }
-    *i += n + 1;
-    return cp;
-}
-
-/* Non-ASCII code points that separate words: spaces, punctuation and
- * symbols, by block where a whole block is such (General Punctuation, CJK
- * Symbols and Punctuation, emoji...) and one by one in scripts whose
- * punctuation sits among letters. Not the full Unicode property tables, on
- * purpose: a table this size covers the punctuation real messages put next
- * to a keyword, and everything else non-ASCII counts as a letter, which can
- * only make a match less likely, never a false one. Sorted; no overlaps. */
-static const struct {
-    uint32_t lo, hi;
-} separators[] = {
-    {0x0080, 0x00BF},   /* C1 controls, NBSP, Latin-1 punctuation (¡ ¿ « » ·) */
-    {0x00D7, 0x00D7},   /* × */
-    {0x00F7, 0x00F7},   /* ÷ */
-    {0x037E, 0x037E},   /* Greek question mark */
-    {0x0387, 0x0387},   /* Greek ano teleia */
-    {0x055A, 0x055F},   /* Armenian punctuation */
-    {0x0589, 0x058A},   /* Armenian full stop, hyphen */
-    {0x05BE, 0x05BE},   /* Hebrew maqaf */
-    {0x05C0, 0x05C0},   /* Hebrew paseq */
-    {0x05C3, 0x05C3},   /* Hebrew sof pasuq */
-    {0x05C6, 0x05C6},   /* Hebrew nun hafukha */
-    {0x05F3, 0x05F4},   /* Hebrew geresh, gershayim */
-    {0x0606, 0x060F},   /* Arabic signs, comma, date separator */
-    {0x061B, 0x061F},   /* Arabic semicolon ... question mark */
-    {0x066A, 0x066D},   /* Arabic percent ... five-pointed star */
-    {0x06D4, 0x06D4},   /* Arabic full stop */
-    {0x0964, 0x0965},   /* Devanagari danda, double danda */
-    {0x0970, 0x0970},   /* Devanagari abbreviation sign */
-    {0x0E3F, 0x0E3F},   /* Thai baht */
-    {0x0E4F, 0x0E4F},   /* Thai fongman */
-    {0x0E5A, 0x0E5B},   /* Thai angkhankhu, khomut */
-    {0x0F04, 0x0F12},   /* Tibetan marks */
-    {0x104A, 0x104F},   /* Myanmar punctuation */
-    {0x10FB, 0x10FB},   /* Georgian paragraph separator */
-    {0x1360, 0x1368},   /* Ethiopic punctuation */
-    {0x1400, 0x1400},   /* Canadian syllabics hyphen */
-    {0x166E, 0x166E},   /* Canadian syllabics full stop */
-    {0x1680, 0x1680},   /* Ogham space */
-    {0x169B, 0x169C},   /* Ogham feather marks */
-    {0x16EB, 0x16ED},   /* Runic punctuation */
-    {0x17D4, 0x17D6},   /* Khmer punctuation */
-    {0x17D8, 0x17DA},   /* Khmer punctuation */
-    {0x1800, 0x180A},   /* Mongolian punctuation */
-    {0x180E, 0x180E},   /* Mongolian vowel separator */
-    {0x2000, 0x206F},   /* General Punctuation: spaces, dashes, quotes, zero-width */
-    {0x20A0, 0x20CF},   /* currency symbols */
-    {0x2190, 0x2BFF},   /* arrows, math, technical, box drawing, shapes, dingbats */
-    {0x2CF9, 0x2CFF},   /* Coptic punctuation */
-    {0x2E00, 0x2E7F},   /* Supplemental Punctuation */
-    {0x3000, 0x303F},   /* CJK Symbols and Punctuation (ideographic space, 、。「」) */
-    {0x30A0, 0x30A0},   /* Katakana-Hiragana double hyphen */
-    {0x30FB, 0x30FB},   /* Katakana middle dot */
-    {0xFD3E, 0xFD3F},   /* ornate parentheses */
-    {0xFE00, 0xFE1F},   /* variation selectors, vertical forms */
-    {0xFE30, 0xFE6F},   /* CJK compatibility and small form variants */
-    {0xFEFF, 0xFEFF},   /* zero-width no-break space (BOM) */
-    {0xFF00, 0xFF0F},   /* fullwidth ！＂＃ ... ／ */
-    {0xFF1A, 0xFF20},   /* fullwidth ：；＜＝＞？＠ */
-    {0xFF3B, 0xFF40},   /* fullwidth ［＼］＾＿｀ */
-    {0xFF5B, 0xFF65},   /* fullwidth ｛｜｝～ and halfwidth CJK punctuation */
-    {0xFFE0, 0xFFEE},   /* fullwidth and halfwidth symbols */
-    {0xFFF0, 0xFFFF},   /* specials (U+FFFD) */
-    {0x1F000, 0x1FBFF}, /* game symbols, enclosed supplements, emoji, pictographs */
-    {0xE0000, 0xE007F}, /* tags */
-    {0xE0100, 0xE01EF}, /* variation selectors supplement */
-};
-
+/* A segment between two of Unicode's word boundaries (UAX #29,
+ * libunistring's u8_wordbreaks) is a word when its first code point is a
+ * letter, a mark, a digit or a connector ('_'); the others are runs of
+ * spaces, punctuation and symbols. */
 int route_is_word_char(uint32_t cp)
 {
-    if (cp < 0x80)
-        return (cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z') || (cp >= '0' && cp <= '9') ||
-               cp == '_';
     if (cp > 0x10FFFF)
         return 0;
-    size_t lo = 0, hi = sizeof separators / sizeof separators[0];
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (cp < separators[mid].lo)
-            hi = mid;
-        else if (cp > separators[mid].hi)
-            lo = mid + 1;
-        else
-            return 0;
+    return uc_is_general_category(
+        cp, uc_general_category_or(uc_general_category_or(UC_LETTER, UC_MARK),
+                                   uc_general_category_or(UC_NUMBER, UC_CONNECTOR_PUNCTUATION)));
+}
+
+/* Whether the code point at s[i] is an apostrophe (U+0027 or U+2019); its
+ * byte length in *n. UAX #29 keeps "how's" one word; for keywords the part
+ * before the apostrophe counts as a word of its own, as readers take it. */
+static int apostrophe_at(const uint8_t *s, size_t len, size_t i, size_t *n)
+{
+    if (s[i] == '\'') {
+        *n = 1;
+        return 1;
     }
-    return 1;
+    if (len - i >= 3 && s[i] == 0xE2 && s[i + 1] == 0x80 && s[i + 2] == 0x99) {
+        *n = 3;
+        return 1;
+    }
+    return 0;
 }
 
-static unsigned char ascii_lower(unsigned char c)
+static const char *match_word(const route_config *cfg, const uint8_t *w, size_t len)
 {
-    return c >= 'A' && c <= 'Z' ? (unsigned char)(c - 'A' + 'a') : c;
+    for (size_t k = 0; k < cfg->n_keywords; k++)
+        if (strlen(cfg->keywords[k]) == len && memcmp(cfg->keywords[k], w, len) == 0)
+            return cfg->keywords[k];
+    return NULL;
 }
 
-static int word_equals(const unsigned char *w, size_t wlen, const char *kw)
+/* The keyword equal to a word of the segment s[0..len), split at
+ * apostrophes, or NULL. */
+static const char *match_segment(const route_config *cfg, const uint8_t *s, size_t len)
 {
-    size_t klen = strlen(kw);
-    if (klen != wlen)
-        return 0;
-    for (size_t i = 0; i < wlen; i++)
-        if (ascii_lower(w[i]) != ascii_lower((unsigned char)kw[i]))
-            return 0;
-    return 1;
+    ucs4_t cp;
+    u8_mbtouc(&cp, s, len);
+    if (!route_is_word_char(cp))
+        return NULL;
+    size_t start = 0, n;
+    for (size_t i = 0; i < len; i++) {
+        if (!apostrophe_at(s, len, i, &n))
+            continue;
+        const char *kw = match_word(cfg, s + start, i - start);
+        if (kw != NULL)
+            return kw;
+        start = i + n;
+        i += n - 1;
+    }
+    return match_word(cfg, s + start, len - start);
 }
+
+/* Bytes of folded text handled without allocating (most messages). */
+#define FOLD_STACK_BYTES 2048
 
 /* The first keyword that is a word of the message (in message order), or
- * NULL. One pass over the message; each word is compared with each keyword
- * only when their lengths are equal. */
+ * NULL. The message is case-folded (full Unicode folding: "Почему" is
+ * "почему", "STRASSE" is "strasse" is "straße") and split at UAX #29 word
+ * boundaries; keywords are stored folded. */
 static const char *find_keyword(const route_config *cfg, const char *msg, size_t len)
 {
-    const unsigned char *s = (const unsigned char *)msg;
-    size_t i = 0;
-    while (i < len) {
-        size_t start = i;
-        if (!route_is_word_char(utf8_next(s, len, &i)))
+    if (cfg->n_keywords == 0 || len == 0)
+        return NULL;
+    uint8_t fold_buf[FOLD_STACK_BYTES];
+    char brk_buf[FOLD_STACK_BYTES];
+    size_t flen = sizeof fold_buf;
+    uint8_t *f = u8_casefold((const uint8_t *)msg, len, NULL, NULL, fold_buf, &flen);
+    if (f == NULL) /* out of memory: no rule 2, never a crash */
+        return NULL;
+    char *brk = flen <= sizeof brk_buf ? brk_buf : mem_alloc(flen);
+    u8_wordbreaks(f, flen, brk);
+    const char *kw = NULL;
+    for (size_t start = 0, i = 1; kw == NULL && start < flen; i++) {
+        if (i < flen && !brk[i])
             continue;
-        size_t end = i;
-        while (i < len) {
-            size_t at = i;
-            if (!route_is_word_char(utf8_next(s, len, &i))) {
-                i = at; /* the separator is skipped by the outer loop */
-                break;
-            }
-            end = i;
-        }
-        for (size_t k = 0; k < cfg->n_keywords; k++)
-            if (word_equals(s + start, end - start, cfg->keywords[k]))
-                return cfg->keywords[k];
+        kw = match_segment(cfg, f + start, i - start);
+        start = i;
     }
-    return NULL;
+    if (brk != brk_buf)
+        mem_free(brk);
+    if (f != fold_buf)
+        free(f); /* libunistring's own allocation */
+    return kw;
+}
+
+/* A keyword folded as messages are, from mem_alloc; NULL when out of memory. */
+static char *fold_keyword(const char *kw, size_t len)
+{
+    size_t flen = 0;
+    uint8_t *f = u8_casefold((const uint8_t *)kw, len, NULL, NULL, NULL, &flen);
+    if (f == NULL)
+        return NULL;
+    char *out = mem_strndup((const char *)f, flen);
+    free(f);
+    return out;
 }
 
 /* ---- config ---- */
@@ -352,15 +286,22 @@ static int check_keyword(const char *kw, size_t len, char *err, size_t errsize)
                  ROUTE_KEYWORD_MAX);
         return -1;
     }
-    const unsigned char *s = (const unsigned char *)kw;
-    for (size_t i = 0; i < len;) {
-        if (!route_is_word_char(utf8_next(s, len, &i))) {
-            snprintf(err, errsize,
-                     "keyword '%.*s' is not a single word (keywords are separated by commas; "
-                     "a word is letters, digits and '_')",
-                     (int)len, kw);
-            return -1;
-        }
+    /* One segment between word boundaries, a word, with no apostrophe. */
+    const uint8_t *s = (const uint8_t *)kw;
+    char brk[ROUTE_KEYWORD_MAX];
+    u8_wordbreaks(s, len, brk);
+    ucs4_t cp;
+    u8_mbtouc(&cp, s, len);
+    size_t n;
+    int single = u8_check(s, len) == NULL && route_is_word_char(cp);
+    for (size_t i = 0; single && i < len; i++)
+        single = !(i > 0 && brk[i]) && !apostrophe_at(s, len, i, &n);
+    if (!single) {
+        snprintf(err, errsize,
+                 "keyword '%.*s' is not a single word (keywords are separated by commas; "
+                 "a word is letters, marks, digits and '_')",
+                 (int)len, kw);
+        return -1;
     }
     return 0;
 }
@@ -387,7 +328,13 @@ int route_config_set_keywords(route_config *cfg, const char *csv, char *err, siz
                 free_keywords(kw, n);
                 return -1;
             }
-            kw[n++] = mem_strndup(b, (size_t)(e - b));
+            kw[n] = fold_keyword(b, (size_t)(e - b));
+            if (kw[n] == NULL) {
+                snprintf(err, errsize, "out of memory folding keyword '%.*s'", (int)(e - b), b);
+                free_keywords(kw, n);
+                return -1;
+            }
+            n++;
         }
         if (p[len] == '\0')
             break;

@@ -1,7 +1,7 @@
 /* route — the rules that pick the strategy of one conversation turn.
  *
- * Pure logic: no I/O, no gRPC, no allocation in route_decide(), so it is
- * cheap, thread-safe over a shared read-only config and easy to test.
+ * Pure logic: no I/O, no gRPC, no shared state written in route_decide(),
+ * so it is cheap, thread-safe over a shared read-only config and easy to test.
  *
  * The rules, in order; a later rule that matches overrides an earlier one:
  *   1. user messages so far > summarization_min_user_messages -> SUMMARIZATION_AWARE
@@ -9,12 +9,15 @@
  *   3. tool calls so far > tool_heavy_min_tool_calls -> TOOL_HEAVY
  *   otherwise FAST_CONCISE.
  *
- * Words: a keyword matches a whole word of the message, ASCII letters
- * compared case-insensitively, every other byte exactly. A word is a run of
- * word characters: ASCII letters, digits and '_', and any non-ASCII code
- * point that is not a space, punctuation or symbol (route_is_word_char()).
- * So "¿Why?" and "how's" match "why" and "how"; "howdy", "somehow", "éwhy"
- * do not. Keywords are single words; a phrase cannot be a keyword. */
+ * Words: a keyword matches a whole word of the message after both are
+ * case-folded with Unicode's full folding (libunistring): "WHY", "Почему"
+ * and "STRASSE" match "why", "почему" and "straße". Words are split at
+ * Unicode's word boundaries (UAX #29) and, beyond them, at apostrophes; a
+ * segment is a word when it starts with a letter, mark, digit or '_'
+ * (route_is_word_char()). So "¿Why?", "how's" and "请explain" (CJK
+ * characters are words of their own) match; "howdy", "somehow", "éwhy"
+ * and "how_to" do not. Keywords are single words; a phrase cannot be a
+ * keyword. route_decide() allocates only for messages over 2 KiB. */
 #ifndef CONVO_ROUTE_H
 #define CONVO_ROUTE_H
 

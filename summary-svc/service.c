@@ -704,12 +704,6 @@ void service_start(service *sv)
              sv->o.max_attempts, sv->o.context_budget_bytes, sv->o.sweep_interval_ms);
 }
 
-void service_sweep_now(service *sv)
-{
-    if (sv->sweep != NULL)
-        sweep_kick(sv->sweep);
-}
-
 void service_stop(service *sv)
 {
     pthread_mutex_lock(&sv->mu);
@@ -768,9 +762,4 @@ void service_destroy(service **svp)
     pthread_mutex_destroy(&sv->mu);
     mem_free(sv);
     *svp = NULL;
-}
-
-const char *service_worker_id(const service *sv)
-{
-    return sv->worker_id;
 }

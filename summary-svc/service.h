@@ -80,9 +80,4 @@ void service_stop(service *sv);
 /* Frees a stopped service; clears *sv. */
 void service_destroy(service **sv);
 
-/* This process's lease owner id. */
-const char *service_worker_id(const service *sv);
-/* Asks the sweep to run now. */
-void service_sweep_now(service *sv);
-
 #endif

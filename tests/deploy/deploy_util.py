@@ -80,10 +80,11 @@ _OPT = re.compile(r"^\s+(--[a-z0-9][a-z0-9-]*)(?:\s+([A-Z]+))?(?:\s+\(env ([A-Z0
 def help_options(name: str):
     """{"--flag": {"arg": "TEXT"|"N"|"BOOL"|None, "env": "NAME"|None,
     "default": str|None}} from
-    `<binary> --help`, or None when the binary is not built."""
+    `<binary> --help`. The tests run after the build: a binary that is
+    missing fails the test (never a skip that turns it into a green run)."""
     path = binary_path(name)
     if not path.exists():
-        return None
+        pytest.fail(f"{name} is not built ({path}): build the project before its tests")
     r = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=10)
     out = r.stdout + r.stderr
     assert r.returncode == 0, f"{path} --help exited {r.returncode}:\n{out}"

@@ -100,14 +100,13 @@ def test_runtime_stage(binary):
     assert any(k == "HEALTHCHECK" for k, _ in ch[0]["instrs"]), "a HEALTHCHECK"
     exposed = [int(t) for k, t in ch[0]["instrs"] if k == "EXPOSE"]
     opts = help_options(binary)
-    if opts is not None:
-        default_port = {"gateway": 8000}.get(binary) or int(opts["--listen"]["default"].rsplit(":", 1)[1])
-        assert exposed == [default_port]
-        envs = {o["env"] for o in opts.values() if o["env"]} | ({"HOST", "PORT"} if binary == "gateway" else set())
-        for k, t in instrs:
-            if k == "ENV":
-                for name in re.findall(r"(\w+)=", t):
-                    assert name in envs or name == "DEBIAN_FRONTEND", f"ENV {name}: not read by {binary}"
+    default_port = {"gateway": 8000}.get(binary) or int(opts["--listen"]["default"].rsplit(":", 1)[1])
+    assert exposed == [default_port]
+    envs = {o["env"] for o in opts.values() if o["env"]} | ({"HOST", "PORT"} if binary == "gateway" else set())
+    for k, t in instrs:
+        if k == "ENV":
+            for name in re.findall(r"(\w+)=", t):
+                assert name in envs or name == "DEBIAN_FRONTEND", f"ENV {name}: not read by {binary}"
 
 
 def _owners(paths):
@@ -177,8 +176,7 @@ def test_runtime_stage_has_exactly_the_linked_libraries(binary):
     if not all(shutil.which(t) for t in ("dpkg", "readelf", "nm", "ldd")):
         pytest.skip("needs dpkg, ldd, readelf and nm (Debian, binutils)")
     path = binary_path(binary)
-    if not path.exists():
-        pytest.skip(f"{binary} is not built yet ({path}): its libraries cannot be compared")
+    assert path.exists(), f"{binary} is not built ({path}): build the project before its tests"
     need = needed_packages(path)
     have = {p for s in chain(parse(), binary) for p in apt_packages(s)}
     # What apt brings in with the listed packages covers every linked library...

@@ -158,9 +158,6 @@ def test_containers_match_their_binary(overlay, binary):
             pytest.skip("prod uses a real model: no offline-model container")
         pytest.fail(f"no container of image convo/{binary} in overlays/{overlay}")
     opts = help_options(binary)
-    if opts is None:
-        pytest.skip(f"{binary} is not built yet (no {binary} binary under the build tree): "
-                    f"its flags and environment cannot be checked")
     envs = {o["env"]: o for o in opts.values() if o["env"]}
     problems = []
     for o, c in mine:
@@ -251,15 +248,14 @@ def test_clients_use_dns_targets_of_real_services(overlay):
 
 @pytest.mark.parametrize("binary", ["gateway", "llm-svc", "summary-svc"])
 def test_grpc_clients_have_round_robin(binary):
-    """Notes which gRPC clients can spread calls over a headless Service's
-    replicas; one without --grpc-round-robin uses pick_first (one replica
-    per channel until that connection breaks)."""
-    opts = help_options(binary)
-    if opts is None:
-        pytest.skip(f"{binary} is not built yet")
-    if "--grpc-round-robin" not in opts:
-        pytest.skip(f"{binary} has no --grpc-round-robin (GRPC_ROUND_ROBIN): its channels use "
-                    f"pick_first over a headless Service's addresses (noted in the README)")
+    """Every gRPC caller can spread calls over a headless Service's replicas
+    (without it a channel uses pick_first: one replica until that connection
+    breaks), and the overlays turn it on."""
+    assert "--grpc-round-robin" in help_options(binary), f"{binary} has no --grpc-round-robin"
+    for overlay in OVERLAYS:
+        for o, c in containers(render(overlay)):
+            if image_binary(c["image"]) == binary:
+                assert env_of(c).get("GRPC_ROUND_ROBIN") == "true", (overlay, binary)
 
 
 # --------------------------------------------------------------- termination

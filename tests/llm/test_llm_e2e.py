@@ -6,6 +6,9 @@ fault into the first N alike requests, [[delay:MS]] paces tokens,
 [[words:N]] answers exactly N tokens."""
 
 import json
+import re
+import shutil
+import subprocess
 import threading
 import time
 import urllib.request
@@ -87,6 +90,10 @@ def test_knowledge_tool_two_parallel_calls(stub):
         assert not r.is_error
         body = json.loads(r.result_json)
         assert body["results"], body
+        # Plain JSON forms: scores as printed (at most 3 decimals, not the
+        # nearest double's 17 digits), '/' not escaped.
+        assert re.search(r'"score":\d+\.\d{1,3}[,}]', r.result_json), r.result_json
+        assert "\\/" not in r.result_json
     srcs = {json.loads(r.result_json)["results"][0]["source"] for r in results}
     assert srcs == {"websockets.md", "grpc.md"}
     assert ev[-1].WhichOneof("event") == "done" and ev[-1].done.rounds == 2
@@ -290,3 +297,30 @@ def test_a_stalled_caller_pauses_the_upstream_and_loses_nothing(model):
     assert events[-1].WhichOneof("event") == "done" and events[-1].done.finish_reason == "stop"
     assert text(events) == " ".join(f"w{i}" for i in range(1, words + 1))
     assert after == during + 2, "the answer and the second /stats completed"
+
+
+def test_knowledge_folder_found_beside_an_installed_binary(model, tmp_path):
+    """No build-tree path is compiled into --help; an installed binary finds
+    PREFIX/share/convo/knowledge beside itself, whatever the prefix, before
+    the source tree's (which this copy could also reach)."""
+    h = subprocess.run([str(build_dir() / "llm-svc" / "llm-svc"), "--help"], capture_output=True,
+                       text=True, timeout=10)
+    assert str(build_dir().parent) not in h.stdout + h.stderr
+    prefix = tmp_path / "opt"
+    (prefix / "bin").mkdir(parents=True)
+    kdir = prefix / "share" / "convo" / "knowledge"
+    kdir.mkdir(parents=True)
+    (kdir / "only.md").write_text("# Zebras\n\nZebras are striped horses of Africa.\n")
+    binary = prefix / "bin" / "llm-svc"
+    shutil.copy(build_dir() / "llm-svc" / "llm-svc", binary)
+    with llm_service_binary(model, binary) as svc:
+        st = pb.llm_pb2_grpc.LlmStub(svc.channel())
+        ev = chat(st, "Explain zebras?")
+        results = [json.loads(e.tool_result.result_json) for e in ev
+                   if e.WhichOneof("event") == "tool_result"]
+        assert results and results[0]["results"][0]["source"] == "only.md", results
+
+
+def llm_service_binary(model, binary):
+    return Service("llm-svc", binary=binary, args=["--openai-base-url", f"http://{model.addr}/v1",
+                                                   "--store", f"127.0.0.1:{free_port()}"])

@@ -184,21 +184,26 @@ static void test_whole_words_non_ascii(void **state)
         {"¿Why?", 1},
         {"¡Explain!", 1},
         {"«why»", 1},
-        {"\xE2\x80\x9CWhy\xE2\x80\x9D", 1},          /* “Why” */
-        {"why\xE2\x80\xA6", 1},                      /* why… */
-        {"how\xE2\x80\x99s that", 1},                /* how’s */
-        {"why\xEF\xBC\x9F", 1},                      /* why？ (fullwidth) */
-        {"\xE3\x80\x8Cwhy\xE3\x80\x8D", 1},          /* 「why」 */
-        {"\xE5\x88\x86\xE6\x9E\x90 why", 1},         /* 分析 why */
-        {"why\xF0\x9F\xA4\x94", 1},                  /* why🤔 */
-        {"\xC2\xA0why\xC2\xA0", 1},                  /* NBSP around */
-        {"why\xE2\x80\x8B", 1},                      /* zero-width space */
-        {"\xE2\x80\x94how\xE2\x80\x94", 1},          /* —how— */
-        {"\xC3\xA9why", 0},                          /* éwhy */
-        {"why\xC3\xA9", 0},                          /* whyé */
-        {"why\xCC\x81", 0},                          /* whý with a combining accent */
-        {"\xE5\x88\x86why", 0},                      /* 分why: CJK letters are word characters */
-        {"\xEF\xBD\x97\xEF\xBD\x88\xEF\xBD\x99", 0}, /* ｗｈｙ (fullwidth letters) */
+        {"\xE2\x80\x9CWhy\xE2\x80\x9D", 1},  /* “Why” */
+        {"why\xE2\x80\xA6", 1},              /* why… */
+        {"how\xE2\x80\x99s that", 1},        /* how’s */
+        {"why\xEF\xBC\x9F", 1},              /* why？ (fullwidth) */
+        {"\xE3\x80\x8Cwhy\xE3\x80\x8D", 1},  /* 「why」 */
+        {"\xE5\x88\x86\xE6\x9E\x90 why", 1}, /* 分析 why */
+        {"why\xF0\x9F\xA4\x94", 1},          /* why🤔 */
+        {"\xC2\xA0why\xC2\xA0", 1},          /* NBSP around */
+        {"why\xE2\x80\x8B", 1},              /* zero-width space */
+        {"\xE2\x80\x94how\xE2\x80\x94", 1},  /* —how— */
+        {"\xC3\xA9why", 0},                  /* éwhy */
+        {"why\xC3\xA9", 0},                  /* whyé */
+        {"why\xCC\x81", 0},                  /* whý with a combining accent */
+        {"\xE5\x88\x86why", 1},              /* 分why: each CJK character is a word */
+        {"\xE8\xAF\xB7"
+         "explain",
+         1},                                                     /* 请explain */
+        {"WHY\xCC\x81", 0},                                      /* WHÝ with a combining accent */
+        {"how\xE2\x80\x99", 1},                                  /* how’ */
+        {"\xEF\xBD\x97\xEF\xBD\x88\xEF\xBD\x99", 0},             /* ｗｈｙ (fullwidth letters) */
         {"\xD0\xBF\xD0\xBE\xD1\x87\xD0\xB5\xD0\xBC\xD1\x83", 0}, /* почему */
     };
     check_words(cases, sizeof cases / sizeof cases[0]);
@@ -338,12 +343,49 @@ static void test_custom_keywords(void **state)
     assert_int_equal(decide("\xD0\xBF\xD0\xBE\xD1\x87\xD0\xB5\xD0\xBC\xD1\x83?", 1, 0).strategy,
                      ROUTE_ANALYTICAL);
     assert_int_equal(decide("why", 1, 0).strategy, ROUTE_FAST_CONCISE);
+    /* Case folding beyond ASCII: Cyrillic capitals, and full folding
+     * (ß is "ss") for messages and keywords alike. */
+    assert_int_equal(
+        decide("\xD0\x9F\xD0\xBE\xD1\x87\xD0\xB5\xD0\xBC\xD1\x83 \xD0\xBD\xD0\xB5\xD0\xB1\xD0\xBE?",
+               1, 0)
+            .strategy,
+        ROUTE_ANALYTICAL); /* Почему небо? */
+    assert_int_equal(decide("\xD0\x9F\xD0\x9E\xD0\xA7\xD0\x95\xD0\x9C\xD0\xA3", 1, 0).strategy,
+                     ROUTE_ANALYTICAL); /* ПОЧЕМУ */
+    assert_int_equal(route_config_set_keywords(cfg,
+                                               "Stra\xC3\x9F"
+                                               "e, \xCE\xA3\xCE\x99\xCE\x93\xCE\x9C\xCE\x91",
+                                               err, sizeof err),
+                     0); /* Straße, ΣΙΓΜΑ: stored folded */
+    assert_string_equal(cfg->keywords[0], "strasse");
+    assert_int_equal(decide("STRASSE!", 1, 0).strategy, ROUTE_ANALYTICAL);
+    assert_int_equal(decide("die stra\xC3\x9F"
+                            "e",
+                            1, 0)
+                         .strategy,
+                     ROUTE_ANALYTICAL);
+    assert_int_equal(decide("\xCF\x83\xCE\xB9\xCE\xB3\xCE\xBC\xCE\xB1", 1, 0).strategy,
+                     ROUTE_ANALYTICAL); /* σιγμα */
+    assert_int_equal(decide("strassen", 1, 0).strategy, ROUTE_FAST_CONCISE);
+    /* A word that spans past 2 KiB of folded text (the allocating path). */
+    char big[4096 + 16];
+    memset(big, 'x', 4096);
+    memcpy(big + 4096, " STRASSE", 9);
+    assert_int_equal(decide(big, 1, 0).strategy, ROUTE_ANALYTICAL);
+    big[4096] = 'y';
+    assert_int_equal(decide(big, 1, 0).strategy, ROUTE_FAST_CONCISE);
 
     /* A bad item leaves the list as it was. */
     assert_int_equal(route_config_set_keywords(cfg, "why, look up", err, sizeof err), -1);
     assert_non_null(strstr(err, "'look up' is not a single word"));
-    assert_int_equal(cfg->n_keywords, 3);
+    assert_int_equal(cfg->n_keywords, 2);
     assert_int_equal(route_config_set_keywords(cfg, "why?", err, sizeof err), -1);
+    assert_int_equal(route_config_set_keywords(cfg, "how's", err, sizeof err), -1);
+    assert_int_equal(route_config_set_keywords(cfg, "_x", err, sizeof err), 0);
+    assert_int_equal(route_config_set_keywords(cfg, "\xE4\xB8\xBA\xE4\xBB\x80", err, sizeof err),
+                     -1);
+    assert_non_null(strstr(err, "not a single word")); /* 为什: two CJK words */
+    assert_int_equal(route_config_set_keywords(cfg, "a\xFF", err, sizeof err), -1);
     char long_kw[ROUTE_KEYWORD_MAX + 2];
     memset(long_kw, 'a', sizeof long_kw - 1);
     long_kw[sizeof long_kw - 1] = '\0';
