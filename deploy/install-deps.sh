@@ -44,6 +44,7 @@ PACKAGES=(
   python3-psycopg2
   python3-websockets
   python3-yaml
+  python3-jwt
   nodejs
   npm
   chromium

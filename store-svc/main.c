@@ -57,7 +57,7 @@
       "(0: only calls already waiting are grouped)")                                               \
     X(S, append_group_idle_ms, INT, "append-group-idle-ms", "STORE_APPEND_GROUP_IDLE_MS", "5",     \
       "a group is closed when no AppendEvents call came for this many ms")                         \
-    X(S, append_group_calls, INT, "append-group-calls", "STORE_APPEND_GROUP_CALLS", "16",          \
+    X(S, append_group_calls, INT, "append-group-calls", "STORE_APPEND_GROUP_CALLS", "64",          \
       "AppendEvents calls in one group at most (groups run side by side on the workers, so a "     \
       "burst is spread over them rather than made one statement on one core)")                     \
     X(S, append_group_events, INT, "append-group-events", "STORE_APPEND_GROUP_EVENTS", "1000",     \

@@ -161,6 +161,21 @@ class Meter:
         return {k: t1[k] - self.t0[k] for k in t1}
 
 
+def warm_up(a, gw, token_file):
+    """One session of one turn through the gateway before the measured run,
+    so that the gateway's gRPC channels to router-svc, llm-svc and
+    store-svc are connected (they connect at their first call): the run
+    measures a serving system, not its start. --cold leaves it out."""
+    argv = [str(build_dir() / "tests" / "gateway" / "loadgen"), "--gateway", gw.addr,
+            "--sessions", "1", "--turns", "2", "--words", "3", "--user-prefix", a.user_prefix]
+    if token_file:
+        argv += ["--access-token-file", str(token_file)]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"warm-up failed:\n{r.stdout}{r.stderr}", file=sys.stderr)
+    return r.returncode == 0, 2 * 3
+
+
 def run_client(client, a, gw, model, db, meter, token_file, want_before):
     print(f"--- load generator: {client} ({cpu_model()})", flush=True)
     meter.start()
@@ -188,6 +203,15 @@ def run_client(client, a, gw, model, db, meter, token_file, want_before):
     parts = [f"{k} {v:.1f}" for k, v in cpu.items()]
     print(f"CPU seconds used during the run ({ran:.1f} s, {cpu_model()}): {', '.join(parts)}, "
           f"load generator ({client}) {client_cpu:.1f}")
+    tokens = a.sessions * a.turns * a.words * (2 if a.direct else 1)
+    if client_cpu > 0:
+        print(f"load generator ({client}): {tokens / client_cpu:,.0f} tokens received per CPU-second "
+              f"of its own ({client_cpu:.2f} s for {tokens:,} tokens, {100 * client_cpu / ran:.0f}% "
+              f"of a core over the run)")
+    upd, hot, size = db.query("SELECT n_tup_upd, n_tup_hot_upd, pg_total_relation_size('sessions') "
+                              "FROM pg_stat_user_tables WHERE relname = 'sessions'").split("|")
+    print(f"sessions table: {int(upd):,} row updates so far, {int(hot):,} of them HOT (no index "
+          f"entry), {int(size) / 1e6:.1f} MB with its indexes")
     if events > 0:
         print(f"PostgreSQL CPU per stored event: {cpu['PostgreSQL'] / events * 1e6:.1f} µs; "
               f"store-svc {cpu['store-svc'] / events * 1e6:.1f} µs")
@@ -220,6 +244,9 @@ def main():
     ap.add_argument("--persist-nice", type=int, default=0, metavar="N",
                     help="run PostgreSQL and store-svc at this nice value (an experiment: the "
                     "token path first, persistence when a core is free)")
+    ap.add_argument("--cold", action="store_true",
+                    help="no warm-up session before the run (the gateway's channels to the "
+                    "services then connect during the first burst)")
     ap.add_argument("--no-direct", dest="direct", action="store_false",
                     help="leave out the same requests straight to the model")
     ap.add_argument("--turn-log", help="the C generator writes a JSON line per turn here "
@@ -266,6 +293,9 @@ def main():
         failed = 0
         want = 0
         try:
+            if not a.cold:
+                ok, want = warm_up(a, gw, token_file)
+                failed |= not ok
             for client in a.client.split(","):
                 rc, all_stored, want = run_client(client, a, gw, model, db, meter, token_file, want)
                 failed |= rc != 0 or not all_stored
