@@ -23,6 +23,7 @@ PACKAGES=(
   pkg-config
   git
   libgrpc-dev
+  libssl-dev
   libprotobuf-c-dev
   protobuf-c-compiler
   protobuf-compiler
@@ -32,6 +33,7 @@ PACKAGES=(
   libcurl4-openssl-dev
   libpq-dev
   libjson-c-dev
+  libcjose-dev
   libunistring-dev
   libcmocka-dev
   postgresql
@@ -45,6 +47,7 @@ PACKAGES=(
   python3-websockets
   python3-yaml
   python3-jwt
+  python3-cryptography
   nodejs
   npm
   chromium

@@ -1,5 +1,6 @@
 #include "conf.h"
 
+#include "log.h"
 #include "mem.h"
 
 #include <errno.h>
@@ -40,7 +41,8 @@ static int set_value(const conf_opt *o, void *base, const char *text, const char
 {
     char *field = (char *)base + o->offset;
     switch (o->type) {
-    case CONF_STR: {
+    case CONF_STR:
+    case CONF_SECRET: {
         char **s = (char **)field;
         mem_free(*s);
         *s = mem_strdup(text);
@@ -68,10 +70,75 @@ static int set_value(const conf_opt *o, void *base, const char *text, const char
     return -1;
 }
 
+/* The content of a NAME_FILE secret, one trailing newline dropped; NULL
+ * after saying on stderr what is wrong (never the content). */
+static char *read_secret_file(const char *var, const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (f == NULL) {
+        fprintf(stderr, "%s: %s: %s\n", var, path, strerror(errno));
+        return NULL;
+    }
+    char *buf = mem_alloc(CONF_SECRET_FILE_MAX + 2);
+    size_t n = fread(buf, 1, CONF_SECRET_FILE_MAX + 1, f);
+    int unreadable = ferror(f);
+    fclose(f);
+    int bad = 1;
+    if (unreadable)
+        fprintf(stderr, "%s: %s cannot be read\n", var, path);
+    else if (n > CONF_SECRET_FILE_MAX)
+        fprintf(stderr, "%s: %s is over %d bytes\n", var, path, CONF_SECRET_FILE_MAX);
+    else if (memchr(buf, '\0', n) != NULL)
+        fprintf(stderr, "%s: %s holds a NUL byte\n", var, path);
+    else
+        bad = 0;
+    if (bad) {
+        explicit_bzero(buf, n);
+        mem_free(buf);
+        return NULL;
+    }
+    if (n > 0 && buf[n - 1] == '\n')
+        n--;
+    if (n > 0 && buf[n - 1] == '\r')
+        n--;
+    buf[n] = '\0';
+    return buf;
+}
+
+/* Sets an option from its environment variable (a SECRET also from
+ * NAME_FILE); 0, or -1 after saying what is wrong. */
+static int from_env(const conf_opt *o, void *base)
+{
+    if (o->env == NULL)
+        return 0;
+    const char *value = getenv(o->env);
+    if (value != NULL && value[0] == '\0')
+        value = NULL;
+    if (o->type != CONF_SECRET)
+        return value != NULL ? set_value(o, base, value, o->env) : 0;
+    char *file_var = mem_asprintf("%s_FILE", o->env);
+    const char *path = getenv(file_var);
+    int rc = 0;
+    if (path != NULL && path[0] != '\0' && value != NULL) {
+        fprintf(stderr, "%s and %s are both set; set one\n", o->env, file_var);
+        rc = -1;
+    } else if (path != NULL && path[0] != '\0') {
+        char *secret = read_secret_file(file_var, path);
+        rc = secret != NULL ? set_value(o, base, secret, file_var) : -1;
+        if (secret != NULL)
+            explicit_bzero(secret, strlen(secret));
+        mem_free(secret);
+    } else if (value != NULL) {
+        rc = set_value(o, base, value, o->env);
+    }
+    mem_free(file_var);
+    return rc;
+}
+
 static void print_usage(FILE *f, const char *prog, const char *about, const conf_section *secs,
                         size_t nsecs)
 {
-    static const char *const type_names[] = {"TEXT", "N", "BOOL"};
+    static const char *const type_names[] = {"TEXT", "N", "BOOL", "SECRET"};
     fprintf(f,
             "%s %s — %s\n\nUsage: %s [options]\n\nOptions (flag, environment variable, "
             "default):\n",
@@ -83,6 +150,11 @@ static void print_usage(FILE *f, const char *prog, const char *about, const conf
             if (o->env != NULL)
                 fprintf(f, "  (env %s)", o->env);
             fprintf(f, "  [default: %s]\n      %s\n", o->def[0] ? o->def : "\"\"", o->help);
+            if (o->type == CONF_SECRET && o->env != NULL)
+                fprintf(f,
+                        "      (a secret: or %s_FILE, a file holding it; as a flag it shows in "
+                        "ps)\n",
+                        o->env);
         }
     }
     fprintf(f, "  --help\n      print this help and exit\n  --version\n      print the version "
@@ -112,8 +184,7 @@ int conf_parse(int argc, char **argv, const char *prog, const char *about, const
             const conf_opt *o = &secs[s].opts[i];
             if (set_value(o, secs[s].base, o->def, "built-in default") != 0)
                 return -1;
-            const char *env = o->env != NULL ? getenv(o->env) : NULL;
-            if (env != NULL && env[0] != '\0' && set_value(o, secs[s].base, env, o->env) != 0)
+            if (from_env(o, secs[s].base) != 0)
                 goto usage;
         }
     }
@@ -154,6 +225,11 @@ int conf_parse(int argc, char **argv, const char *prog, const char *about, const
         }
         if (set_value(o, base, value, prog) != 0)
             goto usage;
+        if (o->type == CONF_SECRET)
+            log_warn("%s: --%s was given on the command line, where every user of this machine "
+                     "can read it (ps); pass it as %s or %s_FILE instead",
+                     prog, o->flag, o->env != NULL ? o->env : "an environment variable",
+                     o->env != NULL ? o->env : "NAME");
     }
     return 0;
 
@@ -167,7 +243,7 @@ void conf_free(const conf_section *secs, size_t nsecs)
     for (size_t s = 0; s < nsecs; s++) {
         for (size_t i = 0; i < secs[s].n; i++) {
             const conf_opt *o = &secs[s].opts[i];
-            if (o->type == CONF_STR) {
+            if (o->type == CONF_STR || o->type == CONF_SECRET) {
                 char **p = (char **)((char *)secs[s].base + o->offset);
                 mem_free(*p);
                 *p = NULL;

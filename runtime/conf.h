@@ -10,13 +10,23 @@
  *   CONF_DECLARE(my_opts, MY_OPTS)
  *
  * declares `typedef struct my_opts {char *listen; long long max_bytes;} my_opts;`
- * and `my_opts_table`. Precedence: built-in default < environment < flag. */
+ * and `my_opts_table`. Precedence: built-in default < environment < flag.
+ *
+ * SECRET is a string that is a credential (an API key, a database URL with
+ * its password). Its variable may also be given as NAME_FILE, the path of a
+ * file holding it (the Kubernetes convention for mounted Secrets; one
+ * trailing newline is dropped); NAME and NAME_FILE together are an error. As
+ * a flag it is accepted with a warning: a command line is visible to every
+ * user of the machine (ps, /proc). */
 #ifndef CONVO_CONF_H
 #define CONVO_CONF_H
 
 #include <stddef.h>
 
-typedef enum conf_type { CONF_STR, CONF_INT, CONF_BOOL } conf_type;
+typedef enum conf_type { CONF_STR, CONF_INT, CONF_BOOL, CONF_SECRET } conf_type;
+
+/* The largest file a NAME_FILE variable may name. */
+#define CONF_SECRET_FILE_MAX 65536
 
 typedef struct conf_opt {
     const char *flag; /* without the leading "--" */
@@ -38,6 +48,7 @@ typedef struct conf_section {
 #define CONF__T_STR                                        char *
 #define CONF__T_INT                                        long long
 #define CONF__T_BOOL                                       int
+#define CONF__T_SECRET                                     char *
 #define CONF__MEMBER(S, field, type, flag, env, def, help) CONF__T_##type field;
 #define CONF__ROW(S, field, type, flag, env, def, help)                                            \
     {flag, env, CONF_##type, def, help, offsetof(struct S, field)},
@@ -51,7 +62,8 @@ typedef struct conf_section {
 
 /* Fills every section from defaults, the environment and argv (--flag value
  * or --flag=value; a BOOL flag alone means true). INT values must be
- * non-negative integers; BOOL values are true/false/1/0/yes/no.
+ * non-negative integers; BOOL values are true/false/1/0/yes/no; a SECRET
+ * also from NAME_FILE (see above; a flag logs a warning).
  * Returns 0 to go on, 1 when --help or --version was printed (exit 0), -1
  * after printing what is wrong and the usage (exit 2). `about` is one line
  * for --help. Strings in the sections are owned by them: conf_free(). */

@@ -5,8 +5,12 @@
 #define CONVO_NAMES_H
 
 #include "convo/v1/common.pb-c.h"
+#include "convo/v1/store.pb-c.h"
 
 /* "none", "pending", "done", "failed"; "unknown" for any other value. */
 const char *names_summary_status(Convo__V1__SummaryStatus s);
+/* "user_message", "ai_token", "tool_call", "tool_result", "system_event"
+ * (the seed's event_type values); "unknown" for any other value. */
+const char *names_event_type(Convo__V1__EventType t);
 
 #endif

@@ -285,6 +285,7 @@ enum {
     ST_END,
     ST_SAVE,
     ST_CLAIM,
+    ST_CLAIM_GIVE_UP,
     ST_LIST_USER,
     ST_LIST_UNSUMMARIZED,
     ST_APPEND,
@@ -494,15 +495,17 @@ int db_open_session(db_conn *c, const char *session_id, const char *user_id, db_
     return DB_EUNAVAIL;
 }
 
-int db_end_session(db_conn *c, const char *session_id, int64_t end_us, db_session *out)
+int db_end_session(db_conn *c, const char *session_id, const char *user_id, int64_t end_us,
+                   db_session *out)
 {
     char ts[24];
     fmt_i64(ts, sizeof ts, end_us);
-    const char *vals[] = {session_id, ts};
+    const char *vals[] = {session_id, ts, user_id};
     int found;
-    /* Only a live session changes; ending it again is answered from a plain
-     * read (no new row version). A client clock behind the start gives a
-     * duration of 0, not a negative one. */
+    /* Only a live session of this user changes; ending it again is
+     * answered from a plain read (no new row version), another user's is
+     * refused. A client clock behind the start gives a duration of 0, not a
+     * negative one. */
     int rc = one_session(
         c, ST_END, "EndSession",
         "UPDATE sessions SET end_time = t.ts, "
@@ -512,11 +515,14 @@ int db_end_session(db_conn *c, const char *session_id, int64_t end_us, db_sessio
          * double through to_timestamp() would lose the last microsecond). */
         "FROM (SELECT CASE WHEN $2::int8 = 0 THEN now() ELSE 'epoch'::timestamptz + "
         "$2::int8 * interval '1 microsecond' END AS ts) t "
-        "WHERE session_id = $1 AND end_time IS NULL RETURNING " SESSION_COLS,
-        2, vals, out, &found);
+        "WHERE session_id = $1 AND user_id = $3 AND end_time IS NULL RETURNING " SESSION_COLS,
+        3, vals, out, &found);
     if (rc != 0 || found)
         return rc;
-    return db_get_session(c, session_id, out);
+    rc = db_get_session(c, session_id, out);
+    if (rc == 0 && strcmp(out->user_id, user_id) != 0)
+        return DB_EOWNER;
+    return rc;
 }
 
 static const char *summary_name(int status)
@@ -540,8 +546,8 @@ int db_save_summary(db_conn *c, const char *session_id, int status, const char *
                          "summary_status = $2, "
                          "summary_error = CASE WHEN $2 = 'done' THEN NULL ELSE $4 END, "
                          "summary_lease_owner = NULL, summary_lease_until = NULL "
-                         "WHERE session_id = $1 AND ($5 = '' OR summary_lease_owner = $5) "
-                         "RETURNING " SESSION_COLS,
+                         "WHERE session_id = $1 AND summary_lease_owner = $5 "
+                         "AND summary_lease_until > now() RETURNING " SESSION_COLS,
                          5, vals, out, &found);
     if (rc != 0 || found)
         return rc;
@@ -549,29 +555,45 @@ int db_save_summary(db_conn *c, const char *session_id, int status, const char *
     return rc != 0 ? rc : DB_ELEASE;
 }
 
+/* One conditional UPDATE: the row lock makes concurrent claims queue, and
+ * each re-checks the lease after the one before it committed, so two
+ * workers never both get it. The same worker may claim again (a new
+ * attempt). */
+static const char claim_sql[] =
+    "UPDATE sessions SET summary_lease_owner = $2, "
+    "summary_lease_until = now() + $3::int4 * interval '1 second', "
+    "summary_attempts = summary_attempts + 1 "
+    "WHERE session_id = $1 AND end_time IS NOT NULL AND summary_status = 'pending' "
+    "AND ($4::int4 = 0 OR summary_attempts < $4::int4) "
+    "AND (summary_lease_owner IS NULL OR summary_lease_until IS NULL "
+    "OR summary_lease_until <= now() OR summary_lease_owner = $2) "
+    "RETURNING " SESSION_COLS;
+
+/* The lease of a worker that records that the attempts ran out: no attempt
+ * is counted, and only when they did. */
+static const char claim_give_up_sql[] =
+    "UPDATE sessions SET summary_lease_owner = $2, "
+    "summary_lease_until = now() + $3::int4 * interval '1 second' "
+    "WHERE session_id = $1 AND end_time IS NOT NULL AND summary_status = 'pending' "
+    "AND $4::int4 > 0 AND summary_attempts >= $4::int4 "
+    "AND (summary_lease_owner IS NULL OR summary_lease_until IS NULL "
+    "OR summary_lease_until <= now() OR summary_lease_owner = $2) "
+    "RETURNING " SESSION_COLS;
+
 int db_claim_summary(db_conn *c, const char *session_id, const char *worker_id,
-                     int32_t lease_seconds, int32_t max_attempts, db_session *out, int *claimed)
+                     int32_t lease_seconds, int32_t max_attempts, int give_up, db_session *out,
+                     int *claimed)
 {
     char lease[16], max[16];
     snprintf(lease, sizeof lease, "%d", (int)lease_seconds);
     snprintf(max, sizeof max, "%d", (int)max_attempts);
     const char *vals[] = {session_id, worker_id, lease, max};
-    int found;
-    /* One conditional UPDATE: the row lock makes concurrent claims queue,
-     * and each re-checks the lease after the one before it committed, so
-     * two workers never both get it. The same worker may claim again (a
-     * new attempt). */
-    int rc =
-        one_session(c, ST_CLAIM, "ClaimSummary",
-                    "UPDATE sessions SET summary_lease_owner = $2, "
-                    "summary_lease_until = now() + $3::int4 * interval '1 second', "
-                    "summary_attempts = summary_attempts + 1 "
-                    "WHERE session_id = $1 AND end_time IS NOT NULL AND summary_status = 'pending' "
-                    "AND ($4::int4 = 0 OR summary_attempts < $4::int4) "
-                    "AND (summary_lease_owner IS NULL OR summary_lease_until IS NULL "
-                    "OR summary_lease_until <= now() OR summary_lease_owner = $2) "
-                    "RETURNING " SESSION_COLS,
-                    4, vals, out, &found);
+    int found, rc;
+    if (give_up)
+        rc = one_session(c, ST_CLAIM_GIVE_UP, "ClaimSummary(give_up)", claim_give_up_sql, 4, vals,
+                         out, &found);
+    else
+        rc = one_session(c, ST_CLAIM, "ClaimSummary", claim_sql, 4, vals, out, &found);
     *claimed = 0;
     if (rc != 0)
         return rc;
@@ -603,16 +625,20 @@ static int many_sessions(db_conn *c, int id, const char *what, const char *sql, 
 }
 
 int db_list_user_sessions(db_conn *c, const char *user_id, uint32_t limit, const char *exclude,
-                          db_session **out, size_t *n)
+                          int64_t before_us, const char *before_id, db_session **out, size_t *n)
 {
-    char lim[16];
+    char lim[16], before[32];
     snprintf(lim, sizeof lim, "%u", limit);
-    const char *vals[] = {user_id, exclude, lim};
+    fmt_i64(before, sizeof before, before_us);
+    const char *vals[] = {user_id, exclude, lim, before, before_id};
+    /* The cursor is a row of the previous page: its time exactly (the
+     * microseconds the store handed out) and its id break ties. */
     return many_sessions(c, ST_LIST_USER, "ListUserSessions",
                          "SELECT " SESSION_COLS " FROM sessions WHERE user_id = $1 "
-                         "AND session_id <> $2 ORDER BY start_time DESC, session_id DESC "
-                         "LIMIT $3::int8",
-                         3, vals, out, n);
+                         "AND session_id <> $2 AND ($4::int8 = 0 OR (start_time, session_id) < "
+                         "('epoch'::timestamptz + $4::int8 * interval '1 microsecond', $5)) "
+                         "ORDER BY start_time DESC, session_id DESC LIMIT $3::int8",
+                         5, vals, out, n);
 }
 
 int db_list_unsummarized(db_conn *c, uint32_t limit, int64_t ended_before_us, int32_t max_attempts,
@@ -738,21 +764,22 @@ void db_batch_destroy(db_batch **bp)
 }
 
 /* One statement, so one transaction: lock the session row (serializing
- * writers of one session and seeing a concurrent EndSession), insert the
- * rows not stored yet in seq order (event_id then follows seq too), and
+ * writers of one session and seeing a concurrent EndSession), check its
+ * owner ($6), insert the rows not stored yet in seq order (event_id then
+ * follows seq too), and
  * bump the session's counters by what was really inserted. Rows come as
  * four binary arrays unnested side by side: one round trip and one plan
  * for any batch size. */
 static const char append_sql[] =
-    "WITH s AS (SELECT end_time IS NOT NULL AS ended, last_seq FROM sessions "
-    "WHERE session_id = $1 FOR UPDATE), "
+    "WITH s AS (SELECT end_time IS NOT NULL AS ended, last_seq, user_id = $6 AS mine "
+    "FROM sessions WHERE session_id = $1 FOR UPDATE), "
     "e AS (SELECT * FROM unnest($2::int8[], $3::int4[], $4::text[], $5::int8[]) "
     "AS e(seq, t, content, ts)), "
     "ins AS (INSERT INTO session_events (session_id, seq, event_type, content, \"timestamp\") "
     "SELECT $1, e.seq, (ARRAY['user_message','ai_token','tool_call','tool_result',"
     "'system_event'])[e.t], e.content, "
     "CASE WHEN e.ts = 0 THEN now() ELSE 'epoch'::timestamptz + e.ts * interval '1 microsecond' "
-    "END FROM e WHERE EXISTS (SELECT 1 FROM s WHERE NOT s.ended) ORDER BY e.seq "
+    "END FROM e WHERE EXISTS (SELECT 1 FROM s WHERE NOT s.ended AND s.mine) ORDER BY e.seq "
     "ON CONFLICT (session_id, seq) DO NOTHING RETURNING seq, event_type), "
     "agg AS (SELECT count(*) AS n, COALESCE(max(seq), 0) AS max_seq, "
     "count(*) FILTER (WHERE event_type = 'user_message') AS um, "
@@ -764,15 +791,20 @@ static const char append_sql[] =
     "SELECT (SELECT count(*) FROM s), COALESCE((SELECT ended FROM s), false), "
     "(SELECT n FROM agg), "
     "COALESCE((SELECT last_seq FROM upd), (SELECT last_seq FROM s), 0), "
-    "CASE WHEN (SELECT ended FROM s) THEN (SELECT count(*) FROM session_events "
-    "WHERE session_id = $1 AND seq = ANY($2::int8[])) ELSE 0 END";
+    "CASE WHEN (SELECT ended AND mine FROM s) THEN (SELECT count(*) FROM session_events "
+    "WHERE session_id = $1 AND seq = ANY($2::int8[])) ELSE 0 END, "
+    "COALESCE((SELECT mine FROM s), false)";
 
 /* What a call's result row says, as db_append_events answers it. */
-static int append_outcome(uint32_t n, int found, int ended, int64_t appended, int64_t stored,
-                          db_append_result *out)
+static int append_outcome(uint32_t n, int found, int mine, int ended, int64_t appended,
+                          int64_t stored, db_append_result *out)
 {
     if (!found)
         return DB_ENOTFOUND;
+    if (!mine) {
+        out->last_seq = 0; /* nothing about another user's session */
+        return DB_EOWNER;
+    }
     if (ended) {
         /* A retry of a batch that made it before the end is still a
          * success; anything new is refused. */
@@ -786,21 +818,25 @@ static int append_outcome(uint32_t n, int found, int ended, int64_t appended, in
     return 0;
 }
 
-int db_append_events(db_conn *c, const char *session_id, const db_batch *b, db_append_result *out)
+int db_append_events(db_conn *c, const char *session_id, const char *user_id, const db_batch *b,
+                     db_append_result *out)
 {
     uint32_t n = (uint32_t)b->n;
     arr_header(&b->seq, OID_INT8, n);
     arr_header(&b->type, OID_INT4, n);
     arr_header(&b->content, OID_TEXT, n);
     arr_header(&b->ts, OID_INT8, n);
-    const Oid types[] = {OID_TEXT, OID_INT8_ARRAY, OID_INT4_ARRAY, OID_TEXT_ARRAY, OID_INT8_ARRAY};
-    const char *vals[] = {session_id, b->seq.data, b->type.data, b->content.data, b->ts.data};
-    const int lens[] = {0, (int)b->seq.len, (int)b->type.len, (int)b->content.len, (int)b->ts.len};
-    const int fmts[] = {0, 1, 1, 1, 1};
+    const Oid types[] = {OID_TEXT,       OID_INT8_ARRAY, OID_INT4_ARRAY,
+                         OID_TEXT_ARRAY, OID_INT8_ARRAY, OID_TEXT};
+    const char *vals[] = {session_id,      b->seq.data, b->type.data,
+                          b->content.data, b->ts.data,  user_id};
+    const int lens[] = {0, (int)b->seq.len, (int)b->type.len, (int)b->content.len, (int)b->ts.len,
+                        0};
+    const int fmts[] = {0, 1, 1, 1, 1, 0};
     int rc;
 
     memset(out, 0, sizeof *out);
-    PGresult *r = exec(c, ST_APPEND, "AppendEvents", append_sql, 5, types, vals, lens, fmts, &rc);
+    PGresult *r = exec(c, ST_APPEND, "AppendEvents", append_sql, 6, types, vals, lens, fmts, &rc);
     if (r == NULL)
         return rc;
     int found = get_i64(r, 0, 0) > 0;
@@ -808,25 +844,31 @@ int db_append_events(db_conn *c, const char *session_id, const db_batch *b, db_a
     int64_t appended = get_i64(r, 0, 2);
     out->last_seq = get_i64(r, 0, 3);
     int64_t stored = get_i64(r, 0, 4);
+    int mine = get_bool(r, 0, 5);
     PQclear(r);
-    return append_outcome(n, found, ended, appended, stored, out);
+    return append_outcome(n, found, mine, ended, appended, stored, out);
 }
 
-/* The group form of append_sql: $1 the calls' session ids, then per event
- * the (1-based) call it belongs to, its seq, type, content and time. The
- * sessions are locked in session_id order (the Sort under LockRows), rows
- * go in by call then seq, counters move by what each session really got,
- * and one row per call comes back, in call order. */
+/* The group form of append_sql: $1 the calls' session ids and $2 their
+ * users, then per event the (1-based) call it belongs to, its seq, type,
+ * content and time. The sessions are locked in session_id order (the Sort
+ * under LockRows), a call's rows go in only when its session is live and
+ * its user's, by call then seq, counters move by what each session really
+ * got, and one row per call comes back, in call order. */
 static const char append_group_sql[] =
-    "WITH s AS (SELECT session_id, end_time IS NOT NULL AS ended, last_seq FROM sessions "
-    "WHERE session_id = ANY($1::text[]) ORDER BY session_id FOR UPDATE), "
-    "e AS (SELECT * FROM unnest($2::int4[], $3::int8[], $4::int4[], $5::text[], $6::int8[]) "
+    "WITH s AS MATERIALIZED (SELECT session_id, user_id, end_time IS NOT NULL AS ended, last_seq "
+    "FROM sessions WHERE session_id = ANY($1::text[]) ORDER BY session_id FOR UPDATE), "
+    "c AS (SELECT c.sid, c.i, s.session_id IS NOT NULL AS found, "
+    "COALESCE(s.ended, false) AS ended, COALESCE(s.user_id = ($2::text[])[c.i], false) AS mine, "
+    "s.last_seq "
+    "FROM unnest($1::text[]) WITH ORDINALITY AS c(sid, i) LEFT JOIN s ON s.session_id = c.sid), "
+    "e AS (SELECT * FROM unnest($3::int4[], $4::int8[], $5::int4[], $6::text[], $7::int8[]) "
     "AS e(call, seq, t, content, ts)), "
     "ins AS (INSERT INTO session_events (session_id, seq, event_type, content, \"timestamp\") "
-    "SELECT s.session_id, e.seq, (ARRAY['user_message','ai_token','tool_call','tool_result',"
+    "SELECT c.sid, e.seq, (ARRAY['user_message','ai_token','tool_call','tool_result',"
     "'system_event'])[e.t], e.content, "
     "CASE WHEN e.ts = 0 THEN now() ELSE 'epoch'::timestamptz + e.ts * interval '1 microsecond' "
-    "END FROM e JOIN s ON s.session_id = ($1::text[])[e.call] WHERE NOT s.ended "
+    "END FROM e JOIN c ON c.i = e.call WHERE c.found AND c.mine AND NOT c.ended "
     "ORDER BY e.call, e.seq "
     "ON CONFLICT (session_id, seq) DO NOTHING RETURNING session_id, seq, event_type), "
     "agg AS (SELECT session_id, count(*) AS n, max(seq) AS max_seq, "
@@ -836,19 +878,27 @@ static const char append_group_sql[] =
     "event_count = x.event_count + agg.n, user_message_count = x.user_message_count + agg.um, "
     "tool_call_count = x.tool_call_count + agg.tc FROM agg "
     "WHERE x.session_id = agg.session_id RETURNING x.session_id, x.last_seq) "
-    "SELECT s.session_id IS NOT NULL, COALESCE(s.ended, false), COALESCE(agg.n, 0), "
-    "COALESCE(upd.last_seq, s.last_seq, 0), "
-    "CASE WHEN s.ended THEN (SELECT count(*) FROM session_events x WHERE x.session_id = c.sid "
-    "AND x.seq = ANY(ARRAY(SELECT e.seq FROM e WHERE e.call = c.i))) ELSE 0 END "
-    "FROM unnest($1::text[]) WITH ORDINALITY AS c(sid, i) "
-    "LEFT JOIN s ON s.session_id = c.sid LEFT JOIN agg ON agg.session_id = c.sid "
-    "LEFT JOIN upd ON upd.session_id = c.sid ORDER BY c.i";
+    "SELECT c.found, c.mine, c.ended, COALESCE(agg.n, 0), COALESCE(upd.last_seq, c.last_seq, 0), "
+    "CASE WHEN c.ended AND c.mine THEN (SELECT count(*) FROM session_events x "
+    "WHERE x.session_id = c.sid AND x.seq = ANY(ARRAY(SELECT e.seq FROM e WHERE e.call = c.i))) "
+    "ELSE 0 END "
+    "FROM c LEFT JOIN agg ON agg.session_id = c.sid LEFT JOIN upd ON upd.session_id = c.sid "
+    "ORDER BY c.i";
 
 /* The elements of one batch's array (after its header), appended to a. */
 static void arr_append(arr *a, const arr *from)
 {
     arr_put(a, from->data + ARR_HEADER, from->len - ARR_HEADER);
 }
+
+static void arr_put_text(arr *a, const char *s)
+{
+    size_t len = strlen(s);
+    arr_put_u32(a, (uint32_t)len);
+    arr_put(a, s, len);
+}
+
+#define GROUP_PARAMS 7
 
 int db_append_group(db_conn *c, db_append_call *calls, size_t n)
 {
@@ -857,8 +907,9 @@ int db_append_group(db_conn *c, db_append_call *calls, size_t n)
         events += calls[i].batch->n;
         content += calls[i].batch->content.len;
     }
-    arr sids, call, seq, type, text, ts;
+    arr sids, users, call, seq, type, text, ts;
     arr_init(&sids, ARR_HEADER + n * 64);
+    arr_init(&users, ARR_HEADER + n * 64);
     arr_init(&call, ARR_HEADER + events * 8);
     arr_init(&seq, ARR_HEADER + events * 12);
     arr_init(&type, ARR_HEADER + events * 8);
@@ -866,9 +917,8 @@ int db_append_group(db_conn *c, db_append_call *calls, size_t n)
     arr_init(&ts, ARR_HEADER + events * 12);
     for (size_t i = 0; i < n; i++) {
         const db_batch *b = calls[i].batch;
-        size_t len = strlen(calls[i].session_id);
-        arr_put_u32(&sids, (uint32_t)len);
-        arr_put(&sids, calls[i].session_id, len);
+        arr_put_text(&sids, calls[i].session_id);
+        arr_put_text(&users, calls[i].user_id);
         for (size_t k = 0; k < b->n; k++) {
             arr_put_u32(&call, 4);
             arr_put_u32(&call, (uint32_t)(i + 1));
@@ -881,23 +931,24 @@ int db_append_group(db_conn *c, db_append_call *calls, size_t n)
         calls[i].rc = 0;
     }
     arr_header(&sids, OID_TEXT, (uint32_t)n);
+    arr_header(&users, OID_TEXT, (uint32_t)n);
     arr_header(&call, OID_INT4, (uint32_t)events);
     arr_header(&seq, OID_INT8, (uint32_t)events);
     arr_header(&type, OID_INT4, (uint32_t)events);
     arr_header(&text, OID_TEXT, (uint32_t)events);
     arr_header(&ts, OID_INT8, (uint32_t)events);
-    const Oid types[] = {OID_TEXT_ARRAY, OID_INT4_ARRAY, OID_INT8_ARRAY,
-                         OID_INT4_ARRAY, OID_TEXT_ARRAY, OID_INT8_ARRAY};
-    const arr *params[] = {&sids, &call, &seq, &type, &text, &ts};
-    const char *vals[6];
-    int lens[6], fmts[6], rc;
-    for (int i = 0; i < 6; i++) {
+    const Oid types[GROUP_PARAMS] = {OID_TEXT_ARRAY, OID_TEXT_ARRAY, OID_INT4_ARRAY, OID_INT8_ARRAY,
+                                     OID_INT4_ARRAY, OID_TEXT_ARRAY, OID_INT8_ARRAY};
+    arr *params[GROUP_PARAMS] = {&sids, &users, &call, &seq, &type, &text, &ts};
+    const char *vals[GROUP_PARAMS];
+    int lens[GROUP_PARAMS], fmts[GROUP_PARAMS], rc;
+    for (int i = 0; i < GROUP_PARAMS; i++) {
         vals[i] = params[i]->data;
         lens[i] = (int)params[i]->len;
         fmts[i] = 1;
     }
-    PGresult *r = exec(c, ST_APPEND_GROUP, "AppendEvents(group)", append_group_sql, 6, types, vals,
-                       lens, fmts, &rc);
+    PGresult *r = exec(c, ST_APPEND_GROUP, "AppendEvents(group)", append_group_sql, GROUP_PARAMS,
+                       types, vals, lens, fmts, &rc);
     if (r != NULL && (size_t)PQntuples(r) != n) {
         set_err(c, "AppendEvents(group): %d rows for %zu calls", PQntuples(r), n);
         rc = DB_EQUERY;
@@ -905,18 +956,15 @@ int db_append_group(db_conn *c, db_append_call *calls, size_t n)
         for (size_t i = 0; i < n; i++) {
             int row = (int)i;
             db_append_call *k = &calls[i];
-            k->res.last_seq = get_i64(r, row, 3);
+            k->res.last_seq = get_i64(r, row, 4);
             k->rc = append_outcome((uint32_t)k->batch->n, get_bool(r, row, 0), get_bool(r, row, 1),
-                                   get_i64(r, row, 2), get_i64(r, row, 4), &k->res);
+                                   get_bool(r, row, 2), get_i64(r, row, 3), get_i64(r, row, 5),
+                                   &k->res);
         }
     }
     PQclear(r);
-    mem_free(sids.data);
-    mem_free(call.data);
-    mem_free(seq.data);
-    mem_free(type.data);
-    mem_free(text.data);
-    mem_free(ts.data);
+    for (int i = 0; i < GROUP_PARAMS; i++)
+        mem_free(params[i]->data);
     return rc;
 }
 

@@ -12,6 +12,7 @@
 #include "pool.h"
 #include "srv.h"
 #include "store.h"
+#include "tls.h"
 
 #include <libpq-fe.h>
 #include <stdio.h>
@@ -20,7 +21,7 @@
 
 #define STORE_OPTS(X, S)                                                                           \
     X(S, listen, STR, "listen", "LISTEN_ADDR", "0.0.0.0:50053", "HOST:PORT to serve gRPC on")      \
-    X(S, database_url, STR, "database-url", "DATABASE_URL",                                        \
+    X(S, database_url, SECRET, "database-url", "DATABASE_URL",                                     \
       "postgresql://postgres@127.0.0.1:5432/postgres",                                             \
       "PostgreSQL connection URI or key=value string (libpq); sslmode and other parameters in "    \
       "it are honoured (a Supabase connection string works as given)")                             \
@@ -171,14 +172,18 @@ int main(int argc, char **argv)
 {
     store_opts opts = {0};
     srv_opts sopts = {0};
+    tls_opts topts = {0};
     const conf_section secs[] = {
         CONF_SECTION(store_opts, &opts),
         CONF_SECTION(srv_opts, &sopts),
+        CONF_SECTION(tls_opts, &topts),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     srv *server = NULL;
     pool *db_pool = NULL;
     store *st = NULL;
+    tls *mtls = NULL;
+    char err[512];
     int status = 2;
     int migrate_only = 0;
 
@@ -201,6 +206,10 @@ int main(int argc, char **argv)
     if (log_setup("store-svc", opts.log_level) != 0 || check_opts(&opts, &sopts) != 0)
         goto out;
 
+    if (!migrate_only && tls_create(&topts, &mtls, err, sizeof err) != 0) {
+        log_error("%s", err);
+        goto out;
+    }
     if (migrate_only) {
         status = run_migrate(&opts);
         goto out;
@@ -208,6 +217,7 @@ int main(int argc, char **argv)
 
     status = 1;
     server = srv_create("store-svc", opts.listen, &sopts);
+    srv_use_tls(server, mtls);
     pool_config pc = {
         .db = settings_of(&opts),
         .workers = (int)opts.db_pool_size,
@@ -261,6 +271,7 @@ out:
     if (server != NULL)
         srv_destroy(&server);
     store_destroy(&st);
+    tls_destroy(&mtls);
     conf_free(secs, nsecs);
     return status;
 }

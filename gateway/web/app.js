@@ -1,11 +1,52 @@
 // The convo web page: one WebSocket session, streamed answers, tool calls,
 // and the post-session summary. Plain JavaScript, no build step.
+//
+// Signing in follows the gateway's --auth mode (GET / says which): "dev",
+// a user name is typed and the gateway signs a token for it; "jwt", a token
+// from the identity provider is pasted; "none", the user name is sent as
+// user_id, as the seed did. The token travels as ?access_token= on the
+// WebSocket (browsers cannot set its headers) and as a bearer header on
+// REST calls.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 let ws = null;
 let answer = null; // the element the current answer streams into
 let sessionId = null;
+let authMode = "none";
+let token = null;
+
+async function learnAuthMode() {
+  try {
+    const r = await fetch("/");
+    authMode = (await r.json()).auth || "none";
+  } catch (e) {
+    authMode = "none";
+  }
+  const jwt = authMode === "jwt";
+  $("token-label").hidden = !jwt;
+  $("token").required = jwt;
+  $("user-label").hidden = jwt;
+  $("user-id").required = !jwt;
+}
+
+// The token for this sign-in: signed by the gateway (dev) or pasted (jwt).
+async function signIn(user) {
+  if (authMode === "jwt") return $("token").value.trim();
+  if (authMode !== "dev") return null;
+  const r = await fetch("/api/dev/token", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ user_id: user }),
+  });
+  const body = await r.json();
+  if (!r.ok) throw new Error(body.error || `sign-in failed (${r.status})`);
+  return body.access_token;
+}
+
+function authHeaders() {
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
 
 function randomId(prefix) {
   return prefix + "-" + Math.random().toString(36).slice(2, 10);
@@ -72,7 +113,8 @@ async function showSummary(id) {
   for (let i = 0; i < 120; i++) {
     let body;
     try {
-      const r = await fetch(`/api/sessions/${encodeURIComponent(id)}/summary`);
+      const r = await fetch(`/api/sessions/${encodeURIComponent(id)}/summary`,
+                            { headers: authHeaders() });
       body = await r.json();
     } catch (e) {
       body = { status: "unreachable" };
@@ -88,13 +130,22 @@ async function showSummary(id) {
   }
 }
 
-$("session-form").addEventListener("submit", (e) => {
+$("session-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   sessionId = $("session-id").value;
   const user = $("user-id").value;
+  try {
+    await modeKnown;
+    token = await signIn(user);
+  } catch (err) {
+    status(`Could not sign in: ${err.message}`);
+    return;
+  }
+  const query = token ? `access_token=${encodeURIComponent(token)}`
+                      : `user_id=${encodeURIComponent(user)}`;
   const proto = location.protocol === "https:" ? "wss" : "ws";
   ws = new WebSocket(`${proto}://${location.host}/ws/session/${encodeURIComponent(sessionId)}` +
-                     `?user_id=${encodeURIComponent(user)}`);
+                     `?${query}`);
   status("Connecting…");
   $("summary").hidden = true;
   ws.onopen = () => setConnected(true);
@@ -130,3 +181,4 @@ $("end").addEventListener("click", () => {
 
 $("session-id").value = randomId("s");
 $("user-id").value = randomId("u");
+const modeKnown = learnAuthMode();

@@ -17,14 +17,21 @@ node (tests/gateway/loadgen.mjs), or c,node to run both one after the other
 against the same stack (the client's own CPU and frames per CPU-second are
 printed for each). --auth jwt signs one HS256 token per user with a secret
 made here (python3-jwt) and starts the gateway with --auth jwt; --auth none
-starts it with --auth none (the seed's trusted ?user_id=). A gateway built
-before --auth existed is started without it.
+(the default) starts it with --auth none (the seed's trusted ?user_id=). The
+gateway's per-address and per-user limits are raised far above the load.
+
+--tls runs the same load twice in one go, each on a fresh system: plaintext,
+then with every gRPC hop over mutual TLS (certificates of a throwaway CA,
+tests/harness/certs.py), and prints both side by side (--rounds N alternates
+them N times and compares the medians).
 
 Use a Release build (the default ctest tree has sanitizers)."""
 
 import argparse
+import json
 import os
 import secrets
+import statistics
 import subprocess
 import sys
 import time
@@ -32,10 +39,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "harness"))
-from harness import (Postgres, Service, build_dir, find_binary, process_cpu_seconds,  # noqa: E402
-                     tmp_root)
+from harness import Postgres, Service, build_dir, process_cpu_seconds, tmp_root  # noqa: E402
+from certs import CA  # noqa: E402
 
 TOKEN_LIFETIME_S = 3600
+# The gateway's limits, far above any load here (every session comes from
+# 127.0.0.1; one user per session unless --users says otherwise).
+UNLIMITED = ["--rate-limit", "100000", "--max-connections", "100000",
+             "--max-connections-per-ip", "0", "--max-connections-per-user", "0",
+             "--sessions-per-hour", "0", "--user-tokens-per-minute", "0",
+             "--rest-rate-per-ip", "0"]
 
 
 def cpu_model():
@@ -105,11 +118,6 @@ class Poller:
         self.p.wait()
 
 
-def gateway_has_auth(binary):
-    r = subprocess.run([str(binary), "--help"], capture_output=True, text=True)
-    return "--auth" in r.stdout + r.stderr
-
-
 def write_tokens(users, prefix):
     """A secret file and a token file: line k is a token of user <prefix>k."""
     import jwt  # python3-jwt; only --auth jwt needs it
@@ -125,7 +133,7 @@ def write_tokens(users, prefix):
     return d / "jwt-secret", d / "tokens"
 
 
-def loadgen_argv(client, a, gw, model, token_file):
+def loadgen_argv(client, a, gw, model, token_file, as_json):
     common = ["--gateway", gw.addr, "--sessions", str(a.sessions),
               "--turns", str(a.turns), "--words", str(a.words), "--delay-ms", str(a.delay_ms),
               "--stagger-ms", str(a.stagger_ms), "--think-ms", str(a.think_ms),
@@ -134,6 +142,8 @@ def loadgen_argv(client, a, gw, model, token_file):
         common += ["--access-token-file", str(token_file)]
     if a.direct:
         common += ["--model", model.addr]
+    if as_json:
+        common += ["--json"]
     if client == "node":
         return ["node", str(HERE / "loadgen.mjs"), *common]
     extra = ["--turn-log", a.turn_log] if a.turn_log else []
@@ -176,17 +186,28 @@ def warm_up(a, gw, token_file):
     return r.returncode == 0, 2 * 3
 
 
-def run_client(client, a, gw, model, db, meter, token_file, want_before):
+def run_client(client, a, gw, model, db, meter, token_file, want_before, as_json=False):
+    """One load generator's run; returns (its exit status, every token stored,
+    the ai_token count now expected, its JSON report or None)."""
     print(f"--- load generator: {client} ({cpu_model()})", flush=True)
     meter.start()
     events0 = db.count()
     t0 = time.monotonic()
-    proc = subprocess.Popen(loadgen_argv(client, a, gw, model, token_file))
+    proc = subprocess.Popen(loadgen_argv(client, a, gw, model, token_file, as_json),
+                            stdout=subprocess.PIPE if as_json else None, text=True)
+    out = proc.stdout.read() if as_json else ""
     # wait4 gives the client's own CPU time.
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     client_cpu = usage.ru_utime + usage.ru_stime
     ran = time.monotonic() - t0
+    report = None
+    if as_json:
+        report = json.loads(out.strip().splitlines()[-1])
+        for res in report["results"]:
+            print(f"{res['path']}: {res['answers']} answers, {res['errors']} errors, first "
+                  f"token p50 {res['ttft_p50_ms']:.2f} ms, p99 {res['ttft_p99_ms']:.2f} ms, "
+                  f"{res['tokens_per_s']:.0f} tokens/s")
     # Every token must reach PostgreSQL: wait for the last batches.
     want = want_before + a.sessions * a.turns * a.words
     t1 = time.monotonic()
@@ -216,10 +237,42 @@ def run_client(client, a, gw, model, db, meter, token_file, want_before):
         print(f"PostgreSQL CPU per stored event: {cpu['PostgreSQL'] / events * 1e6:.1f} µs; "
               f"store-svc {cpu['store-svc'] / events * 1e6:.1f} µs")
     sys.stdout.flush()
-    return proc.returncode, stored == want, want
+    return proc.returncode, stored == want, want, report
 
 
-def main():
+def compare(plain, mtls):
+    """The first load generator's figures of both runs side by side; returns
+    the added first-token time at the median of each (steady window where
+    there is one)."""
+    def fig(res, key):
+        return res.get("steady") if key == "steady" else res
+
+    print("\nfirst token (ms), through the gateway / straight from the model / added; tokens/s")
+    print(f"{'':34}{'plaintext':>28}{'mutual TLS':>28}")
+    for key, label in (("all", "all measured turns"), ("steady", "steady window")):
+        rows = []
+        for res in (plain, mtls):
+            direct, gw = res["results"][0], res["results"][-1]
+            if not (fig(direct, key) and fig(gw, key)):
+                break
+            rows.append((fig(gw, key), fig(direct, key)))
+        if len(rows) != 2:
+            continue
+        for q in ("p50", "p99"):
+            cells = [f"{g[f'ttft_{q}_ms']:.2f} / {d[f'ttft_{q}_ms']:.2f} / "
+                     f"{g[f'ttft_{q}_ms'] - d[f'ttft_{q}_ms']:.2f}" for g, d in rows]
+            print(f"{label + ', ' + q:34}{cells[0]:>28}{cells[1]:>28}")
+        print(f"{label + ', tokens/s':34}{rows[0][0]['tokens_per_s']:>28.0f}"
+              f"{rows[1][0]['tokens_per_s']:>28.0f}")
+    added = [(r["results"][-1].get("steady") or r["results"][-1])["ttft_p50_ms"]
+             - (r["results"][0].get("steady") or r["results"][0])["ttft_p50_ms"]
+             for r in (plain, mtls)]
+    print(f"mutual TLS moves the added first-token time at the median by "
+          f"{added[1] - added[0]:+.2f} ms")
+    return added
+
+
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=int, default=100)
     ap.add_argument("--turns", type=int, default=5)
@@ -234,6 +287,11 @@ def main():
     ap.add_argument("--user-prefix", default="load-", help="users are <prefix>0, <prefix>1, ...")
     ap.add_argument("--users", type=int, default=0, help="users the sessions are spread over "
                     "(default: one per session)")
+    ap.add_argument("--tls", action="store_true",
+                    help="run plaintext, then mutual TLS between the services, and compare")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --tls: alternate plaintext and mutual TLS this many times and "
+                         "compare the medians (a noisy machine)")
     ap.add_argument("--durable", action="store_true",
                     help="PostgreSQL with fsync=on (the harness's default is fsync=off)")
     ap.add_argument("--pg", action="append", default=[], metavar="NAME=VALUE",
@@ -252,37 +310,40 @@ def main():
     ap.add_argument("--turn-log", help="the C generator writes a JSON line per turn here "
                     "(with CONVO_KEEP_TMP=1 the services' logs are kept to line them up)")
     ap.add_argument("gateway_args", nargs="*", help="extra gateway options (after --)")
-    a = ap.parse_args()
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; load average before: "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    return ap.parse_args()
+
+
+def run_system(a, tls, as_json=False):
+    """Every load generator of --client against one fresh system; returns
+    (exit status, the JSON reports when as_json)."""
     settings = {"fsync": "on", "synchronous_commit": "on"} if a.durable else {}
     for kv in a.pg:
         k, _, v = kv.partition("=")
         settings[k] = v
     quiet = {"LOG_LEVEL": a.log_level}
-    gw_bin = find_binary("gateway")
-    auth_args, token_file = [], None
-    if gateway_has_auth(gw_bin):
-        auth_args = ["--auth", a.auth]
-        if a.auth == "jwt":
-            secret, token_file = write_tokens(a.users or a.sessions, a.user_prefix)
-            auth_args += ["--jwt-secret-file", str(secret)]
-    elif a.auth == "jwt":
-        print("this gateway has no --auth option (built before authentication)", file=sys.stderr)
-        return 2
+    auth_args, token_file = ["--auth", a.auth], None
+    if a.auth == "jwt":
+        secret, token_file = write_tokens(a.users or a.sessions, a.user_prefix)
+        auth_args += ["--jwt-secret-file", str(secret)]
+    ids, admin = {}, None
+    if tls:
+        ca = CA("bench-ca")
+        ids = {n: ca.issue(n) for n in ("store-svc", "llm-svc", "router-svc", "gateway")}
+        admin = ca.issue("admin")
+    print(f"--- {'mutual TLS between the services' if tls else 'plaintext'}", flush=True)
     with Postgres(settings=settings) as pg:
-        store = Service("store-svc", args=a.store_arg, env={"DATABASE_URL": pg.url, **quiet})
+        store = Service("store-svc", args=a.store_arg, env={"DATABASE_URL": pg.url, **quiet},
+                        tls=ids.get("store-svc"), caller=admin)
         model = Service("offline-model", binary=build_dir() / "llm-svc" / "offline-model",
                         args=["--token-delay-ms", "0", "--log-level", a.log_level], ready="tcp")
         llm = Service("llm-svc", args=["--store", store.addr],
                       env={"OPENAI_BASE_URL": f"http://{model.addr}/v1", "OPENAI_API_KEY": "offline",
-                           **quiet})
-        router = Service("router-svc", env=quiet)
+                           **quiet}, tls=ids.get("llm-svc"), caller=admin)
+        router = Service("router-svc", env=quiet, tls=ids.get("router-svc"), caller=admin)
         gw = Service("gateway", args=["--router", router.addr, "--llm", llm.addr, "--store",
-                                      store.addr, "--summary", "127.0.0.1:1",
-                                      "--rate-limit", "100000", "--max-connections", "100000",
+                                      store.addr, "--summary", "127.0.0.1:1", *UNLIMITED,
                                       *auth_args, *a.gateway_args],
-                     env=quiet, ready="tcp")
+                     env=quiet, ready="tcp", tls=ids.get("gateway"))
         services = (gw, router, llm, model, store)
         if a.persist_nice:
             renice([pg._proc.pid, *children(pg._proc.pid), store.pid], a.persist_nice)
@@ -290,20 +351,48 @@ def main():
               f", PostgreSQL {pg._proc.pid}", flush=True)
         db = Poller(pg)
         meter = Meter(services, pg, db)
-        failed = 0
-        want = 0
+        failed, want, reports = 0, 0, []
         try:
             if not a.cold:
                 ok, want = warm_up(a, gw, token_file)
                 failed |= not ok
             for client in a.client.split(","):
-                rc, all_stored, want = run_client(client, a, gw, model, db, meter, token_file, want)
+                rc, all_stored, want, report = run_client(client, a, gw, model, db, meter,
+                                                          token_file, want, as_json)
                 failed |= rc != 0 or not all_stored
-            return 1 if failed else 0
+                reports.append(report)
+            return (1 if failed else 0), reports
         finally:
             db.close()
             for s in services:
                 s.stop()
+
+
+def main():
+    a = parse_args()
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; load average before: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    if not a.tls:
+        return run_system(a, tls=False)[0]
+    if not a.direct:
+        print("--tls compares with the direct path: leave out --no-direct", file=sys.stderr)
+        return 2
+    status, added = 0, {False: [], True: []}
+    for i in range(a.rounds):
+        reports = {}
+        for tls in (False, True):
+            rc, reps = run_system(a, tls=tls, as_json=True)
+            reports[tls] = reps[0]
+            status = status or rc
+        print(f"\nround {i + 1} of {a.rounds}")
+        for tls, p50 in zip((False, True), compare(reports[False], reports[True])):
+            added[tls].append(p50)
+    if a.rounds > 1:
+        med = {k: statistics.median(v) for k, v in added.items()}
+        print(f"\nadded first-token time at the median (steady window where there is one), "
+              f"median of {a.rounds} rounds: plaintext {med[False]:.2f} ms, mutual TLS "
+              f"{med[True]:.2f} ms, difference {med[True] - med[False]:+.2f} ms")
+    return status
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """The C load generator (tests/gateway/loadgen/) against the real stack: it
-counts every token of both paths, spreads sessions over the users it is
-told, and reports failures instead of figures when answers break."""
+counts every token of both paths, signs its sessions in with the tokens it
+is given and spreads them over those users, and reports failures instead
+of figures when answers break."""
 
 import json
 import subprocess
 
+from conftest import dev_token
 from harness import Service, build_dir
 
 SESSIONS, TURNS, WORDS = 12, 3, 20
@@ -16,8 +18,8 @@ def loadgen(*args):
     return r.returncode, r.stdout, r.stderr
 
 
-def test_every_token_of_both_paths_is_counted(stack, gateway):
-    rc, out, err = loadgen("--gateway", gateway.addr, "--model", stack.model.addr,
+def test_every_token_of_both_paths_is_counted(stack, gateway_none):
+    rc, out, err = loadgen("--gateway", gateway_none.addr, "--model", stack.model.addr,
                            "--sessions", str(SESSIONS), "--turns", str(TURNS),
                            "--words", str(WORDS), "--delay-ms", "5", "--stagger-ms", "20", "--json")
     assert rc == 0, out + err
@@ -36,9 +38,12 @@ def test_every_token_of_both_paths_is_counted(stack, gateway):
     assert int(users) >= SESSIONS
 
 
-def test_sessions_are_spread_over_the_token_files_users(stack, gateway, tmp_path):
+def test_sessions_sign_in_with_the_token_files_users(stack, gateway, tmp_path):
+    """A --auth dev gateway: line k of the file is a token of user lg-user-k;
+    four sessions go two to each user, each accepted by its token."""
     tokens = tmp_path / "tokens"
-    tokens.write_text("first-token\n\nsecond-token\n")  # blank lines do not count
+    # Blank lines do not count.
+    tokens.write_text(f"{dev_token(gateway, 'lg-user-0')}\n\n{dev_token(gateway, 'lg-user-1')}\n")
     rc, out, err = loadgen("--gateway", gateway.addr, "--sessions", "4", "--turns", "2",
                            "--words", "3", "--user-prefix", "lg-user-",
                            "--access-token-file", str(tokens), "--json")
@@ -48,6 +53,17 @@ def test_sessions_are_spread_over_the_token_files_users(stack, gateway, tmp_path
     rows = stack.pg.psql("SELECT user_id, count(*) FROM sessions WHERE user_id LIKE 'lg-user-%' "
                          "GROUP BY user_id ORDER BY 1").split()
     assert rows == ["lg-user-0|2", "lg-user-1|2"]
+
+
+def test_sessions_without_a_token_are_refused_and_reported(gateway):
+    """The same gateway without tokens: every session fails at the
+    handshake (401), and the run says so."""
+    rc, out, err = loadgen("--gateway", gateway.addr, "--sessions", "3", "--turns", "2",
+                           "--words", "3", "--json")
+    assert rc == 1
+    res = json.loads(out)["results"][0]
+    assert res["errors"] == 3 and res["tokens"] == 0  # one per session: it never opened
+    assert any(k.startswith("connection failed") for k in json.loads(out)["errors"])
 
 
 def test_an_empty_token_file_is_refused(tmp_path):

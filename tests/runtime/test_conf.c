@@ -3,14 +3,18 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <cmocka.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
 
 #include "conf.h"
 
 #define OPTS(X, S)                                                                                 \
     X(S, listen, STR, "listen", "TEST_LISTEN", "0.0.0.0:1", "address")                             \
     X(S, limit, INT, "limit", "TEST_LIMIT", "10", "a limit")                                       \
-    X(S, verbose, BOOL, "verbose", NULL, "false", "say more")
+    X(S, verbose, BOOL, "verbose", NULL, "false", "say more")                                      \
+    X(S, key, SECRET, "key", "TEST_KEY", "", "a credential")
 CONF_DECLARE(test_opts, OPTS)
 
 static int parse(test_opts *o, int argc, char **argv)
@@ -97,6 +101,149 @@ static void help_and_version_stop_the_program(void **state)
     release(&o);
 }
 
+/* A file holding exactly `len` bytes of `content`; its path (static). */
+static const char *write_file(const char *content, size_t len)
+{
+    static char path[] = "/tmp/convo-test-conf-XXXXXX";
+    strcpy(path + strlen(path) - 6, "XXXXXX");
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, content, len), (ssize_t)len);
+    close(fd);
+    return path;
+}
+
+/* Runs parse with fd `which` (1 or 2) sent to a file; returns parse's result
+ * and what was written there in out. */
+static int parse_capturing(test_opts *o, int argc, char **argv, int which, char *out,
+                           size_t outsize)
+{
+    char path[] = "/tmp/convo-test-conf-out-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    fflush(stdout);
+    fflush(stderr);
+    int saved = dup(which);
+    dup2(fd, which);
+    int rc = parse(o, argc, argv);
+    fflush(stdout);
+    fflush(stderr);
+    dup2(saved, which);
+    close(saved);
+    ssize_t n = pread(fd, out, outsize - 1, 0);
+    out[n > 0 ? n : 0] = '\0';
+    close(fd);
+    unlink(path);
+    return rc;
+}
+
+static void secret_from_env_or_file(void **state)
+{
+    setenv("TEST_KEY", "from-env", 1);
+    test_opts o = {0};
+    char *argv[] = {"test", NULL};
+    assert_int_equal(parse(&o, 1, argv), 0);
+    assert_string_equal(o.key, "from-env");
+    release(&o);
+    unsetenv("TEST_KEY");
+
+    /* The Kubernetes convention: NAME_FILE names a file; one trailing
+     * newline (as `echo` or a mounted Secret leaves it) is not part of it. */
+    const char *path = write_file("s3cret value\n", 13);
+    setenv("TEST_KEY_FILE", path, 1);
+    assert_int_equal(parse(&o, 1, argv), 0);
+    assert_string_equal(o.key, "s3cret value");
+    release(&o);
+    unlink(path);
+    path = write_file("line\r\n\n", 7);
+    setenv("TEST_KEY_FILE", path, 1);
+    assert_int_equal(parse(&o, 1, argv), 0);
+    assert_string_equal(o.key, "line\r\n"); /* only the last newline goes */
+    release(&o);
+    unlink(path);
+    path = write_file("crlf\r\n", 6);
+    setenv("TEST_KEY_FILE", path, 1);
+    assert_int_equal(parse(&o, 1, argv), 0);
+    assert_string_equal(o.key, "crlf");
+    release(&o);
+    unlink(path);
+    unsetenv("TEST_KEY_FILE");
+}
+
+static void secret_file_errors_are_refused(void **state)
+{
+    test_opts o = {0};
+    char *argv[] = {"test", NULL};
+    char err[4096];
+    /* Both the variable and the file: which one was meant is unknown. */
+    const char *path = write_file("a", 1);
+    setenv("TEST_KEY", "b", 1);
+    setenv("TEST_KEY_FILE", path, 1);
+    assert_int_equal(parse_capturing(&o, 1, argv, 2, err, sizeof err), -1);
+    assert_non_null(strstr(err, "TEST_KEY and TEST_KEY_FILE are both set"));
+    release(&o);
+    unsetenv("TEST_KEY");
+    unlink(path);
+    /* A file that is not there, too big, or not text: refused, content never shown. */
+    setenv("TEST_KEY_FILE", "/nonexistent/convo-secret", 1);
+    assert_int_equal(parse_capturing(&o, 1, argv, 2, err, sizeof err), -1);
+    assert_non_null(strstr(err, "TEST_KEY_FILE: /nonexistent/convo-secret"));
+    release(&o);
+    size_t big = CONF_SECRET_FILE_MAX + 1;
+    char *data = malloc(big);
+    memset(data, 'k', big);
+    path = write_file(data, big);
+    setenv("TEST_KEY_FILE", path, 1);
+    assert_int_equal(parse_capturing(&o, 1, argv, 2, err, sizeof err), -1);
+    assert_non_null(strstr(err, "is over"));
+    assert_null(strstr(err, "kkkk"));
+    release(&o);
+    unlink(path);
+    path = write_file(data, big - 1); /* the largest accepted */
+    setenv("TEST_KEY_FILE", path, 1);
+    assert_int_equal(parse(&o, 1, argv), 0);
+    assert_int_equal(strlen(o.key), big - 1);
+    release(&o);
+    unlink(path);
+    free(data);
+    path = write_file("ab\0cd", 5);
+    setenv("TEST_KEY_FILE", path, 1);
+    assert_int_equal(parse_capturing(&o, 1, argv, 2, err, sizeof err), -1);
+    assert_non_null(strstr(err, "NUL"));
+    release(&o);
+    unlink(path);
+    unsetenv("TEST_KEY_FILE");
+}
+
+static void secret_as_flag_warns(void **state)
+{
+    test_opts o = {0};
+    char err[4096];
+    char *argv[] = {"test", "--key", "on-the-command-line", NULL};
+    assert_int_equal(parse_capturing(&o, 3, argv, 2, err, sizeof err), 0);
+    assert_string_equal(o.key, "on-the-command-line");
+    assert_non_null(strstr(err, "--key was given on the command line"));
+    assert_non_null(strstr(err, "TEST_KEY_FILE"));
+    assert_null(strstr(err, "on-the-command-line")); /* the warning never repeats it */
+    release(&o);
+    /* Other flags do not warn. */
+    char *plain[] = {"test", "--listen", "h:1", NULL};
+    assert_int_equal(parse_capturing(&o, 3, plain, 2, err, sizeof err), 0);
+    assert_string_equal(err, "");
+    release(&o);
+}
+
+static void help_names_the_file_variable(void **state)
+{
+    test_opts o = {0};
+    char out[8192];
+    char *argv[] = {"test", "--help", NULL};
+    assert_int_equal(parse_capturing(&o, 2, argv, 1, out, sizeof out), 1);
+    assert_non_null(strstr(out, "--key SECRET  (env TEST_KEY)"));
+    assert_non_null(strstr(out, "TEST_KEY_FILE"));
+    release(&o);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -105,6 +252,10 @@ int main(void)
         cmocka_unit_test(separate_value_and_bool_value),
         cmocka_unit_test(bad_values_are_refused),
         cmocka_unit_test(help_and_version_stop_the_program),
+        cmocka_unit_test(secret_from_env_or_file),
+        cmocka_unit_test(secret_file_errors_are_refused),
+        cmocka_unit_test(secret_as_flag_warns),
+        cmocka_unit_test(help_names_the_file_variable),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

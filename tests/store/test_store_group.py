@@ -9,7 +9,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from conftest import (S, append, check_clean_exit, ev, list_events, new_id, open_session, pb,
+from conftest import (S, append, check_clean_exit, end, ev, list_events, new_id, open_session, pb,
                       start_store)
 
 WINDOW = ["--append-group-ms", "3000", "--append-group-idle-ms", "1000"]
@@ -54,11 +54,11 @@ def groups_in_log(svc):
 
 
 def test_each_call_of_a_group_gets_its_own_answer(pg, gstub):
-    live, ended, other = new_id(), new_id(), new_id()
-    for sid in (live, ended, other):
+    live, ended, other, theirs = new_id(), new_id(), new_id(), new_id()
+    for sid in (live, ended, other, theirs):
         open_session(gstub, sid)
     append(gstub, ended, [ev(1), ev(2)])
-    gstub.EndSession(S.EndSessionRequest(session_id=ended), timeout=10)
+    end(gstub, ended)
     append(gstub, other, [ev(1), ev(2)])
 
     r = at_once([
@@ -68,6 +68,7 @@ def test_each_call_of_a_group_gets_its_own_answer(pg, gstub):
         lambda: append(gstub, ended, [ev(1), ev(2)]),  # a late retry: answered as duplicates
         lambda: append(gstub, ended, [ev(3)]),  # new after the end: refused
         lambda: append(gstub, other, [ev(2), ev(3)]),  # half retried
+        lambda: append(gstub, theirs, [ev(1)], user="mallory"),  # another user's session
     ])
     assert (r[0].appended, r[0].duplicates, r[0].last_seq) == (3, 0, 3)
     assert r[1].code() == grpc.StatusCode.NOT_FOUND
@@ -76,6 +77,8 @@ def test_each_call_of_a_group_gets_its_own_answer(pg, gstub):
     assert (ok.appended, ok.duplicates) == (0, 2)
     assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert (r[4].appended, r[4].duplicates, r[4].last_seq) == (1, 1, 3)
+    assert r[5].code() == grpc.StatusCode.PERMISSION_DENIED
+    assert list_events(gstub, theirs) == []
 
     s = gstub.GetSession(S.GetSessionRequest(session_id=live), timeout=10).session
     assert (s.event_count, s.last_seq, s.user_message_count, s.tool_call_count) == (3, 3, 1, 1)
