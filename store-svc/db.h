@@ -183,6 +183,24 @@ typedef struct db_append_result {
 int db_append_events(db_conn *c, const char *session_id, const char *user_id, const db_batch *b,
                      db_append_result *out);
 
+/* One call of a group append (db_append_group): the session and its batch
+ * in; its own outcome out. */
+typedef struct db_append_call {
+    const char *session_id;
+    const char *user_id; /* the caller's: the session must be this user's */
+    const db_batch *batch;
+    int rc; /* what db_append_events would have returned: 0, DB_ENOTFOUND, DB_EOWNER, DB_EENDED */
+    db_append_result res;
+} db_append_call;
+
+/* Appends the batches of n calls for n DISTINCT sessions in one statement,
+ * so one transaction and one commit (group commit): each call's rc and res
+ * are what db_append_events would have given it alone. The sessions' rows
+ * are locked in session_id order, so two groups never deadlock. Returns 0
+ * (the calls' own outcomes filled in), or DB_EUNAVAIL / DB_EQUERY for the
+ * whole group, nothing written. */
+int db_append_group(db_conn *c, db_append_call *calls, size_t n);
+
 /* One page of a session's events, in seq order, held as the libpq result
  * (never more than a page in memory). */
 typedef struct db_page db_page;

@@ -41,7 +41,8 @@ typedef struct worker {
     int64_t next_try_ms; /* when down: the next connection attempt */
     int64_t next_check_ms;
     int backoff_ms;
-    unsigned seed; /* jitter */
+    unsigned seed;    /* jitter */
+    pool_job **group; /* room for group_max_jobs jobs */
 } worker;
 
 struct pool {
@@ -51,12 +52,17 @@ struct pool {
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    pthread_cond_t gather_cv; /* the gathering worker waits here */
     pool_job *head, *tail;
     size_t queued, queued_bytes;
+    size_t queued_group_jobs, queued_group_weight;
+    int gathering;        /* a worker is gathering a group */
+    size_t gather_weight; /* what it holds so far */
+    int64_t last_group_submit_us;
     int stopping;
     int nup;
     int down_logged; /* the outage was logged once; no line per attempt */
-    uint64_t rejected, unavailable, reconnects;
+    uint64_t rejected, unavailable, reconnects, groups, grouped;
 
     /* The first connected worker migrates; the others wait on the mutex
      * and find it done. */
@@ -210,19 +216,112 @@ static void timed_wait(pool *p, int64_t until_ms)
     pthread_cond_timedwait(&p->cv, &p->mu, &ts);
 }
 
-static pool_job *pop_locked(pool *p)
+/* Takes *link (a queued job) out of the queue; prev is the job before it
+ * (NULL at the head). */
+static pool_job *unlink_locked(pool *p, pool_job **link, pool_job *prev)
 {
-    pool_job *job = p->head;
-    p->head = job->next;
-    if (p->head == NULL)
-        p->tail = NULL;
+    pool_job *job = *link;
+    *link = job->next;
+    if (p->tail == job)
+        p->tail = prev;
     job->next = NULL;
     p->queued--;
     p->queued_bytes -= job->bytes;
     metrics_gauge_add(p->mx.queued, -1);
     if (job->queued_us != 0)
         metrics_histogram_observe(p->mx.wait, metrics_now_us() - job->queued_us);
+    if (job->group != NULL) {
+        p->queued_group_jobs--;
+        p->queued_group_weight -= job->weight;
+    }
     return job;
+}
+
+static pool_job *pop_locked(pool *p)
+{
+    return unlink_locked(p, &p->head, NULL);
+}
+
+/* The first queued job, or the first that is not a group job while
+ * another worker gathers a group (it takes those). */
+static pool_job *take_locked(pool *p, int skip_groups)
+{
+    pool_job *prev = NULL;
+    for (pool_job **link = &p->head; *link != NULL; prev = *link, link = &(*link)->next)
+        if (!skip_groups || (*link)->group == NULL)
+            return unlink_locked(p, link, prev);
+    return NULL;
+}
+
+/* Moves queued jobs of first's group into w->group (which holds *n), in
+ * queue order, while the bounds allow; stops at the first that does not
+ * fit, so no job overtakes an earlier one of its kind. Returns the weight
+ * now held. */
+static size_t collect_locked(pool *p, worker *w, const pool_job *first, size_t *n, size_t weight)
+{
+    pool_job *prev = NULL;
+    pool_job **link = &p->head;
+    while (*link != NULL && *n < p->cfg.group_max_jobs) {
+        pool_job *j = *link;
+        if (j->group != first->group) {
+            prev = j;
+            link = &j->next;
+            continue;
+        }
+        if (weight + j->weight > p->cfg.group_max_weight)
+            break;
+        w->group[(*n)++] = unlink_locked(p, link, prev);
+        weight += j->weight;
+    }
+    return weight;
+}
+
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Gathers a group behind `first` (already taken): what is queued now, and
+ * what comes while calls keep coming (no gap of group_idle_ms) until first
+ * has waited group_window_ms or the group is full. A client that sends a
+ * burst and then waits for the answers (a closed loop) costs one idle gap,
+ * not a whole window. Returns the number of jobs in w->group. p->mu held
+ * (released while waiting). */
+static size_t gather_locked(pool *p, worker *w, pool_job *first)
+{
+    size_t n = 1;
+    size_t weight = first->weight;
+    int64_t deadline = first->submitted_us + (int64_t)p->cfg.group_window_ms * 1000;
+    int64_t idle = (int64_t)p->cfg.group_idle_ms * 1000;
+    w->group[0] = first;
+    p->gathering = 1;
+    for (;;) {
+        weight = collect_locked(p, w, first, &n, weight);
+        p->gather_weight = weight;
+        int64_t now = now_us();
+        int64_t until = p->last_group_submit_us + idle;
+        if (until > deadline)
+            until = deadline;
+        /* Full (a job left queued did not fit), its time is up, or quiet. */
+        if (n >= p->cfg.group_max_jobs || weight >= p->cfg.group_max_weight ||
+            p->queued_group_jobs > 0 || p->stopping || now >= until)
+            break;
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        int64_t ns = ts.tv_nsec + (until - now) * 1000;
+        ts.tv_sec += ns / 1000000000;
+        ts.tv_nsec = ns % 1000000000;
+        pthread_cond_timedwait(&p->gather_cv, &p->mu, &ts);
+    }
+    p->gathering = 0;
+    p->groups++;
+    p->grouped += n;
+    /* What did not fit may start the next group on another worker now. */
+    if (p->queued_group_jobs > 0)
+        pthread_cond_signal(&p->cv);
+    return n;
 }
 
 static void *worker_main(void *arg)
@@ -239,12 +338,15 @@ static void *worker_main(void *arg)
          * until its next attempt is due; when none is connected it takes
          * them, to fail them at once rather than let them wait out an
          * outage. */
+        size_t ngroup = 0;
         if (p->head != NULL && (w->up || p->nup == 0 || maintenance))
-            job = pop_locked(p);
+            job = take_locked(p, w->up && p->gathering);
         if (job == NULL && !maintenance) {
             timed_wait(p, w->up ? w->next_check_ms : w->next_try_ms);
             continue;
         }
+        if (job != NULL && job->group != NULL && w->up)
+            ngroup = gather_locked(p, w, job);
         pthread_mutex_unlock(&p->mu);
 
         if (w->up && !db_conn_alive(w->conn)) {
@@ -257,7 +359,18 @@ static void *worker_main(void *arg)
         if (w->up)
             w->next_check_ms = rpc_now_ms() + CHECK_INTERVAL_MS;
 
-        if (job != NULL) {
+        if (ngroup > 0 && !w->up) {
+            /* The connection died while the group gathered: each fails. */
+            for (size_t i = 0; i < ngroup; i++)
+                w->group[i]->fn(w->group[i], NULL, POOL_EUNAVAIL);
+        } else if (ngroup > 0) {
+            job->group(w->group, ngroup, w->conn);
+            if (!db_conn_ok(w->conn)) {
+                log_info("worker %d: connection lost: %s", w->index, db_conn_error(w->conn));
+                db_conn_close(w->conn);
+                set_down(w, 1);
+            }
+        } else if (job != NULL) {
             if (w->up) {
                 job->fn(job, w->conn, 0);
                 /* A statement that failed on a dead connection: reconnect
@@ -299,12 +412,19 @@ pool *pool_create(const pool_config *cfg)
         p->cfg.retry_min_ms = 100;
     if (p->cfg.retry_max_ms < p->cfg.retry_min_ms)
         p->cfg.retry_max_ms = p->cfg.retry_min_ms;
+    if (p->cfg.group_max_jobs < 1)
+        p->cfg.group_max_jobs = 1;
+    if (p->cfg.group_window_ms < 0)
+        p->cfg.group_window_ms = 0;
+    if (p->cfg.group_idle_ms < 0)
+        p->cfg.group_idle_ms = 0;
 
     pthread_mutex_init(&p->mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&p->cv, &ca);
+    pthread_cond_init(&p->gather_cv, &ca);
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&p->migrate_mu, NULL);
 
@@ -318,6 +438,7 @@ pool *pool_create(const pool_config *cfg)
         w->backoff_ms = p->cfg.retry_min_ms;
         w->next_try_ms = 0;
         w->seed = (unsigned)(rpc_now_ms() ^ (i * 2654435761u));
+        w->group = mem_calloc(p->cfg.group_max_jobs, sizeof *w->group);
     }
     for (int i = 0; i < p->nworkers; i++)
         pthread_create(&p->workers[i].tid, NULL, worker_main, &p->workers[i]);
@@ -327,6 +448,7 @@ pool *pool_create(const pool_config *cfg)
 static void push_locked(pool *p, pool_job *job)
 {
     job->next = NULL;
+    job->submitted_us = now_us();
     if (p->tail != NULL)
         p->tail->next = job;
     else
@@ -336,6 +458,18 @@ static void push_locked(pool *p, pool_job *job)
     p->queued_bytes += job->bytes;
     metrics_gauge_add(p->mx.queued, 1);
     job->queued_us = p->mx.wait != NULL ? metrics_now_us() : 0;
+    if (job->group != NULL) {
+        p->queued_group_jobs++;
+        p->queued_group_weight += job->weight;
+        p->last_group_submit_us = job->submitted_us;
+        if (p->gathering) {
+            /* The gatherer collects it when its window ends; it is woken
+             * early only when the group would be full. */
+            if (p->gather_weight + p->queued_group_weight >= p->cfg.group_max_weight)
+                pthread_cond_signal(&p->gather_cv);
+            return;
+        }
+    }
     /* A worker without a connection may leave the job to others, so while
      * any is down, wake them all rather than perhaps only that one. */
     if (p->nup == p->nworkers)
@@ -387,6 +521,8 @@ void pool_get_stats(pool *p, pool_stats *st)
     st->reconnects = p->reconnects;
     st->queued = p->queued;
     st->connected = p->nup;
+    st->groups = p->groups;
+    st->grouped = p->grouped;
     pthread_mutex_unlock(&p->mu);
 }
 
@@ -399,6 +535,7 @@ void pool_destroy(pool **pp)
     pthread_mutex_lock(&p->mu);
     p->stopping = 1;
     pthread_cond_broadcast(&p->cv);
+    pthread_cond_broadcast(&p->gather_cv);
     pthread_mutex_unlock(&p->mu);
     for (int i = 0; i < p->nworkers; i++)
         pthread_join(p->workers[i].tid, NULL);
@@ -412,11 +549,14 @@ void pool_destroy(pool **pp)
             break;
         job->fn(job, NULL, POOL_ESHUTDOWN);
     }
-    for (int i = 0; i < p->nworkers; i++)
+    for (int i = 0; i < p->nworkers; i++) {
         db_conn_destroy(&p->workers[i].conn);
+        mem_free(p->workers[i].group);
+    }
     mem_free(p->workers);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
+    pthread_cond_destroy(&p->gather_cv);
     pthread_mutex_destroy(&p->migrate_mu);
     mem_free(p->url);
     mem_free(p->app_name);

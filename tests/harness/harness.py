@@ -48,6 +48,7 @@ __all__ = [
     "Postgres",
     "Service",
     "tmp_root",
+    "process_cpu_seconds",
 ]
 
 # The repository this file belongs to (not a fixed path: CI runs a fresh
@@ -144,6 +145,23 @@ def _tail(path: Path, lines: int = 40) -> str:
     except FileNotFoundError:
         return "(no output)"
     return "\n".join(text.splitlines()[-lines:]) or "(no output)"
+
+
+def _proc_stat(pid: int) -> Optional[list]:
+    """The fields of /proc/PID/stat after the command name (field 3 on), or
+    None when the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2:].split()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (all its threads); 0.0
+    when it is gone."""
+    f = _proc_stat(pid)
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK") if f else 0.0
 
 
 # --------------------------------------------------------------------------
@@ -556,6 +574,26 @@ class Postgres:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds this server has used so far: the postmaster, its live
+        children (backends, background processes) and the children that
+        already exited (the postmaster's cutime + cstime). Other servers on
+        the machine are not counted. 0.0 when it is not running."""
+        if not self.running:
+            return 0.0
+        f = _proc_stat(self._proc.pid)
+        if f is None:
+            return 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        total = sum(int(x) for x in f[11:15]) / tick
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            c = _proc_stat(int(p.name))
+            if c is not None and int(c[1]) == self._proc.pid:
+                total += (int(c[11]) + int(c[12])) / tick
+        return total
 
     def cleanup(self) -> None:
         """Stops the server and removes its data."""

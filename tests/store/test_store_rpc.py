@@ -51,12 +51,38 @@ def test_schema_is_the_seeds_plus_additions(pg, store):
         assert c in cols
     indexes = pg.psql("SELECT indexname FROM pg_indexes WHERE tablename IN "
                       "('sessions', 'session_events')").split()
-    for i in ["idx_session_events_session_id", "idx_session_events_timestamp",
-              "idx_sessions_user_id", "idx_sessions_start_time",
+    for i in ["idx_session_events_timestamp", "idx_sessions_user_id", "idx_sessions_start_time",
               "session_events_session_id_seq_key"]:
         assert i in indexes
+    # Migration 3: the unique (session_id, seq) index makes it redundant.
+    assert "idx_session_events_session_id" not in indexes
     assert pg.psql("SELECT string_agg(version::text, ',' ORDER BY version) "
-                   "FROM schema_migrations").strip() == "1,2"
+                   "FROM schema_migrations").strip() == "1,2,3"
+
+
+def test_lookups_by_session_use_an_index_without_idx_session_events_session_id(pg, stub):
+    """What migration 3 relies on: with the single-column index dropped, the
+    planner still reaches a session's rows through an index that starts
+    with session_id, never a scan of the whole table."""
+    sids = [new_id("explain") for _ in range(50)]
+    for sid in sids:
+        open_session(stub, sid)
+        append(stub, sid, [ev(i) for i in range(1, 201)])
+    pg.psql("ANALYZE session_events")
+    sid = sids[7]
+    queries = {
+        "ListEvents": f"SELECT * FROM session_events WHERE session_id = '{sid}' AND seq > 10 "
+                      "ORDER BY seq LIMIT 100",
+        "by session": f"SELECT * FROM session_events WHERE session_id = '{sid}'",
+        "the seed's": f"SELECT * FROM session_events WHERE session_id = '{sid}' "
+                      "ORDER BY timestamp",
+        "cascade": f"SELECT 1 FROM session_events WHERE session_id = '{sid}' FOR KEY SHARE",
+    }
+    for name, q in queries.items():
+        plan = pg.psql(f"EXPLAIN {q}")
+        assert "Seq Scan" not in plan, (name, plan)
+        assert ("session_events_session_id_seq_key" in plan or
+                "idx_session_events_timestamp" in plan), (name, plan)
 
 
 # ---------------------------------------------------------------- OpenSession
