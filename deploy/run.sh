@@ -25,7 +25,11 @@
 #   DATA_DIR        where PostgreSQL's data and the logs go (default <repo>/.data)
 #   BUILD_DIR       the build tree (default <repo>/build)
 #   RUN_SKIP_INSTALL=1, RUN_SKIP_BUILD=1   skip install-deps.sh / the build
-#   HOST, PORT      the gateway's address (default 0.0.0.0:8000)
+#   HOST, PORT      the gateway's address (default 127.0.0.1:8000; another
+#                   machine reaching --auth dev could sign in as anyone, so a
+#                   public HOST also needs DEV_ALLOW_REMOTE=true)
+#   AUTH_MODE       the gateway's --auth (default dev: the web page signs in
+#                   by user name, POST /api/dev/token gives tokens)
 #   BIND_HOST       address of the internal services (default 127.0.0.1)
 #   PG_PORT, STORE_PORT, LLM_PORT, ROUTER_PORT, SUMMARY_PORT, MODEL_PORT
 #                   ports (defaults 5433, 50053, 50052, 50051, 50054, 8089)
@@ -43,7 +47,7 @@ py=/usr/bin/python3
 health="$root/deploy/healthcheck.py"
 
 bind="${BIND_HOST:-127.0.0.1}"
-gw_host="${HOST:-0.0.0.0}"
+gw_host="${HOST:-127.0.0.1}"
 gw_port="${PORT:-8000}"
 pg_port="${PG_PORT:-5433}"
 store_port="${STORE_PORT:-50053}"
@@ -308,7 +312,7 @@ if [ -z "${bin[gateway]}" ]; then
 else
   need_port gateway "$gw_host" "$gw_port" PORT
   launch gateway "${bin[gateway]}" --listen "$gw_host:$gw_port" --router "$router_addr" \
-    --llm "$llm_addr" --store "$store_addr" --summary "$summary_addr"
+    --llm "$llm_addr" --store "$store_addr" --summary "$summary_addr" --auth "${AUTH_MODE:-dev}"
   local_host=$gw_host
   [ "$local_host" != 0.0.0.0 ] || local_host=127.0.0.1
   await gateway http "http://$local_host:$gw_port/api/health"
@@ -324,7 +328,8 @@ print(" ".join(bad))' "$HEALTH_BODY" 2>/dev/null || true)
     lan=$(hostname -I 2>/dev/null | awk '{print $1}')
     [ -z "$lan" ] || echo "  (from other machines:  http://$lan:$gw_port/app/)"
   fi
-  echo "  WebSocket  ws://$local_host:$gw_port/ws/session/{session_id}?user_id={user_id}"
+  echo "  WebSocket  ws://$local_host:$gw_port/ws/session/{session_id}?access_token={token}"
+  echo "  a token    curl -s -X POST -d '{\"user_id\":\"alice\"}' http://$local_host:$gw_port/api/dev/token"
   echo "  health     http://$local_host:$gw_port/api/health"
 fi
 echo "  logs       $data/logs/"

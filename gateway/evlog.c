@@ -4,6 +4,7 @@
 #include "log.h"
 #include "mem.h"
 
+#include <ev.h>
 #include <libwebsockets.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,8 +24,8 @@ typedef struct event {
 typedef enum call_kind { CALL_OPEN, CALL_APPEND, CALL_END } call_kind;
 
 struct evlog {
-    lws_sorted_usec_list_t timer; /* first: lws hands the sul back */
-    lws_sorted_usec_list_t closed_timer;
+    ev_timer timer;        /* the flush and the backoff */
+    ev_timer closed_timer; /* fires on_closed from the loop */
     gw *g;
     char *session_id;
     char *user_id;
@@ -46,6 +47,7 @@ struct evlog {
     int ended; /* EndSession succeeded */
     int closed_fired;
     int refused;      /* the store refused the session for good */
+    int abandoned;    /* given up by the session (evlog_abandon) */
     int64_t close_ms; /* when closing began, for --event-retry-ms */
     unsigned long dropped;
 };
@@ -62,16 +64,18 @@ static void pump(evlog *ev);
 
 /* on_closed may free the evlog, so it never runs inside the evlog's own
  * call chain: it is fired from the loop, on a timer of its own. */
-static void on_closed_timer(lws_sorted_usec_list_t *sul)
+static void on_closed_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
-    evlog *ev = lws_container_of(sul, evlog, closed_timer);
+    (void)loop;
+    (void)revents;
+    evlog *ev = w->data;
     ev->on_closed(ev->arg);
 }
 
 static void fire_closed(evlog *ev)
 {
     ev->closed_fired = 1;
-    lws_sul_schedule(ev->g->ctx, 0, &ev->closed_timer, on_closed_timer, 1);
+    ev_timer_start(ev->g->loop, &ev->closed_timer);
 }
 
 static int64_t now_us(void)
@@ -86,9 +90,11 @@ static size_t waiting(const evlog *ev)
     return ev->n - ev->head;
 }
 
-static void on_timer(lws_sorted_usec_list_t *sul)
+static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
-    evlog *ev = (evlog *)sul;
+    (void)loop;
+    (void)revents;
+    evlog *ev = w->data;
     ev->timer_armed = 0;
     ev->flush_due = 1;
     pump(ev);
@@ -97,7 +103,8 @@ static void on_timer(lws_sorted_usec_list_t *sul)
 static void arm(evlog *ev, int ms)
 {
     ev->timer_armed = 1;
-    lws_sul_schedule(ev->g->ctx, 0, &ev->timer, on_timer, (lws_usec_t)ms * LWS_US_PER_MS);
+    ev_timer_set(&ev->timer, ms / 1000.0, 0.);
+    ev_timer_start(ev->g->loop, &ev->timer);
 }
 
 /* Schedules a retry after a failed call, backing off with jitter. */
@@ -186,7 +193,8 @@ static void handle_open(evlog *ev, reply *r)
     } else {
         /* Refused for good (another user's session, a bad id): nothing of
          * this session can be stored. */
-        drop_events(ev, waiting(ev), r->message);
+        if (waiting(ev) > 0)
+            drop_events(ev, waiting(ev), r->message);
         ev->refused = 1;
     }
     if (first && (r->code == RPC_OK || !retryable(r->code) || ev->backoff_ms >= 800)) {
@@ -384,6 +392,10 @@ evlog *evlog_create(gw *g, const char *session_id, const char *user_id, evlog_op
 {
     evlog *ev = mem_calloc(1, sizeof *ev);
     ev->g = g;
+    ev_timer_init(&ev->timer, on_timer, 0., 0.);
+    ev->timer.data = ev;
+    ev_timer_init(&ev->closed_timer, on_closed_timer, 0., 0.);
+    ev->closed_timer.data = ev;
     ev->session_id = mem_strdup(session_id);
     ev->user_id = mem_strdup(user_id);
     ev->on_open = on_open;
@@ -394,6 +406,8 @@ evlog *evlog_create(gw *g, const char *session_id, const char *user_id, evlog_op
 
 void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t len)
 {
+    if (ev->abandoned)
+        return;
     if (ev->refused) {
         ev->dropped++;
         atomic_fetch_add(&ev->g->counters.events_dropped, 1);
@@ -439,15 +453,27 @@ void evlog_close(evlog *ev, evlog_closed_fn on_closed)
     ev->close_ms = lws_now_usecs() / 1000;
     if (ev->timer_armed && ev->backoff_ms == 0) {
         /* A flush timer: flush now instead. */
-        lws_sul_cancel(&ev->timer);
+        ev_timer_stop(ev->g->loop, &ev->timer);
         ev->timer_armed = 0;
     }
     pump(ev);
 }
 
+void evlog_abandon(evlog *ev)
+{
+    size_t left = waiting(ev);
+    for (size_t i = 0; i < left; i++)
+        mem_free(ev->q[ev->head + i].content);
+    ev->head = ev->n = 0;
+    atomic_fetch_sub(&ev->g->counters.events_buffered, (long)left);
+    ev->open_reported = 1; /* the session has its answer */
+    ev->abandoned = 1;
+    ev->refused = 1;
+}
+
 void evlog_reopen(evlog *ev)
 {
-    lws_sul_cancel(&ev->closed_timer);
+    ev_timer_stop(ev->g->loop, &ev->closed_timer);
     ev->closing = 0;
     ev->closed_fired = 0;
     if (ev->ended) {
@@ -473,8 +499,8 @@ void evlog_destroy(evlog **evp)
     if (ev == NULL)
         return;
     *evp = NULL;
-    lws_sul_cancel(&ev->timer);
-    lws_sul_cancel(&ev->closed_timer);
+    ev_timer_stop(ev->g->loop, &ev->timer);
+    ev_timer_stop(ev->g->loop, &ev->closed_timer);
     size_t left = waiting(ev);
     if (left > 0)
         drop_events(ev, left, "the gateway is stopping");

@@ -36,6 +36,11 @@ void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t
 /* Ends the session after the last event is stored: EndSession, then
  * Summarize (fire and forget), then on_closed. */
 void evlog_close(evlog *ev, evlog_closed_fn on_closed);
+/* Gives the session up before it was ever stored (its owner could not be
+ * confirmed): what waits is discarded, nothing more is sent (an
+ * OpenSession in flight is let finish), later events are ignored, and
+ * on_open does not fire any more. */
+void evlog_abandon(evlog *ev);
 /* Takes a closing session back (a reconnect within the grace period or
  * before the events were flushed): it is not ended. */
 void evlog_reopen(evlog *ev);

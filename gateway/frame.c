@@ -32,6 +32,10 @@ static void take_message(const char *text, size_t len, size_t max, frame_in *out
         invalid(out, "message_too_long", "the message is longer than %s bytes", detail);
         return;
     }
+    if (memchr(text, '\0', len) != NULL) {
+        invalid(out, "invalid_text", "the message contains a NUL character%s", "");
+        return;
+    }
     if (blank(text, len)) {
         invalid(out, "empty_message", "the message is empty%s", "");
         return;
@@ -226,20 +230,32 @@ char *frame_tool_result(const char *tool, const char *call_id, const char *resul
     return finish(o, len);
 }
 
-char *frame_done(uint64_t turn_id, const char *status, const char *finish_reason, size_t *len)
+char *frame_done(uint64_t turn_id, const char *status, const char *finish_reason,
+                 const frame_usage *usage, size_t *len)
 {
     json_object *o = typed("done", turn_id);
     json_object_object_add(o, "status", json_object_new_string(status));
     if (finish_reason != NULL && finish_reason[0] != '\0')
         json_object_object_add(o, "finish_reason", json_object_new_string(finish_reason));
+    if (usage != NULL) {
+        json_object *u = json_object_new_object();
+        json_object_object_add(u, "prompt_tokens", json_object_new_int64(usage->prompt_tokens));
+        json_object_object_add(u, "completion_tokens",
+                               json_object_new_int64(usage->completion_tokens));
+        json_object_object_add(u, "total_tokens", json_object_new_int64(usage->total_tokens));
+        json_object_object_add(o, "usage", u);
+    }
     return finish(o, len);
 }
 
-char *frame_error(const char *code, const char *content, uint64_t turn_id, size_t *len)
+char *frame_error(const char *code, const char *content, uint64_t turn_id, const char *request_id,
+                  size_t *len)
 {
     json_object *o = typed("error", turn_id);
     json_object_object_add(o, "content", json_object_new_string(content));
     json_object_object_add(o, "code", json_object_new_string(code));
+    if (request_id != NULL && request_id[0] != '\0')
+        json_object_object_add(o, "request_id", json_object_new_string(request_id));
     return finish(o, len);
 }
 

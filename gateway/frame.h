@@ -26,8 +26,10 @@ typedef struct frame_in {
 } frame_in;
 
 /* Parses one complete text message from a client. Messages over
- * max_message_bytes, empty or whitespace-only messages, invalid UTF-8,
- * malformed JSON and unknown types are FRAME_INVALID. */
+ * max_message_bytes, empty or whitespace-only messages, invalid UTF-8, a
+ * NUL character (raw, or escaped as \u0000 in JSON: every service refuses
+ * NUL in text, so it is refused here, whole, with invalid_text), malformed
+ * JSON and unknown types are FRAME_INVALID. */
 void frame_parse(const char *data, size_t len, size_t max_message_bytes, frame_in *out);
 void frame_in_clear(frame_in *f);
 
@@ -37,10 +39,21 @@ char *frame_tool_call(const char *tool, const char *call_id, const char *argumen
                       uint64_t turn_id, size_t *len);
 char *frame_tool_result(const char *tool, const char *call_id, const char *result_json,
                         int is_error, uint64_t turn_id, size_t *len);
-/* status: "completed" or "cancelled"; finish_reason may be NULL. */
-char *frame_done(uint64_t turn_id, const char *status, const char *finish_reason, size_t *len);
-/* turn_id 0: not about a turn. */
-char *frame_error(const char *code, const char *content, uint64_t turn_id, size_t *len);
+/* What a turn cost in model tokens, as llm-svc reported it. */
+typedef struct frame_usage {
+    uint32_t prompt_tokens;
+    uint32_t completion_tokens;
+    uint32_t total_tokens;
+} frame_usage;
+
+/* status: "completed" or "cancelled"; finish_reason and usage may be NULL
+ * (usage adds "usage":{prompt_tokens, completion_tokens, total_tokens}). */
+char *frame_done(uint64_t turn_id, const char *status, const char *finish_reason,
+                 const frame_usage *usage, size_t *len);
+/* turn_id 0: not about a turn; request_id (NULL: none) names the request
+ * in the gateway's logs. */
+char *frame_error(const char *code, const char *content, uint64_t turn_id, const char *request_id,
+                  size_t *len);
 /* The first frame of a connection. */
 char *frame_session(const char *session_id, const char *user_id, int resumed, int history_loaded,
                     int64_t user_messages, size_t *len);

@@ -6,9 +6,11 @@
 #ifndef GW_GW_H
 #define GW_GW_H
 
+#include "auth.h"
 #include "bridge.h"
 #include "cli.h"
 #include "conf.h"
+#include "lim.h"
 
 #include <stdatomic.h>
 
@@ -34,9 +36,6 @@
       "longest user message; longer gets an error frame")                                          \
     X(S, max_queued_messages, INT, "max-queued-messages", "MAX_QUEUED_MESSAGES", "4",              \
       "messages queued while an answer streams; more get an error frame (queue_full)")             \
-    X(S, rate_per_minute, INT, "rate-limit", "RATE_LIMIT_PER_MINUTE", "120",                       \
-      "messages a connection may send per minute (bursts of up to 20); more get an error frame "   \
-      "(rate_limited)")                                                                            \
     X(S, max_out_bytes, INT, "max-out-buffer-bytes", "MAX_OUT_BUFFER_BYTES", "262144",             \
       "bytes waiting for a slow client before reading the answer stream pauses")                   \
     X(S, event_batch, INT, "event-batch", "EVENT_BATCH", "256",                                    \
@@ -58,13 +57,29 @@
       "deadline of one whole answer (Llm.Chat)")                                                   \
     X(S, store_timeout_ms, INT, "store-timeout-ms", "STORE_TIMEOUT_MS", "10000",                   \
       "deadline of each store-svc call")                                                           \
+    X(S, open_timeout_ms, INT, "open-timeout-ms", "OPEN_TIMEOUT_MS", "3000",                       \
+      "how long a new connection waits for store-svc to confirm whose session it is; past it "     \
+      "the connection is closed with 1013 (store_unavailable), never given the session on its "    \
+      "word")                                                                                      \
     X(S, history_messages, INT, "history-messages", "HISTORY_MESSAGES", "50",                      \
       "messages of history sent to the model with each turn")                                      \
     X(S, ping_secs, INT, "ws-ping-secs", "WS_PING_SECS", "30",                                     \
-      "idle seconds before a WebSocket ping; a connection that does not answer is closed")
+      "idle seconds before a WebSocket ping; a connection that does not answer is closed")         \
+    X(S, allowed_origins, STR, "allowed-origins", "ALLOWED_ORIGINS", "",                           \
+      "comma list of origins (scheme://host[:port]) whose pages may call the gateway besides "     \
+      "its own; a WebSocket handshake from another Origin gets 403, REST answers carry CORS "      \
+      "headers for these only (never *)")                                                          \
+    X(S, trusted_proxies, STR, "trusted-proxies", "TRUSTED_PROXIES", "",                           \
+      "comma list of addresses or CIDR ranges of proxies in front of the gateway (an ingress); "   \
+      "for them the client address is taken from X-Forwarded-For (per-address limits)")            \
+    X(S, max_header_bytes, INT, "max-header-bytes", "MAX_HEADER_BYTES", "16384",                   \
+      "request headers (URI included) a request may carry; more get 431; past twice this the "     \
+      "connection is closed unanswered")
 CONF_DECLARE(gw_opts, GW_OPTS)
 
+struct ev_loop;
 struct lws_context;
+struct caller_rules;
 struct sess_table;
 struct ws_server;
 
@@ -76,12 +91,23 @@ typedef struct gw_counters {
     atomic_long events_dropped;  /* events dropped past --event-buffer or refused */
     atomic_long events_buffered; /* events waiting for store-svc now */
     atomic_long refused;         /* connections refused (limit, bad id, owner) */
+    atomic_long unauthorized;    /* handshakes and requests refused with 401 or 403 */
 } gw_counters;
 
 typedef struct gw {
     gw_opts opts;
     cli_conf client_opts;
+    auth_opts auth_opts;
+    lim_opts lim_opts;
+    auth *auth;                   /* who is calling (auth.h) */
+    lim *limits;                  /* what each address and user may use (lim.h) */
+    struct caller_rules *callers; /* origins and proxies (caller.h) */
     struct lws_context *ctx;
+    /* The loop (libev's, lent to libwebsockets). The gateway's own timers
+     * are libev timers: libwebsockets 4.1's timer list on libev re-arms its
+     * one libev timer only when that expires, so an earlier deadline added
+     * meanwhile fires late. */
+    struct ev_loop *loop;
     bridge *bridge;
     cli *client;
     cli_channel *router;

@@ -1,10 +1,11 @@
 #include "http.h"
 
+#include "caller.h"
 #include "check.h"
 #include "convo/v1/store.pb-c.h"
 #include "convo/v1/summary.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
-#include "gw.h"
+#include "lim.h"
 #include "log.h"
 #include "mem.h"
 #include "names.h"
@@ -12,29 +13,68 @@
 
 #include <json-c/json.h>
 #include <libwebsockets.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define SERVICES 4
 
-/* Deadline of each service's health check for /api/health. */
+/* Deadline of each service's health check for /api/health and /readyz. */
 #define HEALTH_TIMEOUT_MS 2000
 
+/* GET /api/sessions: sessions per page. */
+#define LIST_DEFAULT 20
+#define LIST_MAX     100
+
+/* GET /api/sessions/{id}/events: events per page, and the content bytes
+ * one page carries at most (a page stops early, and says where to go on). */
+#define EVENTS_DEFAULT   100
+#define EVENTS_MAX       1000
+#define EVENTS_BODY_MAX  (1 << 20)
+#define EVENTS_TIMEOUT_X 6 /* a stream gets this many --store-timeout-ms */
+
+/* The largest request body taken (POST /api/dev/token). */
+#define BODY_MAX 4096
+
+/* How long a browser may keep a CORS preflight's answer. */
+#define CORS_MAX_AGE "600"
+
+#define PREFIX_API      "/api/"
+#define PREFIX_SESSIONS "/api/sessions"
+
 typedef enum route {
+    ROUTE_INFO,
     ROUTE_HEALTH,
+    ROUTE_READY,
+    ROUTE_DEV_TOKEN,
+    ROUTE_LIST,
     ROUTE_SESSION,
     ROUTE_SUMMARY,
+    ROUTE_EVENTS,
 } route;
 
 typedef struct http_req {
     gw *g;
     struct lws *wsi; /* NULL once the client is gone */
+    caller who;
     route route;
     int pending; /* gRPC calls not yet answered */
     int status;
     char *body; /* LWS_PRE bytes of room, then the JSON */
     size_t body_len;
+    int post;
+    int body_done; /* a POST's body is all in (the connection may carry more) */
+    char *in;      /* the POST body */
+    size_t in_len;
+    int in_too_big;
     char *session_id;
-    /* /api/health */
+    /* the session as the store has it, once the owner is checked */
+    Convo__V1__GetSessionResponse *owned;
+    /* paging */
+    int64_t limit;
+    int64_t after_seq;
+    int64_t before_us;
+    char before_id[CHECK_ID_MAX + 1];
+    /* /api/health, /readyz */
     const char *service_names[SERVICES];
     const char *service_addrs[SERVICES];
     int service_status[SERVICES]; /* health status, or -1 unreachable */
@@ -43,31 +83,65 @@ typedef struct http_req {
 
 static const char *const health_names[] = {"UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"};
 
+/* ---- answers ---------------------------------------------------------- */
+
+static void respond_text(http_req *req, int status, const char *text, size_t len)
+{
+    req->status = status;
+    req->body = mem_alloc(LWS_PRE + len);
+    memcpy(req->body + LWS_PRE, text, len);
+    req->body_len = len;
+    if (req->wsi != NULL)
+        lws_callback_on_writable(req->wsi);
+}
+
 static void respond(http_req *req, int status, json_object *body)
 {
     size_t len;
     const char *text = json_object_to_json_string_length(
         body, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE, &len);
-    req->status = status;
-    req->body = mem_alloc(LWS_PRE + len);
-    memcpy(req->body + LWS_PRE, text, len);
-    req->body_len = len;
+    respond_text(req, status, text, len);
     json_object_put(body);
-    if (req->wsi != NULL)
-        lws_callback_on_writable(req->wsi);
 }
 
-static void respond_error(http_req *req, int status, const char *message)
+static void respond_error(http_req *req, int status, const char *code, const char *message)
 {
-    json_object *o = json_object_new_object();
-    json_object_object_add(o, "error", json_object_new_string(message));
-    respond(req, status, o);
+    size_t len;
+    char *text = caller_error_json(code, message, req->who.request_id, &len);
+    respond_text(req, status, text, len);
+    mem_free(text);
+}
+
+static void not_found(http_req *req)
+{
+    respond_error(req, 404, "not_found", "no such session");
+}
+
+/* A gRPC failure as the client sees it: a code and a short text; what the
+ * service said is logged under the request id. */
+static void respond_rpc_error(http_req *req, const char *service, rpc_code code,
+                              const char *message)
+{
+    const log_field f[] = {{"request_id", req->who.request_id}, {NULL, NULL}};
+    log_fields(LOG_WARN, f, "%s answered %s: %s", service, rpc_code_name(code), message);
+    if (code == RPC_NOT_FOUND)
+        not_found(req);
+    else if (code == RPC_UNAVAILABLE || code == RPC_DEADLINE_EXCEEDED)
+        respond_error(req, 503, "service_unavailable",
+                      "a service the answer needs is unavailable; try again shortly");
+    else if (code == RPC_INVALID_ARGUMENT)
+        respond_error(req, 400, "invalid_request", "the request was not accepted");
+    else
+        respond_error(req, 500, "internal", "the answer failed on the server's side");
 }
 
 static void req_free(http_req *req)
 {
     mem_free(req->body);
+    mem_free(req->in);
     mem_free(req->session_id);
+    if (req->owned != NULL)
+        protobuf_c_message_free_unpacked(&req->owned->base, NULL);
     mem_free(req);
 }
 
@@ -85,27 +159,93 @@ int http_on_writeable(struct lws *wsi)
     http_req *req = lws_get_opaque_user_data(wsi);
     if (req == NULL || req->body == NULL)
         return 0;
-    unsigned char hdr[LWS_PRE + 512];
+    unsigned char hdr[LWS_PRE + 1024];
     unsigned char *start = hdr + LWS_PRE, *p = start, *end = hdr + sizeof hdr - 1;
     if (lws_add_http_common_headers(wsi, (unsigned)req->status, "application/json",
                                     (lws_filepos_t)req->body_len, &p, end) ||
-        lws_add_http_header_by_name(wsi, (const unsigned char *)"access-control-allow-origin:",
-                                    (const unsigned char *)"*", 1, &p, end) ||
-        lws_add_http_header_by_name(wsi, (const unsigned char *)"cache-control:",
-                                    (const unsigned char *)"no-store", 8, &p, end) ||
+        caller_add_headers(wsi, &req->who, &p, end) != 0 ||
+        (req->status == 401 &&
+         lws_add_http_header_by_name(wsi, (const unsigned char *)"www-authenticate:",
+                                     (const unsigned char *)"Bearer", 6, &p, end)) ||
         lws_finalize_write_http_header(wsi, start, &p, end))
         return -1;
     if (lws_write(wsi, (unsigned char *)req->body + LWS_PRE, req->body_len, LWS_WRITE_HTTP_FINAL) <
         0)
         return -1;
     /* The connection may carry another request (keep-alive): this one is
-     * done. */
+     * done, unless its body was not all read (answered early), which would
+     * be read as the next request: then it closes. */
+    int unread = req->post && !req->body_done;
     lws_set_opaque_user_data(wsi, NULL);
     req_free(req);
-    return lws_http_transaction_completed(wsi) ? -1 : 0;
+    return unread || lws_http_transaction_completed(wsi) ? -1 : 0;
 }
 
-/* ---- /api/health ------------------------------------------------------ */
+/* ---- gRPC answers back on the loop ------------------------------------- */
+
+typedef struct rest_job {
+    http_req *req;
+    rpc_code code;
+    char *message;
+    ProtobufCMessage *resp;
+    json_object *events; /* ListEvents: what was collected */
+    size_t event_bytes;
+    int64_t next_after_seq; /* 0: the page holds the end */
+    long n_events;
+} rest_job;
+
+typedef void (*rest_fn)(http_req *req, rest_job *j);
+
+typedef struct rest_call {
+    rest_job job;
+    rest_fn fn;
+} rest_call;
+
+static void on_rest_job(void *arg)
+{
+    rest_call *c = arg;
+    http_req *req = c->job.req;
+    if (req_alive(req))
+        c->fn(req, &c->job);
+    if (c->job.resp != NULL)
+        protobuf_c_message_free_unpacked(c->job.resp, NULL);
+    if (c->job.events != NULL)
+        json_object_put(c->job.events);
+    mem_free(c->job.message);
+    mem_free(c);
+}
+
+/* gRPC thread. */
+static void on_rest_done(void *arg, rpc_code code, const char *message, ProtobufCMessage *resp)
+{
+    rest_call *c = arg;
+    c->job.code = code;
+    c->job.message = mem_strdup(message != NULL ? message : "");
+    c->job.resp = resp;
+    bridge_post(c->job.req->g->bridge, on_rest_job, c);
+}
+
+/* Starts a unary call whose answer goes to fn on the loop. Returns 0, or
+ * -1 after answering 500 (the call could not start). */
+static int rest_unary(http_req *req, cli_channel *ch, const char *method,
+                      const ProtobufCMessage *msg, const ProtobufCMessageDescriptor *resp_desc,
+                      rest_fn fn)
+{
+    rest_call *c = mem_calloc(1, sizeof *c);
+    c->job.req = req;
+    c->fn = fn;
+    cli_opts o = {.timeout_ms = req->g->opts.store_timeout_ms, .request_id = req->who.request_id};
+    req->pending++;
+    if (cli_unary(ch, method, msg, resp_desc, &o, on_rest_done, c, NULL) != 0) {
+        req->pending--;
+        mem_free(c);
+        respond_error(req, 500, "internal", "the answer could not be started");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- /api/health, /readyz ----------------------------------------------- */
 
 typedef struct health_job {
     http_req *req;
@@ -115,41 +255,83 @@ typedef struct health_job {
     int status;
 } health_job;
 
-static void finish_health(http_req *req)
+/* The services /readyz needs: without summary-svc conversations go on
+ * (its sweep summarizes later). */
+static int needed_for_ready(int i)
 {
-    json_object *o = json_object_new_object();
+    return i < 3;
+}
+
+static json_object *services_json(http_req *req, int *all, int *ready)
+{
     json_object *services = json_object_new_object();
-    int all = 1;
+    *all = *ready = 1;
     for (int i = 0; i < SERVICES; i++) {
         json_object *svc = json_object_new_object();
-        json_object_object_add(svc, "address", json_object_new_string(req->service_addrs[i]));
         int st = req->service_status[i];
         json_object_object_add(
             svc, "status", json_object_new_string(st < 0 ? "UNREACHABLE" : health_names[st & 3]));
-        if (st < 0)
-            json_object_object_add(svc, "error", json_object_new_string(req->service_error[i]));
+        /* Addresses and errors tell an attacker the layout inside: only
+         * for callers with a valid token. */
+        if (req->who.verified) {
+            json_object_object_add(svc, "address", json_object_new_string(req->service_addrs[i]));
+            if (st < 0)
+                json_object_object_add(svc, "error", json_object_new_string(req->service_error[i]));
+        }
         json_object_object_add(services, req->service_names[i], svc);
-        all = all && st == 1;
+        *all = *all && st == 1;
+        if (needed_for_ready(i))
+            *ready = *ready && st == 1;
     }
-    gw_counters *k = &req->g->counters;
-    json_object *gwo = json_object_new_object();
-    json_object_object_add(gwo, "status", json_object_new_string("SERVING"));
-    json_object_object_add(gwo, "connections", json_object_new_int64(atomic_load(&k->connections)));
-    json_object_object_add(gwo, "sessions",
-                           json_object_new_int64((int64_t)sess_count(req->g->sessions)));
-    json_object_object_add(gwo, "turns", json_object_new_int64(atomic_load(&k->turns)));
-    json_object_object_add(gwo, "turn_errors", json_object_new_int64(atomic_load(&k->turn_errors)));
-    json_object_object_add(gwo, "events_logged",
+    return services;
+}
+
+static json_object *counters_json(gw *g)
+{
+    gw_counters *k = &g->counters;
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "status", json_object_new_string("SERVING"));
+    json_object_object_add(o, "connections", json_object_new_int64(atomic_load(&k->connections)));
+    json_object_object_add(o, "sessions", json_object_new_int64((int64_t)sess_count(g->sessions)));
+    json_object_object_add(o, "turns", json_object_new_int64(atomic_load(&k->turns)));
+    json_object_object_add(o, "turn_errors", json_object_new_int64(atomic_load(&k->turn_errors)));
+    json_object_object_add(o, "events_logged",
                            json_object_new_int64(atomic_load(&k->events_logged)));
-    json_object_object_add(gwo, "events_buffered",
+    json_object_object_add(o, "events_buffered",
                            json_object_new_int64(atomic_load(&k->events_buffered)));
-    json_object_object_add(gwo, "events_dropped",
+    json_object_object_add(o, "events_dropped",
                            json_object_new_int64(atomic_load(&k->events_dropped)));
-    json_object_object_add(gwo, "connections_refused",
+    json_object_object_add(o, "connections_refused",
                            json_object_new_int64(atomic_load(&k->refused)));
-    json_object_object_add(gwo, "memory_bytes", json_object_new_int64((int64_t)mem_used()));
+    json_object_object_add(o, "unauthorized", json_object_new_int64(atomic_load(&k->unauthorized)));
+    json_object *limited = json_object_new_object();
+    static const char *const kinds[LIM_KINDS] = {
+        [LIM_CONN_IP] = "connections_per_ip", [LIM_CONN_USER] = "connections_per_user",
+        [LIM_SESSIONS] = "sessions_per_user", [LIM_MESSAGES] = "messages_per_user",
+        [LIM_TOKENS] = "tokens_per_user",     [LIM_REST] = "rest_per_ip",
+    };
+    for (int i = 0; i < LIM_KINDS; i++)
+        json_object_object_add(limited, kinds[i],
+                               json_object_new_int64(lim_refused(g->limits, (lim_kind)i)));
+    json_object_object_add(o, "limits_refused", limited);
+    json_object_object_add(o, "memory_bytes", json_object_new_int64((int64_t)mem_used()));
+    return o;
+}
+
+static void finish_health(http_req *req)
+{
+    int all, ready;
+    json_object *services = services_json(req, &all, &ready);
+    json_object *o = json_object_new_object();
+    if (req->route == ROUTE_READY) {
+        ready = ready && !req->g->stopping;
+        json_object_object_add(o, "status", json_object_new_string(ready ? "ready" : "not_ready"));
+        json_object_object_add(o, "services", services);
+        respond(req, ready ? 200 : 503, o);
+        return;
+    }
     json_object_object_add(o, "status", json_object_new_string(all ? "ok" : "degraded"));
-    json_object_object_add(o, "gateway", gwo);
+    json_object_object_add(o, "gateway", counters_json(req->g));
     json_object_object_add(o, "services", services);
     /* 200 either way: the gateway itself is up; "status" tells the rest. */
     respond(req, 200, o);
@@ -187,7 +369,6 @@ static void start_health(http_req *req)
     gw *g = req->g;
     cli_channel *chans[SERVICES] = {g->router, g->llm, g->store, g->summary};
     const char *names[SERVICES] = {"router-svc", "llm-svc", "store-svc", "summary-svc"};
-    req->route = ROUTE_HEALTH;
     req->pending = SERVICES;
     for (int i = 0; i < SERVICES; i++) {
         req->service_names[i] = names[i];
@@ -208,7 +389,7 @@ static void start_health(http_req *req)
     }
 }
 
-/* ---- /api/sessions/{id}[/summary] ----------------------------------------- */
+/* ---- sessions ------------------------------------------------------------ */
 
 static json_object *time_or_null(int64_t us)
 {
@@ -242,15 +423,6 @@ static json_object *session_json(const Convo__V1__Session *s)
     return o;
 }
 
-typedef struct session_job {
-    http_req *req;
-    rpc_code code;
-    char *message;
-    ProtobufCMessage *resp;
-} session_job;
-
-static void start_get_session(http_req *req);
-
 static void answer_summary(http_req *req, const char *status, const char *summary,
                            const char *error, int attempts)
 {
@@ -266,93 +438,258 @@ static void answer_summary(http_req *req, const char *status, const char *summar
     respond(req, 200, o);
 }
 
-static void on_session_job(void *arg)
+static void answer_stored_summary(http_req *req)
 {
-    session_job *j = arg;
-    http_req *req = j->req;
-    if (!req_alive(req))
-        goto out;
-    if (req->route == ROUTE_SUMMARY && j->resp != NULL &&
-        j->resp->descriptor == &convo__v1__get_summary_response__descriptor) {
+    const Convo__V1__Session *s = req->owned->session;
+    answer_summary(req, names_summary_status(s->summary_status), s->final_summary, s->summary_error,
+                   s->summary_attempts);
+}
+
+static void on_summary(http_req *req, rest_job *j)
+{
+    if (j->code == RPC_OK) {
         const Convo__V1__GetSummaryResponse *r = (const Convo__V1__GetSummaryResponse *)j->resp;
         answer_summary(req, names_summary_status(r->status), r->summary, r->error, r->attempts);
-    } else if (req->route == ROUTE_SUMMARY && j->code == RPC_UNAVAILABLE && j->resp == NULL &&
-               req->pending == 0 && req->status == 0) {
-        /* summary-svc is down: the store knows the status too. */
-        req->status = -1;
-        start_get_session(req);
-    } else if (j->code != RPC_OK) {
-        char msg[300];
-        snprintf(msg, sizeof msg, "%s: %s", rpc_code_name(j->code), j->message);
-        respond_error(req, j->code == RPC_NOT_FOUND ? 404 : rpc_code_http_status(j->code), msg);
-    } else {
-        const Convo__V1__Session *s = ((const Convo__V1__GetSessionResponse *)j->resp)->session;
-        if (s == NULL)
-            respond_error(req, 404, "no such session");
-        else if (req->route == ROUTE_SUMMARY)
-            answer_summary(req, names_summary_status(s->summary_status), s->final_summary,
-                           s->summary_error, s->summary_attempts);
-        else
-            respond(req, 200, session_json(s));
+        return;
     }
-out:
-    if (j->resp != NULL)
-        protobuf_c_message_free_unpacked(j->resp, NULL);
-    mem_free(j->message);
-    mem_free(j);
+    /* summary-svc is down or does not know it: the store has the status. */
+    const log_field f[] = {{"request_id", req->who.request_id}, {NULL, NULL}};
+    log_fields(LOG_INFO, f, "summary-svc answered %s (%s); answering from store-svc",
+               rpc_code_name(j->code), j->message);
+    answer_stored_summary(req);
 }
 
-static void on_session_done(void *arg, rpc_code code, const char *message, ProtobufCMessage *resp)
+/* A page of events: collected on the gRPC thread (one call's messages
+ * arrive on one thread, in order), handed to the loop whole. */
+static int on_event_msg(void *arg, const ProtobufCMessage *msg)
 {
-    session_job *j = mem_calloc(1, sizeof *j);
-    j->req = arg;
-    j->code = code;
-    j->message = mem_strdup(message != NULL ? message : "");
-    j->resp = resp;
-    bridge_post(j->req->g->bridge, on_session_job, j);
+    rest_call *c = arg;
+    rest_job *j = &c->job;
+    const Convo__V1__Event *ev = (const Convo__V1__Event *)msg;
+    if (j->next_after_seq != 0)
+        return 0; /* the page is full: the rest is the next page's */
+    size_t n = strlen(ev->content);
+    if (j->n_events == j->req->limit || (j->n_events > 0 && j->event_bytes + n > EVENTS_BODY_MAX)) {
+        j->next_after_seq = json_object_get_int64(json_object_object_get(
+            json_object_array_get_idx(j->events, (size_t)j->n_events - 1), "seq"));
+        return 0;
+    }
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "seq", json_object_new_int64(ev->seq));
+    json_object_object_add(o, "type", json_object_new_string(names_event_type(ev->type)));
+    json_object_object_add(o, "content", json_object_new_string_len(ev->content, (int)n));
+    json_object_object_add(o, "timestamp", time_or_null(ev->timestamp_us));
+    json_object_array_add(j->events, o);
+    j->event_bytes += n;
+    j->n_events++;
+    return 0;
 }
 
-static void start_get_session(http_req *req)
+static void on_events(http_req *req, rest_job *j)
+{
+    if (j->code != RPC_OK) {
+        respond_rpc_error(req, "store-svc", j->code, j->message);
+        return;
+    }
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "session_id", json_object_new_string(req->session_id));
+    json_object_object_add(o, "events", json_object_get(j->events));
+    json_object_object_add(o, "next_after_seq",
+                           j->next_after_seq ? json_object_new_int64(j->next_after_seq) : NULL);
+    respond(req, 200, o);
+}
+
+static void start_events(http_req *req)
+{
+    Convo__V1__ListEventsRequest lreq = CONVO__V1__LIST_EVENTS_REQUEST__INIT;
+    lreq.session_id = req->session_id;
+    lreq.after_seq = req->after_seq;
+    lreq.limit = req->limit + 1; /* one more says whether a next page exists */
+    rest_call *c = mem_calloc(1, sizeof *c);
+    c->job.req = req;
+    c->job.events = json_object_new_array();
+    c->fn = on_events;
+    cli_opts o = {.timeout_ms = req->g->opts.store_timeout_ms * EVENTS_TIMEOUT_X,
+                  .request_id = req->who.request_id};
+    req->pending++;
+    if (cli_stream(req->g->store, "/convo.v1.Store/ListEvents", &lreq.base,
+                   &convo__v1__event__descriptor, &o, on_event_msg, on_rest_done, c, NULL) != 0) {
+        req->pending--;
+        json_object_put(c->job.events);
+        mem_free(c);
+        respond_error(req, 500, "internal", "the answer could not be started");
+    }
+}
+
+/* The session is the caller's (checked by on_owner): go on with the
+ * route. */
+static void owned(http_req *req)
+{
+    const Convo__V1__Session *s = req->owned->session;
+    if (req->route == ROUTE_SESSION) {
+        respond(req, 200, session_json(s));
+    } else if (req->route == ROUTE_SUMMARY) {
+        Convo__V1__GetSummaryRequest sreq = CONVO__V1__GET_SUMMARY_REQUEST__INIT;
+        sreq.session_id = req->session_id;
+        rest_unary(req, req->g->summary, "/convo.v1.Summary/GetSummary", &sreq.base,
+                   &convo__v1__get_summary_response__descriptor, on_summary);
+    } else {
+        start_events(req);
+    }
+}
+
+static void on_owner(http_req *req, rest_job *j)
+{
+    if (j->code != RPC_OK) {
+        respond_rpc_error(req, "store-svc", j->code, j->message);
+        return;
+    }
+    Convo__V1__GetSessionResponse *r = (Convo__V1__GetSessionResponse *)j->resp;
+    /* Another user's session is answered exactly as a missing one. */
+    if (r->session == NULL ||
+        (req->who.user[0] != '\0' && strcmp(r->session->user_id, req->who.user) != 0)) {
+        not_found(req);
+        return;
+    }
+    req->owned = r;
+    j->resp = NULL;
+    owned(req);
+}
+
+static void start_owned(http_req *req)
 {
     Convo__V1__GetSessionRequest greq = CONVO__V1__GET_SESSION_REQUEST__INIT;
     greq.session_id = req->session_id;
-    cli_opts o = {.timeout_ms = req->g->opts.store_timeout_ms};
-    req->pending++;
-    if (cli_unary(req->g->store, "/convo.v1.Store/GetSession", &greq.base,
-                  &convo__v1__get_session_response__descriptor, &o, on_session_done, req,
-                  NULL) != 0) {
-        req->pending--;
-        respond_error(req, 500, "could not start the call to store-svc");
-    }
+    rest_unary(req, req->g->store, "/convo.v1.Store/GetSession", &greq.base,
+               &convo__v1__get_session_response__descriptor, on_owner);
 }
 
-static void start_get_summary(http_req *req)
+static void on_list(http_req *req, rest_job *j)
 {
-    Convo__V1__GetSummaryRequest sreq = CONVO__V1__GET_SUMMARY_REQUEST__INIT;
-    sreq.session_id = req->session_id;
-    cli_opts o = {.timeout_ms = req->g->opts.store_timeout_ms};
-    req->pending++;
-    if (cli_unary(req->g->summary, "/convo.v1.Summary/GetSummary", &sreq.base,
-                  &convo__v1__get_summary_response__descriptor, &o, on_session_done, req,
-                  NULL) != 0) {
-        req->pending--;
-        start_get_session(req);
+    if (j->code != RPC_OK) {
+        respond_rpc_error(req, "store-svc", j->code, j->message);
+        return;
     }
+    const Convo__V1__ListUserSessionsResponse *r =
+        (const Convo__V1__ListUserSessionsResponse *)j->resp;
+    size_t n = r->n_sessions < (size_t)req->limit ? r->n_sessions : (size_t)req->limit;
+    json_object *o = json_object_new_object();
+    json_object *list = json_object_new_array();
+    for (size_t i = 0; i < n; i++)
+        json_object_array_add(list, session_json(r->sessions[i]));
+    json_object_object_add(o, "sessions", list);
+    json_object *next = NULL;
+    if (r->n_sessions > n && n > 0) {
+        /* The cursor: the last session's start time and id. */
+        char cursor[32 + CHECK_ID_MAX];
+        snprintf(cursor, sizeof cursor, "%lld.%s", (long long)r->sessions[n - 1]->start_time_us,
+                 r->sessions[n - 1]->session_id);
+        next = json_object_new_string(cursor);
+    }
+    json_object_object_add(o, "next_before", next);
+    respond(req, 200, o);
+}
+
+static void start_list(http_req *req)
+{
+    Convo__V1__ListUserSessionsRequest lreq = CONVO__V1__LIST_USER_SESSIONS_REQUEST__INIT;
+    lreq.user_id = req->who.user;
+    lreq.limit = (uint32_t)req->limit + 1;
+    lreq.before_start_time_us = req->before_us;
+    lreq.before_session_id = req->before_id;
+    rest_unary(req, req->g->store, "/convo.v1.Store/ListUserSessions", &lreq.base,
+               &convo__v1__list_user_sessions_response__descriptor, on_list);
+}
+
+/* ---- POST /api/dev/token ------------------------------------------------- */
+
+static void dev_token(http_req *req)
+{
+    if (req->in_too_big) {
+        respond_error(req, 413, "body_too_large", "the request body is over 4096 bytes");
+        return;
+    }
+    json_object *body = req->in != NULL ? json_tokener_parse(req->in) : NULL;
+    json_object *user = NULL;
+    char err[160];
+    if (body == NULL || !json_object_object_get_ex(body, "user_id", &user) ||
+        !json_object_is_type(user, json_type_string) ||
+        check_id("user_id", json_object_get_string(user), err, sizeof err) != 0) {
+        json_object_put(body);
+        respond_error(req, 400, "invalid_user_id",
+                      "send {\"user_id\": \"...\"}: 1 to 128 characters from A-Z a-z 0-9 . _ -");
+        return;
+    }
+    char *token = NULL;
+    int rc = auth_dev_sign(req->g->auth, json_object_get_string(user), &token);
+    if (rc != 0) {
+        json_object_put(body);
+        respond_error(req, 400, auth_strerror(rc), "no token could be made for this user");
+        return;
+    }
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "access_token", json_object_new_string(token));
+    json_object_object_add(o, "token_type", json_object_new_string("Bearer"));
+    json_object_object_add(o, "user_id", json_object_new_string(json_object_get_string(user)));
+    json_object_object_add(o, "expires_in",
+                           json_object_new_int64(req->g->auth_opts.dev_token_ttl_secs));
+    mem_free(token);
+    json_object_put(body);
+    respond(req, 200, o);
+}
+
+int http_on_body(struct lws *wsi, const void *in, size_t len)
+{
+    http_req *req = lws_get_opaque_user_data(wsi);
+    if (req == NULL)
+        return 0;
+    if (req->in_too_big || req->in_len + len > BODY_MAX) {
+        req->in_too_big = 1;
+        return 0;
+    }
+    req->in = mem_realloc(req->in, req->in_len + len + 1);
+    memcpy(req->in + req->in_len, in, len);
+    req->in_len += len;
+    req->in[req->in_len] = '\0';
+    return 0;
+}
+
+int http_on_body_done(struct lws *wsi)
+{
+    http_req *req = lws_get_opaque_user_data(wsi);
+    if (req == NULL)
+        return 0;
+    req->body_done = 1;
+    if (req->route == ROUTE_DEV_TOKEN && req->body == NULL)
+        dev_token(req);
+    else if (req->body != NULL)
+        lws_callback_on_writable(wsi); /* answered early: now it can go */
+    return 0;
 }
 
 /* ---- dispatch ------------------------------------------------------------- */
 
 static void api_info(http_req *req)
 {
+    static const char *const modes[] = {
+        [AUTH_MODE_JWT] = "jwt", [AUTH_MODE_DEV] = "dev", [AUTH_MODE_NONE] = "none"};
     json_object *o = json_object_new_object();
     json_object_object_add(o, "name", json_object_new_string("convo gateway"));
     json_object_object_add(o, "version", json_object_new_string(conf_version()));
-    json_object_object_add(o, "websocket",
-                           json_object_new_string("/ws/session/{session_id}?user_id={user_id}"));
+    json_object_object_add(o, "auth", json_object_new_string(modes[auth_get_mode(req->g->auth)]));
+    json_object_object_add(o, "websocket", json_object_new_string("/ws/session/{session_id}"));
     json_object_object_add(o, "web_page", json_object_new_string("/app/"));
     json_object *ep = json_object_new_array();
-    const char *const endpoints[] = {"GET /", "GET /api/health", "GET /api/sessions/{id}",
-                                     "GET /api/sessions/{id}/summary", "GET /app/"};
+    const char *const endpoints[] = {"GET /",
+                                     "GET /healthz",
+                                     "GET /readyz",
+                                     "GET /api/health",
+                                     "POST /api/dev/token",
+                                     "GET /api/sessions",
+                                     "GET /api/sessions/{id}",
+                                     "GET /api/sessions/{id}/summary",
+                                     "GET /api/sessions/{id}/events",
+                                     "GET /app/"};
     for (size_t i = 0; i < sizeof endpoints / sizeof endpoints[0]; i++)
         json_object_array_add(ep, json_object_new_string(endpoints[i]));
     json_object_object_add(o, "endpoints", ep);
@@ -422,48 +759,256 @@ static int serve_file(gw *g, struct lws *wsi, const char *rel)
     return 0;
 }
 
+/* A CORS preflight: which methods and headers an allowed origin may use. */
+static int preflight(struct lws *wsi, const caller *c)
+{
+    unsigned char hdr[LWS_PRE + 1024];
+    unsigned char *start = hdr + LWS_PRE, *p = start, *end = hdr + sizeof hdr - 1;
+    static const struct {
+        const char *name, *value;
+    } allow[] = {{"access-control-allow-methods:", "GET, POST, OPTIONS"},
+                 {"access-control-allow-headers:", "Authorization, Content-Type"},
+                 {"access-control-max-age:", CORS_MAX_AGE}};
+    if (lws_add_http_common_headers(wsi, 204, NULL, 0, &p, end) ||
+        caller_add_headers(wsi, c, &p, end) != 0)
+        return -1;
+    for (size_t i = 0; c->origin[0] != '\0' && i < sizeof allow / sizeof allow[0]; i++)
+        if (lws_add_http_header_by_name(wsi, (const unsigned char *)allow[i].name,
+                                        (const unsigned char *)allow[i].value,
+                                        (int)strlen(allow[i].value), &p, end))
+            return -1;
+    if (lws_finalize_write_http_header(wsi, start, &p, end))
+        return -1;
+    return lws_http_transaction_completed(wsi) ? -1 : 0;
+}
+
+/* A number argument in [0, max]; def when absent. Returns 0 or -1. */
+static int number_arg(struct lws *wsi, const char *name, int64_t def, int64_t max, int64_t *out)
+{
+    char buf[24];
+    int has = caller_arg(wsi, name, buf, sizeof buf);
+    if (has == 0) {
+        *out = def;
+        return 0;
+    }
+    char *end;
+    long long v = has > 0 ? strtoll(buf, &end, 10) : -1;
+    if (has < 0 || buf[0] == '\0' || *end != '\0' || v < 0 || v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* The routes of /api/sessions: paging arguments, then the calls. */
+/* A next_before cursor: "<start time in µs>.<session id>". Returns 0 or
+ * -1. */
+static int parse_cursor(const char *cursor, int64_t *us, char *id, size_t cap)
+{
+    const char *dot = strchr(cursor, '.');
+    char err[160];
+    if (dot == NULL || dot == cursor || (size_t)(dot - cursor) > 19)
+        return -1;
+    char num[24];
+    memcpy(num, cursor, (size_t)(dot - cursor));
+    num[dot - cursor] = '\0';
+    char *end;
+    long long v = strtoll(num, &end, 10);
+    if (*end != '\0' || v <= 0 || check_id("before", dot + 1, err, sizeof err) != 0)
+        return -1;
+    *us = v;
+    snprintf(id, cap, "%s", dot + 1);
+    return 0;
+}
+
+static void sessions_route(http_req *req, struct lws *wsi, const char *rest)
+{
+    if (rest[0] == '\0') {
+        char cursor[32 + CHECK_ID_MAX];
+        int has = caller_arg(wsi, "before", cursor, sizeof cursor);
+        if (number_arg(wsi, "limit", LIST_DEFAULT, LIST_MAX, &req->limit) != 0 || req->limit == 0)
+            respond_error(req, 400, "invalid_limit", "limit must be a number from 1 to 100");
+        else if (has < 0 || (has > 0 && parse_cursor(cursor, &req->before_us, req->before_id,
+                                                     sizeof req->before_id) != 0))
+            respond_error(req, 400, "invalid_cursor",
+                          "before must be the next_before of an earlier page");
+        else if (req->who.user[0] == '\0')
+            respond_error(req, 400, "missing_user_id",
+                          "name the user with ?user_id= (the gateway runs with --auth none)");
+        else {
+            req->route = ROUTE_LIST;
+            start_list(req);
+        }
+        return;
+    }
+    if (rest[0] != '/') {
+        respond_error(req, 404, "no_such_endpoint", "no such endpoint; see GET /");
+        return;
+    }
+    const char *id = rest + 1;
+    const char *slash = strchr(id, '/');
+    req->session_id = mem_strndup(id, slash != NULL ? (size_t)(slash - id) : strlen(id));
+    char err[160];
+    if (check_id("session_id", req->session_id, err, sizeof err) != 0) {
+        respond_error(req, 400, "invalid_session_id",
+                      "the session id must be 1 to 128 characters from A-Z a-z 0-9 . _ -");
+        return;
+    }
+    if (slash == NULL) {
+        req->route = ROUTE_SESSION;
+    } else if (strcmp(slash, "/summary") == 0) {
+        req->route = ROUTE_SUMMARY;
+    } else if (strcmp(slash, "/events") == 0) {
+        req->route = ROUTE_EVENTS;
+        if (number_arg(wsi, "after_seq", 0, INT64_MAX / 2, &req->after_seq) != 0 ||
+            number_arg(wsi, "limit", EVENTS_DEFAULT, EVENTS_MAX, &req->limit) != 0 ||
+            req->limit == 0) {
+            respond_error(req, 400, "invalid_paging",
+                          "after_seq must be a number >= 0, limit a number from 1 to 1000");
+            return;
+        }
+    } else {
+        respond_error(req, 404, "no_such_endpoint", "no such endpoint; see GET /");
+        return;
+    }
+    start_owned(req);
+}
+
+/* Checks the caller of a REST route that needs one. Returns 0, or -1
+ * after answering. */
+static int identify(http_req *req, struct lws *wsi)
+{
+    caller_refusal why;
+    if (caller_identify(req->g, wsi, &req->who, &why) != 0) {
+        atomic_fetch_add(&req->g->counters.unauthorized, 1);
+        respond_error(req, why.status, why.code, why.message);
+        return -1;
+    }
+    if (req->who.user_arg < 0) {
+        respond_error(req, 400, "invalid_user_id",
+                      "user_id must be 1 to 128 characters from A-Z a-z 0-9 . _ -");
+        return -1;
+    }
+    return 0;
+}
+
+static void api_route(http_req *req, struct lws *wsi, const char *uri, int post)
+{
+    gw *g = req->g;
+    if (strcmp(uri, "/api/dev/token") == 0 && post) {
+        if (auth_get_mode(g->auth) != AUTH_MODE_DEV) {
+            respond_error(req, 404, "no_such_endpoint",
+                          "no such endpoint; tokens are signed here only with --auth dev");
+            return;
+        }
+        req->route = ROUTE_DEV_TOKEN;
+        if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_CONTENT_LENGTH) <= 0) {
+            req->body_done = 1; /* no body will come */
+            dev_token(req);
+        }
+        return; /* else answered when the body is in */
+    }
+    if (post) {
+        respond_error(req, 405, "method_not_allowed", "only GET is served here");
+        return;
+    }
+    if (strcmp(uri, "/api/health") == 0) {
+        /* Open to all (probes, the seed's clients); a valid token adds the
+         * services' addresses. */
+        caller_refusal why;
+        if (auth_get_mode(g->auth) != AUTH_MODE_NONE &&
+            caller_identify(g, wsi, &req->who, &why) != 0)
+            req->who.verified = 0;
+        req->route = ROUTE_HEALTH;
+        start_health(req);
+        return;
+    }
+    if (strncmp(uri, PREFIX_SESSIONS, strlen(PREFIX_SESSIONS)) == 0) {
+        const char *rest = uri + strlen(PREFIX_SESSIONS);
+        if (rest[0] != '\0' && rest[0] != '/') {
+            respond_error(req, 404, "no_such_endpoint", "no such endpoint; see GET /");
+            return;
+        }
+        if (identify(req, wsi) != 0)
+            return;
+        sessions_route(req, wsi, rest);
+        return;
+    }
+    respond_error(req, 404, "no_such_endpoint", "no such endpoint; see GET /");
+}
+
 int http_on_request(gw *g, struct lws *wsi, const char *uri)
 {
-    if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) <= 0)
-        return lws_return_http_status(wsi, 405, "only GET is served") ? -1 : 0;
-    if (strcmp(uri, "/app") == 0) {
+    int get = lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) > 0;
+    int post = lws_hdr_total_length(wsi, WSI_TOKEN_POST_URI) > 0;
+    int options = lws_hdr_total_length(wsi, WSI_TOKEN_OPTIONS_URI) > 0;
+    http_req *req = mem_calloc(1, sizeof *req);
+    req->g = g;
+    req->wsi = wsi;
+    req->post = post;
+    caller_refusal why;
+    if (caller_check(g, wsi, &req->who, &why) != 0) {
+        const log_field f[] = {
+            {"request_id", req->who.request_id}, {"client", req->who.ip}, {NULL, NULL}};
+        log_fields(LOG_INFO, f, "request refused: %s", why.code);
+        int rc = caller_answer(wsi, &req->who, &why, 0);
+        req_free(req);
+        /* After a Transfer-Encoding or a stray body the connection is not
+         * read again. */
+        if (rc != 0 || why.close)
+            return -1;
+        return lws_http_transaction_completed(wsi) ? -1 : 0;
+    }
+    if (!get && !post && !options) {
+        why =
+            (caller_refusal){405, "method_not_allowed", "only GET, POST and OPTIONS are served", 1};
+        caller_answer(wsi, &req->who, &why, 0);
+        req_free(req);
+        return -1;
+    }
+    if (get && strcmp(uri, "/app") == 0) {
+        req_free(req);
         unsigned char hdr[LWS_PRE + 256], *p = hdr + LWS_PRE, *end = hdr + sizeof hdr - 1;
         if (lws_http_redirect(wsi, 301, (const unsigned char *)"/app/", 5, &p, end) < 0)
             return -1;
         return lws_http_transaction_completed(wsi) ? -1 : 0;
     }
-    if (strncmp(uri, "/app/", 5) == 0)
+    if (get && strncmp(uri, "/app/", 5) == 0) {
+        req_free(req);
         return serve_file(g, wsi, uri + 5);
-
-    http_req *req = mem_calloc(1, sizeof *req);
-    req->g = g;
-    req->wsi = wsi;
-    lws_set_opaque_user_data(wsi, req);
-
-    const char *prefix = "/api/sessions/";
-    if (strcmp(uri, "/") == 0) {
-        api_info(req);
-    } else if (strcmp(uri, "/api/health") == 0) {
-        start_health(req);
-    } else if (strncmp(uri, prefix, strlen(prefix)) == 0) {
-        const char *id = uri + strlen(prefix);
-        const char *slash = strchr(id, '/');
-        req->session_id = mem_strndup(id, slash != NULL ? (size_t)(slash - id) : strlen(id));
-        char err[160];
-        if (check_id("session_id", req->session_id, err, sizeof err) != 0) {
-            respond_error(req, 400, err);
-        } else if (slash == NULL) {
-            req->route = ROUTE_SESSION;
-            start_get_session(req);
-        } else if (strcmp(slash, "/summary") == 0) {
-            req->route = ROUTE_SUMMARY;
-            start_get_summary(req);
-        } else {
-            respond_error(req, 404, "no such endpoint; see GET /");
-        }
-    } else {
-        respond_error(req, 404, "no such endpoint; see GET /");
     }
+    lws_set_opaque_user_data(wsi, req);
+    if (get && strcmp(uri, "/healthz") == 0) {
+        json_object *o = json_object_new_object();
+        json_object_object_add(o, "status", json_object_new_string("ok"));
+        respond(req, 200, o);
+        return 0;
+    }
+    if (get && strcmp(uri, "/readyz") == 0) {
+        req->route = ROUTE_READY;
+        start_health(req);
+        return 0;
+    }
+    /* Everything else costs a service call or more: paced per address. */
+    if (lim_take(g->limits, LIM_REST, req->who.ip, lws_now_usecs() / LWS_US_PER_MS) != 0) {
+        lws_set_opaque_user_data(wsi, NULL);
+        why = (caller_refusal){429, lim_code(LIM_REST),
+                               "too many requests from this address (--rest-rate-per-ip)", post};
+        int rc = caller_answer(wsi, &req->who, &why, 0);
+        req_free(req);
+        return rc != 0 || why.close || lws_http_transaction_completed(wsi) ? -1 : 0;
+    }
+    if (options) {
+        lws_set_opaque_user_data(wsi, NULL);
+        int rc = preflight(wsi, &req->who);
+        req_free(req);
+        return rc;
+    }
+    if (get && strcmp(uri, "/") == 0)
+        api_info(req);
+    else if (strncmp(uri, PREFIX_API, strlen(PREFIX_API)) == 0)
+        api_route(req, wsi, uri, post);
+    else
+        respond_error(req, 404, "no_such_endpoint", "no such endpoint; see GET /");
     return 0;
 }
 

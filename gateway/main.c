@@ -6,8 +6,11 @@
  * own poll() loop scans every connection on each wake-up, and a wake-up per
  * token is the gateway's commonest event, so with thousands of sessions
  * epoll is the difference. */
+#include "auth.h"
+#include "caller.h"
 #include "gw.h"
 #include "http.h"
+#include "lim.h"
 #include "log.h"
 #include "mem.h"
 #include "proc.h"
@@ -15,6 +18,7 @@
 #include "srv.h"
 #include "ws.h"
 
+#include <arpa/inet.h>
 #include <ev.h>
 #include <libwebsockets.h>
 #include <pthread.h>
@@ -46,6 +50,11 @@
 
 /* Seconds a pinged connection gets to answer before it is hung up. */
 #define GW_PING_GRACE_SECS 10
+
+/* libwebsockets' header buffer, in --max-header-bytes: requests over the
+ * limit but within the buffer are answered 431; past it libwebsockets
+ * closes the connection unanswered. */
+#define GW_HEADER_BUFFER_FACTOR 2
 
 /* The process around the gateway: its loop and how it stops. */
 typedef struct runner {
@@ -99,6 +108,10 @@ static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user,
         return 0;
     case LWS_CALLBACK_HTTP:
         return http_on_request(g, wsi, (const char *)in);
+    case LWS_CALLBACK_HTTP_BODY:
+        return http_on_body(wsi, in, len);
+    case LWS_CALLBACK_HTTP_BODY_COMPLETION:
+        return http_on_body_done(wsi);
     case LWS_CALLBACK_HTTP_WRITEABLE:
         return http_on_writeable(wsi);
     case LWS_CALLBACK_HTTP_FILE_COMPLETION:
@@ -152,6 +165,49 @@ static int listen_address(const gw_opts *o, char *host, size_t hostlen, int *por
     return 0;
 }
 
+/* Whether host (a listen address) only takes connections from this
+ * machine. */
+static int loopback(const char *host)
+{
+    unsigned char a[16];
+    if (strcmp(host, "localhost") == 0)
+        return 1;
+    if (inet_pton(AF_INET, host, a) == 1)
+        return a[0] == 127;
+    return inet_pton(AF_INET6, host, a) == 1 && memcmp(a, in6addr_loopback.s6_addr, 16) == 0;
+}
+
+/* Who may call: auth (refusing --auth dev on a public address unless
+ * allowed), the origins and proxies, the limits. Returns 0 or -1 (logged). */
+static int setup_callers(gw *g, const char *host)
+{
+    char err[512];
+    if (auth_new(&g->auth_opts, &g->auth, err, sizeof err) != 0) {
+        log_error("%s", err);
+        return -1;
+    }
+    auth_mode mode = auth_get_mode(g->auth);
+    if (mode == AUTH_MODE_DEV && !loopback(host) && !g->auth_opts.dev_allow_remote) {
+        log_error("--auth dev lets anyone sign in as anyone: it listens on a loopback address "
+                  "only (--listen 127.0.0.1:PORT), or pass --dev-allow-remote");
+        return -1;
+    }
+    if (mode == AUTH_MODE_NONE)
+        log_warn("--auth none: every caller is trusted to be the user_id it names, as in the "
+                 "seed; anyone can read and continue anyone's sessions. Use --auth jwt (or dev "
+                 "locally)");
+    else if (mode == AUTH_MODE_DEV)
+        log_warn("--auth dev: the gateway signs its own tokens (POST /api/dev/token) for any user "
+                 "name; for local use only");
+    g->callers = caller_rules_create(&g->opts, err, sizeof err);
+    if (g->callers == NULL) {
+        log_error("%s", err);
+        return -1;
+    }
+    g->limits = lim_create(&g->lim_opts);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     int rc = 1;
@@ -160,11 +216,14 @@ int main(int argc, char **argv)
 
     static gw g;
     static runner run = {.g = &g};
-    conf_section secs[] = {CONF_SECTION(gw_opts, &g.opts), CONF_SECTION(cli_conf, &g.client_opts)};
+    conf_section secs[] = {CONF_SECTION(gw_opts, &g.opts), CONF_SECTION(cli_conf, &g.client_opts),
+                           CONF_SECTION(auth_opts, &g.auth_opts),
+                           CONF_SECTION(lim_opts, &g.lim_opts)};
+    size_t nsecs = sizeof secs / sizeof secs[0];
     int prc = conf_parse(argc, argv, "gateway",
                          "WebSocket sessions relayed over gRPC to the convo services, REST and "
                          "the web page",
-                         secs, 2);
+                         secs, nsecs);
     if (prc != 0)
         return prc > 0 ? 0 : 2;
     if (log_setup("gateway", g.opts.log_level) != 0) {
@@ -188,6 +247,10 @@ int main(int argc, char **argv)
     if (!dir_exists(g.opts.web_root))
         log_warn("the web page folder '%s' does not exist; /app/ will answer 404 (set --web-root)",
                  g.opts.web_root);
+    if (setup_callers(&g, host) != 0) {
+        rc = 2;
+        goto out;
+    }
 
     g.bridge = bridge_create();
     g.client = cli_create((int)g.opts.grpc_threads, GW_GRPC_MAX_MESSAGE_BYTES);
@@ -217,8 +280,10 @@ int main(int argc, char **argv)
     if (g.opts.ping_secs > 0)
         info.retry_and_idle_policy = &retry;
     info.pt_serv_buf_size = GW_LWS_SERV_BUF;
+    info.max_http_header_data2 = (unsigned)(g.opts.max_header_bytes * GW_HEADER_BUFFER_FACTOR);
     info.user = &g;
     run.loop = ev_loop_new(EVFLAG_AUTO);
+    g.loop = run.loop;
     if (run.loop == NULL) {
         log_error("cannot create the event loop (libev): out of memory or descriptors");
         goto out;
@@ -276,6 +341,9 @@ out:
     }
     ws_server_destroy(&g.ws);
     bridge_destroy(&g.bridge);
-    conf_free(secs, 2);
+    lim_destroy(&g.limits);
+    caller_rules_destroy(&g.callers);
+    auth_destroy(&g.auth);
+    conf_free(secs, nsecs);
     return rc;
 }

@@ -5,22 +5,26 @@
 #include "evlog.h"
 #include "frame.h"
 #include "history.h"
+#include "lim.h"
 #include "log.h"
 #include "mem.h"
 
+#include <ev.h>
 #include <json-c/json.h>
 #include <libwebsockets.h>
 #include <string.h>
 
-#define BUCKETS    4096 /* of the session table */
-#define RATE_BURST 20
+#define BUCKETS    4096      /* of the session table */
 #define ANSWER_CAP (1 << 20) /* an answer's text kept in history */
+#define RID_MAX    160       /* a turn's request id: session id / turn id */
+#define MS_PER_S   1000.0
 
 typedef struct session session;
 typedef struct turn turn;
 
 struct session {
-    lws_sorted_usec_list_t end_timer; /* first: lws hands the sul back */
+    ev_timer end_timer;  /* --end-grace-ms */
+    ev_timer open_timer; /* --open-timeout-ms */
     gw *g;
     char *id;
     char *user_id;
@@ -28,7 +32,10 @@ struct session {
     evlog *log;
     hist *history;
     int refs;          /* the connection, each call in flight, the evlog until closed */
-    int open_answered; /* OpenSession answered (or given up on) */
+    int open_answered; /* OpenSession answered */
+    int verified;      /* OpenSession confirmed the owner */
+    int linked;        /* in the session table */
+    int counted_new;   /* taken from the user's new-session limit */
     int loading;       /* reading the stored events */
     int ending;        /* evlog_close called */
     int end_timer_armed;
@@ -39,9 +46,6 @@ struct session {
     char **queue; /* messages waiting for their turn */
     size_t nqueue;
     uint64_t next_turn_id;
-
-    double tokens; /* rate limit: a token bucket */
-    int64_t refill_ms;
 
     atomic_long out_bytes; /* charged frames not yet written */
     atomic_int paused;     /* the answer stream is paused for the client */
@@ -60,6 +64,7 @@ struct turn {
     int cancelled;
     int terminal; /* a done or error event arrived */
     int64_t start_ms;
+    char rid[RID_MAX]; /* names the turn in logs, gRPC metadata and error frames */
 };
 
 struct sess_table {
@@ -73,6 +78,7 @@ static void start_next_turn(session *s);
 static void sess_on_sent(void *peer, long charge);
 static void sess_on_text(void *peer, const char *data, size_t len);
 static void sess_detach(void *peer, conn *c);
+static session *attach(sess_table *t, conn *c, const char *id, const char *user_id, int known);
 
 /* What the connection attached to a session calls. */
 static const conn_peer_ops sess_peer_ops = {sess_on_text, sess_on_sent, sess_detach};
@@ -137,11 +143,17 @@ static void send_frame(session *s, char *frame, size_t len)
     send_charged(s, frame, len, (long)len);
 }
 
-static void send_error(session *s, const char *code, const char *content, uint64_t turn_id)
+/* An error frame; a turn's carries the turn's request id. */
+static void send_error(session *s, const char *code, const char *content, const turn *t)
 {
     size_t len;
-    char *f = frame_error(code, content, turn_id, &len);
+    char *f = frame_error(code, content, t != NULL ? t->id : 0, t != NULL ? t->rid : NULL, &len);
     send_frame(s, f, len);
+}
+
+static int64_t now_ms(void)
+{
+    return lws_now_usecs() / LWS_US_PER_MS;
 }
 
 /* `charge` bytes of frames left the connection's queue (written or
@@ -221,12 +233,12 @@ static void fail_turn(session *s, turn *t, const char *code, const char *content
 {
     if (t->cancelled) {
         size_t len;
-        char *f = frame_done(t->id, "cancelled", NULL, &len);
+        char *f = frame_done(t->id, "cancelled", NULL, NULL, &len);
         send_frame(s, f, len);
         record_system(s, "turn_cancelled", t->id, NULL);
     } else {
-        send_error(s, code, content, t->id);
-        record_system(s, "turn_failed", t->id, content);
+        send_error(s, code, content, t);
+        record_system(s, "turn_failed", t->id, code);
         atomic_fetch_add(&s->g->counters.turn_errors, 1);
     }
 }
@@ -239,26 +251,58 @@ typedef struct chat_job {
     char *message;
 } chat_job;
 
-static const char *category_code(Convo__V1__ErrorCategory c)
+/* What llm-svc's error categories tell the client: a code and a short
+ * text of the gateway's own. The upstream's message (its body, raw chunk
+ * bytes, addresses) goes to the log only. */
+static const char *category_code(Convo__V1__ErrorCategory c, const char **text)
 {
     switch (c) {
     case CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_RATE_LIMITED:
+        *text = "The language model is busy (rate limited); please send your message again in "
+                "a moment.";
         return "rate_limited";
     case CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_AUTH_FAILED:
+        *text = "The answer failed: the gateway could not authenticate to the language model.";
         return "upstream_auth_failed";
     case CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_MODEL_NOT_FOUND:
+        *text = "The answer failed: the configured language model does not exist.";
         return "model_not_found";
     case CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_UPSTREAM_UNAVAILABLE:
+        *text = "The answer failed: the language model is unavailable. Your session is intact; "
+                "please send your message again.";
         return "upstream_unavailable";
     case CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_TIMEOUT:
+        *text = "The answer failed: the language model took too long. Your session is intact; "
+                "please send your message again.";
         return "upstream_timeout";
     case CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_BAD_UPSTREAM_DATA:
+        *text = "The answer failed: the language model sent something unreadable. Please send "
+                "your message again.";
         return "bad_upstream_data";
     case CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_INVALID_REQUEST:
+        *text = "The answer failed: the language model refused the request.";
         return "invalid_request";
     default:
+        *text = "The answer failed on the server's side. Please send your message again.";
         return "internal";
     }
+}
+
+/* What the turn cost: on the done frame, in the log of events (so spend
+ * per user is a query, see the README) and against the user's limit. */
+static void account_usage(session *s, turn *t, const Convo__V1__DoneEvent *d)
+{
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "event", json_object_new_string("usage"));
+    json_object_object_add(o, "turn_id", json_object_new_int64((int64_t)t->id));
+    json_object_object_add(o, "prompt_tokens", json_object_new_int64(d->usage->prompt_tokens));
+    json_object_object_add(o, "completion_tokens",
+                           json_object_new_int64(d->usage->completion_tokens));
+    json_object_object_add(o, "total_tokens", json_object_new_int64(d->usage->total_tokens));
+    if (d->model != NULL && d->model[0] != '\0')
+        json_object_object_add(o, "model", json_object_new_string(d->model));
+    record_json(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_SYSTEM_EVENT, o);
+    lim_charge(s->g->limits, LIM_TOKENS, s->user_id, (double)d->usage->total_tokens, now_ms());
 }
 
 static void tool_event_json(session *s, Convo__V1__EventType type, const char *id, const char *tool,
@@ -301,19 +345,35 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
                         "result", r->result_json);
         break;
     }
-    case CONVO__V1__CHAT_EVENT__EVENT_DONE:
+    case CONVO__V1__CHAT_EVENT__EVENT_DONE: {
+        const Convo__V1__DoneEvent *d = ev->done;
+        frame_usage u = {0};
+        if (d->usage != NULL) {
+            u.prompt_tokens = d->usage->prompt_tokens;
+            u.completion_tokens = d->usage->completion_tokens;
+            u.total_tokens = d->usage->total_tokens;
+        }
         t->terminal = 1;
-        f = frame_done(t->id, "completed", ev->done->finish_reason, &len);
+        f = frame_done(t->id, "completed", d->finish_reason, d->usage != NULL ? &u : NULL, &len);
         send_charged(s, f, len, charge);
         hist_end_turn(s->history);
+        if (d->usage != NULL)
+            account_usage(s, t, d);
         break;
-    case CONVO__V1__CHAT_EVENT__EVENT_ERROR:
+    }
+    case CONVO__V1__CHAT_EVENT__EVENT_ERROR: {
+        const char *text;
+        const char *code = category_code(ev->error->category, &text);
+        const log_field lf[] = {{"session_id", s->id}, {"request_id", t->rid}, {NULL, NULL}};
+        log_fields(LOG_WARN, lf, "turn %llu failed in llm-svc (%s): %s", (unsigned long long)t->id,
+                   code, ev->error->message);
         t->terminal = 1;
-        f = frame_error(category_code(ev->error->category), ev->error->message, t->id, &len);
+        f = frame_error(code, text, t->id, t->rid, &len);
         send_charged(s, f, len, charge);
-        record_system(s, "turn_failed", t->id, ev->error->message);
+        record_system(s, "turn_failed", t->id, code);
         atomic_fetch_add(&s->g->counters.turn_errors, 1);
         break;
+    }
     default:
         sess_on_sent(s, charge);
         break;
@@ -335,7 +395,7 @@ static void on_chat_job(void *arg)
         if (!t->terminal) {
             int timeout = j->code == RPC_DEADLINE_EXCEEDED;
             if (!t->cancelled) {
-                const log_field f[] = {{"session_id", s->id}, {NULL, NULL}};
+                const log_field f[] = {{"session_id", s->id}, {"request_id", t->rid}, {NULL, NULL}};
                 log_fields(LOG_WARN, f, "turn %llu failed: Llm.Chat ended with %s: %s",
                            (unsigned long long)t->id, rpc_code_name(j->code), j->message);
             }
@@ -451,7 +511,7 @@ static void on_route_job(void *arg)
             cli_call_cancel(t->chat);
     } else if (j->code != RPC_OK) {
         if (!t->cancelled) {
-            const log_field f[] = {{"session_id", s->id}, {NULL, NULL}};
+            const log_field f[] = {{"session_id", s->id}, {"request_id", t->rid}, {NULL, NULL}};
             log_fields(LOG_WARN, f, "turn %llu failed: Router.Route ended with %s: %s",
                        (unsigned long long)t->id, rpc_code_name(j->code), j->message);
         }
@@ -488,9 +548,7 @@ static void on_route_done(void *arg, rpc_code code, const char *message, Protobu
     if (code == RPC_OK) {
         req->system_prompt = j->resp->system_prompt;
         req->params = j->resp->params;
-        char rid[160];
-        snprintf(rid, sizeof rid, "%s/%s", s->id, req->turn_id);
-        cli_opts o = {.timeout_ms = s->g->opts.chat_timeout_ms, .request_id = rid};
+        cli_opts o = {.timeout_ms = s->g->opts.chat_timeout_ms, .request_id = t->rid};
         if (cli_stream(s->g->llm, "/convo.v1.Llm/Chat", &req->base,
                        &convo__v1__chat_event__descriptor, &o, on_chat_msg, on_chat_done, t,
                        &j->chat) != 0)
@@ -510,7 +568,8 @@ static void start_turn(session *s, char *message)
     t->s = s;
     t->id = ++s->next_turn_id;
     t->message = message;
-    t->start_ms = lws_now_usecs() / 1000;
+    t->start_ms = now_ms();
+    snprintf(t->rid, sizeof t->rid, "%s/%llu", s->id, (unsigned long long)t->id);
     s->cur = t;
     atomic_fetch_add(&s->g->counters.turns, 1);
 
@@ -524,7 +583,7 @@ static void start_turn(session *s, char *message)
     req.user_message_count = counts.user_messages;
     req.tool_call_count = counts.tool_calls;
     req.assistant_message_count = counts.assistant_messages;
-    cli_opts o = {.timeout_ms = s->g->opts.route_timeout_ms};
+    cli_opts o = {.timeout_ms = s->g->opts.route_timeout_ms, .request_id = t->rid};
     t->chat_req = chat_request(s, t);
     s->refs++;
     if (t->chat_req == NULL ||
@@ -551,20 +610,6 @@ static void start_next_turn(session *s)
 
 /* ---- client messages ------------------------------------------------- */
 
-static int rate_allows(session *s)
-{
-    int64_t now = lws_now_usecs() / 1000;
-    double per_ms = (double)s->g->opts.rate_per_minute / 60000.0;
-    s->tokens += (double)(now - s->refill_ms) * per_ms;
-    if (s->tokens > RATE_BURST)
-        s->tokens = RATE_BURST;
-    s->refill_ms = now;
-    if (s->tokens < 1.0)
-        return 0;
-    s->tokens -= 1.0;
-    return 1;
-}
-
 /* Stops the turn's call in flight; its end comes back as a cancelled
  * turn. While Route runs, stopping Route ends the turn at once (a router
  * that hangs would otherwise hold it until --route-timeout-ms). */
@@ -581,7 +626,7 @@ static void cancel_turn(session *s)
 {
     turn *t = s->cur;
     if (t == NULL || t->cancelled) {
-        send_error(s, "no_active_turn", "there is no answer being streamed to cancel", 0);
+        send_error(s, "no_active_turn", "there is no answer being streamed to cancel", NULL);
         return;
     }
     stop_turn(t);
@@ -590,15 +635,25 @@ static void cancel_turn(session *s)
 static void sess_on_text(void *peer, const char *data, size_t len)
 {
     session *s = peer;
+    /* Every frame counts against its user, whatever it holds (an invalid
+     * or a cancel frame costs the gateway as much as a message), and over
+     * every connection of the user. */
+    if (lim_take(s->g->limits, LIM_MESSAGES, s->user_id, now_ms()) != 0) {
+        send_error(s, lim_code(LIM_MESSAGES),
+                   "too many messages: the limit is --rate-limit per minute; wait a moment", NULL);
+        return;
+    }
     frame_in in;
     frame_parse(data, len, (size_t)s->g->opts.max_message_bytes, &in);
     if (in.kind == FRAME_INVALID) {
-        send_error(s, in.code, in.error, 0);
+        send_error(s, in.code, in.error, NULL);
     } else if (in.kind == FRAME_CANCEL) {
         cancel_turn(s);
-    } else if (!rate_allows(s)) {
-        send_error(s, "rate_limited",
-                   "too many messages: the limit is --rate-limit per minute; wait a moment", 0);
+    } else if (lim_check(s->g->limits, LIM_TOKENS, s->user_id, now_ms()) != 0) {
+        send_error(s, lim_code(LIM_TOKENS),
+                   "your answers used the model tokens allowed per minute "
+                   "(--user-tokens-per-minute); wait a moment",
+                   NULL);
     } else if (s->cur == NULL && s->nqueue == 0 && s->open_answered && !s->loading) {
         start_turn(s, in.text);
         in.text = NULL;
@@ -606,7 +661,7 @@ static void sess_on_text(void *peer, const char *data, size_t len)
         send_error(s, "queue_full",
                    "an answer is being streamed and the queue of waiting messages is full; "
                    "wait for the answer (or cancel it) and send again",
-                   0);
+                   NULL);
     } else {
         s->queue = mem_realloc(s->queue, (s->nqueue + 1) * sizeof *s->queue);
         s->queue[s->nqueue++] = in.text;
@@ -698,24 +753,70 @@ static void load_history(session *s)
     }
 }
 
+/* The session could not be opened as its user's: it leaves the table at
+ * once (it claims nothing), stores nothing, and the connection is told
+ * why. */
+static void give_up(session *s, int close_code, const char *error_code, const char *reason)
+{
+    if (s->linked) {
+        unlink_session(s->g->sessions, s);
+        s->linked = 0;
+    }
+    if (s->counted_new) {
+        lim_give(s->g->limits, LIM_SESSIONS, s->user_id, now_ms());
+        s->counted_new = 0;
+    }
+    evlog_abandon(s->log);
+    atomic_fetch_add(&s->g->counters.refused, 1);
+    kick(s, close_code, error_code, reason);
+}
+
+static void on_open_timer(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    session *s = w->data;
+    if (s->open_answered)
+        return;
+    s->open_answered = 1;
+    const log_field f[] = {{"session_id", s->id}, {NULL, NULL}};
+    log_fields(LOG_WARN, f,
+               "store-svc did not confirm the session's owner within "
+               "--open-timeout-ms; refused");
+    give_up(s, WS_CLOSE_TRY_LATER, "store_unavailable",
+            "the session store is unavailable, so the session's owner cannot be checked; try "
+            "again shortly");
+}
+
 static void on_open(void *arg, rpc_code code, const char *message,
                     const Convo__V1__OpenSessionResponse *resp)
 {
     session *s = arg;
+    ev_timer_stop(s->g->loop, &s->open_timer);
     s->open_answered = 1;
     if (code == RPC_PERMISSION_DENIED) {
-        atomic_fetch_add(&s->g->counters.refused, 1);
-        kick(s, WS_CLOSE_FORBIDDEN, "forbidden", "this session belongs to another user");
+        give_up(s, WS_CLOSE_FORBIDDEN, "forbidden", "this session belongs to another user");
         return;
     }
     if (code != RPC_OK) {
-        log_warn("store-svc did not open session %s (%s: %s); the conversation goes on and its "
-                 "events wait for the store",
-                 s->id, rpc_code_name(code), message);
-        announce(s);
-        start_next_turn(s);
+        /* Nothing says whose session this is: it is not taken on the
+         * caller's word (the owner would be locked out until the store is
+         * back). */
+        int retry = code == RPC_UNAVAILABLE || code == RPC_DEADLINE_EXCEEDED;
+        const log_field f[] = {{"session_id", s->id}, {NULL, NULL}};
+        log_fields(LOG_WARN, f, "store-svc did not open the session (%s: %s); refused",
+                   rpc_code_name(code), message);
+        give_up(s, retry ? WS_CLOSE_TRY_LATER : WS_CLOSE_INTERNAL,
+                retry ? "store_unavailable" : "internal",
+                retry ? "the session store is unavailable, so the session's owner cannot be "
+                        "checked; try again shortly"
+                      : "the session could not be opened");
         return;
     }
+    s->verified = 1;
+    if (s->counted_new && !resp->created)
+        lim_give(s->g->limits, LIM_SESSIONS, s->user_id, now_ms()); /* resumed: not new */
+    s->counted_new = 0;
     s->resumed = !resp->created;
     if (s->resumed && resp->session != NULL && resp->session->event_count > 0) {
         load_history(s);
@@ -730,7 +831,10 @@ static void on_open(void *arg, rpc_code code, const char *message,
 
 static void sess_free(session *s)
 {
-    unlink_session(s->g->sessions, s);
+    ev_timer_stop(s->g->loop, &s->open_timer);
+    ev_timer_stop(s->g->loop, &s->end_timer);
+    if (s->linked)
+        unlink_session(s->g->sessions, s);
     s->g->sessions->live--;
     evlog_destroy(&s->log);
     hist_destroy(&s->history);
@@ -765,9 +869,11 @@ static void end_session(session *s)
     evlog_close(s->log, on_log_closed);
 }
 
-static void on_end_timer(lws_sorted_usec_list_t *sul)
+static void on_end_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
-    session *s = (session *)sul;
+    (void)loop;
+    (void)revents;
+    session *s = w->data;
     s->end_timer_armed = 0;
     if (s->conn == NULL)
         end_session(s);
@@ -780,29 +886,157 @@ static session *sess_create(gw *g, const char *id, const char *user_id)
     s->id = mem_strdup(id);
     s->user_id = mem_strdup(user_id);
     s->history = hist_create((size_t)g->opts.history_messages, ANSWER_CAP);
-    s->tokens = RATE_BURST;
-    s->refill_ms = lws_now_usecs() / 1000;
     s->refs = 1; /* the evlog, until it is closed */
     sess_table *t = g->sessions;
     size_t b = bucket_of(id);
     s->next = t->buckets[b];
     t->buckets[b] = s;
+    s->linked = 1;
     t->live++;
     s->log = evlog_create(g, id, user_id, on_open, s);
+    ev_timer_init(&s->open_timer, on_open_timer, (double)g->opts.open_timeout_ms / MS_PER_S, 0.);
+    s->open_timer.data = s;
+    ev_timer_start(g->loop, &s->open_timer);
+    ev_timer_init(&s->end_timer, on_end_timer, 0., 0.);
+    s->end_timer.data = s;
     return s;
 }
 
-void sess_open(void *table, conn *c, const char *id, const char *user_id)
+/* ---- at the new-session limit: is it a resume? ------------------------ */
+
+/* A connection waiting for the store's word on its session (GetSession);
+ * what the client sends meanwhile waits here, bounded. */
+typedef struct probe {
+    sess_table *t;
+    conn *c; /* NULL once the connection is gone */
+    char *id, *user;
+    char **texts;
+    size_t ntexts;
+} probe;
+
+static void probe_text(void *peer, const char *data, size_t len)
 {
-    sess_table *t = table;
+    probe *p = peer;
+    if (p->ntexts >= (size_t)p->t->g->opts.max_queued_messages)
+        return; /* the session does not exist yet: nothing to answer with */
+    p->texts = mem_realloc(p->texts, (p->ntexts + 1) * sizeof *p->texts);
+    p->texts[p->ntexts] = mem_alloc(len + 1);
+    memcpy(p->texts[p->ntexts], data, len);
+    p->texts[p->ntexts++][len] = '\0';
+}
+
+static void probe_sent(void *peer, long charge)
+{
+    (void)peer;
+    (void)charge;
+}
+
+static void probe_gone(void *peer, conn *c)
+{
+    (void)c;
+    ((probe *)peer)->c = NULL;
+}
+
+static const conn_peer_ops probe_ops = {probe_text, probe_sent, probe_gone};
+
+typedef struct probe_job {
+    probe *p;
+    rpc_code code;
+    Convo__V1__GetSessionResponse *resp;
+} probe_job;
+
+static void probe_free(probe *p)
+{
+    for (size_t i = 0; i < p->ntexts; i++)
+        mem_free(p->texts[i]);
+    mem_free(p->texts);
+    mem_free(p->id);
+    mem_free(p->user);
+    mem_free(p);
+}
+
+static void on_probe_job(void *arg)
+{
+    probe_job *j = arg;
+    probe *p = j->p;
+    conn *c = p->c;
+    const Convo__V1__Session *stored = j->resp != NULL ? j->resp->session : NULL;
+    if (c == NULL) {
+        /* gone meanwhile */
+    } else if (j->code == RPC_OK && stored != NULL && strcmp(stored->user_id, p->user) == 0) {
+        session *s = attach(p->t, c, p->id, p->user, 1);
+        for (size_t i = 0; s != NULL && i < p->ntexts; i++)
+            sess_on_text(s, p->texts[i], strlen(p->texts[i]));
+    } else {
+        atomic_fetch_add(&p->t->g->counters.refused, 1);
+        if (j->code == RPC_OK && stored != NULL)
+            conn_close(c, WS_CLOSE_FORBIDDEN, "forbidden", "this session belongs to another user");
+        else if (j->code == RPC_OK || j->code == RPC_NOT_FOUND)
+            conn_close(c, WS_CLOSE_TRY_LATER, lim_code(LIM_SESSIONS),
+                       "too many new sessions (--sessions-per-hour); try again later");
+        else
+            conn_close(c, WS_CLOSE_TRY_LATER, "store_unavailable",
+                       "the session store is unavailable, so the session's owner cannot be "
+                       "checked; try again shortly");
+    }
+    if (j->resp != NULL)
+        protobuf_c_message_free_unpacked(&j->resp->base, NULL);
+    probe_free(p);
+    mem_free(j);
+}
+
+static void on_probe_done(void *arg, rpc_code code, const char *message, ProtobufCMessage *resp)
+{
+    (void)message;
+    probe_job *j = mem_calloc(1, sizeof *j);
+    j->p = arg;
+    j->code = code;
+    j->resp = (Convo__V1__GetSessionResponse *)resp;
+    bridge_post(j->p->t->g->bridge, on_probe_job, j);
+}
+
+static void probe_start(sess_table *t, conn *c, const char *id, const char *user_id)
+{
+    probe *p = mem_calloc(1, sizeof *p);
+    p->t = t;
+    p->c = c;
+    p->id = mem_strdup(id);
+    p->user = mem_strdup(user_id);
+    conn_attach(c, &probe_ops, p);
+    Convo__V1__GetSessionRequest req = CONVO__V1__GET_SESSION_REQUEST__INIT;
+    req.session_id = p->id;
+    cli_opts o = {.timeout_ms = t->g->opts.open_timeout_ms};
+    if (cli_unary(t->g->store, "/convo.v1.Store/GetSession", &req.base,
+                  &convo__v1__get_session_response__descriptor, &o, on_probe_done, p, NULL) != 0)
+        on_probe_done(p, RPC_INTERNAL, "could not start the call", NULL);
+}
+
+/* Attaches c to session id of user_id (see sess_open); known: the store
+ * already said the session exists and is user_id's. */
+static session *attach(sess_table *t, conn *c, const char *id, const char *user_id, int known)
+{
     session *s = find(t, id);
     if (s != NULL && strcmp(s->user_id, user_id) != 0) {
-        atomic_fetch_add(&s->g->counters.refused, 1);
-        conn_close(c, WS_CLOSE_FORBIDDEN, "forbidden", "this session belongs to another user");
-        return;
+        atomic_fetch_add(&t->g->counters.refused, 1);
+        /* Until the store has confirmed the first caller, neither is known
+         * to be the owner: the later one tries again. */
+        if (s->verified)
+            conn_close(c, WS_CLOSE_FORBIDDEN, "forbidden", "this session belongs to another user");
+        else
+            conn_close(c, WS_CLOSE_TRY_LATER, "session_unverified",
+                       "the session's owner is being checked; try again shortly");
+        return NULL;
     }
     if (s == NULL) {
+        /* Taken before the store says whether the session is new; a resumed
+         * one gives it back (on_open). At the bound the store is asked
+         * first (probe): a resume is never refused as a new session. */
+        if (!known && lim_take(t->g->limits, LIM_SESSIONS, user_id, now_ms()) != 0) {
+            probe_start(t, c, id, user_id);
+            return NULL;
+        }
         s = sess_create(t->g, id, user_id);
+        s->counted_new = !known;
     } else {
         if (s->conn != NULL) {
             /* Takeover: the answer being streamed goes on, to the new
@@ -815,7 +1049,7 @@ void sess_open(void *table, conn *c, const char *id, const char *user_id)
             s->refs--;
         }
         if (s->end_timer_armed) {
-            lws_sul_cancel(&s->end_timer);
+            ev_timer_stop(s->g->loop, &s->end_timer);
             s->end_timer_armed = 0;
         }
         if (s->ending) {
@@ -832,6 +1066,12 @@ void sess_open(void *table, conn *c, const char *id, const char *user_id)
     record_system(s, "connected", 0, NULL);
     if (s->open_answered && !s->loading)
         announce(s);
+    return s;
+}
+
+void sess_open(void *table, conn *c, const char *id, const char *user_id)
+{
+    attach(table, c, id, user_id, 0);
 }
 
 /* The connection went away (closed by either side). */
@@ -851,8 +1091,8 @@ static void sess_detach(void *peer, conn *c)
     s->nqueue = 0;
     if (s->g->opts.end_grace_ms > 0 && !s->g->stopping) {
         s->end_timer_armed = 1;
-        lws_sul_schedule(s->g->ctx, 0, &s->end_timer, on_end_timer,
-                         (lws_usec_t)s->g->opts.end_grace_ms * LWS_US_PER_MS);
+        ev_timer_set(&s->end_timer, (double)s->g->opts.end_grace_ms / MS_PER_S, 0.);
+        ev_timer_start(s->g->loop, &s->end_timer);
     } else {
         end_session(s);
     }
@@ -867,7 +1107,7 @@ void sess_close_all(sess_table *t)
             if (s->conn != NULL) {
                 kick(s, WS_CLOSE_GOING_AWAY, "going_away", "the server is restarting; reconnect");
             } else if (s->end_timer_armed) {
-                lws_sul_cancel(&s->end_timer);
+                ev_timer_stop(t->g->loop, &s->end_timer);
                 s->end_timer_armed = 0;
                 end_session(s);
             }

@@ -1,9 +1,11 @@
 #include "ws.h"
 
+#include "caller.h"
 #include "check.h"
 #include "frame.h"
 #include "log.h"
 #include "mem.h"
+#include "rxguard.h"
 
 #include <libwebsockets.h>
 #include <string.h>
@@ -28,6 +30,9 @@ struct ws_server {
     gw *g;
     ws_open_fn open;
     void *open_arg;
+    /* The handshake confirmed last, for on_established (see there). */
+    struct lws *pending_wsi;
+    caller pending;
     unsigned char batch[LWS_PRE + WS_WRITE_BATCH]; /* gathered frames of one write */
 };
 
@@ -50,6 +55,11 @@ struct conn {
     int closing;
     int close_code;
     char close_reason[64];
+    char ip[CALLER_IP_MAX];
+    char user[AUTH_USER_MAX + 1];
+    char request_id[CALLER_ID_LEN + 1];
+    int held_ip, held_user; /* counted against the per-address and per-user limits */
+    rxguard *guard;         /* refuses unmasked frames */
 };
 
 /* What libwebsockets keeps per WebSocket connection. */
@@ -155,7 +165,7 @@ void conn_close(conn *c, int code, const char *error_code, const char *reason)
         return;
     give_back(c);
     size_t len;
-    char *f = frame_error(error_code, reason, 0, &len);
+    char *f = frame_error(error_code, reason, 0, c->request_id, &len);
     enqueue(c, f, len, 0);
     c->closing = 1;
     c->close_code = code;
@@ -167,12 +177,84 @@ void conn_close(conn *c, int code, const char *error_code, const char *reason)
 
 static void conn_free(conn *c)
 {
+    rxguard_stop(&c->guard);
+    int64_t now = lws_now_usecs() / LWS_US_PER_MS;
+    if (c->held_ip)
+        lim_release(c->ws->g->limits, LIM_CONN_IP, c->ip, now);
+    if (c->held_user)
+        lim_release(c->ws->g->limits, LIM_CONN_USER, c->user, now);
     for (out_frame *f = c->head, *next; f != NULL; f = next) {
         next = f->next;
         mem_free(f);
     }
     mem_free(c->rx);
     mem_free(c);
+}
+
+static void log_refusal(const caller *c, struct lws *wsi, int status, const char *code)
+{
+    char target[600];
+    caller_log_target(wsi, target, sizeof target);
+    char st[16];
+    snprintf(st, sizeof st, "%d", status);
+    const log_field f[] = {{"request_id", c->request_id},
+                           {"client", c->ip},
+                           {"target", target},
+                           {"status", st},
+                           {"code", code},
+                           {NULL, NULL}};
+    log_fields(LOG_INFO, f, "WebSocket handshake refused: %s", code);
+}
+
+/* The handshake, before the upgrade: what can be refused with an HTTP
+ * status is (Transfer-Encoding 501, headers 431, Origin 403, token 401,
+ * user_id of someone else 403). What passes is kept for on_established,
+ * which libwebsockets calls next, in the same call, for the same wsi.
+ * Returns the callback's result (> 0: answered). */
+static int on_confirm_upgrade(gw *g, struct lws *wsi)
+{
+    ws_server *ws = g->ws;
+    caller_refusal why;
+    ws->pending_wsi = NULL;
+    if (caller_check(g, wsi, &ws->pending, &why) != 0 ||
+        caller_identify(g, wsi, &ws->pending, &why) != 0) {
+        atomic_fetch_add(&g->counters.unauthorized, why.status == 401 || why.status == 403);
+        log_refusal(&ws->pending, wsi, why.status, why.code);
+        if (caller_answer(wsi, &ws->pending, &why, 1) != 0 || why.close)
+            return -1;
+        return 1;
+    }
+    ws->pending_wsi = wsi;
+    return 0;
+}
+
+/* Refuses a new connection after the upgrade (an error frame, then the
+ * close code) and counts it. */
+static void refuse(gw *g, conn *c, int code, const char *error_code, const char *reason)
+{
+    atomic_fetch_add(&g->counters.refused, 1);
+    const log_field f[] = {{"request_id", c->request_id}, {"client", c->ip}, {NULL, NULL}};
+    log_fields(LOG_INFO, f, "WebSocket connection refused: %s", error_code);
+    conn_close(c, code, error_code, reason);
+}
+
+static void on_unmasked(void *arg)
+{
+    conn *c = arg;
+    rxguard_stop(&c->guard);
+    log_info("closing a connection that sent an unmasked frame");
+    close_and_tell(c, WS_CLOSE_PROTOCOL, "unmasked_frame",
+                   "client frames must be masked (RFC 6455 section 5.1)");
+}
+
+/* Takes a connection against a per-address or per-user limit. */
+static int hold(gw *g, conn *c, lim_kind k, const char *key, const char *reason)
+{
+    int rc = lim_hold(g->limits, k, key, lws_now_usecs() / LWS_US_PER_MS);
+    if (rc == 0)
+        return 0;
+    refuse(g, c, WS_CLOSE_TRY_LATER, rc == LIM_EFULL ? "limits_full" : lim_code(k), reason);
+    return -1;
 }
 
 /* A new WebSocket connection: check the path, ids and limits, then hand
@@ -185,33 +267,54 @@ static void on_established(ws_server *ws, struct lws *wsi, pss *p)
     c->ws = ws;
     p->ws = c;
     long open = atomic_fetch_add(&g->counters.connections, 1) + 1;
+    if (ws->pending_wsi != wsi) {
+        /* Never expected: libwebsockets confirms and establishes in one call. */
+        log_error("a WebSocket connection was established without a confirmed handshake");
+        refuse(g, c, WS_CLOSE_INTERNAL, "internal", "the handshake could not be checked");
+        return;
+    }
+    ws->pending_wsi = NULL;
+    const caller *who = &ws->pending;
+    snprintf(c->ip, sizeof c->ip, "%s", who->ip);
+    snprintf(c->request_id, sizeof c->request_id, "%s", who->request_id);
 
     char uri[WS_ARG_MAX] = "";
-    char userarg[WS_ARG_MAX] = "";
     char err[160];
     lws_hdr_copy(wsi, uri, sizeof uri, WSI_TOKEN_GET_URI);
     const char *id = strncmp(uri, WS_PATH_PREFIX, strlen(WS_PATH_PREFIX)) == 0
                          ? uri + strlen(WS_PATH_PREFIX)
                          : NULL;
-    const char *user = lws_get_urlarg_by_name(wsi, "user_id=", userarg, sizeof userarg);
-    int has_user = user != NULL && user[0] != '\0';
     if (open > g->opts.max_connections) {
-        atomic_fetch_add(&g->counters.refused, 1);
-        conn_close(c, WS_CLOSE_TRY_LATER, "too_many_connections",
-                   "the server is at its connection limit (--max-connections); try again later");
-    } else if (id == NULL || check_id("session_id", id, err, sizeof err) != 0) {
-        atomic_fetch_add(&g->counters.refused, 1);
-        conn_close(c, WS_CLOSE_BAD_SESSION, "invalid_session_id",
-                   "connect to /ws/session/{session_id} with a session id of 1 to 128 "
-                   "characters from A-Z a-z 0-9 . _ -");
-    } else if (has_user && check_id("user_id", user, err, sizeof err) != 0) {
-        atomic_fetch_add(&g->counters.refused, 1);
-        conn_close(c, WS_CLOSE_BAD_SESSION, "invalid_user_id",
-                   "user_id must be 1 to 128 characters from A-Z a-z 0-9 . _ -");
-    } else {
-        /* Without a user_id the session id stands in for it, as in the seed. */
-        ws->open(ws->open_arg, c, id, has_user ? user : id);
+        refuse(g, c, WS_CLOSE_TRY_LATER, "too_many_connections",
+               "the server is at its connection limit (--max-connections); try again later");
+        return;
     }
+    if (id == NULL || check_id("session_id", id, err, sizeof err) != 0) {
+        refuse(g, c, WS_CLOSE_BAD_SESSION, "invalid_session_id",
+               "connect to /ws/session/{session_id} with a session id of 1 to 128 characters "
+               "from A-Z a-z 0-9 . _ -");
+        return;
+    }
+    if (who->user_arg < 0) {
+        refuse(g, c, WS_CLOSE_BAD_SESSION, "invalid_user_id",
+               "user_id must be 1 to 128 characters from A-Z a-z 0-9 . _ -");
+        return;
+    }
+    /* Without a token or a user_id the session id stands in for the user,
+     * as in the seed (--auth none only). */
+    snprintf(c->user, sizeof c->user, "%.*s", AUTH_USER_MAX, who->user[0] != '\0' ? who->user : id);
+    if (hold(g, c, LIM_CONN_IP, c->ip,
+             "too many connections from this address (--max-connections-per-ip)") != 0)
+        return;
+    c->held_ip = 1;
+    if (hold(g, c, LIM_CONN_USER, c->user,
+             "too many connections of this user (--max-connections-per-user)") != 0)
+        return;
+    c->held_user = 1;
+    if (!lws_is_ssl(wsi))
+        c->guard = rxguard_start(g->loop, lws_get_socket_fd(wsi), (size_t)g->opts.max_frame_bytes,
+                                 on_unmasked, c);
+    ws->open(ws->open_arg, c, id, c->user);
 }
 
 /* Takes the head frame off the queue; the caller frees it. */
@@ -314,6 +417,8 @@ int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, v
     gw *g = lws_context_user(lws_get_context(wsi));
     pss *p = user;
     switch (reason) {
+    case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
+        return on_confirm_upgrade(g, wsi);
     case LWS_CALLBACK_ESTABLISHED:
         on_established(g->ws, wsi, p);
         return 0;

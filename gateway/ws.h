@@ -24,9 +24,11 @@ typedef struct conn conn;
 typedef struct ws_server ws_server;
 
 #define WS_CLOSE_GOING_AWAY  1001
+#define WS_CLOSE_PROTOCOL    1002
 #define WS_CLOSE_UNSUPPORTED 1003
 #define WS_CLOSE_POLICY      1008
 #define WS_CLOSE_TOO_BIG     1009
+#define WS_CLOSE_INTERNAL    1011
 #define WS_CLOSE_TRY_LATER   1013
 #define WS_CLOSE_BAD_SESSION 4400
 #define WS_CLOSE_FORBIDDEN   4403

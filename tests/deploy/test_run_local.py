@@ -123,6 +123,15 @@ class Run:
         assert not busy, f"ports still open: {busy}"
 
 
+def _token(base: str, user: str) -> str:
+    """A token from the gateway run.sh starts (--auth dev)."""
+    req = urllib.request.Request(f"{base}/api/dev/token", method="POST",
+                                 data=json.dumps({"user_id": user}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.load(r)["access_token"]
+
+
 async def _converse(url: str, message: str, timeout: float = 30):
     import websockets
 
@@ -169,12 +178,14 @@ def test_run_converse_stop_and_reuse(ports):
         health = json.load(r)
     with urllib.request.urlopen(f"{url}/app/", timeout=5) as r:
         assert r.status == 200
+    with urllib.request.urlopen(f"{url}/", timeout=5) as r:
+        assert json.load(r)["auth"] == "dev", "run.sh runs the gateway with --auth dev"
     conversation_missing = _have("llm-svc", "store-svc", "offline-model")
     if not conversation_missing:
         for name in ("router-svc", "llm-svc", "store-svc"):
             assert health["services"][name]["status"] == "SERVING", health
         frames = asyncio.run(_converse(f"ws://127.0.0.1:{ports['gateway']}/ws/session/deploy-test-1"
-                                       f"?user_id=deploy-test", "hello"))
+                                       f"?access_token={_token(url, 'deploy-test')}", "hello"))
         types = [f["type"] for f in frames]
         assert types[-1] == "done", frames
         assert "token" in types, frames
@@ -197,7 +208,8 @@ def test_run_converse_stop_and_reuse(ports):
         assert "reusing the database" in run2.text(), run2.text()
     if not conversation_missing:
         frames = asyncio.run(_converse(f"ws://127.0.0.1:{ports['gateway']}/ws/session/deploy-test-2"
-                                       f"?user_id=deploy-test", "hello again"))
+                                       f"?access_token={_token(url, 'deploy-test')}",
+                                       "hello again"))
         assert frames[-1]["type"] == "done", frames
     rc = run2.stop(signal.SIGINT, group=True)
     assert rc == 0, run2.text()

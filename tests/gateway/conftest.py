@@ -1,8 +1,15 @@
 """The whole system for the gateway's end-to-end tests: a throwaway
 PostgreSQL, store-svc, the offline model, llm-svc, router-svc, summary-svc
-and a gateway, each a real process on a free port."""
+and a gateway, each a real process on a free port.
 
+Gateways start with --auth dev unless a test asks for another mode: the
+closest to production (every call carries a bearer token, signed here by the
+gateway's POST /api/dev/token)."""
+
+import json
 import sys
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -39,9 +46,36 @@ class Stack:
         return ["--router", self.router.addr, "--llm", self.llm.addr, "--store", self.store.addr,
                 "--summary", summary]
 
-    def gateway(self, *extra, **kw):
-        return Service("gateway", args=[*self.peers(), "--end-grace-ms", "0", *extra],
-                       ready="http", **kw)
+    def gateway(self, *extra, auth="dev", **kw):
+        gw = Service("gateway", args=[*self.peers(), "--end-grace-ms", "0", "--auth", auth,
+                                      *extra], ready="http", **kw)
+        gw.auth = auth
+        return gw
+
+
+def dev_token(gw, user):
+    """A token for `user` from a --auth dev gateway (cached per gateway)."""
+    cache = gw.__dict__.setdefault("tokens", {})
+    if user not in cache:
+        req = urllib.request.Request(f"http://{gw.addr}/api/dev/token", method="POST",
+                                     data=json.dumps({"user_id": user}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            cache[user] = json.load(r)["access_token"]
+    return cache[user]
+
+
+def ws_url(gw, session, user=None, **args):
+    """The WebSocket URL of `session` for `user`: with --auth dev its token
+    (?access_token=, as browsers send it) and user_id; with --auth none the
+    seed's ?user_id=. Extra query arguments are added as given."""
+    query = dict(args)
+    if user is not None:
+        query["user_id"] = user
+        if getattr(gw, "auth", "none") == "dev":
+            query["access_token"] = dev_token(gw, user)
+    url = f"ws://{gw.addr}/ws/session/{session}"
+    return url + ("?" + urllib.parse.urlencode(query) if query else "")
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +90,13 @@ def stack():
 
 @pytest.fixture(scope="session")
 def gateway(stack):
-    gw = stack.gateway("--rate-limit", "6000")
+    gw = stack.gateway("--rate-limit", "6000", "--rest-rate-per-ip", "1000")
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_none(stack):
+    gw = stack.gateway("--rate-limit", "6000", auth="none")
     yield gw
     gw.stop()

@@ -68,6 +68,12 @@ static void errors(void **state)
     assert_invalid("{\"type\":7}", 10, "invalid_type");
     assert_invalid("caf\xc3", 4, "invalid_utf8");
     assert_invalid("a\0b", 3, "invalid_text");
+    /* Escaped, the NUL reaches the message: refused whole, not cut there
+     * (cut, "\u0000x" became an empty message that slipped past the empty
+     * check). */
+    const char *escaped[] = {"{\"message\":\"\\u0000x\"}", "{\"message\":\"ab\\u0000\"}"};
+    for (size_t i = 0; i < 2; i++)
+        assert_invalid(escaped[i], strlen(escaped[i]), "invalid_text");
     char big[200];
     memset(big, 'a', sizeof big);
     assert_invalid(big, sizeof big, "message_too_long");
@@ -126,15 +132,32 @@ static void server_frames(void **state)
     assert_string_equal(str(o, "is_error"), "true");
     json_object_put(o);
 
-    o = DECODE(frame_done(4, "cancelled", NULL, &len));
+    o = DECODE(frame_done(4, "cancelled", NULL, NULL, &len));
     assert_string_equal(str(o, "type"), "done");
     assert_string_equal(str(o, "status"), "cancelled");
+    assert_false(json_object_object_get_ex(o, "usage", NULL));
     json_object_put(o);
 
-    o = DECODE(frame_error("queue_full", "wait", 0, &len));
+    frame_usage u = {.prompt_tokens = 120, .completion_tokens = 30, .total_tokens = 150};
+    o = DECODE(frame_done(5, "completed", "stop", &u, &len));
+    json_object *usage;
+    assert_true(json_object_object_get_ex(o, "usage", &usage));
+    assert_string_equal(str(usage, "prompt_tokens"), "120");
+    assert_string_equal(str(usage, "completion_tokens"), "30");
+    assert_string_equal(str(usage, "total_tokens"), "150");
+    assert_string_equal(str(o, "finish_reason"), "stop");
+    json_object_put(o);
+
+    o = DECODE(frame_error("queue_full", "wait", 0, NULL, &len));
     assert_string_equal(str(o, "content"), "wait");
     assert_string_equal(str(o, "code"), "queue_full");
     assert_false(json_object_object_get_ex(o, "turn_id", NULL));
+    assert_false(json_object_object_get_ex(o, "request_id", NULL));
+    json_object_put(o);
+
+    o = DECODE(frame_error("llm_unavailable", "failed", 2, "s1/2", &len));
+    assert_string_equal(str(o, "request_id"), "s1/2");
+    assert_string_equal(str(o, "turn_id"), "2");
     json_object_put(o);
 
     o = DECODE(frame_session("s1", "u1", 1, 1, 7, &len));

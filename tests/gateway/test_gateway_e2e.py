@@ -24,14 +24,10 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
+from conftest import dev_token, ws_url
 from harness import Service, proto_stubs
 
 TIMEOUT = 20
-
-
-def ws_url(gw, session, user=None):
-    url = f"ws://{gw.addr}/ws/session/{session}"
-    return url + (f"?user_id={user}" if user is not None else "")
 
 
 def run(coro):
@@ -139,9 +135,11 @@ def test_plain_text_frame_is_the_message_as_in_the_seed(gateway):
     assert "hello there" in streamed_text(frames)
 
 
-def test_missing_user_id_uses_the_session_id(gateway):
+def test_missing_user_id_uses_the_session_id_with_auth_none(gateway_none):
+    """--auth none keeps the seed's trust: without a user_id the session id
+    stands in for the user."""
     async def go():
-        async with websockets.connect(ws_url(gateway, "e2e-nouser")) as ws:
+        async with websockets.connect(ws_url(gateway_none, "e2e-nouser")) as ws:
             return await first_frame(ws)
 
     assert run(go())["user_id"] == "e2e-nouser"
@@ -244,7 +242,7 @@ def test_cancel_while_the_router_hangs_ends_the_turn_at_once(stack):
     server.start()
     peers = stack.peers()
     peers[peers.index("--router") + 1] = f"127.0.0.1:{port}"
-    gw = Service("gateway", args=[*peers, "--route-timeout-ms", "20000"], ready="http")
+    gw = stack.gateway("--router", f"127.0.0.1:{port}", "--route-timeout-ms", "20000")
     try:
         async def go():
             async with websockets.connect(ws_url(gw, "e2e-cancel-route", "ria")) as ws:
@@ -311,7 +309,9 @@ def test_bad_frames_get_an_error_frame_and_the_session_goes_on(gateway, payload,
 
 def test_bad_session_id_is_closed_with_4400(gateway):
     async def go():
-        async with websockets.connect(f"ws://{gateway.addr}/ws/session/bad%20id!?user_id=u") as ws:
+        token = dev_token(gateway, "u")
+        async with websockets.connect(
+                f"ws://{gateway.addr}/ws/session/bad%20id!?access_token={token}") as ws:
             f = await recv(ws)
             assert f["type"] == "error" and f["code"] == "invalid_session_id"
             with pytest.raises(ConnectionClosed) as closed:
@@ -495,7 +495,13 @@ def test_disconnect_ends_the_session_and_rest_reports_it(stack, gateway):
             break
         time.sleep(0.1)
     assert row[0] == "nina" and row[1] is not None and row[2] is not None
-    with urllib.request.urlopen(f"http://{gateway.addr}/api/sessions/e2e-rest", timeout=5) as r:
+    auth = {"Authorization": "Bearer " + dev_token(gateway, "nina")}
+
+    def get(path):
+        return urllib.request.urlopen(urllib.request.Request(f"http://{gateway.addr}{path}",
+                                                             headers=auth), timeout=5)
+
+    with get("/api/sessions/e2e-rest") as r:
         body = json.load(r)
     assert body["session_id"] == "e2e-rest" and body["user_message_count"] == 1
     assert body["end_time"] is not None
@@ -505,10 +511,10 @@ def test_disconnect_ends_the_session_and_rest_reports_it(stack, gateway):
     assert health["services"]["store-svc"]["status"] == "SERVING"
     assert health["services"]["llm-svc"]["status"] == "SERVING"
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(f"http://{gateway.addr}/api/sessions/no-such-session", timeout=5)
+        get("/api/sessions/no-such-session")
     assert e.value.code == 404
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(f"http://{gateway.addr}/api/sessions/bad%20id", timeout=5)
+        get("/api/sessions/bad%20id")
     assert e.value.code == 400
     with urllib.request.urlopen(f"http://{gateway.addr}/", timeout=5) as r:
         assert json.load(r)["web_page"] == "/app/"
@@ -559,8 +565,10 @@ def test_a_client_that_stops_reading_then_reads_gets_every_token(stack):
     shipped = (Path(__file__).resolve().parents[2] / "router-svc" / "router.conf").read_text()
     conf.write_text(re.sub(r"(?m)^max_tokens = \d+$", "max_tokens = 0", shipped))
     router = Service("router-svc", args=["--config", str(conf)])
-    gw = Service("gateway", args=[*stack.peers(), "--router", router.addr,
-                                  "--max-out-buffer-bytes", "65536"], ready="http")
+    # No ping during the long read (a pong queued behind megabytes of tokens
+    # would arrive after the hang-up on a loaded machine).
+    gw = stack.gateway("--router", router.addr, "--max-out-buffer-bytes", "65536",
+                       "--ws-ping-secs", "0")
     words = 100000
 
     async def go():

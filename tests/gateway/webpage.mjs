@@ -1,13 +1,16 @@
 // Drives the gateway's web page in Debian's Chromium (playwright-core):
-// start a session, send a message, see the streamed answer and a tool call,
-// end the session, see the summary appear.
-//   node webpage.mjs http://127.0.0.1:PORT/app/ [screenshot.png]
+// sign in, start a session, send a message, see the streamed answer and a
+// tool call, end the session, see the summary appear.
+//   node webpage.mjs http://127.0.0.1:PORT/app/ [screenshot.png] [token]
+// With a token (a gateway in --auth jwt) it is pasted into the page; else
+// the page signs in by user name (--auth dev, or none).
 import { createRequire } from "node:module";
 const require = createRequire(import.meta.url);
 const { chromium } = require("playwright-core");
 
 const url = process.argv[2];
 const shot = process.argv[3];
+const token = process.argv[4];
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -19,7 +22,12 @@ try {
   page.on("pageerror", (e) => { console.error("page error:", e.message); failed = true; });
   await page.goto(url);
   await page.fill("#session-id", "web-" + Date.now());
-  await page.fill("#user-id", "web-user");
+  if (token) {
+    await page.waitForSelector("#token", { state: "visible", timeout: 15000 });
+    await page.fill("#token", token);
+  } else {
+    await page.fill("#user-id", "web-user");
+  }
   await page.click("#start");
   await page.waitForSelector("#status:has-text('Connected to session')", { timeout: 15000 });
   await page.fill("#message", "What is PostgreSQL?");

@@ -8,11 +8,11 @@
 #include <cmocka.h>
 #include <stdio.h>
 
-#include "limits.h"
+#include "lim.h"
 
-static limits_opts opts(void)
+static lim_opts opts(void)
 {
-    limits_opts o = {
+    lim_opts o = {
         .conn_per_ip = 3,
         .conn_per_user = 2,
         .sessions_per_hour = 2,
@@ -27,8 +27,8 @@ static limits_opts opts(void)
 
 static void connections_are_refused_at_the_bound_and_given_back(void **state)
 {
-    limits_opts o = opts();
-    limits *l = lim_create(&o);
+    lim_opts o = opts();
+    lim *l = lim_create(&o);
     for (int i = 0; i < 3; i++)
         assert_int_equal(lim_hold(l, LIM_CONN_IP, "10.0.0.1", 0), 0);
     assert_int_equal(lim_hold(l, LIM_CONN_IP, "10.0.0.1", 0), LIM_EREFUSED);
@@ -51,8 +51,8 @@ static void connections_are_refused_at_the_bound_and_given_back(void **state)
 
 static void a_rate_allows_its_burst_then_paces(void **state)
 {
-    limits_opts o = opts();
-    limits *l = lim_create(&o);
+    lim_opts o = opts();
+    lim *l = lim_create(&o);
     for (int i = 0; i < 5; i++)
         assert_int_equal(lim_take(l, LIM_MESSAGES, "bob", 1000), 0);
     assert_int_equal(lim_take(l, LIM_MESSAGES, "bob", 1000), LIM_EREFUSED);
@@ -67,8 +67,8 @@ static void a_rate_allows_its_burst_then_paces(void **state)
 
 static void a_session_given_back_was_not_new(void **state)
 {
-    limits_opts o = opts();
-    limits *l = lim_create(&o);
+    lim_opts o = opts();
+    lim *l = lim_create(&o);
     assert_int_equal(lim_take(l, LIM_SESSIONS, "dave", 0), 0);
     assert_int_equal(lim_take(l, LIM_SESSIONS, "dave", 0), 0);
     assert_int_equal(lim_take(l, LIM_SESSIONS, "dave", 0), LIM_EREFUSED);
@@ -82,8 +82,8 @@ static void a_session_given_back_was_not_new(void **state)
 
 static void tokens_are_charged_after_the_answer(void **state)
 {
-    limits_opts o = opts();
-    limits *l = lim_create(&o);
+    lim_opts o = opts();
+    lim *l = lim_create(&o);
     assert_int_equal(lim_check(l, LIM_TOKENS, "erin", 0), 0);
     lim_charge(l, LIM_TOKENS, "erin", 999, 0);
     assert_int_equal(lim_check(l, LIM_TOKENS, "erin", 0), 0); /* one left */
@@ -103,11 +103,11 @@ static void tokens_are_charged_after_the_answer(void **state)
 
 static void a_limit_of_zero_is_off(void **state)
 {
-    limits_opts o = opts();
+    lim_opts o = opts();
     o.conn_per_ip = 0;
     o.messages_per_minute = 0;
     o.tokens_per_minute = 0;
-    limits *l = lim_create(&o);
+    lim *l = lim_create(&o);
     for (int i = 0; i < 10000; i++) {
         assert_int_equal(lim_hold(l, LIM_CONN_IP, "10.0.0.1", 0), 0);
         assert_int_equal(lim_take(l, LIM_MESSAGES, "bob", 0), 0);
@@ -120,9 +120,9 @@ static void a_limit_of_zero_is_off(void **state)
 
 static void the_table_stays_within_its_keys(void **state)
 {
-    limits_opts o = opts();
+    lim_opts o = opts();
     o.max_keys = 4;
-    limits *l = lim_create(&o);
+    lim *l = lim_create(&o);
     char key[32];
     /* Buckets: the least recently used is forgotten for a new key. */
     for (int i = 0; i < 5; i++)
@@ -150,8 +150,8 @@ static void the_table_stays_within_its_keys(void **state)
 
 static void idle_entries_are_forgotten(void **state)
 {
-    limits_opts o = opts();
-    limits *l = lim_create(&o);
+    lim_opts o = opts();
+    lim *l = lim_create(&o);
     for (int i = 0; i < 10; i++) {
         char key[32];
         snprintf(key, sizeof key, "10.1.0.%d", i);

@@ -1,4 +1,4 @@
-/* limits — how much one client address and one user may use, kept by the
+/* lim — limits: how much one client address and one user may use, kept by the
  * gateway (not by a connection or a session, so reconnecting refills
  * nothing).
  *
@@ -12,15 +12,15 @@
  * holds a connection a new key is refused (LIM_EFULL). A limit set to 0
  * is off. Every refusal is counted per limit. Not thread-safe: the
  * gateway's loop owns it. Times are monotonic milliseconds, passed in. */
-#ifndef GW_LIMITS_H
-#define GW_LIMITS_H
+#ifndef GW_LIM_H
+#define GW_LIM_H
 
 #include "conf.h"
 
 #include <stddef.h>
 #include <stdint.h>
 
-#define LIMITS_OPTS(X, S)                                                                          \
+#define LIM_OPTS(X, S)                                                                             \
     X(S, conn_per_ip, INT, "max-connections-per-ip", "MAX_CONNECTIONS_PER_IP", "100",              \
       "WebSocket connections at once from one client address; more are closed with 1013 "          \
       "(too_many_connections_ip); 0: no limit")                                                    \
@@ -46,9 +46,9 @@
     X(S, max_keys, INT, "limit-keys", "LIMIT_KEYS", "100000",                                      \
       "client addresses or users each limit tracks at once (see the gateway README for what "      \
       "happens at the bound)")
-CONF_DECLARE(limits_opts, LIMITS_OPTS)
+CONF_DECLARE(lim_opts, LIM_OPTS)
 
-typedef struct limits limits;
+typedef struct lim lim;
 
 typedef enum lim_kind {
     LIM_CONN_IP,   /* connections held per client address */
@@ -63,32 +63,32 @@ typedef enum lim_kind {
 #define LIM_EREFUSED -1 /* over the limit */
 #define LIM_EFULL    -2 /* the table is full of keys that hold connections */
 
-limits *lim_create(const limits_opts *o);
-void lim_destroy(limits **l);
+lim *lim_create(const lim_opts *o);
+void lim_destroy(lim **l);
 
 /* Connections (LIM_CONN_IP, LIM_CONN_USER): takes one for key. Returns 0
  * (give it back with lim_release), LIM_EREFUSED or LIM_EFULL. */
-int lim_hold(limits *l, lim_kind k, const char *key, int64_t now_ms);
-void lim_release(limits *l, lim_kind k, const char *key, int64_t now_ms);
+int lim_hold(lim *l, lim_kind k, const char *key, int64_t now_ms);
+void lim_release(lim *l, lim_kind k, const char *key, int64_t now_ms);
 
 /* Rates (LIM_SESSIONS, LIM_MESSAGES, LIM_REST): takes one unit from key's
  * bucket. Returns 0 or LIM_EREFUSED. */
-int lim_take(limits *l, lim_kind k, const char *key, int64_t now_ms);
+int lim_take(lim *l, lim_kind k, const char *key, int64_t now_ms);
 /* Gives back a unit taken for something that did not count (a session
  * that turned out to be resumed, not new). */
-void lim_give(limits *l, lim_kind k, const char *key, int64_t now_ms);
+void lim_give(lim *l, lim_kind k, const char *key, int64_t now_ms);
 
 /* LIM_TOKENS: whether key may start another answer (its bucket is not
  * used up: 0, else LIM_EREFUSED, counted), and what an answer used,
  * charged after the fact (the bucket may go below zero). */
-int lim_check(limits *l, lim_kind k, const char *key, int64_t now_ms);
-void lim_charge(limits *l, lim_kind k, const char *key, double amount, int64_t now_ms);
+int lim_check(lim *l, lim_kind k, const char *key, int64_t now_ms);
+void lim_charge(lim *l, lim_kind k, const char *key, double amount, int64_t now_ms);
 
 /* Refusals (LIM_EREFUSED and LIM_EFULL) and evictions so far. */
-long lim_refused(const limits *l, lim_kind k);
-long lim_evicted(const limits *l, lim_kind k);
+long lim_refused(const lim *l, lim_kind k);
+long lim_evicted(const lim *l, lim_kind k);
 /* Keys tracked now. */
-size_t lim_keys(const limits *l, lim_kind k);
+size_t lim_keys(const lim *l, lim_kind k);
 /* The error code a refusal of kind k is answered with. */
 const char *lim_code(lim_kind k);
 

@@ -1,4 +1,4 @@
-#include "limits.h"
+#include "lim.h"
 
 #include "mem.h"
 
@@ -41,7 +41,7 @@ typedef struct table {
     long refused, evicted;
 } table;
 
-struct limits {
+struct lim {
     table t[LIM_KINDS];
 };
 
@@ -69,9 +69,9 @@ static void setup(table *t, size_t max_keys, int counts, double capacity, double
     t->hash = mem_calloc(t->nhash, sizeof *t->hash);
 }
 
-limits *lim_create(const limits_opts *o)
+lim *lim_create(const lim_opts *o)
 {
-    limits *l = mem_calloc(1, sizeof *l);
+    lim *l = mem_calloc(1, sizeof *l);
     size_t keys = (size_t)o->max_keys;
     setup(&l->t[LIM_CONN_IP], keys, 1, 0, 0, o->conn_per_ip);
     setup(&l->t[LIM_CONN_USER], keys, 1, 0, 0, o->conn_per_user);
@@ -89,9 +89,9 @@ limits *lim_create(const limits_opts *o)
     return l;
 }
 
-void lim_destroy(limits **lp)
+void lim_destroy(lim **lp)
 {
-    limits *l = *lp;
+    lim *l = *lp;
     if (l == NULL)
         return;
     *lp = NULL;
@@ -215,7 +215,7 @@ static entry *find(table *t, const char *key)
 
 /* ---- API ------------------------------------------------------------ */
 
-int lim_hold(limits *l, lim_kind k, const char *key, int64_t now_ms)
+int lim_hold(lim *l, lim_kind k, const char *key, int64_t now_ms)
 {
     table *t = &l->t[k];
     if (!t->on)
@@ -233,7 +233,7 @@ int lim_hold(limits *l, lim_kind k, const char *key, int64_t now_ms)
     return 0;
 }
 
-void lim_release(limits *l, lim_kind k, const char *key, int64_t now_ms)
+void lim_release(lim *l, lim_kind k, const char *key, int64_t now_ms)
 {
     table *t = &l->t[k];
     (void)now_ms;
@@ -244,7 +244,7 @@ void lim_release(limits *l, lim_kind k, const char *key, int64_t now_ms)
         forget(t, e);
 }
 
-int lim_take(limits *l, lim_kind k, const char *key, int64_t now_ms)
+int lim_take(lim *l, lim_kind k, const char *key, int64_t now_ms)
 {
     table *t = &l->t[k];
     if (!t->on)
@@ -259,7 +259,7 @@ int lim_take(limits *l, lim_kind k, const char *key, int64_t now_ms)
     return 0;
 }
 
-void lim_give(limits *l, lim_kind k, const char *key, int64_t now_ms)
+void lim_give(lim *l, lim_kind k, const char *key, int64_t now_ms)
 {
     table *t = &l->t[k];
     if (!t->on)
@@ -273,7 +273,7 @@ void lim_give(limits *l, lim_kind k, const char *key, int64_t now_ms)
         e->tokens = t->capacity;
 }
 
-int lim_check(limits *l, lim_kind k, const char *key, int64_t now_ms)
+int lim_check(lim *l, lim_kind k, const char *key, int64_t now_ms)
 {
     table *t = &l->t[k];
     if (!t->on)
@@ -289,7 +289,7 @@ int lim_check(limits *l, lim_kind k, const char *key, int64_t now_ms)
     return 0;
 }
 
-void lim_charge(limits *l, lim_kind k, const char *key, double amount, int64_t now_ms)
+void lim_charge(lim *l, lim_kind k, const char *key, double amount, int64_t now_ms)
 {
     table *t = &l->t[k];
     if (!t->on || amount <= 0.0)
@@ -303,17 +303,17 @@ void lim_charge(limits *l, lim_kind k, const char *key, double amount, int64_t n
         e->tokens = -t->capacity;
 }
 
-long lim_refused(const limits *l, lim_kind k)
+long lim_refused(const lim *l, lim_kind k)
 {
     return l->t[k].refused;
 }
 
-long lim_evicted(const limits *l, lim_kind k)
+long lim_evicted(const lim *l, lim_kind k)
 {
     return l->t[k].evicted;
 }
 
-size_t lim_keys(const limits *l, lim_kind k)
+size_t lim_keys(const lim *l, lim_kind k)
 {
     return l->t[k].n;
 }
