@@ -31,6 +31,10 @@ const NEAR_BOTTOM_PX = 80;
 
 const OUTBOX_KEY = "convo.outbox.";
 
+// Stored system events that belong to an answer (the others are about the
+// session: connected, disconnected, route).
+const TURN_EVENTS = new Set(["usage", "turn_cancelled", "turn_failed"]);
+
 // Error frames without a turn_id that answer the message just sent.
 const RETRY_LATER = new Set(["rate_limited", "token_limit", "queue_full"]);
 const REFUSED = new Set([
@@ -746,6 +750,10 @@ export class Chat {
         continue;
       }
       if (!cur) {
+        // The page starts inside an answer. Session events (connected,
+        // route...) before any message belong to no answer.
+        const s = ev.type === "system_event" ? parseJson(ev.content) || {} : null;
+        if (s && !TURN_EVENTS.has(s.event)) continue;
         cur = new Turn(this, null, true);
         turns.push(cur);
       }
@@ -771,6 +779,9 @@ export class Chat {
       if (t.answerEl || t.state !== "completed") {
         t.finish(t.state, { error: t.state === "failed" ? { content: failedText(t.failCode) } : null });
       }
+      // Only the end of an answer on the page before: kept (hidden) to be
+      // joined with it when that page is loaded.
+      if (t.text === null && !t.answerEl) t.el.hidden = true;
     }
     return turns;
   }

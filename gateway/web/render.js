@@ -198,7 +198,10 @@ export class ToolCard {
     this.title.className = "tool-title";
     this.note = document.createElement("span");
     this.note.className = "tool-note";
-    summary.append(this.icon, this.title, this.note);
+    const text = document.createElement("span");
+    text.className = "tool-text";
+    text.append(this.title, this.note);
+    summary.append(this.icon, text);
     this.body = document.createElement("div");
     this.body.className = "tool-body";
     this.body.append(this.section("Arguments", args));
