@@ -4,7 +4,7 @@
 // in the URL as #/s/<id>, so reload, back and forward work.
 "use strict";
 
-import { Auth, ID_RE, takeTokenFromFragment } from "./auth.js";
+import { Auth, ID_RE, authText, takeTokenFromFragment } from "./auth.js";
 import { Chat } from "./chat.js";
 import { Sidebar } from "./sidebar.js";
 
@@ -319,10 +319,10 @@ async function boot() {
     } catch (e) {
       showSignIn(e.message);
     }
-  } else if (auth.restore()) {
-    start();
   } else {
-    showSignIn();
+    const kept = auth.restore();
+    if (kept === "ok") start();
+    else showSignIn(kept === "expired" ? authText("token_expired") : "");
   }
 }
 

@@ -13,9 +13,9 @@
 
 const STORE_KEY = "convo.auth";
 export const ID_RE = /^[A-Za-z0-9._-]{1,128}$/;
-// A token this close to its exp is signed again (dev) or refused (jwt)
-// before it is used.
-const EXPIRY_MARGIN_MS = 30 * 1000;
+// A dev token this close to its exp is signed again before it is used; a
+// jwt one is used until its exp (the gateway decides, with its leeway).
+const DEV_RENEW_MARGIN_MS = 30 * 1000;
 
 export class ApiError extends Error {
   constructor(status, code, message) {
@@ -94,7 +94,8 @@ export class Auth {
   }
 
   // Takes the sign-in kept in this tab, if it is for this mode and not
-  // expired. Returns whether there was one.
+  // expired. Returns "ok", "none" or "expired" (a jwt one; dev tokens are
+  // signed again when used).
   restore() {
     let saved;
     try {
@@ -102,13 +103,13 @@ export class Auth {
     } catch (e) {
       saved = null;
     }
-    if (!saved || saved.mode !== this.mode || !ID_RE.test(saved.user || "")) return false;
-    if (this.mode === "jwt" && saved.exp && saved.exp - EXPIRY_MARGIN_MS < Date.now()) {
+    if (!saved || saved.mode !== this.mode || !ID_RE.test(saved.user || "")) return "none";
+    if (this.mode === "jwt" && saved.exp && saved.exp < Date.now()) {
       sessionStorage.removeItem(STORE_KEY);
-      return false;
+      return "expired";
     }
     Object.assign(this, { user: saved.user, token: saved.token || null, exp: saved.exp || 0 });
-    return true;
+    return "ok";
   }
 
   save() {
@@ -187,11 +188,13 @@ export class Auth {
     this.save();
   }
 
-  // Before a use: a dev token near its end is signed again; a jwt one
-  // signs the user out. Returns false when signed out.
+  // Before a use: a dev token near its end is signed again; an expired jwt
+  // one signs the user out. Returns false when signed out.
   async fresh() {
     if (!this.signedIn) return false;
-    if (this.mode === "none" || !this.exp || this.exp - EXPIRY_MARGIN_MS > Date.now()) return true;
+    if (this.mode === "none" || !this.exp) return true;
+    const margin = this.mode === "dev" ? DEV_RENEW_MARGIN_MS : 0;
+    if (this.exp - margin > Date.now()) return true;
     return this.renew("token_expired");
   }
 

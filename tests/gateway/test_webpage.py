@@ -241,16 +241,19 @@ def test_history_paged_as_you_scroll_up_and_the_list_with_summaries(stack, dev_g
                 while json.loads(await ws.recv())["type"] not in ("done", "error"):
                     pass
 
-    # An older, short conversation, then a long one (over 1,000 events:
-    # three pages of history).
+    # More conversations than one page of the list, an older short one,
+    # then a long one (over 1,000 events: three pages of history).
+    for i in range(31):
+        asyncio.run(talk(f"web-hist-empty-{i}", []))
     asyncio.run(talk("web-hist-old", ["an older conversation"]))
     time.sleep(0.05)
     asyncio.run(talk("web-hist-long", [first] + ["[[words:300]]"] * 4 + [last]))
     long_rows = rows(stack.pg, "web-hist-long", lambda r: len(user_messages(r)) == 6)
     assert len(long_rows) > 1000
     facts = browse("history", dev_gateway, out_dir, user=user, first=first, last=last,
-                   sessions="web-hist-long,web-hist-old")
+                   sessions="web-hist-long,web-hist-old", total=33)
     listed = [s["id"] for s in facts["listed"]]
+    assert len(listed) == len(set(listed)) == 33, "every conversation listed once, over two pages"
     assert listed.index("web-hist-long") < listed.index("web-hist-old"), "newest first"
     assert any(s["summary"].startswith("Overview") for s in facts["listed"])
     # Every answer whole, though it was split between pages.
@@ -306,3 +309,52 @@ def test_layout_at_375_and_1280_px_in_light_and_dark(dev_gateway, out_dir):
             assert int.from_bytes(png[16:20], "big") == width, "screenshot width"
             assert len(png) > 10000, "the screenshot shows something"
     assert os.path.getsize(out_dir / "webpage-375-drawer.png") > 10000
+
+
+def test_a_message_typed_while_down_survives_a_reload_and_is_sent_once(stack, out_dir):
+    gw = stack.gateway(*LIMITS)
+    try:
+        def act(step):
+            if step == "kill":
+                gw.kill()
+            elif step == "start":
+                gw.start()
+        facts = browse("offline_reload", gw, out_dir, on_ask=act, user="web-offline")
+    finally:
+        gw.stop()
+    got = rows(stack.pg, facts["session"], lambda r: len(user_messages(r)) == 2)
+    assert user_messages(got) == ["before the outage", "typed before the reload"]
+
+
+def test_a_second_tab_takes_the_conversation_over_without_a_tug_of_war(stack, dev_gateway, out_dir):
+    facts = browse("takeover", dev_gateway, out_dir, user="web-takeover")
+    got = rows(stack.pg, facts["session"], lambda r: len(user_messages(r)) == 2)
+    assert user_messages(got) == ["hello from the first tab", "back in the first tab"]
+
+
+def test_another_users_conversation_is_not_shown(stack, dev_gateway, out_dir):
+    secret = "the owner's private words"
+
+    async def own():
+        async with websockets.connect(ws_url(dev_gateway, "web-owned", "web-owner")) as ws:
+            assert json.loads(await ws.recv())["type"] == "session"
+            await ws.send(json.dumps({"message": secret}))
+            while json.loads(await ws.recv())["type"] not in ("done", "error"):
+                pass
+
+    asyncio.run(own())
+    facts = browse("forbidden", dev_gateway, out_dir, user="web-intruder", session="web-owned",
+                   secret=secret)
+    assert secret not in facts["shown"]
+    assert user_messages(rows(stack.pg, "web-owned")) == [secret], "nothing was added to it"
+
+
+def test_refused_messages_are_not_sent_again(stack, dev_gateway, out_dir):
+    facts = browse("refusals", dev_gateway, out_dir, user="web-refusals")
+    got = rows(stack.pg, facts["session"], lambda r: user_messages(r))
+    assert user_messages(got) == ["still here"]
+    assert [t["user"] for t in facts["texts"]][-1] == "still here"
+
+
+def test_jwt_sign_in_expires_and_the_page_asks_again(jwt_gateway, out_dir):
+    browse("jwt_expiry", jwt_gateway, out_dir, token=hs256("web-expiry"))

@@ -359,6 +359,15 @@ const scenarios = {
       ids.length, { timeout: WAIT });
     await page.waitForFunction(() => [...document.querySelectorAll("#sessions .item-summary")]
       .some((s) => s.textContent.startsWith("Overview")), null, { timeout: 60000 });
+    // The list pages as it scrolls.
+    for (let i = 0; i < 20; i++) {
+      const n = await page.$eval("nav.sessions", (nav) => {
+        nav.scrollTop = nav.scrollHeight;
+        return nav.querySelectorAll("a[data-id]").length;
+      });
+      if (n >= Number(args.total)) break;
+      await page.waitForTimeout(300);
+    }
     const listed = await page.$$eval("#sessions a[data-id]", (as) => as.map((a) => ({
       id: a.dataset.id, summary: a.querySelector(".item-summary")?.textContent ?? "",
     })));
@@ -440,6 +449,116 @@ const scenarios = {
     await send(page, "after the restart");
     await page.waitForSelector(".turn:nth-child(4) .msg.assistant[data-state=completed]", { timeout: WAIT });
     return { session: page.url().split("#/s/")[1], interrupted, texts: await answerTexts(page) };
+  },
+
+  // A message typed while the gateway is down and the page reloaded before
+  // it reconnected: kept in this tab (sessionStorage), sent once.
+  async offline_reload(page) {
+    await signIn(page, args.user);
+    await send(page, "before the outage");
+    await answersEnded(page, 1);
+    await ask("kill");
+    await page.waitForSelector("#conn[data-state=waiting]", { timeout: WAIT });
+    await send(page, "typed before the reload");
+    const kept = await page.evaluate(() => Object.keys(sessionStorage)
+      .filter((k) => k.startsWith("convo.outbox.")).map((k) => sessionStorage.getItem(k)).join(""));
+    check(kept.includes("typed before the reload"), `not kept for a reload: ${kept}`);
+    await ask("start");
+    await page.reload();
+    await page.waitForFunction(() => [...document.querySelectorAll(".turn:not([hidden])")]
+      .some((t) => t.querySelector(".bubble")?.textContent === "typed before the reload"
+        && t.querySelector(".msg.assistant")?.dataset.state === "completed"), null, { timeout: 60000 });
+    return { session: page.url().split("#/s/")[1], texts: await answerTexts(page) };
+  },
+
+  // The same conversation opened in a second tab takes it over; the first
+  // says so and does not take it back by itself (no tug of war) until
+  // "Use here".
+  async takeover(page, ctx) {
+    await signIn(page, args.user);
+    await send(page, "hello from the first tab");
+    await answersEnded(page, 1);
+    const url = page.url();
+    const other = await ctx.newPage();
+    await signIn(other, args.user);
+    await other.goto(url);
+    await connected(other);
+    await page.waitForSelector("#conn[data-state=closed]", { timeout: WAIT });
+    const said = await page.textContent("#conn-text");
+    check(/another tab/.test(said), `taken-over text: ${said}`);
+    await page.waitForTimeout(3000);
+    check(await page.getAttribute("#conn", "data-state") === "closed", "the first tab took it back");
+    check(await other.getAttribute("#conn", "data-state") === "open", "the second tab lost it");
+    check(await page.textContent("#conn-retry") === "Use here", "no Use here");
+    await page.click("#conn-retry");
+    await connected(page);
+    await other.waitForSelector("#conn[data-state=closed]", { timeout: WAIT });
+    await send(page, "back in the first tab");
+    await answersEnded(page, 2);
+    await other.close();
+    return { session: url.split("#/s/")[1] };
+  },
+
+  // Another user's conversation, by its URL: nothing of it is shown.
+  async forbidden(page) {
+    await signIn(page, args.user);
+    await page.goto(`${base}#/s/${args.session}`);
+    await page.waitForSelector("#conn[data-state=closed]", { timeout: WAIT });
+    const facts = await page.evaluate(() => ({
+      said: document.getElementById("conn-text").textContent,
+      shown: document.getElementById("turns").textContent,
+      disabled: document.getElementById("input").disabled,
+    }));
+    check(/not available/.test(facts.said), `text: ${facts.said}`);
+    check(!facts.shown.includes(args.secret), "another user's conversation is shown");
+    check(facts.disabled, "the composer is usable");
+    return facts;
+  },
+
+  // Messages the gateway refuses: over --max-message-bytes (an error
+  // frame) and over --max-frame-bytes (a close 1009). Neither is sent
+  // again; the conversation goes on.
+  async refusals(page) {
+    await signIn(page, args.user);
+    const tooLong = "x".repeat(20000);
+    await send(page, tooLong);
+    await page.waitForSelector(".msg.user[data-state=failed]", { timeout: WAIT });
+    const note = await page.textContent(".msg.user[data-state=failed] .meta");
+    check(/^Not sent: /.test(note), `note: ${note}`);
+    await page.click(".msg.user[data-state=failed] .meta button:text('Edit')");
+    check(await page.inputValue("#input") === tooLong, "Edit did not give the text back");
+    check(await page.$$eval(".msg.user", (u) => u.length) === 0, "Edit left the failed message");
+    await page.fill("#input", "");
+    await send(page, "y".repeat(70000));
+    await page.waitForSelector(".msg.user[data-state=failed]", { timeout: WAIT });
+    await page.waitForSelector("#conn[data-state=waiting]", { timeout: WAIT });
+    await connected(page);
+    await send(page, "still here");
+    await answersEnded(page, 1);
+    await page.waitForTimeout(1000);
+    return { session: page.url().split("#/s/")[1], texts: await answerTexts(page) };
+  },
+
+  // jwt: a sign-in whose token has expired is not used after a reload: the
+  // page asks to sign in again, and says why. (Time passes by moving the
+  // kept exp into the past: the page reads nothing else.)
+  async jwt_expiry(page) {
+    await page.goto(base);
+    await page.waitForSelector("#signin-token", { state: "visible", timeout: WAIT });
+    await page.fill("#signin-token", args.token);
+    await page.click("#signin-submit");
+    await page.waitForSelector("#app:not([hidden])", { timeout: WAIT });
+    await page.evaluate(() => {
+      const kept = JSON.parse(sessionStorage.getItem("convo.auth"));
+      kept.exp = Date.now() - 1000;
+      sessionStorage.setItem("convo.auth", JSON.stringify(kept));
+    });
+    await page.reload();
+    await page.waitForSelector("#signin-error:not([hidden])", { timeout: WAIT });
+    const said = await page.textContent("#signin-error");
+    check(/expired/.test(said), `said: ${said}`);
+    check(await page.evaluate(() => sessionStorage.getItem("convo.auth")) === null, "the token was kept");
+    return { said };
   },
 
   // Script in a user message, in the model's answer (the offline model
@@ -556,6 +675,8 @@ const EXPECTED = {
   load: [/TrustedHTML/, /Trusted Type/],
   signin_jwt: [/status of 401/],
   restart: [/WebSocket connection to .* failed/, /ERR_CONNECTION_REFUSED/, /status of 401/],
+  offline_reload: [/WebSocket connection to .* failed/, /ERR_CONNECTION_REFUSED/, /status of 401/],
+  forbidden: [/status of 404/], // the conversation's metadata: "no such session"
   seed: [/status of 404/], // the browser asks /favicon.ico of a page without an icon
 };
 
