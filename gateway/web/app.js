@@ -149,6 +149,8 @@ function route(force = false) {
     chat.open(null);
     notice("That link does not name a valid conversation; here is a new one.");
   } else if (force || id !== chat.id) {
+    // The conversation left ends: its summary is on its way to the list.
+    if (chat.id) sidebar.reload();
     chat.open(id);
   }
   sidebar.setActive(id);

@@ -189,7 +189,9 @@ export class Auth {
   }
 
   // Before a use: a dev token near its end is signed again; an expired jwt
-  // one signs the user out. Returns false when signed out.
+  // one signs the user out. Returns whether the token is usable now (a dev
+  // token that could not be renewed, the gateway being away, is not; the
+  // user stays signed in).
   async fresh() {
     if (!this.signedIn) return false;
     if (this.mode === "none" || !this.exp) return true;
@@ -200,7 +202,7 @@ export class Auth {
 
   // The gateway refused the token (401): dev signs again (the gateway may
   // have restarted with a new key), jwt signs out. Returns whether there
-  // is a usable token now.
+  // is a usable token now; a dev sign-in that failed (unreachable) stays.
   async renew(code) {
     if (this.mode === "dev" && this.user) {
       try {

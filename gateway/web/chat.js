@@ -261,6 +261,7 @@ export class Chat {
     this.id = id;
     this.hist = { first: 1, last: 0, more: false, loading: false, userCount: 0 };
     this.serverCount = null;
+    this.ids = new Map();
     this.liveSent = false;
     this.stick = true;
     this.loading = false;
@@ -304,7 +305,10 @@ export class Chat {
       // bare close, so ask the REST side, which says 401.
       prepare: async (failedBeforeOpen) => {
         if (gen !== this.gen) return false;
-        if (!(await this.auth.fresh())) return false;
+        // A dev token that cannot be renewed now (the gateway is away) is
+        // tried anyway: the retries go on until the gateway is back.
+        await this.auth.fresh();
+        if (!this.auth.signedIn) return false;
         if (failedBeforeOpen && this.auth.mode !== "none") {
           try {
             await this.auth.get("/api/sessions", { limit: 1 });
