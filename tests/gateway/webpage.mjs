@@ -76,7 +76,7 @@ function answerTexts(page) {
 
 async function shot(page, name) {
   const file = path.join(args.out, name);
-  await page.screenshot({ path: file, fullPage: false });
+  await page.screenshot({ path: file, fullPage: false, animations: "disabled" });
   return file;
 }
 
