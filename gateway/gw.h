@@ -66,9 +66,9 @@
     X(S, ping_secs, INT, "ws-ping-secs", "WS_PING_SECS", "30",                                     \
       "idle seconds before a WebSocket ping; a connection that does not answer is closed")         \
     X(S, allowed_origins, STR, "allowed-origins", "ALLOWED_ORIGINS", "",                           \
-      "comma list of origins (scheme://host[:port]) whose pages may call the gateway besides "     \
-      "its own; a WebSocket handshake from another Origin gets 403, REST answers carry CORS "      \
-      "headers for these only (never *)")                                                          \
+      "comma list of origins (scheme://host[:port], or null for pages opened from a file) "        \
+      "whose pages may call the gateway besides its own; a handshake or request from another "     \
+      "Origin gets 403, answers carry CORS headers for these only (never *)")                      \
     X(S, trusted_proxies, STR, "trusted-proxies", "TRUSTED_PROXIES", "",                           \
       "comma list of addresses or CIDR ranges of proxies in front of the gateway (an ingress); "   \
       "for them the client address is taken from X-Forwarded-For (per-address limits)")            \

@@ -15,9 +15,12 @@
 /* The longest frame header: 2 bytes, 8 of length, 4 of mask. */
 #define HEADER_MAX 14
 
-/* When libwebsockets leaves waiting bytes unread (it drains what it has
- * buffered first), the socket stays readable and this watcher would run
- * every loop turn: it rests this long instead. */
+/* When libwebsockets leaves waiting bytes unread for a while (it drains
+ * what it has buffered first), the socket stays readable and this watcher
+ * would run every loop turn: it rests this long instead. Should the reader
+ * take bytes never looked at meanwhile, the guard stops (it cannot follow
+ * the stream any more); libwebsockets reads whenever bytes wait, so this is
+ * a brief state, not one a client can hold it in. */
 #define REST_S 0.01
 
 /* Attempts at reading a consistent position while bytes arrive. */
@@ -28,8 +31,11 @@ struct rxguard {
     ev_timer rest;
     struct ev_loop *loop;
     int fd;
-    uint64_t next;     /* stream offset of the next frame header */
-    uint64_t last_end; /* stream offset up to which bytes were waiting last time */
+    uint64_t next;                     /* stream offset of the next frame header */
+    unsigned char hdr[HEADER_MAX - 4]; /* its bytes seen so far (the mask is not kept) */
+    size_t have;
+    uint64_t last_end;  /* stream offset up to which bytes were waiting last time */
+    uint64_t last_read; /* and up to which the reader had read */
     unsigned char *buf;
     size_t cap;
     rxguard_fn on_unmasked;
@@ -57,27 +63,38 @@ static int position(int fd, uint64_t *read_upto, uint64_t *waiting)
     return -1; /* bytes keep arriving: next time */
 }
 
-/* Follows the headers in buf (n bytes waiting, starting at stream offset
- * base). Returns 1 at an unmasked frame, else 0. */
-static int scan(rxguard *g, const unsigned char *buf, size_t n, uint64_t base)
+/* Follows the stream through the bytes at offsets [base, base + n):
+ * collects the header at g->next (its first 2 bytes and the extended
+ * length), then skips its mask and payload. Returns 1 at an unmasked
+ * frame, else 0. */
+static int scan(rxguard *g, const unsigned char *data, size_t n, uint64_t base)
 {
-    while (g->next - base + 2 <= n) {
-        const unsigned char *h = buf + (g->next - base);
-        size_t avail = n - (size_t)(g->next - base);
-        if ((h[1] & 0x80) == 0)
+    uint64_t pos = g->next + g->have;
+    if (pos < base)
+        pos = base; /* cannot happen: checked by the caller */
+    while (pos < base + n) {
+        g->hdr[g->have++] = data[pos - base];
+        pos++;
+        if (g->have < 2)
+            continue;
+        if ((g->hdr[1] & 0x80) == 0)
             return 1;
-        uint64_t len = h[1] & 0x7f;
-        size_t ext = len == 126 ? 2 : len == 127 ? 8 : 0;
-        if (avail < 2 + ext)
-            return 0;
+        size_t len7 = g->hdr[1] & 0x7f;
+        size_t ext = len7 == 126 ? 2 : len7 == 127 ? 8 : 0;
+        if (g->have < 2 + ext)
+            continue;
+        uint64_t len = len7;
         if (ext > 0) {
             len = 0;
             for (size_t i = 0; i < ext; i++)
-                len = (len << 8) | h[2 + i];
+                len = (len << 8) | g->hdr[2 + i];
         }
         if (len > (UINT64_MAX >> 2))
             len = UINT64_MAX >> 2; /* nonsense: libwebsockets closes it; stay finite */
         g->next += 2 + ext + 4 + len;
+        g->have = 0;
+        if (pos < g->next)
+            pos = g->next;
     }
     return 0;
 }
@@ -96,24 +113,32 @@ static void on_readable(struct ev_loop *loop, ev_io *w, int revents)
     uint64_t read_upto, waiting;
     if (position(g->fd, &read_upto, &waiting) != 0)
         return;
-    if (g->next < read_upto) {
-        /* Read past a header this guard never saw (never expected: this
-         * watcher runs first): it cannot follow the stream any more. */
+    if (read_upto > g->next + g->have) {
+        /* The reader took header bytes this guard never saw (only while it
+         * rested): it cannot follow the stream any more. */
         ev_io_stop(loop, &g->io);
         return;
     }
     uint64_t end = read_upto + waiting;
-    if (end == g->last_end) {
-        /* Nothing new since last time: the reader has not read. */
+    if (end == g->last_end && read_upto == g->last_read) {
+        /* Nothing arrived and nothing was read since last time: the
+         * reader leaves the bytes waiting for now. */
         ev_io_stop(loop, &g->io);
         ev_timer_set(&g->rest, REST_S, 0.);
         ev_timer_start(loop, &g->rest);
         return;
     }
+    int fresh = end != g->last_end;
     g->last_end = end;
-    uint64_t want = g->next - read_upto + HEADER_MAX;
+    g->last_read = read_upto;
+    if (!fresh)
+        return; /* the reader is taking what was already looked at */
+    /* Looked at: from where the reader is to the end of the next header
+     * (what waits beyond is looked at next time). */
+    uint64_t from = g->next + g->have;
+    uint64_t want = from - read_upto + HEADER_MAX;
     size_t n = want < g->cap ? (size_t)want : g->cap;
-    if (g->next - read_upto >= n)
+    if (from - read_upto >= n)
         return; /* the next header is beyond what can be looked at now */
     ssize_t got = recv(g->fd, g->buf, n, MSG_PEEK | MSG_DONTWAIT);
     if (got <= 0)

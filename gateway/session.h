@@ -6,7 +6,11 @@
  * it over: the old connection is closed with 4409 and an answer being
  * streamed goes on to the new one. A session not in memory is opened in
  * store-svc and its history rebuilt from the stored events, so a client can
- * resume on any gateway replica.
+ * resume on any gateway replica. It belongs to its user: another user's
+ * session is refused (4403), and one whose owner store-svc has not
+ * confirmed within --open-timeout-ms is refused (1013) and forgotten, never
+ * kept on the caller's word. Per-user limits (lim.h) are charged here: new
+ * sessions, frames of every kind, and each answer's model tokens.
  *
  * Turns run one at a time, in order: a message that arrives while an answer
  * streams is queued (up to --max-queued-messages; the client gets a

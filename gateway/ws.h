@@ -1,4 +1,9 @@
-/* ws — WebSocket connections at /ws/session/{session_id}?user_id={user_id}.
+/* ws — WebSocket connections at /ws/session/{session_id}.
+ *
+ * The handshake is checked before the upgrade (caller.h: framing, Origin,
+ * the token and user; refusals are HTTP answers), then, once upgraded, the
+ * session and user ids and the connection limits (global, per address, per
+ * user: lim.h); unmasked client frames close the connection (rxguard.h).
  *
  * The transport: a connection reassembles client messages (bounded by
  * --max-frame-bytes) and writes frames in order from a queue. It knows
@@ -7,10 +12,11 @@
  * it with conn_attach; from then on the connection calls the peer through
  * the conn_peer_ops it was given. Bytes waiting in the queue are charged
  * to the peer so its answer stream can pause while the client is slow.
- * Loop thread only. Close codes: 1001 the server is going away, 1003 binary
- * frame, 1007 invalid UTF-8 (libwebsockets), 1008 the client does not read,
- * 1009 frame too big, 1013 too many connections, 4400 bad session or user
- * id, 4403 the session belongs to another user, 4409 taken over by a newer
+ * Loop thread only. Close codes: 1001 the server is going away, 1002 an
+ * unmasked frame, 1003 binary frame, 1007 invalid UTF-8 (libwebsockets),
+ * 1008 the client does not read, 1009 frame too big, 1011 internal, 1013
+ * try again later (a limit, the store), 4400 bad session or user id, 4403
+ * the session belongs to another user, 4409 taken over by a newer
  * connection. */
 #ifndef GW_WS_H
 #define GW_WS_H

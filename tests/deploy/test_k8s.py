@@ -228,8 +228,8 @@ def test_grpc_services_headless_with_native_probes(overlay):
         live = c["livenessProbe"]
         assert live.get("grpc", live.get("tcpSocket"))["port"] == port, name
     gw = pod_spec(deps["gateway"])["containers"][0]
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert gw[probe]["httpGet"]["path"] == "/api/health"
+    assert gw["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert gw["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

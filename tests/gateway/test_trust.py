@@ -426,6 +426,23 @@ def test_origins(stack):
         gw.stop()
 
 
+def test_the_seeds_page_opened_from_a_file_works_in_none_mode_when_null_is_allowed(stack,
+                                                                                  gateway_none):
+    """The seed's frontend/index.html is opened from disk: browsers send
+    Origin: null. Refused by default, served once listed."""
+    url = ws_url(gateway_none, "t-null-origin", "user1")
+    assert handshake_status(url, {"Origin": "null"})[0] == 403
+    gw = stack.gateway("--allowed-origins", "null", auth="none")
+    try:
+        hello, frames = converse(ws_url(gw, "t-null-origin", "user1"), headers={"Origin": "null"})
+        assert hello["user_id"] == "user1" and frames[-1]["type"] == "done"
+        status, headers, body = request(gw, "GET", "/api/sessions/t-null-origin/summary",
+                                        headers={"Origin": "null"})
+        assert status == 200 and headers["access-control-allow-origin"] == "null", body
+    finally:
+        gw.stop()
+
+
 def test_star_is_never_an_allowed_origin(stack):
     gw = Service("gateway", args=[*stack.peers(), "--auth", "dev", "--allowed-origins", "*"],
                  ready=None)
@@ -471,6 +488,46 @@ def test_connections_per_address_and_per_user(stack):
         assert refused["connections_per_user"] == 1 and refused["connections_per_ip"] == 1
     finally:
         gw.stop()
+
+
+def test_client_address_behind_a_trusted_proxy(stack):
+    """With --trusted-proxies the address a proxy saw (X-Forwarded-For, read
+    from the right) is the client's; without it the header is ignored."""
+    async def refused_code(gw, session, user, xff):
+        """None and the open connection, or the refusal's code."""
+        ws = await websockets.connect(ws_url(gw, session, user),
+                                      extra_headers={"X-Forwarded-For": xff})
+        f = await recv(ws)
+        if f["type"] == "session":
+            return None, ws
+        await ws.close()
+        return f["code"], None
+
+    trusting = stack.gateway("--max-connections-per-ip", "1", "--trusted-proxies", "127.0.0.0/8")
+    plain = stack.gateway("--max-connections-per-ip", "1")
+    try:
+        async def go():
+            held = []
+            code, ws = await refused_code(trusting, "t-xff-1", "xa", "198.51.100.7, 203.0.113.5")
+            assert code is None
+            held.append(ws)
+            code, ws = await refused_code(trusting, "t-xff-2", "xb", "203.0.113.6")
+            assert code is None, "another client behind the proxy"
+            held.append(ws)
+            code, _ = await refused_code(trusting, "t-xff-3", "xc", "10.9.9.9, 203.0.113.5")
+            assert code == "too_many_connections_ip"
+            code, ws = await refused_code(plain, "t-xff-4", "xd", "203.0.113.5")
+            assert code is None
+            held.append(ws)
+            code, _ = await refused_code(plain, "t-xff-5", "xe", "203.0.113.9")
+            assert code == "too_many_connections_ip", "X-Forwarded-For from anyone is ignored"
+            for ws in held:
+                await ws.close()
+
+        run(go())
+    finally:
+        trusting.stop()
+        plain.stop()
 
 
 def test_frames_per_user_invalid_and_cancel_frames_count_and_survive_a_reconnect(stack):
