@@ -28,6 +28,7 @@ PACKAGES=(
   pkg-config
   git
   libgrpc-dev
+  libssl-dev
   libprotobuf-c-dev
   protobuf-c-compiler
   protobuf-compiler

@@ -313,6 +313,7 @@ static void start_append(evlog *ev)
     }
     Convo__V1__AppendEventsRequest req = CONVO__V1__APPEND_EVENTS_REQUEST__INIT;
     req.session_id = ev->session_id;
+    req.user_id = ev->user_id;
     req.n_events = n;
     req.events = ptrs;
     cli_opts o = store_opts(ev);
@@ -334,6 +335,7 @@ static void start_end(evlog *ev)
 {
     Convo__V1__EndSessionRequest req = CONVO__V1__END_SESSION_REQUEST__INIT;
     req.session_id = ev->session_id;
+    req.user_id = ev->user_id;
     cli_opts o = store_opts(ev);
     ev->busy = 1;
     if (cli_unary(ev->g->store, "/convo.v1.Store/EndSession", &req.base,

@@ -16,6 +16,7 @@
 #include "proc.h"
 #include "session.h"
 #include "srv.h"
+#include "tls.h"
 #include "ws.h"
 
 #include <arpa/inet.h>
@@ -216,10 +217,13 @@ int main(int argc, char **argv)
 
     static gw g;
     static runner run = {.g = &g};
+    static tls_opts topts;
+    tls *mtls = NULL;
+    char tls_err[512];
     conf_section secs[] = {CONF_SECTION(gw_opts, &g.opts), CONF_SECTION(cli_conf, &g.client_opts),
-                           CONF_SECTION(auth_opts, &g.auth_opts),
-                           CONF_SECTION(lim_opts, &g.lim_opts)};
-    size_t nsecs = sizeof secs / sizeof secs[0];
+                           CONF_SECTION(auth_opts, &g.auth_opts), CONF_SECTION(lim_opts, &g.lim_opts),
+                           CONF_SECTION(tls_opts, &topts)};
+    const size_t nsecs = sizeof secs / sizeof secs[0];
     int prc = conf_parse(argc, argv, "gateway",
                          "WebSocket sessions relayed over gRPC to the convo services, REST and "
                          "the web page",
@@ -231,6 +235,11 @@ int main(int argc, char **argv)
         goto out;
     }
     lws_set_log_level(LLL_ERR | LLL_WARN, lws_log);
+    if (tls_create(&topts, &mtls, tls_err, sizeof tls_err) != 0) {
+        log_error("%s", tls_err);
+        rc = 2;
+        goto out;
+    }
 
     char host[300];
     int port;
@@ -254,6 +263,7 @@ int main(int argc, char **argv)
 
     g.bridge = bridge_create();
     g.client = cli_create((int)g.opts.grpc_threads, GW_GRPC_MAX_MESSAGE_BYTES);
+    cli_use_tls(g.client, mtls);
     g.router = cli_channel_create(g.client, g.opts.router, g.client_opts.round_robin);
     g.llm = cli_channel_create(g.client, g.opts.llm, g.client_opts.round_robin);
     g.store = cli_channel_create(g.client, g.opts.store, g.client_opts.round_robin);
@@ -344,6 +354,7 @@ out:
     lim_destroy(&g.limits);
     caller_rules_destroy(&g.callers);
     auth_destroy(&g.auth);
+    tls_destroy(&mtls);
     conf_free(secs, nsecs);
     return rc;
 }

@@ -13,10 +13,14 @@
 #include <stdio.h>
 #include <string.h>
 
+/* common.proto: GenerationParams.temperature is 0.0 to 2.0. */
+#define MAX_TEMPERATURE 2.0
+
 struct llm {
     llm_opts o;
     upstream *up;
     tools *tools;
+    const models *models;
     char *url; /* base_url + /chat/completions */
 };
 
@@ -736,6 +740,61 @@ static int add_history(json_object *msgs, Convo__V1__Message **hist, size_t n, c
     return 0;
 }
 
+/* What a caller may ask, checked before anything is sent upstream: the
+ * size of the conversation it hands over and the generation parameters.
+ * Returns 0, or -1 with err for INVALID_ARGUMENT. */
+static int check_bounds(const llm *l, const char *system_prompt, Convo__V1__Message **hist,
+                        size_t n, const char *what, const Convo__V1__GenerationParams *p, char *err,
+                        size_t errsize)
+{
+    const llm_opts *o = &l->o;
+    if (strlen(nz(system_prompt)) > (size_t)o->max_system_prompt_bytes) {
+        snprintf(err, errsize, "system_prompt is over %lld bytes (--max-system-prompt-bytes)",
+                 o->max_system_prompt_bytes);
+        return -1;
+    }
+    if (n > (size_t)o->max_history_messages) {
+        snprintf(err, errsize,
+                 "%s has %zu messages, over the limit of %lld "
+                 "(--max-history-messages)",
+                 what, n, o->max_history_messages);
+        return -1;
+    }
+    size_t bytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        const Convo__V1__Message *h = hist[i];
+        bytes += strlen(nz(h->content)) + strlen(nz(h->tool_call_id)) + strlen(nz(h->name));
+        for (size_t k = 0; k < h->n_tool_calls; k++)
+            bytes += strlen(nz(h->tool_calls[k]->id)) + strlen(nz(h->tool_calls[k]->name)) +
+                     strlen(nz(h->tool_calls[k]->arguments_json));
+    }
+    if (bytes > (size_t)o->max_history_bytes) {
+        snprintf(err, errsize, "%s holds %zu bytes, over the limit of %lld (--max-history-bytes)",
+                 what, bytes, o->max_history_bytes);
+        return -1;
+    }
+    if (p == NULL)
+        return 0;
+    if (p->model != NULL && p->model[0] != '\0' && !models_allowed(l->models, p->model)) {
+        snprintf(err, errsize, "params.model '%.128s' is not allowed; allowed: %s", p->model,
+                 models_list(l->models));
+        return -1;
+    }
+    if ((long long)p->max_tokens > o->max_output_tokens) {
+        snprintf(err, errsize,
+                 "params.max_tokens %u is over the limit of %lld "
+                 "(--max-output-tokens)",
+                 p->max_tokens, o->max_output_tokens);
+        return -1;
+    }
+    if (!(p->temperature >= 0.0f && p->temperature <= MAX_TEMPERATURE)) {
+        snprintf(err, errsize, "params.temperature %g is outside 0 to %g", (double)p->temperature,
+                 MAX_TEMPERATURE);
+        return -1;
+    }
+    return 0;
+}
+
 static turn *turn_new(llm *l, srv_call *call, turn_kind kind, const char *session_id,
                       const Convo__V1__GenerationParams *p)
 {
@@ -803,7 +862,9 @@ static void on_chat(srv_call *call, const ProtobufCMessage *msg)
     if (check_utf8(m, "message", err, sizeof err) != 0 ||
         check_utf8(req->system_prompt, "system_prompt", err, sizeof err) != 0 ||
         check_utf8(req->session_id, "session_id", err, sizeof err) != 0 ||
-        check_utf8(req->user_id, "user_id", err, sizeof err) != 0) {
+        check_utf8(req->user_id, "user_id", err, sizeof err) != 0 ||
+        check_bounds(l, req->system_prompt, req->history, req->n_history, "history", req->params,
+                     err, sizeof err) != 0) {
         srv_call_finish(call, RPC_INVALID_ARGUMENT, err, NULL);
         return;
     }
@@ -842,7 +903,9 @@ static void on_complete(srv_call *call, const ProtobufCMessage *msg)
         srv_call_finish(call, RPC_INVALID_ARGUMENT, "at least one message is required", NULL);
         return;
     }
-    if (check_utf8(req->system_prompt, "system_prompt", err, sizeof err) != 0) {
+    if (check_utf8(req->system_prompt, "system_prompt", err, sizeof err) != 0 ||
+        check_bounds(l, req->system_prompt, req->messages, req->n_messages, "messages", req->params,
+                     err, sizeof err) != 0) {
         srv_call_finish(call, RPC_INVALID_ARGUMENT, err, NULL);
         return;
     }
@@ -883,12 +946,13 @@ static void on_list_tools(srv_call *call, const ProtobufCMessage *msg)
     mem_free(tp);
 }
 
-llm *llm_create(const llm_opts *o, upstream *u, tools *t)
+llm *llm_create(const llm_opts *o, upstream *u, tools *t, const models *m)
 {
     llm *l = mem_calloc(1, sizeof *l);
     l->o = *o;
     l->up = u;
     l->tools = t;
+    l->models = m;
     size_t n = strlen(o->base_url);
     while (n > 0 && o->base_url[n - 1] == '/')
         n--;
@@ -898,13 +962,17 @@ llm *llm_create(const llm_opts *o, upstream *u, tools *t)
 
 int llm_register(srv *s, llm *l)
 {
+    /* Who calls what (README.md), enforced under mutual TLS: turns come from
+     * the gateway, summaries from summary-svc; `admin` (an operator) only
+     * reads the tools. */
     const srv_method methods[] = {
         {"/convo.v1.Llm/Chat", SRV_SERVER_STREAM, &convo__v1__chat_request__descriptor,
-         &convo__v1__chat_event__descriptor, on_chat, NULL, NULL},
+         &convo__v1__chat_event__descriptor, on_chat, NULL, NULL, "gateway"},
         {"/convo.v1.Llm/Complete", SRV_UNARY, &convo__v1__complete_request__descriptor,
-         &convo__v1__complete_response__descriptor, on_complete, NULL, NULL},
+         &convo__v1__complete_response__descriptor, on_complete, NULL, NULL, "summary-svc"},
         {"/convo.v1.Llm/ListTools", SRV_UNARY, &convo__v1__list_tools_request__descriptor,
-         &convo__v1__list_tools_response__descriptor, on_list_tools, NULL, NULL},
+         &convo__v1__list_tools_response__descriptor, on_list_tools, NULL, NULL,
+         "gateway summary-svc admin"},
     };
     for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
         if (srv_add_method(s, &methods[i], l) != 0)

@@ -11,6 +11,7 @@
 #define CONVO_LLM_H
 
 #include "conf.h"
+#include "models.h"
 #include "srv.h"
 #include "tools.h"
 #include "upstream.h"
@@ -34,6 +35,20 @@
       "one non-streamed upstream answer (Complete), and a round's text kept for the next")         \
     X(S, max_message_bytes, INT, "max-chat-message-bytes", "LLM_MAX_CHAT_MESSAGE_BYTES", "65536",  \
       "the user message of a Chat request")                                                        \
+    X(S, max_history_messages, INT, "max-history-messages", "LLM_MAX_HISTORY_MESSAGES", "500",     \
+      "messages of history a Chat or Complete request may carry (the gateway sends "               \
+      "--history-messages, 50 by default)")                                                        \
+    X(S, max_history_bytes, INT, "max-history-bytes", "LLM_MAX_HISTORY_BYTES", "1048576",          \
+      "bytes of history a request may carry: contents, tool names, ids and arguments")             \
+    X(S, max_system_prompt_bytes, INT, "max-system-prompt-bytes", "LLM_MAX_SYSTEM_PROMPT_BYTES",   \
+      "65536", "the system prompt of a request")                                                   \
+    X(S, max_output_tokens, INT, "max-output-tokens", "LLM_MAX_OUTPUT_TOKENS", "16384",            \
+      "the largest params.max_tokens a caller may ask for (0 there: the upstream's default)")      \
+    X(S, allowed_models, STR, "allowed-models", "LLM_ALLOWED_MODELS", "",                          \
+      "models a caller may name in params.model besides --openai-model and those named in "        \
+      "--router-config, comma-separated; any other is refused")                                    \
+    X(S, router_config, STR, "router-config", "ROUTER_CONFIG", "",                                 \
+      "router-svc's router.conf: the models its strategies name are allowed")                      \
     X(S, max_pending_events, INT, "max-pending-events", "LLM_MAX_PENDING_EVENTS", "4096",          \
       "events of one call held while its gRPC write queue is full (the upstream is paused)")       \
     X(S, tool_timeout_ms, INT, "tool-timeout-ms", "LLM_TOOL_TIMEOUT_MS", "5000",                   \
@@ -42,9 +57,9 @@ CONF_DECLARE(llm_opts, LLM_OPTS)
 
 typedef struct llm llm;
 
-/* The service over an upstream loop and a tools registry (both borrowed;
- * they must outlive it). */
-llm *llm_create(const llm_opts *o, upstream *u, tools *t);
+/* The service over an upstream loop, a tools registry and the allowed
+ * models (all borrowed; they must outlive it). */
+llm *llm_create(const llm_opts *o, upstream *u, tools *t, const models *m);
 /* Registers Chat, Complete and ListTools on `s`. Returns 0 or RPC_EARG. */
 int llm_register(srv *s, llm *l);
 /* After the server stopped. Clears *l. */

@@ -9,6 +9,7 @@
 #include "mem.h"
 #include "proc.h"
 #include "srv.h"
+#include "tls.h"
 #include "tools.h"
 #include "upstream.h"
 
@@ -37,9 +38,10 @@ int main(int argc, char **argv)
     upstream_opts uo = {0};
     srv_opts so = {0};
     cli_conf cc = {0};
+    tls_opts to = {0};
     const conf_section secs[] = {
         CONF_SECTION(cli_conf, &cc),      CONF_SECTION(main_opts, &mo), CONF_SECTION(llm_opts, &lo),
-        CONF_SECTION(upstream_opts, &uo), CONF_SECTION(srv_opts, &so),
+        CONF_SECTION(upstream_opts, &uo), CONF_SECTION(srv_opts, &so),  CONF_SECTION(tls_opts, &to),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     kb *k = NULL;
@@ -47,8 +49,10 @@ int main(int argc, char **argv)
     cli *c = NULL;
     upstream *u = NULL;
     llm *l = NULL;
+    models *mods = NULL;
     srv *server = NULL;
-    char err[256];
+    tls *mtls = NULL;
+    char err[512];
     int status = 2;
 
     srv_block_signals();
@@ -63,6 +67,11 @@ int main(int argc, char **argv)
         goto out;
     if (lo.max_rounds < 1) {
         fprintf(stderr, "llm-svc: --max-rounds must be at least 1\n");
+        goto out;
+    }
+    if (tls_create(&to, &mtls, err, sizeof err) != 0 ||
+        models_create(lo.model, lo.allowed_models, lo.router_config, &mods, err, sizeof err) != 0) {
+        log_error("%s", err);
         goto out;
     }
     /* Every upstream stream holds a socket. */
@@ -83,6 +92,7 @@ int main(int argc, char **argv)
         goto out;
     }
     c = cli_create(1, so.max_message_bytes);
+    cli_use_tls(c, mtls);
     t = tools_create();
     if (tool_knowledge_register(t, k) != 0 ||
         tool_context_register(t, cli_channel_create(c, mo.store, cc.round_robin),
@@ -95,15 +105,17 @@ int main(int argc, char **argv)
         log_error("cannot start the upstream loop (libcurl)");
         goto out;
     }
-    l = llm_create(&lo, u, t);
+    l = llm_create(&lo, u, t, mods);
     server = srv_create("llm-svc", mo.listen, &so);
+    srv_use_tls(server, mtls);
     if (llm_register(server, l) != 0)
         goto out;
     if (srv_start(server) != 0)
         goto out;
-    log_info("upstream %s, model %s%s, %zu knowledge passages from %s, store %s", lo.base_url,
-             lo.model, lo.api_key[0] ? "" : " (no API key)", kb_passages(k), mo.knowledge_dir,
-             mo.store);
+    log_info("upstream %s, model %s%s (callers may ask for: %s), %zu knowledge passages from %s, "
+             "store %s",
+             lo.base_url, lo.model, lo.api_key[0] ? "" : " (no API key)", models_list(mods),
+             kb_passages(k), mo.knowledge_dir, mo.store);
     srv_run(server);
     status = 0;
 out:
@@ -113,7 +125,9 @@ out:
     upstream_destroy(&u);
     if (c != NULL)
         cli_destroy(&c);
+    tls_destroy(&mtls);
     llm_destroy(&l);
+    models_destroy(&mods);
     tools_destroy(&t);
     kb_destroy(&k);
     conf_free(secs, nsecs);

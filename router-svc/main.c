@@ -7,6 +7,7 @@
 #include "route.h"
 #include "router.h"
 #include "srv.h"
+#include "tls.h"
 
 #include <stdio.h>
 
@@ -22,14 +23,18 @@ int main(int argc, char **argv)
 {
     router_opts opts = {0};
     srv_opts sopts = {0};
+    tls_opts topts = {0};
     const conf_section secs[] = {
         CONF_SECTION(router_opts, &opts),
         CONF_SECTION(srv_opts, &sopts),
+        CONF_SECTION(tls_opts, &topts),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     route_config *cfg = NULL;
     srv *server = NULL;
+    tls *mtls = NULL;
     char *err = NULL;
+    char tls_err[512];
     int status = 2;
 
     srv_block_signals();
@@ -42,6 +47,10 @@ int main(int argc, char **argv)
     }
     if (log_setup("router-svc", opts.log_level) != 0)
         goto out;
+    if (tls_create(&topts, &mtls, tls_err, sizeof tls_err) != 0) {
+        log_error("%s", tls_err);
+        goto out;
+    }
 
     if (opts.config[0] == '\0') {
         cfg = route_config_new();
@@ -58,6 +67,7 @@ int main(int argc, char **argv)
 
     status = 1;
     server = srv_create("router-svc", opts.listen, &sopts);
+    srv_use_tls(server, mtls);
     if (router_register(server, cfg) != 0) {
         log_error("cannot register %s", ROUTER_METHOD_ROUTE);
         goto out;
@@ -70,6 +80,7 @@ int main(int argc, char **argv)
 out:
     if (server != NULL)
         srv_destroy(&server);
+    tls_destroy(&mtls);
     route_config_free(&cfg);
     mem_free(err);
     conf_free(secs, nsecs);

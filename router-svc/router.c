@@ -132,6 +132,8 @@ int router_register(srv *s, const route_config *cfg)
         .request = &convo__v1__route_request__descriptor,
         .response = &convo__v1__route_response__descriptor,
         .on_call = on_route,
+        /* The gateway each turn; `admin` (an operator) tries a rule. */
+        .callers = "gateway admin",
     };
     return srv_add_method(s, &route, (void *)cfg);
 }

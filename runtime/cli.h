@@ -17,6 +17,7 @@
 
 #include "conf.h"
 #include "rpc.h"
+#include "tls.h"
 
 #include <protobuf-c/protobuf-c.h>
 #include <stdint.h>
@@ -56,6 +57,12 @@ cli *cli_create(int threads, int64_t max_message_bytes);
  * the threads and frees the client and its channels; clears *c. Must not be
  * called from a callback. */
 void cli_destroy(cli **c);
+
+/* Channels created after this use mutual TLS with t's certificates: the
+ * server's certificate must be signed by the CA and name the target's
+ * host; ours is shown to it. NULL (the default): plaintext. t must outlive
+ * the client. */
+void cli_use_tls(cli *c, tls *t);
 
 /* A channel to "HOST:PORT" (or any gRPC target, e.g. "dns:///svc:50051").
  * `round_robin` spreads calls over every address the name resolves to (for

@@ -243,6 +243,8 @@ void health__register(srv *s)
         .request = &grpc__health__v1__health_check_request__descriptor,
         .response = &grpc__health__v1__health_check_response__descriptor,
         .on_call = on_check,
+        /* Probes, load balancers and every peer ask. */
+        .callers = "*",
     };
     static const srv_method watch = {
         .path = "/grpc.health.v1.Health/Watch",
@@ -250,6 +252,7 @@ void health__register(srv *s)
         .request = &grpc__health__v1__health_check_request__descriptor,
         .response = &grpc__health__v1__health_check_response__descriptor,
         .on_call = on_watch,
+        .callers = "*",
     };
     srv_add_method(s, &check, NULL);
     srv_add_method(s, &watch, NULL);

@@ -4,8 +4,10 @@
 
 #include "rpc.h"
 #include "srv.h"
+#include "tls.h"
 
 #include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
 #include <protobuf-c/protobuf-c.h>
 
 /* Every completion-queue tag is one of these, embedded in the object the
@@ -49,7 +51,18 @@ void rpc__cq_loop(grpc_completion_queue *cq);
 void rpc__grpc_ref(void);
 void rpc__grpc_unref(void);
 
-/* health.c, driven by srv.c. */
+/* tls.c, for srv.c and cli.c: credentials of a server or channel,
+ * insecure ones when t is NULL (plaintext); the caller owns them. */
+grpc_server_credentials *tls__server_credentials(tls *t);
+grpc_channel_credentials *tls__channel_credentials(tls *t);
+/* The caller name of a server call's peer certificate (tls_name_of_dns of
+ * its first DNS name) into out (TLS_NAME_MAX + 1 bytes); "" when none.
+ * Returns whether the peer showed a certificate the TLS handshake verified
+ * (0 for a plaintext connection). */
+int tls__caller(grpc_call *call, char *out);
+
+/* health.c, driven by srv.c. Its methods' paths start with this. */
+#define HEALTH__PATH_PREFIX "/grpc.health.v1.Health/"
 typedef struct health health;
 health *health__create(void);
 void health__destroy(health **h);

@@ -27,7 +27,10 @@
 typedef struct method_entry {
     srv_method m;
     void *data;
-    void *handle; /* from grpc_server_register_method */
+    void *handle;   /* from grpc_server_register_method */
+    char **callers; /* the names allowed under mutual TLS */
+    size_t ncallers;
+    int any_caller; /* "*" */
 } method_entry;
 
 typedef struct cq_thread {
@@ -59,6 +62,8 @@ struct srv {
     slot **slots;
     size_t nslots;
     int port;
+    tls *tls; /* NULL: plaintext, every method open */
+    atomic_ulong denied;
     int started;
     int threads_started;
     atomic_int active_calls;
@@ -554,6 +559,35 @@ static srv_call *call_create(slot *sl)
     return c;
 }
 
+/* Under mutual TLS, whether the caller's certificate names a caller the
+ * method allows; if not, the call is answered PERMISSION_DENIED here. A
+ * call without a certificate came in on the --health-listen port: health
+ * only. */
+static int caller_allowed(srv_call *c)
+{
+    const method_entry *e = c->method;
+    char name[TLS_NAME_MAX + 1];
+    if (!tls__caller(c->call, name)) {
+        if (strncmp(e->m.path, HEALTH__PATH_PREFIX, strlen(HEALTH__PATH_PREFIX)) == 0)
+            return 1;
+        srv_call_finishf(c, RPC_UNAUTHENTICATED,
+                         "no client certificate: only grpc.health.v1 is answered without one");
+        return 0;
+    }
+    if (e->any_caller)
+        return 1;
+    for (size_t i = 0; i < e->ncallers; i++)
+        if (strcmp(e->callers[i], name) == 0)
+            return 1;
+    unsigned long n = atomic_fetch_add(&c->s->denied, 1) + 1;
+    const log_field f[] = {{"caller", name}, {"method", e->m.path}, {NULL, NULL}};
+    log_fields(LOG_WARN, f,
+               "%s: permission denied: caller '%s' may not call %s (%lu refused so far)",
+               c->s->name, name[0] ? name : "(no DNS name)", e->m.path, n);
+    srv_call_finishf(c, RPC_PERMISSION_DENIED, "caller '%s' may not call %s", name, e->m.path);
+    return 0;
+}
+
 static void on_call_arrived(rpc__tag *tag, int ok)
 {
     slot *sl = rpc__container_of(tag, slot, tag);
@@ -584,7 +618,9 @@ static void on_call_arrived(rpc__tag *tag, int ok)
 
     const srv_method *m = &c->method->m;
     with_log_context(c);
-    if (atomic_load(&s->active_calls) > s->opts.max_calls) {
+    if (s->tls != NULL && !caller_allowed(c)) {
+        /* refused by caller_allowed */
+    } else if (atomic_load(&s->active_calls) > s->opts.max_calls) {
         log_warn("refusing %s: %lld calls in progress (--max-calls)", m->path, s->opts.max_calls);
         srv_call_finishf(c, RPC_RESOURCE_EXHAUSTED,
                          "the server is handling its maximum of %lld calls; retry later",
@@ -724,6 +760,44 @@ srv *srv_create(const char *name, const char *listen, const srv_opts *opts)
     return s;
 }
 
+static void free_callers(method_entry *e)
+{
+    for (size_t i = 0; i < e->ncallers; i++)
+        mem_free(e->callers[i]);
+    mem_free(e->callers);
+    e->callers = NULL;
+    e->ncallers = 0;
+}
+
+/* Splits `callers` into names; -1 when it is empty or a word is neither
+ * "*" nor a caller name. */
+static int parse_callers(method_entry *e, const char *callers)
+{
+    const char *p = callers != NULL ? callers : "";
+    while (*p != '\0') {
+        size_t n = strcspn(p, " ");
+        if (n == 1 && p[0] == '*') {
+            e->any_caller = 1;
+        } else if (n > 0) {
+            char name[TLS_NAME_MAX + 1];
+            tls_name_of_dns(p, n, name);
+            if (strlen(name) != n || strncmp(name, p, n) != 0)
+                goto bad;
+            e->callers = mem_realloc(e->callers, (e->ncallers + 1) * sizeof *e->callers);
+            e->callers[e->ncallers++] = mem_strndup(p, n);
+        }
+        p += n;
+        p += strspn(p, " ");
+    }
+    if (e->any_caller || e->ncallers > 0)
+        return 0;
+bad:
+    log_error("method %s: callers \"%s\" is not a list of caller names or \"*\"", e->m.path,
+              callers != NULL ? callers : "(none)");
+    free_callers(e);
+    return -1;
+}
+
 int srv_add_method(srv *s, const srv_method *m, void *data)
 {
     if (s->started || m->path == NULL || m->path[0] != '/' || m->on_call == NULL ||
@@ -733,12 +807,17 @@ int srv_add_method(srv *s, const srv_method *m, void *data)
     method_entry *e = mem_calloc(1, sizeof *e);
     e->m = *m;
     e->data = data;
+    if (parse_callers(e, m->callers) != 0) {
+        mem_free(e);
+        return RPC_EARG;
+    }
     e->handle = grpc_server_register_method(s->server, m->path, NULL,
                                             m->kind == SRV_CLIENT_STREAM
                                                 ? GRPC_SRM_PAYLOAD_NONE
                                                 : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
                                             0);
     if (e->handle == NULL) {
+        free_callers(e);
         mem_free(e);
         return RPC_EARG;
     }
@@ -777,7 +856,7 @@ int srv_start(srv *s)
         s->threads[i].cq = grpc_completion_queue_create_for_next(NULL);
         grpc_server_register_completion_queue(s->server, s->threads[i].cq, NULL);
     }
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    grpc_server_credentials *creds = tls__server_credentials(s->tls);
     s->port = grpc_server_add_http2_port(s->server, s->listen, creds);
     grpc_server_credentials_release(creds);
     if (s->port == 0) {
@@ -785,6 +864,23 @@ int srv_start(srv *s)
                   "--listen HOST:PORT",
                   s->listen);
         return RPC_EBIND;
+    }
+    if (s->opts.health_listen != NULL && s->opts.health_listen[0] != '\0') {
+        creds = grpc_insecure_server_credentials_create();
+        int port = grpc_server_add_http2_port(s->server, s->opts.health_listen, creds);
+        grpc_server_credentials_release(creds);
+        if (port == 0) {
+            log_error("cannot listen on %s: the address is in use or invalid; pick another with "
+                      "--health-listen HOST:PORT",
+                      s->opts.health_listen);
+            /* The core will not destroy a server holding a bound port it
+             * was never told to shut down; srv_destroy drains the queue. */
+            s->shutdown_tag.fn = on_shutdown_done;
+            grpc_server_shutdown_and_notify(s->server, s->threads[0].cq, &s->shutdown_tag);
+            return RPC_EBIND;
+        }
+        log_info("%s: grpc.health.v1 without TLS on %s (port %d)", s->name, s->opts.health_listen,
+                 port);
     }
     grpc_server_start(s->server);
     s->started = 1;
@@ -813,8 +909,14 @@ int srv_start(srv *s)
 
     if (health_get(s, "") == HEALTH_UNKNOWN)
         health_set_all(s, HEALTH_SERVING);
-    log_info("%s %s serving gRPC on %s (port %d)", s->name, conf_version(), s->listen, s->port);
+    log_info("%s %s serving gRPC on %s (port %d, %s)", s->name, conf_version(), s->listen, s->port,
+             s->tls != NULL ? "mutual TLS, methods allowed per caller" : "plaintext");
     return 0;
+}
+
+void srv_use_tls(srv *s, tls *t)
+{
+    s->tls = t;
 }
 
 int srv_port(const srv *s)
@@ -889,7 +991,8 @@ static void srv_shutdown(srv *s, const char *why)
     for (size_t i = 0; i < s->nthreads; i++)
         pthread_join(s->threads[i].tid, NULL);
     s->started = 0;
-    log_info("%s: stopped in %lld ms", s->name, (long long)(rpc_now_ms() - t0));
+    log_info("%s: stopped in %lld ms (%lu calls refused PERMISSION_DENIED)", s->name,
+             (long long)(rpc_now_ms() - t0), atomic_load(&s->denied));
 }
 
 void srv_run(srv *s)
@@ -942,8 +1045,10 @@ void srv_destroy(srv **sp)
         grpc_completion_queue_destroy(s->threads[i].cq);
     }
     mem_free(s->threads);
-    for (size_t i = 0; i < s->nmethods; i++)
+    for (size_t i = 0; i < s->nmethods; i++) {
+        free_callers(s->methods[i]);
         mem_free(s->methods[i]);
+    }
     mem_free(s->methods);
     health__destroy(&s->health);
     close(s->stop_fd);

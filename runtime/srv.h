@@ -19,6 +19,7 @@
 
 #include "conf.h"
 #include "rpc.h"
+#include "tls.h"
 
 #include <protobuf-c/protobuf-c.h>
 #include <stddef.h>
@@ -43,7 +44,11 @@
     X(S, max_connection_age_ms, INT, "max-connection-age-ms", "GRPC_MAX_CONNECTION_AGE_MS",        \
       "300000",                                                                                    \
       "close client connections after this long (calls in flight finish first), so clients "       \
-      "re-resolve and spread over new replicas; 0: never")
+      "re-resolve and spread over new replicas; 0: never")                                         \
+    X(S, health_listen, STR, "health-listen", "HEALTH_LISTEN", "",                                 \
+      "HOST:PORT answering grpc.health.v1 without TLS, for probes that cannot present a "          \
+      "certificate (Kubernetes' gRPC probes); under mutual TLS nothing else is answered there; "   \
+      "\"\": none")
 CONF_DECLARE(srv_opts, SRV_OPTS)
 
 typedef struct srv srv;
@@ -69,17 +74,31 @@ typedef struct srv_method {
     void (*on_message)(srv_call *call, const ProtobufCMessage *msg);
     /* Client streaming only: the client sent its last message. */
     void (*on_end)(srv_call *call);
+    /* Who may call it when the server runs mutual TLS (srv_use_tls): caller
+     * names (tls.h) separated by spaces, "gateway admin", or "*" for any
+     * caller with a certificate of the CA. Required: a method without it is
+     * refused at registration, so none is open by omission. Others get
+     * PERMISSION_DENIED, counted and logged with their name. */
+    const char *callers;
 } srv_method;
 
 /* Creates a server that will listen on `listen` ("HOST:PORT"; port 0 picks
  * a free one). `name` is used in logs. Nothing is bound until srv_start. */
 srv *srv_create(const char *name, const char *listen, const srv_opts *opts);
 /* Registers a method before srv_start; `data` is given back by
- * srv_call_method_data(). Returns 0 or RPC_EARG. */
+ * srv_call_method_data(). Returns 0 or RPC_EARG (logged: no path, no
+ * handler, a bad `callers` list). */
 int srv_add_method(srv *s, const srv_method *m, void *data);
-/* Binds, starts the completion-queue threads and marks every registered
- * service SERVING (unless the program set it otherwise before). Returns 0
- * or RPC_EBIND (logged with the address). */
+/* Serves mutual TLS with t's certificates instead of plaintext, and lets
+ * each method be called by its `callers` only; a call without a client
+ * certificate (only the --health-listen port takes one) reaches health
+ * only (UNAUTHENTICATED otherwise). Before srv_start; t (may be NULL:
+ * plaintext) must outlive the server. */
+void srv_use_tls(srv *s, tls *t);
+/* Binds (the listen address, and --health-listen when set), starts the
+ * completion-queue threads and marks every registered service SERVING
+ * (unless the program set it otherwise before). Returns 0 or RPC_EBIND
+ * (logged with the address). */
 int srv_start(srv *s);
 /* The port actually bound (useful with port 0); 0 before srv_start. */
 int srv_port(const srv *s);

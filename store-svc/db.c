@@ -280,6 +280,7 @@ enum {
     ST_END,
     ST_SAVE,
     ST_CLAIM,
+    ST_CLAIM_GIVE_UP,
     ST_LIST_USER,
     ST_LIST_UNSUMMARIZED,
     ST_APPEND,
@@ -488,15 +489,17 @@ int db_open_session(db_conn *c, const char *session_id, const char *user_id, db_
     return DB_EUNAVAIL;
 }
 
-int db_end_session(db_conn *c, const char *session_id, int64_t end_us, db_session *out)
+int db_end_session(db_conn *c, const char *session_id, const char *user_id, int64_t end_us,
+                   db_session *out)
 {
     char ts[24];
     fmt_i64(ts, sizeof ts, end_us);
-    const char *vals[] = {session_id, ts};
+    const char *vals[] = {session_id, ts, user_id};
     int found;
-    /* Only a live session changes; ending it again is answered from a plain
-     * read (no new row version). A client clock behind the start gives a
-     * duration of 0, not a negative one. */
+    /* Only a live session of this user changes; ending it again is
+     * answered from a plain read (no new row version), another user's is
+     * refused. A client clock behind the start gives a duration of 0, not a
+     * negative one. */
     int rc = one_session(
         c, ST_END, "EndSession",
         "UPDATE sessions SET end_time = t.ts, "
@@ -506,11 +509,14 @@ int db_end_session(db_conn *c, const char *session_id, int64_t end_us, db_sessio
          * double through to_timestamp() would lose the last microsecond). */
         "FROM (SELECT CASE WHEN $2::int8 = 0 THEN now() ELSE 'epoch'::timestamptz + "
         "$2::int8 * interval '1 microsecond' END AS ts) t "
-        "WHERE session_id = $1 AND end_time IS NULL RETURNING " SESSION_COLS,
-        2, vals, out, &found);
+        "WHERE session_id = $1 AND user_id = $3 AND end_time IS NULL RETURNING " SESSION_COLS,
+        3, vals, out, &found);
     if (rc != 0 || found)
         return rc;
-    return db_get_session(c, session_id, out);
+    rc = db_get_session(c, session_id, out);
+    if (rc == 0 && strcmp(out->user_id, user_id) != 0)
+        return DB_EOWNER;
+    return rc;
 }
 
 static const char *summary_name(int status)
@@ -534,8 +540,8 @@ int db_save_summary(db_conn *c, const char *session_id, int status, const char *
                          "summary_status = $2, "
                          "summary_error = CASE WHEN $2 = 'done' THEN NULL ELSE $4 END, "
                          "summary_lease_owner = NULL, summary_lease_until = NULL "
-                         "WHERE session_id = $1 AND ($5 = '' OR summary_lease_owner = $5) "
-                         "RETURNING " SESSION_COLS,
+                         "WHERE session_id = $1 AND summary_lease_owner = $5 "
+                         "AND summary_lease_until > now() RETURNING " SESSION_COLS,
                          5, vals, out, &found);
     if (rc != 0 || found)
         return rc;
@@ -543,29 +549,45 @@ int db_save_summary(db_conn *c, const char *session_id, int status, const char *
     return rc != 0 ? rc : DB_ELEASE;
 }
 
+/* One conditional UPDATE: the row lock makes concurrent claims queue, and
+ * each re-checks the lease after the one before it committed, so two
+ * workers never both get it. The same worker may claim again (a new
+ * attempt). */
+static const char claim_sql[] =
+    "UPDATE sessions SET summary_lease_owner = $2, "
+    "summary_lease_until = now() + $3::int4 * interval '1 second', "
+    "summary_attempts = summary_attempts + 1 "
+    "WHERE session_id = $1 AND end_time IS NOT NULL AND summary_status = 'pending' "
+    "AND ($4::int4 = 0 OR summary_attempts < $4::int4) "
+    "AND (summary_lease_owner IS NULL OR summary_lease_until IS NULL "
+    "OR summary_lease_until <= now() OR summary_lease_owner = $2) "
+    "RETURNING " SESSION_COLS;
+
+/* The lease of a worker that records that the attempts ran out: no attempt
+ * is counted, and only when they did. */
+static const char claim_give_up_sql[] =
+    "UPDATE sessions SET summary_lease_owner = $2, "
+    "summary_lease_until = now() + $3::int4 * interval '1 second' "
+    "WHERE session_id = $1 AND end_time IS NOT NULL AND summary_status = 'pending' "
+    "AND $4::int4 > 0 AND summary_attempts >= $4::int4 "
+    "AND (summary_lease_owner IS NULL OR summary_lease_until IS NULL "
+    "OR summary_lease_until <= now() OR summary_lease_owner = $2) "
+    "RETURNING " SESSION_COLS;
+
 int db_claim_summary(db_conn *c, const char *session_id, const char *worker_id,
-                     int32_t lease_seconds, int32_t max_attempts, db_session *out, int *claimed)
+                     int32_t lease_seconds, int32_t max_attempts, int give_up, db_session *out,
+                     int *claimed)
 {
     char lease[16], max[16];
     snprintf(lease, sizeof lease, "%d", (int)lease_seconds);
     snprintf(max, sizeof max, "%d", (int)max_attempts);
     const char *vals[] = {session_id, worker_id, lease, max};
-    int found;
-    /* One conditional UPDATE: the row lock makes concurrent claims queue,
-     * and each re-checks the lease after the one before it committed, so
-     * two workers never both get it. The same worker may claim again (a
-     * new attempt). */
-    int rc =
-        one_session(c, ST_CLAIM, "ClaimSummary",
-                    "UPDATE sessions SET summary_lease_owner = $2, "
-                    "summary_lease_until = now() + $3::int4 * interval '1 second', "
-                    "summary_attempts = summary_attempts + 1 "
-                    "WHERE session_id = $1 AND end_time IS NOT NULL AND summary_status = 'pending' "
-                    "AND ($4::int4 = 0 OR summary_attempts < $4::int4) "
-                    "AND (summary_lease_owner IS NULL OR summary_lease_until IS NULL "
-                    "OR summary_lease_until <= now() OR summary_lease_owner = $2) "
-                    "RETURNING " SESSION_COLS,
-                    4, vals, out, &found);
+    int found, rc;
+    if (give_up)
+        rc = one_session(c, ST_CLAIM_GIVE_UP, "ClaimSummary(give_up)", claim_give_up_sql, 4, vals,
+                         out, &found);
+    else
+        rc = one_session(c, ST_CLAIM, "ClaimSummary", claim_sql, 4, vals, out, &found);
     *claimed = 0;
     if (rc != 0)
         return rc;
@@ -736,21 +758,22 @@ void db_batch_destroy(db_batch **bp)
 }
 
 /* One statement, so one transaction: lock the session row (serializing
- * writers of one session and seeing a concurrent EndSession), insert the
- * rows not stored yet in seq order (event_id then follows seq too), and
+ * writers of one session and seeing a concurrent EndSession), check its
+ * owner ($6), insert the rows not stored yet in seq order (event_id then
+ * follows seq too), and
  * bump the session's counters by what was really inserted. Rows come as
  * four binary arrays unnested side by side: one round trip and one plan
  * for any batch size. */
 static const char append_sql[] =
-    "WITH s AS (SELECT end_time IS NOT NULL AS ended, last_seq FROM sessions "
-    "WHERE session_id = $1 FOR UPDATE), "
+    "WITH s AS (SELECT end_time IS NOT NULL AS ended, last_seq, user_id = $6 AS mine "
+    "FROM sessions WHERE session_id = $1 FOR UPDATE), "
     "e AS (SELECT * FROM unnest($2::int8[], $3::int4[], $4::text[], $5::int8[]) "
     "AS e(seq, t, content, ts)), "
     "ins AS (INSERT INTO session_events (session_id, seq, event_type, content, \"timestamp\") "
     "SELECT $1, e.seq, (ARRAY['user_message','ai_token','tool_call','tool_result',"
     "'system_event'])[e.t], e.content, "
     "CASE WHEN e.ts = 0 THEN now() ELSE 'epoch'::timestamptz + e.ts * interval '1 microsecond' "
-    "END FROM e WHERE EXISTS (SELECT 1 FROM s WHERE NOT s.ended) ORDER BY e.seq "
+    "END FROM e WHERE EXISTS (SELECT 1 FROM s WHERE NOT s.ended AND s.mine) ORDER BY e.seq "
     "ON CONFLICT (session_id, seq) DO NOTHING RETURNING seq, event_type), "
     "agg AS (SELECT count(*) AS n, COALESCE(max(seq), 0) AS max_seq, "
     "count(*) FILTER (WHERE event_type = 'user_message') AS um, "
@@ -762,24 +785,29 @@ static const char append_sql[] =
     "SELECT (SELECT count(*) FROM s), COALESCE((SELECT ended FROM s), false), "
     "(SELECT n FROM agg), "
     "COALESCE((SELECT last_seq FROM upd), (SELECT last_seq FROM s), 0), "
-    "CASE WHEN (SELECT ended FROM s) THEN (SELECT count(*) FROM session_events "
-    "WHERE session_id = $1 AND seq = ANY($2::int8[])) ELSE 0 END";
+    "CASE WHEN (SELECT ended AND mine FROM s) THEN (SELECT count(*) FROM session_events "
+    "WHERE session_id = $1 AND seq = ANY($2::int8[])) ELSE 0 END, "
+    "COALESCE((SELECT mine FROM s), false)";
 
-int db_append_events(db_conn *c, const char *session_id, const db_batch *b, db_append_result *out)
+int db_append_events(db_conn *c, const char *session_id, const char *user_id, const db_batch *b,
+                     db_append_result *out)
 {
     uint32_t n = (uint32_t)b->n;
     arr_header(&b->seq, OID_INT8, n);
     arr_header(&b->type, OID_INT4, n);
     arr_header(&b->content, OID_TEXT, n);
     arr_header(&b->ts, OID_INT8, n);
-    const Oid types[] = {OID_TEXT, OID_INT8_ARRAY, OID_INT4_ARRAY, OID_TEXT_ARRAY, OID_INT8_ARRAY};
-    const char *vals[] = {session_id, b->seq.data, b->type.data, b->content.data, b->ts.data};
-    const int lens[] = {0, (int)b->seq.len, (int)b->type.len, (int)b->content.len, (int)b->ts.len};
-    const int fmts[] = {0, 1, 1, 1, 1};
+    const Oid types[] = {OID_TEXT,       OID_INT8_ARRAY, OID_INT4_ARRAY,
+                         OID_TEXT_ARRAY, OID_INT8_ARRAY, OID_TEXT};
+    const char *vals[] = {session_id,      b->seq.data, b->type.data,
+                          b->content.data, b->ts.data,  user_id};
+    const int lens[] = {0, (int)b->seq.len, (int)b->type.len, (int)b->content.len, (int)b->ts.len,
+                        0};
+    const int fmts[] = {0, 1, 1, 1, 1, 0};
     int rc;
 
     memset(out, 0, sizeof *out);
-    PGresult *r = exec(c, ST_APPEND, "AppendEvents", append_sql, 5, types, vals, lens, fmts, &rc);
+    PGresult *r = exec(c, ST_APPEND, "AppendEvents", append_sql, 6, types, vals, lens, fmts, &rc);
     if (r == NULL)
         return rc;
     int found = get_i64(r, 0, 0) > 0;
@@ -787,9 +815,14 @@ int db_append_events(db_conn *c, const char *session_id, const db_batch *b, db_a
     int64_t appended = get_i64(r, 0, 2);
     out->last_seq = get_i64(r, 0, 3);
     int64_t stored = get_i64(r, 0, 4);
+    int mine = get_bool(r, 0, 5);
     PQclear(r);
     if (!found)
         return DB_ENOTFOUND;
+    if (!mine) {
+        out->last_seq = 0; /* nothing about another user's session */
+        return DB_EOWNER;
+    }
     if (ended) {
         /* A retry of a batch that made it before the end is still a
          * success; anything new is refused. */

@@ -114,22 +114,27 @@ void db_sessions_free(db_session **ss, size_t n);
  * when it belongs to another user (out is filled anyway). */
 int db_open_session(db_conn *c, const char *session_id, const char *user_id, db_session *out,
                     int *created);
-/* Ends a live session at end_us (0: now) with its duration and summary
- * PENDING; an ended session is returned unchanged. DB_ENOTFOUND. */
-int db_end_session(db_conn *c, const char *session_id, int64_t end_us, db_session *out);
+/* Ends a live session of user_id at end_us (0: now) with its duration and
+ * summary PENDING; an ended session is returned unchanged. DB_ENOTFOUND;
+ * DB_EOWNER (nothing changed) when it belongs to another user. */
+int db_end_session(db_conn *c, const char *session_id, const char *user_id, int64_t end_us,
+                   db_session *out);
 int db_get_session(db_conn *c, const char *session_id, db_session *out);
 
-/* status is DB_SUMMARY_DONE (summary), _FAILED or _PENDING (error). With a
- * non-empty worker_id the worker must hold the lease (DB_ELEASE otherwise;
- * out is filled with the session as it is). The lease is released. */
+/* status is DB_SUMMARY_DONE (summary), _FAILED or _PENDING (error). The
+ * worker must hold the session's live lease (DB_ELEASE otherwise, nothing
+ * saved; out is filled with the session as it is). The lease is released. */
 int db_save_summary(db_conn *c, const char *session_id, int status, const char *summary,
                     const char *error, const char *worker_id, db_session *out);
 /* Takes the summary lease when the session ended, its summary is PENDING,
  * fewer than max_attempts (0: any) attempts were made and no other worker
- * holds a live lease; the attempts go up by one. *claimed says whether it
- * was taken; out is the session as it is now. DB_ENOTFOUND. */
+ * holds a live lease; the attempts go up by one. With give_up, instead only
+ * when max_attempts > 0 attempts were made already, and none is counted (the
+ * lease to record FAILED). *claimed says whether it was taken; out is the
+ * session as it is now. DB_ENOTFOUND. */
 int db_claim_summary(db_conn *c, const char *session_id, const char *worker_id,
-                     int32_t lease_seconds, int32_t max_attempts, db_session *out, int *claimed);
+                     int32_t lease_seconds, int32_t max_attempts, int give_up, db_session *out,
+                     int *claimed);
 /* Newest first, at most limit, without exclude ("" excludes nothing),
  * only those older than (before_us, before_id) in that order when
  * before_us > 0 (paging). *out is an array of *n sessions
@@ -165,9 +170,11 @@ typedef struct db_append_result {
 
 /* Appends the batch in one statement (one transaction): all rows or none.
  * Rows whose seq is stored already are skipped and counted as duplicates.
- * DB_ENOTFOUND; DB_EENDED when the session ended, unless every event of the
+ * DB_ENOTFOUND; DB_EOWNER (nothing written) when the session is not
+ * user_id's; DB_EENDED when the session ended, unless every event of the
  * batch is stored already (a retry after the end is still answered). */
-int db_append_events(db_conn *c, const char *session_id, const db_batch *b, db_append_result *out);
+int db_append_events(db_conn *c, const char *session_id, const char *user_id, const db_batch *b,
+                     db_append_result *out);
 
 /* One page of a session's events, in seq order, held as the libpq result
  * (never more than a page in memory). */

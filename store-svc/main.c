@@ -12,6 +12,7 @@
 #include "pool.h"
 #include "srv.h"
 #include "store.h"
+#include "tls.h"
 
 #include <libpq-fe.h>
 #include <stdio.h>
@@ -156,14 +157,18 @@ int main(int argc, char **argv)
 {
     store_opts opts = {0};
     srv_opts sopts = {0};
+    tls_opts topts = {0};
     const conf_section secs[] = {
         CONF_SECTION(store_opts, &opts),
         CONF_SECTION(srv_opts, &sopts),
+        CONF_SECTION(tls_opts, &topts),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     srv *server = NULL;
     pool *db_pool = NULL;
     store *st = NULL;
+    tls *mtls = NULL;
+    char err[512];
     int status = 2;
     int migrate_only = 0;
 
@@ -186,6 +191,10 @@ int main(int argc, char **argv)
     if (log_setup("store-svc", opts.log_level) != 0 || check_opts(&opts, &sopts) != 0)
         goto out;
 
+    if (!migrate_only && tls_create(&topts, &mtls, err, sizeof err) != 0) {
+        log_error("%s", err);
+        goto out;
+    }
     if (migrate_only) {
         status = run_migrate(&opts);
         goto out;
@@ -193,6 +202,7 @@ int main(int argc, char **argv)
 
     status = 1;
     server = srv_create("store-svc", opts.listen, &sopts);
+    srv_use_tls(server, mtls);
     pool_config pc = {
         .db = settings_of(&opts),
         .workers = (int)opts.db_pool_size,
@@ -241,6 +251,7 @@ out:
     if (server != NULL)
         srv_destroy(&server);
     store_destroy(&st);
+    tls_destroy(&mtls);
     conf_free(secs, nsecs);
     return status;
 }

@@ -244,12 +244,14 @@ static void on_open(srv_call *call, const ProtobufCMessage *msg)
 typedef struct append_job {
     job h;
     db_batch *batch;
+    char *user_id;
 } append_job;
 
 static void append_free(job *h)
 {
     append_job *j = (append_job *)h;
     db_batch_destroy(&j->batch);
+    mem_free(j->user_id);
     job_free(h);
 }
 
@@ -258,7 +260,7 @@ static void append_run(pool_job *pj, db_conn *conn, int err)
     append_job *j = (append_job *)pj;
     if (job_begin(&j->h, conn, err)) {
         db_append_result res;
-        int rc = db_append_events(conn, j->h.session_id, j->batch, &res);
+        int rc = db_append_events(conn, j->h.session_id, j->user_id, j->batch, &res);
         if (rc == 0) {
             Convo__V1__AppendEventsResponse resp = CONVO__V1__APPEND_EVENTS_RESPONSE__INIT;
             resp.appended = res.appended;
@@ -285,7 +287,8 @@ static db_batch *append_encode(const store *st, const Convo__V1__AppendEventsReq
     size_t content_bytes = 0;
     int64_t prev = 0;
 
-    if (check_id("session_id", sid, err, errsize) != 0)
+    if (check_id("session_id", sid, err, errsize) != 0 ||
+        check_id("user_id", str(req->user_id), err, errsize) != 0)
         return NULL;
     if ((long long)req->n_events > st->lim.max_batch_events) {
         snprintf(err, errsize, "events has %zu events, over the batch limit of %lld", req->n_events,
@@ -350,6 +353,7 @@ static void on_append(srv_call *call, const ProtobufCMessage *msg)
     }
     append_job *j = job_new(sizeof *j, call, st, req->session_id, append_run);
     j->batch = b;
+    j->user_id = mem_strdup(req->user_id);
     j->h.pj.bytes += db_batch_bytes(b);
     job_submit(&j->h, append_free);
 }
@@ -359,11 +363,13 @@ static void on_append(srv_call *call, const ProtobufCMessage *msg)
 typedef struct session_job {
     job h;
     int64_t end_us;
-    int end; /* EndSession rather than GetSession */
+    int end;       /* EndSession rather than GetSession */
+    char *user_id; /* EndSession: the owner it names */
 } session_job;
 
 static void session_free(job *h)
 {
+    mem_free(((session_job *)h)->user_id);
     job_free(h);
 }
 
@@ -372,7 +378,7 @@ static void session_run(pool_job *pj, db_conn *conn, int err)
     session_job *j = (session_job *)pj;
     db_session s = {0};
     if (job_begin(&j->h, conn, err)) {
-        int rc = j->end ? db_end_session(conn, j->h.session_id, j->end_us, &s)
+        int rc = j->end ? db_end_session(conn, j->h.session_id, j->user_id, j->end_us, &s)
                         : db_get_session(conn, j->h.session_id, &s);
         if (rc == 0) {
             Convo__V1__Session pb;
@@ -400,6 +406,7 @@ static void on_end(srv_call *call, const ProtobufCMessage *msg)
     store *st = srv_call_method_data(call);
     char err[256];
     if (check_id("session_id", str(req->session_id), err, sizeof err) != 0 ||
+        check_id("user_id", str(req->user_id), err, sizeof err) != 0 ||
         check_time("end_time_us", req->end_time_us, err, sizeof err) != 0) {
         finish_invalid(call, err);
         return;
@@ -407,6 +414,7 @@ static void on_end(srv_call *call, const ProtobufCMessage *msg)
     session_job *j = job_new(sizeof *j, call, st, req->session_id, session_run);
     j->end = 1;
     j->end_us = req->end_time_us;
+    j->user_id = mem_strdup(req->user_id);
     job_submit(&j->h, session_free);
 }
 
@@ -428,6 +436,7 @@ static void on_get(srv_call *call, const ProtobufCMessage *msg)
 typedef struct summary_job {
     job h;
     int claim;
+    int give_up; /* ClaimSummary.give_up */
     int status;
     char *summary, *error, *worker_id;
     int32_t lease_seconds, max_attempts;
@@ -451,7 +460,7 @@ static void summary_run(pool_job *pj, db_conn *conn, int err)
         int claimed = 0, rc;
         if (j->claim)
             rc = db_claim_summary(conn, j->h.session_id, j->worker_id, j->lease_seconds,
-                                  j->max_attempts, &s, &claimed);
+                                  j->max_attempts, j->give_up, &s, &claimed);
         else
             rc = db_save_summary(conn, j->h.session_id, j->status, j->summary, j->error,
                                  j->worker_id, &s);
@@ -468,8 +477,8 @@ static void summary_run(pool_job *pj, db_conn *conn, int err)
             job_finish(&j->h, RPC_OK, NULL, &resp.base);
         } else if (rc == DB_ELEASE) {
             job_finishf(&j->h, RPC_FAILED_PRECONDITION,
-                        "worker '%s' does not hold the summary lease of session '%s' (it "
-                        "expired and was taken over, or the session was resumed); nothing saved",
+                        "worker '%s' does not hold a live summary lease of session '%s' (never "
+                        "claimed, expired, taken over, or the session was resumed); nothing saved",
                         j->worker_id, j->h.session_id);
         } else {
             job_fail(&j->h, conn, rc);
@@ -501,8 +510,8 @@ static void on_save_summary(srv_call *call, const ProtobufCMessage *msg)
         snprintf(err, sizeof err, "summary is empty; status DONE needs the summary text");
         goto invalid;
     }
-    if (str(req->worker_id)[0] != '\0' &&
-        check_id("worker_id", req->worker_id, err, sizeof err) != 0)
+    /* Only the holder of a live lease saves: the store checks it. */
+    if (check_id("worker_id", str(req->worker_id), err, sizeof err) != 0)
         goto invalid;
 
     summary_job *j = job_new(sizeof *j, call, st, req->session_id, summary_run);
@@ -535,8 +544,14 @@ static void on_claim_summary(srv_call *call, const ProtobufCMessage *msg)
                  (int)req->max_attempts);
         goto invalid;
     }
+    if (req->give_up && req->max_attempts <= 0) {
+        snprintf(err, sizeof err,
+                 "give_up needs max_attempts > 0 (the attempts that must have run out)");
+        goto invalid;
+    }
     summary_job *j = job_new(sizeof *j, call, st, req->session_id, summary_run);
     j->claim = 1;
+    j->give_up = req->give_up;
     j->worker_id = mem_strdup(req->worker_id);
     j->lease_seconds = req->lease_seconds > 0 ? req->lease_seconds : LEASE_DEFAULT_S;
     j->max_attempts = req->max_attempts;
@@ -893,29 +908,39 @@ invalid:
 
 /* ---- registration ------------------------------------------------------------ */
 
+/* Who calls what (the table in README.md), enforced under mutual TLS.
+ * `admin` is an operator's certificate: the methods that only read. */
+#define BY_GATEWAY  "gateway"
+#define BY_SUMMARY  "summary-svc"
+#define READ_GW     "gateway llm-svc summary-svc admin"
+#define READ_EVENTS "gateway summary-svc admin"
+#define READ_USER   "gateway llm-svc admin"
+#define READ_SWEEP  "summary-svc admin"
+
 store *store_create(srv *s, pool *p, const store_limits *lim)
 {
     static const srv_method methods[] = {
         {PATH("OpenSession"), SRV_UNARY, &convo__v1__open_session_request__descriptor,
-         &convo__v1__open_session_response__descriptor, on_open, NULL, NULL},
+         &convo__v1__open_session_response__descriptor, on_open, NULL, NULL, BY_GATEWAY},
         {PATH("AppendEvents"), SRV_UNARY, &convo__v1__append_events_request__descriptor,
-         &convo__v1__append_events_response__descriptor, on_append, NULL, NULL},
+         &convo__v1__append_events_response__descriptor, on_append, NULL, NULL, BY_GATEWAY},
         {PATH("EndSession"), SRV_UNARY, &convo__v1__end_session_request__descriptor,
-         &convo__v1__end_session_response__descriptor, on_end, NULL, NULL},
+         &convo__v1__end_session_response__descriptor, on_end, NULL, NULL, BY_GATEWAY},
         {PATH("GetSession"), SRV_UNARY, &convo__v1__get_session_request__descriptor,
-         &convo__v1__get_session_response__descriptor, on_get, NULL, NULL},
+         &convo__v1__get_session_response__descriptor, on_get, NULL, NULL, READ_GW},
         {PATH("ListEvents"), SRV_SERVER_STREAM, &convo__v1__list_events_request__descriptor,
-         &convo__v1__event__descriptor, on_list_events, NULL, NULL},
+         &convo__v1__event__descriptor, on_list_events, NULL, NULL, READ_EVENTS},
         {PATH("SaveSummary"), SRV_UNARY, &convo__v1__save_summary_request__descriptor,
-         &convo__v1__save_summary_response__descriptor, on_save_summary, NULL, NULL},
+         &convo__v1__save_summary_response__descriptor, on_save_summary, NULL, NULL, BY_SUMMARY},
         {PATH("ListUserSessions"), SRV_UNARY, &convo__v1__list_user_sessions_request__descriptor,
-         &convo__v1__list_user_sessions_response__descriptor, on_list_user_sessions, NULL, NULL},
+         &convo__v1__list_user_sessions_response__descriptor, on_list_user_sessions, NULL, NULL,
+         READ_USER},
         {PATH("ListUnsummarizedSessions"), SRV_UNARY,
          &convo__v1__list_unsummarized_sessions_request__descriptor,
          &convo__v1__list_unsummarized_sessions_response__descriptor, on_list_unsummarized, NULL,
-         NULL},
+         NULL, READ_SWEEP},
         {PATH("ClaimSummary"), SRV_UNARY, &convo__v1__claim_summary_request__descriptor,
-         &convo__v1__claim_summary_response__descriptor, on_claim_summary, NULL, NULL},
+         &convo__v1__claim_summary_response__descriptor, on_claim_summary, NULL, NULL, BY_SUMMARY},
     };
     store *st = mem_calloc(1, sizeof *st);
     st->s = s;

@@ -6,6 +6,7 @@
 #include "mem.h"
 #include "service.h"
 #include "srv.h"
+#include "tls.h"
 
 #include <stdio.h>
 
@@ -22,17 +23,18 @@ int main(int argc, char **argv)
     service_opts svopts = {0};
     srv_opts sopts = {0};
     cli_conf copts = {0};
+    tls_opts topts = {0};
     const conf_section secs[] = {
-        CONF_SECTION(summary_opts, &opts),
-        CONF_SECTION(service_opts, &svopts),
-        CONF_SECTION(cli_conf, &copts),
-        CONF_SECTION(srv_opts, &sopts),
+        CONF_SECTION(summary_opts, &opts), CONF_SECTION(service_opts, &svopts),
+        CONF_SECTION(cli_conf, &copts),    CONF_SECTION(srv_opts, &sopts),
+        CONF_SECTION(tls_opts, &topts),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     srv *server = NULL;
     cli *client = NULL;
     service *sv = NULL;
-    char err[256];
+    tls *mtls = NULL;
+    char err[512];
     int status = 2;
 
     srv_block_signals();
@@ -54,11 +56,17 @@ int main(int argc, char **argv)
         fprintf(stderr, "summary-svc: --client-threads must be between 1 and 64\n");
         goto out;
     }
+    if (tls_create(&topts, &mtls, err, sizeof err) != 0) {
+        log_error("%s", err);
+        goto out;
+    }
 
     status = 1;
     client = cli_create((int)opts.client_threads, sopts.max_message_bytes);
+    cli_use_tls(client, mtls);
     sv = service_create(&svopts, client, copts.round_robin);
     server = srv_create("summary-svc", opts.listen, &sopts);
+    srv_use_tls(server, mtls);
     if (service_register(sv, server) != 0) {
         log_error("cannot register the Summary methods");
         goto out;
@@ -81,6 +89,7 @@ out:
     service_destroy(&sv);
     if (client != NULL)
         cli_destroy(&client);
+    tls_destroy(&mtls);
     conf_free(secs, nsecs);
     return status;
 }

@@ -664,6 +664,7 @@ int service_register(service *sv, srv *s)
         .request = &convo__v1__summarize_request__descriptor,
         .response = &convo__v1__summarize_response__descriptor,
         .on_call = on_summarize,
+        .callers = "gateway",
     };
     static const srv_method get_summary = {
         .path = METHOD_GET_SUMMARY,
@@ -671,6 +672,8 @@ int service_register(service *sv, srv *s)
         .request = &convo__v1__get_summary_request__descriptor,
         .response = &convo__v1__get_summary_response__descriptor,
         .on_call = on_get_summary,
+        /* Reads only: an operator's `admin` certificate too. */
+        .callers = "gateway admin",
     };
     int rc = srv_add_method(s, &summarize, sv);
     return rc != 0 ? rc : srv_add_method(s, &get_summary, sv);

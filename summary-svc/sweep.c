@@ -43,11 +43,43 @@ int64_t sweep_due_us(const sweep_cfg *cfg, int64_t end_time_us, int32_t attempts
     return due;
 }
 
+/* How long the lease taken only to record FAILED lasts: one save. */
+#define GIVE_UP_LEASE_S 60
+
+/* Takes the lease that only records that the attempts ran out (no attempt
+ * counted); 1 when this worker holds it now. */
+static int claim_give_up(sweep *sw, const Convo__V1__Session *s)
+{
+    Convo__V1__ClaimSummaryRequest req = CONVO__V1__CLAIM_SUMMARY_REQUEST__INIT;
+    req.session_id = s->session_id;
+    req.worker_id = (char *)sw->cfg.worker_id;
+    req.lease_seconds = GIVE_UP_LEASE_S;
+    req.max_attempts = sw->cfg.max_attempts;
+    req.give_up = 1;
+    ProtobufCMessage *resp = NULL;
+    char *msg = NULL;
+    rpc_code code = bcall_unary(sw->sc, sw->store, "/convo.v1.Store/ClaimSummary", &req.base,
+                                &convo__v1__claim_summary_response__descriptor,
+                                sw->cfg.store_timeout_ms, &resp, &msg);
+    int claimed = code == RPC_OK && ((Convo__V1__ClaimSummaryResponse *)resp)->claimed;
+    if (code != RPC_OK)
+        log_fields(LOG_WARN, (const log_field[]){{"session_id", s->session_id}, {NULL, NULL}},
+                   "could not take the lease to mark the summary failed (%s: %s)",
+                   rpc_code_name(code), msg != NULL ? msg : "");
+    if (resp != NULL)
+        protobuf_c_message_free_unpacked(resp, NULL);
+    mem_free(msg);
+    return claimed;
+}
+
 /* A session out of attempts with no verdict (its last worker died, or the
  * lease ran out before the save): it will never be claimed again, so it is
- * marked FAILED here. Any replica may do it; doing it twice is harmless. */
+ * marked FAILED here, under a lease like every save. Any replica may do it;
+ * the lease makes one of them do it. */
 static void give_up(sweep *sw, const Convo__V1__Session *s)
 {
+    if (!claim_give_up(sw, s))
+        return; /* another replica does it, or it changed since the list */
     Convo__V1__SaveSummaryRequest req = CONVO__V1__SAVE_SUMMARY_REQUEST__INIT;
     char *reason = mem_asprintf("gave up after %d attempt%s; the last one: %s",
                                 (int)s->summary_attempts, s->summary_attempts == 1 ? "" : "s",
@@ -58,7 +90,7 @@ static void give_up(sweep *sw, const Convo__V1__Session *s)
     req.status = CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_FAILED;
     req.summary = "";
     req.error = reason;
-    req.worker_id = ""; /* no lease is live: ListUnsummarizedSessions said so */
+    req.worker_id = (char *)sw->cfg.worker_id;
     ProtobufCMessage *resp = NULL;
     char *msg = NULL;
     rpc_code code = bcall_unary(sw->sc, sw->store, "/convo.v1.Store/SaveSummary", &req.base,

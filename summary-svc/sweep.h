@@ -10,7 +10,8 @@
  * Retries back off: attempt n+1 is due sweep_due_us() after the session
  * ended, and the service may refuse sessions it failed itself recently.
  * Sessions whose attempts are used up without a verdict (a worker died
- * mid-attempt) are marked FAILED here. Several replicas sweep the same
+ * mid-attempt) are marked FAILED here (under a lease that counts no
+ * attempt, ClaimSummary.give_up). Several replicas sweep the same
  * table; the lease taken by each job keeps them from doing a session
  * twice. */
 #ifndef SUMMARY_SWEEP_H

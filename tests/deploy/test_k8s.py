@@ -143,6 +143,12 @@ def _listen_port(binary, c, opts):
     return int(listen.rsplit(":", 1)[1])
 
 
+def _health_port(c):
+    """The port of HEALTH_LISTEN (plaintext grpc.health.v1), or None."""
+    value = env_of(c).get("HEALTH_LISTEN")
+    return int(value.rsplit(":", 1)[1]) if value else None
+
+
 def _drift_cases():
     for overlay in OVERLAYS:
         for b in BINARIES:
@@ -180,10 +186,14 @@ def test_containers_match_their_binary(overlay, binary):
                 _check_value(binary, name, envs[name]["arg"], e["value"], problems)
         if o["kind"] != "Job":
             port = _listen_port(binary, c, opts)
+            health = _health_port(c)
+            listening = {port} | ({health} if health else set())
             declared = {p["containerPort"] for p in c.get("ports", [])}
-            if declared != {port}:
-                problems.append(f"containerPort {sorted(declared)} but {binary} listens on {port}")
+            if declared != listening:
+                problems.append(f"containerPort {sorted(declared)} but {binary} listens on "
+                                f"{sorted(listening)}")
             named = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+            tls = bool(env_of(c).get("TLS_CERT_FILE"))
             for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                 pr = c.get(probe)
                 if not pr:
@@ -192,8 +202,14 @@ def test_containers_match_their_binary(overlay, binary):
                     if kind in pr:
                         p = pr[kind]["port"]
                         p = named.get(p, p) if isinstance(p, str) else p
-                        if p != port:
-                            problems.append(f"{probe} probes port {p}, {binary} listens on {port}")
+                        if p not in listening:
+                            problems.append(f"{probe} probes port {p}, {binary} listens on "
+                                            f"{sorted(listening)}")
+                        # The kubelet's gRPC probe is plaintext: under mutual
+                        # TLS only the health port answers it.
+                        if kind == "grpc" and tls and p != health:
+                            problems.append(f"{probe} is a gRPC probe on port {p}, which needs a "
+                                            f"client certificate; the health port is {health}")
         problems[before:] = [f"{where}: {p}" for p in problems[before:]]
     assert not problems, "\n".join(problems)
 
@@ -224,9 +240,13 @@ def test_grpc_services_headless_with_native_probes(overlay):
         assert svc["spec"].get("clusterIP") == "None", f"{name}: headless, for round_robin"
         assert [p["port"] for p in svc["spec"]["ports"]] == [port]
         c = pod_spec(deps[name])["containers"][0]
-        assert c["readinessProbe"]["grpc"]["port"] == port, name
+        # Under mutual TLS the kubelet's (plaintext) gRPC probe asks the
+        # health port.
+        health = _health_port(c)
+        assert health and health != port, name
+        assert c["readinessProbe"]["grpc"]["port"] == health, name
         live = c["livenessProbe"]
-        assert live.get("grpc", live.get("tcpSocket"))["port"] == port, name
+        assert live.get("grpc", live.get("tcpSocket"))["port"] in (port, health), name
     gw = pod_spec(deps["gateway"])["containers"][0]
     assert gw["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert gw["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -504,3 +524,158 @@ def test_same_render_with_debian_kubectl(overlay):
         pytest.skip("set KUBECTL_COMPAT to a second kubectl (e.g. Debian 12's 1.20) to compare renders")
     need_kubectl()
     assert _normalized(render_text(overlay)) == _normalized(render_text(overlay, other))
+
+
+# ------------------------------------------------------------- mutual TLS
+MTLS_NAMES = ["gateway", "router-svc", "llm-svc", "store-svc", "summary-svc"]
+TLS_ENV = ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CA_FILE")
+
+
+def mtls_mounts(objs):
+    """{process: Secret name} of each process's mutual TLS files, checked:
+    the three TLS variables point into one read-only Secret volume."""
+    deps = by_kind(objs, "Deployment")
+    found = {}
+    for name in MTLS_NAMES:
+        spec = pod_spec(deps[name])
+        c = spec["containers"][0]
+        env = env_of(c)
+        assert all(env.get(k) for k in TLS_ENV), f"{name}: {TLS_ENV} not all set"
+        dirs = {env[k].rsplit("/", 1)[0] for k in TLS_ENV}
+        assert len(dirs) == 1, f"{name}: the TLS files are in one folder"
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == dirs.pop())
+        assert mount.get("readOnly") is True, name
+        vol = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+        secret = vol["secret"]["secretName"]
+        # The keys cert-manager writes (and make-certs.sh), as the env names them.
+        files = {env[k].rsplit("/", 1)[1] for k in TLS_ENV}
+        assert files == {"tls.crt", "tls.key", "ca.crt"}, (name, files)
+        assert vol["secret"].get("defaultMode", 0o644) & 0o007 == 0, f"{name}: key readable by others"
+        found[name] = secret
+    return found
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_process_mounts_its_mtls_secret(overlay):
+    found = mtls_mounts(render(overlay))
+    assert found == {n: f"{n}-mtls" for n in MTLS_NAMES}
+    # The migration Job serves no gRPC and calls none: no certificate.
+    job = pod_spec(by_kind(render(overlay), "Job")["convo-migrate"])["containers"][0]
+    assert not set(TLS_ENV) & set(env_of(job))
+
+
+def test_prod_issues_every_certificate_with_cert_manager():
+    objs = render("prod")
+    issuers = by_kind(objs, "Issuer")
+    certs = {c["spec"]["secretName"]: c for c in by_kind(objs, "Certificate").values()}
+    ca = next(c for c in certs.values() if c["spec"].get("isCA"))
+    ca_issuer = next(n for n, i in issuers.items() if i["spec"].get("ca", {}).get("secretName")
+                     == ca["spec"]["secretName"])
+    ns = NAMESPACE["prod"]
+    for name, secret in {**mtls_mounts(objs), "admin": "admin-mtls"}.items():
+        c = certs[secret]["spec"]
+        # The caller's name is the first label of the first DNS name.
+        assert c["dnsNames"][0] == name, c["dnsNames"]
+        assert {f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"} <= set(c["dnsNames"])
+        assert {"server auth", "client auth"} <= set(c["usages"])
+        assert c["issuerRef"]["name"] == ca_issuer and c["issuerRef"]["kind"] == "Issuer"
+        assert c["privateKey"]["rotationPolicy"] == "Always"
+        assert c.get("renewBefore"), "renewed before it expires"
+
+
+def test_dev_has_no_cert_manager_objects():
+    objs = render("dev")
+    assert not by_kind(objs, "Certificate") and not by_kind(objs, "Issuer")
+
+
+def _make_certs(ns, out):
+    r = subprocess.run(["bash", str(K8S / "make-certs.sh"), ns, str(out)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return {d["metadata"]["name"]: d for d in yaml.safe_load_all(r.stdout) if d}
+
+
+def _openssl(*args, data=None):
+    r = subprocess.run(["openssl", *args], input=data, capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr.decode()
+    return r.stdout.decode()
+
+
+def test_make_certs_gives_the_dev_overlay_its_secrets(tmp_path):
+    """deploy/k8s/make-certs.sh: a Secret for every one the dev overlay
+    mounts (and admin's), with a certificate the CA signed, named as the
+    caller, for both ends of a connection; run again, it renews the
+    certificates under the same CA."""
+    ns = NAMESPACE["dev"]
+    secrets = _make_certs(ns, tmp_path / "certs")
+    want = set(mtls_mounts(render("dev")).values()) | {"admin-mtls"}
+    assert set(secrets) == want
+    ca = None
+    for name, s in secrets.items():
+        assert s["type"] == "kubernetes.io/tls" and s["metadata"]["namespace"] == ns
+        files = {k: base64.b64decode(v) for k, v in s["data"].items()}
+        assert set(files) == {"tls.crt", "tls.key", "ca.crt"}
+        ca = ca or files["ca.crt"]
+        assert files["ca.crt"] == ca, "one CA for all"
+        (tmp_path / "ca.pem").write_bytes(ca)
+        (tmp_path / "leaf.pem").write_bytes(files["tls.crt"])
+        _openssl("verify", "-CAfile", str(tmp_path / "ca.pem"), str(tmp_path / "leaf.pem"))
+        text = _openssl("x509", "-noout", "-text", data=files["tls.crt"])
+        caller = name[: -len("-mtls")]
+        sans = re.search(r"Subject Alternative Name:\s*\n\s*(.+)", text).group(1)
+        assert sans.split(", ")[0] == f"DNS:{caller}", sans
+        assert f"DNS:{caller}.{ns}.svc" in sans
+        assert "TLS Web Server Authentication" in text and "TLS Web Client Authentication" in text
+        # The key is the certificate's.
+        pub = _openssl("x509", "-noout", "-pubkey", data=files["tls.crt"])
+        assert _openssl("pkey", "-pubout", data=files["tls.key"]) == pub
+    again = _make_certs(ns, tmp_path / "certs")
+    assert base64.b64decode(again["gateway-mtls"]["data"]["ca.crt"]) == ca
+    assert again["gateway-mtls"]["data"]["tls.crt"] != secrets["gateway-mtls"]["data"]["tls.crt"]
+
+
+def test_make_certs_refuses_bad_arguments(tmp_path):
+    for args in (["Bad_NS"], ["--days", "x", "convo-dev"], [], ["a", "b", "c"]):
+        r = subprocess.run(["bash", str(K8S / "make-certs.sh"), *args], capture_output=True,
+                           text=True, cwd=tmp_path, timeout=30)
+        assert r.returncode == 2, (args, r.stderr)
+
+
+def test_make_certs_secrets_work_with_the_services(tmp_path):
+    """The script's files as a pod sees them: router-svc serves with its own,
+    and a grpcio client with the gateway's, dialing the name the gateway
+    dials (router-svc), gets its Route; with admin's too, with llm-svc's not."""
+    import grpc
+    from harness import Service, proto_stubs
+
+    pb = proto_stubs()
+    secrets = _make_certs(NAMESPACE["dev"], tmp_path / "certs")
+
+    def files(name):
+        d = tmp_path / name
+        d.mkdir()
+        for k, v in secrets[f"{name}-mtls"]["data"].items():
+            (d / k).write_bytes(base64.b64decode(v))
+        return d
+
+    router = files("router-svc")
+    env = {"TLS_CERT_FILE": str(router / "tls.crt"), "TLS_KEY_FILE": str(router / "tls.key"),
+           "TLS_CA_FILE": str(router / "ca.crt")}
+    with Service("router-svc", env=env, ready="tcp") as svc:
+        def route(caller):
+            d = files(caller)
+            creds = grpc.ssl_channel_credentials((d / "ca.crt").read_bytes(),
+                                                 (d / "tls.key").read_bytes(),
+                                                 (d / "tls.crt").read_bytes())
+            with grpc.secure_channel(svc.addr, creds,
+                                     options=[("grpc.ssl_target_name_override", "router-svc")]) as ch:
+                stub = pb.router_pb2_grpc.RouterStub(ch)
+                req = pb.router_pb2.RouteRequest(last_user_message="Why?", user_message_count=1)
+                try:
+                    return stub.Route(req, timeout=10, wait_for_ready=True).strategy
+                except grpc.RpcError as e:
+                    return e.code()
+
+        assert route("gateway") == pb.router_pb2.STRATEGY_ANALYTICAL
+        assert route("admin") == pb.router_pb2.STRATEGY_ANALYTICAL
+        assert route("llm-svc") == grpc.StatusCode.PERMISSION_DENIED

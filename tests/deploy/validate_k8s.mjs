@@ -1,8 +1,8 @@
 // Renders every overlay of deploy/k8s with `kubectl kustomize` and validates
 // every object against the Kubernetes API schema: each object becomes an
-// instance of its kubernetes-models class (by apiVersion and kind) and
-// .validate() must pass. An object of a kind kubernetes-models does not know
-// is a failure too (a typo in apiVersion/kind).
+// instance of its kubernetes-models class (by apiVersion and kind; cert-manager's
+// kinds from @kubernetes-models/cert-manager) and .validate() must pass. An
+// object of a kind neither knows is a failure too (a typo in apiVersion/kind).
 //
 // Usage: node tests/deploy/validate_k8s.mjs      (KUBECTL=path overrides kubectl)
 // Exit: 0 all valid, 1 invalid objects, 77 skipped (no kubectl installed).
@@ -29,9 +29,14 @@ function render(overlay) {
   return YAML.parseAllDocuments(r.stdout).map((d) => d.toJS()).filter(Boolean);
 }
 
+// Custom resources of add-ons the overlays use, by API group: their npm
+// package of the same project (the CRDs' OpenAPI schemas).
+const addons = { "cert-manager.io": "@kubernetes-models/cert-manager" };
+
 async function modelClass(apiVersion, kind) {
   const [group, version] = apiVersion.includes("/") ? apiVersion.split("/") : [null, apiVersion];
-  const spec = group ? `kubernetes-models/${group}/${version}/${kind}` : `kubernetes-models/${version}/${kind}`;
+  const pkg = (group && addons[group]) || "kubernetes-models";
+  const spec = group ? `${pkg}/${group}/${version}/${kind}` : `${pkg}/${version}/${kind}`;
   try {
     return (await import(spec))[kind];
   } catch (e) {

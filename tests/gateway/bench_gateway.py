@@ -3,14 +3,20 @@ the offline model, llm-svc, router-svc and a gateway from a build tree, then
 runs loadgen.mjs against the gateway and, side by side, the offline model.
 
     CONVO_BUILD_DIR=/tmp/bench/build /usr/bin/python3 tests/gateway/bench_gateway.py \
-        --sessions 100 --turns 5 --words 50 --delay-ms 0
+        --sessions 100 --turns 5 --words 50 --delay-ms 0 [--tls]
 
 Every event is persisted: the figures include store-svc writing every token
-to PostgreSQL. Use a Release build (the default ctest tree has sanitizers)."""
+to PostgreSQL. Use a Release build (the default ctest tree has sanitizers).
+
+--tls runs the same load twice in one go, each on a fresh system: plaintext,
+then with every gRPC hop over mutual TLS (certificates of a throwaway CA,
+tests/harness/certs.py), and prints both side by side."""
 
 import argparse
+import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -19,6 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "harness"))
 from harness import Postgres, Service, build_dir  # noqa: E402
+from certs import CA  # noqa: E402
 
 
 def cpu_seconds(pid, tick):
@@ -44,22 +51,83 @@ def main():
     ap.add_argument("--delay-ms", type=int, default=0)
     ap.add_argument("--stagger-ms", type=int, default=0)
     ap.add_argument("--think-ms", type=int, default=0)
+    ap.add_argument("--tls", action="store_true",
+                    help="run plaintext, then mutual TLS between the services, and compare")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --tls: alternate plaintext and mutual TLS this many times and "
+                         "compare the medians (a noisy machine)")
     ap.add_argument("gateway_args", nargs="*", help="extra gateway options (after --)")
     a = ap.parse_args()
+    if not a.tls:
+        return run(a, tls=False)[0]
+    status, added = 0, {False: [], True: []}
+    for i in range(a.rounds):
+        reports = {}
+        for tls in (False, True):
+            rc, reports[tls] = run(a, tls=tls, as_json=True)
+            status = status or rc
+        print(f"\nround {i + 1} of {a.rounds}")
+        for tls, p50 in zip((False, True), compare(reports[False], reports[True])):
+            added[tls].append(p50)
+    if a.rounds > 1:
+        med = {k: statistics.median(v) for k, v in added.items()}
+        print(f"\nadded first-token time at the median (steady window where there is one), "
+              f"median of {a.rounds} rounds: plaintext {med[False]:.2f} ms, mutual TLS "
+              f"{med[True]:.2f} ms, difference {med[True] - med[False]:+.2f} ms")
+    return status
+
+
+def compare(plain, mtls):
+    """The loadgen figures of both runs side by side; returns the added
+    first-token time at the median of each (steady window where there is one)."""
+    print("\nfirst token (ms), through the gateway / straight from the model / added; tokens/s")
+    print(f"{'':34}{'plaintext':>28}{'mutual TLS':>28}")
+    for key, label in (("all", "all measured turns"), ("steady", "steady window")):
+        rows = []
+        for res in (plain, mtls):
+            direct, gw = res["results"][0], res["results"][-1]
+            if key == "steady":
+                if not all(r.get("steady") for r in (direct, gw)):
+                    break
+                direct, gw = direct["steady"], gw["steady"]
+            rows.append((gw, direct))
+        if len(rows) != 2:
+            continue
+        for q in ("p50", "p99"):
+            cells = [f"{g[f'ttft_{q}_ms']:.2f} / {d[f'ttft_{q}_ms']:.2f} / "
+                     f"{g[f'ttft_{q}_ms'] - d[f'ttft_{q}_ms']:.2f}" for g, d in rows]
+            print(f"{label + ', ' + q:34}{cells[0]:>28}{cells[1]:>28}")
+        print(f"{label + ', tokens/s':34}{rows[0][0]['tokens_per_s']:>28.0f}"
+              f"{rows[1][0]['tokens_per_s']:>28.0f}")
+    added = [r["results"][-1].get("steady", r["results"][-1])["ttft_p50_ms"]
+             - r["results"][0].get("steady", r["results"][0])["ttft_p50_ms"] for r in (plain, mtls)]
+    print(f"mutual TLS moves the added first-token time at the median by {added[1] - added[0]:+.2f} ms")
+    return added
+
+
+def run(a, tls, as_json=False):
+    """One run on a fresh system; returns (exit status, loadgen's JSON or None)."""
     extra = a.gateway_args
     quiet = {"LOG_LEVEL": "warn"}
+    ids, admin = {}, None
+    if tls:
+        ca = CA("bench-ca")
+        ids = {n: ca.issue(n) for n in ("store-svc", "llm-svc", "router-svc", "gateway")}
+        admin = ca.issue("admin")
+    print(f"--- {'mutual TLS between the services' if tls else 'plaintext'}", flush=True)
     with Postgres() as pg:
-        store = Service("store-svc", env={"DATABASE_URL": pg.url, **quiet})
+        store = Service("store-svc", env={"DATABASE_URL": pg.url, **quiet},
+                        tls=ids.get("store-svc"), caller=admin)
         model = Service("offline-model", binary=build_dir() / "llm-svc" / "offline-model",
                         args=["--token-delay-ms", "0", "--log-level", "warn"], ready="tcp")
         llm = Service("llm-svc", args=["--store", store.addr],
                       env={"OPENAI_BASE_URL": f"http://{model.addr}/v1", "OPENAI_API_KEY": "offline",
-                           **quiet})
-        router = Service("router-svc", env=quiet)
+                           **quiet}, tls=ids.get("llm-svc"), caller=admin)
+        router = Service("router-svc", env=quiet, tls=ids.get("router-svc"), caller=admin)
         gw = Service("gateway", args=["--router", router.addr, "--llm", llm.addr, "--store",
                                       store.addr, "--summary", "127.0.0.1:1",
                                       "--rate-limit", "100000", "--max-connections", "100000", *extra],
-                     env=quiet, ready="http")
+                     env=quiet, ready="http", tls=ids.get("gateway"))
         try:
             n0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             node0 = n0.ru_utime + n0.ru_stime
@@ -68,7 +136,15 @@ def main():
                                 "--turns", str(a.turns), "--words", str(a.words),
                                 "--delay-ms", str(a.delay_ms),
                                 "--stagger-ms", str(a.stagger_ms),
-                                "--think-ms", str(a.think_ms)], text=True)
+                                "--think-ms", str(a.think_ms), *(["--json"] if as_json else [])],
+                               text=True, stdout=subprocess.PIPE if as_json else None)
+            report = None
+            if as_json:
+                report = json.loads(r.stdout.strip().splitlines()[-1])
+                for res in report["results"]:
+                    print(f"{res['path']}: {res['answers']} answers, {res['errors']} errors, first "
+                          f"token p50 {res['ttft_p50_ms']:.2f} ms, p99 {res['ttft_p99_ms']:.2f} ms, "
+                          f"{res['tokens_per_s']:.0f} tokens/s")
             # Every token must reach PostgreSQL: wait for the last batches.
             want = a.sessions * a.turns * a.words
             t0 = time.monotonic()
@@ -89,7 +165,7 @@ def main():
             cpu.append(f"PostgreSQL {pg_cpu:.1f}")
             cpu.append(f"loadgen {node.ru_utime + node.ru_stime - node0:.1f}")
             print("CPU seconds used:", ", ".join(cpu))
-            return r.returncode or (stored != want)
+            return (r.returncode or (stored != want)), report
         finally:
             for s in (gw, router, llm, model, store):
                 s.stop()

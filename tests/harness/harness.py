@@ -605,12 +605,20 @@ class Service:
     answers at all; "http" when GET /api/health answers 200; "tcp" when the
     port accepts connections; None at once; or a callable(service) -> bool.
     start() fails with the log tail if the process exits first or `timeout`
-    passes."""
+    passes.
+
+    `tls` (a certs.Identity) runs it with mutual TLS: TLS_CERT_FILE, TLS_KEY_FILE,
+    TLS_CA_FILE and TLS_REFRESH_SECONDS=1 in its environment (`env` may
+    override them). The harness's own calls (readiness, channel()) then go
+    over TLS as `caller` (another Identity; default `tls` itself)."""
 
     def __init__(self, name: str, args: Iterable[str] = (), env: Optional[Mapping[str, Optional[str]]] = None,
                  *, port: Optional[int] = None, host: str = "127.0.0.1", ready: Ready = "grpc",
-                 timeout: float = 20.0, binary: Union[str, Path, None] = None, start: bool = True):
+                 timeout: float = 20.0, binary: Union[str, Path, None] = None, start: bool = True,
+                 tls=None, caller=None):
         self.name = name
+        self.tls = tls
+        self.caller = caller or tls
         self.binary = Path(binary) if binary else find_binary(name)
         self.args = list(args)
         self.env = dict(env or {})
@@ -653,6 +661,8 @@ class Service:
 
     def _environ(self) -> dict:
         env = dict(os.environ)
+        if self.tls is not None:
+            env.update(self.tls.env(), TLS_REFRESH_SECONDS="1")
         for k, v in self.env.items():
             if v is None:
                 env.pop(k, None)
@@ -734,13 +744,19 @@ class Service:
         status (an int of HealthCheckResponse.ServingStatus); raises
         grpc.RpcError on failure (NOT_FOUND for an unknown service)."""
         pb = proto_stubs()
-        with grpc.insecure_channel(self.addr) as ch:
+        with self._open_channel() as ch:
             stub = pb.health_pb2_grpc.HealthStub(ch)
             return stub.Check(pb.health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
 
+    def _open_channel(self, options: Optional[list] = None) -> grpc.Channel:
+        if self.caller is not None:
+            return self.caller.channel(self.addr, options)
+        return grpc.insecure_channel(self.addr, options=options or [])
+
     def channel(self, options: Optional[list] = None) -> grpc.Channel:
-        """A new insecure channel to the service, closed by stop()."""
-        ch = grpc.insecure_channel(self.addr, options=options or [])
+        """A new channel to the service (plaintext, or mutual TLS as
+        `caller`), closed by stop()."""
+        ch = self._open_channel(options)
         self._channels.append(ch)
         return ch
 

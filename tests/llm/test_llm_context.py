@@ -27,16 +27,18 @@ def seed_sessions(store):
     """alice: an older session, summarized, and the current one with two
     user messages and a tool call; bob: a session of his own."""
     store.OpenSession(S.OpenSessionRequest(session_id="alice-old", user_id="alice"), timeout=10)
-    store.AppendEvents(S.AppendEventsRequest(session_id="alice-old", events=[
+    store.AppendEvents(S.AppendEventsRequest(session_id="alice-old", user_id="alice", events=[
         S.Event(seq=1, type=S.EVENT_TYPE_USER_MESSAGE, content="tell me about pgvector")]),
         timeout=10)
-    store.EndSession(S.EndSessionRequest(session_id="alice-old"), timeout=10)
-    store.SaveSummary(S.SaveSummaryRequest(session_id="alice-old",
+    store.EndSession(S.EndSessionRequest(session_id="alice-old", user_id="alice"), timeout=10)
+    assert store.ClaimSummary(S.ClaimSummaryRequest(session_id="alice-old", worker_id="test"),
+                              timeout=10).claimed
+    store.SaveSummary(S.SaveSummaryRequest(session_id="alice-old", worker_id="test",
                                            status=C.SUMMARY_STATUS_DONE,
                                            summary="Overview: alice asked about pgvector."),
                       timeout=10)
     store.OpenSession(S.OpenSessionRequest(session_id="alice-now", user_id="alice"), timeout=10)
-    store.AppendEvents(S.AppendEventsRequest(session_id="alice-now", events=[
+    store.AppendEvents(S.AppendEventsRequest(session_id="alice-now", user_id="alice", events=[
         S.Event(seq=1, type=S.EVENT_TYPE_USER_MESSAGE, content="hi"),
         S.Event(seq=2, type=S.EVENT_TYPE_TOOL_CALL,
                 content='{"id":"c1","tool":"fetch_internal_knowledge","arguments":{}}'),

@@ -120,6 +120,11 @@ static void stream_100k_in_order(void **state)
     testsvc_server_stop(&t);
 }
 
+static void on_nothing(srv_call *call, const ProtobufCMessage *req)
+{
+    srv_call_finish(call, RPC_OK, NULL, NULL);
+}
+
 static void bad_registrations_are_refused(void **state)
 {
     srv_opts o = testsvc_default_opts();
@@ -140,6 +145,35 @@ static void bad_registrations_are_refused(void **state)
                            NULL,
                            NULL};
     assert_int_equal(srv_add_method(s, &no_slash, NULL), RPC_EARG);
+    /* Every method names its callers; a list that names nobody, or names
+     * what no certificate could, is refused rather than left open. */
+    const char *bad_callers[] = {NULL,       "",          "  ", "Gateway", "gateway.convo.svc",
+                                 "gate_way", "gateway *x"};
+    for (size_t i = 0; i < sizeof bad_callers / sizeof bad_callers[0]; i++) {
+        srv_method m = {"/x.Y/Callers",
+                        SRV_UNARY,
+                        &convo__test__echo_request__descriptor,
+                        &convo__test__echo_reply__descriptor,
+                        on_nothing,
+                        NULL,
+                        NULL,
+                        bad_callers[i]};
+        assert_int_equal(srv_add_method(s, &m, NULL), RPC_EARG);
+    }
+    const char *good_callers[] = {"*", "gateway", " gateway  llm-svc admin ", "gateway *"};
+    for (size_t i = 0; i < sizeof good_callers / sizeof good_callers[0]; i++) {
+        char path[32];
+        snprintf(path, sizeof path, "/x.Y/Good%zu", i);
+        srv_method m = {path,
+                        SRV_UNARY,
+                        &convo__test__echo_request__descriptor,
+                        &convo__test__echo_reply__descriptor,
+                        on_nothing,
+                        NULL,
+                        NULL,
+                        good_callers[i]};
+        assert_int_equal(srv_add_method(s, &m, NULL), 0);
+    }
     srv_destroy(&s);
     assert_null(s);
 }

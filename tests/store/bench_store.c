@@ -21,6 +21,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The owner of every session the bench writes. */
+#define BENCH_USER "bench"
+
 typedef struct bench bench;
 
 typedef struct writer {
@@ -91,6 +94,7 @@ static void send_next(writer *w)
     }
     Convo__V1__AppendEventsRequest req = CONVO__V1__APPEND_EVENTS_REQUEST__INIT;
     req.session_id = w->session_id;
+    req.user_id = BENCH_USER;
     req.n_events = (size_t)n;
     req.events = w->ptrs;
     cli_opts opts = {.timeout_ms = 60000};
@@ -106,7 +110,7 @@ static int open_session(cli_channel *ch, const char *sid)
 {
     Convo__V1__OpenSessionRequest req = CONVO__V1__OPEN_SESSION_REQUEST__INIT;
     req.session_id = (char *)sid;
-    req.user_id = "bench";
+    req.user_id = BENCH_USER;
     cli_opts opts = {.timeout_ms = 30000, .wait_for_ready = 1};
     ProtobufCMessage *resp = NULL;
     char *msg = NULL;

@@ -89,8 +89,15 @@ def open_session(stub, sid, user="u1"):
     return stub.OpenSession(S.OpenSessionRequest(session_id=sid, user_id=user), timeout=10)
 
 
-def append(stub, sid, events, timeout=30):
-    return stub.AppendEvents(S.AppendEventsRequest(session_id=sid, events=events), timeout=timeout)
+def append(stub, sid, events, timeout=30, user="u1"):
+    return stub.AppendEvents(S.AppendEventsRequest(session_id=sid, events=events, user_id=user),
+                             timeout=timeout)
+
+
+def end(stub, sid, user="u1", end_time_us=0, timeout=10):
+    """EndSession as the owner `user`; returns the session."""
+    return stub.EndSession(S.EndSessionRequest(session_id=sid, user_id=user,
+                                               end_time_us=end_time_us), timeout=timeout).session
 
 
 def list_events(stub, sid, after_seq=0, limit=0, timeout=60):

@@ -275,7 +275,7 @@ def test_adopts_a_database_the_seed_backend_wrote():
                     live.tool_call_count) == (3, 3, 1, 1)
             assert [(e.seq, e.content) for e in list_events(stub, "old-live")] == \
                 [(1, "first"), (2, "second"), (3, "third")]
-            assert append(stub, "old-live", [ev(4, "fourth")]).appended == 1
+            assert append(stub, "old-live", [ev(4, "fourth")], user="u").appended == 1
         finally:
             check_clean_exit(svc)
 
@@ -306,10 +306,10 @@ def test_full_queue_is_resource_exhausted_and_nothing_is_lost(pg):
         sid = new_id()
         open_session(stub, sid)
         locker = hold_row_lock(pg, sid, 2)
-        first = stub.AppendEvents.future(S.AppendEventsRequest(session_id=sid, events=[ev(1)]),
+        first = stub.AppendEvents.future(S.AppendEventsRequest(session_id=sid, events=[ev(1)], user_id="u1"),
                                          timeout=30)
         time.sleep(0.3)  # the only worker now waits on the lock
-        second = stub.AppendEvents.future(S.AppendEventsRequest(session_id=sid, events=[ev(2)]),
+        second = stub.AppendEvents.future(S.AppendEventsRequest(session_id=sid, events=[ev(2)], user_id="u1"),
                                           timeout=30)
         time.sleep(0.3)  # queued: the queue is full
         err = rpc_error(append, stub, sid, [ev(3)])

@@ -8,7 +8,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from conftest import (C, MAX_BATCH, MAX_CONTENT, S, SERVING, append, ev, list_events, new_id,
+from conftest import (C, MAX_BATCH, MAX_CONTENT, S, SERVING, append, end, ev, list_events, new_id,
                       open_session, pb, rpc_error)
 
 
@@ -90,10 +90,10 @@ def test_open_other_users_session_is_permission_denied(stub, pg):
 def test_resume_after_end_reopens_and_keeps_the_log(stub):
     sid = new_id()
     open_session(stub, sid, "bob")
-    append(stub, sid, [ev(1), ev(2)])
-    stub.EndSession(S.EndSessionRequest(session_id=sid), timeout=10)
-    stub.SaveSummary(S.SaveSummaryRequest(session_id=sid, status=C.SUMMARY_STATUS_DONE,
-                                          summary="first part"), timeout=10)
+    append(stub, sid, [ev(1), ev(2)], user="bob")
+    end(stub, sid, "bob")
+    assert claim(stub, sid, "w").claimed
+    save(stub, sid, C.SUMMARY_STATUS_DONE, summary="first part", worker="w")
     r = open_session(stub, sid, "bob")
     assert not r.created
     s = r.session
@@ -102,7 +102,7 @@ def test_resume_after_end_reopens_and_keeps_the_log(stub):
     assert s.final_summary == "first part"  # kept until a new one is saved
     assert s.last_seq == 2 and s.event_count == 2
     # A resuming writer continues at last_seq + 1.
-    assert append(stub, sid, [ev(3)]).appended == 1
+    assert append(stub, sid, [ev(3)], user="bob").appended == 1
     assert [e.seq for e in list_events(stub, sid)] == [1, 2, 3]
 
 
@@ -183,7 +183,7 @@ def test_append_to_ended_session_is_failed_precondition(stub, pg):
     sid = new_id()
     open_session(stub, sid)
     append(stub, sid, [ev(1), ev(2)])
-    stub.EndSession(S.EndSessionRequest(session_id=sid), timeout=10)
+    end(stub, sid)
     err = rpc_error(append, stub, sid, [ev(3)])
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     # A late retry of a batch stored before the end is still answered.
@@ -266,7 +266,7 @@ def test_bad_append_is_invalid_argument_and_writes_nothing(stub, pg, case):
 def test_bad_session_ids(stub, sid, what):
     for call in (lambda: open_session(stub, sid),
                  lambda: get(stub, sid),
-                 lambda: stub.EndSession(S.EndSessionRequest(session_id=sid), timeout=10),
+                 lambda: end(stub, sid),
                  lambda: list_events(stub, sid),
                  lambda: append(stub, sid, [ev(1)])):
         err = rpc_error(call)
@@ -298,7 +298,7 @@ def _raw_append(store, payload: bytes):
 def test_invalid_utf8_content_is_invalid_argument(store, stub, pg):
     sid = new_id()
     open_session(stub, sid)
-    req = S.AppendEventsRequest(session_id=sid, events=[ev(1, "ok"), ev(2, "MARK")])
+    req = S.AppendEventsRequest(session_id=sid, user_id="u1", events=[ev(1, "ok"), ev(2, "MARK")])
     payload = req.SerializeToString().replace(b"MARK", b"\xff\xfe\xc3\x28")
     err = rpc_error(_raw_append, store, payload)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -328,8 +328,14 @@ def test_other_bad_requests(stub):
     cases = [
         (lambda: list_events(stub, sid, after_seq=-1), "after_seq"),
         (lambda: list_events(stub, sid, limit=-1), "limit"),
-        (lambda: stub.EndSession(S.EndSessionRequest(session_id=sid, end_time_us=-1), timeout=10),
-         "end_time_us"),
+        (lambda: end(stub, sid, end_time_us=-1), "end_time_us"),
+        (lambda: end(stub, sid, user=""), "user_id"),
+        (lambda: end(stub, sid, user="a b"), "user_id"),
+        (lambda: append(stub, sid, [ev(1)], user=""), "user_id"),
+        (lambda: stub.SaveSummary(S.SaveSummaryRequest(session_id=sid, status=C.SUMMARY_STATUS_DONE,
+                                                       summary="s"), timeout=10), "worker_id"),
+        (lambda: stub.ClaimSummary(S.ClaimSummaryRequest(session_id=sid, worker_id="w",
+                                                         give_up=True), timeout=10), "give_up"),
         (lambda: stub.SaveSummary(S.SaveSummaryRequest(session_id=sid, status=C.SUMMARY_STATUS_NONE),
                                   timeout=10), "status"),
         (lambda: stub.SaveSummary(S.SaveSummaryRequest(session_id=sid, status=C.SUMMARY_STATUS_DONE),
@@ -368,9 +374,11 @@ def test_other_bad_requests(stub):
 def test_unknown_session_is_not_found_everywhere(stub):
     sid = new_id()
     for call in (lambda: get(stub, sid),
-                 lambda: stub.EndSession(S.EndSessionRequest(session_id=sid), timeout=10),
+                 lambda: end(stub, sid),
+                 lambda: append(stub, sid, [ev(1)]),
                  lambda: stub.SaveSummary(S.SaveSummaryRequest(
-                     session_id=sid, status=C.SUMMARY_STATUS_DONE, summary="x"), timeout=10),
+                     session_id=sid, status=C.SUMMARY_STATUS_DONE, summary="x", worker_id="w"),
+                     timeout=10),
                  lambda: stub.ClaimSummary(S.ClaimSummaryRequest(session_id=sid, worker_id="w"),
                                            timeout=10)):
         err = rpc_error(call)
@@ -384,13 +392,13 @@ def test_unknown_session_is_not_found_everywhere(stub):
 def test_end_session_sets_end_duration_and_pending_once(stub):
     sid = new_id()
     s0 = open_session(stub, sid).session
-    end = s0.start_time_us + 90_500_000  # 90.5 s later
-    s = stub.EndSession(S.EndSessionRequest(session_id=sid, end_time_us=end), timeout=10).session
-    assert s.end_time_us == end and s.duration_seconds == 90
+    end_us = s0.start_time_us + 90_500_000  # 90.5 s later
+    s = end(stub, sid, end_time_us=end_us)
+    assert s.end_time_us == end_us and s.duration_seconds == 90
     assert s.summary_status == C.SUMMARY_STATUS_PENDING
     # Idempotent: ending again changes nothing.
-    s2 = stub.EndSession(S.EndSessionRequest(session_id=sid), timeout=10).session
-    assert (s2.end_time_us, s2.duration_seconds, s2.summary_status) == (end, 90,
+    s2 = end(stub, sid)
+    assert (s2.end_time_us, s2.duration_seconds, s2.summary_status) == (end_us, 90,
                                                                         C.SUMMARY_STATUS_PENDING)
     assert get(stub, sid) == s2
 
@@ -398,12 +406,11 @@ def test_end_session_sets_end_duration_and_pending_once(stub):
 def test_end_session_now_and_clock_skew(stub):
     sid = new_id()
     s0 = open_session(stub, sid).session
-    s = stub.EndSession(S.EndSessionRequest(session_id=sid), timeout=10).session
+    s = end(stub, sid)
     assert s.end_time_us >= s0.start_time_us and s.duration_seconds >= 0
     sid2 = new_id()
     s0 = open_session(stub, sid2).session
-    s = stub.EndSession(S.EndSessionRequest(session_id=sid2, end_time_us=s0.start_time_us - 10**7),
-                        timeout=10).session
+    s = end(stub, sid2, end_time_us=s0.start_time_us - 10**7)
     assert s.duration_seconds == 0
 
 
@@ -413,15 +420,15 @@ def test_end_session_now_and_clock_skew(stub):
 def ended_session(stub, user="sum-user"):
     sid = new_id()
     open_session(stub, sid, user)
-    append(stub, sid, [ev(1, "hi", S.EVENT_TYPE_USER_MESSAGE)])
-    stub.EndSession(S.EndSessionRequest(session_id=sid), timeout=10)
+    append(stub, sid, [ev(1, "hi", S.EVENT_TYPE_USER_MESSAGE)], user=user)
+    end(stub, sid, user)
     return sid
 
 
-def claim(stub, sid, worker, lease=60, max_attempts=0):
+def claim(stub, sid, worker, lease=60, max_attempts=0, give_up=False):
     return stub.ClaimSummary(S.ClaimSummaryRequest(session_id=sid, worker_id=worker,
-                                                   lease_seconds=lease,
-                                                   max_attempts=max_attempts), timeout=10)
+                                                   lease_seconds=lease, max_attempts=max_attempts,
+                                                   give_up=give_up), timeout=10)
 
 
 def save(stub, sid, status, summary="", error="", worker=""):
@@ -489,8 +496,13 @@ def test_failed_attempts_and_max_attempts(stub):
     assert sid not in unsummarized(stub, limit=1000, max_attempts=2)
     assert sid in unsummarized(stub, limit=1000, max_attempts=3)
     assert not claim(stub, sid, "w", max_attempts=2).claimed
-    s = save(stub, sid, C.SUMMARY_STATUS_FAILED, error="gave up").session
+    # The attempts ran out: a lease only to record it, counting none.
+    assert not claim(stub, sid, "w", max_attempts=3, give_up=True).claimed
+    r = claim(stub, sid, "sweeper", max_attempts=2, give_up=True)
+    assert r.claimed and r.session.summary_attempts == 2
+    s = save(stub, sid, C.SUMMARY_STATUS_FAILED, error="gave up", worker="sweeper").session
     assert s.summary_status == C.SUMMARY_STATUS_FAILED and s.summary_error == "gave up"
+    assert s.summary_attempts == 2
     assert not claim(stub, sid, "w").claimed
     assert sid not in unsummarized(stub, limit=1000)
 
@@ -521,8 +533,9 @@ def test_list_user_sessions_newest_first_with_summaries(stub):
         open_session(stub, sid, user)
         sids.append(sid)
         time.sleep(0.002)
-    stub.EndSession(S.EndSessionRequest(session_id=sids[0]), timeout=10)
-    save(stub, sids[0], C.SUMMARY_STATUS_DONE, summary="oldest one")
+    end(stub, sids[0], user)
+    assert claim(stub, sids[0], "w").claimed
+    save(stub, sids[0], C.SUMMARY_STATUS_DONE, summary="oldest one", worker="w")
     open_session(stub, new_id(), "someone-else")
 
     r = stub.ListUserSessions(S.ListUserSessionsRequest(user_id=user), timeout=10)
@@ -563,6 +576,81 @@ def test_list_user_sessions_pages_by_cursor(stub):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+# ---------------------------------------------------------------- forged writes
+
+
+def test_append_to_another_users_session_is_permission_denied_and_writes_nothing(stub, pg):
+    sid = new_id()
+    open_session(stub, sid, "alice")
+    append(stub, sid, [ev(1, "alice's")], user="alice")
+    for batch in ([ev(2, "FORGED")], [ev(1, "FORGED")], []):
+        err = rpc_error(append, stub, sid, batch, user="mallory")
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+        assert sid in err.details() and "another user" in err.details()
+    assert [(e.seq, e.content) for e in list_events(stub, sid)] == [(1, "alice's")]
+    assert db_count(pg, sid) == 1
+    s = get(stub, sid)
+    assert (s.event_count, s.last_seq) == (1, 1)
+
+
+def test_end_another_users_session_is_permission_denied_and_changes_nothing(stub):
+    sid = new_id()
+    open_session(stub, sid, "alice")
+    err = rpc_error(end, stub, sid, "mallory")
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+    s = get(stub, sid)
+    assert s.end_time_us == 0 and s.summary_status == C.SUMMARY_STATUS_NONE
+    # The owner ends it, again and again (idempotent); the other user is
+    # still refused once it has ended.
+    s1 = end(stub, sid, "alice")
+    assert s1.end_time_us > 0 and s1.summary_status == C.SUMMARY_STATUS_PENDING
+    assert end(stub, sid, "alice") == s1
+    err = rpc_error(end, stub, sid, "mallory")
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+    assert get(stub, sid) == s1
+
+
+def test_forged_summary_without_a_live_lease_is_refused(stub):
+    """The forged write of issue 13: SaveSummary with an empty worker_id
+    overwrote a user's summary. Now every save needs the worker holding the
+    live lease."""
+    sid = ended_session(stub)
+    assert claim(stub, sid, "w1").claimed
+    save(stub, sid, C.SUMMARY_STATUS_DONE, summary="The real summary.", worker="w1")
+    forged = [("", grpc.StatusCode.INVALID_ARGUMENT),     # no worker: no bypass
+              ("w1", grpc.StatusCode.FAILED_PRECONDITION),  # its lease was released by the save
+              ("mallory", grpc.StatusCode.FAILED_PRECONDITION)]
+    for worker, code in forged:
+        for status in (C.SUMMARY_STATUS_DONE, C.SUMMARY_STATUS_FAILED, C.SUMMARY_STATUS_PENDING):
+            err = rpc_error(save, stub, sid, status, summary="FORGED SUMMARY", error="forged",
+                            worker=worker)
+            assert err.code() == code, (worker, status, err)
+    s = get(stub, sid)
+    assert (s.summary_status, s.final_summary) == (C.SUMMARY_STATUS_DONE, "The real summary.")
+    assert s.summary_error == ""
+
+
+def test_save_after_the_lease_ran_out_is_refused_even_if_nobody_took_over(stub):
+    sid = ended_session(stub)
+    assert claim(stub, sid, "slow", lease=1).claimed
+    time.sleep(1.3)
+    err = rpc_error(save, stub, sid, C.SUMMARY_STATUS_DONE, summary="late", worker="slow")
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "live" in err.details()
+    s = get(stub, sid)
+    assert (s.summary_status, s.final_summary) == (C.SUMMARY_STATUS_PENDING, "")
+
+
+def test_save_on_a_live_or_never_claimed_session_is_refused(stub):
+    live = new_id()
+    open_session(stub, live)
+    pending = ended_session(stub)
+    for sid in (live, pending):
+        err = rpc_error(save, stub, sid, C.SUMMARY_STATUS_DONE, summary="x", worker="w")
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
+    assert get(stub, live).summary_status == C.SUMMARY_STATUS_NONE
+    assert get(stub, pending).summary_status == C.SUMMARY_STATUS_PENDING
+
+
 # ---------------------------------------------------------------- concurrency
 
 
@@ -575,9 +663,9 @@ def test_100_sessions_written_concurrently(stub, pg):
         for b in range(5):
             r = append(stub, sid, [ev(b * 20 + k, f"{sid}:{b * 20 + k}",
                                       S.EVENT_TYPE_USER_MESSAGE if k == 1 else S.EVENT_TYPE_AI_TOKEN)
-                                   for k in range(1, 21)])
+                                   for k in range(1, 21)], user=f"user{i % 7}")
             assert r.appended == 20
-        s = stub.EndSession(S.EndSessionRequest(session_id=sid), timeout=10).session
+        s = end(stub, sid, f"user{i % 7}")
         return sid, s
 
     with futures.ThreadPoolExecutor(32) as ex:

@@ -127,6 +127,7 @@ class Writer:
 
     def __init__(self, stub, sid, user="u1"):
         self.stub, self.sid, self.seq, self.batch = stub, sid, 0, []
+        self.user_id = user
         stub.OpenSession(S.OpenSessionRequest(session_id=sid, user_id=user), timeout=10)
 
     def add(self, type_, content):
@@ -154,13 +155,14 @@ class Writer:
 
     def flush(self):
         if self.batch:
-            self.stub.AppendEvents(S.AppendEventsRequest(session_id=self.sid, events=self.batch),
-                                   timeout=60)
+            self.stub.AppendEvents(S.AppendEventsRequest(session_id=self.sid, events=self.batch,
+                                                         user_id=self.user_id), timeout=60)
             self.batch = []
 
     def end(self):
         self.flush()
-        return self.stub.EndSession(S.EndSessionRequest(session_id=self.sid), timeout=10).session
+        return self.stub.EndSession(S.EndSessionRequest(session_id=self.sid, user_id=self.user_id),
+                                    timeout=10).session
 
 
 def pgvector_session(stub, sid, extra_user=""):
