@@ -17,7 +17,7 @@ export const ID_RE = /^[A-Za-z0-9._-]{1,128}$/;
 // jwt one is used until its exp (the gateway decides, with its leeway).
 const DEV_RENEW_MARGIN_MS = 30 * 1000;
 
-export class ApiError extends Error {
+class ApiError extends Error {
   constructor(status, code, message) {
     super(message);
     this.status = status;
@@ -47,7 +47,7 @@ function b64urlJson(part) {
 
 // The claims of a compact JWT, unverified: only to show who is signed in
 // and to notice expiry early. The gateway verifies every use.
-export function tokenClaims(token) {
+function tokenClaims(token) {
   const parts = token.split(".");
   if (parts.length !== 3) throw new Error("this is not a JWT (three parts separated by dots)");
   let claims;
@@ -228,7 +228,10 @@ export class Auth {
   // A REST GET: JSON back, or an ApiError. A 401 renews the token once.
   async get(path, params = {}) {
     for (let attempt = 0; ; attempt++) {
-      if (!(await this.fresh())) throw new ApiError(401, "signed_out", "signed out");
+      if (!(await this.fresh())) {
+        if (!this.signedIn) throw new ApiError(401, "signed_out", "signed out");
+        throw new ApiError(0, "unreachable", "The server cannot be reached.");
+      }
       const q = new URLSearchParams(params);
       if (this.mode === "none") q.set("user_id", this.user);
       const headers = this.token ? { Authorization: `Bearer ${this.token}` } : {};

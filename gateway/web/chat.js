@@ -276,8 +276,7 @@ export class Chat {
     try {
       await this.loadLatest(gen);
     } catch (e) {
-      if (gen !== this.gen) return;
-      if (e.status === 401) return; // signed out: the sign-in form is shown
+      if (gen !== this.gen || !this.auth.signedIn) return; // signed out: the form is shown
       this.hooks.notice(`The history could not be loaded: ${e.message}`);
     }
     if (gen !== this.gen) return;

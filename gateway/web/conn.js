@@ -9,8 +9,8 @@
 // "waiting" (a retry is scheduled; retryAt), "closed" (final: reason).
 "use strict";
 
-export const RETRY_BASE_MS = 500;
-export const RETRY_MAX_MS = 15000;
+const RETRY_BASE_MS = 500;
+const RETRY_MAX_MS = 15000;
 
 // Closes after which reconnecting cannot help.
 const FINAL = {

@@ -57,8 +57,6 @@ if (purify && markedLib && typeof purify.sanitize === "function") {
   });
 }
 
-export const markdownAvailable = md !== null;
-
 const PURIFY_CONFIG = {
   RETURN_TRUSTED_TYPE: true,
   FORBID_TAGS: ["style", "img", "svg", "math", "form", "button", "textarea", "select"],
