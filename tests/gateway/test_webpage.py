@@ -40,7 +40,7 @@ def out_dir():
 
 def browse(scenario, gw, out_dir, on_ask=None, **args):
     """Runs one scenario of webpage.mjs against gw; answers its asks with
-    on_ask(step); returns the facts it reports."""
+    on_ask(ask) (the dict it printed); returns the facts it reports."""
     argv = ["node", str(SCRIPT), scenario, "--url", f"http://{gw.addr}/app/", "--out", str(out_dir)]
     for k, v in args.items():
         argv += [f"--{k}", str(v)]
@@ -61,7 +61,7 @@ def browse(scenario, gw, out_dir, on_ask=None, **args):
             msg = json.loads(line)
             if "ask" in msg:
                 assert on_ask is not None, f"unexpected ask {msg['ask']}"
-                on_ask(msg["ask"])
+                on_ask(msg)
                 proc.stdin.write("ok\n")
                 proc.stdin.flush()
             else:
@@ -129,6 +129,22 @@ def answers(got):
             out[-1] += c
     # As the page shows them: Markdown paragraphs without the outer blanks.
     return [a.strip() for a in out]
+
+
+def killer(stack, gw, pause=0):
+    """Answers a scenario's asks: "kill" SIGKILLs gw once the store holds
+    the session's first `stored` user messages (a SIGKILL loses what the
+    gateway had not written yet: that is not what these tests are about),
+    "start" starts it again on the same port after `pause` seconds (the
+    page backs off meanwhile)."""
+    def act(ask):
+        if ask["ask"] == "kill":
+            rows(stack.pg, ask["session"], lambda r: len(user_messages(r)) >= ask["stored"])
+            gw.kill()
+        elif ask["ask"] == "start":
+            time.sleep(pause)
+            gw.start()
+    return act
 
 
 # ---- loading, headers ----------------------------------------------------------
@@ -275,13 +291,8 @@ def test_reload_keeps_the_conversation_and_back_goes_to_the_previous_one(stack, 
 def test_gateway_killed_and_restarted_the_page_reconnects_by_itself(stack, out_dir):
     gw = stack.gateway(*LIMITS)
     try:
-        def act(step):
-            if step == "kill":
-                gw.kill()
-            elif step == "start":
-                time.sleep(1)  # the page backs off meanwhile
-                gw.start()
-        facts = browse("restart", gw, out_dir, on_ask=act, user="web-restart")
+        facts = browse("restart", gw, out_dir, on_ask=killer(stack, gw, pause=1),
+                       user="web-restart")
     finally:
         gw.stop()
     got = rows(stack.pg, facts["session"], lambda r: len(user_messages(r)) == 4)
@@ -314,12 +325,8 @@ def test_layout_at_375_and_1280_px_in_light_and_dark(dev_gateway, out_dir):
 def test_a_message_typed_while_down_survives_a_reload_and_is_sent_once(stack, out_dir):
     gw = stack.gateway(*LIMITS)
     try:
-        def act(step):
-            if step == "kill":
-                gw.kill()
-            elif step == "start":
-                gw.start()
-        facts = browse("offline_reload", gw, out_dir, on_ask=act, user="web-offline")
+        facts = browse("offline_reload", gw, out_dir, on_ask=killer(stack, gw),
+                       user="web-offline")
     finally:
         gw.stop()
     got = rows(stack.pg, facts["session"], lambda r: len(user_messages(r)) == 2)

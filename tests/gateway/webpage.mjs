@@ -30,9 +30,10 @@ const answers = stdin[Symbol.asyncIterator]();
 function say(obj) {
   process.stdout.write(JSON.stringify(obj) + "\n");
 }
-// Asks the test to act; resolves when it says it has.
-async function ask(step) {
-  say({ ask: step });
+// Asks the test to act (extra: what it needs to know); resolves when it
+// says it has.
+async function ask(step, extra = {}) {
+  say({ ask: step, ...extra });
   const { value, done } = await answers.next();
   if (done || value.trim() !== "ok") throw new Error(`the test did not do ${step}: ${value}`);
 }
@@ -434,7 +435,7 @@ const scenarios = {
     await send(page, "[[delay:50]] [[words:300]] long");
     await page.waitForFunction(() => (document.querySelectorAll(".md")[1]?.textContent || "").includes("w10"),
       null, { timeout: WAIT });
-    await ask("kill");
+    await ask("kill", { session: page.url().split("#/s/")[1], stored: 2 });
     await page.waitForSelector("#conn[data-state=waiting]", { timeout: WAIT });
     const waiting = await page.textContent("#conn-text");
     check(/Reconnecting/.test(waiting), `no reconnecting state: ${waiting}`);
@@ -457,7 +458,7 @@ const scenarios = {
     await signIn(page, args.user);
     await send(page, "before the outage");
     await answersEnded(page, 1);
-    await ask("kill");
+    await ask("kill", { session: page.url().split("#/s/")[1], stored: 1 });
     await page.waitForSelector("#conn[data-state=waiting]", { timeout: WAIT });
     await send(page, "typed before the reload");
     const kept = await page.evaluate(() => Object.keys(sessionStorage)
