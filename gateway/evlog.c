@@ -485,16 +485,6 @@ void evlog_reopen(evlog *ev)
     pump(ev);
 }
 
-size_t evlog_pending(const evlog *ev)
-{
-    return waiting(ev);
-}
-
-int evlog_busy(const evlog *ev)
-{
-    return ev->busy;
-}
-
 void evlog_destroy(evlog **evp)
 {
     evlog *ev = *evp;

@@ -30,27 +30,6 @@ struct db_conn {
     char where[256];
 };
 
-const char *db_strerror(int err)
-{
-    switch (err) {
-    case 0:
-        return "ok";
-    case DB_EUNAVAIL:
-        return "the database is unavailable";
-    case DB_ENOTFOUND:
-        return "no such session";
-    case DB_EOWNER:
-        return "the session belongs to another user";
-    case DB_EENDED:
-        return "the session has ended";
-    case DB_ELEASE:
-        return "the summary lease is not held by this worker";
-    case DB_EQUERY:
-        return "the database refused a statement";
-    }
-    return "unknown error";
-}
-
 static const char *const event_names[DB_EVENT_MAX + 1] = {
     [DB_EVENT_USER_MESSAGE] = "user_message", [DB_EVENT_AI_TOKEN] = "ai_token",
     [DB_EVENT_TOOL_CALL] = "tool_call",       [DB_EVENT_TOOL_RESULT] = "tool_result",
@@ -732,11 +711,6 @@ void db_batch_add(db_batch *b, int64_t seq, int type, const char *content, size_
     arr_put(&b->content, content, len);
     arr_put_i64(&b->ts, ts_us);
     b->n++;
-}
-
-size_t db_batch_count(const db_batch *b)
-{
-    return b->n;
 }
 
 size_t db_batch_bytes(const db_batch *b)

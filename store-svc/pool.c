@@ -348,14 +348,6 @@ int pool_resubmit(pool *p, pool_job *job)
     return rc;
 }
 
-int pool_ready(pool *p)
-{
-    pthread_mutex_lock(&p->mu);
-    int ready = p->nup > 0;
-    pthread_mutex_unlock(&p->mu);
-    return ready;
-}
-
 void pool_get_stats(pool *p, pool_stats *st)
 {
     pthread_mutex_lock(&p->mu);

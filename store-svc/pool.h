@@ -74,8 +74,6 @@ int pool_submit(pool *p, pool_job *job);
  * past the bounds: one such job per stream at a time, and streams are
  * bounded by the server's --max-calls. Returns 0 or POOL_ESHUTDOWN. */
 int pool_resubmit(pool *p, pool_job *job);
-/* Whether a worker is connected with the schema current. */
-int pool_ready(pool *p);
 void pool_get_stats(pool *p, pool_stats *st);
 /* Stops the workers after the jobs they are running, calls the queued
  * jobs with POOL_ESHUTDOWN, closes the connections, frees; clears *p. */

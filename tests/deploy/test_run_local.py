@@ -157,7 +157,7 @@ def ports():
 def test_run_converse_stop_and_reuse(ports):
     missing = _have("gateway", "router-svc")
     if missing:
-        pytest.skip(f"not built yet: {missing}")
+        pytest.fail(f"not built: {missing} (the tests run after the build)")
     # Under the harness's temporary root (removed at exit), open to the
     # postgres user that PostgreSQL runs as when the tests run as root.
     tmp_path = Path(tempfile.mkdtemp(prefix="run-", dir=tmp_root()))
@@ -215,5 +215,5 @@ def test_run_converse_stop_and_reuse(ports):
     assert rc == 0, run2.text()
     run2.assert_nothing_left()
     if conversation_missing:
-        pytest.skip(f"started and stopped cleanly, but no WebSocket conversation: not built yet: "
+        pytest.fail(f"started and stopped cleanly, but no WebSocket conversation: not built: "
                     f"{conversation_missing}")
