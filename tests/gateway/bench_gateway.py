@@ -132,7 +132,12 @@ def run(a, tls, as_json=False):
         router = Service("router-svc", env=quiet, tls=ids.get("router-svc"), caller=admin)
         gw = Service("gateway", args=["--router", router.addr, "--llm", llm.addr, "--store",
                                       store.addr, "--summary", "127.0.0.1:1",
-                                      "--rate-limit", "100000", "--max-connections", "100000", *extra],
+                                      "--rate-limit", "100000", "--max-connections", "100000",
+                                      # loadgen.mjs is one user on one address with
+                                      # ?user_id=: the seed's trust, no per-user limits
+                                      "--auth", "none", "--max-connections-per-ip", "0",
+                                      "--max-connections-per-user", "0", "--sessions-per-hour", "0",
+                                      "--user-tokens-per-minute", "0", *extra],
                      env=quiet, ready="http", tls=ids.get("gateway"))
         try:
             n0 = resource.getrusage(resource.RUSAGE_CHILDREN)
