@@ -9,7 +9,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -547,19 +546,6 @@ def test_sigterm_closes_connections_and_stores_their_events(stack):
     rows = events(stack.pg, "e2e-sigterm", lambda r: tokens_of(r) == text)
     assert tokens_of(rows) == text
     assert session_row(stack.pg, "e2e-sigterm")[1] is not None, "the session was ended"
-
-
-def test_web_page_in_chromium(stack, gateway, tmp_path):
-    """The page at /app/ in headless Chromium: a message, its streamed
-    answer and tool call, then the summary after the session ends."""
-    if stack.summary is None:
-        pytest.skip("summary-svc is not built")
-    script = Path(__file__).resolve().parent / "webpage.mjs"
-    shot = tmp_path / "webpage.png"
-    r = subprocess.run(["node", str(script), f"http://{gateway.addr}/app/", str(shot)],
-                       capture_output=True, text=True, timeout=150)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert shot.exists()
 
 
 def test_a_client_that_stops_reading_then_reads_gets_every_token(stack):

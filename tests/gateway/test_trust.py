@@ -781,13 +781,3 @@ def test_client_visible_errors_are_sanitized(stack, gateway):
         assert leak not in text, body
     assert body["request_id"] in gateway.log_text(), "the details are in the log, under the id"
 
-
-def test_web_page_signs_in_with_a_pasted_token_in_jwt_mode(stack, jwt_gateway, tmp_path):
-    import subprocess
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent / "webpage.mjs"
-    r = subprocess.run(["node", str(script), f"http://{jwt_gateway.addr}/app/",
-                        str(tmp_path / "page.png"), jwt_token("web-jwt-user")],
-                       capture_output=True, text=True, timeout=150)
-    assert r.returncode == 0, r.stdout + r.stderr
