@@ -641,6 +641,12 @@ def test_backlog_and_outcomes_in_metrics(store, llm, sstub):
             stop_clean(svc)
     finally:
         # Nothing left pending for the tests after this one.
+        # SaveSummary takes the lease's holder: claim each to give up (its
+        # one attempt made), then record it failed.
         for sid in sids:
-            sstub.SaveSummary(S.SaveSummaryRequest(session_id=sid, status=FAILED, error="test"),
-                              timeout=10)
+            claim = sstub.ClaimSummary(S.ClaimSummaryRequest(
+                session_id=sid, worker_id="test-cleanup", lease_seconds=30, max_attempts=1,
+                give_up=True), timeout=10)
+            assert claim.claimed, claim
+            sstub.SaveSummary(S.SaveSummaryRequest(session_id=sid, status=FAILED, error="test",
+                                                   worker_id="test-cleanup"), timeout=10)
