@@ -287,6 +287,7 @@ static const char *const statement_names[ST_N] = {
     [ST_LIST_USER] = "list_user_sessions",
     [ST_LIST_UNSUMMARIZED] = "list_unsummarized",
     [ST_APPEND] = "append_events",
+    [ST_APPEND_GROUP] = "append_events_group",
     [ST_LIST_EVENTS] = "list_events",
 };
 
