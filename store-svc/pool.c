@@ -324,6 +324,16 @@ static size_t gather_locked(pool *p, worker *w, pool_job *first)
     return n;
 }
 
+/* A statement failed on a dead connection: counted, closed, and the worker
+ * reconnects at once rather than at the next check. */
+static void conn_lost(pool *p, worker *w)
+{
+    log_info("worker %d: connection lost: %s", w->index, db_conn_error(w->conn));
+    metrics_counter_inc(p->mx.lost);
+    db_conn_close(w->conn);
+    set_down(w, 1);
+}
+
 static void *worker_main(void *arg)
 {
     worker *w = arg;
@@ -365,22 +375,15 @@ static void *worker_main(void *arg)
                 w->group[i]->fn(w->group[i], NULL, POOL_EUNAVAIL);
         } else if (ngroup > 0) {
             job->group(w->group, ngroup, w->conn);
-            if (!db_conn_ok(w->conn)) {
-                log_info("worker %d: connection lost: %s", w->index, db_conn_error(w->conn));
-                db_conn_close(w->conn);
-                set_down(w, 1);
-            }
+            if (!db_conn_ok(w->conn))
+                conn_lost(p, w);
         } else if (job != NULL) {
             if (w->up) {
                 job->fn(job, w->conn, 0);
                 /* A statement that failed on a dead connection: reconnect
                  * at once rather than wait for the next check. */
-                if (!db_conn_ok(w->conn)) {
-                    log_info("worker %d: connection lost: %s", w->index, db_conn_error(w->conn));
-                    metrics_counter_inc(p->mx.lost);
-                    db_conn_close(w->conn);
-                    set_down(w, 1);
-                }
+                if (!db_conn_ok(w->conn))
+                    conn_lost(p, w);
             } else {
                 pthread_mutex_lock(&p->mu);
                 p->unavailable++;
