@@ -2,6 +2,7 @@
 
 #include "log.h"
 #include "mem.h"
+#include "names.h"
 #include "rpc.h"
 #include "sse.h"
 #include "toolcall.h"
@@ -16,12 +17,50 @@
 /* common.proto: GenerationParams.temperature is 0.0 to 2.0. */
 #define MAX_TEMPERATURE 2.0
 
+#define LLM_METRICS(X, S)                                                                          \
+    X(S, turns, COUNTER_VEC, "convo_llm_turns_total", "kind,outcome", NULL,                        \
+      "Chat and Complete calls ended, by kind (chat, complete) and outcome (done, error, "         \
+      "cancelled)")                                                                                \
+    X(S, requests, COUNTER_VEC, "convo_llm_upstream_requests_total", "outcome,category", NULL,     \
+      "model requests ended, by outcome (ok, http_error, connect_error, timeout, dropped, "        \
+      "stopped, cancelled) and the error category the caller was told (none when it succeeded)")   \
+    X(S, tokens, COUNTER_VEC, "convo_llm_usage_tokens_total", "kind", NULL,                        \
+      "tokens the model reported using, by kind (prompt, completion)")                             \
+    X(S, tool_calls, COUNTER_VEC, "convo_llm_tool_calls_total", "tool,outcome", NULL,              \
+      "tool calls run, by tool (a registered name; unknown for any other) and outcome (ok, "       \
+      "error)")                                                                                    \
+    X(S, tool_seconds, HISTOGRAM_VEC, "convo_llm_tool_seconds", "tool", &metrics_buckets_seconds,  \
+      "time from a tool call's start to its result")
+METRICS_DECLARE(llm_metrics, LLM_METRICS)
+
+/* The label words of upstream_result (convo_llm_upstream_requests_total). */
+static const char *const result_names[] = {
+    [UPSTREAM_OK] = "ok",
+    [UPSTREAM_HTTP] = "http_error",
+    [UPSTREAM_CONNECT] = "connect_error",
+    [UPSTREAM_TIMEOUT] = "timeout",
+    [UPSTREAM_DROPPED] = "dropped",
+    [UPSTREAM_STOPPED] = "stopped",
+    [UPSTREAM_CANCELLED] = "cancelled",
+};
+
+/* A registered tool's series, and those of the names nobody registered. */
+typedef struct tool_series {
+    const char *name;
+    metrics_counter *ok, *error;
+    metrics_histogram *seconds;
+} tool_series;
+
 struct llm {
     llm_opts o;
     upstream *up;
     tools *tools;
     const models *models;
     char *url; /* base_url + /chat/completions */
+    llm_metrics mx;
+    metrics_counter *prompt_tokens, *completion_tokens;
+    tool_series *tool_mx; /* one per registered tool, then "unknown" */
+    size_t ntool_mx;
 };
 
 /* An event held while the call's write queue is full, packed. */
@@ -66,6 +105,7 @@ typedef struct turn {
     size_t ntools, tools_left;
     char **results;
     int *result_err;
+    const char *outcome; /* how it ended, for convo_llm_turns_total: done, error, cancelled */
 } turn;
 
 /* Callbacks of a call read its turn through this lock, so a turn that
@@ -119,6 +159,12 @@ static void finish_call(turn *t, rpc_code code, const char *msg, const ProtobufC
         return;
     srv_call *call = t->call;
     t->call = NULL;
+    const char *outcome = t->outcome != NULL      ? t->outcome
+                          : code == RPC_OK        ? "done"
+                          : code == RPC_CANCELLED ? "cancelled"
+                                                  : "error";
+    metrics_counter_inc(metrics_counter_of(
+        t->l->mx.turns, (const char *[]){t->kind == TURN_CHAT ? "chat" : "complete", outcome}));
     pthread_mutex_lock(&calls_mu);
     srv_call_set_data(call, NULL);
     pthread_mutex_unlock(&calls_mu);
@@ -182,6 +228,8 @@ static void end_error(turn *t, Convo__V1__ErrorCategory cat, int retryable, cons
                (const log_field[]){
                    {"request_id", t->request_id}, {"session_id", t->session_id}, {NULL, NULL}},
                "turn failed in round %d: %s", t->round, msg);
+    if (!t->ended)
+        t->outcome = "error";
     Convo__V1__ErrorEvent e = CONVO__V1__ERROR_EVENT__INIT;
     e.category = cat;
     e.message = (char *)msg;
@@ -190,6 +238,12 @@ static void end_error(turn *t, Convo__V1__ErrorCategory cat, int retryable, cons
     ev.event_case = CONVO__V1__CHAT_EVENT__EVENT_ERROR;
     ev.error = &e;
     end_with_event(t, &ev);
+}
+
+static void count_usage(llm *l, uint32_t prompt, uint32_t completion)
+{
+    metrics_counter_add(l->prompt_tokens, prompt);
+    metrics_counter_add(l->completion_tokens, completion);
 }
 
 static void end_done(turn *t, const char *finish_reason)
@@ -204,7 +258,10 @@ static void end_done(turn *t, const char *finish_reason)
         u.completion_tokens = t->completion_tokens;
         u.total_tokens = t->total_tokens;
         d.usage = &u;
+        count_usage(t->l, t->prompt_tokens, t->completion_tokens);
     }
+    if (!t->ended)
+        t->outcome = "done";
     Convo__V1__ChatEvent ev = CONVO__V1__CHAT_EVENT__INIT;
     ev.event_case = CONVO__V1__CHAT_EVENT__EVENT_DONE;
     ev.done = &d;
@@ -254,6 +311,7 @@ static void on_cancel(srv_call *call)
         return;
     pthread_mutex_lock(&t->mu);
     t->cancelled = 1;
+    t->outcome = "cancelled";
     if (t->req != NULL)
         upstream_cancel(t->req); /* the loop closes the connection at once */
     log_fields(LOG_INFO,
@@ -445,6 +503,25 @@ static void classify(const upstream_done_info *in, Convo__V1__ErrorCategory *cat
 
 static void run_tools(turn *t);
 
+/* convo_llm_upstream_requests_total: the request's outcome and the
+ * category its caller is told (t->mu held). */
+static void count_request(turn *t, const upstream_done_info *info)
+{
+    Convo__V1__ErrorCategory cat = CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_UNSPECIFIED;
+    int retryable;
+    rpc_code code;
+    char msg[8];
+    if (t->bad_msg != NULL)
+        cat = t->bad_cat;
+    else if (info->result != UPSTREAM_OK && info->result != UPSTREAM_CANCELLED)
+        classify(info, &cat, &retryable, &code, msg, sizeof msg);
+    const char *category = cat == CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_UNSPECIFIED
+                               ? "none"
+                               : names_error_category(cat);
+    metrics_counter_inc(metrics_counter_of(t->l->mx.requests,
+                                           (const char *[]){result_names[info->result], category}));
+}
+
 static void on_done(void *arg, const upstream_done_info *info)
 {
     turn *t = arg;
@@ -455,6 +532,7 @@ static void on_done(void *arg, const upstream_done_info *info)
     int retryable;
     rpc_code code;
     char msg[512];
+    count_request(t, info);
     if (info->result == UPSTREAM_CANCELLED || t->cancelled || t->call == NULL)
         goto out;
     if (t->bad_msg != NULL) {
@@ -489,6 +567,7 @@ static void on_done(void *arg, const upstream_done_info *info)
                 u.completion_tokens = c.completion_tokens;
                 u.total_tokens = c.total_tokens;
                 r.usage = &u;
+                count_usage(t->l, c.prompt_tokens, c.completion_tokens);
             }
             if (!rpc_utf8_valid(r.content, strlen(r.content)))
                 finish_call(t, RPC_UNAVAILABLE, "the upstream answer is not UTF-8", NULL);
@@ -555,7 +634,18 @@ static void start_round(turn *t)
 typedef struct tool_slot {
     turn *t;
     size_t i;
+    uint64_t started_us;
 } tool_slot;
+
+/* The series of tool `name`: a registered one's, else "unknown"'s (the
+ * model may name anything; the label stays bounded). */
+static const tool_series *tool_series_of(const llm *l, const char *name)
+{
+    for (size_t i = 0; i + 1 < l->ntool_mx; i++)
+        if (strcmp(l->tool_mx[i].name, name) == 0)
+            return &l->tool_mx[i];
+    return &l->tool_mx[l->ntool_mx - 1];
+}
 
 static void after_tools(turn *t)
 {
@@ -578,11 +668,16 @@ static void on_tool_done(void *arg, int is_error, char *result)
     tool_slot *s = arg;
     turn *t = s->t;
     size_t i = s->i;
+    uint64_t started_us = s->started_us;
     mem_free(s);
     pthread_mutex_lock(&t->mu);
     t->results[i] = result;
     t->result_err[i] = is_error;
     const toolcall *c = toolcall_set_get(t->calls, i);
+    const tool_series *ts = tool_series_of(t->l, c->name);
+    metrics_counter_inc(is_error ? ts->error : ts->ok);
+    if (started_us != 0)
+        metrics_histogram_observe(ts->seconds, metrics_now_us() - started_us);
     Convo__V1__ToolResultEvent r = CONVO__V1__TOOL_RESULT_EVENT__INIT;
     r.call_id = c->id;
     r.name = c->name;
@@ -663,6 +758,7 @@ static void run_tools(turn *t)
         tool_slot *s = mem_alloc(sizeof *s);
         s->t = t;
         s->i = i;
+        s->started_us = t->l->mx.tool_seconds != NULL ? metrics_now_us() : 0;
         atomic_fetch_add(&t->refs, 1);
         char *name = mem_strdup(c->name), *args = mem_strdup(c->args);
         pthread_mutex_unlock(&t->mu);
@@ -946,13 +1042,53 @@ static void on_list_tools(srv_call *call, const ProtobufCMessage *msg)
     mem_free(tp);
 }
 
-llm *llm_create(const llm_opts *o, upstream *u, tools *t, const models *m)
+/* The series of the outcomes that happen, made at 0 now: a series born
+ * with its first count would hide that count from rate() (and from the
+ * alert on rate-limited failures). */
+static void make_series(llm *l)
+{
+    static const char *const requests[][2] = {
+        {"ok", "none"},
+        {"http_error", "rate_limited"},
+        {"http_error", "auth_failed"},
+        {"http_error", "model_not_found"},
+        {"http_error", "invalid_request"},
+        {"http_error", "upstream_unavailable"},
+        {"connect_error", "upstream_unavailable"},
+        {"timeout", "timeout"},
+        {"dropped", "upstream_unavailable"},
+        {"stopped", "bad_upstream_data"},
+        {"cancelled", "none"},
+    };
+    static const char *const kinds[] = {"chat", "complete"};
+    static const char *const outcomes[] = {"done", "error", "cancelled"};
+    for (size_t i = 0; i < sizeof requests / sizeof requests[0]; i++)
+        metrics_counter_of(l->mx.requests, requests[i]);
+    for (size_t k = 0; k < 2; k++)
+        for (size_t o = 0; o < 3; o++)
+            metrics_counter_of(l->mx.turns, (const char *[]){kinds[k], outcomes[o]});
+}
+
+llm *llm_create(const llm_opts *o, upstream *u, tools *t, const models *m, metrics *mx)
 {
     llm *l = mem_calloc(1, sizeof *l);
     l->o = *o;
     l->up = u;
     l->tools = t;
     l->models = m;
+    metrics_register(mx, METRICS_SECTION(llm_metrics, &l->mx));
+    make_series(l);
+    l->prompt_tokens = metrics_counter_of(l->mx.tokens, (const char *[]){"prompt"});
+    l->completion_tokens = metrics_counter_of(l->mx.tokens, (const char *[]){"completion"});
+    l->ntool_mx = tools_count(t) + 1;
+    l->tool_mx = mem_calloc(l->ntool_mx, sizeof *l->tool_mx);
+    for (size_t i = 0; i < l->ntool_mx; i++) {
+        tool_series *ts = &l->tool_mx[i];
+        ts->name = i + 1 < l->ntool_mx ? tools_get(t, i)->name : "unknown";
+        ts->ok = metrics_counter_of(l->mx.tool_calls, (const char *[]){ts->name, "ok"});
+        ts->error = metrics_counter_of(l->mx.tool_calls, (const char *[]){ts->name, "error"});
+        ts->seconds = metrics_histogram_of(l->mx.tool_seconds, (const char *[]){ts->name});
+    }
     size_t n = strlen(o->base_url);
     while (n > 0 && o->base_url[n - 1] == '/')
         n--;
@@ -985,6 +1121,7 @@ void llm_destroy(llm **lp)
     if (lp == NULL || *lp == NULL)
         return;
     mem_free((*lp)->url);
+    mem_free((*lp)->tool_mx);
     mem_free(*lp);
     *lp = NULL;
 }

@@ -11,6 +11,7 @@
 #define CONVO_LLM_H
 
 #include "conf.h"
+#include "metrics.h"
 #include "models.h"
 #include "srv.h"
 #include "tools.h"
@@ -58,8 +59,10 @@ CONF_DECLARE(llm_opts, LLM_OPTS)
 typedef struct llm llm;
 
 /* The service over an upstream loop, a tools registry and the allowed
- * models (all borrowed; they must outlive it). */
-llm *llm_create(const llm_opts *o, upstream *u, tools *t, const models *m);
+ * models (all borrowed; they must outlive it; the tools are all registered
+ * already). Counts its turns, model requests, tokens and tool calls in mx
+ * (NULL: nothing). */
+llm *llm_create(const llm_opts *o, upstream *u, tools *t, const models *m, metrics *mx);
 /* Registers Chat, Complete and ListTools on `s`. Returns 0 or RPC_EARG. */
 int llm_register(srv *s, llm *l);
 /* After the server stopped. Clears *l. */

@@ -3,11 +3,13 @@
  * the tools, round after round. */
 #include "cli.h"
 #include "conf.h"
+#include "health.h"
 #include "kb.h"
 #include "llm.h"
 #include "log.h"
 #include "mem.h"
 #include "proc.h"
+#include "scrape.h"
 #include "srv.h"
 #include "tls.h"
 #include "tools.h"
@@ -39,9 +41,11 @@ int main(int argc, char **argv)
     srv_opts so = {0};
     cli_conf cc = {0};
     tls_opts to = {0};
+    scrape_opts mx = {0};
     const conf_section secs[] = {
         CONF_SECTION(cli_conf, &cc),      CONF_SECTION(main_opts, &mo), CONF_SECTION(llm_opts, &lo),
         CONF_SECTION(upstream_opts, &uo), CONF_SECTION(srv_opts, &so),  CONF_SECTION(tls_opts, &to),
+        CONF_SECTION(scrape_opts, &mx),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     kb *k = NULL;
@@ -52,6 +56,9 @@ int main(int argc, char **argv)
     models *mods = NULL;
     srv *server = NULL;
     tls *mtls = NULL;
+    metrics *m = NULL;
+    scrape *sc = NULL;
+    char maddr[300];
     char err[512];
     int status = 2;
 
@@ -63,7 +70,8 @@ int main(int argc, char **argv)
         status = rc > 0 ? 0 : 2;
         goto out;
     }
-    if (log_setup("llm-svc", mo.log_level) != 0)
+    if (log_setup("llm-svc", mo.log_level) != 0 ||
+        scrape_setup(&mx, "llm-svc", mo.listen, maddr, sizeof maddr, &m) != 0)
         goto out;
     if (lo.max_rounds < 1) {
         fprintf(stderr, "llm-svc: --max-rounds must be at least 1\n");
@@ -93,6 +101,7 @@ int main(int argc, char **argv)
     }
     c = cli_create(1, so.max_message_bytes);
     cli_use_tls(c, mtls);
+    cli_set_metrics(c, m);
     t = tools_create();
     if (tool_knowledge_register(t, k) != 0 ||
         tool_context_register(t, cli_channel_create(c, mo.store, cc.round_robin),
@@ -100,15 +109,18 @@ int main(int argc, char **argv)
         log_error("cannot register the tools");
         goto out;
     }
-    u = upstream_create(&uo);
+    u = upstream_create(&uo, m);
     if (u == NULL) {
         log_error("cannot start the upstream loop (libcurl)");
         goto out;
     }
-    l = llm_create(&lo, u, t, mods);
+    l = llm_create(&lo, u, t, mods, m);
     server = srv_create("llm-svc", mo.listen, &so);
     srv_use_tls(server, mtls);
+    srv_set_metrics(server, m);
     if (llm_register(server, l) != 0)
+        goto out;
+    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, server)) == NULL)
         goto out;
     if (srv_start(server) != 0)
         goto out;
@@ -119,6 +131,7 @@ int main(int argc, char **argv)
     srv_run(server);
     status = 0;
 out:
+    scrape_stop(&sc);
     if (server != NULL)
         srv_destroy(&server);
     /* The server is gone, so nothing starts new upstream requests. */
@@ -130,6 +143,7 @@ out:
     models_destroy(&mods);
     tools_destroy(&t);
     kb_destroy(&k);
+    metrics_destroy(&m);
     conf_free(secs, nsecs);
     return status;
 }

@@ -28,28 +28,8 @@ struct db_conn {
     unsigned prepared; /* bit per statement id prepared on this connection */
     char err[512];
     char where[256];
+    db_metrics *mx;
 };
-
-const char *db_strerror(int err)
-{
-    switch (err) {
-    case 0:
-        return "ok";
-    case DB_EUNAVAIL:
-        return "the database is unavailable";
-    case DB_ENOTFOUND:
-        return "no such session";
-    case DB_EOWNER:
-        return "the session belongs to another user";
-    case DB_EENDED:
-        return "the session has ended";
-    case DB_ELEASE:
-        return "the summary lease is not held by this worker";
-    case DB_EQUERY:
-        return "the database refused a statement";
-    }
-    return "unknown error";
-}
 
 static const char *const event_names[DB_EVENT_MAX + 1] = {
     [DB_EVENT_USER_MESSAGE] = "user_message", [DB_EVENT_AI_TOKEN] = "ai_token",
@@ -118,6 +98,7 @@ db_conn *db_conn_create(const db_settings *s)
     c->connect_timeout_s = s->connect_timeout_s > 0 ? s->connect_timeout_s : 5;
     c->statement_timeout_ms = s->statement_timeout_ms;
     c->prepare = s->prepare;
+    c->mx = s->metrics;
     return c;
 }
 
@@ -291,7 +272,58 @@ enum {
     ST_APPEND,
     ST_APPEND_GROUP,
     ST_LIST_EVENTS,
+    ST_N
 };
+
+/* Their label values in the metrics. */
+static const char *const statement_names[ST_N] = {
+    [ST_GET] = "get_session",
+    [ST_OPEN_INSERT] = "open_session_insert",
+    [ST_OPEN_REOPEN] = "open_session_reopen",
+    [ST_END] = "end_session",
+    [ST_SAVE] = "save_summary",
+    [ST_CLAIM] = "claim_summary",
+    [ST_CLAIM_GIVE_UP] = "claim_summary_give_up",
+    [ST_LIST_USER] = "list_user_sessions",
+    [ST_LIST_UNSUMMARIZED] = "list_unsummarized",
+    [ST_APPEND] = "append_events",
+    [ST_APPEND_GROUP] = "append_events_group",
+    [ST_LIST_EVENTS] = "list_events",
+};
+
+#define DB_METRICS(X, S)                                                                           \
+    X(S, seconds, HISTOGRAM_VEC, "convo_store_db_statement_seconds", "statement",                  \
+      &metrics_buckets_seconds, "time of one database statement, by statement")                    \
+    X(S, errors, COUNTER_VEC, "convo_store_db_errors_total", "statement,kind", NULL,               \
+      "statements that failed, by statement and kind (unavailable: the connection or a timeout, "  \
+      "retried by callers; query: refused by the server)")
+METRICS_DECLARE(db_metrics_table, DB_METRICS)
+
+struct db_metrics {
+    metrics_histogram *seconds[ST_N];
+    metrics_counter *unavailable[ST_N], *query[ST_N];
+};
+
+db_metrics *db_metrics_create(metrics *m)
+{
+    db_metrics_table t;
+    if (m == NULL || metrics_register(m, METRICS_SECTION(db_metrics_table, &t)) != 0)
+        return NULL;
+    db_metrics *dm = mem_calloc(1, sizeof *dm);
+    for (int i = 0; i < ST_N; i++) {
+        dm->seconds[i] = metrics_histogram_of(t.seconds, (const char *[]){statement_names[i]});
+        dm->unavailable[i] =
+            metrics_counter_of(t.errors, (const char *[]){statement_names[i], "unavailable"});
+        dm->query[i] = metrics_counter_of(t.errors, (const char *[]){statement_names[i], "query"});
+    }
+    return dm;
+}
+
+void db_metrics_destroy(db_metrics **dm)
+{
+    mem_free(*dm);
+    *dm = NULL;
+}
 
 /* Prepares statement `id` on first use so that later executions skip
  * parsing and planning (most of the cost of a small batch). A server or
@@ -327,6 +359,7 @@ static PGresult *exec(db_conn *c, int id, const char *what, const char *sql, int
 {
     char name[16];
     PGresult *res = NULL;
+    uint64_t t0 = c->mx != NULL ? metrics_now_us() : 0;
     if (c->pg == NULL) {
         set_err(c, "%s: not connected", what);
         *rc = DB_EUNAVAIL;
@@ -351,11 +384,15 @@ static PGresult *exec(db_conn *c, int id, const char *what, const char *sql, int
     if (res == NULL && !c->use_prepared)
         res = PQexecParams(c->pg, sql, n, types, vals, lens, fmts, 0);
     ExecStatusType st = PQresultStatus(res);
+    if (c->mx != NULL)
+        metrics_histogram_observe(c->mx->seconds[id], metrics_now_us() - t0);
     if (res != NULL && (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK)) {
         *rc = 0;
         return res;
     }
     *rc = db_conn_fail(c, res, what);
+    if (c->mx != NULL)
+        metrics_counter_inc(*rc == DB_EUNAVAIL ? c->mx->unavailable[id] : c->mx->query[id]);
     PQclear(res);
     return NULL;
 }
@@ -738,11 +775,6 @@ void db_batch_add(db_batch *b, int64_t seq, int type, const char *content, size_
     arr_put(&b->content, content, len);
     arr_put_i64(&b->ts, ts_us);
     b->n++;
-}
-
-size_t db_batch_count(const db_batch *b)
-{
-    return b->n;
 }
 
 size_t db_batch_bytes(const db_batch *b)

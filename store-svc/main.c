@@ -6,6 +6,7 @@
 #include "conf.h"
 #include "db.h"
 #include "health.h"
+#include "scrape.h"
 #include "log.h"
 #include "mem.h"
 #include "migrate.h"
@@ -174,10 +175,12 @@ int main(int argc, char **argv)
     store_opts opts = {0};
     srv_opts sopts = {0};
     tls_opts topts = {0};
+    scrape_opts mopts = {0};
     const conf_section secs[] = {
         CONF_SECTION(store_opts, &opts),
         CONF_SECTION(srv_opts, &sopts),
         CONF_SECTION(tls_opts, &topts),
+        CONF_SECTION(scrape_opts, &mopts),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     srv *server = NULL;
@@ -185,6 +188,10 @@ int main(int argc, char **argv)
     store *st = NULL;
     tls *mtls = NULL;
     char err[512];
+    metrics *m = NULL;
+    db_metrics *dbm = NULL;
+    scrape *sc = NULL;
+    char maddr[300];
     int status = 2;
     int migrate_only = 0;
 
@@ -215,10 +222,14 @@ int main(int argc, char **argv)
         status = run_migrate(&opts);
         goto out;
     }
+    if (scrape_setup(&mopts, "store-svc", opts.listen, maddr, sizeof maddr, &m) != 0)
+        goto out;
 
     status = 1;
     server = srv_create("store-svc", opts.listen, &sopts);
     srv_use_tls(server, mtls);
+    srv_set_metrics(server, m);
+    dbm = db_metrics_create(m);
     pool_config pc = {
         .db = settings_of(&opts),
         .workers = (int)opts.db_pool_size,
@@ -233,7 +244,9 @@ int main(int argc, char **argv)
         .group_max_weight = (size_t)opts.append_group_events,
         .on_ready = on_ready,
         .arg = server,
+        .metrics = m,
     };
+    pc.db.metrics = dbm;
     store_limits lim = {
         .max_batch_events = opts.max_batch_events,
         .max_content_bytes = opts.max_content_bytes,
@@ -246,8 +259,10 @@ int main(int argc, char **argv)
     health_set(server, "", HEALTH_NOT_SERVING);
     health_set(server, STORE_SERVICE, HEALTH_NOT_SERVING);
     db_pool = pool_create(&pc);
-    st = store_create(server, db_pool, &lim);
+    st = store_create(server, db_pool, &lim, m);
     if (st == NULL)
+        goto out;
+    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, server)) == NULL)
         goto out;
     if (srv_start(server) != 0)
         goto out; /* srv_start logged the address */
@@ -266,6 +281,7 @@ int main(int argc, char **argv)
     status = 0;
 
 out:
+    scrape_stop(&sc);
     /* srv_run returned only when every call was finished; the workers are
      * idle or running nothing that belongs to a call. */
     pool_destroy(&db_pool);
@@ -273,6 +289,8 @@ out:
         srv_destroy(&server);
     store_destroy(&st);
     tls_destroy(&mtls);
+    db_metrics_destroy(&dbm);
+    metrics_destroy(&m);
     conf_free(secs, nsecs);
     return status;
 }

@@ -15,6 +15,22 @@
  * read), so that a restarted server flips health without any traffic. */
 #define CHECK_INTERVAL_MS 1000
 
+#define POOL_METRICS(X, S)                                                                         \
+    X(S, queued, GAUGE, "convo_store_queue_jobs", "", NULL, "database jobs waiting for a worker")  \
+    X(S, wait, HISTOGRAM, "convo_store_queue_wait_seconds", "", &metrics_buckets_seconds,          \
+      "time a database job waited for a worker")                                                   \
+    X(S, rejected, COUNTER, "convo_store_queue_rejected_total", "", NULL,                          \
+      "calls refused because the job queue was full (RESOURCE_EXHAUSTED)")                         \
+    X(S, unavailable, COUNTER, "convo_store_unavailable_total", "", NULL,                          \
+      "jobs failed at once because no database connection was up (UNAVAILABLE)")                   \
+    X(S, connected, GAUGE, "convo_store_db_connections", "", NULL,                                 \
+      "workers with a database connection up")                                                     \
+    X(S, connect_failures, COUNTER, "convo_store_db_connect_failures_total", "", NULL,             \
+      "database connection attempts that failed (connecting, or the schema check after it)")       \
+    X(S, lost, COUNTER, "convo_store_db_connections_lost_total", "", NULL,                         \
+      "database connections found dead (a server restart, idle reaping, the network)")
+METRICS_DECLARE(pool_metrics, POOL_METRICS)
+
 typedef struct worker {
     pool *p;
     int index;
@@ -56,6 +72,7 @@ struct pool {
 
     worker *workers;
     int nworkers;
+    pool_metrics mx;
 };
 
 const char *pool_strerror(int err)
@@ -85,6 +102,7 @@ static void set_up(worker *w)
         p->reconnects++;
     w->ever_up = 1;
     int became_ready = p->nup++ == 0;
+    metrics_gauge_set(p->mx.connected, p->nup);
     if (became_ready) {
         p->down_logged = 0;
         log_info("database ready: %s (worker %d)", db_conn_where(w->conn), w->index);
@@ -119,6 +137,7 @@ static void set_down(worker *w, int retry_now)
         w->up = 0;
         if (--p->nup == 0 && p->cfg.on_ready != NULL)
             p->cfg.on_ready(p->cfg.arg, 0);
+        metrics_gauge_set(p->mx.connected, p->nup);
     }
     if (p->nup == 0 && !p->down_logged && !retry_now) {
         p->down_logged = 1;
@@ -165,11 +184,13 @@ static void try_connect(worker *w)
 {
     if (db_conn_connect(w->conn) != 0) {
         log_debug("worker %d: cannot connect: %s", w->index, db_conn_error(w->conn));
+        metrics_counter_inc(w->p->mx.connect_failures);
         set_down(w, 0);
         return;
     }
     if (ensure_schema(w) != 0) {
         db_conn_close(w->conn);
+        metrics_counter_inc(w->p->mx.connect_failures);
         set_down(w, 0);
         return;
     }
@@ -207,6 +228,9 @@ static pool_job *unlink_locked(pool *p, pool_job **link, pool_job *prev)
     job->next = NULL;
     p->queued--;
     p->queued_bytes -= job->bytes;
+    metrics_gauge_add(p->mx.queued, -1);
+    if (job->queued_us != 0)
+        metrics_histogram_observe(p->mx.wait, metrics_now_us() - job->queued_us);
     if (job->group != NULL) {
         p->queued_group_jobs--;
         p->queued_group_weight -= job->weight;
@@ -316,6 +340,16 @@ static size_t gather_locked(pool *p, worker *w, pool_job *first)
     return n;
 }
 
+/* A statement failed on a dead connection: counted, closed, and the worker
+ * reconnects at once rather than at the next check. */
+static void conn_lost(pool *p, worker *w)
+{
+    log_info("worker %d: connection lost: %s", w->index, db_conn_error(w->conn));
+    metrics_counter_inc(p->mx.lost);
+    db_conn_close(w->conn);
+    set_down(w, 1);
+}
+
 static void *worker_main(void *arg)
 {
     worker *w = arg;
@@ -343,6 +377,7 @@ static void *worker_main(void *arg)
 
         if (w->up && !db_conn_alive(w->conn)) {
             log_info("worker %d: connection lost: %s", w->index, db_conn_error(w->conn));
+            metrics_counter_inc(p->mx.lost);
             set_down(w, 1);
         }
         if (!w->up && rpc_now_ms() >= w->next_try_ms)
@@ -356,25 +391,20 @@ static void *worker_main(void *arg)
                 w->group[i]->fn(w->group[i], NULL, POOL_EUNAVAIL);
         } else if (ngroup > 0) {
             job->group(w->group, ngroup, w->conn);
-            if (!db_conn_ok(w->conn)) {
-                log_info("worker %d: connection lost: %s", w->index, db_conn_error(w->conn));
-                db_conn_close(w->conn);
-                set_down(w, 1);
-            }
+            if (!db_conn_ok(w->conn))
+                conn_lost(p, w);
         } else if (job != NULL) {
             if (w->up) {
                 job->fn(job, w->conn, 0);
                 /* A statement that failed on a dead connection: reconnect
                  * at once rather than wait for the next check. */
-                if (!db_conn_ok(w->conn)) {
-                    log_info("worker %d: connection lost: %s", w->index, db_conn_error(w->conn));
-                    db_conn_close(w->conn);
-                    set_down(w, 1);
-                }
+                if (!db_conn_ok(w->conn))
+                    conn_lost(p, w);
             } else {
                 pthread_mutex_lock(&p->mu);
                 p->unavailable++;
                 pthread_mutex_unlock(&p->mu);
+                metrics_counter_inc(p->mx.unavailable);
                 job->fn(job, NULL, POOL_EUNAVAIL);
             }
         }
@@ -394,6 +424,7 @@ pool *pool_create(const pool_config *cfg)
     p->app_name = mem_strdup(cfg->db.application_name ? cfg->db.application_name : "store-svc");
     p->cfg.db.url = p->url;
     p->cfg.db.application_name = p->app_name;
+    metrics_register(cfg->metrics, METRICS_SECTION(pool_metrics, &p->mx));
     if (p->cfg.workers < 1)
         p->cfg.workers = 1;
     if (p->cfg.retry_min_ms < 1)
@@ -444,6 +475,8 @@ static void push_locked(pool *p, pool_job *job)
     p->tail = job;
     p->queued++;
     p->queued_bytes += job->bytes;
+    metrics_gauge_add(p->mx.queued, 1);
+    job->queued_us = p->mx.wait != NULL ? metrics_now_us() : 0;
     if (job->group != NULL) {
         p->queued_group_jobs++;
         p->queued_group_weight += job->weight;
@@ -477,6 +510,7 @@ int pool_submit(pool *p, pool_job *job)
                (p->queued > 0 && p->queued_bytes + job->bytes > p->cfg.max_bytes)) {
         /* One job is always let in when the queue is empty, however big:
          * the request limits bound it already. */
+        metrics_counter_inc(p->mx.rejected);
         if (p->rejected++ % 1000 == 0)
             log_warn("job queue full (%zu jobs, %zu bytes queued); refusing with "
                      "RESOURCE_EXHAUSTED (%llu refused so far)",
@@ -499,14 +533,6 @@ int pool_resubmit(pool *p, pool_job *job)
         push_locked(p, job);
     pthread_mutex_unlock(&p->mu);
     return rc;
-}
-
-int pool_ready(pool *p)
-{
-    pthread_mutex_lock(&p->mu);
-    int ready = p->nup > 0;
-    pthread_mutex_unlock(&p->mu);
-    return ready;
 }
 
 void pool_get_stats(pool *p, pool_stats *st)

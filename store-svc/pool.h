@@ -24,6 +24,7 @@
 #define CONVO_POOL_H
 
 #include "db.h"
+#include "metrics.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -55,6 +56,7 @@ struct pool_job {
     size_t bytes;         /* memory the job holds, for the byte bound */
     int64_t submitted_us; /* set by pool_submit (monotonic) */
     pool_job *next;
+    uint64_t queued_us; /* the pool's: when it was queued (metrics) */
 };
 
 typedef struct pool_config {
@@ -73,6 +75,7 @@ typedef struct pool_config {
      * connected and the schema is current) or unready (none is). */
     void (*on_ready)(void *arg, int ready);
     void *arg;
+    metrics *metrics; /* queue and connection metrics; NULL: none */
 } pool_config;
 
 typedef struct pool_stats {
@@ -95,8 +98,6 @@ int pool_submit(pool *p, pool_job *job);
  * past the bounds: one such job per stream at a time, and streams are
  * bounded by the server's --max-calls. Returns 0 or POOL_ESHUTDOWN. */
 int pool_resubmit(pool *p, pool_job *job);
-/* Whether a worker is connected with the schema current. */
-int pool_ready(pool *p);
 void pool_get_stats(pool *p, pool_stats *st);
 /* Stops the workers after the jobs they are running, calls the queued
  * jobs with POOL_ESHUTDOWN, closes the connections, frees; clears *p. */

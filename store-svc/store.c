@@ -26,10 +26,20 @@
 #define LEASE_MAX_S             86400
 #define RESPONSE_HEADROOM_BYTES 65536
 
+#define STORE_METRICS(X, S)                                                                        \
+    X(S, appended, COUNTER, "convo_store_events_appended_total", "", NULL,                         \
+      "events written to the event log")                                                           \
+    X(S, duplicates, COUNTER, "convo_store_events_duplicate_total", "", NULL,                      \
+      "events sent again that were stored already (a caller's retry; skipped)")                    \
+    X(S, batch, HISTOGRAM, "convo_store_append_batch_events", "", &metrics_buckets_count,          \
+      "events per AppendEvents call")
+METRICS_DECLARE(store_metrics, STORE_METRICS)
+
 struct store {
     srv *s;
     pool *pool;
     store_limits lim;
+    store_metrics mx;
 };
 
 /* ---- checks --------------------------------------------------------------- */
@@ -266,6 +276,8 @@ static void append_answer(append_job *j, db_conn *conn, int rc, const db_append_
     resp.appended = res->appended;
     resp.duplicates = res->duplicates;
     resp.last_seq = res->last_seq;
+    metrics_counter_add(j->h.st->mx.appended, res->appended);
+    metrics_counter_add(j->h.st->mx.duplicates, res->duplicates);
     if (res->duplicates > 0)
         log_debug("append: %u new, %u already stored (a retry)", res->appended, res->duplicates);
     job_finish(&j->h, RPC_OK, NULL, &resp.base);
@@ -427,6 +439,7 @@ static void on_append(srv_call *call, const ProtobufCMessage *msg)
         finish_invalid(call, err);
         return;
     }
+    metrics_histogram_observe(st->mx.batch, req->n_events);
     append_job *j = job_new(sizeof *j, call, st, req->session_id, append_run);
     j->batch = b;
     j->user_id = mem_strdup(req->user_id);
@@ -995,7 +1008,7 @@ invalid:
 #define READ_USER   "gateway llm-svc admin"
 #define READ_SWEEP  "summary-svc admin"
 
-store *store_create(srv *s, pool *p, const store_limits *lim)
+store *store_create(srv *s, pool *p, const store_limits *lim, metrics *m)
 {
     static const srv_method methods[] = {
         {PATH("OpenSession"), SRV_UNARY, &convo__v1__open_session_request__descriptor,
@@ -1024,6 +1037,7 @@ store *store_create(srv *s, pool *p, const store_limits *lim)
     st->s = s;
     st->pool = p;
     st->lim = *lim;
+    metrics_register(m, METRICS_SECTION(store_metrics, &st->mx));
     for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++) {
         if (srv_add_method(s, &methods[i], st) != 0) {
             log_error("cannot register %s", methods[i].path);

@@ -25,6 +25,10 @@ then with every gRPC hop over mutual TLS (certificates of a throwaway CA,
 tests/harness/certs.py), and prints both side by side (--rounds N alternates
 them N times and compares the medians).
 
+--metrics both does the same with metrics off (--metrics-listen off in every
+process: nothing recorded) and on: what metrics cost the token path;
+--metrics off alone runs without them.
+
 Use a Release build (the default ctest tree has sanitizers)."""
 
 import argparse
@@ -240,7 +244,7 @@ def run_client(client, a, gw, model, db, meter, token_file, want_before, as_json
     return proc.returncode, stored == want, want, report
 
 
-def compare(plain, mtls):
+def compare(names, plain, mtls):
     """The first load generator's figures of both runs side by side; returns
     the added first-token time at the median of each (steady window where
     there is one)."""
@@ -248,7 +252,7 @@ def compare(plain, mtls):
         return res.get("steady") if key == "steady" else res
 
     print("\nfirst token (ms), through the gateway / straight from the model / added; tokens/s")
-    print(f"{'':34}{'plaintext':>28}{'mutual TLS':>28}")
+    print(f"{'':34}{names[0]:>28}{names[1]:>28}")
     for key, label in (("all", "all measured turns"), ("steady", "steady window")):
         rows = []
         for res in (plain, mtls):
@@ -267,7 +271,7 @@ def compare(plain, mtls):
     added = [(r["results"][-1].get("steady") or r["results"][-1])["ttft_p50_ms"]
              - (r["results"][0].get("steady") or r["results"][0])["ttft_p50_ms"]
              for r in (plain, mtls)]
-    print(f"mutual TLS moves the added first-token time at the median by "
+    print(f"{names[1]} (against {names[0]}) moves the added first-token time at the median by "
           f"{added[1] - added[0]:+.2f} ms")
     return added
 
@@ -287,10 +291,13 @@ def parse_args():
     ap.add_argument("--user-prefix", default="load-", help="users are <prefix>0, <prefix>1, ...")
     ap.add_argument("--users", type=int, default=0, help="users the sessions are spread over "
                     "(default: one per session)")
+    ap.add_argument("--metrics", choices=("on", "off", "both"), default="on",
+                    help="metrics recorded and served (on), not at all (off: --metrics-listen "
+                         "off everywhere), or runs of each side by side (both)")
     ap.add_argument("--tls", action="store_true",
                     help="run plaintext, then mutual TLS between the services, and compare")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="with --tls: alternate plaintext and mutual TLS this many times and "
+                    help="with --tls or --metrics both: alternate the two this many times and "
                          "compare the medians (a noisy machine)")
     ap.add_argument("--durable", action="store_true",
                     help="PostgreSQL with fsync=on (the harness's default is fsync=off)")
@@ -313,7 +320,7 @@ def parse_args():
     return ap.parse_args()
 
 
-def run_system(a, tls, as_json=False):
+def run_system(a, tls, metrics="on", as_json=False):
     """Every load generator of --client against one fresh system; returns
     (exit status, the JSON reports when as_json)."""
     settings = {"fsync": "on", "synchronous_commit": "on"} if a.durable else {}
@@ -321,6 +328,9 @@ def run_system(a, tls, as_json=False):
         k, _, v = kv.partition("=")
         settings[k] = v
     quiet = {"LOG_LEVEL": a.log_level}
+    # The offline model serves no metrics; every other process gets
+    # --metrics-listen off when they are off.
+    off = ["--metrics-listen", "off"] if metrics == "off" else []
     auth_args, token_file = ["--auth", a.auth], None
     if a.auth == "jwt":
         secret, token_file = write_tokens(a.users or a.sessions, a.user_prefix)
@@ -330,19 +340,20 @@ def run_system(a, tls, as_json=False):
         ca = CA("bench-ca")
         ids = {n: ca.issue(n) for n in ("store-svc", "llm-svc", "router-svc", "gateway")}
         admin = ca.issue("admin")
-    print(f"--- {'mutual TLS between the services' if tls else 'plaintext'}", flush=True)
+    print(f"--- {'mutual TLS between the services' if tls else 'plaintext'}, metrics {metrics}",
+          flush=True)
     with Postgres(settings=settings) as pg:
-        store = Service("store-svc", args=a.store_arg, env={"DATABASE_URL": pg.url, **quiet},
+        store = Service("store-svc", args=[*a.store_arg, *off], env={"DATABASE_URL": pg.url, **quiet},
                         tls=ids.get("store-svc"), caller=admin)
         model = Service("offline-model", binary=build_dir() / "llm-svc" / "offline-model",
                         args=["--token-delay-ms", "0", "--log-level", a.log_level], ready="tcp")
-        llm = Service("llm-svc", args=["--store", store.addr],
+        llm = Service("llm-svc", args=["--store", store.addr, *off],
                       env={"OPENAI_BASE_URL": f"http://{model.addr}/v1", "OPENAI_API_KEY": "offline",
                            **quiet}, tls=ids.get("llm-svc"), caller=admin)
-        router = Service("router-svc", env=quiet, tls=ids.get("router-svc"), caller=admin)
+        router = Service("router-svc", args=off, env=quiet, tls=ids.get("router-svc"), caller=admin)
         gw = Service("gateway", args=["--router", router.addr, "--llm", llm.addr, "--store",
                                       store.addr, "--summary", "127.0.0.1:1", *UNLIMITED,
-                                      *auth_args, *a.gateway_args],
+                                      *auth_args, *off, *a.gateway_args],
                      env=quiet, ready="tcp", tls=ids.get("gateway"))
         services = (gw, router, llm, model, store)
         if a.persist_nice:
@@ -372,26 +383,37 @@ def main():
     a = parse_args()
     print(f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; load average before: "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    if not a.tls:
-        return run_system(a, tls=False)[0]
-    if not a.direct:
-        print("--tls compares with the direct path: leave out --no-direct", file=sys.stderr)
+    if a.tls and a.metrics == "both":
+        print("--tls and --metrics both: compare one thing at a time", file=sys.stderr)
         return 2
-    status, added = 0, {False: [], True: []}
+    if a.tls:
+        sides = [("plaintext", {"tls": False, "metrics": a.metrics}),
+                 ("mutual TLS", {"tls": True, "metrics": a.metrics})]
+    elif a.metrics == "both":
+        sides = [("metrics off", {"tls": False, "metrics": "off"}),
+                 ("metrics on", {"tls": False, "metrics": "on"})]
+    else:
+        return run_system(a, tls=False, metrics=a.metrics)[0]
+    if not a.direct:
+        print("a side-by-side run compares with the direct path: leave out --no-direct",
+              file=sys.stderr)
+        return 2
+    names = [n for n, _ in sides]
+    status, added = 0, {n: [] for n in names}
     for i in range(a.rounds):
         reports = {}
-        for tls in (False, True):
-            rc, reps = run_system(a, tls=tls, as_json=True)
-            reports[tls] = reps[0]
+        for name, kw in sides:
+            rc, reps = run_system(a, as_json=True, **kw)
+            reports[name] = reps[0]
             status = status or rc
         print(f"\nround {i + 1} of {a.rounds}")
-        for tls, p50 in zip((False, True), compare(reports[False], reports[True])):
-            added[tls].append(p50)
+        for name, p50 in zip(names, compare(names, reports[names[0]], reports[names[1]])):
+            added[name].append(p50)
     if a.rounds > 1:
         med = {k: statistics.median(v) for k, v in added.items()}
         print(f"\nadded first-token time at the median (steady window where there is one), "
-              f"median of {a.rounds} rounds: plaintext {med[False]:.2f} ms, mutual TLS "
-              f"{med[True]:.2f} ms, difference {med[True] - med[False]:+.2f} ms")
+              f"median of {a.rounds} rounds: {names[0]} {med[names[0]]:.2f} ms, {names[1]} "
+              f"{med[names[1]]:.2f} ms, difference {med[names[1]] - med[names[0]]:+.2f} ms")
     return status
 
 

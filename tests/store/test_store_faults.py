@@ -4,6 +4,7 @@ migrations run several at once (replicas, a migrate Job)."""
 import subprocess
 import threading
 import time
+import urllib.error
 from concurrent import futures
 
 import grpc
@@ -46,8 +47,17 @@ def test_database_down_at_start_then_up():
             assert err.code() == grpc.StatusCode.UNAVAILABLE
             time.sleep(1.0)  # several failed attempts, still not serving
             assert svc.health_check("") == NOT_SERVING
+            # /healthz follows the gRPC health; the metrics say why.
+            with pytest.raises(urllib.error.HTTPError) as e:
+                svc.scrape("/healthz")
+            assert e.value.code == 503
+            assert svc.metric("convo_store_db_connect_failures_total") >= 2
+            assert svc.metric("convo_store_db_connections") == 0
+            assert svc.metric("convo_store_unavailable_total") >= 1
             pg.start()
             wait_health(svc, SERVING, timeout=15)
+            assert svc.scrape("/healthz").strip() == "ok"
+            assert svc.metric("convo_store_db_connections") >= 1
             wait_health(svc, SERVING, timeout=1, service="convo.v1.Store")
             sid = new_id()
             assert open_session(stub, sid).created
@@ -173,6 +183,7 @@ def test_idle_connections_dropped_by_the_server_are_replaced(pg, store):
     stub = stub_of(store)
     sid = new_id()
     open_session(stub, sid)
+    lost = store.metric("convo_store_db_connections_lost_total")
     killed = pg.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                      "WHERE application_name = 'store-svc'")
     assert int(killed) >= 1
@@ -181,6 +192,8 @@ def test_idle_connections_dropped_by_the_server_are_replaced(pg, store):
         r, attempts = append_with_retry(stub, sid, [ev(i)], deadline_s=10)
         assert r.appended == 1
     assert int(pg.psql(f"SELECT count(*) FROM session_events WHERE session_id = '{sid}'")) == 20
+    # Dead connections were noticed and counted.
+    assert store.metric("convo_store_db_connections_lost_total") - lost >= 1
 
 
 # ---------------------------------------------------------------- migrations
