@@ -386,9 +386,15 @@ static void *worker_main(void *arg)
             w->next_check_ms = rpc_now_ms() + CHECK_INTERVAL_MS;
 
         if (ngroup > 0 && !w->up) {
-            /* The connection died while the group gathered: each fails. */
-            for (size_t i = 0; i < ngroup; i++)
+            /* The connection died while the group gathered: each fails,
+             * counted as any job that found no connection. */
+            pthread_mutex_lock(&p->mu);
+            p->unavailable += ngroup;
+            pthread_mutex_unlock(&p->mu);
+            for (size_t i = 0; i < ngroup; i++) {
+                metrics_counter_inc(p->mx.unavailable);
                 w->group[i]->fn(w->group[i], NULL, POOL_EUNAVAIL);
+            }
         } else if (ngroup > 0) {
             job->group(w->group, ngroup, w->conn);
             if (!db_conn_ok(w->conn))
