@@ -58,7 +58,8 @@
       "commit, each answered once it is stored; a call waits at most this many ms for others "     \
       "(0: only calls already waiting are grouped)")                                               \
     X(S, append_group_idle_ms, INT, "append-group-idle-ms", "STORE_APPEND_GROUP_IDLE_MS", "5",     \
-      "a group is closed when no AppendEvents call came for this many ms")                         \
+      "a group is closed when no AppendEvents call came for four times their recent mean gap, "    \
+      "this many ms at most")                                                                      \
     X(S, append_group_calls, INT, "append-group-calls", "STORE_APPEND_GROUP_CALLS", "64",          \
       "AppendEvents calls in one group at most (groups run side by side on the workers, so a "     \
       "burst is spread over them rather than made one statement on one core)")                     \

@@ -59,6 +59,7 @@ struct pool {
     int gathering;        /* a worker is gathering a group */
     size_t gather_weight; /* what it holds so far */
     int64_t last_group_submit_us;
+    int64_t gap_us; /* moving average of the gaps between group jobs (capped at the idle bound) */
     int stopping;
     int nup;
     int down_logged; /* the outage was logged once; no line per attempt */
@@ -283,25 +284,40 @@ static int64_t now_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+/* How long without a new group job closes a group: four times the recent
+ * mean gap between them (a burst's last call is soon followed by silence),
+ * at least GROUP_IDLE_MIN_US, at most group_idle_ms. */
+#define GROUP_IDLE_GAPS   4
+#define GROUP_IDLE_MIN_US 200
+
+static int64_t idle_us_locked(const pool *p)
+{
+    int64_t cap = (int64_t)p->cfg.group_idle_ms * 1000;
+    int64_t idle = GROUP_IDLE_GAPS * p->gap_us;
+    if (idle < GROUP_IDLE_MIN_US)
+        idle = GROUP_IDLE_MIN_US;
+    return idle < cap ? idle : cap;
+}
+
 /* Gathers a group behind `first` (already taken): what is queued now, and
- * what comes while calls keep coming (no gap of group_idle_ms) until first
- * has waited group_window_ms or the group is full. A client that sends a
- * burst and then waits for the answers (a closed loop) costs one idle gap,
- * not a whole window. Returns the number of jobs in w->group. p->mu held
- * (released while waiting). */
+ * what comes while calls keep coming (no gap longer than idle_us_locked())
+ * until first has waited group_window_ms or the group is full. A client
+ * that sends a burst and then waits for the answers (a closed loop) costs
+ * a short gap, not a whole window; calls that trickle in (a gateway's
+ * sessions, each every 100 ms) gather for longer. Returns the number of
+ * jobs in w->group. p->mu held (released while waiting). */
 static size_t gather_locked(pool *p, worker *w, pool_job *first)
 {
     size_t n = 1;
     size_t weight = first->weight;
     int64_t deadline = first->submitted_us + (int64_t)p->cfg.group_window_ms * 1000;
-    int64_t idle = (int64_t)p->cfg.group_idle_ms * 1000;
     w->group[0] = first;
     p->gathering = 1;
     for (;;) {
         weight = collect_locked(p, w, first, &n, weight);
         p->gather_weight = weight;
         int64_t now = now_us();
-        int64_t until = p->last_group_submit_us + idle;
+        int64_t until = p->last_group_submit_us + idle_us_locked(p);
         if (until > deadline)
             until = deadline;
         /* Full (a job left queued did not fit), its time is up, or quiet. */
@@ -370,9 +386,15 @@ static void *worker_main(void *arg)
             w->next_check_ms = rpc_now_ms() + CHECK_INTERVAL_MS;
 
         if (ngroup > 0 && !w->up) {
-            /* The connection died while the group gathered: each fails. */
-            for (size_t i = 0; i < ngroup; i++)
+            /* The connection died while the group gathered: each fails,
+             * counted as any job that found no connection. */
+            pthread_mutex_lock(&p->mu);
+            p->unavailable += ngroup;
+            pthread_mutex_unlock(&p->mu);
+            for (size_t i = 0; i < ngroup; i++) {
+                metrics_counter_inc(p->mx.unavailable);
                 w->group[i]->fn(w->group[i], NULL, POOL_EUNAVAIL);
+            }
         } else if (ngroup > 0) {
             job->group(w->group, ngroup, w->conn);
             if (!db_conn_ok(w->conn))
@@ -464,6 +486,9 @@ static void push_locked(pool *p, pool_job *job)
     if (job->group != NULL) {
         p->queued_group_jobs++;
         p->queued_group_weight += job->weight;
+        int64_t gap = job->submitted_us - p->last_group_submit_us;
+        int64_t cap = (int64_t)p->cfg.group_idle_ms * 1000;
+        p->gap_us += ((gap < cap ? gap : cap) - p->gap_us) / 8;
         p->last_group_submit_us = job->submitted_us;
         if (p->gathering) {
             /* The gatherer collects it when its window ends; it is woken

@@ -17,8 +17,9 @@
  * together. A worker that takes one also takes the other queued jobs of
  * that function, in queue order, up to group_max_jobs and group_max_weight,
  * and goes on taking those that arrive while they keep coming (no gap of
- * group_idle_ms), until the first has waited group_window_ms. One worker
- * gathers at a time; the others serve everything else meanwhile. */
+ * four times their recent mean gap, group_idle_ms at most), until the first
+ * has waited group_window_ms. One worker gathers at a time; the others
+ * serve everything else meanwhile. */
 #ifndef CONVO_POOL_H
 #define CONVO_POOL_H
 
@@ -67,7 +68,7 @@ typedef struct pool_config {
     int retry_max_ms;        /* reconnect delay cap */
     int migrate;             /* apply migrations on the first connection; else wait for them */
     int group_window_ms;     /* the longest a group's first job waits for others */
-    int group_idle_ms;       /* a group closes when no job came for this long */
+    int group_idle_ms;       /* the longest gap without a job that keeps a group open */
     size_t group_max_jobs;   /* jobs in one group, >= 1 */
     size_t group_max_weight; /* their weights' sum (a first job heavier than it runs alone) */
     /* Called from a worker when the pool becomes ready (a worker is
