@@ -27,18 +27,22 @@
     X(S, knowledge_dir, STR, "knowledge-dir", "KNOWLEDGE_DIR", "",                                 \
       "the folder of Markdown/text documents fetch_internal_knowledge searches; empty: the "       \
       "shipped one (PREFIX/share/convo/knowledge beside the installed binary)")                    \
+    X(S, tool_timeout_ms, INT, "tool-timeout-ms", "LLM_TOOL_TIMEOUT_MS", "5000",                   \
+      "deadline of a tool's calls to other services")                                              \
     X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
 CONF_DECLARE(main_opts, MAIN_OPTS)
 
 int main(int argc, char **argv)
 {
     main_opts mo = {0};
-    llm_opts lo = {0};
+    turn_opts to = {0};
+    chat_opts co = {0};
     upstream_opts uo = {0};
     srv_opts so = {0};
     cli_conf cc = {0};
     const conf_section secs[] = {
-        CONF_SECTION(cli_conf, &cc),      CONF_SECTION(main_opts, &mo), CONF_SECTION(llm_opts, &lo),
+        CONF_SECTION(cli_conf, &cc),      CONF_SECTION(main_opts, &mo),
+        CONF_SECTION(turn_opts, &to),     CONF_SECTION(chat_opts, &co),
         CONF_SECTION(upstream_opts, &uo), CONF_SECTION(srv_opts, &so),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
@@ -61,7 +65,7 @@ int main(int argc, char **argv)
     }
     if (log_setup("llm-svc", mo.log_level) != 0)
         goto out;
-    if (lo.max_rounds < 1) {
+    if (co.max_rounds < 1) {
         fprintf(stderr, "llm-svc: --max-rounds must be at least 1\n");
         goto out;
     }
@@ -86,7 +90,7 @@ int main(int argc, char **argv)
     t = tools_create();
     if (tool_knowledge_register(t, k) != 0 ||
         tool_context_register(t, cli_channel_create(c, mo.store, cc.round_robin),
-                              lo.tool_timeout_ms) != 0) {
+                              mo.tool_timeout_ms) != 0) {
         log_error("cannot register the tools");
         goto out;
     }
@@ -95,14 +99,14 @@ int main(int argc, char **argv)
         log_error("cannot start the upstream loop (libcurl)");
         goto out;
     }
-    l = llm_create(&lo, u, t);
+    l = llm_create(&to, &co, u, t);
     server = srv_create("llm-svc", mo.listen, &so);
     if (llm_register(server, l) != 0)
         goto out;
     if (srv_start(server) != 0)
         goto out;
-    log_info("upstream %s, model %s%s, %zu knowledge passages from %s, store %s", lo.base_url,
-             lo.model, lo.api_key[0] ? "" : " (no API key)", kb_passages(k), mo.knowledge_dir,
+    log_info("upstream %s, model %s%s, %zu knowledge passages from %s, store %s", to.base_url,
+             to.model, to.api_key[0] ? "" : " (no API key)", kb_passages(k), mo.knowledge_dir,
              mo.store);
     srv_run(server);
     status = 0;

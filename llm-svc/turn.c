@@ -1,0 +1,357 @@
+#include "turn.h"
+
+#include "log.h"
+#include "mem.h"
+
+#include <stdio.h>
+#include <string.h>
+
+void turn_env_init(turn_env *e, const turn_opts *o, upstream *up)
+{
+    e->up = up;
+    e->o = o;
+    size_t n = strlen(o->base_url);
+    while (n > 0 && o->base_url[n - 1] == '/')
+        n--;
+    e->url = mem_asprintf("%.*s/chat/completions", (int)n, o->base_url);
+    pthread_mutex_init(&e->calls_mu, NULL);
+}
+
+void turn_env_destroy(turn_env *e)
+{
+    mem_free(e->url);
+    e->url = NULL;
+    pthread_mutex_destroy(&e->calls_mu);
+}
+
+/* ---- life --------------------------------------------------------------- */
+
+void turn_ref(turn *t)
+{
+    atomic_fetch_add(&t->refs, 1);
+}
+
+void turn_unref(turn *t)
+{
+    if (atomic_fetch_sub(&t->refs, 1) != 1)
+        return;
+    t->m->free(t);
+    json_object_put(t->body);
+    mem_free(t->session_id);
+    mem_free(t->request_id);
+    mem_free(t->model);
+    pthread_mutex_destroy(&t->mu);
+    mem_free(t);
+}
+
+static const char *nz(const char *s)
+{
+    return s ? s : "";
+}
+
+void turn_init(turn *t, const turn_method *m, turn_env *env, srv_call *call, const char *session_id,
+               const Convo__V1__GenerationParams *p)
+{
+    pthread_mutex_init(&t->mu, NULL);
+    atomic_init(&t->refs, 2); /* the call's and the starter's */
+    t->m = m;
+    t->env = env;
+    t->call = call;
+    t->session_id = mem_strdup(nz(session_id));
+    t->request_id = mem_strdup(srv_call_request_id(call));
+    t->model = mem_strdup(p && p->model && p->model[0] ? p->model : env->o->model);
+    int64_t rem = srv_call_remaining_ms(call);
+    t->deadline_ms = rem == INT64_MAX ? 0 : rpc_now_ms() + rem;
+    t->body = json_object_new_object();
+    t->messages = json_object_new_array();
+    json_object_object_add(t->body, "model", json_object_new_string(t->model));
+    json_object_object_add(t->body, "messages", t->messages);
+    if (p != NULL) {
+        json_object_object_add(t->body, "temperature", json_object_new_double(p->temperature));
+        if (p->max_tokens > 0)
+            json_object_object_add(t->body, "max_tokens", json_object_new_int64(p->max_tokens));
+    }
+}
+
+void turn_refuse(turn *t, rpc_code code, const char *msg)
+{
+    srv_call_finish(t->call, code, msg, NULL);
+    t->call = NULL;
+    atomic_fetch_sub(&t->refs, 1); /* the call's */
+    turn_unref(t);                 /* the starter's: the last */
+}
+
+/* The turn of a call, with a reference, or NULL once finished. */
+static turn *turn_of(srv_call *call)
+{
+    turn_env *env = srv_call_method_data(call);
+    pthread_mutex_lock(&env->calls_mu);
+    turn *t = srv_call_data(call);
+    if (t != NULL)
+        turn_ref(t);
+    pthread_mutex_unlock(&env->calls_mu);
+    return t;
+}
+
+void turn_finish(turn *t, rpc_code code, const char *msg, const ProtobufCMessage *resp)
+{
+    if (t->call == NULL)
+        return;
+    srv_call *call = t->call;
+    t->call = NULL;
+    pthread_mutex_lock(&t->env->calls_mu);
+    srv_call_set_data(call, NULL);
+    pthread_mutex_unlock(&t->env->calls_mu);
+    srv_call_finish(call, code, msg, resp);
+    atomic_fetch_sub(&t->refs, 1); /* never the last: the caller holds one */
+}
+
+int turn_live(const turn *t)
+{
+    return t->call != NULL && !t->cancelled;
+}
+
+/* ---- the call's callbacks --------------------------------------------------- */
+
+static void on_cancel(srv_call *call)
+{
+    turn *t = turn_of(call);
+    if (t == NULL)
+        return;
+    pthread_mutex_lock(&t->mu);
+    t->cancelled = 1;
+    if (t->req != NULL)
+        upstream_cancel(t->req); /* the loop closes the connection at once */
+    log_fields(LOG_INFO,
+               (const log_field[]){
+                   {"request_id", t->request_id}, {"session_id", t->session_id}, {NULL, NULL}},
+               "%s cancelled by the caller", t->m->name);
+    turn_finish(t, RPC_CANCELLED, "cancelled", NULL);
+    pthread_mutex_unlock(&t->mu);
+    turn_unref(t);
+}
+
+static void on_writable(srv_call *call)
+{
+    turn *t = turn_of(call);
+    if (t == NULL)
+        return;
+    t->m->on_writable(t);
+    turn_unref(t);
+}
+
+void turn_bind(turn *t)
+{
+    srv_call *call = t->call;
+    pthread_mutex_lock(&t->env->calls_mu);
+    srv_call_set_data(call, t);
+    pthread_mutex_unlock(&t->env->calls_mu);
+    srv_call_on_cancel(call, on_cancel);
+    if (t->m->on_writable != NULL)
+        srv_call_on_writable(call, on_writable);
+}
+
+/* ---- the upstream request ------------------------------------------------------ */
+
+static int on_data(void *arg, const char *buf, size_t len)
+{
+    turn *t = arg;
+    return t->m->on_data(t, buf, len);
+}
+
+static void on_done(void *arg, const upstream_done_info *info)
+{
+    turn *t = arg;
+    pthread_mutex_lock(&t->mu);
+    t->req = NULL;
+    pthread_mutex_unlock(&t->mu);
+    t->m->on_done(t, info);
+    turn_unref(t); /* the request's */
+}
+
+int turn_request(turn *t, const char **why)
+{
+    upstream_spec spec = {
+        .url = t->env->url,
+        .api_key = t->env->o->api_key,
+        .body = json_object_to_json_string_ext(t->body, JSON_C_TO_STRING_PLAIN),
+        .request_id = t->request_id,
+        .stream = t->m->stream,
+        .deadline_ms = t->deadline_ms,
+    };
+    static const upstream_cbs cbs = {on_data, on_done};
+    turn_ref(t); /* the request's */
+    int rc = upstream_start(t->env->up, &spec, &cbs, t, &t->req);
+    if (rc != 0) {
+        atomic_fetch_sub(&t->refs, 1); /* never the last: the caller holds one */
+        t->req = NULL;
+        *why = rc == UPSTREAM_EBUSY ? "too many upstream requests in flight"
+                                    : "llm-svc is shutting down";
+    }
+    return rc;
+}
+
+/* ---- request building ---------------------------------------------------------- */
+
+static const char *role_name(Convo__V1__Role r)
+{
+    switch (r) {
+    case CONVO__V1__ROLE__ROLE_SYSTEM:
+        return "system";
+    case CONVO__V1__ROLE__ROLE_ASSISTANT:
+        return "assistant";
+    case CONVO__V1__ROLE__ROLE_TOOL:
+        return "tool";
+    default:
+        return "user";
+    }
+}
+
+int turn_check_utf8(const char *s, const char *what, char *err, size_t errsize)
+{
+    if (s != NULL && !rpc_utf8_valid(s, strlen(s))) {
+        snprintf(err, errsize, "%s is not valid UTF-8", what);
+        return -1;
+    }
+    return 0;
+}
+
+void turn_add_message(turn *t, const char *role, const char *content)
+{
+    json_object *m = json_object_new_object();
+    json_object_object_add(m, "role", json_object_new_string(role));
+    json_object_object_add(m, "content", json_object_new_string(content));
+    json_object_array_add(t->messages, m);
+}
+
+static json_object *tool_calls_json(Convo__V1__ToolCall **calls, size_t n)
+{
+    json_object *tcs = json_object_new_array();
+    for (size_t k = 0; k < n; k++) {
+        json_object *tc = json_object_new_object(), *fn = json_object_new_object();
+        json_object_object_add(tc, "id", json_object_new_string(nz(calls[k]->id)));
+        json_object_object_add(tc, "type", json_object_new_string("function"));
+        json_object_object_add(fn, "name", json_object_new_string(nz(calls[k]->name)));
+        json_object_object_add(fn, "arguments",
+                               json_object_new_string(nz(calls[k]->arguments_json)));
+        json_object_object_add(tc, "function", fn);
+        json_object_array_add(tcs, tc);
+    }
+    return tcs;
+}
+
+int turn_add_history(turn *t, Convo__V1__Message **hist, size_t n, char *err, size_t errsize)
+{
+    for (size_t i = 0; i < n; i++) {
+        const Convo__V1__Message *h = hist[i];
+        if (turn_check_utf8(h->content, "a history message", err, errsize) != 0)
+            return -1;
+        json_object *m = json_object_new_object();
+        json_object_object_add(m, "role", json_object_new_string(role_name(h->role)));
+        json_object_object_add(m, "content", json_object_new_string(nz(h->content)));
+        if (h->role == CONVO__V1__ROLE__ROLE_TOOL) {
+            json_object_object_add(m, "tool_call_id", json_object_new_string(nz(h->tool_call_id)));
+            if (h->name && h->name[0])
+                json_object_object_add(m, "name", json_object_new_string(h->name));
+        }
+        if (h->n_tool_calls > 0)
+            json_object_object_add(m, "tool_calls",
+                                   tool_calls_json(h->tool_calls, h->n_tool_calls));
+        json_object_array_add(t->messages, m);
+    }
+    return 0;
+}
+
+/* ---- failures ----------------------------------------------------------------- */
+
+/* error.message of an OpenAI error body, else the body's start. */
+static void error_message(const char *body, char *out, size_t outsize)
+{
+    json_object *o = json_tokener_parse(body), *e = NULL, *m = NULL;
+    if (o && json_object_object_get_ex(o, "error", &e) &&
+        json_object_object_get_ex(e, "message", &m) && json_object_is_type(m, json_type_string))
+        snprintf(out, outsize, "%s", json_object_get_string(m));
+    else
+        snprintf(out, outsize, "%.300s", body);
+    json_object_put(o);
+}
+
+static void http_failure(const upstream_done_info *in, turn_failure *f)
+{
+    char detail[320];
+    error_message(in->message, detail, sizeof detail);
+    snprintf(f->message, sizeof f->message, "upstream HTTP %ld after %d attempt%s: %s", in->status,
+             in->attempts, in->attempts == 1 ? "" : "s", detail);
+    if (in->status == 429) {
+        f->category = CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_RATE_LIMITED;
+        f->code = RPC_RESOURCE_EXHAUSTED;
+    } else if (in->status == 401 || in->status == 403) {
+        f->category = CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_AUTH_FAILED;
+        f->code = RPC_UNAUTHENTICATED;
+        f->retryable = 0;
+    } else if (in->status == 404) {
+        f->category = CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_MODEL_NOT_FOUND;
+        f->code = RPC_NOT_FOUND;
+        f->retryable = 0;
+    } else if (in->status >= 400 && in->status < 500 && in->status != 408) {
+        f->category = CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_INVALID_REQUEST;
+        f->code = RPC_INVALID_ARGUMENT;
+        f->retryable = 0;
+    } else {
+        f->category = CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_UPSTREAM_UNAVAILABLE;
+        f->code = RPC_UNAVAILABLE;
+    }
+}
+
+void turn_failure_of(const upstream_done_info *in, turn_failure *f)
+{
+    f->retryable = 1;
+    switch (in->result) {
+    case UPSTREAM_HTTP:
+        http_failure(in, f);
+        return;
+    case UPSTREAM_TIMEOUT:
+        f->category = CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_TIMEOUT;
+        f->code = RPC_DEADLINE_EXCEEDED;
+        snprintf(f->message, sizeof f->message, "upstream timeout: %s", in->message);
+        return;
+    case UPSTREAM_CONNECT:
+        f->category = CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_UPSTREAM_UNAVAILABLE;
+        f->code = RPC_UNAVAILABLE;
+        snprintf(f->message, sizeof f->message, "cannot reach the upstream after %d attempt%s: %s",
+                 in->attempts, in->attempts == 1 ? "" : "s", in->message);
+        return;
+    default:
+        f->category = CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_UPSTREAM_UNAVAILABLE;
+        f->code = RPC_UNAVAILABLE;
+        snprintf(f->message, sizeof f->message, "the upstream dropped the %s: %s",
+                 in->delivered ? "stream mid-answer" : "connection", in->message);
+    }
+}
+
+/* ---- text ----------------------------------------------------------------------- */
+
+int turn_text_append(turn_text *b, const char *s, size_t n, size_t max)
+{
+    if (b->len + n > max)
+        return -1;
+    if (b->len + n + 1 > b->cap) {
+        /* Doubling: a long answer arrives a token at a time. */
+        b->cap = b->cap ? b->cap : 256;
+        while (b->len + n + 1 > b->cap)
+            b->cap *= 2;
+        b->s = mem_realloc(b->s, b->cap);
+    }
+    memcpy(b->s + b->len, s, n);
+    b->len += n;
+    b->s[b->len] = '\0';
+    return 0;
+}
+
+void turn_text_clear(turn_text *b)
+{
+    mem_free(b->s);
+    b->s = NULL;
+    b->len = 0;
+    b->cap = 0;
+}
