@@ -10,13 +10,20 @@
  *   CONF_DECLARE(my_opts, MY_OPTS)
  *
  * declares `typedef struct my_opts {char *listen; long long max_bytes;} my_opts;`
- * and `my_opts_table`. Precedence: built-in default < environment < flag. */
+ * and `my_opts_table`. Precedence: built-in default < environment < flag.
+ *
+ * A LIST option is a string that may be given several times on the command
+ * line: the flags' values are joined with CONF_LIST_SEP, the form its
+ * environment variable takes ("a;b" = --opt a --opt b); flags replace the
+ * environment's list, they do not add to it. */
 #ifndef CONVO_CONF_H
 #define CONVO_CONF_H
 
 #include <stddef.h>
 
-typedef enum conf_type { CONF_STR, CONF_INT, CONF_BOOL } conf_type;
+typedef enum conf_type { CONF_STR, CONF_INT, CONF_BOOL, CONF_LIST } conf_type;
+
+#define CONF_LIST_SEP ';'
 
 typedef struct conf_opt {
     const char *flag; /* without the leading "--" */
@@ -38,6 +45,7 @@ typedef struct conf_section {
 #define CONF__T_STR                                        char *
 #define CONF__T_INT                                        long long
 #define CONF__T_BOOL                                       int
+#define CONF__T_LIST                                       char *
 #define CONF__MEMBER(S, field, type, flag, env, def, help) CONF__T_##type field;
 #define CONF__ROW(S, field, type, flag, env, def, help)                                            \
     {flag, env, CONF_##type, def, help, offsetof(struct S, field)},
@@ -50,11 +58,11 @@ typedef struct conf_section {
     ((conf_section){S##_table, sizeof S##_table / sizeof S##_table[0], (ptr)})
 
 /* Fills every section from defaults, the environment and argv (--flag value
- * or --flag=value; a BOOL flag alone means true). INT values must be
+ * or --flag=value; a BOOL flag alone means true; a LIST flag may repeat). INT values must be
  * non-negative integers; BOOL values are true/false/1/0/yes/no.
  * Returns 0 to go on, 1 when --help or --version was printed (exit 0), -1
  * after printing what is wrong and the usage (exit 2). `about` is one line
- * for --help. Strings in the sections are owned by them: conf_free(). */
+ * for --help. Strings (STR, LIST) in the sections are owned by them: conf_free(). */
 int conf_parse(int argc, char **argv, const char *prog, const char *about, const conf_section *secs,
                size_t nsecs);
 void conf_free(const conf_section *secs, size_t nsecs);

@@ -10,7 +10,8 @@
 #define OPTS(X, S)                                                                                 \
     X(S, listen, STR, "listen", "TEST_LISTEN", "0.0.0.0:1", "address")                             \
     X(S, limit, INT, "limit", "TEST_LIMIT", "10", "a limit")                                       \
-    X(S, verbose, BOOL, "verbose", NULL, "false", "say more")
+    X(S, verbose, BOOL, "verbose", NULL, "false", "say more")                                      \
+    X(S, peers, LIST, "peer", "TEST_PEERS", "", "repeatable")
 CONF_DECLARE(test_opts, OPTS)
 
 static int parse(test_opts *o, int argc, char **argv)
@@ -86,6 +87,21 @@ static void bad_values_are_refused(void **state)
     unsetenv("TEST_LIMIT");
 }
 
+static void a_list_flag_repeats_and_replaces_the_environment(void **state)
+{
+    setenv("TEST_PEERS", "env1;env2", 1);
+    test_opts o = {0};
+    char *none[] = {"test", NULL};
+    assert_int_equal(parse(&o, 1, none), 0);
+    assert_string_equal(o.peers, "env1;env2");
+    release(&o);
+    char *argv[] = {"test", "--peer", "a", "--limit", "3", "--peer=b;c", "--peer", "d", NULL};
+    assert_int_equal(parse(&o, 8, argv), 0);
+    assert_string_equal(o.peers, "a;b;c;d");
+    release(&o);
+    unsetenv("TEST_PEERS");
+}
+
 static void help_and_version_stop_the_program(void **state)
 {
     test_opts o = {0};
@@ -104,6 +120,7 @@ int main(void)
         cmocka_unit_test(env_overrides_default_and_flag_overrides_env),
         cmocka_unit_test(separate_value_and_bool_value),
         cmocka_unit_test(bad_values_are_refused),
+        cmocka_unit_test(a_list_flag_repeats_and_replaces_the_environment),
         cmocka_unit_test(help_and_version_stop_the_program),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
