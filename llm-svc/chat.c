@@ -142,7 +142,8 @@ static void end_done(chat *c, const char *finish_reason)
     Convo__V1__Usage u = CONVO__V1__USAGE__INIT;
     d.finish_reason = (char *)finish_reason;
     d.rounds = (uint32_t)c->round;
-    d.model = c->resp_model ? c->resp_model : c->t.model;
+    d.model = c->resp_model ? c->resp_model : (char *)turn_model_asked(&c->t);
+    d.upstream = (char *)turn_upstream(&c->t);
     if (c->has_usage) {
         u.prompt_tokens = c->prompt_tokens;
         u.completion_tokens = c->completion_tokens;
@@ -224,6 +225,7 @@ static int take_content(chat *c, const char *content)
                 "the caller stopped reading (held events over their cap)");
         return -1;
     }
+    c->t.shown = 1; /* from now on this request's failure is final */
     return 0;
 }
 
@@ -285,10 +287,9 @@ static int chat_on_data(turn *t, const char *buf, size_t len)
     return rc;
 }
 
-/* Starts the next model round. */
-static void start_round(chat *c)
+/* A fresh stream for a request: a new round's or a fallback's. */
+static void reset_stream(chat *c)
 {
-    c->round++;
     toolcall_set_clear(c->calls);
     sse_parser_destroy(&c->sse);
     size_t max_line = (size_t)c->svc->o->max_sse_line_bytes;
@@ -296,10 +297,27 @@ static void start_round(chat *c)
     turn_text_clear(&c->text);
     mem_free(c->finish_reason);
     c->finish_reason = NULL;
+    mem_free(c->resp_model);
+    c->resp_model = NULL;
+    mem_free(c->bad_msg);
+    c->bad_msg = NULL;
     c->saw_end = 0;
-    const char *why;
-    if (turn_request(&c->t, &why) != 0)
-        end_error(c, CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_INTERNAL, 1, why);
+    c->paused = 0;
+}
+
+static void chat_rewind(turn *t)
+{
+    reset_stream(chat_of(t));
+}
+
+/* Starts the next model round. */
+static void start_round(chat *c)
+{
+    c->round++;
+    reset_stream(c);
+    turn_failure f;
+    if (turn_request(&c->t, &f) != 0)
+        end_error(c, f.category, f.retryable, f.message);
 }
 
 /* ---- tools ------------------------------------------------------------ */
@@ -506,6 +524,7 @@ static const turn_method chat_method = {
     .on_data = chat_on_data,
     .on_done = chat_on_done,
     .on_writable = chat_on_writable,
+    .rewind = chat_rewind,
     .free = chat_free,
 };
 

@@ -56,7 +56,8 @@ static void respond(complete *c)
     Convo__V1__Usage u = CONVO__V1__USAGE__INIT;
     r.content = k.content;
     r.finish_reason = k.finish_reason ? k.finish_reason : "";
-    r.model = k.model ? k.model : c->t.model;
+    r.model = k.model ? k.model : (char *)turn_model_asked(&c->t);
+    r.upstream = (char *)turn_upstream(&c->t);
     if (k.has_usage) {
         u.prompt_tokens = k.prompt_tokens;
         u.completion_tokens = k.completion_tokens;
@@ -88,12 +89,21 @@ static void complete_on_done(turn *t, const upstream_done_info *info)
     pthread_mutex_unlock(&t->mu);
 }
 
+static void complete_rewind(turn *t)
+{
+    complete *c = complete_of(t);
+    turn_text_clear(&c->answer);
+    mem_free(c->bad_msg);
+    c->bad_msg = NULL;
+}
+
 static const turn_method complete_method = {
     .name = "Complete",
     .stream = 0,
     .on_data = complete_on_data,
     .on_done = complete_on_done,
     .on_writable = NULL,
+    .rewind = complete_rewind,
     .free = complete_free,
 };
 
@@ -122,9 +132,9 @@ void complete_on_call(srv_call *call, const ProtobufCMessage *msg)
     json_object_object_add(t->body, "stream", json_object_new_boolean(0));
     turn_bind(t);
     pthread_mutex_lock(&t->mu);
-    const char *why;
-    if (turn_request(t, &why) != 0)
-        turn_finish(t, RPC_RESOURCE_EXHAUSTED, why, NULL);
+    turn_failure f;
+    if (turn_request(t, &f) != 0)
+        turn_finish(t, f.code, f.message, NULL);
     pthread_mutex_unlock(&t->mu);
     turn_unref(t); /* the starter's */
 }

@@ -34,13 +34,13 @@ static void on_list_tools(srv_call *call, const ProtobufCMessage *msg)
     mem_free(tp);
 }
 
-llm *llm_create(const turn_opts *to, const chat_opts *co, upstream *u, tools *t)
+llm *llm_create(const turn_opts *to, const chat_opts *co, upstream *u, endpoints *eps, tools *t)
 {
     llm *l = mem_calloc(1, sizeof *l);
-    turn_env_init(&l->chat.env, to, u);
+    turn_env_init(&l->chat.env, to, u, eps);
     l->chat.o = co;
     l->chat.tools = t;
-    turn_env_init(&l->complete, to, u);
+    turn_env_init(&l->complete, to, u, eps);
     l->tools = t;
     return l;
 }

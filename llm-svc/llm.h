@@ -1,12 +1,13 @@
 /* llm — the convo.v1.Llm service: registers Chat (chat.h), Complete
  * (complete.h) and ListTools, and owns the state they share: each method's
- * turn_env over one upstream loop (upstream.h), and the tools registry
- * (tools.h). How a call is driven, by which threads under which locks, is
- * in turn.h. */
+ * turn_env over one upstream loop (upstream.h) and the model endpoints
+ * (endpoints.h), and the tools registry (tools.h). How a call is driven, by which threads under
+ * which locks, is in turn.h. */
 #ifndef CONVO_LLM_H
 #define CONVO_LLM_H
 
 #include "chat.h"
+#include "endpoints.h"
 #include "srv.h"
 #include "tools.h"
 #include "turn.h"
@@ -14,9 +15,9 @@
 
 typedef struct llm llm;
 
-/* The service over options, an upstream loop and a tools registry (all
- * borrowed; they must outlive it). */
-llm *llm_create(const turn_opts *to, const chat_opts *co, upstream *u, tools *t);
+/* The service over options, an upstream loop, the endpoints and a tools
+ * registry (all borrowed; they must outlive it). */
+llm *llm_create(const turn_opts *to, const chat_opts *co, upstream *u, endpoints *eps, tools *t);
 /* Registers Chat, Complete and ListTools on `s`. Returns 0 or RPC_EARG. */
 int llm_register(srv *s, llm *l);
 /* After the server stopped. Clears *l. */

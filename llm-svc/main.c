@@ -3,6 +3,7 @@
  * the tools, round after round. */
 #include "cli.h"
 #include "conf.h"
+#include "endpoints.h"
 #include "kb.h"
 #include "llm.h"
 #include "log.h"
@@ -32,27 +33,42 @@
     X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
 CONF_DECLARE(main_opts, MAIN_OPTS)
 
+/* The endpoints in the order they are tried (never their keys). */
+static void log_endpoints(const endpoints *eps)
+{
+    for (size_t i = 0; i < endpoints_count(eps); i++) {
+        const endpoint *ep = endpoints_get(eps, i);
+        const char *model = endpoints_model(eps, i, NULL);
+        log_info("upstream %zu: %s %s, model %s%s", i + 1, ep->name, ep->url,
+                 model ? model : (i == 0 ? endpoints_default_model(eps) : "the request's"),
+                 ep->api_key[0] ? "" : " (no API key)");
+    }
+}
+
 int main(int argc, char **argv)
 {
     main_opts mo = {0};
+    endpoints_opts eo = {0};
     turn_opts to = {0};
     chat_opts co = {0};
     upstream_opts uo = {0};
     srv_opts so = {0};
     cli_conf cc = {0};
     const conf_section secs[] = {
-        CONF_SECTION(cli_conf, &cc),      CONF_SECTION(main_opts, &mo),
-        CONF_SECTION(turn_opts, &to),     CONF_SECTION(chat_opts, &co),
-        CONF_SECTION(upstream_opts, &uo), CONF_SECTION(srv_opts, &so),
+        CONF_SECTION(cli_conf, &cc),       CONF_SECTION(main_opts, &mo),
+        CONF_SECTION(endpoints_opts, &eo), CONF_SECTION(turn_opts, &to),
+        CONF_SECTION(chat_opts, &co),      CONF_SECTION(upstream_opts, &uo),
+        CONF_SECTION(srv_opts, &so),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     kb *k = NULL;
     tools *t = NULL;
     cli *c = NULL;
     upstream *u = NULL;
+    endpoints *eps = NULL;
     llm *l = NULL;
     srv *server = NULL;
-    char err[256];
+    char err[512];
     int status = 2;
 
     srv_block_signals();
@@ -67,6 +83,10 @@ int main(int argc, char **argv)
         goto out;
     if (co.max_rounds < 1) {
         fprintf(stderr, "llm-svc: --max-rounds must be at least 1\n");
+        goto out;
+    }
+    if (endpoints_create(&eo, &eps, err, sizeof err) != 0) {
+        fprintf(stderr, "llm-svc: %s\n", err);
         goto out;
     }
     /* Every upstream stream holds a socket. */
@@ -99,18 +119,21 @@ int main(int argc, char **argv)
         log_error("cannot start the upstream loop (libcurl)");
         goto out;
     }
-    l = llm_create(&to, &co, u, t);
+    l = llm_create(&to, &co, u, eps, t);
     server = srv_create("llm-svc", mo.listen, &so);
     if (llm_register(server, l) != 0)
         goto out;
+    endpoints_publish(eps, server);
     if (srv_start(server) != 0)
         goto out;
-    log_info("upstream %s, model %s%s, %zu knowledge passages from %s, store %s", to.base_url,
-             to.model, to.api_key[0] ? "" : " (no API key)", kb_passages(k), mo.knowledge_dir,
+    log_endpoints(eps);
+    log_info("%zu knowledge passages from %s, store %s", kb_passages(k), mo.knowledge_dir,
              mo.store);
     srv_run(server);
     status = 0;
 out:
+    if (eps != NULL)
+        endpoints_publish(eps, NULL);
     if (server != NULL)
         srv_destroy(&server);
     /* The server is gone, so nothing starts new upstream requests. */
@@ -118,6 +141,7 @@ out:
     if (c != NULL)
         cli_destroy(&c);
     llm_destroy(&l);
+    endpoints_destroy(&eps);
     tools_destroy(&t);
     kb_destroy(&k);
     conf_free(secs, nsecs);

@@ -6,21 +6,16 @@
 #include <stdio.h>
 #include <string.h>
 
-void turn_env_init(turn_env *e, const turn_opts *o, upstream *up)
+void turn_env_init(turn_env *e, const turn_opts *o, upstream *up, endpoints *eps)
 {
     e->up = up;
+    e->eps = eps;
     e->o = o;
-    size_t n = strlen(o->base_url);
-    while (n > 0 && o->base_url[n - 1] == '/')
-        n--;
-    e->url = mem_asprintf("%.*s/chat/completions", (int)n, o->base_url);
     pthread_mutex_init(&e->calls_mu, NULL);
 }
 
 void turn_env_destroy(turn_env *e)
 {
-    mem_free(e->url);
-    e->url = NULL;
     pthread_mutex_destroy(&e->calls_mu);
 }
 
@@ -59,7 +54,8 @@ void turn_init(turn *t, const turn_method *m, turn_env *env, srv_call *call, con
     t->call = call;
     t->session_id = mem_strdup(nz(session_id));
     t->request_id = mem_strdup(srv_call_request_id(call));
-    t->model = mem_strdup(p && p->model && p->model[0] ? p->model : env->o->model);
+    t->model =
+        mem_strdup(p && p->model && p->model[0] ? p->model : endpoints_default_model(env->eps));
     int64_t rem = srv_call_remaining_ms(call);
     t->deadline_ms = rem == INT64_MAX ? 0 : rpc_now_ms() + rem;
     t->body = json_object_new_object();
@@ -159,21 +155,19 @@ static int on_data(void *arg, const char *buf, size_t len)
     return t->m->on_data(t, buf, len);
 }
 
-static void on_done(void *arg, const upstream_done_info *info)
-{
-    turn *t = arg;
-    pthread_mutex_lock(&t->mu);
-    t->req = NULL;
-    pthread_mutex_unlock(&t->mu);
-    t->m->on_done(t, info);
-    turn_unref(t); /* the request's */
-}
+static void on_done(void *arg, const upstream_done_info *info);
 
-int turn_request(turn *t, const char **why)
+/* Sends the body to endpoint `i`, admitted with `tk` (t->mu held). Returns
+ * 0 or an UPSTREAM_E* code (the ticket is then released). */
+static int start_at(turn *t, size_t i, const breaker_ticket *tk)
 {
+    endpoints *eps = t->env->eps;
+    const endpoint *ep = endpoints_get(eps, i);
+    json_object_object_add(t->body, "model",
+                           json_object_new_string(endpoints_model(eps, i, t->model)));
     upstream_spec spec = {
-        .url = t->env->url,
-        .api_key = t->env->o->api_key,
+        .url = ep->url,
+        .api_key = ep->api_key,
         .body = json_object_to_json_string_ext(t->body, JSON_C_TO_STRING_PLAIN),
         .request_id = t->request_id,
         .stream = t->m->stream,
@@ -185,10 +179,88 @@ int turn_request(turn *t, const char **why)
     if (rc != 0) {
         atomic_fetch_sub(&t->refs, 1); /* never the last: the caller holds one */
         t->req = NULL;
-        *why = rc == UPSTREAM_EBUSY ? "too many upstream requests in flight"
-                                    : "llm-svc is shutting down";
+        endpoints_release(eps, i, tk);
+        return rc;
     }
-    return rc;
+    t->ep = i;
+    t->ticket = *tk;
+    t->shown = 0;
+    return 0;
+}
+
+/* After endpoint t->ep failed: the same request to the next endpoint that
+ * admits it (t->mu held). Returns whether one took it. */
+static int fall_back(turn *t, const upstream_done_info *info)
+{
+    endpoints *eps = t->env->eps;
+    size_t failed = t->ep;
+    for (size_t i = failed + 1; i < endpoints_count(eps); i++) {
+        breaker_ticket tk;
+        if (!endpoints_admit(eps, i, &tk))
+            continue;
+        t->m->rewind(t);
+        if (start_at(t, i, &tk) != 0)
+            return 0;
+        turn_failure f;
+        turn_failure_of(info, &f);
+        log_fields(LOG_WARN,
+                   (const log_field[]){{"request_id", t->request_id},
+                                       {"session_id", t->session_id},
+                                       {"upstream", endpoints_get(eps, i)->name},
+                                       {NULL, NULL}},
+                   "%s: upstream %s failed (%s); the request goes to %s", t->m->name,
+                   endpoints_get(eps, failed)->name, f.message, endpoints_get(eps, i)->name);
+        return 1;
+    }
+    return 0;
+}
+
+static void on_done(void *arg, const upstream_done_info *info)
+{
+    turn *t = arg;
+    pthread_mutex_lock(&t->mu);
+    t->req = NULL;
+    int failed = endpoints_report(t->env->eps, t->ep, &t->ticket, info);
+    int again = failed && !t->shown && turn_live(t) && fall_back(t, info);
+    pthread_mutex_unlock(&t->mu);
+    if (!again)
+        t->m->on_done(t, info);
+    turn_unref(t); /* the request's */
+}
+
+int turn_request(turn *t, turn_failure *f)
+{
+    endpoints *eps = t->env->eps;
+    for (size_t i = 0; i < endpoints_count(eps); i++) {
+        breaker_ticket tk;
+        if (!endpoints_admit(eps, i, &tk))
+            continue;
+        int rc = start_at(t, i, &tk);
+        if (rc == 0)
+            return 0;
+        f->category = CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_INTERNAL;
+        f->retryable = 1;
+        f->code = RPC_RESOURCE_EXHAUSTED;
+        snprintf(f->message, sizeof f->message, "%s",
+                 rc == UPSTREAM_EBUSY ? "too many upstream requests in flight"
+                                      : "llm-svc is shutting down");
+        return -1;
+    }
+    f->category = CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_UPSTREAM_UNAVAILABLE;
+    f->retryable = 1;
+    f->code = RPC_UNAVAILABLE;
+    endpoints_refusal(eps, f->message, sizeof f->message);
+    return -1;
+}
+
+const char *turn_upstream(const turn *t)
+{
+    return endpoints_get(t->env->eps, t->ep)->name;
+}
+
+const char *turn_model_asked(const turn *t)
+{
+    return endpoints_model(t->env->eps, t->ep, t->model);
 }
 
 /* ---- request building ---------------------------------------------------------- */

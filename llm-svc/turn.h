@@ -1,10 +1,19 @@
 /* turn — what Chat and Complete share: one gRPC call answered by requests
- * to the model endpoint (upstream.h). The split follows curl's protocol
- * handlers: this core owns the call (its binding, cancellation, the one
- * finish), the reference count, the request body and the upstream request
- * in flight; a method (chat.c, complete.c) embeds a turn first in its own
- * state and gives a turn_method saying what the upstream's bytes mean and
- * what a finished request leads to.
+ * to the model endpoints (endpoints.h) over the upstream loop (upstream.h).
+ * The split follows curl's protocol handlers: this core owns the call (its
+ * binding, cancellation, the one finish), the reference count, the request
+ * body and the upstream request in flight, and the choice of endpoint; a
+ * method (chat.c, complete.c) embeds a turn first in its own state and
+ * gives a turn_method saying what the upstream's bytes mean and what a
+ * finished request leads to.
+ *
+ * Fallbacks. Each request goes to the first endpoint whose circuit admits
+ * it. When it fails for the endpoint's sake (endpoints_report) and nothing
+ * of it reached the caller yet (the method sets t->shown when it sends
+ * something of the request on), the core rewinds the method's request
+ * state and sends the same body to the next endpoint that admits it; the
+ * method's on_done sees only the request that counted. Once something was
+ * shown, a failure is final: nothing is said twice.
  *
  * Threads. A turn is reached from the call's gRPC thread (the request, room
  * to write, cancellation), the upstream loop thread (body bytes, the end of
@@ -33,6 +42,7 @@
 #define CONVO_TURN_H
 
 #include "conf.h"
+#include "endpoints.h"
 #include "rpc.h"
 #include "srv.h"
 #include "upstream.h"
@@ -46,12 +56,6 @@
 #include <stdint.h>
 
 #define TURN_OPTS(X, S)                                                                            \
-    X(S, base_url, STR, "openai-base-url", "OPENAI_BASE_URL", "https://api.openai.com/v1",         \
-      "the OpenAI-compatible endpoint (the offline model: http://127.0.0.1:8089/v1)")              \
-    X(S, api_key, STR, "openai-api-key", "OPENAI_API_KEY", "",                                     \
-      "sent as a Bearer token; \"\" sends none")                                                   \
-    X(S, model, STR, "openai-model", "OPENAI_MODEL", "gpt-4o-mini",                                \
-      "the model when the request's params name none")                                             \
     X(S, max_answer_bytes, INT, "max-answer-bytes", "LLM_MAX_ANSWER_BYTES", "4194304",             \
       "one non-streamed upstream answer (Complete), and a round's text kept for the next")
 CONF_DECLARE(turn_opts, TURN_OPTS)
@@ -62,19 +66,20 @@ CONF_DECLARE(turn_opts, TURN_OPTS)
  * calls_mu there). */
 typedef struct turn_env {
     upstream *up;       /* borrowed */
+    endpoints *eps;     /* borrowed */
     const turn_opts *o; /* borrowed */
-    char *url;          /* base_url + "/chat/completions" */
     pthread_mutex_t calls_mu;
 } turn_env;
 
-/* Fills `e` over an upstream loop and options that outlive it. */
-void turn_env_init(turn_env *e, const turn_opts *o, upstream *up);
+/* Fills `e` over an upstream loop, endpoints and options that outlive it. */
+void turn_env_init(turn_env *e, const turn_opts *o, upstream *up, endpoints *eps);
 void turn_env_destroy(turn_env *e);
 
 typedef struct turn turn;
 
-/* A method's part. Hooks are called without t->mu and take it themselves;
- * they must check turn_live: the call may have ended meanwhile. */
+/* A method's part. The on_* hooks are called without t->mu and take it
+ * themselves; they must check turn_live: the call may have ended
+ * meanwhile. */
 typedef struct turn_method {
     const char *name; /* "Chat", for logs */
     int stream;       /* whether requests ask for an event stream */
@@ -84,6 +89,9 @@ typedef struct turn_method {
     void (*on_done)(turn *t, const upstream_done_info *info);
     /* Room to write again (the call's thread); NULL for unary methods. */
     void (*on_writable)(turn *t);
+    /* Forgets what the failed request left (parsers, partial text) before
+     * the same request goes to a fallback (loop thread, t->mu held). */
+    void (*rewind)(turn *t);
     /* Frees the method's state, when the last reference goes (no lock). */
     void (*free)(turn *t);
 } turn_method;
@@ -101,11 +109,15 @@ struct turn {
     json_object *messages; /* the body's "messages" array */
     upstream_req *req;     /* the request in flight, or NULL */
     int cancelled;         /* the caller went away */
+    size_t ep;             /* the endpoint of the request in flight or last made */
+    breaker_ticket ticket; /* its circuit's admission */
+    int shown;             /* something of that request reached the caller */
 };
 
 /* Sets up `t` (calloc'd by the method, which then fills its own part) for
- * `call`: the body with the model (params' or the default), temperature
- * and max_tokens. Two references: the call's and the starter's. */
+ * `call`: the body with temperature and max_tokens, the model wanted
+ * (params' or --openai-model). Two references: the call's and the
+ * starter's. */
 void turn_init(turn *t, const turn_method *m, turn_env *env, srv_call *call, const char *session_id,
                const Convo__V1__GenerationParams *p);
 /* Before turn_bind: finishes the call with `code` and `msg` and frees the
@@ -125,18 +137,6 @@ int turn_live(const turn *t);
 /* Finishes the call once (t->mu held); later calls do nothing. Drops the
  * call's reference, never the last: the caller holds one. */
 void turn_finish(turn *t, rpc_code code, const char *msg, const ProtobufCMessage *resp);
-/* Starts an upstream request with the body as it stands (t->mu held).
- * Returns 0 (the method's on_data/on_done follow), or UPSTREAM_EBUSY /
- * UPSTREAM_ESHUTDOWN with a reason in *why (no hook then). */
-int turn_request(turn *t, const char **why);
-
-/* Request building. */
-int turn_check_utf8(const char *s, const char *what, char *err, size_t errsize);
-void turn_add_message(turn *t, const char *role, const char *content);
-/* Appends history messages; -1 with a reason in `err` when one is not
- * UTF-8 (the body is then half built: refuse the turn). */
-int turn_add_history(turn *t, Convo__V1__Message **hist, size_t n, char *err, size_t errsize);
-
 /* How a failed request is told: ErrorEvent category and retryable for
  * Chat, the gRPC code for Complete, and a message for both. */
 typedef struct turn_failure {
@@ -145,6 +145,25 @@ typedef struct turn_failure {
     rpc_code code;
     char message[512];
 } turn_failure;
+
+/* Starts an upstream request with the body as it stands, at the first
+ * endpoint that admits it (t->mu held). Returns 0 (the method's on_data
+ * and on_done follow), or -1 with *f filled (no hook then): every circuit
+ * open, too many requests in flight, or shutting down. */
+int turn_request(turn *t, turn_failure *f);
+/* The endpoint's name and the model it was asked for, of the request in
+ * flight or last made (t->mu held). */
+const char *turn_upstream(const turn *t);
+const char *turn_model_asked(const turn *t);
+
+/* Request building. */
+int turn_check_utf8(const char *s, const char *what, char *err, size_t errsize);
+void turn_add_message(turn *t, const char *role, const char *content);
+/* Appends history messages; -1 with a reason in `err` when one is not
+ * UTF-8 (the body is then half built: refuse the turn). */
+int turn_add_history(turn *t, Convo__V1__Message **hist, size_t n, char *err, size_t errsize);
+
+/* The failure an ended request tells. */
 void turn_failure_of(const upstream_done_info *info, turn_failure *f);
 
 /* A text that grows by doubling up to a cap (an answer arrives a token at
