@@ -1,6 +1,8 @@
 /* gw — what every part of the gateway shares: its options, the loop, the
- * bridge from gRPC threads and the channels to the four services, and the
- * counters /api/health reports. One per process, created by main.c. */
+ * bridge from gRPC threads, the channels to the four services, the tables
+ * of its modules and the counters /api/health reports. One per process,
+ * created by main.c and handed to every module (libwebsockets callbacks
+ * find it as the context's user data); there is no global. */
 #ifndef GW_GW_H
 #define GW_GW_H
 
@@ -63,10 +65,11 @@
 CONF_DECLARE(gw_opts, GW_OPTS)
 
 struct lws_context;
+struct sess_table;
+struct ws_server;
 
 typedef struct gw_counters {
     atomic_long connections;     /* open WebSocket connections */
-    atomic_long sessions;        /* sessions in memory */
     atomic_long turns;           /* turns started */
     atomic_long turn_errors;     /* turns that ended with an error frame */
     atomic_long events_logged;   /* events stored by store-svc */
@@ -85,11 +88,10 @@ typedef struct gw {
     cli_channel *llm;
     cli_channel *store;
     cli_channel *summary;
+    struct ws_server *ws;        /* WebSocket connections (ws.h) */
+    struct sess_table *sessions; /* sessions in memory (session.h) */
     gw_counters counters;
     int stopping;
 } gw;
-
-/* The one gateway of the process. */
-extern gw *gw_main;
 
 #endif

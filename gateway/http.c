@@ -16,6 +16,9 @@
 
 #define SERVICES 4
 
+/* Deadline of each service's health check for /api/health. */
+#define HEALTH_TIMEOUT_MS 2000
+
 typedef enum route {
     ROUTE_HEALTH,
     ROUTE_SESSION,
@@ -23,6 +26,7 @@ typedef enum route {
 } route;
 
 typedef struct http_req {
+    gw *g;
     struct lws *wsi; /* NULL once the client is gone */
     route route;
     int pending; /* gRPC calls not yet answered */
@@ -127,11 +131,12 @@ static void finish_health(http_req *req)
         json_object_object_add(services, req->service_names[i], svc);
         all = all && st == 1;
     }
-    gw_counters *k = &gw_main->counters;
+    gw_counters *k = &req->g->counters;
     json_object *gwo = json_object_new_object();
     json_object_object_add(gwo, "status", json_object_new_string("SERVING"));
     json_object_object_add(gwo, "connections", json_object_new_int64(atomic_load(&k->connections)));
-    json_object_object_add(gwo, "sessions", json_object_new_int64((int64_t)sess_count()));
+    json_object_object_add(gwo, "sessions",
+                           json_object_new_int64((int64_t)sess_count(req->g->sessions)));
     json_object_object_add(gwo, "turns", json_object_new_int64(atomic_load(&k->turns)));
     json_object_object_add(gwo, "turn_errors", json_object_new_int64(atomic_load(&k->turn_errors)));
     json_object_object_add(gwo, "events_logged",
@@ -174,12 +179,12 @@ static void on_health_done(void *arg, rpc_code code, const char *message, Protob
         j->status = (int)((Grpc__Health__V1__HealthCheckResponse *)resp)->status;
         protobuf_c_message_free_unpacked(resp, NULL);
     }
-    bridge_post(gw_main->bridge, on_health_job, j);
+    bridge_post(j->req->g->bridge, on_health_job, j);
 }
 
 static void start_health(http_req *req)
 {
-    gw *g = gw_main;
+    gw *g = req->g;
     cli_channel *chans[SERVICES] = {g->router, g->llm, g->store, g->summary};
     const char *names[SERVICES] = {"router-svc", "llm-svc", "store-svc", "summary-svc"};
     req->route = ROUTE_HEALTH;
@@ -192,7 +197,7 @@ static void start_health(http_req *req)
         j->index = i;
         Grpc__Health__V1__HealthCheckRequest hreq = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
         hreq.service = "";
-        cli_opts o = {.timeout_ms = 2000};
+        cli_opts o = {.timeout_ms = HEALTH_TIMEOUT_MS};
         if (cli_unary(chans[i], "/grpc.health.v1.Health/Check", &hreq.base,
                       &grpc__health__v1__health_check_response__descriptor, &o, on_health_done, j,
                       NULL) != 0) {
@@ -304,16 +309,16 @@ static void on_session_done(void *arg, rpc_code code, const char *message, Proto
     j->code = code;
     j->message = mem_strdup(message != NULL ? message : "");
     j->resp = resp;
-    bridge_post(gw_main->bridge, on_session_job, j);
+    bridge_post(j->req->g->bridge, on_session_job, j);
 }
 
 static void start_get_session(http_req *req)
 {
     Convo__V1__GetSessionRequest greq = CONVO__V1__GET_SESSION_REQUEST__INIT;
     greq.session_id = req->session_id;
-    cli_opts o = {.timeout_ms = gw_main->opts.store_timeout_ms};
+    cli_opts o = {.timeout_ms = req->g->opts.store_timeout_ms};
     req->pending++;
-    if (cli_unary(gw_main->store, "/convo.v1.Store/GetSession", &greq.base,
+    if (cli_unary(req->g->store, "/convo.v1.Store/GetSession", &greq.base,
                   &convo__v1__get_session_response__descriptor, &o, on_session_done, req,
                   NULL) != 0) {
         req->pending--;
@@ -325,9 +330,9 @@ static void start_get_summary(http_req *req)
 {
     Convo__V1__GetSummaryRequest sreq = CONVO__V1__GET_SUMMARY_REQUEST__INIT;
     sreq.session_id = req->session_id;
-    cli_opts o = {.timeout_ms = gw_main->opts.store_timeout_ms};
+    cli_opts o = {.timeout_ms = req->g->opts.store_timeout_ms};
     req->pending++;
-    if (cli_unary(gw_main->summary, "/convo.v1.Summary/GetSummary", &sreq.base,
+    if (cli_unary(req->g->summary, "/convo.v1.Summary/GetSummary", &sreq.base,
                   &convo__v1__get_summary_response__descriptor, &o, on_session_done, req,
                   NULL) != 0) {
         req->pending--;
@@ -356,7 +361,7 @@ static void api_info(http_req *req)
 
 /* Serves a file of the web page; refuses anything that could leave the
  * folder. Returns the callback's result. */
-static int serve_file(struct lws *wsi, const char *rel)
+static int serve_file(gw *g, struct lws *wsi, const char *rel)
 {
     static const struct {
         const char *ext, *mime;
@@ -378,7 +383,7 @@ static int serve_file(struct lws *wsi, const char *rel)
     if (mime == NULL)
         return lws_return_http_status(wsi, 404, NULL) ? -1 : 0;
     char path[1024];
-    snprintf(path, sizeof path, "%s/%s", gw_main->opts.web_root, rel);
+    snprintf(path, sizeof path, "%s/%s", g->opts.web_root, rel);
     int n = lws_serve_http_file(wsi, path, mime, NULL, 0);
     if (n < 0)
         return -1;
@@ -387,7 +392,7 @@ static int serve_file(struct lws *wsi, const char *rel)
     return 0;
 }
 
-int http_on_request(struct lws *wsi, const char *uri)
+int http_on_request(gw *g, struct lws *wsi, const char *uri)
 {
     if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) <= 0)
         return lws_return_http_status(wsi, 405, "only GET is served") ? -1 : 0;
@@ -398,9 +403,10 @@ int http_on_request(struct lws *wsi, const char *uri)
         return lws_http_transaction_completed(wsi) ? -1 : 0;
     }
     if (strncmp(uri, "/app/", 5) == 0)
-        return serve_file(wsi, uri + 5);
+        return serve_file(g, wsi, uri + 5);
 
     http_req *req = mem_calloc(1, sizeof *req);
+    req->g = g;
     req->wsi = wsi;
     lws_set_opaque_user_data(wsi, req);
 
@@ -412,20 +418,14 @@ int http_on_request(struct lws *wsi, const char *uri)
     } else if (strncmp(uri, prefix, strlen(prefix)) == 0) {
         const char *id = uri + strlen(prefix);
         const char *slash = strchr(id, '/');
-        size_t idlen = slash != NULL ? (size_t)(slash - id) : strlen(id);
-        int ok = idlen > 0 && idlen <= 128;
-        for (size_t i = 0; ok && i < idlen; i++)
-            ok = check_id_char(id[i]);
-        if (!ok) {
-            respond_error(req, 400,
-                          "the session id must be 1 to 128 characters from "
-                          "A-Z a-z 0-9 . _ -");
+        req->session_id = mem_strndup(id, slash != NULL ? (size_t)(slash - id) : strlen(id));
+        char err[160];
+        if (check_id("session_id", req->session_id, err, sizeof err) != 0) {
+            respond_error(req, 400, err);
         } else if (slash == NULL) {
-            req->session_id = mem_strndup(id, idlen);
             req->route = ROUTE_SESSION;
             start_get_session(req);
         } else if (strcmp(slash, "/summary") == 0) {
-            req->session_id = mem_strndup(id, idlen);
             req->route = ROUTE_SUMMARY;
             start_get_summary(req);
         } else {

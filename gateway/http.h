@@ -12,11 +12,13 @@
 #ifndef GW_HTTP_H
 #define GW_HTTP_H
 
+#include "gw.h"
+
 struct lws;
 
 /* LWS_CALLBACK_HTTP. The request rides on the connection's opaque user
  * data (libwebsockets gives HTTP connections no per-session data). */
-int http_on_request(struct lws *wsi, const char *uri);
+int http_on_request(gw *g, struct lws *wsi, const char *uri);
 /* LWS_CALLBACK_HTTP_WRITEABLE. */
 int http_on_writeable(struct lws *wsi);
 /* LWS_CALLBACK_CLOSED_HTTP: forgets the connection; a request still

@@ -7,6 +7,7 @@
  * token is the gateway's commonest event, so with thousands of sessions
  * epoll is the difference. */
 #include "gw.h"
+#include "http.h"
 #include "log.h"
 #include "mem.h"
 #include "proc.h"
@@ -36,25 +37,38 @@
 /* How often the shutdown checks whether every session has ended. */
 #define SHUTDOWN_TICK_S 0.1
 
-gw *gw_main;
+/* The largest gRPC message the gateway sends or receives: the services'
+ * default --max-message-bytes (GRPC_MAX_MESSAGE_BYTES). */
+#define GW_GRPC_MAX_MESSAGE_BYTES (4 << 20)
 
-static atomic_int stop_signal;
-static struct ev_loop *loop;
-static ev_async stop_watcher;
+/* Bytes libwebsockets reads and writes at once per service thread. */
+#define GW_LWS_SERV_BUF 32768
+
+/* Seconds a pinged connection gets to answer before it is hung up. */
+#define GW_PING_GRACE_SECS 10
+
+/* The process around the gateway: its loop and how it stops. */
+typedef struct runner {
+    gw *g;
+    struct ev_loop *loop;
+    ev_async stop_watcher;
+    atomic_int stop_signal;
+    int64_t shutdown_deadline;
+} runner;
 
 /* Signals are blocked in every thread (the gRPC core's too); this one
  * waits for them and wakes the loop, which is the only safe way in. */
 static void *signal_thread(void *arg)
 {
-    (void)arg;
+    runner *r = arg;
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
     int sig = 0;
     sigwait(&set, &sig);
-    atomic_store(&stop_signal, sig);
-    ev_async_send(loop, &stop_watcher);
+    atomic_store(&r->stop_signal, sig);
+    ev_async_send(r->loop, &r->stop_watcher);
     return NULL;
 }
 
@@ -65,14 +79,36 @@ static void on_stop(struct ev_loop *l, ev_async *w, int revents)
     ev_break(l, EVBREAK_ALL);
 }
 
-static int64_t shutdown_deadline;
-
 static void on_shutdown_tick(struct ev_loop *l, ev_timer *w, int revents)
 {
-    (void)w;
     (void)revents;
-    if (sess_count() == 0 || rpc_now_ms() >= shutdown_deadline)
+    runner *r = w->data;
+    if (sess_count(r->g->sessions) == 0 || rpc_now_ms() >= r->shutdown_deadline)
         ev_break(l, EVBREAK_ALL);
+}
+
+/* The one libwebsockets protocol: HTTP requests go to http.c, WebSocket
+ * connections to ws.c, and a wake-up from a gRPC thread drains the bridge. */
+static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in,
+                  size_t len)
+{
+    gw *g = lws_context_user(lws_get_context(wsi));
+    switch (reason) {
+    case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
+        bridge_drain(g->bridge);
+        return 0;
+    case LWS_CALLBACK_HTTP:
+        return http_on_request(g, wsi, (const char *)in);
+    case LWS_CALLBACK_HTTP_WRITEABLE:
+        return http_on_writeable(wsi);
+    case LWS_CALLBACK_HTTP_FILE_COMPLETION:
+        return lws_http_transaction_completed(wsi) ? -1 : 0;
+    case LWS_CALLBACK_CLOSED_HTTP:
+        http_on_closed(wsi);
+        return 0;
+    default:
+        return ws_callback(wsi, reason, user, in, len);
+    }
 }
 
 static void lws_log(int level, const char *line)
@@ -123,7 +159,7 @@ int main(int argc, char **argv)
     proc_raise_fd_limit();
 
     static gw g;
-    gw_main = &g;
+    static runner run = {.g = &g};
     conf_section secs[] = {CONF_SECTION(gw_opts, &g.opts), CONF_SECTION(cli_conf, &g.client_opts)};
     int prc = conf_parse(argc, argv, "gateway",
                          "WebSocket sessions relayed over gRPC to the convo services, REST and "
@@ -154,20 +190,23 @@ int main(int argc, char **argv)
                  g.opts.web_root);
 
     g.bridge = bridge_create();
-    g.client = cli_create((int)g.opts.grpc_threads, 4 << 20);
+    g.client = cli_create((int)g.opts.grpc_threads, GW_GRPC_MAX_MESSAGE_BYTES);
     g.router = cli_channel_create(g.client, g.opts.router, g.client_opts.round_robin);
     g.llm = cli_channel_create(g.client, g.opts.llm, g.client_opts.round_robin);
     g.store = cli_channel_create(g.client, g.opts.store, g.client_opts.round_robin);
     g.summary = cli_channel_create(g.client, g.opts.summary, g.client_opts.round_robin);
 
+    g.sessions = sess_table_create(&g);
+    g.ws = ws_server_create(&g, sess_open, g.sessions);
+
     static struct lws_protocols protocols[] = {
-        {"convo", ws_callback, 0, 0, 0, NULL, 0},
+        {"convo", on_lws, 0, 0, 0, NULL, 0},
         {NULL, NULL, 0, 0, 0, NULL, 0},
     };
     protocols[0].per_session_data_size = ws_session_data_size();
     lws_retry_bo_t retry = {
         .secs_since_valid_ping = (uint16_t)g.opts.ping_secs,
-        .secs_since_valid_hangup = (uint16_t)(g.opts.ping_secs + 10),
+        .secs_since_valid_hangup = (uint16_t)(g.opts.ping_secs + GW_PING_GRACE_SECS),
     };
     struct lws_context_creation_info info;
     memset(&info, 0, sizeof info);
@@ -177,13 +216,14 @@ int main(int argc, char **argv)
     info.options = LWS_SERVER_OPTION_VALIDATE_UTF8 | LWS_SERVER_OPTION_DISABLE_IPV6;
     if (g.opts.ping_secs > 0)
         info.retry_and_idle_policy = &retry;
-    info.pt_serv_buf_size = 32768;
-    loop = ev_loop_new(EVFLAG_AUTO);
-    if (loop == NULL) {
+    info.pt_serv_buf_size = GW_LWS_SERV_BUF;
+    info.user = &g;
+    run.loop = ev_loop_new(EVFLAG_AUTO);
+    if (run.loop == NULL) {
         log_error("cannot create the event loop (libev): out of memory or descriptors");
         goto out;
     }
-    void *foreign[] = {loop};
+    void *foreign[] = {run.loop};
     info.options |= LWS_SERVER_OPTION_LIBEV;
     info.foreign_loops = foreign;
     g.ctx = lws_create_context(&info);
@@ -195,42 +235,46 @@ int main(int argc, char **argv)
         goto out;
     }
     bridge_set_context(g.bridge, g.ctx);
-    ev_async_init(&stop_watcher, on_stop);
-    ev_async_start(loop, &stop_watcher);
+    ev_async_init(&run.stop_watcher, on_stop);
+    ev_async_start(run.loop, &run.stop_watcher);
     pthread_t sigthr;
-    pthread_create(&sigthr, NULL, signal_thread, NULL);
+    pthread_create(&sigthr, NULL, signal_thread, &run);
     pthread_detach(sigthr);
     log_info("gateway %s serving HTTP and WebSocket on %s:%d (router %s, llm %s, store %s, "
              "summary %s; web page /app/ from %s)",
              conf_version(), host, port, g.opts.router, g.opts.llm, g.opts.store, g.opts.summary,
              g.opts.web_root);
 
-    ev_run(loop, 0);
+    ev_run(run.loop, 0);
 
     /* Shutdown: close every connection, then give sessions a bounded time
      * to store their last events and end. */
     log_info("gateway: shutting down (%s); %zu sessions to close",
-             atomic_load(&stop_signal) == SIGTERM ? "SIGTERM" : "SIGINT", sess_count());
+             atomic_load(&run.stop_signal) == SIGTERM ? "SIGTERM" : "SIGINT",
+             sess_count(g.sessions));
     g.stopping = 1;
-    sess_close_all(&g);
-    shutdown_deadline = rpc_now_ms() + SHUTDOWN_FLUSH_MS;
+    sess_close_all(g.sessions);
+    run.shutdown_deadline = rpc_now_ms() + SHUTDOWN_FLUSH_MS;
     ev_timer tick;
     ev_timer_init(&tick, on_shutdown_tick, 0., SHUTDOWN_TICK_S);
-    ev_timer_start(loop, &tick);
-    ev_run(loop, 0);
-    ev_timer_stop(loop, &tick);
-    if (sess_count() > 0)
-        log_warn("gateway: %zu sessions could not store their last events in time", sess_count());
+    tick.data = &run;
+    ev_timer_start(run.loop, &tick);
+    ev_run(run.loop, 0);
+    ev_timer_stop(run.loop, &tick);
+    if (sess_count(g.sessions) > 0)
+        log_warn("gateway: %zu sessions could not store their last events in time",
+                 sess_count(g.sessions));
     rc = 0;
 out:
     if (g.client != NULL)
         cli_destroy(&g.client);
     if (g.ctx != NULL)
         lws_context_destroy(g.ctx);
-    if (loop != NULL) {
-        ev_async_stop(loop, &stop_watcher);
-        ev_loop_destroy(loop);
+    if (run.loop != NULL) {
+        ev_async_stop(run.loop, &run.stop_watcher);
+        ev_loop_destroy(run.loop);
     }
+    ws_server_destroy(&g.ws);
     bridge_destroy(&g.bridge);
     conf_free(secs, 2);
     return rc;

@@ -12,10 +12,11 @@
 #include <libwebsockets.h>
 #include <string.h>
 
-#define BUCKETS    4096
+#define BUCKETS    4096 /* of the session table */
 #define RATE_BURST 20
 #define ANSWER_CAP (1 << 20) /* an answer's text kept in history */
 
+typedef struct session session;
 typedef struct turn turn;
 
 struct session {
@@ -61,14 +62,29 @@ struct turn {
     int64_t start_ms;
 };
 
-static session *buckets[BUCKETS];
-static size_t live_sessions;
+struct sess_table {
+    gw *g;
+    session *buckets[BUCKETS];
+    size_t live;
+};
 
 static void sess_unref(session *s);
 static void start_next_turn(session *s);
-void sess_detach(session *s, conn *c);
+static void sess_on_sent(void *peer, long charge);
+static void sess_on_text(void *peer, const char *data, size_t len);
+static void sess_detach(void *peer, conn *c);
+
+/* What the connection attached to a session calls. */
+static const conn_peer_ops sess_peer_ops = {sess_on_text, sess_on_sent, sess_detach};
 
 /* ---- registry ------------------------------------------------------- */
+
+sess_table *sess_table_create(gw *g)
+{
+    sess_table *t = mem_calloc(1, sizeof *t);
+    t->g = g;
+    return t;
+}
 
 static size_t bucket_of(const char *id)
 {
@@ -78,17 +94,17 @@ static size_t bucket_of(const char *id)
     return (size_t)(h % BUCKETS);
 }
 
-static session *find(const char *id)
+static session *find(sess_table *t, const char *id)
 {
-    for (session *s = buckets[bucket_of(id)]; s != NULL; s = s->next)
+    for (session *s = t->buckets[bucket_of(id)]; s != NULL; s = s->next)
         if (strcmp(s->id, id) == 0)
             return s;
     return NULL;
 }
 
-static void unlink_session(session *s)
+static void unlink_session(sess_table *t, session *s)
 {
-    for (session **p = &buckets[bucket_of(s->id)]; *p != NULL; p = &(*p)->next) {
+    for (session **p = &t->buckets[bucket_of(s->id)]; *p != NULL; p = &(*p)->next) {
         if (*p == s) {
             *p = s->next;
             return;
@@ -96,15 +112,13 @@ static void unlink_session(session *s)
     }
 }
 
-size_t sess_count(void)
+size_t sess_count(const sess_table *t)
 {
-    return live_sessions;
+    return t->live;
 }
 
 /* ---- output ---------------------------------------------------------- */
 
-/* Sends a frame to the attached connection, if any; the frame is charged
- * to the session until written. */
 /* Sends a frame whose `charge` is already counted in out_bytes; with no
  * connection the charge is given back at once. */
 static void send_charged(session *s, char *frame, size_t len, long charge)
@@ -130,8 +144,11 @@ static void send_error(session *s, const char *code, const char *content, uint64
     send_frame(s, f, len);
 }
 
-void sess_on_sent(session *s, long charge)
+/* `charge` bytes of frames left the connection's queue (written or
+ * dropped); may resume a paused answer stream. */
+static void sess_on_sent(void *peer, long charge)
 {
+    session *s = peer;
     long left = atomic_fetch_sub(&s->out_bytes, charge) - charge;
     if (left <= s->g->opts.max_out_bytes / 2 && atomic_exchange(&s->paused, 0) && s->cur != NULL &&
         s->cur->chat != NULL)
@@ -570,8 +587,9 @@ static void cancel_turn(session *s)
     stop_turn(t);
 }
 
-void sess_on_text(session *s, const char *data, size_t len)
+static void sess_on_text(void *peer, const char *data, size_t len)
 {
+    session *s = peer;
     frame_in in;
     frame_parse(data, len, (size_t)s->g->opts.max_message_bytes, &in);
     if (in.kind == FRAME_INVALID) {
@@ -712,9 +730,8 @@ static void on_open(void *arg, rpc_code code, const char *message,
 
 static void sess_free(session *s)
 {
-    unlink_session(s);
-    live_sessions--;
-    atomic_fetch_sub(&s->g->counters.sessions, 1);
+    unlink_session(s->g->sessions, s);
+    s->g->sessions->live--;
     evlog_destroy(&s->log);
     hist_destroy(&s->history);
     for (size_t i = 0; i < s->nqueue; i++)
@@ -766,25 +783,26 @@ static session *sess_create(gw *g, const char *id, const char *user_id)
     s->tokens = RATE_BURST;
     s->refill_ms = lws_now_usecs() / 1000;
     s->refs = 1; /* the evlog, until it is closed */
+    sess_table *t = g->sessions;
     size_t b = bucket_of(id);
-    s->next = buckets[b];
-    buckets[b] = s;
-    live_sessions++;
-    atomic_fetch_add(&g->counters.sessions, 1);
+    s->next = t->buckets[b];
+    t->buckets[b] = s;
+    t->live++;
     s->log = evlog_create(g, id, user_id, on_open, s);
     return s;
 }
 
-session *sess_attach(gw *g, conn *c, const char *id, const char *user_id)
+void sess_open(void *table, conn *c, const char *id, const char *user_id)
 {
-    session *s = find(id);
+    sess_table *t = table;
+    session *s = find(t, id);
     if (s != NULL && strcmp(s->user_id, user_id) != 0) {
-        atomic_fetch_add(&g->counters.refused, 1);
+        atomic_fetch_add(&s->g->counters.refused, 1);
         conn_close(c, WS_CLOSE_FORBIDDEN, "forbidden", "this session belongs to another user");
-        return NULL;
+        return;
     }
     if (s == NULL) {
-        s = sess_create(g, id, user_id);
+        s = sess_create(t->g, id, user_id);
     } else {
         if (s->conn != NULL) {
             /* Takeover: the answer being streamed goes on, to the new
@@ -809,15 +827,17 @@ session *sess_attach(gw *g, conn *c, const char *id, const char *user_id)
         s->resumed = 1;
     }
     s->conn = c;
+    conn_attach(c, &sess_peer_ops, s);
     s->refs++;
     record_system(s, "connected", 0, NULL);
     if (s->open_answered && !s->loading)
         announce(s);
-    return s;
 }
 
-void sess_detach(session *s, conn *c)
+/* The connection went away (closed by either side). */
+static void sess_detach(void *peer, conn *c)
 {
+    session *s = peer;
     if (s->conn != c)
         return;
     s->conn = NULL;
@@ -839,13 +859,13 @@ void sess_detach(session *s, conn *c)
     sess_unref(s);
 }
 
-void sess_close_all(gw *g)
+void sess_close_all(sess_table *t)
 {
     for (size_t b = 0; b < BUCKETS; b++) {
-        for (session *s = buckets[b], *next; s != NULL; s = next) {
+        for (session *s = t->buckets[b], *next; s != NULL; s = next) {
             next = s->next;
             if (s->conn != NULL) {
-                kick(s, 1001, "going_away", "the server is restarting; reconnect");
+                kick(s, WS_CLOSE_GOING_AWAY, "going_away", "the server is restarting; reconnect");
             } else if (s->end_timer_armed) {
                 lws_sul_cancel(&s->end_timer);
                 s->end_timer_armed = 0;

@@ -19,22 +19,17 @@
 
 #include <stddef.h>
 
-typedef struct session session;
+/* The sessions in memory, by id; owned by gw (gw.sessions). */
+typedef struct sess_table sess_table;
 
-/* Attaches a new connection to session `id` of `user_id`, creating or
- * loading the session. Returns NULL after closing the connection when the
- * session is another user's (in memory). */
-session *sess_attach(gw *g, conn *c, const char *id, const char *user_id);
-/* The connection went away (closed by either side). */
-void sess_detach(session *s, conn *c);
-/* A complete text message from the client. */
-void sess_on_text(session *s, const char *data, size_t len);
-/* `charge` bytes of frames left the connection's queue (written or
- * dropped); may resume a paused answer stream. */
-void sess_on_sent(session *s, long charge);
+sess_table *sess_table_create(gw *g);
+/* A ws_open_fn (arg: the table): attaches connection `c` to session `id`
+ * of `user_id`, creating or loading the session, or closes the connection
+ * when the session is another user's (in memory). */
+void sess_open(void *table, conn *c, const char *id, const char *user_id);
 /* Sessions in memory. */
-size_t sess_count(void);
+size_t sess_count(const sess_table *t);
 /* Detaches every connection and closes every session (shutdown). */
-void sess_close_all(gw *g);
+void sess_close_all(sess_table *t);
 
 #endif

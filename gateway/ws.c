@@ -2,16 +2,34 @@
 
 #include "check.h"
 #include "frame.h"
-#include "gw.h"
-#include "http.h"
 #include "log.h"
 #include "mem.h"
-#include "session.h"
 
 #include <libwebsockets.h>
 #include <string.h>
 
 #define WS_PATH_PREFIX "/ws/session/"
+
+/* Queued frames go out together, up to this many bytes a write: a burst of
+ * tokens costs one send, not one each. A larger frame goes alone. */
+#define WS_WRITE_BATCH 32768
+
+/* A client that sends but never reads is closed once this many times
+ * --max-out-buffer-bytes waits for it, plus some slack: answers pause at
+ * the bound, but error frames and queued notices still add up. */
+#define WS_UNREAD_FACTOR 4
+#define WS_UNREAD_SLACK  65536
+
+/* A query argument's longest copy: an id over CHECK_ID_MAX still fits, so
+ * it is refused as too long rather than silently cut. */
+#define WS_ARG_MAX 512
+
+struct ws_server {
+    gw *g;
+    ws_open_fn open;
+    void *open_arg;
+    unsigned char batch[LWS_PRE + WS_WRITE_BATCH]; /* gathered frames of one write */
+};
 
 typedef struct out_frame {
     struct out_frame *next;
@@ -22,8 +40,9 @@ typedef struct out_frame {
 
 struct conn {
     struct lws *wsi;
-    gw *g;
-    session *s;
+    ws_server *ws;
+    const conn_peer_ops *ops; /* the peer's, while one is attached */
+    void *peer;
     out_frame *head, *tail;
     size_t out_bytes;
     char *rx; /* the message being reassembled */
@@ -41,6 +60,44 @@ typedef struct pss {
 size_t ws_session_data_size(void)
 {
     return sizeof(pss);
+}
+
+ws_server *ws_server_create(gw *g, ws_open_fn open, void *arg)
+{
+    ws_server *ws = mem_calloc(1, sizeof *ws);
+    ws->g = g;
+    ws->open = open;
+    ws->open_arg = arg;
+    return ws;
+}
+
+void ws_server_destroy(ws_server **wsp)
+{
+    mem_free(*wsp);
+    *wsp = NULL;
+}
+
+void conn_attach(conn *c, const conn_peer_ops *ops, void *peer)
+{
+    c->ops = ops;
+    c->peer = peer;
+}
+
+/* Tells the peer the bytes are off the queue, if one is attached. */
+static void sent(conn *c, long charge)
+{
+    if (c->peer != NULL)
+        c->ops->on_sent(c->peer, charge);
+}
+
+/* Closes the connection for a reason of its own and tells the peer. */
+static void close_and_tell(conn *c, int code, const char *error_code, const char *reason)
+{
+    void *peer = c->peer;
+    const conn_peer_ops *ops = c->ops;
+    conn_close(c, code, error_code, reason);
+    if (peer != NULL)
+        ops->on_gone(peer, c);
 }
 
 static void enqueue(conn *c, char *frame, size_t len, long charge)
@@ -64,42 +121,47 @@ void conn_send(conn *c, char *frame, size_t len, long charge)
 {
     if (c->closing) {
         mem_free(frame);
-        if (c->s != NULL)
-            sess_on_sent(c->s, charge);
+        sent(c, charge);
         return;
     }
     enqueue(c, frame, len, charge);
     /* A client that sends but never reads would grow this queue without
      * bound (answers pause at --max-out-buffer-bytes; error frames do not). */
-    if (c->out_bytes > 4 * (size_t)c->g->opts.max_out_bytes + 65536 && c->s != NULL) {
-        session *s = c->s;
+    size_t unread_max = WS_UNREAD_FACTOR * (size_t)c->ws->g->opts.max_out_bytes + WS_UNREAD_SLACK;
+    if (c->out_bytes > unread_max && c->peer != NULL) {
         log_warn("closing a connection that does not read its frames (%zu bytes waiting)",
                  c->out_bytes);
-        conn_close(c, 1008, "not_reading", "the connection does not read what is sent to it");
-        sess_detach(s, c);
+        close_and_tell(c, WS_CLOSE_POLICY, "not_reading",
+                       "the connection does not read what is sent to it");
     }
+}
+
+/* Frames queued now will never be read: their charges go back while the
+ * peer is still known. */
+static void give_back(conn *c)
+{
+    long returned = 0;
+    for (out_frame *f = c->head; f != NULL; f = f->next) {
+        returned += f->charge;
+        f->charge = 0;
+    }
+    if (returned > 0)
+        sent(c, returned);
 }
 
 void conn_close(conn *c, int code, const char *error_code, const char *reason)
 {
     if (c->closing)
         return;
-    /* Frames queued now will never be read: give their charges back while
-     * the session is still known. */
-    long returned = 0;
-    for (out_frame *f = c->head; f != NULL; f = f->next) {
-        returned += f->charge;
-        f->charge = 0;
-    }
-    if (c->s != NULL && returned > 0)
-        sess_on_sent(c->s, returned);
+    give_back(c);
     size_t len;
     char *f = frame_error(error_code, reason, 0, &len);
     enqueue(c, f, len, 0);
     c->closing = 1;
     c->close_code = code;
     snprintf(c->close_reason, sizeof c->close_reason, "%s", error_code);
-    c->s = NULL;
+    c->peer = NULL;
+    c->ops = NULL;
     lws_callback_on_writable(c->wsi);
 }
 
@@ -107,27 +169,25 @@ static void conn_free(conn *c)
 {
     for (out_frame *f = c->head, *next; f != NULL; f = next) {
         next = f->next;
-        if (c->s != NULL)
-            sess_on_sent(c->s, f->charge);
         mem_free(f);
     }
     mem_free(c->rx);
     mem_free(c);
 }
 
-/* A new WebSocket connection: check the path, ids and limits, then attach
- * it to its session. */
-static void on_established(struct lws *wsi, pss *p)
+/* A new WebSocket connection: check the path, ids and limits, then hand
+ * it to the open function. */
+static void on_established(ws_server *ws, struct lws *wsi, pss *p)
 {
-    gw *g = gw_main;
+    gw *g = ws->g;
     conn *c = mem_calloc(1, sizeof *c);
     c->wsi = wsi;
-    c->g = g;
+    c->ws = ws;
     p->ws = c;
     long open = atomic_fetch_add(&g->counters.connections, 1) + 1;
 
-    char uri[512] = "";
-    char userarg[512] = "";
+    char uri[WS_ARG_MAX] = "";
+    char userarg[WS_ARG_MAX] = "";
     char err[160];
     lws_hdr_copy(wsi, uri, sizeof uri, WSI_TOKEN_GET_URI);
     const char *id = strncmp(uri, WS_PATH_PREFIX, strlen(WS_PATH_PREFIX)) == 0
@@ -150,15 +210,9 @@ static void on_established(struct lws *wsi, pss *p)
                    "user_id must be 1 to 128 characters from A-Z a-z 0-9 . _ -");
     } else {
         /* Without a user_id the session id stands in for it, as in the seed. */
-        c->s = sess_attach(g, c, id, has_user ? user : id);
+        ws->open(ws->open_arg, c, id, has_user ? user : id);
     }
 }
-
-/* Queued frames go out together, up to this many bytes a write: a burst of
- * tokens costs one send, not one each. A larger frame goes alone. */
-#define WS_WRITE_BATCH 32768
-
-static unsigned char batch[LWS_PRE + WS_WRITE_BATCH]; /* loop thread only */
 
 /* Takes the head frame off the queue; the caller frees it. */
 static out_frame *pop(conn *c)
@@ -171,11 +225,12 @@ static out_frame *pop(conn *c)
     return f;
 }
 
-/* Copies frames from the head of the queue into `batch`, each with its
- * header, while they fit. Returns the bytes gathered (0: the head frame is
- * too big to share a write) and their charges in *charge. */
+/* Copies frames from the head of the queue into the server's batch, each
+ * with its header, while they fit. Returns the bytes gathered (0: the head
+ * frame is too big to share a write) and their charges in *charge. */
 static size_t gather(conn *c, long *charge)
 {
+    unsigned char *batch = c->ws->batch;
     size_t n = 0;
     *charge = 0;
     while (c->head != NULL && n + FRAME_WS_HEADER_MAX + c->head->len <= WS_WRITE_BATCH) {
@@ -203,15 +258,14 @@ static int on_writeable(struct lws *wsi, conn *c)
         size_t len = gather(c, &charge);
         int w;
         if (len > 0) {
-            w = lws_write(wsi, batch + LWS_PRE, len, LWS_WRITE_RAW);
+            w = lws_write(wsi, c->ws->batch + LWS_PRE, len, LWS_WRITE_RAW);
         } else {
             out_frame *f = pop(c);
             w = lws_write(wsi, f->data + LWS_PRE, f->len, LWS_WRITE_TEXT);
             charge = f->charge;
             mem_free(f);
         }
-        if (c->s != NULL)
-            sess_on_sent(c->s, charge);
+        sent(c, charge);
         if (w < 0)
             return -1;
     }
@@ -229,22 +283,19 @@ static int on_writeable(struct lws *wsi, conn *c)
 
 static int on_receive(struct lws *wsi, conn *c, const char *in, size_t len)
 {
-    if (c->closing || c->s == NULL)
+    if (c->closing || c->peer == NULL)
         return 0;
     if (lws_frame_is_binary(wsi)) {
-        session *s = c->s;
-        conn_close(c, WS_CLOSE_UNSUPPORTED, "binary_frame",
-                   "binary frames are not accepted; send JSON text frames");
-        sess_detach(s, c);
+        close_and_tell(c, WS_CLOSE_UNSUPPORTED, "binary_frame",
+                       "binary frames are not accepted; send JSON text frames");
         return 0;
     }
-    if (c->rx_len + len > (size_t)c->g->opts.max_frame_bytes) {
-        session *s = c->s;
+    long long max_frame = c->ws->g->opts.max_frame_bytes;
+    if (c->rx_len + len > (size_t)max_frame) {
         char reason[128];
         snprintf(reason, sizeof reason, "a message is larger than the limit of %lld bytes",
-                 c->g->opts.max_frame_bytes);
-        conn_close(c, WS_CLOSE_TOO_BIG, "frame_too_big", reason);
-        sess_detach(s, c);
+                 max_frame);
+        close_and_tell(c, WS_CLOSE_TOO_BIG, "frame_too_big", reason);
         return 0;
     }
     c->rx = mem_realloc(c->rx, c->rx_len + len + 1);
@@ -253,20 +304,18 @@ static int on_receive(struct lws *wsi, conn *c, const char *in, size_t len)
     if (lws_is_final_fragment(wsi) && lws_remaining_packet_payload(wsi) == 0) {
         size_t n = c->rx_len;
         c->rx_len = 0;
-        sess_on_text(c->s, c->rx, n);
+        c->ops->on_text(c->peer, c->rx, n);
     }
     return 0;
 }
 
 int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in, size_t len)
 {
+    gw *g = lws_context_user(lws_get_context(wsi));
     pss *p = user;
     switch (reason) {
-    case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
-        bridge_drain(gw_main->bridge);
-        return 0;
     case LWS_CALLBACK_ESTABLISHED:
-        on_established(wsi, p);
+        on_established(g->ws, wsi, p);
         return 0;
     case LWS_CALLBACK_RECEIVE:
         return p->ws != NULL ? on_receive(wsi, p->ws, in, len) : -1;
@@ -276,20 +325,16 @@ int ws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, v
         if (p->ws != NULL) {
             conn *c = p->ws;
             p->ws = NULL;
-            if (c->s != NULL)
-                sess_detach(c->s, c);
+            if (c->peer != NULL) {
+                give_back(c);
+                void *peer = c->peer;
+                const conn_peer_ops *ops = c->ops;
+                c->peer = NULL;
+                ops->on_gone(peer, c);
+            }
             conn_free(c);
-            atomic_fetch_sub(&gw_main->counters.connections, 1);
+            atomic_fetch_sub(&g->counters.connections, 1);
         }
-        return 0;
-    case LWS_CALLBACK_HTTP:
-        return http_on_request(wsi, (const char *)in);
-    case LWS_CALLBACK_HTTP_WRITEABLE:
-        return http_on_writeable(wsi);
-    case LWS_CALLBACK_HTTP_FILE_COMPLETION:
-        return lws_http_transaction_completed(wsi) ? -1 : 0;
-    case LWS_CALLBACK_CLOSED_HTTP:
-        http_on_closed(wsi);
         return 0;
     default:
         break;

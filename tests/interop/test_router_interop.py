@@ -27,7 +27,7 @@ def router():
     # debug: router-svc logs each decision, which shows the x-request-id.
     with Service("router-svc", args=["--log-level", "debug"]) as svc:
         yield svc
-    # Every line it wrote is one JSON object (DESIGN.md, Logs).
+    # Every line it wrote is one JSON object (README: logs).
     for line in svc.log_lines(strict=True):
         assert {"time", "level", "service", "message"} <= line.keys(), line
 
