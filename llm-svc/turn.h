@@ -23,8 +23,10 @@
  * - t->mu guards the fields marked "under mu" here and the method's own
  *   mutable state. It is held across srv_call_send/finish and
  *   upstream_start/cancel/resume (they only queue work and never call back
- *   on the calling thread); it is never held across tools_call nor while
- *   the core calls a turn_method hook: hooks take it themselves.
+ *   on the calling thread) and the endpoints' admission and reports (their
+ *   breaker and health locks take nothing of ours); it is never held across
+ *   tools_call nor while the core calls an on_* hook: those take it
+ *   themselves (rewind alone runs under it).
  * - env->calls_mu guards the call's data pointer (srv_call_data): a gRPC
  *   callback reads it and takes a reference under it, and turn_finish
  *   clears it under it before the call's reference goes, so a callback
