@@ -39,8 +39,7 @@ typedef struct chat {
     int ended; /* the last event was emitted (maybe still held) */
     /* The running round of tools. */
     size_t ntools, tools_left;
-    char **results;
-    int *result_err;
+    char **results; /* each tool's JSON result, sent back to the model */
 } chat;
 
 static chat *chat_of(turn *t)
@@ -60,7 +59,6 @@ static void chat_free(turn *t)
     for (size_t i = 0; i < c->ntools; i++)
         mem_free(c->results[i]);
     mem_free(c->results);
-    mem_free(c->result_err);
     sse_parser_destroy(&c->sse);
     toolcall_set_destroy(&c->calls);
     mem_free(c->user_id);
@@ -362,7 +360,6 @@ static void on_tool_done(void *arg, int is_error, char *result)
     mem_free(j);
     pthread_mutex_lock(&c->t.mu);
     c->results[i] = result;
-    c->result_err[i] = is_error;
     const toolcall *tc = toolcall_set_get(c->calls, i);
     Convo__V1__ToolResultEvent r = CONVO__V1__TOOL_RESULT_EVENT__INIT;
     r.call_id = tc->id;
@@ -444,7 +441,6 @@ static tool_job **prepare_tools(chat *c, size_t *count)
     for (size_t i = 0; i < c->ntools; i++)
         mem_free(c->results[i]);
     c->results = mem_realloc(c->results, n * sizeof *c->results);
-    c->result_err = mem_realloc(c->result_err, n * sizeof *c->result_err);
     memset(c->results, 0, n * sizeof *c->results);
     c->ntools = n;
     c->tools_left = n + 1; /* +1 while starting them: none can end the round early */
