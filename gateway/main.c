@@ -221,8 +221,8 @@ int main(int argc, char **argv)
     tls *mtls = NULL;
     char tls_err[512];
     conf_section secs[] = {CONF_SECTION(gw_opts, &g.opts), CONF_SECTION(cli_conf, &g.client_opts),
-                           CONF_SECTION(auth_opts, &g.auth_opts), CONF_SECTION(lim_opts, &g.lim_opts),
-                           CONF_SECTION(tls_opts, &topts)};
+                           CONF_SECTION(auth_opts, &g.auth_opts),
+                           CONF_SECTION(lim_opts, &g.lim_opts), CONF_SECTION(tls_opts, &topts)};
     const size_t nsecs = sizeof secs / sizeof secs[0];
     int prc = conf_parse(argc, argv, "gateway",
                          "WebSocket sessions relayed over gRPC to the convo services, REST and "
