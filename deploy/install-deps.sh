@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Installs every build, run and test dependency of the project on Debian 12:
-# the Debian packages below (apt-get, as root) and the Node test tools of
-# tests/package.json (npm, into tests/node_modules).
+# the Debian packages below (apt-get, as root), the Node test tools of
+# tests/package.json (npm, into tests/node_modules) and the web page's
+# third-party code of gateway/web/package.json (marked, DOMPurify: npm, into
+# gateway/web/node_modules, which the gateway serves as /app/vendor/).
 #
 # Idempotent and quiet: when everything is there it prints one line,
 # "all dependencies present", and changes nothing. `apt-get update` runs only
-# when a package is missing; npm runs only when tests/node_modules is missing
-# or tests/package.json / package-lock.json changed since the last install.
+# when a package is missing; npm runs in a folder only when its node_modules
+# is missing or its package.json / package-lock.json changed since the last
+# install.
 #
 # Usage: deploy/install-deps.sh           install what is missing
 #        deploy/install-deps.sh --check   exit 1 (and say what) if anything is missing
 #        deploy/install-deps.sh --list    print the Debian package list, one a line
+#        deploy/install-deps.sh --web     install the web page's npm packages only
+#                                         (the Docker build: npm is there already)
 #
 # Python: always Debian's /usr/bin/python3 (its python3-grpcio etc. below);
 # a pyenv python3 earlier on PATH does not have them.
@@ -34,6 +39,7 @@ PACKAGES=(
   libpq-dev
   libjson-c-dev
   libcjose-dev
+  libmicrohttpd-dev
   libunistring-dev
   libcmocka-dev
   postgresql
@@ -44,6 +50,7 @@ PACKAGES=(
   python3-protobuf
   python3-pytest
   python3-psycopg2
+  python3-prometheus-client
   python3-websockets
   python3-yaml
   python3-jwt
@@ -53,18 +60,20 @@ PACKAGES=(
   chromium
   clang-format
   kubernetes-client
+  prometheus
 )
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 tests_dir="$root/tests"
-stamp="$tests_dir/node_modules/.install-deps.stamp"
+web_dir="$root/gateway/web"
 
 mode=install
 case "${1:-}" in
   "") ;;
   --check) mode=check ;;
   --list) printf '%s\n' "${PACKAGES[@]}"; exit 0 ;;
-  -h | --help) sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  --web) mode=web ;;
+  -h | --help) sed -n '2,21s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
   *) echo "install-deps.sh: unknown argument '$1' (try --help)" >&2; exit 2 ;;
 esac
 
@@ -87,20 +96,31 @@ missing_packages() {
     if command -v kubectl >/dev/null 2>&1; then grep -vx kubernetes-client || true; else cat; fi
 }
 
-# The content the npm stamp records: the manifests and the Node version.
+# The content a folder's npm stamp records: its manifests and the Node version.
 npm_fingerprint() {
+  local dir=$1
   {
     node --version 2>/dev/null || true
-    cat "$tests_dir/package.json"
-    [ ! -f "$tests_dir/package-lock.json" ] || cat "$tests_dir/package-lock.json"
+    cat "$dir/package.json"
+    [ ! -f "$dir/package-lock.json" ] || cat "$dir/package-lock.json"
   } | sha256sum | cut -d' ' -f1
 }
 
 npm_needed() {
-  [ -f "$tests_dir/package.json" ] || return 1
-  [ -d "$tests_dir/node_modules" ] || return 0
-  [ -f "$stamp" ] || return 0
-  [ "$(cat "$stamp")" != "$(npm_fingerprint)" ]
+  local dir=$1
+  [ -f "$dir/package.json" ] || return 1
+  [ -d "$dir/node_modules" ] || return 0
+  [ -f "$dir/node_modules/.install-deps.stamp" ] || return 0
+  [ "$(cat "$dir/node_modules/.install-deps.stamp")" != "$(npm_fingerprint "$dir")" ]
+}
+
+# npm ci (the lock file's exact versions) in a folder; extra arguments go to
+# npm.
+npm_install() {
+  local dir=$1
+  shift
+  (cd "$dir" && quietly npm ci --no-audit --no-fund "$@")
+  npm_fingerprint "$dir" >"$dir/node_modules/.install-deps.stamp"
 }
 
 # Runs a command with its output kept aside, shown only when it fails.
@@ -115,6 +135,13 @@ quietly() {
   rm -f "$out"
   return "$rc"
 }
+
+# The Docker build stage has its Debian packages already: only the web
+# page's npm packages (no optional ones: @types/* are for editors).
+if [ "$mode" = web ]; then
+  npm_install "$web_dir" --omit=dev --omit=optional
+  exit 0
+fi
 
 mapfile -t missing < <(missing_packages)
 did_something=0
@@ -142,19 +169,23 @@ if [ "${#missing[@]}" -gt 0 ]; then
   did_something=1
 fi
 
-if npm_needed; then
+if npm_needed "$tests_dir"; then
   if [ "$mode" = check ]; then
     echo "Node test tools not installed (or out of date): run deploy/install-deps.sh"
     exit 1
   fi
   echo "installing Node test tools into tests/node_modules"
-  cd "$tests_dir"
-  if [ -f package-lock.json ]; then
-    quietly npm ci --include=dev --no-audit --no-fund
-  else
-    quietly npm install --include=dev --no-audit --no-fund
+  npm_install "$tests_dir" --include=dev
+  did_something=1
+fi
+
+if npm_needed "$web_dir"; then
+  if [ "$mode" = check ]; then
+    echo "the web page's npm packages not installed (or out of date): run deploy/install-deps.sh"
+    exit 1
   fi
-  npm_fingerprint >"$stamp"
+  echo "installing the web page's npm packages into gateway/web/node_modules"
+  npm_install "$web_dir" --omit=dev --omit=optional
   did_something=1
 fi
 

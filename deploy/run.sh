@@ -32,7 +32,9 @@
 #                   by user name, POST /api/dev/token gives tokens)
 #   BIND_HOST       address of the internal services (default 127.0.0.1)
 #   PG_PORT, STORE_PORT, LLM_PORT, ROUTER_PORT, SUMMARY_PORT, MODEL_PORT
-#                   ports (defaults 5433, 50053, 50052, 50051, 50054, 8089)
+#                   ports (defaults 5433, 50053, 50052, 50051, 50054, 8089); the
+#                   gateway and each service serve /metrics on their port + 1000
+#   METRICS_LISTEN=off   no metrics at all (nothing recorded, no metrics port)
 #   DATABASE_URL    use this PostgreSQL instead of starting one
 #   OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MODEL   a real model endpoint
 #   HEALTH_TIMEOUT  seconds each process may take to become healthy (30)
@@ -185,6 +187,11 @@ need_port() { # need_port WHAT HOST PORT VAR
   local h=$2
   [ "$h" != 0.0.0.0 ] || h=127.0.0.1
   port_free "$h" "$3" || die "port $3 ($1) is already in use: stop what uses it, or set $4"
+  # Its /metrics port (--metrics-listen auto: the port + 1000), unless off.
+  if [ "$1" != PostgreSQL ] && [ "$1" != offline-model ] && [ "${METRICS_LISTEN:-}" != off ]; then
+    port_free "$h" $(($3 + 1000)) ||
+      die "port $(($3 + 1000)) ($1's /metrics: its port + 1000) is already in use: set $4, or METRICS_LISTEN=off"
+  fi
 }
 
 binary() { # binary NAME -> path of a built binary, or "" (with a line saying so)
@@ -331,6 +338,8 @@ print(" ".join(bad))' "$HEALTH_BODY" 2>/dev/null || true)
   echo "  WebSocket  ws://$local_host:$gw_port/ws/session/{session_id}?access_token={token}"
   echo "  a token    curl -s -X POST -d '{\"user_id\":\"alice\"}' http://$local_host:$gw_port/api/dev/token"
   echo "  health     http://$local_host:$gw_port/api/health"
+  [ "${METRICS_LISTEN:-}" = off ] ||
+    echo "  metrics    http://$local_host:$((gw_port + 1000))/metrics (each service: its port + 1000)"
 fi
 echo "  logs       $data/logs/"
 echo "Press Ctrl-C to stop."

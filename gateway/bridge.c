@@ -14,7 +14,6 @@ typedef struct job {
 struct bridge {
     pthread_mutex_t mu;
     job *head, *tail;
-    size_t pending;
     struct lws_context *ctx;
 };
 
@@ -45,7 +44,6 @@ void bridge_post(bridge *b, bridge_fn fn, void *arg)
     else
         b->head = j;
     b->tail = j;
-    b->pending++;
     struct lws_context *ctx = b->ctx;
     pthread_mutex_unlock(&b->mu);
     /* One wake-up per batch of jobs is enough: the loop drains them all. */
@@ -58,7 +56,6 @@ void bridge_drain(bridge *b)
     pthread_mutex_lock(&b->mu);
     job *j = b->head;
     b->head = b->tail = NULL;
-    b->pending = 0;
     pthread_mutex_unlock(&b->mu);
     while (j != NULL) {
         job *next = j->next;
@@ -66,14 +63,6 @@ void bridge_drain(bridge *b)
         mem_free(j);
         j = next;
     }
-}
-
-size_t bridge_pending(bridge *b)
-{
-    pthread_mutex_lock(&b->mu);
-    size_t n = b->pending;
-    pthread_mutex_unlock(&b->mu);
-    return n;
 }
 
 void bridge_destroy(bridge **bp)

@@ -23,8 +23,6 @@ void bridge_set_context(bridge *b, struct lws_context *ctx);
 void bridge_post(bridge *b, bridge_fn fn, void *arg);
 /* Runs every job queued so far. Loop thread only. */
 void bridge_drain(bridge *b);
-/* Jobs posted and not yet run. */
-size_t bridge_pending(bridge *b);
 /* Frees the bridge; jobs still queued are dropped (call after the gRPC
  * client is destroyed, so nothing posts any more). Clears *b. */
 void bridge_destroy(bridge **b);

@@ -50,6 +50,7 @@ struct evlog {
     int abandoned;    /* given up by the session (evlog_abandon) */
     int64_t close_ms; /* when closing began, for --event-retry-ms */
     unsigned long dropped;
+    int64_t batch_us; /* when the AppendEvents in flight was sent (metrics) */
 };
 
 typedef struct reply {
@@ -116,7 +117,14 @@ static void retry_later(evlog *ev)
     arm(ev, ev->backoff_ms / 2 + rand() % (ev->backoff_ms / 2 + 1));
 }
 
-static void drop_events(evlog *ev, size_t count, const char *why)
+/* n events dropped, by `reason` (a label word). */
+static void count_dropped(evlog *ev, uint64_t n, const char *reason)
+{
+    atomic_fetch_add(&ev->g->counters.events_dropped, (long)n);
+    metrics_counter_add(metrics_counter_of(ev->g->mx.events_dropped, (const char *[]){reason}), n);
+}
+
+static void drop_events(evlog *ev, size_t count, const char *reason, const char *why)
 {
     for (size_t i = 0; i < count && ev->head < ev->n; i++) {
         mem_free(ev->q[ev->head].content);
@@ -124,7 +132,7 @@ static void drop_events(evlog *ev, size_t count, const char *why)
     }
     ev->batch = 0;
     ev->dropped += count;
-    atomic_fetch_add(&ev->g->counters.events_dropped, (long)count);
+    count_dropped(ev, count, reason);
     atomic_fetch_sub(&ev->g->counters.events_buffered, (long)count);
     const log_field f[] = {{"session_id", ev->session_id}, {NULL, NULL}};
     log_fields(LOG_ERROR, f, "dropped %zu events of the session (%lu in all): %s", count,
@@ -194,7 +202,7 @@ static void handle_open(evlog *ev, reply *r)
         /* Refused for good (another user's session, a bad id): nothing of
          * this session can be stored. */
         if (waiting(ev) > 0)
-            drop_events(ev, waiting(ev), r->message);
+            drop_events(ev, waiting(ev), "refused", r->message);
         ev->refused = 1;
     }
     if (first && (r->code == RPC_OK || !retryable(r->code) || ev->backoff_ms >= 800)) {
@@ -218,6 +226,10 @@ static void handle_append(evlog *ev, reply *r)
         ev->backoff_ms = 0;
         atomic_fetch_add(&ev->g->counters.events_logged, (long)resp->appended);
         atomic_fetch_sub(&ev->g->counters.events_buffered, (long)sent);
+        metrics_counter_add(ev->g->mx.events_stored, resp->appended);
+        if (ev->batch_us != 0)
+            metrics_histogram_observe(ev->g->mx.store_batch_seconds,
+                                      (uint64_t)(lws_now_usecs() - ev->batch_us));
         return;
     }
     ev->batch = 0;
@@ -234,7 +246,7 @@ static void handle_append(evlog *ev, reply *r)
         retry_later(ev);
         return;
     }
-    drop_events(ev, sent, r->message);
+    drop_events(ev, sent, "refused", r->message);
 }
 
 static void handle_end(evlog *ev, reply *r)
@@ -320,6 +332,8 @@ static void start_append(evlog *ev)
     ev->busy = 1;
     ev->batch = n;
     ev->flush_due = 0;
+    ev->batch_us = ev->g->mx.store_batch_seconds != NULL ? lws_now_usecs() : 0;
+    metrics_histogram_observe(ev->g->mx.store_batch_events, n);
     if (cli_unary(ev->g->store, "/convo.v1.Store/AppendEvents", &req.base,
                   &convo__v1__append_events_response__descriptor, &o, on_append_reply, ev,
                   NULL) != 0) {
@@ -368,7 +382,8 @@ static void pump(evlog *ev)
     }
     if (ev->closing && !ev->ended && ev->g->opts.event_retry_ms > 0 &&
         lws_now_usecs() / 1000 - ev->close_ms > ev->g->opts.event_retry_ms && ev->backoff_ms > 0) {
-        drop_events(ev, waiting(ev), "store-svc unreachable for longer than --event-retry-ms");
+        drop_events(ev, waiting(ev), "store_unreachable",
+                    "store-svc unreachable for longer than --event-retry-ms");
         ev->ended = 1;
     }
     if (!ev->ended && ev->next_seq == 0) {
@@ -412,12 +427,12 @@ void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t
         return;
     if (ev->refused) {
         ev->dropped++;
-        atomic_fetch_add(&ev->g->counters.events_dropped, 1);
+        count_dropped(ev, 1, "refused");
         return;
     }
     if (waiting(ev) >= (size_t)ev->g->opts.event_buffer) {
         ev->dropped++;
-        atomic_fetch_add(&ev->g->counters.events_dropped, 1);
+        count_dropped(ev, 1, "buffer_full");
         if (ev->dropped == 1 || ev->dropped % 1000 == 0) {
             const log_field f[] = {{"session_id", ev->session_id}, {NULL, NULL}};
             log_fields(LOG_ERROR, f,
@@ -485,14 +500,12 @@ void evlog_reopen(evlog *ev)
     pump(ev);
 }
 
-size_t evlog_pending(const evlog *ev)
+void evlog_metrics_init(gw *g)
 {
-    return waiting(ev);
-}
-
-int evlog_busy(const evlog *ev)
-{
-    return ev->busy;
+    static const char *const reasons[] = {"buffer_full", "refused", "store_unreachable",
+                                          "shutdown"};
+    for (size_t i = 0; i < sizeof reasons / sizeof reasons[0]; i++)
+        metrics_counter_of(g->mx.events_dropped, (const char *[]){reasons[i]});
 }
 
 void evlog_destroy(evlog **evp)
@@ -505,7 +518,7 @@ void evlog_destroy(evlog **evp)
     ev_timer_stop(ev->g->loop, &ev->closed_timer);
     size_t left = waiting(ev);
     if (left > 0)
-        drop_events(ev, left, "the gateway is stopping");
+        drop_events(ev, left, "shutdown", "the gateway is stopping");
     mem_free(ev->q);
     mem_free(ev->session_id);
     mem_free(ev->user_id);

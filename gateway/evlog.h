@@ -44,12 +44,11 @@ void evlog_abandon(evlog *ev);
 /* Takes a closing session back (a reconnect within the grace period or
  * before the events were flushed): it is not ended. */
 void evlog_reopen(evlog *ev);
-/* Events waiting (not yet stored). */
-size_t evlog_pending(const evlog *ev);
 /* Frees an evlog with no call in flight (after on_closed, or never
  * opened); clears *ev. */
 void evlog_destroy(evlog **ev);
-/* Whether a call is in flight (destroying must wait). */
-int evlog_busy(const evlog *ev);
+/* Makes the dropped-events series of every reason, at 0 (once, at start:
+ * an alert on their increase sees the first drop). */
+void evlog_metrics_init(gw *g);
 
 #endif

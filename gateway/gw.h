@@ -11,6 +11,7 @@
 #include "cli.h"
 #include "conf.h"
 #include "lim.h"
+#include "metrics.h"
 
 #include <stdatomic.h>
 
@@ -77,6 +78,51 @@
       "connection is closed unanswered")
 CONF_DECLARE(gw_opts, GW_OPTS)
 
+/* The gateway's metrics (/metrics on --metrics-listen). Label values are
+ * fixed words, never an id. Modules with limits of their own count their
+ * refusals in rate_limited under a `limit` word of theirs. */
+#define GW_METRICS(X, S)                                                                           \
+    X(S, connections, GAUGE, "convo_gateway_connections", "", NULL, "WebSocket connections open")  \
+    X(S, opened, COUNTER, "convo_gateway_connections_opened_total", "", NULL,                      \
+      "WebSocket connections accepted (those refused at once included)")                           \
+    X(S, refused, COUNTER_VEC, "convo_gateway_connections_refused_total", "reason", NULL,          \
+      "WebSocket connections refused, by reason (the error code of the close: "                    \
+      "too_many_connections, invalid_session_id, invalid_user_id, forbidden, ...)")                \
+    X(S, sessions, GAUGE, "convo_gateway_sessions", "", NULL,                                      \
+      "sessions in memory (connected, or storing their last events)")                              \
+    X(S, turns, COUNTER_VEC, "convo_gateway_turns_total", "strategy,outcome", NULL,                \
+      "turns ended, by the strategy router-svc chose (none when routing failed) and outcome "      \
+      "(done, error, cancelled)")                                                                  \
+    X(S, turn_errors, COUNTER_VEC, "convo_gateway_turn_errors_total", "code", NULL,                \
+      "turns that ended with an error frame, by its code (llm_unavailable, router_unavailable, "   \
+      "rate_limited, upstream_timeout, ...)")                                                      \
+    X(S, first_token, HISTOGRAM_VEC, "convo_gateway_first_token_seconds", "strategy",              \
+      &metrics_buckets_seconds,                                                                    \
+      "time from the start of a turn (its message taken) to its first token sent to the client")   \
+    X(S, turn_seconds, HISTOGRAM_VEC, "convo_gateway_turn_seconds", "strategy",                    \
+      &metrics_buckets_seconds, "time from the start of a turn to its end")                        \
+    X(S, tokens, COUNTER, "convo_gateway_tokens_relayed_total", "", NULL,                          \
+      "answer tokens relayed to clients")                                                          \
+    X(S, frames_queued, GAUGE, "convo_gateway_frames_queued", "", NULL,                            \
+      "frames waiting to be written to clients")                                                   \
+    X(S, pauses, COUNTER, "convo_gateway_backpressure_pauses_total", "", NULL,                     \
+      "answer streams paused because the client had --max-out-buffer-bytes waiting")               \
+    X(S, events_buffered, GAUGE, "convo_gateway_events_buffered", "", NULL,                        \
+      "events waiting to be stored by store-svc")                                                  \
+    X(S, events_stored, COUNTER, "convo_gateway_events_stored_total", "", NULL,                    \
+      "events store-svc acknowledged as written")                                                  \
+    X(S, events_dropped, COUNTER_VEC, "convo_gateway_events_dropped_total", "reason", NULL,        \
+      "events that will never be stored, by reason (buffer_full, refused, store_unreachable, "     \
+      "shutdown)")                                                                                 \
+    X(S, store_batch_seconds, HISTOGRAM, "convo_gateway_store_batch_seconds", "",                  \
+      &metrics_buckets_seconds, "time of one AppendEvents call, from sent to answered")            \
+    X(S, store_batch_events, HISTOGRAM, "convo_gateway_store_batch_events", "",                    \
+      &metrics_buckets_count, "events per AppendEvents call")                                      \
+    X(S, rate_limited, COUNTER_VEC, "convo_gateway_rate_limited_total", "limit", NULL,             \
+      "frames, connections, sessions or requests refused by a limit, by limit "                    \
+      "(messages_per_minute, connections_per_ip, tokens_per_minute, queued_messages, ...)")
+METRICS_DECLARE(gw_metrics, GW_METRICS)
+
 struct ev_loop;
 struct lws_context;
 struct caller_rules;
@@ -117,7 +163,22 @@ typedef struct gw {
     struct ws_server *ws;        /* WebSocket connections (ws.h) */
     struct sess_table *sessions; /* sessions in memory (session.h) */
     gw_counters counters;
-    int stopping;
+    metrics *metrics; /* NULL: metrics off (--metrics-listen off) */
+    gw_metrics mx;    /* every member NULL when off */
+    atomic_int stopping;
 } gw;
+
+/* Counts one refused connection, by its close's error code. */
+static inline void gw_count_refused(gw *g, const char *reason)
+{
+    atomic_fetch_add(&g->counters.refused, 1);
+    metrics_counter_inc(metrics_counter_of(g->mx.refused, (const char *[]){reason}));
+}
+
+/* Counts one message or connection refused by limit `limit`. */
+static inline void gw_count_limited(gw *g, const char *limit)
+{
+    metrics_counter_inc(metrics_counter_of(g->mx.rate_limited, (const char *[]){limit}));
+}
 
 #endif

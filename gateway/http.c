@@ -305,13 +305,8 @@ static json_object *counters_json(gw *g)
                            json_object_new_int64(atomic_load(&k->refused)));
     json_object_object_add(o, "unauthorized", json_object_new_int64(atomic_load(&k->unauthorized)));
     json_object *limited = json_object_new_object();
-    static const char *const kinds[LIM_KINDS] = {
-        [LIM_CONN_IP] = "connections_per_ip", [LIM_CONN_USER] = "connections_per_user",
-        [LIM_SESSIONS] = "sessions_per_user", [LIM_MESSAGES] = "messages_per_user",
-        [LIM_TOKENS] = "tokens_per_user",     [LIM_REST] = "rest_per_ip",
-    };
     for (int i = 0; i < LIM_KINDS; i++)
-        json_object_object_add(limited, kinds[i],
+        json_object_object_add(limited, lim_name((lim_kind)i),
                                json_object_new_int64(lim_refused(g->limits, (lim_kind)i)));
     json_object_object_add(o, "limits_refused", limited);
     json_object_object_add(o, "memory_bytes", json_object_new_int64((int64_t)mem_used()));
@@ -696,6 +691,29 @@ static void api_info(http_req *req)
     respond(req, 200, o);
 }
 
+/* Headers of every file of the web page. The Content-Security-Policy lets
+ * the page run only its own files (no inline script or style, no eval),
+ * talk only to this origin (its REST and WebSocket), fetch no image from
+ * elsewhere (a rendered answer could otherwise send what it shows to any
+ * host), never be framed, and hand HTML to the DOM only through DOMPurify's
+ * Trusted Types policy. Forms submit nowhere: a message never lands in a
+ * URL, even when the script failed to load. */
+static const struct {
+    const char *name, *value;
+} web_headers[] = {
+    {"content-security-policy:",
+     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
+     "require-trusted-types-for 'script'; trusted-types dompurify"},
+    {"x-content-type-options:", "nosniff"},
+    {"x-frame-options:", "DENY"},
+    {"referrer-policy:", "no-referrer"},
+    {"cross-origin-opener-policy:", "same-origin"},
+    {"permissions-policy:", "camera=(), microphone=(), geolocation=(), payment=()"},
+    /* A new version of the page is seen at once (the files are small). */
+    {"cache-control:", "no-cache"},
+};
+
 /* Serves a file of the web page; refuses anything that could leave the
  * folder. Returns the callback's result. */
 static int serve_file(gw *g, struct lws *wsi, const char *rel)
@@ -721,7 +739,14 @@ static int serve_file(gw *g, struct lws *wsi, const char *rel)
         return lws_return_http_status(wsi, 404, NULL) ? -1 : 0;
     char path[1024];
     snprintf(path, sizeof path, "%s/%s", g->opts.web_root, rel);
-    int n = lws_serve_http_file(wsi, path, mime, NULL, 0);
+    /* Formatted by libwebsockets for the connection's HTTP version. */
+    unsigned char hdr[1024], *p = hdr, *end = hdr + sizeof hdr;
+    for (size_t i = 0; i < sizeof web_headers / sizeof web_headers[0]; i++)
+        if (lws_add_http_header_by_name(wsi, (const unsigned char *)web_headers[i].name,
+                                        (const unsigned char *)web_headers[i].value,
+                                        (int)strlen(web_headers[i].value), &p, end))
+            return -1;
+    int n = lws_serve_http_file(wsi, path, mime, (const char *)hdr, (int)(p - hdr));
     if (n < 0)
         return -1;
     if (n > 0)
@@ -960,6 +985,7 @@ int http_on_request(gw *g, struct lws *wsi, const char *uri)
     }
     /* Everything else costs a service call or more: paced per address. */
     if (lim_take(g->limits, LIM_REST, req->who.ip, lws_now_usecs() / LWS_US_PER_MS) != 0) {
+        gw_count_limited(g, lim_name(LIM_REST));
         lws_set_opaque_user_data(wsi, NULL);
         why = (caller_refusal){429, lim_code(LIM_REST),
                                "too many requests from this address (--rest-rate-per-ip)", post};

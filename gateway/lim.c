@@ -330,3 +330,13 @@ const char *lim_code(lim_kind k)
     };
     return codes[k];
 }
+
+const char *lim_name(lim_kind k)
+{
+    static const char *const names[LIM_KINDS] = {
+        [LIM_CONN_IP] = "connections_per_ip", [LIM_CONN_USER] = "connections_per_user",
+        [LIM_SESSIONS] = "sessions_per_hour", [LIM_MESSAGES] = "messages_per_minute",
+        [LIM_TOKENS] = "tokens_per_minute",   [LIM_REST] = "rest_per_ip",
+    };
+    return names[k];
+}

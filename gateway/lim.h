@@ -91,5 +91,8 @@ long lim_evicted(const lim *l, lim_kind k);
 size_t lim_keys(const lim *l, lim_kind k);
 /* The error code a refusal of kind k is answered with. */
 const char *lim_code(lim_kind k);
+/* Kind k's own word, one per kind (connections_per_ip, messages_per_minute,
+ * ...): the `limit` label of the gateway's rate_limited metric. */
+const char *lim_name(lim_kind k);
 
 #endif

@@ -8,12 +8,14 @@
  * epoll is the difference. */
 #include "auth.h"
 #include "caller.h"
+#include "evlog.h"
 #include "gw.h"
 #include "http.h"
 #include "lim.h"
 #include "log.h"
 #include "mem.h"
 #include "proc.h"
+#include "scrape.h"
 #include "session.h"
 #include "srv.h"
 #include "tls.h"
@@ -95,6 +97,21 @@ static void on_shutdown_tick(struct ev_loop *l, ev_timer *w, int revents)
     runner *r = w->data;
     if (sess_count(r->g->sessions) == 0 || rpc_now_ms() >= r->shutdown_deadline)
         ev_break(l, EVBREAK_ALL);
+}
+
+/* /healthz on the metrics listener: 503 once the gateway is stopping. */
+static int healthy(void *arg)
+{
+    gw *g = arg;
+    return !atomic_load(&g->stopping);
+}
+
+/* Before each scrape: the gauges /api/health's counters already keep. */
+static void sync_gauges(void *arg)
+{
+    gw *g = arg;
+    metrics_gauge_set(g->mx.connections, atomic_load(&g->counters.connections));
+    metrics_gauge_set(g->mx.events_buffered, atomic_load(&g->counters.events_buffered));
 }
 
 /* The one libwebsockets protocol: HTTP requests go to http.c, WebSocket
@@ -220,16 +237,21 @@ int main(int argc, char **argv)
     static tls_opts topts;
     tls *mtls = NULL;
     char tls_err[512];
-    conf_section secs[] = {CONF_SECTION(gw_opts, &g.opts), CONF_SECTION(cli_conf, &g.client_opts),
-                           CONF_SECTION(auth_opts, &g.auth_opts),
-                           CONF_SECTION(lim_opts, &g.lim_opts), CONF_SECTION(tls_opts, &topts)};
+    scrape_opts mopts = {0};
+    scrape *sc = NULL;
+    conf_section secs[] = {
+        CONF_SECTION(gw_opts, &g.opts),        CONF_SECTION(cli_conf, &g.client_opts),
+        CONF_SECTION(auth_opts, &g.auth_opts), CONF_SECTION(lim_opts, &g.lim_opts),
+        CONF_SECTION(tls_opts, &topts),        CONF_SECTION(scrape_opts, &mopts)};
     const size_t nsecs = sizeof secs / sizeof secs[0];
     int prc = conf_parse(argc, argv, "gateway",
                          "WebSocket sessions relayed over gRPC to the convo services, REST and "
                          "the web page",
                          secs, nsecs);
-    if (prc != 0)
+    if (prc != 0) {
+        conf_free(secs, nsecs);
         return prc > 0 ? 0 : 2;
+    }
     if (log_setup("gateway", g.opts.log_level) != 0) {
         rc = 2;
         goto out;
@@ -241,12 +263,20 @@ int main(int argc, char **argv)
         goto out;
     }
 
-    char host[300];
+    char host[300], self[320], maddr[320];
     int port;
     if (listen_address(&g.opts, host, sizeof host, &port) != 0) {
         log_error("the listen address must be HOST:PORT (--listen, LISTEN_ADDR, or HOST and PORT)");
         goto out;
     }
+    snprintf(self, sizeof self, "%s:%d", host, port);
+    if (scrape_setup(&mopts, "gateway", self, maddr, sizeof maddr, &g.metrics) != 0) {
+        rc = 2;
+        goto out;
+    }
+    metrics_register(g.metrics, METRICS_SECTION(gw_metrics, &g.mx));
+    metrics_on_render(g.metrics, sync_gauges, &g);
+    evlog_metrics_init(&g);
     if (g.opts.web_root[0] == '\0') {
         const char *root =
             dir_exists(GW_WEB_ROOT_SOURCE) ? GW_WEB_ROOT_SOURCE : GW_WEB_ROOT_INSTALLED;
@@ -264,6 +294,7 @@ int main(int argc, char **argv)
     g.bridge = bridge_create();
     g.client = cli_create((int)g.opts.grpc_threads, GW_GRPC_MAX_MESSAGE_BYTES);
     cli_use_tls(g.client, mtls);
+    cli_set_metrics(g.client, g.metrics);
     g.router = cli_channel_create(g.client, g.opts.router, g.client_opts.round_robin);
     g.llm = cli_channel_create(g.client, g.opts.llm, g.client_opts.round_robin);
     g.store = cli_channel_create(g.client, g.opts.store, g.client_opts.round_robin);
@@ -310,6 +341,8 @@ int main(int argc, char **argv)
         goto out;
     }
     bridge_set_context(g.bridge, g.ctx);
+    if (g.metrics != NULL && (sc = scrape_start(maddr, g.metrics, healthy, &g)) == NULL)
+        goto out; /* scrape_start logged the address */
     ev_async_init(&run.stop_watcher, on_stop);
     ev_async_start(run.loop, &run.stop_watcher);
     pthread_t sigthr;
@@ -341,6 +374,7 @@ int main(int argc, char **argv)
                  sess_count(g.sessions));
     rc = 0;
 out:
+    scrape_stop(&sc);
     if (g.client != NULL)
         cli_destroy(&g.client);
     if (g.ctx != NULL)
@@ -355,6 +389,7 @@ out:
     caller_rules_destroy(&g.callers);
     auth_destroy(&g.auth);
     tls_destroy(&mtls);
+    metrics_destroy(&g.metrics);
     conf_free(secs, nsecs);
     return rc;
 }

@@ -8,6 +8,7 @@
 #include "lim.h"
 #include "log.h"
 #include "mem.h"
+#include "names.h"
 
 #include <ev.h>
 #include <json-c/json.h>
@@ -65,6 +66,12 @@ struct turn {
     int terminal; /* a done or error event arrived */
     int64_t start_ms;
     char rid[RID_MAX]; /* names the turn in logs, gRPC metadata and error frames */
+    /* For the metrics: when it started, the strategy and the outcome words,
+     * and whether a token went out yet. */
+    int64_t start_us;
+    const char *strategy;
+    const char *outcome;
+    int first_token_sent;
 };
 
 struct sess_table {
@@ -83,12 +90,47 @@ static session *attach(sess_table *t, conn *c, const char *id, const char *user_
 /* What the connection attached to a session calls. */
 static const conn_peer_ops sess_peer_ops = {sess_on_text, sess_on_sent, sess_detach};
 
+static const char *category_code(Convo__V1__ErrorCategory c, const char **text);
+
 /* ---- registry ------------------------------------------------------- */
+
+/* Every series of the turn metrics whose words are known, made at 0 now:
+ * a series born with its first count would hide that count from rate(). */
+static void make_turn_series(gw *g)
+{
+    static const char *const outcomes[] = {"done", "error", "cancelled"};
+    static const char *const codes[] = {"llm_unavailable", "router_unavailable", "timeout",
+                                        "internal"};
+    const gw_metrics *mx = &g->mx;
+    for (int s = CONVO__V1__STRATEGY__STRATEGY_UNSPECIFIED;
+         s <= CONVO__V1__STRATEGY__STRATEGY_TOOL_HEAVY; s++) {
+        const char *name = s == CONVO__V1__STRATEGY__STRATEGY_UNSPECIFIED
+                               ? "none"
+                               : names_strategy((Convo__V1__Strategy)s);
+        for (size_t o = 0; o < sizeof outcomes / sizeof outcomes[0]; o++)
+            metrics_counter_of(mx->turns, (const char *[]){name, outcomes[o]});
+        metrics_histogram_of(mx->turn_seconds, (const char *[]){name});
+        if (s != CONVO__V1__STRATEGY__STRATEGY_UNSPECIFIED)
+            metrics_histogram_of(mx->first_token, (const char *[]){name});
+    }
+    for (int c = CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_UNSPECIFIED;
+         c <= CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_INTERNAL; c++) {
+        const char *text;
+        metrics_counter_of(mx->turn_errors,
+                           (const char *[]){category_code((Convo__V1__ErrorCategory)c, &text)});
+    }
+    for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++)
+        metrics_counter_of(mx->turn_errors, (const char *[]){codes[i]});
+    for (int k = 0; k < LIM_KINDS; k++)
+        metrics_counter_of(mx->rate_limited, (const char *[]){lim_name((lim_kind)k)});
+    metrics_counter_of(mx->rate_limited, (const char *[]){"queued_messages"});
+}
 
 sess_table *sess_table_create(gw *g)
 {
     sess_table *t = mem_calloc(1, sizeof *t);
     t->g = g;
+    make_turn_series(g);
     return t;
 }
 
@@ -215,8 +257,29 @@ static void record_system(session *s, const char *event, uint64_t turn_id, const
 
 /* ---- turns ----------------------------------------------------------- */
 
+/* convo_gateway_turns_total and the turn's duration. */
+static void count_turn(session *s, const turn *t)
+{
+    const gw_metrics *mx = &s->g->mx;
+    if (mx->turns == NULL)
+        return;
+    const char *outcome = t->outcome != NULL ? t->outcome : "error";
+    metrics_counter_inc(metrics_counter_of(mx->turns, (const char *[]){t->strategy, outcome}));
+    metrics_histogram_observe(metrics_histogram_of(mx->turn_seconds, (const char *[]){t->strategy}),
+                              (uint64_t)(lws_now_usecs() - t->start_us));
+}
+
+/* The turn failed with error frame `code`, told to the client. */
+static void count_error(session *s, turn *t, const char *code)
+{
+    t->outcome = "error";
+    atomic_fetch_add(&s->g->counters.turn_errors, 1);
+    metrics_counter_inc(metrics_counter_of(s->g->mx.turn_errors, (const char *[]){code}));
+}
+
 static void end_turn(session *s, turn *t)
 {
+    count_turn(s, t);
     if (s->cur == t)
         s->cur = NULL;
     hist_end_turn(s->history);
@@ -236,10 +299,11 @@ static void fail_turn(session *s, turn *t, const char *code, const char *content
         char *f = frame_done(t->id, "cancelled", NULL, NULL, NULL, &len);
         send_frame(s, f, len);
         record_system(s, "turn_cancelled", t->id, NULL);
+        t->outcome = "cancelled";
     } else {
         send_error(s, code, content, t);
         record_system(s, "turn_failed", t->id, code);
-        atomic_fetch_add(&s->g->counters.turn_errors, 1);
+        count_error(s, t, code);
     }
 }
 
@@ -326,6 +390,13 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
     case CONVO__V1__CHAT_EVENT__EVENT_TOKEN:
         f = frame_token(ev->token->content, t->id, &len);
         send_charged(s, f, len, charge);
+        metrics_counter_inc(s->g->mx.tokens);
+        if (!t->first_token_sent && s->g->mx.first_token != NULL) {
+            t->first_token_sent = 1;
+            metrics_histogram_observe(
+                metrics_histogram_of(s->g->mx.first_token, (const char *[]){t->strategy}),
+                (uint64_t)(lws_now_usecs() - t->start_us));
+        }
         record(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_AI_TOKEN, ev->token->content,
                strlen(ev->token->content));
         break;
@@ -354,6 +425,7 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
             u.total_tokens = d->usage->total_tokens;
         }
         t->terminal = 1;
+        t->outcome = "done";
         f = frame_done(t->id, "completed", d->finish_reason, d->usage != NULL ? &u : NULL,
                        d->upstream, &len);
         send_charged(s, f, len, charge);
@@ -372,7 +444,7 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
         f = frame_error(code, text, t->id, t->rid, &len);
         send_charged(s, f, len, charge);
         record_system(s, "turn_failed", t->id, code);
-        atomic_fetch_add(&s->g->counters.turn_errors, 1);
+        count_error(s, t, code);
         break;
     }
     default:
@@ -436,8 +508,8 @@ static int on_chat_msg(void *arg, const ProtobufCMessage *msg)
     /* Flagged before the event is posted: the loop resumes the stream when
      * it writes this event's frame or a later one, so it must already see
      * the flag then, or nothing would ever resume it. */
-    if (pause)
-        atomic_store(&s->paused, 1);
+    if (pause && !atomic_exchange(&s->paused, 1))
+        metrics_counter_inc(s->g->mx.pauses);
     bridge_post(s->g->bridge, on_chat_job, j);
     return pause;
 }
@@ -495,6 +567,8 @@ static void on_route_job(void *arg)
     turn *t = j->t;
     session *s = t->s;
     cli_call_release(&t->route);
+    if (j->resp != NULL)
+        t->strategy = names_strategy(j->resp->strategy);
     if (j->chat != NULL) {
         t->chat = j->chat;
         s->refs++; /* the Chat call's, given back when it ends */
@@ -571,6 +645,8 @@ static void start_turn(session *s, char *message)
     t->message = message;
     t->start_ms = now_ms();
     snprintf(t->rid, sizeof t->rid, "%s/%llu", s->id, (unsigned long long)t->id);
+    t->start_us = lws_now_usecs();
+    t->strategy = "none";
     s->cur = t;
     atomic_fetch_add(&s->g->counters.turns, 1);
 
@@ -640,6 +716,7 @@ static void sess_on_text(void *peer, const char *data, size_t len)
      * or a cancel frame costs the gateway as much as a message), and over
      * every connection of the user. */
     if (lim_take(s->g->limits, LIM_MESSAGES, s->user_id, now_ms()) != 0) {
+        gw_count_limited(s->g, lim_name(LIM_MESSAGES));
         send_error(s, lim_code(LIM_MESSAGES),
                    "too many messages: the limit is --rate-limit per minute; wait a moment", NULL);
         return;
@@ -651,6 +728,7 @@ static void sess_on_text(void *peer, const char *data, size_t len)
     } else if (in.kind == FRAME_CANCEL) {
         cancel_turn(s);
     } else if (lim_check(s->g->limits, LIM_TOKENS, s->user_id, now_ms()) != 0) {
+        gw_count_limited(s->g, lim_name(LIM_TOKENS));
         send_error(s, lim_code(LIM_TOKENS),
                    "your answers used the model tokens allowed per minute "
                    "(--user-tokens-per-minute); wait a moment",
@@ -659,6 +737,7 @@ static void sess_on_text(void *peer, const char *data, size_t len)
         start_turn(s, in.text);
         in.text = NULL;
     } else if (s->nqueue >= (size_t)s->g->opts.max_queued_messages) {
+        gw_count_limited(s->g, "queued_messages");
         send_error(s, "queue_full",
                    "an answer is being streamed and the queue of waiting messages is full; "
                    "wait for the answer (or cancel it) and send again",
@@ -768,7 +847,7 @@ static void give_up(session *s, int close_code, const char *error_code, const ch
         s->counted_new = 0;
     }
     evlog_abandon(s->log);
-    atomic_fetch_add(&s->g->counters.refused, 1);
+    gw_count_refused(s->g, error_code);
     kick(s, close_code, error_code, reason);
 }
 
@@ -837,6 +916,7 @@ static void sess_free(session *s)
     if (s->linked)
         unlink_session(s->g->sessions, s);
     s->g->sessions->live--;
+    metrics_gauge_add(s->g->mx.sessions, -1);
     evlog_destroy(&s->log);
     hist_destroy(&s->history);
     for (size_t i = 0; i < s->nqueue; i++)
@@ -894,6 +974,7 @@ static session *sess_create(gw *g, const char *id, const char *user_id)
     t->buckets[b] = s;
     s->linked = 1;
     t->live++;
+    metrics_gauge_add(g->mx.sessions, 1);
     s->log = evlog_create(g, id, user_id, on_open, s);
     ev_timer_init(&s->open_timer, on_open_timer, (double)g->opts.open_timeout_ms / MS_PER_S, 0.);
     s->open_timer.data = s;
@@ -968,17 +1049,19 @@ static void on_probe_job(void *arg)
         session *s = attach(p->t, c, p->id, p->user, 1);
         for (size_t i = 0; s != NULL && i < p->ntexts; i++)
             sess_on_text(s, p->texts[i], strlen(p->texts[i]));
+    } else if (j->code == RPC_OK && stored != NULL) {
+        gw_count_refused(p->t->g, "forbidden");
+        conn_close(c, WS_CLOSE_FORBIDDEN, "forbidden", "this session belongs to another user");
+    } else if (j->code == RPC_OK || j->code == RPC_NOT_FOUND) {
+        gw_count_refused(p->t->g, lim_code(LIM_SESSIONS));
+        gw_count_limited(p->t->g, lim_name(LIM_SESSIONS));
+        conn_close(c, WS_CLOSE_TRY_LATER, lim_code(LIM_SESSIONS),
+                   "too many new sessions (--sessions-per-hour); try again later");
     } else {
-        atomic_fetch_add(&p->t->g->counters.refused, 1);
-        if (j->code == RPC_OK && stored != NULL)
-            conn_close(c, WS_CLOSE_FORBIDDEN, "forbidden", "this session belongs to another user");
-        else if (j->code == RPC_OK || j->code == RPC_NOT_FOUND)
-            conn_close(c, WS_CLOSE_TRY_LATER, lim_code(LIM_SESSIONS),
-                       "too many new sessions (--sessions-per-hour); try again later");
-        else
-            conn_close(c, WS_CLOSE_TRY_LATER, "store_unavailable",
-                       "the session store is unavailable, so the session's owner cannot be "
-                       "checked; try again shortly");
+        gw_count_refused(p->t->g, "store_unavailable");
+        conn_close(c, WS_CLOSE_TRY_LATER, "store_unavailable",
+                   "the session store is unavailable, so the session's owner cannot be "
+                   "checked; try again shortly");
     }
     if (j->resp != NULL)
         protobuf_c_message_free_unpacked(&j->resp->base, NULL);
@@ -1018,9 +1101,9 @@ static session *attach(sess_table *t, conn *c, const char *id, const char *user_
 {
     session *s = find(t, id);
     if (s != NULL && strcmp(s->user_id, user_id) != 0) {
-        atomic_fetch_add(&t->g->counters.refused, 1);
         /* Until the store has confirmed the first caller, neither is known
          * to be the owner: the later one tries again. */
+        gw_count_refused(t->g, s->verified ? "forbidden" : "session_unverified");
         if (s->verified)
             conn_close(c, WS_CLOSE_FORBIDDEN, "forbidden", "this session belongs to another user");
         else

@@ -124,6 +124,7 @@ static void enqueue(conn *c, char *frame, size_t len, long charge)
         c->head = f;
     c->tail = f;
     c->out_bytes += len;
+    metrics_gauge_add(c->ws->g->mx.frames_queued, 1);
     lws_callback_on_writable(c->wsi);
 }
 
@@ -186,6 +187,7 @@ static void conn_free(conn *c)
     for (out_frame *f = c->head, *next; f != NULL; f = next) {
         next = f->next;
         mem_free(f);
+        metrics_gauge_add(c->ws->g->mx.frames_queued, -1);
     }
     mem_free(c->rx);
     mem_free(c);
@@ -232,7 +234,7 @@ static int on_confirm_upgrade(gw *g, struct lws *wsi)
  * close code) and counts it. */
 static void refuse(gw *g, conn *c, int code, const char *error_code, const char *reason)
 {
-    atomic_fetch_add(&g->counters.refused, 1);
+    gw_count_refused(g, error_code);
     const log_field f[] = {{"request_id", c->request_id}, {"client", c->ip}, {NULL, NULL}};
     log_fields(LOG_INFO, f, "WebSocket connection refused: %s", error_code);
     conn_close(c, code, error_code, reason);
@@ -253,6 +255,7 @@ static int hold(gw *g, conn *c, lim_kind k, const char *key, const char *reason)
     int rc = lim_hold(g->limits, k, key, lws_now_usecs() / LWS_US_PER_MS);
     if (rc == 0)
         return 0;
+    gw_count_limited(g, lim_name(k));
     refuse(g, c, WS_CLOSE_TRY_LATER, rc == LIM_EFULL ? "limits_full" : lim_code(k), reason);
     return -1;
 }
@@ -267,6 +270,7 @@ static void on_established(ws_server *ws, struct lws *wsi, pss *p)
     c->ws = ws;
     p->ws = c;
     long open = atomic_fetch_add(&g->counters.connections, 1) + 1;
+    metrics_counter_inc(g->mx.opened);
     if (ws->pending_wsi != wsi) {
         /* Never expected: libwebsockets confirms and establishes in one call. */
         log_error("a WebSocket connection was established without a confirmed handshake");
@@ -325,6 +329,7 @@ static out_frame *pop(conn *c)
     if (c->head == NULL)
         c->tail = NULL;
     c->out_bytes -= f->len;
+    metrics_gauge_add(c->ws->g->mx.frames_queued, -1);
     return f;
 }
 

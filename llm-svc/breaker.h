@@ -26,6 +26,7 @@ typedef enum breaker_outcome {
     BREAKER_SUCCESS, /* the upstream answered */
     BREAKER_FAILURE, /* unreachable, overloaded or broken */
     BREAKER_NEUTRAL, /* proves nothing either way (cancelled by us) */
+    BREAKER_OUTCOMES
 } breaker_outcome;
 
 /* What admission gave one request; report its outcome with it. */

@@ -30,9 +30,6 @@ typedef struct chat {
     /* Summed over the rounds. */
     uint32_t prompt_tokens, completion_tokens, total_tokens;
     int has_usage;
-    /* A failure found while reading the stream (bad data, caps). */
-    Convo__V1__ErrorCategory bad_cat;
-    char *bad_msg;
     /* Events waiting for room in the call's write queue. */
     held *head, *tail;
     int nheld, paused, terminal_held;
@@ -65,7 +62,6 @@ static void chat_free(turn *t)
     turn_text_clear(&c->text);
     mem_free(c->finish_reason);
     mem_free(c->resp_model);
-    mem_free(c->bad_msg);
 }
 
 /* ---- sending events ------------------------------------------------- */
@@ -124,6 +120,8 @@ static void end_error(chat *c, Convo__V1__ErrorCategory cat, int retryable, cons
                (const log_field[]){
                    {"request_id", c->t.request_id}, {"session_id", c->t.session_id}, {NULL, NULL}},
                "turn failed in round %d: %s", c->round, msg);
+    if (!c->ended)
+        c->t.outcome = TURN_OUTCOME_ERROR;
     Convo__V1__ErrorEvent e = CONVO__V1__ERROR_EVENT__INIT;
     e.category = cat;
     e.message = (char *)msg;
@@ -147,7 +145,10 @@ static void end_done(chat *c, const char *finish_reason)
         u.completion_tokens = c->completion_tokens;
         u.total_tokens = c->total_tokens;
         d.usage = &u;
+        turn_count_usage(&c->t, c->prompt_tokens, c->completion_tokens);
     }
+    if (!c->ended)
+        c->t.outcome = TURN_OUTCOME_DONE;
     Convo__V1__ChatEvent ev = CONVO__V1__CHAT_EVENT__INIT;
     ev.event_case = CONVO__V1__CHAT_EVENT__EVENT_DONE;
     ev.done = &d;
@@ -190,27 +191,19 @@ static void chat_on_writable(turn *t)
 
 /* ---- the upstream's stream -------------------------------------------- */
 
-static void set_bad(chat *c, Convo__V1__ErrorCategory cat, const char *msg)
-{
-    if (c->bad_msg == NULL) {
-        c->bad_cat = cat;
-        c->bad_msg = mem_strdup(msg);
-    }
-}
-
 /* A chunk's text: kept for the next round and sent as a token. Returns -1
- * (the stream stops) on a failure, recorded with set_bad. */
+ * (the stream stops) on a failure, recorded with turn_set_bad. */
 static int take_content(chat *c, const char *content)
 {
     size_t n = strlen(content);
     if (!rpc_utf8_valid(content, n)) {
-        set_bad(c, CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_BAD_UPSTREAM_DATA,
-                "the upstream sent text that is not UTF-8");
+        turn_set_bad(&c->t, CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_BAD_UPSTREAM_DATA,
+                     "the upstream sent text that is not UTF-8");
         return -1;
     }
     if (turn_text_append(&c->text, content, n, (size_t)c->t.env->o->max_answer_bytes) != 0) {
-        set_bad(c, CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_INTERNAL,
-                "the answer is over --max-answer-bytes");
+        turn_set_bad(&c->t, CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_INTERNAL,
+                     "the answer is over --max-answer-bytes");
         return -1;
     }
     Convo__V1__TokenEvent tok = CONVO__V1__TOKEN_EVENT__INIT;
@@ -219,8 +212,8 @@ static int take_content(chat *c, const char *content)
     ev.event_case = CONVO__V1__CHAT_EVENT__EVENT_TOKEN;
     ev.token = &tok;
     if (emit(c, &ev) != 0) {
-        set_bad(c, CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_INTERNAL,
-                "the caller stopped reading (held events over their cap)");
+        turn_set_bad(&c->t, CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_INTERNAL,
+                     "the caller stopped reading (held events over their cap)");
         return -1;
     }
     c->t.shown = 1; /* from now on this request's failure is final */
@@ -240,7 +233,7 @@ static int on_sse_event(void *arg, const char *event, const char *data, size_t l
     toolcall_chunk k;
     int rc = toolcall_chunk_parse(data, len, c->calls, &k, err, sizeof err);
     if (rc != 0) {
-        set_bad(c, CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_BAD_UPSTREAM_DATA, err);
+        turn_set_bad(&c->t, CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_BAD_UPSTREAM_DATA, err);
         toolcall_chunk_clear(&k);
         return 1;
     }
@@ -272,8 +265,8 @@ static int chat_on_data(turn *t, const char *buf, size_t len)
     } else {
         int frc = sse_feed(c->sse, buf, len);
         if (frc == SSE_ETOOBIG)
-            set_bad(c, CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_BAD_UPSTREAM_DATA,
-                    "an upstream event-stream line is over --max-sse-line-bytes");
+            turn_set_bad(&c->t, CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_BAD_UPSTREAM_DATA,
+                         "an upstream event-stream line is over --max-sse-line-bytes");
         if (frc != 0)
             rc = -1;
         else if (c->head != NULL) {
@@ -297,8 +290,6 @@ static void reset_stream(chat *c)
     c->finish_reason = NULL;
     mem_free(c->resp_model);
     c->resp_model = NULL;
-    mem_free(c->bad_msg);
-    c->bad_msg = NULL;
     c->saw_end = 0;
     c->paused = 0;
 }
@@ -325,7 +316,18 @@ typedef struct tool_job {
     chat *c;
     size_t i;
     char *name, *args;
+    uint64_t started_us; /* for convo_llm_tool_seconds (0 with metrics off) */
 } tool_job;
+
+/* The series of tool `name`: a registered one's, else "unknown"'s (the
+ * model may name anything; the label stays bounded). */
+static const chat_tool_series *tool_series_of(const chat_svc *svc, const char *name)
+{
+    for (size_t i = 0; i + 1 < svc->ntool_mx; i++)
+        if (strcmp(svc->tool_mx[i].name, name) == 0)
+            return &svc->tool_mx[i];
+    return &svc->tool_mx[svc->ntool_mx - 1];
+}
 
 /* The tool messages of a finished round, then the next round. */
 static void after_tools(chat *c)
@@ -357,10 +359,15 @@ static void on_tool_done(void *arg, int is_error, char *result)
     tool_job *j = arg;
     chat *c = j->c;
     size_t i = j->i;
+    uint64_t started_us = j->started_us;
     mem_free(j);
     pthread_mutex_lock(&c->t.mu);
     c->results[i] = result;
     const toolcall *tc = toolcall_set_get(c->calls, i);
+    const chat_tool_series *ts = tool_series_of(c->svc, tc->name);
+    metrics_counter_inc(is_error ? ts->error : ts->ok);
+    if (started_us != 0)
+        metrics_histogram_observe(ts->seconds, metrics_now_us() - started_us);
     Convo__V1__ToolResultEvent r = CONVO__V1__TOOL_RESULT_EVENT__INIT;
     r.call_id = tc->id;
     r.name = tc->name;
@@ -448,7 +455,7 @@ static tool_job **prepare_tools(chat *c, size_t *count)
     for (size_t i = 0; i < n; i++) {
         const toolcall *tc = toolcall_set_get(c->calls, i);
         jobs[i] = mem_alloc(sizeof **jobs);
-        *jobs[i] = (tool_job){c, i, mem_strdup(tc->name), mem_strdup(tc->args)};
+        *jobs[i] = (tool_job){c, i, mem_strdup(tc->name), mem_strdup(tc->args), 0};
         turn_ref(&c->t); /* the tool's */
     }
     *count = n;
@@ -463,6 +470,7 @@ static void run_tools(chat *c, tool_job **jobs, size_t n)
     tool_ctx ctx = {c->t.session_id, c->user_id, c->t.request_id};
     for (size_t i = 0; i < n; i++) {
         char *name = jobs[i]->name, *args = jobs[i]->args;
+        jobs[i]->started_us = c->svc->mx.tool_seconds != NULL ? metrics_now_us() : 0;
         tools_call(c->svc->tools, &ctx, name, args, on_tool_done, jobs[i]); /* frees jobs[i] */
         mem_free(name);
         mem_free(args);
@@ -481,8 +489,8 @@ static tool_job **round_ended(chat *c, const upstream_done_info *info, size_t *n
 {
     if (info->result == UPSTREAM_CANCELLED || !turn_live(&c->t))
         return NULL;
-    if (c->bad_msg != NULL) {
-        end_error(c, c->bad_cat, 0, c->bad_msg);
+    if (c->t.bad_msg != NULL) {
+        end_error(c, c->t.bad_cat, 0, c->t.bad_msg);
         return NULL;
     }
     if (info->result != UPSTREAM_OK) {
@@ -586,4 +594,29 @@ void chat_on_call(srv_call *call, const ProtobufCMessage *msg)
     start_round(c);
     pthread_mutex_unlock(&t->mu);
     turn_unref(t); /* the starter's */
+}
+
+void chat_svc_init(chat_svc *svc, const turn_opts *to, const chat_opts *o, upstream *up,
+                   endpoints *eps, const models *m, tools *t, metrics *mx)
+{
+    turn_env_init(&svc->env, "chat", to, up, eps, m, mx);
+    svc->o = o;
+    svc->tools = t;
+    metrics_register(mx, METRICS_SECTION(chat_metrics, &svc->mx));
+    svc->ntool_mx = tools_count(t) + 1;
+    svc->tool_mx = mem_calloc(svc->ntool_mx, sizeof *svc->tool_mx);
+    for (size_t i = 0; i < svc->ntool_mx; i++) {
+        chat_tool_series *ts = &svc->tool_mx[i];
+        ts->name = i + 1 < svc->ntool_mx ? tools_get(t, i)->name : "unknown";
+        ts->ok = metrics_counter_of(svc->mx.tool_calls, (const char *[]){ts->name, "ok"});
+        ts->error = metrics_counter_of(svc->mx.tool_calls, (const char *[]){ts->name, "error"});
+        ts->seconds = metrics_histogram_of(svc->mx.tool_seconds, (const char *[]){ts->name});
+    }
+}
+
+void chat_svc_destroy(chat_svc *svc)
+{
+    turn_env_destroy(&svc->env);
+    mem_free(svc->tool_mx);
+    svc->tool_mx = NULL;
 }

@@ -15,6 +15,7 @@
 #define CONVO_CHAT_H
 
 #include "conf.h"
+#include "metrics.h"
 #include "srv.h"
 #include "tools.h"
 #include "turn.h"
@@ -34,13 +35,40 @@
       "events of one call held while its gRPC write queue is full (the upstream is paused)")
 CONF_DECLARE(chat_opts, CHAT_OPTS)
 
+#define CHAT_METRICS(X, S)                                                                         \
+    X(S, tool_calls, COUNTER_VEC, "convo_llm_tool_calls_total", "tool,outcome", NULL,              \
+      "tool calls run, by tool (a registered name; unknown for any other) and outcome (ok, "       \
+      "error)")                                                                                    \
+    X(S, tool_seconds, HISTOGRAM_VEC, "convo_llm_tool_seconds", "tool", &metrics_buckets_seconds,  \
+      "time from a tool call's start to its result")
+METRICS_DECLARE(chat_metrics, CHAT_METRICS)
+
+/* A tool's series (NULL members with metrics off). */
+typedef struct chat_tool_series {
+    const char *name;
+    metrics_counter *ok, *error;
+    metrics_histogram *seconds;
+} chat_tool_series;
+
 /* The Chat method's service-wide state: the method data of Chat (its env
  * first, as turn.h asks). Set up before serving; only read afterwards. */
 typedef struct chat_svc {
     turn_env env;
     const chat_opts *o; /* borrowed */
     tools *tools;       /* borrowed */
+    chat_metrics mx;
+    chat_tool_series *tool_mx; /* one per registered tool, then "unknown" */
+    size_t ntool_mx;
 } chat_svc;
+
+/* Sets up `svc` over options, an upstream loop, endpoints, the allowed
+ * models and a tools registry (all borrowed; the tools are all registered
+ * already). Counts turns, requests, tokens and tool calls in mx (NULL:
+ * nothing). */
+void chat_svc_init(chat_svc *svc, const turn_opts *to, const chat_opts *o, upstream *up,
+                   endpoints *eps, const models *m, tools *t, metrics *mx);
+/* After the server stopped. */
+void chat_svc_destroy(chat_svc *svc);
 
 /* The srv on_call of /convo.v1.Llm/Chat (method data: a chat_svc). */
 void chat_on_call(srv_call *call, const ProtobufCMessage *msg);

@@ -10,7 +10,6 @@
 typedef struct complete {
     turn t;           /* first: a completion is a turn */
     turn_text answer; /* under t.mu */
-    char *bad_msg;    /* under t.mu: why reading the answer stopped */
 } complete;
 
 static complete *complete_of(turn *t)
@@ -22,7 +21,6 @@ static void complete_free(turn *t)
 {
     complete *c = complete_of(t);
     turn_text_clear(&c->answer);
-    mem_free(c->bad_msg);
 }
 
 static int complete_on_data(turn *t, const char *buf, size_t len)
@@ -33,8 +31,8 @@ static int complete_on_data(turn *t, const char *buf, size_t len)
     if (!turn_live(t)) {
         rc = -1;
     } else if (turn_text_append(&c->answer, buf, len, (size_t)t->env->o->max_answer_bytes) != 0) {
-        if (c->bad_msg == NULL)
-            c->bad_msg = mem_strdup("the answer is over --max-answer-bytes");
+        turn_set_bad(t, CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_BAD_UPSTREAM_DATA,
+                     "the answer is over --max-answer-bytes");
         rc = -1;
     }
     pthread_mutex_unlock(&t->mu);
@@ -63,6 +61,7 @@ static void respond(complete *c)
         u.completion_tokens = k.completion_tokens;
         u.total_tokens = k.total_tokens;
         r.usage = &u;
+        turn_count_usage(&c->t, k.prompt_tokens, k.completion_tokens);
     }
     if (!rpc_utf8_valid(r.content, strlen(r.content)))
         turn_finish(&c->t, RPC_UNAVAILABLE, "the upstream answer is not UTF-8", NULL);
@@ -77,8 +76,8 @@ static void complete_on_done(turn *t, const upstream_done_info *info)
     pthread_mutex_lock(&t->mu);
     if (info->result == UPSTREAM_CANCELLED || !turn_live(t)) {
         /* the caller went away: nothing to answer */
-    } else if (c->bad_msg != NULL) {
-        turn_finish(t, RPC_UNAVAILABLE, c->bad_msg, NULL);
+    } else if (t->bad_msg != NULL) {
+        turn_finish(t, RPC_UNAVAILABLE, t->bad_msg, NULL);
     } else if (info->result != UPSTREAM_OK) {
         turn_failure f;
         turn_failure_of(info, &f);
@@ -93,8 +92,6 @@ static void complete_rewind(turn *t)
 {
     complete *c = complete_of(t);
     turn_text_clear(&c->answer);
-    mem_free(c->bad_msg);
-    c->bad_msg = NULL;
 }
 
 static const turn_method complete_method = {

@@ -12,6 +12,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define ENDPOINTS_METRICS(X, S)                                                                    \
+    X(S, requests, COUNTER_VEC, "convo_llm_endpoint_requests_total", "upstream,result", NULL,      \
+      "model requests ended per endpoint (primary or a --fallback's name), by what they say of "   \
+      "it: answered (it is up), failed (counted against its circuit), neutral (cancelled or "      \
+      "stopped by llm-svc)")                                                                       \
+    X(S, skipped, COUNTER_VEC, "convo_llm_endpoint_skipped_total", "upstream", NULL,               \
+      "requests an endpoint's open circuit (or its probe already out) sent past it")               \
+    X(S, circuit, GAUGE_VEC, "convo_llm_endpoint_circuit_state", "upstream", NULL,                 \
+      "each endpoint's circuit: 0 closed, 1 open, 2 half-open")
+METRICS_DECLARE(endpoints_metrics, ENDPOINTS_METRICS)
+
 #define PRIMARY_NAME  "primary"
 #define HEALTH_PREFIX "upstream/"
 /* A key file longer than this is not a key (a wrong path, say). */
@@ -25,6 +36,9 @@ typedef struct entry {
     char *model; /* NULL: the request's */
     char *health_name;
     breaker *br;
+    /* Its series (NULL with metrics off), indexed by breaker_outcome. */
+    metrics_counter *results[BREAKER_OUTCOMES], *skipped;
+    metrics_gauge *circuit;
 } entry;
 
 struct endpoints {
@@ -34,6 +48,7 @@ struct endpoints {
     int64_t cooldown_ms;
     pthread_mutex_t pub_mu;
     srv *srv; /* under pub_mu: where circuits are published, or NULL */
+    endpoints_metrics mx;
 };
 
 /* ---- building ------------------------------------------------------------ */
@@ -284,7 +299,28 @@ static int add_fallbacks(endpoints *e, const char *list, char *err, size_t errsi
     return rc;
 }
 
-int endpoints_create(const endpoints_opts *o, endpoints **out, char *err, size_t errsize)
+/* Each endpoint's series, made at 0 (a circuit starts closed). */
+static void make_series(endpoints *e, metrics *m)
+{
+    static const char *const results[BREAKER_OUTCOMES] = {
+        [BREAKER_SUCCESS] = "answered",
+        [BREAKER_FAILURE] = "failed",
+        [BREAKER_NEUTRAL] = "neutral",
+    };
+    metrics_register(m, METRICS_SECTION(endpoints_metrics, &e->mx));
+    for (size_t i = 0; i < e->n; i++) {
+        entry *x = &e->v[i];
+        for (int r = 0; r < BREAKER_OUTCOMES; r++)
+            x->results[r] =
+                metrics_counter_of(e->mx.requests, (const char *[]){x->name, results[r]});
+        x->skipped = metrics_counter_of(e->mx.skipped, (const char *[]){x->name});
+        x->circuit = metrics_gauge_of(e->mx.circuit, (const char *[]){x->name});
+        metrics_gauge_set(x->circuit, BREAKER_CLOSED);
+    }
+}
+
+int endpoints_create(const endpoints_opts *o, metrics *m, endpoints **out, char *err,
+                     size_t errsize)
 {
     endpoints *e = mem_calloc(1, sizeof *e);
     pthread_mutex_init(&e->pub_mu, NULL);
@@ -311,6 +347,7 @@ int endpoints_create(const endpoints_opts *o, endpoints **out, char *err, size_t
         x->health_name = mem_asprintf(HEALTH_PREFIX "%s", x->name);
         x->br = breaker_create((int)o->breaker_failures, o->breaker_cooldown_ms);
     }
+    make_series(e, m);
     *out = e;
     return 0;
 fail:
@@ -397,6 +434,7 @@ static void moved(endpoints *e, entry *x, int was_probe, const char *why)
     }
     pthread_mutex_lock(&e->pub_mu);
     publish_locked(e, x);
+    metrics_gauge_set(x->circuit, breaker_get(x->br));
     pthread_mutex_unlock(&e->pub_mu);
 }
 
@@ -407,6 +445,8 @@ int endpoints_admit(endpoints *e, size_t i, breaker_ticket *ticket)
     int pass = breaker_admit(x->br, rpc_now_ms(), ticket, &changed);
     if (changed)
         moved(e, x, 0, "");
+    if (!pass)
+        metrics_counter_inc(x->skipped);
     return pass;
 }
 
@@ -447,6 +487,7 @@ int endpoints_report(endpoints *e, size_t i, const breaker_ticket *ticket,
 {
     entry *x = &e->v[i];
     breaker_outcome o = outcome_of(info);
+    metrics_counter_inc(x->results[o]);
     if (breaker_report(x->br, ticket, o, rpc_now_ms())) {
         char why[160];
         describe(info, why, sizeof why);

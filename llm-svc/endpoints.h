@@ -17,6 +17,7 @@
 
 #include "breaker.h"
 #include "conf.h"
+#include "metrics.h"
 #include "srv.h"
 #include "upstream.h"
 
@@ -50,9 +51,11 @@ typedef struct endpoint {
 
 typedef struct endpoints endpoints;
 
-/* Builds the list from the options. Returns 0, or -1 with a reason naming
- * the bad entry and field in `err` (never a key). */
-int endpoints_create(const endpoints_opts *o, endpoints **out, char *err, size_t errsize);
+/* Builds the list from the options. Counts each endpoint's requests, skips
+ * and circuit state in m (NULL: nothing). Returns 0, or -1 with a reason
+ * naming the bad entry and field in `err` (never a key). */
+int endpoints_create(const endpoints_opts *o, metrics *m, endpoints **out, char *err,
+                     size_t errsize);
 /* Frees the list (after the last request ended); clears *e. */
 void endpoints_destroy(endpoints **e);
 

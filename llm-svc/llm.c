@@ -35,13 +35,11 @@ static void on_list_tools(srv_call *call, const ProtobufCMessage *msg)
 }
 
 llm *llm_create(const turn_opts *to, const chat_opts *co, upstream *u, endpoints *eps,
-                const models *m, tools *t)
+                const models *m, tools *t, metrics *mx)
 {
     llm *l = mem_calloc(1, sizeof *l);
-    turn_env_init(&l->chat.env, to, u, eps, m);
-    l->chat.o = co;
-    l->chat.tools = t;
-    turn_env_init(&l->complete, to, u, eps, m);
+    chat_svc_init(&l->chat, to, co, u, eps, m, t, mx);
+    turn_env_init(&l->complete, "complete", to, u, eps, m, mx);
     l->tools = t;
     return l;
 }
@@ -71,7 +69,7 @@ void llm_destroy(llm **lp)
 {
     if (lp == NULL || *lp == NULL)
         return;
-    turn_env_destroy(&(*lp)->chat.env);
+    chat_svc_destroy(&(*lp)->chat);
     turn_env_destroy(&(*lp)->complete);
     mem_free(*lp);
     *lp = NULL;

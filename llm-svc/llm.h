@@ -9,6 +9,7 @@
 
 #include "chat.h"
 #include "endpoints.h"
+#include "metrics.h"
 #include "models.h"
 #include "srv.h"
 #include "tools.h"
@@ -18,9 +19,11 @@
 typedef struct llm llm;
 
 /* The service over options, an upstream loop, the endpoints, the allowed
- * models and a tools registry (all borrowed; they must outlive it). */
+ * models and a tools registry (all borrowed; they must outlive it; the
+ * tools are all registered already). Counts its turns, model requests,
+ * tokens and tool calls in mx (NULL: nothing). */
 llm *llm_create(const turn_opts *to, const chat_opts *co, upstream *u, endpoints *eps,
-                const models *m, tools *t);
+                const models *m, tools *t, metrics *mx);
 /* Registers Chat, Complete and ListTools on `s`. Returns 0 or RPC_EARG. */
 int llm_register(srv *s, llm *l);
 /* After the server stopped. Clears *l. */

@@ -4,12 +4,14 @@
 #include "cli.h"
 #include "conf.h"
 #include "endpoints.h"
+#include "health.h"
 #include "kb.h"
 #include "llm.h"
 #include "log.h"
 #include "mem.h"
 #include "models.h"
 #include "proc.h"
+#include "scrape.h"
 #include "srv.h"
 #include "tls.h"
 #include "tools.h"
@@ -58,12 +60,13 @@ int main(int argc, char **argv)
     cli_conf cc = {0};
     models_opts mdo = {0};
     tls_opts tlo = {0};
+    scrape_opts sco = {0};
     const conf_section secs[] = {
         CONF_SECTION(cli_conf, &cc),       CONF_SECTION(main_opts, &mo),
         CONF_SECTION(endpoints_opts, &eo), CONF_SECTION(models_opts, &mdo),
         CONF_SECTION(turn_opts, &to),      CONF_SECTION(chat_opts, &co),
         CONF_SECTION(upstream_opts, &uo),  CONF_SECTION(srv_opts, &so),
-        CONF_SECTION(tls_opts, &tlo),
+        CONF_SECTION(tls_opts, &tlo),      CONF_SECTION(scrape_opts, &sco),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     kb *k = NULL;
@@ -75,6 +78,9 @@ int main(int argc, char **argv)
     llm *l = NULL;
     srv *server = NULL;
     tls *mtls = NULL;
+    metrics *m = NULL;
+    scrape *sc = NULL;
+    char maddr[300];
     char err[512];
     int status = 2;
 
@@ -86,13 +92,14 @@ int main(int argc, char **argv)
         status = rc > 0 ? 0 : 2;
         goto out;
     }
-    if (log_setup("llm-svc", mo.log_level) != 0)
+    if (log_setup("llm-svc", mo.log_level) != 0 ||
+        scrape_setup(&sco, "llm-svc", mo.listen, maddr, sizeof maddr, &m) != 0)
         goto out;
     if (co.max_rounds < 1) {
         fprintf(stderr, "llm-svc: --max-rounds must be at least 1\n");
         goto out;
     }
-    if (endpoints_create(&eo, &eps, err, sizeof err) != 0) {
+    if (endpoints_create(&eo, m, &eps, err, sizeof err) != 0) {
         fprintf(stderr, "llm-svc: %s\n", err);
         goto out;
     }
@@ -121,6 +128,7 @@ int main(int argc, char **argv)
     }
     c = cli_create(1, so.max_message_bytes);
     cli_use_tls(c, mtls);
+    cli_set_metrics(c, m);
     t = tools_create();
     if (tool_knowledge_register(t, k) != 0 ||
         tool_context_register(t, cli_channel_create(c, mo.store, cc.round_robin),
@@ -128,17 +136,20 @@ int main(int argc, char **argv)
         log_error("cannot register the tools");
         goto out;
     }
-    u = upstream_create(&uo);
+    u = upstream_create(&uo, m);
     if (u == NULL) {
         log_error("cannot start the upstream loop (libcurl)");
         goto out;
     }
-    l = llm_create(&to, &co, u, eps, mods, t);
+    l = llm_create(&to, &co, u, eps, mods, t, m);
     server = srv_create("llm-svc", mo.listen, &so);
     srv_use_tls(server, mtls);
+    srv_set_metrics(server, m);
     if (llm_register(server, l) != 0)
         goto out;
     endpoints_publish(eps, server);
+    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, server)) == NULL)
+        goto out;
     if (srv_start(server) != 0)
         goto out;
     log_endpoints(eps);
@@ -147,6 +158,7 @@ int main(int argc, char **argv)
     srv_run(server);
     status = 0;
 out:
+    scrape_stop(&sc);
     if (eps != NULL)
         endpoints_publish(eps, NULL);
     if (server != NULL)
@@ -161,6 +173,7 @@ out:
     endpoints_destroy(&eps);
     tools_destroy(&t);
     kb_destroy(&k);
+    metrics_destroy(&m);
     conf_free(secs, nsecs);
     return status;
 }

@@ -2,6 +2,7 @@
 
 #include "log.h"
 #include "mem.h"
+#include "names.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -9,13 +10,58 @@
 /* common.proto: GenerationParams.temperature is 0.0 to 2.0. */
 #define MAX_TEMPERATURE 2.0
 
-void turn_env_init(turn_env *e, const turn_opts *o, upstream *up, endpoints *eps, const models *m)
+/* The label words of upstream_result (convo_llm_upstream_requests_total). */
+static const char *const result_names[] = {
+    [UPSTREAM_OK] = "ok",
+    [UPSTREAM_HTTP] = "http_error",
+    [UPSTREAM_CONNECT] = "connect_error",
+    [UPSTREAM_TIMEOUT] = "timeout",
+    [UPSTREAM_DROPPED] = "dropped",
+    [UPSTREAM_STOPPED] = "stopped",
+    [UPSTREAM_CANCELLED] = "cancelled",
+};
+
+/* The series of the outcomes that happen, made at 0 now: a series born
+ * with its first count would hide that count from rate() (and from the
+ * alert on rate-limited failures). */
+static void make_series(turn_env *e, const char *kind)
+{
+    static const char *const requests[][2] = {
+        {"ok", "none"},
+        {"http_error", "rate_limited"},
+        {"http_error", "auth_failed"},
+        {"http_error", "model_not_found"},
+        {"http_error", "invalid_request"},
+        {"http_error", "upstream_unavailable"},
+        {"connect_error", "upstream_unavailable"},
+        {"timeout", "timeout"},
+        {"dropped", "upstream_unavailable"},
+        {"stopped", "bad_upstream_data"},
+        {"cancelled", "none"},
+    };
+    static const char *const outcomes[TURN_OUTCOMES] = {
+        [TURN_OUTCOME_DONE] = "done",
+        [TURN_OUTCOME_ERROR] = "error",
+        [TURN_OUTCOME_CANCELLED] = "cancelled",
+    };
+    for (size_t i = 0; i < sizeof requests / sizeof requests[0]; i++)
+        metrics_counter_of(e->mx.requests, requests[i]);
+    for (int o = TURN_OUTCOME_DONE; o < TURN_OUTCOMES; o++)
+        e->turns[o] = metrics_counter_of(e->mx.turns, (const char *[]){kind, outcomes[o]});
+    e->prompt_tokens = metrics_counter_of(e->mx.tokens, (const char *[]){"prompt"});
+    e->completion_tokens = metrics_counter_of(e->mx.tokens, (const char *[]){"completion"});
+}
+
+void turn_env_init(turn_env *e, const char *kind, const turn_opts *o, upstream *up, endpoints *eps,
+                   const models *m, metrics *mx)
 {
     e->up = up;
     e->eps = eps;
     e->models = m;
     e->o = o;
     pthread_mutex_init(&e->calls_mu, NULL);
+    metrics_register(mx, METRICS_SECTION(turn_metrics, &e->mx));
+    make_series(e, kind);
 }
 
 void turn_env_destroy(turn_env *e)
@@ -36,6 +82,7 @@ void turn_unref(turn *t)
         return;
     t->m->free(t);
     json_object_put(t->body);
+    mem_free(t->bad_msg);
     mem_free(t->session_id);
     mem_free(t->request_id);
     mem_free(t->model);
@@ -99,6 +146,11 @@ void turn_finish(turn *t, rpc_code code, const char *msg, const ProtobufCMessage
         return;
     srv_call *call = t->call;
     t->call = NULL;
+    turn_outcome o = t->outcome != TURN_OUTCOME_UNSET ? t->outcome
+                     : code == RPC_OK                 ? TURN_OUTCOME_DONE
+                     : code == RPC_CANCELLED          ? TURN_OUTCOME_CANCELLED
+                                                      : TURN_OUTCOME_ERROR;
+    metrics_counter_inc(t->env->turns[o]);
     pthread_mutex_lock(&t->env->calls_mu);
     srv_call_set_data(call, NULL);
     pthread_mutex_unlock(&t->env->calls_mu);
@@ -111,6 +163,20 @@ int turn_live(const turn *t)
     return t->call != NULL && !t->cancelled;
 }
 
+void turn_set_bad(turn *t, Convo__V1__ErrorCategory cat, const char *msg)
+{
+    if (t->bad_msg == NULL) {
+        t->bad_cat = cat;
+        t->bad_msg = mem_strdup(msg);
+    }
+}
+
+void turn_count_usage(const turn *t, uint32_t prompt, uint32_t completion)
+{
+    metrics_counter_add(t->env->prompt_tokens, prompt);
+    metrics_counter_add(t->env->completion_tokens, completion);
+}
+
 /* ---- the call's callbacks --------------------------------------------------- */
 
 static void on_cancel(srv_call *call)
@@ -120,6 +186,7 @@ static void on_cancel(srv_call *call)
         return;
     pthread_mutex_lock(&t->mu);
     t->cancelled = 1;
+    t->outcome = TURN_OUTCOME_CANCELLED;
     if (t->req != NULL)
         upstream_cancel(t->req); /* the loop closes the connection at once */
     log_fields(LOG_INFO,
@@ -189,6 +256,8 @@ static int start_at(turn *t, size_t i, const breaker_ticket *tk)
     t->ep = i;
     t->ticket = *tk;
     t->shown = 0;
+    mem_free(t->bad_msg);
+    t->bad_msg = NULL;
     return 0;
 }
 
@@ -219,11 +288,32 @@ static int fall_back(turn *t, const upstream_done_info *info)
     return 0;
 }
 
+/* convo_llm_upstream_requests_total: the request's outcome and the
+ * category of its failure (t->mu held). A request a fallback took over
+ * counts too, with the category its failure would have told. */
+static void count_request(const turn *t, const upstream_done_info *info)
+{
+    Convo__V1__ErrorCategory cat = CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_UNSPECIFIED;
+    if (t->bad_msg != NULL) {
+        cat = t->bad_cat;
+    } else if (info->result != UPSTREAM_OK && info->result != UPSTREAM_CANCELLED) {
+        turn_failure f;
+        turn_failure_of(info, &f);
+        cat = f.category;
+    }
+    const char *category = cat == CONVO__V1__ERROR_CATEGORY__ERROR_CATEGORY_UNSPECIFIED
+                               ? "none"
+                               : names_error_category(cat);
+    metrics_counter_inc(metrics_counter_of(t->env->mx.requests,
+                                           (const char *[]){result_names[info->result], category}));
+}
+
 static void on_done(void *arg, const upstream_done_info *info)
 {
     turn *t = arg;
     pthread_mutex_lock(&t->mu);
     t->req = NULL;
+    count_request(t, info);
     int failed = endpoints_report(t->env->eps, t->ep, &t->ticket, info);
     int again = failed && !t->shown && turn_live(t) && fall_back(t, info);
     pthread_mutex_unlock(&t->mu);

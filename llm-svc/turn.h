@@ -2,8 +2,9 @@
  * to the model endpoints (endpoints.h) over the upstream loop (upstream.h).
  * The split follows curl's protocol handlers: this core owns the call (its
  * binding, cancellation, the one finish), the reference count, the request
- * body and the upstream request in flight, and the choice of endpoint; a
- * method (chat.c, complete.c) embeds a turn first in its own state and
+ * body and the bounds on what a caller asks, the upstream request in
+ * flight, the choice of endpoint, and the counts of calls and requests
+ * (TURN_METRICS); a method (chat.c, complete.c) embeds a turn first in its own state and
  * gives a turn_method saying what the upstream's bytes mean and what a
  * finished request leads to.
  *
@@ -45,6 +46,7 @@
 
 #include "conf.h"
 #include "endpoints.h"
+#include "metrics.h"
 #include "models.h"
 #include "rpc.h"
 #include "srv.h"
@@ -72,6 +74,26 @@
       "the largest params.max_tokens a caller may ask for (0 there: the upstream's default)")
 CONF_DECLARE(turn_opts, TURN_OPTS)
 
+#define TURN_METRICS(X, S)                                                                         \
+    X(S, turns, COUNTER_VEC, "convo_llm_turns_total", "kind,outcome", NULL,                        \
+      "Chat and Complete calls ended, by kind (chat, complete) and outcome (done, error, "         \
+      "cancelled)")                                                                                \
+    X(S, requests, COUNTER_VEC, "convo_llm_upstream_requests_total", "outcome,category", NULL,     \
+      "model requests ended, by outcome (ok, http_error, connect_error, timeout, dropped, "        \
+      "stopped, cancelled) and the error category the caller was told (none when it succeeded)")   \
+    X(S, tokens, COUNTER_VEC, "convo_llm_usage_tokens_total", "kind", NULL,                        \
+      "tokens the model reported using, by kind (prompt, completion)")
+METRICS_DECLARE(turn_metrics, TURN_METRICS)
+
+/* How a call ended, for convo_llm_turns_total. */
+typedef enum turn_outcome {
+    TURN_OUTCOME_UNSET, /* told by the gRPC code it finishes with */
+    TURN_OUTCOME_DONE,
+    TURN_OUTCOME_ERROR,
+    TURN_OUTCOME_CANCELLED,
+    TURN_OUTCOMES
+} turn_outcome;
+
 /* What every turn of one method reads: set up before serving, then only
  * read (calls_mu aside). The method's data given to srv_add_method is its
  * turn_env, or a struct that begins with one (the call's callbacks find
@@ -82,11 +104,18 @@ typedef struct turn_env {
     const models *models; /* borrowed: what params.model may name */
     const turn_opts *o;   /* borrowed */
     pthread_mutex_t calls_mu;
+    /* The method's series (NULL with metrics off). */
+    turn_metrics mx;
+    metrics_counter *turns[TURN_OUTCOMES]; /* by outcome, for this method's kind */
+    metrics_counter *prompt_tokens, *completion_tokens;
 } turn_env;
 
 /* Fills `e` over an upstream loop, endpoints, the allowed models and
- * options that outlive it. */
-void turn_env_init(turn_env *e, const turn_opts *o, upstream *up, endpoints *eps, const models *m);
+ * options that outlive it, for the method `kind` ("chat": its label in
+ * the metrics). Counts its calls, requests and tokens in mx (NULL:
+ * nothing); the methods' envs share the families. */
+void turn_env_init(turn_env *e, const char *kind, const turn_opts *o, upstream *up, endpoints *eps,
+                   const models *m, metrics *mx);
 void turn_env_destroy(turn_env *e);
 
 typedef struct turn turn;
@@ -126,6 +155,12 @@ struct turn {
     size_t ep;             /* the endpoint of the request in flight or last made */
     breaker_ticket ticket; /* its circuit's admission */
     int shown;             /* something of that request reached the caller */
+    /* A failure the method found in that request's answer (bad data, a
+     * cap) and stopped it for: told instead of the request's own end, and
+     * counted with its category. Cleared when a request starts. */
+    Convo__V1__ErrorCategory bad_cat;
+    char *bad_msg;
+    turn_outcome outcome; /* set by the method when it tells the end itself */
 };
 
 /* Sets up `t` (calloc'd by the method, which then fills its own part) for
@@ -146,10 +181,17 @@ void turn_ref(turn *t);
  * (it may be the last). */
 void turn_unref(turn *t);
 
+/* Records why the method stopped the request in flight; the first reason
+ * stays (t->mu held). */
+void turn_set_bad(turn *t, Convo__V1__ErrorCategory cat, const char *msg);
+/* Counts the tokens a request's usage reported. Any thread. */
+void turn_count_usage(const turn *t, uint32_t prompt, uint32_t completion);
+
 /* Whether the call is still there to answer (t->mu held). */
 int turn_live(const turn *t);
 /* Finishes the call once (t->mu held); later calls do nothing. Drops the
- * call's reference, never the last: the caller holds one. */
+ * call's reference, never the last: the caller holds one. Counts the call
+ * by t->outcome, or when unset by `code`. */
 void turn_finish(turn *t, rpc_code code, const char *msg, const ProtobufCMessage *resp);
 /* How a failed request is told: ErrorEvent category and retryable for
  * Chat, the gRPC code for Complete, and a message for both. */

@@ -18,6 +18,31 @@
 /* Socket events handled per epoll_wait. */
 #define MAX_EVENTS 256
 
+#define UPSTREAM_METRICS(X, S)                                                                     \
+    X(S, in_flight, GAUGE, "convo_llm_upstream_requests_in_flight", "", NULL,                      \
+      "model requests started and not ended")                                                      \
+    X(S, first_byte, HISTOGRAM, "convo_llm_upstream_first_byte_seconds", "",                       \
+      &metrics_buckets_seconds,                                                                    \
+      "time from sending a model request (each attempt) to the first byte of its answer")          \
+    X(S, seconds, HISTOGRAM, "convo_llm_upstream_request_seconds", "", &metrics_buckets_seconds,   \
+      "time of a whole model request, from its start to its end, retries included")                \
+    X(S, retries, COUNTER_VEC, "convo_llm_upstream_retries_total", "reason", NULL,                 \
+      "model requests tried again, by reason (rate_limited, server_error, timeout, connect, "      \
+      "dropped)")
+METRICS_DECLARE(upstream_metrics, UPSTREAM_METRICS)
+
+/* Why a request is tried again: the label values of convo_llm_upstream_retries_total. */
+typedef enum retry_reason {
+    RETRY_RATE_LIMITED, /* 429 */
+    RETRY_SERVER_ERROR, /* 5xx */
+    RETRY_TIMEOUT,      /* 408 */
+    RETRY_CONNECT,
+    RETRY_DROPPED,
+    RETRY_N
+} retry_reason;
+static const char *const retry_names[RETRY_N] = {"rate_limited", "server_error", "timeout",
+                                                 "connect", "dropped"};
+
 /* Commands from other threads, as bits on the request. */
 #define CMD_START  1
 #define CMD_CANCEL 2
@@ -39,6 +64,7 @@ struct upstream_req {
     struct curl_slist *headers;
     char errbuf[CURL_ERROR_SIZE];
     int attempts, delivered, got_first_byte, paused, stop_requested;
+    uint64_t started_us, attempt_us; /* for the metrics (0 when off) */
     long status;
     long retry_after_ms;
     int64_t last_activity_ms, retry_due_ms; /* retry_due_ms != 0: waiting to retry */
@@ -62,6 +88,8 @@ struct upstream {
     int stopping;         /* under mu */
     upstream_req *active; /* loop only */
     int64_t last_scan_ms;
+    upstream_metrics mx;
+    metrics_counter *retries[RETRY_N];
 };
 
 static void req_free(upstream_req *r)
@@ -133,6 +161,9 @@ static void finish(upstream_req *r, upstream_result result, const char *message)
         .delivered = r->delivered,
     };
     r->cbs.on_done(r->arg, &info);
+    metrics_gauge_add(u->mx.in_flight, -1);
+    if (r->started_us != 0)
+        metrics_histogram_observe(u->mx.seconds, metrics_now_us() - r->started_us);
     pthread_mutex_lock(&u->mu);
     u->count--;
     int keep = r->queued;
@@ -147,12 +178,20 @@ static int64_t now_ms(void)
     return rpc_now_ms();
 }
 
+/* The first byte of an attempt's answer (a header or the body). */
+static void first_byte(upstream_req *r)
+{
+    if (!r->got_first_byte && r->attempt_us != 0)
+        metrics_histogram_observe(r->u->mx.first_byte, metrics_now_us() - r->attempt_us);
+    r->got_first_byte = 1;
+}
+
 static size_t on_write(char *p, size_t sz, size_t n, void *ud)
 {
     upstream_req *r = ud;
     size_t len = sz * n;
     r->last_activity_ms = now_ms();
-    r->got_first_byte = 1;
+    first_byte(r);
     if (r->status == 0)
         curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &r->status);
     if (r->status < 200 || r->status >= 300) {
@@ -184,7 +223,7 @@ static size_t on_header(char *p, size_t sz, size_t n, void *ud)
     upstream_req *r = ud;
     size_t len = sz * n;
     r->last_activity_ms = now_ms();
-    r->got_first_byte = 1;
+    first_byte(r);
     if (len > 15 && strncasecmp(p, "retry-after-ms:", 15) == 0) {
         r->retry_after_ms = strtol(p + 15, NULL, 10);
     } else if (len > 12 && strncasecmp(p, "retry-after:", 12) == 0 && r->retry_after_ms < 0) {
@@ -204,6 +243,7 @@ static void attempt(upstream_req *r)
     r->errlen = 0;
     r->retry_after_ms = -1;
     r->got_first_byte = 0;
+    r->attempt_us = u->mx.first_byte != NULL ? metrics_now_us() : 0;
     r->retry_due_ms = 0;
     r->errbuf[0] = '\0';
     r->last_activity_ms = now_ms();
@@ -237,6 +277,15 @@ static void attempt(upstream_req *r)
     curl_multi_add_handle(u->multi, e);
 }
 
+static retry_reason retry_reason_of(upstream_result result, long status)
+{
+    if (result == UPSTREAM_CONNECT)
+        return RETRY_CONNECT;
+    if (result != UPSTREAM_HTTP)
+        return RETRY_DROPPED;
+    return status == 429 ? RETRY_RATE_LIMITED : status == 408 ? RETRY_TIMEOUT : RETRY_SERVER_ERROR;
+}
+
 /* Retries when allowed (nothing delivered, attempts and deadline left),
  * else ends the request with `result`. */
 static void retry_or_finish(upstream_req *r, upstream_result result, const char *message)
@@ -264,6 +313,7 @@ static void retry_or_finish(upstream_req *r, upstream_result result, const char 
                      (long long)delay);
             detach_easy(r);
             r->retry_due_ms = now + (delay > 0 ? delay : 1);
+            metrics_counter_inc(u->retries[retry_reason_of(result, r->status)]);
             return;
         }
     }
@@ -491,12 +541,15 @@ static void global_init(void)
     curl_global_init(CURL_GLOBAL_DEFAULT);
 }
 
-upstream *upstream_create(const upstream_opts *o)
+upstream *upstream_create(const upstream_opts *o, metrics *m)
 {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, global_init);
     upstream *u = mem_calloc(1, sizeof *u);
     u->o = *o;
+    metrics_register(m, METRICS_SECTION(upstream_metrics, &u->mx));
+    for (int i = 0; i < RETRY_N; i++)
+        u->retries[i] = metrics_counter_of(u->mx.retries, (const char *[]){retry_names[i]});
     if (u->o.max_attempts < 1)
         u->o.max_attempts = 1;
     u->curl_due_ms = -1;
@@ -570,8 +623,10 @@ int upstream_start(upstream *u, const upstream_spec *spec, const upstream_cbs *c
     pthread_mutex_unlock(&u->mu);
     if (rc != 0)
         return rc;
+    metrics_gauge_add(u->mx.in_flight, 1);
     upstream_req *r = mem_calloc(1, sizeof *r);
     r->u = u;
+    r->started_us = u->mx.seconds != NULL ? metrics_now_us() : 0;
     r->cbs = *cbs;
     r->arg = arg;
     r->url = mem_strdup(spec->url);

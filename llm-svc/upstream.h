@@ -16,6 +16,7 @@
 #define CONVO_UPSTREAM_H
 
 #include "conf.h"
+#include "metrics.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -83,8 +84,9 @@ typedef struct upstream_spec {
     int64_t deadline_ms;    /* rpc_now_ms() clock; 0: none. No retry waits past it. */
 } upstream_spec;
 
-/* Starts the loop thread. NULL when curl cannot be set up. */
-upstream *upstream_create(const upstream_opts *o);
+/* Starts the loop thread. NULL when curl cannot be set up. Counts its
+ * requests in m (NULL: nothing counted; else it must outlive the loop). */
+upstream *upstream_create(const upstream_opts *o, metrics *m);
 /* Cancels whatever is in flight (their on_done fire), stops the thread,
  * frees everything; clears *u. */
 void upstream_destroy(upstream **u);

@@ -1,11 +1,13 @@
 /* router-svc — serves convo.v1.Router: the strategy, system prompt and
  * generation parameters of each conversation turn. */
 #include "conf.h"
+#include "health.h"
 #include "log.h"
 #include "mem.h"
 #include "rconf.h"
 #include "route.h"
 #include "router.h"
+#include "scrape.h"
 #include "srv.h"
 #include "tls.h"
 
@@ -24,15 +26,21 @@ int main(int argc, char **argv)
     router_opts opts = {0};
     srv_opts sopts = {0};
     tls_opts topts = {0};
+    scrape_opts mopts = {0};
     const conf_section secs[] = {
         CONF_SECTION(router_opts, &opts),
         CONF_SECTION(srv_opts, &sopts),
         CONF_SECTION(tls_opts, &topts),
+        CONF_SECTION(scrape_opts, &mopts),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     route_config *cfg = NULL;
     srv *server = NULL;
     tls *mtls = NULL;
+    metrics *m = NULL;
+    scrape *sc = NULL;
+    router_ctx ctx;
+    char maddr[300];
     char *err = NULL;
     char tls_err[512];
     int status = 2;
@@ -45,7 +53,8 @@ int main(int argc, char **argv)
         status = rc > 0 ? 0 : 2;
         goto out;
     }
-    if (log_setup("router-svc", opts.log_level) != 0)
+    if (log_setup("router-svc", opts.log_level) != 0 ||
+        scrape_setup(&mopts, "router-svc", opts.listen, maddr, sizeof maddr, &m) != 0)
         goto out;
     if (tls_create(&topts, &mtls, tls_err, sizeof tls_err) != 0) {
         log_error("%s", tls_err);
@@ -68,19 +77,25 @@ int main(int argc, char **argv)
     status = 1;
     server = srv_create("router-svc", opts.listen, &sopts);
     srv_use_tls(server, mtls);
-    if (router_register(server, cfg) != 0) {
+    srv_set_metrics(server, m);
+    router_ctx_init(&ctx, cfg, m);
+    if (router_register(server, &ctx) != 0) {
         log_error("cannot register %s", ROUTER_METHOD_ROUTE);
         goto out;
     }
+    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, server)) == NULL)
+        goto out; /* scrape_start logged the address */
     if (srv_start(server) != 0)
         goto out; /* srv_start logged the address */
     srv_run(server);
     status = 0;
 
 out:
+    scrape_stop(&sc);
     if (server != NULL)
         srv_destroy(&server);
     tls_destroy(&mtls);
+    metrics_destroy(&m);
     route_config_free(&cfg);
     mem_free(err);
     conf_free(secs, nsecs);

@@ -99,7 +99,8 @@ static void log_decision(const Convo__V1__RouteRequest *req, const route_decisio
  * thread, with nothing allocated. */
 static void on_route(srv_call *call, const ProtobufCMessage *msg)
 {
-    const route_config *cfg = srv_call_method_data(call);
+    const router_ctx *ctx = srv_call_method_data(call);
+    const route_config *cfg = ctx->cfg;
     const Convo__V1__RouteRequest *req = (const Convo__V1__RouteRequest *)msg;
     char err[256];
     if (router_check_request(cfg, req, err, sizeof err) != 0) {
@@ -118,13 +119,24 @@ static void on_route(srv_call *call, const ProtobufCMessage *msg)
     route_decision d;
     route_decide(cfg, &in, &d);
     log_decision(req, &d);
+    metrics_counter_inc(ctx->routes[d.strategy]);
 
     router_reply reply;
     router_reply_fill(&reply, &d);
     srv_call_finish(call, RPC_OK, NULL, &reply.resp.base);
 }
 
-int router_register(srv *s, const route_config *cfg)
+void router_ctx_init(router_ctx *ctx, const route_config *cfg, metrics *m)
+{
+    router_metrics rm;
+    metrics_register(m, METRICS_SECTION(router_metrics, &rm));
+    ctx->cfg = cfg;
+    for (int i = 0; i < ROUTE_N_STRATEGIES; i++)
+        ctx->routes[i] =
+            metrics_counter_of(rm.routes, (const char *[]){route_strategy_name((route_strategy)i)});
+}
+
+int router_register(srv *s, const router_ctx *ctx)
 {
     static const srv_method route = {
         .path = ROUTER_METHOD_ROUTE,
@@ -135,5 +147,5 @@ int router_register(srv *s, const route_config *cfg)
         /* The gateway each turn; `admin` (an operator) tries a rule. */
         .callers = "gateway admin",
     };
-    return srv_add_method(s, &route, (void *)cfg);
+    return srv_add_method(s, &route, (void *)ctx);
 }

@@ -4,6 +4,7 @@
 #ifndef CONVO_ROUTER_H
 #define CONVO_ROUTER_H
 
+#include "metrics.h"
 #include "route.h"
 #include "srv.h"
 
@@ -30,8 +31,23 @@ typedef struct router_reply {
 
 void router_reply_fill(router_reply *r, const route_decision *d);
 
-/* Registers Route on `s` (before srv_start). `cfg` is shared by every call
+#define ROUTER_METRICS(X, S)                                                                       \
+    X(S, routes, COUNTER_VEC, "convo_router_routes_total", "strategy", NULL,                       \
+      "turns routed, by the strategy chosen")
+METRICS_DECLARE(router_metrics, ROUTER_METRICS)
+
+/* What every Route call reads: the rules and the counter of each strategy. */
+typedef struct router_ctx {
+    const route_config *cfg;
+    metrics_counter *routes[ROUTE_N_STRATEGIES];
+} router_ctx;
+
+/* Fills ctx with cfg and its counters in m (NULL: nothing counted). Every
+ * strategy's series exists from the start, at 0. */
+void router_ctx_init(router_ctx *ctx, const route_config *cfg, metrics *m);
+
+/* Registers Route on `s` (before srv_start). `ctx` is shared by every call
  * and must outlive the server. Returns 0 or an RPC_E* error. */
-int router_register(srv *s, const route_config *cfg);
+int router_register(srv *s, const router_ctx *ctx);
 
 #endif

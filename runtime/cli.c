@@ -3,6 +3,7 @@
 #include "log.h"
 #include "mem.h"
 #include "rpc_internal.h"
+#include "rpcm.h"
 
 #include <grpc/grpc_security.h>
 #include <grpc/support/time.h>
@@ -42,6 +43,7 @@ struct cli {
     cli_call *calls; /* calls whose done has not fired, for cli_destroy */
     size_t ncalls;
     int closing;
+    rpcm *metrics; /* NULL: not counted */
 };
 
 struct cli_call {
@@ -52,6 +54,8 @@ struct cli_call {
     cli_msg_fn on_msg;
     cli_done_fn done;
     void *arg;
+    rpcm_method *pm;
+    uint64_t started_us;
 
     pthread_mutex_t mu;
     int refs;
@@ -147,6 +151,12 @@ const char *cli_channel_target(const cli_channel *ch)
     return ch->target;
 }
 
+void cli_set_metrics(cli *c, metrics *m)
+{
+    rpcm_destroy(&c->metrics);
+    c->metrics = rpcm_create_client(m);
+}
+
 static void call_free(cli_call *k)
 {
     if (k->send_bb != NULL)
@@ -237,6 +247,8 @@ static int call_create(cli_channel *ch, const char *method, const ProtobufCMessa
     c->calls = k;
     c->ncalls++;
     pthread_mutex_unlock(&c->mu);
+    k->pm = rpcm_method_get(c->metrics, method);
+    k->started_us = rpcm_start(k->pm);
     *kp = k;
     return 0;
 }
@@ -272,6 +284,7 @@ static void call_finish(cli_call *k)
         }
     }
     unlink_call(k);
+    rpcm_end(k->pm, k->started_us, code);
     k->done(k->arg, code, message, resp);
     mem_free(message);
 }
@@ -307,6 +320,7 @@ static void fill_send_ops(cli_call *k, grpc_op *ops, const cli_opts *opts)
 static int abandon(cli_call *k, cli_call **out, int rc)
 {
     unlink_call(k);
+    rpcm_forget(k->pm);
     log_error("grpc_call_start_batch failed; the call was not started");
     if (out != NULL) {
         *out = NULL;
@@ -397,6 +411,7 @@ static void on_stream_msg(rpc__tag *tag, int ok)
 
     if (ok && bb != NULL) {
         ProtobufCMessage *msg = rpc__decode(bb, k->resp_desc, NULL, 0);
+        rpcm_received(k->pm);
         if (msg == NULL) {
             bad = 1;
         } else {
@@ -592,6 +607,7 @@ void cli_destroy(cli **cp)
         grpc_completion_queue_destroy(c->threads[i].cq);
     }
     mem_free(c->threads);
+    rpcm_destroy(&c->metrics);
     pthread_cond_destroy(&c->idle);
     pthread_mutex_destroy(&c->mu);
     mem_free(c);

@@ -16,6 +16,7 @@
 #define CONVO_CLI_H
 
 #include "conf.h"
+#include "metrics.h"
 #include "rpc.h"
 #include "tls.h"
 
@@ -63,6 +64,10 @@ void cli_destroy(cli **c);
  * host; ours is shown to it. NULL (the default): plaintext. t must outlive
  * the client. */
 void cli_use_tls(cli *c, tls *t);
+/* Counts every call into m (convo_grpc_client_*: by method and status
+ * code, durations, calls in flight, streamed messages received). Call
+ * before the first call; m (NULL: nothing counted) must outlive the client. */
+void cli_set_metrics(cli *c, metrics *m);
 
 /* A channel to "HOST:PORT" (or any gRPC target, e.g. "dns:///svc:50051").
  * `round_robin` spreads calls over every address the name resolves to (for

@@ -157,6 +157,11 @@ health_status health_get(srv *s, const char *service)
     return status;
 }
 
+int health_serving(void *server)
+{
+    return health_get(server, "") == HEALTH_SERVING;
+}
+
 static void on_check(srv_call *call, const ProtobufCMessage *msg)
 {
     const Grpc__Health__V1__HealthCheckRequest *req =

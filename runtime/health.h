@@ -23,5 +23,8 @@ void health_set(srv *s, const char *service, health_status status);
 void health_set_all(srv *s, health_status status);
 /* The current status of `service`; HEALTH_UNKNOWN when never set. */
 health_status health_get(srv *s, const char *service);
+/* Whether srv `server`'s own status ("") is SERVING: /healthz's answer
+ * (a scrape_health_fn). Thread-safe. */
+int health_serving(void *server);
 
 #endif

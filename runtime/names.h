@@ -5,6 +5,8 @@
 #define CONVO_NAMES_H
 
 #include "convo/v1/common.pb-c.h"
+#include "convo/v1/llm.pb-c.h"
+#include "convo/v1/router.pb-c.h"
 #include "convo/v1/store.pb-c.h"
 
 /* "none", "pending", "done", "failed"; "unknown" for any other value. */
@@ -12,5 +14,12 @@ const char *names_summary_status(Convo__V1__SummaryStatus s);
 /* "user_message", "ai_token", "tool_call", "tool_result", "system_event"
  * (the seed's event_type values); "unknown" for any other value. */
 const char *names_event_type(Convo__V1__EventType t);
+/* "rate_limited", "auth_failed", "model_not_found", "upstream_unavailable",
+ * "timeout", "bad_upstream_data", "invalid_request", "internal"; "unknown"
+ * for any other value. Metric label values. */
+const char *names_error_category(Convo__V1__ErrorCategory c);
+/* "fast_concise", "analytical", "summarization_aware", "tool_heavy" (the
+ * names router.conf uses); "unknown" for any other value. */
+const char *names_strategy(Convo__V1__Strategy s);
 
 #endif

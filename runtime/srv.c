@@ -4,6 +4,7 @@
 #include "log.h"
 #include "mem.h"
 #include "rpc_internal.h"
+#include "rpcm.h"
 
 #include <errno.h>
 #include <grpc/grpc_security.h>
@@ -24,6 +25,10 @@
  * burst of arrivals does not wait for the handler thread to re-request. */
 #define SLOTS_PER_METHOD 8
 
+/* A call the client gave up on this close to its deadline is counted as
+ * DEADLINE_EXCEEDED, not CANCELLED. */
+#define DEADLINE_SLACK_MS 100
+
 typedef struct method_entry {
     srv_method m;
     void *data;
@@ -31,6 +36,7 @@ typedef struct method_entry {
     char **callers; /* the names allowed under mutual TLS */
     size_t ncallers;
     int any_caller; /* "*" */
+    rpcm_method *pm;
 } method_entry;
 
 typedef struct cq_thread {
@@ -73,6 +79,7 @@ struct srv {
     pthread_cond_t shutdown_cv;
     int shutdown_done;
     health *health;
+    rpcm *metrics; /* NULL: not counted */
 };
 
 typedef struct out_msg {
@@ -94,6 +101,7 @@ struct srv_call {
     size_t nmeta;
     char *request_id;
     void *data;
+    uint64_t started_us; /* for the call's duration metric */
 
     pthread_mutex_t mu;
     int refs;
@@ -320,9 +328,21 @@ int srv_call_send(srv_call *c, const ProtobufCMessage *msg)
     c->tail = m;
     c->queued++;
     call_pump_locked(c);
+    rpcm_sent(c->method->pm);
 out:
     pthread_mutex_unlock(&c->mu);
     return rc;
+}
+
+/* The status a call's metrics count: what the client saw, when it was
+ * gone before the handler finished (the handler's code never reached it).
+ * A client's deadline usually cuts the call a little before the server's
+ * copy of it runs out (the copy started when the request arrived). */
+static rpc_code metric_code(srv_call *c, rpc_code code)
+{
+    if (!atomic_load(&c->cancelled))
+        return code;
+    return srv_call_remaining_ms(c) <= DEADLINE_SLACK_MS ? RPC_DEADLINE_EXCEEDED : RPC_CANCELLED;
 }
 
 void srv_call_finish(srv_call *c, rpc_code code, const char *message, const ProtobufCMessage *resp)
@@ -345,6 +365,7 @@ void srv_call_finish(srv_call *c, rpc_code code, const char *message, const Prot
     }
     c->finished = 1;
     c->code = code;
+    rpcm_end(c->method->pm, c->started_us, metric_code(c, code));
     c->status_message = message != NULL ? mem_strdup(message) : NULL;
     c->response = bb;
     call_pump_locked(c);
@@ -497,6 +518,7 @@ static void on_recv(rpc__tag *tag, int ok)
     } else {
         char nul[128] = "";
         ProtobufCMessage *msg = rpc__decode(bb, m->request, nul, sizeof nul);
+        rpcm_received(c->method->pm);
         if (msg == NULL) {
             refuse_undecodable(c, m, nul);
         } else {
@@ -547,6 +569,7 @@ static srv_call *call_create(slot *sl)
     c->write_tag.fn = on_write_done;
     c->recv_tag.fn = on_recv;
     atomic_fetch_add(&c->s->active_calls, 1);
+    c->started_us = rpcm_start(c->method->pm);
 
     c->nmeta = sl->md.count;
     c->meta = mem_calloc(c->nmeta ? c->nmeta : 1, sizeof *c->meta);
@@ -688,6 +711,8 @@ static void on_unknown_arrived(rpc__tag *tag, int ok)
                                GRPC_SLICE_LENGTH(u->details.method));
     char *text = mem_asprintf("unknown method %s", method);
     log_warn("%s: refused a call to %s: no such method", u->s->name, method);
+    rpcm_method *pm = rpcm_method_get(u->s->metrics, "/unknown/unknown");
+    rpcm_end(pm, rpcm_start(pm), RPC_UNIMPLEMENTED);
     u->status = grpc_slice_from_copied_string(text);
     mem_free(text);
     mem_free(method);
@@ -884,6 +909,8 @@ int srv_start(srv *s)
     }
     grpc_server_start(s->server);
     s->started = 1;
+    for (size_t i = 0; i < s->nmethods; i++)
+        s->methods[i]->pm = rpcm_method_get(s->metrics, s->methods[i]->m.path);
 
     for (size_t t = 0; t < s->nthreads; t++) {
         for (size_t i = 0; i < s->nmethods; i++) {
@@ -1051,6 +1078,7 @@ void srv_destroy(srv **sp)
     }
     mem_free(s->methods);
     health__destroy(&s->health);
+    rpcm_destroy(&s->metrics);
     close(s->stop_fd);
     pthread_mutex_destroy(&s->shutdown_mu);
     pthread_cond_destroy(&s->shutdown_cv);
@@ -1058,6 +1086,12 @@ void srv_destroy(srv **sp)
     mem_free(s->listen);
     mem_free(s);
     rpc__grpc_unref();
+}
+
+void srv_set_metrics(srv *s, metrics *m)
+{
+    rpcm_destroy(&s->metrics);
+    s->metrics = rpcm_create_server(m);
 }
 
 health *srv__health(srv *s)

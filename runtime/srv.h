@@ -18,6 +18,7 @@
 #define CONVO_SRV_H
 
 #include "conf.h"
+#include "metrics.h"
 #include "rpc.h"
 #include "tls.h"
 
@@ -100,6 +101,10 @@ void srv_use_tls(srv *s, tls *t);
  * (unless the program set it otherwise before). Returns 0 or RPC_EBIND
  * (logged with the address). */
 int srv_start(srv *s);
+/* Counts every call into m (convo_grpc_server_*: by method and status
+ * code, durations, calls in flight, streamed messages). Call before
+ * srv_start; m (NULL: nothing counted) must outlive the server. */
+void srv_set_metrics(srv *s, metrics *m);
 /* The port actually bound (useful with port 0); 0 before srv_start. */
 int srv_port(const srv *s);
 /* Blocks until SIGTERM or SIGINT arrives (or srv_stop is called), then shuts

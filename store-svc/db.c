@@ -28,28 +28,8 @@ struct db_conn {
     unsigned prepared; /* bit per statement id prepared on this connection */
     char err[512];
     char where[256];
+    db_metrics *mx;
 };
-
-const char *db_strerror(int err)
-{
-    switch (err) {
-    case 0:
-        return "ok";
-    case DB_EUNAVAIL:
-        return "the database is unavailable";
-    case DB_ENOTFOUND:
-        return "no such session";
-    case DB_EOWNER:
-        return "the session belongs to another user";
-    case DB_EENDED:
-        return "the session has ended";
-    case DB_ELEASE:
-        return "the summary lease is not held by this worker";
-    case DB_EQUERY:
-        return "the database refused a statement";
-    }
-    return "unknown error";
-}
 
 static const char *const event_names[DB_EVENT_MAX + 1] = {
     [DB_EVENT_USER_MESSAGE] = "user_message", [DB_EVENT_AI_TOKEN] = "ai_token",
@@ -118,6 +98,7 @@ db_conn *db_conn_create(const db_settings *s)
     c->connect_timeout_s = s->connect_timeout_s > 0 ? s->connect_timeout_s : 5;
     c->statement_timeout_ms = s->statement_timeout_ms;
     c->prepare = s->prepare;
+    c->mx = s->metrics;
     return c;
 }
 
@@ -177,9 +158,14 @@ int db_conn_connect(db_conn *c)
      * nothing depends on the server's TimeZone. */
     snprintf(stmt_timeout, sizeof stmt_timeout, "%d", c->statement_timeout_ms);
     const char *params[] = {stmt_timeout};
+    /* Generic plans: the store's statements are planned once per
+     * connection. Left to choose, PostgreSQL re-plans the group append
+     * (arrays of unknown length) on every execution, which costs more than
+     * running it. */
     res = PQexecParams(c->pg,
                        "SELECT set_config('statement_timeout', $1, false), "
-                       "set_config('TimeZone', 'UTC', false)",
+                       "set_config('TimeZone', 'UTC', false), "
+                       "set_config('plan_cache_mode', 'force_generic_plan', false)",
                        1, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         set_err(c, "setting statement_timeout: %s", PQerrorMessage(c->pg));
@@ -284,8 +270,60 @@ enum {
     ST_LIST_USER,
     ST_LIST_UNSUMMARIZED,
     ST_APPEND,
+    ST_APPEND_GROUP,
     ST_LIST_EVENTS,
+    ST_N
 };
+
+/* Their label values in the metrics. */
+static const char *const statement_names[ST_N] = {
+    [ST_GET] = "get_session",
+    [ST_OPEN_INSERT] = "open_session_insert",
+    [ST_OPEN_REOPEN] = "open_session_reopen",
+    [ST_END] = "end_session",
+    [ST_SAVE] = "save_summary",
+    [ST_CLAIM] = "claim_summary",
+    [ST_CLAIM_GIVE_UP] = "claim_summary_give_up",
+    [ST_LIST_USER] = "list_user_sessions",
+    [ST_LIST_UNSUMMARIZED] = "list_unsummarized",
+    [ST_APPEND] = "append_events",
+    [ST_APPEND_GROUP] = "append_events_group",
+    [ST_LIST_EVENTS] = "list_events",
+};
+
+#define DB_METRICS(X, S)                                                                           \
+    X(S, seconds, HISTOGRAM_VEC, "convo_store_db_statement_seconds", "statement",                  \
+      &metrics_buckets_seconds, "time of one database statement, by statement")                    \
+    X(S, errors, COUNTER_VEC, "convo_store_db_errors_total", "statement,kind", NULL,               \
+      "statements that failed, by statement and kind (unavailable: the connection or a timeout, "  \
+      "retried by callers; query: refused by the server)")
+METRICS_DECLARE(db_metrics_table, DB_METRICS)
+
+struct db_metrics {
+    metrics_histogram *seconds[ST_N];
+    metrics_counter *unavailable[ST_N], *query[ST_N];
+};
+
+db_metrics *db_metrics_create(metrics *m)
+{
+    db_metrics_table t;
+    if (m == NULL || metrics_register(m, METRICS_SECTION(db_metrics_table, &t)) != 0)
+        return NULL;
+    db_metrics *dm = mem_calloc(1, sizeof *dm);
+    for (int i = 0; i < ST_N; i++) {
+        dm->seconds[i] = metrics_histogram_of(t.seconds, (const char *[]){statement_names[i]});
+        dm->unavailable[i] =
+            metrics_counter_of(t.errors, (const char *[]){statement_names[i], "unavailable"});
+        dm->query[i] = metrics_counter_of(t.errors, (const char *[]){statement_names[i], "query"});
+    }
+    return dm;
+}
+
+void db_metrics_destroy(db_metrics **dm)
+{
+    mem_free(*dm);
+    *dm = NULL;
+}
 
 /* Prepares statement `id` on first use so that later executions skip
  * parsing and planning (most of the cost of a small batch). A server or
@@ -321,6 +359,7 @@ static PGresult *exec(db_conn *c, int id, const char *what, const char *sql, int
 {
     char name[16];
     PGresult *res = NULL;
+    uint64_t t0 = c->mx != NULL ? metrics_now_us() : 0;
     if (c->pg == NULL) {
         set_err(c, "%s: not connected", what);
         *rc = DB_EUNAVAIL;
@@ -345,11 +384,15 @@ static PGresult *exec(db_conn *c, int id, const char *what, const char *sql, int
     if (res == NULL && !c->use_prepared)
         res = PQexecParams(c->pg, sql, n, types, vals, lens, fmts, 0);
     ExecStatusType st = PQresultStatus(res);
+    if (c->mx != NULL)
+        metrics_histogram_observe(c->mx->seconds[id], metrics_now_us() - t0);
     if (res != NULL && (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK)) {
         *rc = 0;
         return res;
     }
     *rc = db_conn_fail(c, res, what);
+    if (c->mx != NULL)
+        metrics_counter_inc(*rc == DB_EUNAVAIL ? c->mx->unavailable[id] : c->mx->query[id]);
     PQclear(res);
     return NULL;
 }
@@ -734,11 +777,6 @@ void db_batch_add(db_batch *b, int64_t seq, int type, const char *content, size_
     b->n++;
 }
 
-size_t db_batch_count(const db_batch *b)
-{
-    return b->n;
-}
-
 size_t db_batch_bytes(const db_batch *b)
 {
     return sizeof *b + b->seq.cap + b->type.cap + b->content.cap + b->ts.cap;
@@ -789,6 +827,29 @@ static const char append_sql[] =
     "WHERE session_id = $1 AND seq = ANY($2::int8[])) ELSE 0 END, "
     "COALESCE((SELECT mine FROM s), false)";
 
+/* What a call's result row says, as db_append_events answers it. */
+static int append_outcome(uint32_t n, int found, int mine, int ended, int64_t appended,
+                          int64_t stored, db_append_result *out)
+{
+    if (!found)
+        return DB_ENOTFOUND;
+    if (!mine) {
+        out->last_seq = 0; /* nothing about another user's session */
+        return DB_EOWNER;
+    }
+    if (ended) {
+        /* A retry of a batch that made it before the end is still a
+         * success; anything new is refused. */
+        if (stored != (int64_t)n)
+            return DB_EENDED;
+        out->duplicates = n;
+        return 0;
+    }
+    out->appended = (uint32_t)appended;
+    out->duplicates = n - (uint32_t)appended;
+    return 0;
+}
+
 int db_append_events(db_conn *c, const char *session_id, const char *user_id, const db_batch *b,
                      db_append_result *out)
 {
@@ -817,23 +878,126 @@ int db_append_events(db_conn *c, const char *session_id, const char *user_id, co
     int64_t stored = get_i64(r, 0, 4);
     int mine = get_bool(r, 0, 5);
     PQclear(r);
-    if (!found)
-        return DB_ENOTFOUND;
-    if (!mine) {
-        out->last_seq = 0; /* nothing about another user's session */
-        return DB_EOWNER;
+    return append_outcome(n, found, mine, ended, appended, stored, out);
+}
+
+/* The group form of append_sql: $1 the calls' session ids and $2 their
+ * users, then per event the (1-based) call it belongs to, its seq, type,
+ * content and time. The sessions are locked in session_id order (the Sort
+ * under LockRows), a call's rows go in only when its session is live and
+ * its user's, by call then seq, counters move by what each session really
+ * got, and one row per call comes back, in call order. */
+static const char append_group_sql[] =
+    "WITH s AS MATERIALIZED (SELECT session_id, user_id, end_time IS NOT NULL AS ended, last_seq "
+    "FROM sessions WHERE session_id = ANY($1::text[]) ORDER BY session_id FOR UPDATE), "
+    "c AS (SELECT c.sid, c.i, s.session_id IS NOT NULL AS found, "
+    "COALESCE(s.ended, false) AS ended, COALESCE(s.user_id = ($2::text[])[c.i], false) AS mine, "
+    "s.last_seq "
+    "FROM unnest($1::text[]) WITH ORDINALITY AS c(sid, i) LEFT JOIN s ON s.session_id = c.sid), "
+    "e AS (SELECT * FROM unnest($3::int4[], $4::int8[], $5::int4[], $6::text[], $7::int8[]) "
+    "AS e(call, seq, t, content, ts)), "
+    "ins AS (INSERT INTO session_events (session_id, seq, event_type, content, \"timestamp\") "
+    "SELECT c.sid, e.seq, (ARRAY['user_message','ai_token','tool_call','tool_result',"
+    "'system_event'])[e.t], e.content, "
+    "CASE WHEN e.ts = 0 THEN now() ELSE 'epoch'::timestamptz + e.ts * interval '1 microsecond' "
+    "END FROM e JOIN c ON c.i = e.call WHERE c.found AND c.mine AND NOT c.ended "
+    "ORDER BY e.call, e.seq "
+    "ON CONFLICT (session_id, seq) DO NOTHING RETURNING session_id, seq, event_type), "
+    "agg AS (SELECT session_id, count(*) AS n, max(seq) AS max_seq, "
+    "count(*) FILTER (WHERE event_type = 'user_message') AS um, "
+    "count(*) FILTER (WHERE event_type = 'tool_call') AS tc FROM ins GROUP BY session_id), "
+    "upd AS (UPDATE sessions x SET last_seq = GREATEST(x.last_seq, agg.max_seq), "
+    "event_count = x.event_count + agg.n, user_message_count = x.user_message_count + agg.um, "
+    "tool_call_count = x.tool_call_count + agg.tc FROM agg "
+    "WHERE x.session_id = agg.session_id RETURNING x.session_id, x.last_seq) "
+    "SELECT c.found, c.mine, c.ended, COALESCE(agg.n, 0), COALESCE(upd.last_seq, c.last_seq, 0), "
+    "CASE WHEN c.ended AND c.mine THEN (SELECT count(*) FROM session_events x "
+    "WHERE x.session_id = c.sid AND x.seq = ANY(ARRAY(SELECT e.seq FROM e WHERE e.call = c.i))) "
+    "ELSE 0 END "
+    "FROM c LEFT JOIN agg ON agg.session_id = c.sid LEFT JOIN upd ON upd.session_id = c.sid "
+    "ORDER BY c.i";
+
+/* The elements of one batch's array (after its header), appended to a. */
+static void arr_append(arr *a, const arr *from)
+{
+    arr_put(a, from->data + ARR_HEADER, from->len - ARR_HEADER);
+}
+
+static void arr_put_text(arr *a, const char *s)
+{
+    size_t len = strlen(s);
+    arr_put_u32(a, (uint32_t)len);
+    arr_put(a, s, len);
+}
+
+#define GROUP_PARAMS 7
+
+int db_append_group(db_conn *c, db_append_call *calls, size_t n)
+{
+    size_t events = 0, content = 0;
+    for (size_t i = 0; i < n; i++) {
+        events += calls[i].batch->n;
+        content += calls[i].batch->content.len;
     }
-    if (ended) {
-        /* A retry of a batch that made it before the end is still a
-         * success; anything new is refused. */
-        if (stored != (int64_t)n)
-            return DB_EENDED;
-        out->duplicates = n;
-        return 0;
+    arr sids, users, call, seq, type, text, ts;
+    arr_init(&sids, ARR_HEADER + n * 64);
+    arr_init(&users, ARR_HEADER + n * 64);
+    arr_init(&call, ARR_HEADER + events * 8);
+    arr_init(&seq, ARR_HEADER + events * 12);
+    arr_init(&type, ARR_HEADER + events * 8);
+    arr_init(&text, ARR_HEADER + content);
+    arr_init(&ts, ARR_HEADER + events * 12);
+    for (size_t i = 0; i < n; i++) {
+        const db_batch *b = calls[i].batch;
+        arr_put_text(&sids, calls[i].session_id);
+        arr_put_text(&users, calls[i].user_id);
+        for (size_t k = 0; k < b->n; k++) {
+            arr_put_u32(&call, 4);
+            arr_put_u32(&call, (uint32_t)(i + 1));
+        }
+        arr_append(&seq, &b->seq);
+        arr_append(&type, &b->type);
+        arr_append(&text, &b->content);
+        arr_append(&ts, &b->ts);
+        memset(&calls[i].res, 0, sizeof calls[i].res);
+        calls[i].rc = 0;
     }
-    out->appended = (uint32_t)appended;
-    out->duplicates = n - (uint32_t)appended;
-    return 0;
+    arr_header(&sids, OID_TEXT, (uint32_t)n);
+    arr_header(&users, OID_TEXT, (uint32_t)n);
+    arr_header(&call, OID_INT4, (uint32_t)events);
+    arr_header(&seq, OID_INT8, (uint32_t)events);
+    arr_header(&type, OID_INT4, (uint32_t)events);
+    arr_header(&text, OID_TEXT, (uint32_t)events);
+    arr_header(&ts, OID_INT8, (uint32_t)events);
+    const Oid types[GROUP_PARAMS] = {OID_TEXT_ARRAY, OID_TEXT_ARRAY, OID_INT4_ARRAY, OID_INT8_ARRAY,
+                                     OID_INT4_ARRAY, OID_TEXT_ARRAY, OID_INT8_ARRAY};
+    arr *params[GROUP_PARAMS] = {&sids, &users, &call, &seq, &type, &text, &ts};
+    const char *vals[GROUP_PARAMS];
+    int lens[GROUP_PARAMS], fmts[GROUP_PARAMS], rc;
+    for (int i = 0; i < GROUP_PARAMS; i++) {
+        vals[i] = params[i]->data;
+        lens[i] = (int)params[i]->len;
+        fmts[i] = 1;
+    }
+    PGresult *r = exec(c, ST_APPEND_GROUP, "AppendEvents(group)", append_group_sql, GROUP_PARAMS,
+                       types, vals, lens, fmts, &rc);
+    if (r != NULL && (size_t)PQntuples(r) != n) {
+        set_err(c, "AppendEvents(group): %d rows for %zu calls", PQntuples(r), n);
+        rc = DB_EQUERY;
+    } else if (r != NULL) {
+        for (size_t i = 0; i < n; i++) {
+            int row = (int)i;
+            db_append_call *k = &calls[i];
+            k->res.last_seq = get_i64(r, row, 4);
+            k->rc = append_outcome((uint32_t)k->batch->n, get_bool(r, row, 0), get_bool(r, row, 1),
+                                   get_bool(r, row, 2), get_i64(r, row, 3), get_i64(r, row, 5),
+                                   &k->res);
+        }
+    }
+    PQclear(r);
+    for (int i = 0; i < GROUP_PARAMS; i++)
+        mem_free(params[i]->data);
+    return rc;
 }
 
 /* ---- event pages -------------------------------------------------------- */

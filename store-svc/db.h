@@ -5,7 +5,8 @@
  * never call in here. Every statement is parameterized; the few constant
  * DDL scripts of migrate.c are the only unparameterized SQL.
  *
- * Functions return 0 or a negative DB_E* constant (db_strerror()). After
+ * Functions return 0 or a negative DB_E* constant (store.c maps each to a
+ * gRPC status once). After
  * DB_EUNAVAIL the connection may be dead: the caller checks db_conn_ok() and
  * reconnects; the statement either committed whole or not at all (each is a
  * single statement, so a single transaction), and retrying it is safe
@@ -13,6 +14,8 @@
  * of the last failure is db_conn_error(). */
 #ifndef CONVO_DB_H
 #define CONVO_DB_H
+
+#include "metrics.h"
 
 #include <libpq-fe.h>
 #include <stddef.h>
@@ -24,8 +27,6 @@
 #define DB_EENDED    (-4) /* the session has ended */
 #define DB_ELEASE    (-5) /* the summary lease is held by another worker (or nobody) */
 #define DB_EQUERY    (-6) /* the server refused a statement: a bug or a foreign schema */
-
-const char *db_strerror(int err);
 
 /* Event types and summary states carry the numbers of the proto enums
  * (convo.v1.EventType, convo.v1.SummaryStatus) so the glue can cast. */
@@ -49,12 +50,19 @@ enum {
  * NULL when out of range. */
 const char *db_event_type_name(int type);
 
+/* The statements' metrics: time by statement, failures by statement and
+ * kind. Shared by every connection; NULL counts nothing. */
+typedef struct db_metrics db_metrics;
+db_metrics *db_metrics_create(metrics *m);
+void db_metrics_destroy(db_metrics **dm);
+
 typedef struct db_settings {
     const char *url;              /* a libpq URI or key=value string (DATABASE_URL) */
     int connect_timeout_s;        /* libpq connect_timeout, unless the URL sets one */
     int statement_timeout_ms;     /* SET statement_timeout after connecting; 0: none */
     const char *application_name; /* shown in pg_stat_activity */
-    int prepare; /* prepare statements per connection (falls back by itself when refused) */
+    int prepare;         /* prepare statements per connection (falls back by itself when refused) */
+    db_metrics *metrics; /* NULL: not counted; else it outlives the connections */
 } db_settings;
 
 typedef struct db_conn db_conn;
@@ -157,7 +165,6 @@ db_batch *db_batch_create(size_t nevents, size_t content_bytes);
 /* Adds one event; type is DB_EVENT_*; ts_us 0 means "now". */
 void db_batch_add(db_batch *b, int64_t seq, int type, const char *content, size_t len,
                   int64_t ts_us);
-size_t db_batch_count(const db_batch *b);
 /* Bytes held, for the job queue's byte bound. */
 size_t db_batch_bytes(const db_batch *b);
 void db_batch_destroy(db_batch **b);
@@ -175,6 +182,24 @@ typedef struct db_append_result {
  * batch is stored already (a retry after the end is still answered). */
 int db_append_events(db_conn *c, const char *session_id, const char *user_id, const db_batch *b,
                      db_append_result *out);
+
+/* One call of a group append (db_append_group): the session and its batch
+ * in; its own outcome out. */
+typedef struct db_append_call {
+    const char *session_id;
+    const char *user_id; /* the caller's: the session must be this user's */
+    const db_batch *batch;
+    int rc; /* what db_append_events would have returned: 0, DB_ENOTFOUND, DB_EOWNER, DB_EENDED */
+    db_append_result res;
+} db_append_call;
+
+/* Appends the batches of n calls for n DISTINCT sessions in one statement,
+ * so one transaction and one commit (group commit): each call's rc and res
+ * are what db_append_events would have given it alone. The sessions' rows
+ * are locked in session_id order, so two groups never deadlock. Returns 0
+ * (the calls' own outcomes filled in), or DB_EUNAVAIL / DB_EQUERY for the
+ * whole group, nothing written. */
+int db_append_group(db_conn *c, db_append_call *calls, size_t n);
 
 /* One page of a session's events, in seq order, held as the libpq result
  * (never more than a page in memory). */

@@ -6,6 +6,7 @@
 #include "conf.h"
 #include "db.h"
 #include "health.h"
+#include "scrape.h"
 #include "log.h"
 #include "mem.h"
 #include "migrate.h"
@@ -52,6 +53,17 @@
     X(S, queue_max_bytes, INT, "queue-max-bytes", "STORE_QUEUE_MAX_BYTES", "67108864",             \
       "bytes held by waiting jobs (their event batches); beyond it calls fail "                    \
       "RESOURCE_EXHAUSTED")                                                                        \
+    X(S, append_group_ms, INT, "append-group-ms", "STORE_APPEND_GROUP_MS", "20",                   \
+      "group commit: AppendEvents calls go to the database together, one statement and one "       \
+      "commit, each answered once it is stored; a call waits at most this many ms for others "     \
+      "(0: only calls already waiting are grouped)")                                               \
+    X(S, append_group_idle_ms, INT, "append-group-idle-ms", "STORE_APPEND_GROUP_IDLE_MS", "5",     \
+      "a group is closed when no AppendEvents call came for this many ms")                         \
+    X(S, append_group_calls, INT, "append-group-calls", "STORE_APPEND_GROUP_CALLS", "64",          \
+      "AppendEvents calls in one group at most (groups run side by side on the workers, so a "     \
+      "burst is spread over them rather than made one statement on one core)")                     \
+    X(S, append_group_events, INT, "append-group-events", "STORE_APPEND_GROUP_EVENTS", "1000",     \
+      "events in one group at most (a bigger call runs alone)")                                    \
     X(S, list_page_size, INT, "list-page-size", "STORE_LIST_PAGE_SIZE", "1000",                    \
       "events read from the database per page of ListEvents (the most held per stream)")           \
     X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
@@ -87,7 +99,11 @@ static int check_opts(const store_opts *o, const srv_opts *so)
         check_range("max-content-bytes", o->max_content_bytes, 1, so->max_message_bytes) != 0 ||
         check_range("queue-size", o->queue_size, 1, 10000000) != 0 ||
         check_range("queue-max-bytes", o->queue_max_bytes, 1, 1LL << 40) != 0 ||
-        check_range("list-page-size", o->list_page_size, 1, 100000) != 0)
+        check_range("list-page-size", o->list_page_size, 1, 100000) != 0 ||
+        check_range("append-group-ms", o->append_group_ms, 0, 10000) != 0 ||
+        check_range("append-group-idle-ms", o->append_group_idle_ms, 0, 10000) != 0 ||
+        check_range("append-group-calls", o->append_group_calls, 1, 100000) != 0 ||
+        check_range("append-group-events", o->append_group_events, 1, 10000000) != 0)
         return -1;
     if (o->database_url[0] == '\0') {
         fprintf(stderr, "store-svc: --database-url is empty\n");
@@ -158,10 +174,12 @@ int main(int argc, char **argv)
     store_opts opts = {0};
     srv_opts sopts = {0};
     tls_opts topts = {0};
+    scrape_opts mopts = {0};
     const conf_section secs[] = {
         CONF_SECTION(store_opts, &opts),
         CONF_SECTION(srv_opts, &sopts),
         CONF_SECTION(tls_opts, &topts),
+        CONF_SECTION(scrape_opts, &mopts),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     srv *server = NULL;
@@ -169,6 +187,10 @@ int main(int argc, char **argv)
     store *st = NULL;
     tls *mtls = NULL;
     char err[512];
+    metrics *m = NULL;
+    db_metrics *dbm = NULL;
+    scrape *sc = NULL;
+    char maddr[300];
     int status = 2;
     int migrate_only = 0;
 
@@ -199,10 +221,14 @@ int main(int argc, char **argv)
         status = run_migrate(&opts);
         goto out;
     }
+    if (scrape_setup(&mopts, "store-svc", opts.listen, maddr, sizeof maddr, &m) != 0)
+        goto out;
 
     status = 1;
     server = srv_create("store-svc", opts.listen, &sopts);
     srv_use_tls(server, mtls);
+    srv_set_metrics(server, m);
+    dbm = db_metrics_create(m);
     pool_config pc = {
         .db = settings_of(&opts),
         .workers = (int)opts.db_pool_size,
@@ -211,9 +237,15 @@ int main(int argc, char **argv)
         .retry_min_ms = 100,
         .retry_max_ms = (int)opts.db_retry_max_ms,
         .migrate = opts.migrate_on_start,
+        .group_window_ms = (int)opts.append_group_ms,
+        .group_idle_ms = (int)opts.append_group_idle_ms,
+        .group_max_jobs = (size_t)opts.append_group_calls,
+        .group_max_weight = (size_t)opts.append_group_events,
         .on_ready = on_ready,
         .arg = server,
+        .metrics = m,
     };
+    pc.db.metrics = dbm;
     store_limits lim = {
         .max_batch_events = opts.max_batch_events,
         .max_content_bytes = opts.max_content_bytes,
@@ -226,8 +258,10 @@ int main(int argc, char **argv)
     health_set(server, "", HEALTH_NOT_SERVING);
     health_set(server, STORE_SERVICE, HEALTH_NOT_SERVING);
     db_pool = pool_create(&pc);
-    st = store_create(server, db_pool, &lim);
+    st = store_create(server, db_pool, &lim, m);
     if (st == NULL)
+        goto out;
+    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, server)) == NULL)
         goto out;
     if (srv_start(server) != 0)
         goto out; /* srv_start logged the address */
@@ -239,12 +273,14 @@ int main(int argc, char **argv)
     pool_stats ps;
     pool_get_stats(db_pool, &ps);
     log_info("store-svc: stopped; %llu calls refused on a full queue, %llu failed without a "
-             "database connection, %llu reconnections",
+             "database connection, %llu reconnections; %llu AppendEvents calls in %llu groups",
              (unsigned long long)ps.rejected, (unsigned long long)ps.unavailable,
-             (unsigned long long)ps.reconnects);
+             (unsigned long long)ps.reconnects, (unsigned long long)ps.grouped,
+             (unsigned long long)ps.groups);
     status = 0;
 
 out:
+    scrape_stop(&sc);
     /* srv_run returned only when every call was finished; the workers are
      * idle or running nothing that belongs to a call. */
     pool_destroy(&db_pool);
@@ -252,6 +288,8 @@ out:
         srv_destroy(&server);
     store_destroy(&st);
     tls_destroy(&mtls);
+    db_metrics_destroy(&dbm);
+    metrics_destroy(&m);
     conf_free(secs, nsecs);
     return status;
 }

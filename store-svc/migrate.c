@@ -77,6 +77,14 @@ static const migration migrations[] = {
      "CREATE INDEX IF NOT EXISTS idx_sessions_user_start ON sessions(user_id, start_time DESC);"
      "CREATE INDEX IF NOT EXISTS idx_sessions_summary_pending ON sessions(end_time)"
      " WHERE summary_status = 'pending';"},
+
+    {3,
+     "drop idx_session_events_session_id: UNIQUE (session_id, seq) serves every lookup by session",
+     /* Every row paid for a fourth index that nothing needs: a lookup by
+      * session (ListEvents, the ON DELETE CASCADE of a session, the seed's
+      * queries) uses the unique (session_id, seq) index, whose first column
+      * is session_id, or (session_id, timestamp). */
+     "DROP INDEX IF EXISTS idx_session_events_session_id;"},
 };
 
 #define NMIGRATIONS (sizeof migrations / sizeof migrations[0])

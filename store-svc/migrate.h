@@ -9,8 +9,10 @@
  * released by the server if the connection dies mid-way; a migration that
  * fails rolls back whole and leaves the schema at the previous version.
  *
- * Migrations are additive only (the seed's tables stay as they are), so an
- * older binary keeps working against a newer schema during a rollout. */
+ * Migrations are additive (the seed's tables and columns stay as they
+ * are; the only thing ever dropped is an index another index makes
+ * redundant), so an older binary keeps working against a newer schema
+ * during a rollout. */
 #ifndef CONVO_MIGRATE_H
 #define CONVO_MIGRATE_H
 

@@ -15,6 +15,22 @@
  * read), so that a restarted server flips health without any traffic. */
 #define CHECK_INTERVAL_MS 1000
 
+#define POOL_METRICS(X, S)                                                                         \
+    X(S, queued, GAUGE, "convo_store_queue_jobs", "", NULL, "database jobs waiting for a worker")  \
+    X(S, wait, HISTOGRAM, "convo_store_queue_wait_seconds", "", &metrics_buckets_seconds,          \
+      "time a database job waited for a worker")                                                   \
+    X(S, rejected, COUNTER, "convo_store_queue_rejected_total", "", NULL,                          \
+      "calls refused because the job queue was full (RESOURCE_EXHAUSTED)")                         \
+    X(S, unavailable, COUNTER, "convo_store_unavailable_total", "", NULL,                          \
+      "jobs failed at once because no database connection was up (UNAVAILABLE)")                   \
+    X(S, connected, GAUGE, "convo_store_db_connections", "", NULL,                                 \
+      "workers with a database connection up")                                                     \
+    X(S, connect_failures, COUNTER, "convo_store_db_connect_failures_total", "", NULL,             \
+      "database connection attempts that failed (connecting, or the schema check after it)")       \
+    X(S, lost, COUNTER, "convo_store_db_connections_lost_total", "", NULL,                         \
+      "database connections found dead (a server restart, idle reaping, the network)")
+METRICS_DECLARE(pool_metrics, POOL_METRICS)
+
 typedef struct worker {
     pool *p;
     int index;
@@ -25,7 +41,8 @@ typedef struct worker {
     int64_t next_try_ms; /* when down: the next connection attempt */
     int64_t next_check_ms;
     int backoff_ms;
-    unsigned seed; /* jitter */
+    unsigned seed;    /* jitter */
+    pool_job **group; /* room for group_max_jobs jobs */
 } worker;
 
 struct pool {
@@ -35,12 +52,17 @@ struct pool {
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    pthread_cond_t gather_cv; /* the gathering worker waits here */
     pool_job *head, *tail;
     size_t queued, queued_bytes;
+    size_t queued_group_jobs, queued_group_weight;
+    int gathering;        /* a worker is gathering a group */
+    size_t gather_weight; /* what it holds so far */
+    int64_t last_group_submit_us;
     int stopping;
     int nup;
     int down_logged; /* the outage was logged once; no line per attempt */
-    uint64_t rejected, unavailable, reconnects;
+    uint64_t rejected, unavailable, reconnects, groups, grouped;
 
     /* The first connected worker migrates; the others wait on the mutex
      * and find it done. */
@@ -49,6 +71,7 @@ struct pool {
 
     worker *workers;
     int nworkers;
+    pool_metrics mx;
 };
 
 const char *pool_strerror(int err)
@@ -78,6 +101,7 @@ static void set_up(worker *w)
         p->reconnects++;
     w->ever_up = 1;
     int became_ready = p->nup++ == 0;
+    metrics_gauge_set(p->mx.connected, p->nup);
     if (became_ready) {
         p->down_logged = 0;
         log_info("database ready: %s (worker %d)", db_conn_where(w->conn), w->index);
@@ -112,6 +136,7 @@ static void set_down(worker *w, int retry_now)
         w->up = 0;
         if (--p->nup == 0 && p->cfg.on_ready != NULL)
             p->cfg.on_ready(p->cfg.arg, 0);
+        metrics_gauge_set(p->mx.connected, p->nup);
     }
     if (p->nup == 0 && !p->down_logged && !retry_now) {
         p->down_logged = 1;
@@ -158,11 +183,13 @@ static void try_connect(worker *w)
 {
     if (db_conn_connect(w->conn) != 0) {
         log_debug("worker %d: cannot connect: %s", w->index, db_conn_error(w->conn));
+        metrics_counter_inc(w->p->mx.connect_failures);
         set_down(w, 0);
         return;
     }
     if (ensure_schema(w) != 0) {
         db_conn_close(w->conn);
+        metrics_counter_inc(w->p->mx.connect_failures);
         set_down(w, 0);
         return;
     }
@@ -189,16 +216,122 @@ static void timed_wait(pool *p, int64_t until_ms)
     pthread_cond_timedwait(&p->cv, &p->mu, &ts);
 }
 
-static pool_job *pop_locked(pool *p)
+/* Takes *link (a queued job) out of the queue; prev is the job before it
+ * (NULL at the head). */
+static pool_job *unlink_locked(pool *p, pool_job **link, pool_job *prev)
 {
-    pool_job *job = p->head;
-    p->head = job->next;
-    if (p->head == NULL)
-        p->tail = NULL;
+    pool_job *job = *link;
+    *link = job->next;
+    if (p->tail == job)
+        p->tail = prev;
     job->next = NULL;
     p->queued--;
     p->queued_bytes -= job->bytes;
+    metrics_gauge_add(p->mx.queued, -1);
+    if (job->queued_us != 0)
+        metrics_histogram_observe(p->mx.wait, metrics_now_us() - job->queued_us);
+    if (job->group != NULL) {
+        p->queued_group_jobs--;
+        p->queued_group_weight -= job->weight;
+    }
     return job;
+}
+
+static pool_job *pop_locked(pool *p)
+{
+    return unlink_locked(p, &p->head, NULL);
+}
+
+/* The first queued job, or the first that is not a group job while
+ * another worker gathers a group (it takes those). */
+static pool_job *take_locked(pool *p, int skip_groups)
+{
+    pool_job *prev = NULL;
+    for (pool_job **link = &p->head; *link != NULL; prev = *link, link = &(*link)->next)
+        if (!skip_groups || (*link)->group == NULL)
+            return unlink_locked(p, link, prev);
+    return NULL;
+}
+
+/* Moves queued jobs of first's group into w->group (which holds *n), in
+ * queue order, while the bounds allow; stops at the first that does not
+ * fit, so no job overtakes an earlier one of its kind. Returns the weight
+ * now held. */
+static size_t collect_locked(pool *p, worker *w, const pool_job *first, size_t *n, size_t weight)
+{
+    pool_job *prev = NULL;
+    pool_job **link = &p->head;
+    while (*link != NULL && *n < p->cfg.group_max_jobs) {
+        pool_job *j = *link;
+        if (j->group != first->group) {
+            prev = j;
+            link = &j->next;
+            continue;
+        }
+        if (weight + j->weight > p->cfg.group_max_weight)
+            break;
+        w->group[(*n)++] = unlink_locked(p, link, prev);
+        weight += j->weight;
+    }
+    return weight;
+}
+
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Gathers a group behind `first` (already taken): what is queued now, and
+ * what comes while calls keep coming (no gap of group_idle_ms) until first
+ * has waited group_window_ms or the group is full. A client that sends a
+ * burst and then waits for the answers (a closed loop) costs one idle gap,
+ * not a whole window. Returns the number of jobs in w->group. p->mu held
+ * (released while waiting). */
+static size_t gather_locked(pool *p, worker *w, pool_job *first)
+{
+    size_t n = 1;
+    size_t weight = first->weight;
+    int64_t deadline = first->submitted_us + (int64_t)p->cfg.group_window_ms * 1000;
+    int64_t idle = (int64_t)p->cfg.group_idle_ms * 1000;
+    w->group[0] = first;
+    p->gathering = 1;
+    for (;;) {
+        weight = collect_locked(p, w, first, &n, weight);
+        p->gather_weight = weight;
+        int64_t now = now_us();
+        int64_t until = p->last_group_submit_us + idle;
+        if (until > deadline)
+            until = deadline;
+        /* Full (a job left queued did not fit), its time is up, or quiet. */
+        if (n >= p->cfg.group_max_jobs || weight >= p->cfg.group_max_weight ||
+            p->queued_group_jobs > 0 || p->stopping || now >= until)
+            break;
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        int64_t ns = ts.tv_nsec + (until - now) * 1000;
+        ts.tv_sec += ns / 1000000000;
+        ts.tv_nsec = ns % 1000000000;
+        pthread_cond_timedwait(&p->gather_cv, &p->mu, &ts);
+    }
+    p->gathering = 0;
+    p->groups++;
+    p->grouped += n;
+    /* What did not fit may start the next group on another worker now. */
+    if (p->queued_group_jobs > 0)
+        pthread_cond_signal(&p->cv);
+    return n;
+}
+
+/* A statement failed on a dead connection: counted, closed, and the worker
+ * reconnects at once rather than at the next check. */
+static void conn_lost(pool *p, worker *w)
+{
+    log_info("worker %d: connection lost: %s", w->index, db_conn_error(w->conn));
+    metrics_counter_inc(p->mx.lost);
+    db_conn_close(w->conn);
+    set_down(w, 1);
 }
 
 static void *worker_main(void *arg)
@@ -215,16 +348,20 @@ static void *worker_main(void *arg)
          * until its next attempt is due; when none is connected it takes
          * them, to fail them at once rather than let them wait out an
          * outage. */
+        size_t ngroup = 0;
         if (p->head != NULL && (w->up || p->nup == 0 || maintenance))
-            job = pop_locked(p);
+            job = take_locked(p, w->up && p->gathering);
         if (job == NULL && !maintenance) {
             timed_wait(p, w->up ? w->next_check_ms : w->next_try_ms);
             continue;
         }
+        if (job != NULL && job->group != NULL && w->up)
+            ngroup = gather_locked(p, w, job);
         pthread_mutex_unlock(&p->mu);
 
         if (w->up && !db_conn_alive(w->conn)) {
             log_info("worker %d: connection lost: %s", w->index, db_conn_error(w->conn));
+            metrics_counter_inc(p->mx.lost);
             set_down(w, 1);
         }
         if (!w->up && rpc_now_ms() >= w->next_try_ms)
@@ -232,20 +369,26 @@ static void *worker_main(void *arg)
         if (w->up)
             w->next_check_ms = rpc_now_ms() + CHECK_INTERVAL_MS;
 
-        if (job != NULL) {
+        if (ngroup > 0 && !w->up) {
+            /* The connection died while the group gathered: each fails. */
+            for (size_t i = 0; i < ngroup; i++)
+                w->group[i]->fn(w->group[i], NULL, POOL_EUNAVAIL);
+        } else if (ngroup > 0) {
+            job->group(w->group, ngroup, w->conn);
+            if (!db_conn_ok(w->conn))
+                conn_lost(p, w);
+        } else if (job != NULL) {
             if (w->up) {
                 job->fn(job, w->conn, 0);
                 /* A statement that failed on a dead connection: reconnect
                  * at once rather than wait for the next check. */
-                if (!db_conn_ok(w->conn)) {
-                    log_info("worker %d: connection lost: %s", w->index, db_conn_error(w->conn));
-                    db_conn_close(w->conn);
-                    set_down(w, 1);
-                }
+                if (!db_conn_ok(w->conn))
+                    conn_lost(p, w);
             } else {
                 pthread_mutex_lock(&p->mu);
                 p->unavailable++;
                 pthread_mutex_unlock(&p->mu);
+                metrics_counter_inc(p->mx.unavailable);
                 job->fn(job, NULL, POOL_EUNAVAIL);
             }
         }
@@ -265,18 +408,26 @@ pool *pool_create(const pool_config *cfg)
     p->app_name = mem_strdup(cfg->db.application_name ? cfg->db.application_name : "store-svc");
     p->cfg.db.url = p->url;
     p->cfg.db.application_name = p->app_name;
+    metrics_register(cfg->metrics, METRICS_SECTION(pool_metrics, &p->mx));
     if (p->cfg.workers < 1)
         p->cfg.workers = 1;
     if (p->cfg.retry_min_ms < 1)
         p->cfg.retry_min_ms = 100;
     if (p->cfg.retry_max_ms < p->cfg.retry_min_ms)
         p->cfg.retry_max_ms = p->cfg.retry_min_ms;
+    if (p->cfg.group_max_jobs < 1)
+        p->cfg.group_max_jobs = 1;
+    if (p->cfg.group_window_ms < 0)
+        p->cfg.group_window_ms = 0;
+    if (p->cfg.group_idle_ms < 0)
+        p->cfg.group_idle_ms = 0;
 
     pthread_mutex_init(&p->mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&p->cv, &ca);
+    pthread_cond_init(&p->gather_cv, &ca);
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&p->migrate_mu, NULL);
 
@@ -290,6 +441,7 @@ pool *pool_create(const pool_config *cfg)
         w->backoff_ms = p->cfg.retry_min_ms;
         w->next_try_ms = 0;
         w->seed = (unsigned)(rpc_now_ms() ^ (i * 2654435761u));
+        w->group = mem_calloc(p->cfg.group_max_jobs, sizeof *w->group);
     }
     for (int i = 0; i < p->nworkers; i++)
         pthread_create(&p->workers[i].tid, NULL, worker_main, &p->workers[i]);
@@ -299,6 +451,7 @@ pool *pool_create(const pool_config *cfg)
 static void push_locked(pool *p, pool_job *job)
 {
     job->next = NULL;
+    job->submitted_us = now_us();
     if (p->tail != NULL)
         p->tail->next = job;
     else
@@ -306,6 +459,20 @@ static void push_locked(pool *p, pool_job *job)
     p->tail = job;
     p->queued++;
     p->queued_bytes += job->bytes;
+    metrics_gauge_add(p->mx.queued, 1);
+    job->queued_us = p->mx.wait != NULL ? metrics_now_us() : 0;
+    if (job->group != NULL) {
+        p->queued_group_jobs++;
+        p->queued_group_weight += job->weight;
+        p->last_group_submit_us = job->submitted_us;
+        if (p->gathering) {
+            /* The gatherer collects it when its window ends; it is woken
+             * early only when the group would be full. */
+            if (p->gather_weight + p->queued_group_weight >= p->cfg.group_max_weight)
+                pthread_cond_signal(&p->gather_cv);
+            return;
+        }
+    }
     /* A worker without a connection may leave the job to others, so while
      * any is down, wake them all rather than perhaps only that one. */
     if (p->nup == p->nworkers)
@@ -324,6 +491,7 @@ int pool_submit(pool *p, pool_job *job)
                (p->queued > 0 && p->queued_bytes + job->bytes > p->cfg.max_bytes)) {
         /* One job is always let in when the queue is empty, however big:
          * the request limits bound it already. */
+        metrics_counter_inc(p->mx.rejected);
         if (p->rejected++ % 1000 == 0)
             log_warn("job queue full (%zu jobs, %zu bytes queued); refusing with "
                      "RESOURCE_EXHAUSTED (%llu refused so far)",
@@ -348,14 +516,6 @@ int pool_resubmit(pool *p, pool_job *job)
     return rc;
 }
 
-int pool_ready(pool *p)
-{
-    pthread_mutex_lock(&p->mu);
-    int ready = p->nup > 0;
-    pthread_mutex_unlock(&p->mu);
-    return ready;
-}
-
 void pool_get_stats(pool *p, pool_stats *st)
 {
     pthread_mutex_lock(&p->mu);
@@ -364,6 +524,8 @@ void pool_get_stats(pool *p, pool_stats *st)
     st->reconnects = p->reconnects;
     st->queued = p->queued;
     st->connected = p->nup;
+    st->groups = p->groups;
+    st->grouped = p->grouped;
     pthread_mutex_unlock(&p->mu);
 }
 
@@ -376,6 +538,7 @@ void pool_destroy(pool **pp)
     pthread_mutex_lock(&p->mu);
     p->stopping = 1;
     pthread_cond_broadcast(&p->cv);
+    pthread_cond_broadcast(&p->gather_cv);
     pthread_mutex_unlock(&p->mu);
     for (int i = 0; i < p->nworkers; i++)
         pthread_join(p->workers[i].tid, NULL);
@@ -389,11 +552,14 @@ void pool_destroy(pool **pp)
             break;
         job->fn(job, NULL, POOL_ESHUTDOWN);
     }
-    for (int i = 0; i < p->nworkers; i++)
+    for (int i = 0; i < p->nworkers; i++) {
         db_conn_destroy(&p->workers[i].conn);
+        mem_free(p->workers[i].group);
+    }
     mem_free(p->workers);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
+    pthread_cond_destroy(&p->gather_cv);
     pthread_mutex_destroy(&p->migrate_mu);
     mem_free(p->url);
     mem_free(p->app_name);

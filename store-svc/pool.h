@@ -11,11 +11,19 @@
  *
  * The queue is bounded in jobs and in bytes; a submit past either bound is
  * refused (POOL_EFULL) and counted, and the caller answers
- * RESOURCE_EXHAUSTED. */
+ * RESOURCE_EXHAUSTED.
+ *
+ * Group commit: jobs that name a group function (AppendEvents) are run
+ * together. A worker that takes one also takes the other queued jobs of
+ * that function, in queue order, up to group_max_jobs and group_max_weight,
+ * and goes on taking those that arrive while they keep coming (no gap of
+ * group_idle_ms), until the first has waited group_window_ms. One worker
+ * gathers at a time; the others serve everything else meanwhile. */
 #ifndef CONVO_POOL_H
 #define CONVO_POOL_H
 
 #include "db.h"
+#include "metrics.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -35,25 +43,38 @@ typedef struct pool_job pool_job;
  * callback's from then on. */
 typedef void (*pool_job_fn)(pool_job *job, db_conn *conn, int err);
 
+/* Runs n jobs (n >= 1, oldest first) together on a worker with a connected
+ * `conn`; each job is then the callback's, as with pool_job_fn. */
+typedef void (*pool_group_fn)(pool_job **jobs, size_t n, db_conn *conn);
+
 /* Embedded first in the caller's own job struct. */
 struct pool_job {
-    pool_job_fn fn;
-    size_t bytes; /* memory the job holds, for the byte bound */
+    pool_job_fn fn;       /* runs it alone, and fails it (no connection, shutdown) */
+    pool_group_fn group;  /* NULL, or runs it with others of the same function */
+    size_t weight;        /* its share of group_max_weight (events) */
+    size_t bytes;         /* memory the job holds, for the byte bound */
+    int64_t submitted_us; /* set by pool_submit (monotonic) */
     pool_job *next;
+    uint64_t queued_us; /* the pool's: when it was queued (metrics) */
 };
 
 typedef struct pool_config {
     db_settings db;
-    int workers;      /* threads and connections, >= 1 */
-    size_t max_jobs;  /* queued jobs (not counting running ones) */
-    size_t max_bytes; /* bytes held by queued jobs */
-    int retry_min_ms; /* first reconnect delay */
-    int retry_max_ms; /* reconnect delay cap */
-    int migrate;      /* apply migrations on the first connection; else wait for them */
+    int workers;             /* threads and connections, >= 1 */
+    size_t max_jobs;         /* queued jobs (not counting running ones) */
+    size_t max_bytes;        /* bytes held by queued jobs */
+    int retry_min_ms;        /* first reconnect delay */
+    int retry_max_ms;        /* reconnect delay cap */
+    int migrate;             /* apply migrations on the first connection; else wait for them */
+    int group_window_ms;     /* the longest a group's first job waits for others */
+    int group_idle_ms;       /* a group closes when no job came for this long */
+    size_t group_max_jobs;   /* jobs in one group, >= 1 */
+    size_t group_max_weight; /* their weights' sum (a first job heavier than it runs alone) */
     /* Called from a worker when the pool becomes ready (a worker is
      * connected and the schema is current) or unready (none is). */
     void (*on_ready)(void *arg, int ready);
     void *arg;
+    metrics *metrics; /* queue and connection metrics; NULL: none */
 } pool_config;
 
 typedef struct pool_stats {
@@ -62,6 +83,8 @@ typedef struct pool_stats {
     uint64_t reconnects;  /* successful connections after the first */
     size_t queued;        /* jobs waiting now */
     int connected;        /* workers connected now */
+    uint64_t groups;      /* group runs */
+    uint64_t grouped;     /* jobs in them */
 } pool_stats;
 
 /* Starts the workers (they connect in the background) and returns at once.
@@ -74,8 +97,6 @@ int pool_submit(pool *p, pool_job *job);
  * past the bounds: one such job per stream at a time, and streams are
  * bounded by the server's --max-calls. Returns 0 or POOL_ESHUTDOWN. */
 int pool_resubmit(pool *p, pool_job *job);
-/* Whether a worker is connected with the schema current. */
-int pool_ready(pool *p);
 void pool_get_stats(pool *p, pool_stats *st);
 /* Stops the workers after the jobs they are running, calls the queued
  * jobs with POOL_ESHUTDOWN, closes the connections, frees; clears *p. */

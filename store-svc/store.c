@@ -26,10 +26,20 @@
 #define LEASE_MAX_S             86400
 #define RESPONSE_HEADROOM_BYTES 65536
 
+#define STORE_METRICS(X, S)                                                                        \
+    X(S, appended, COUNTER, "convo_store_events_appended_total", "", NULL,                         \
+      "events written to the event log")                                                           \
+    X(S, duplicates, COUNTER, "convo_store_events_duplicate_total", "", NULL,                      \
+      "events sent again that were stored already (a caller's retry; skipped)")                    \
+    X(S, batch, HISTOGRAM, "convo_store_append_batch_events", "", &metrics_buckets_count,          \
+      "events per AppendEvents call")
+METRICS_DECLARE(store_metrics, STORE_METRICS)
+
 struct store {
     srv *s;
     pool *pool;
     store_limits lim;
+    store_metrics mx;
 };
 
 /* ---- checks --------------------------------------------------------------- */
@@ -255,26 +265,104 @@ static void append_free(job *h)
     job_free(h);
 }
 
+/* Answers one AppendEvents call with what the database said. */
+static void append_answer(append_job *j, db_conn *conn, int rc, const db_append_result *res)
+{
+    if (rc != 0) {
+        job_fail(&j->h, conn, rc);
+        return;
+    }
+    Convo__V1__AppendEventsResponse resp = CONVO__V1__APPEND_EVENTS_RESPONSE__INIT;
+    resp.appended = res->appended;
+    resp.duplicates = res->duplicates;
+    resp.last_seq = res->last_seq;
+    metrics_counter_add(j->h.st->mx.appended, res->appended);
+    metrics_counter_add(j->h.st->mx.duplicates, res->duplicates);
+    if (res->duplicates > 0)
+        log_debug("append: %u new, %u already stored (a retry)", res->appended, res->duplicates);
+    job_finish(&j->h, RPC_OK, NULL, &resp.base);
+}
+
 static void append_run(pool_job *pj, db_conn *conn, int err)
 {
     append_job *j = (append_job *)pj;
     if (job_begin(&j->h, conn, err)) {
         db_append_result res;
         int rc = db_append_events(conn, j->h.session_id, j->user_id, j->batch, &res);
-        if (rc == 0) {
-            Convo__V1__AppendEventsResponse resp = CONVO__V1__APPEND_EVENTS_RESPONSE__INIT;
-            resp.appended = res.appended;
-            resp.duplicates = res.duplicates;
-            resp.last_seq = res.last_seq;
-            if (res.duplicates > 0)
-                log_debug("append: %u new, %u already stored (a retry)", res.appended,
-                          res.duplicates);
-            job_finish(&j->h, RPC_OK, NULL, &resp.base);
-        } else {
-            job_fail(&j->h, conn, rc);
-        }
+        append_answer(j, conn, rc, &res);
     }
     append_free(&j->h);
+}
+
+/* Runs calls[0..n) of jobs[] in one statement and answers each; alone when
+ * there is one. A statement the server refuses (a bug, or one call's data)
+ * is retried call by call, so one bad batch fails only its own call. */
+static void append_run_group(append_job **jobs, db_append_call *calls, size_t n, db_conn *conn)
+{
+    if (n == 1) {
+        db_append_result res;
+        log_context_set(srv_call_request_id(jobs[0]->h.call), jobs[0]->h.session_id);
+        int rc =
+            db_append_events(conn, calls[0].session_id, calls[0].user_id, calls[0].batch, &res);
+        append_answer(jobs[0], conn, rc, &res);
+        return;
+    }
+    int rc = db_append_group(conn, calls, n);
+    if (rc == DB_EQUERY && db_conn_ok(conn)) {
+        log_warn("a group of %zu appends failed (%s); running them one by one", n,
+                 db_conn_error(conn));
+        for (size_t i = 0; i < n; i++)
+            append_run_group(&jobs[i], &calls[i], 1, conn);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        log_context_set(srv_call_request_id(jobs[i]->h.call), jobs[i]->h.session_id);
+        append_answer(jobs[i], conn, rc != 0 ? rc : calls[i].rc, &calls[i].res);
+    }
+}
+
+/* The pool's group function for AppendEvents (group commit): the calls
+ * that are still wanted go to the database together, in rounds of distinct
+ * sessions (a session's later call in the same group waits for the next
+ * round, so its calls stay in order). */
+static void append_group(pool_job **pjs, size_t n, db_conn *conn)
+{
+    append_job **jobs = mem_calloc(n, sizeof *jobs);
+    append_job **round = mem_calloc(n, sizeof *round);
+    db_append_call *calls = mem_calloc(n, sizeof *calls);
+    size_t left = 0;
+    for (size_t i = 0; i < n; i++) {
+        append_job *j = (append_job *)pjs[i];
+        if (job_begin(&j->h, conn, 0))
+            jobs[left++] = j;
+        else
+            append_free(&j->h);
+    }
+    while (left > 0) {
+        size_t k = 0, kept = 0;
+        for (size_t i = 0; i < left; i++) {
+            int seen = 0;
+            for (size_t m = 0; m < k && !seen; m++)
+                seen = strcmp(round[m]->h.session_id, jobs[i]->h.session_id) == 0;
+            if (seen) {
+                jobs[kept++] = jobs[i];
+                continue;
+            }
+            round[k] = jobs[i];
+            calls[k] = (db_append_call){.session_id = jobs[i]->h.session_id,
+                                        .user_id = jobs[i]->user_id,
+                                        .batch = jobs[i]->batch};
+            k++;
+        }
+        append_run_group(round, calls, k, conn);
+        for (size_t i = 0; i < k; i++)
+            append_free(&round[i]->h);
+        left = kept;
+    }
+    log_context_set(NULL, NULL);
+    mem_free(calls);
+    mem_free(round);
+    mem_free(jobs);
 }
 
 /* Checks every event and encodes the good batch; on a bad one nothing is
@@ -351,10 +439,13 @@ static void on_append(srv_call *call, const ProtobufCMessage *msg)
         finish_invalid(call, err);
         return;
     }
+    metrics_histogram_observe(st->mx.batch, req->n_events);
     append_job *j = job_new(sizeof *j, call, st, req->session_id, append_run);
     j->batch = b;
     j->user_id = mem_strdup(req->user_id);
     j->h.pj.bytes += db_batch_bytes(b);
+    j->h.pj.group = append_group;
+    j->h.pj.weight = req->n_events > 0 ? req->n_events : 1;
     job_submit(&j->h, append_free);
 }
 
@@ -917,7 +1008,7 @@ invalid:
 #define READ_USER   "gateway llm-svc admin"
 #define READ_SWEEP  "summary-svc admin"
 
-store *store_create(srv *s, pool *p, const store_limits *lim)
+store *store_create(srv *s, pool *p, const store_limits *lim, metrics *m)
 {
     static const srv_method methods[] = {
         {PATH("OpenSession"), SRV_UNARY, &convo__v1__open_session_request__descriptor,
@@ -946,6 +1037,7 @@ store *store_create(srv *s, pool *p, const store_limits *lim)
     st->s = s;
     st->pool = p;
     st->lim = *lim;
+    metrics_register(m, METRICS_SECTION(store_metrics, &st->mx));
     for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++) {
         if (srv_add_method(s, &methods[i], st) != 0) {
             log_error("cannot register %s", methods[i].path);

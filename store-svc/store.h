@@ -35,8 +35,9 @@ typedef struct store_limits {
 typedef struct store store;
 
 /* Registers every Store method on `s` (before srv_start). `p` and `s` must
- * outlive the store. Returns NULL when a method cannot be registered. */
-store *store_create(srv *s, pool *p, const store_limits *lim);
+ * outlive the store. Counts appended events and batch sizes in m (NULL:
+ * nothing). Returns NULL when a method cannot be registered. */
+store *store_create(srv *s, pool *p, const store_limits *lim, metrics *m);
 /* Frees the store once the server has stopped (no call in flight) and the
  * pool is destroyed; clears *st. */
 void store_destroy(store **st);

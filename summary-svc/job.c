@@ -286,7 +286,9 @@ static void from_session(const job_env *env, const Convo__V1__Session *s, job_re
         if (env->max_attempts > 0 && s->summary_attempts >= env->max_attempts)
             out->error = mem_asprintf("no attempt left (%d made); the sweep marks it failed",
                                       (int)s->summary_attempts);
-        else if (s->summary_error != NULL && s->summary_error[0])
+        else
+            out->lease_conflict = 1;
+        if (out->error == NULL && s->summary_error != NULL && s->summary_error[0])
             out->error = mem_strdup(s->summary_error);
         break;
     default:
@@ -410,6 +412,7 @@ void job_run(const job_env *env, bcall_scope *sc, const char *session_id, job_re
         /* Our lease ran out and another worker took the session: its
          * outcome stands. */
         out->outcome = JOB_BUSY;
+        out->lease_conflict = 1;
         out->error = mem_strdup("the lease was lost to another worker");
         log_warn("%s (%s)", out->error, err);
     } else {

@@ -50,7 +50,8 @@ typedef struct job_result {
     char *summary; /* JOB_DONE */
     char *error;   /* JOB_FAILED, JOB_RETRY, JOB_ERROR; may be NULL otherwise */
     int32_t attempts;
-    int claimed; /* this run held the lease */
+    int claimed;        /* this run held the lease */
+    int lease_conflict; /* another worker held the lease, or took it from this run */
     unsigned model_calls;
     int llm_unreachable; /* a Complete failed with UNAVAILABLE: llm-svc may be down */
 } job_result;

@@ -2,8 +2,10 @@
  * made from store-svc's event log by llm-svc's Complete. */
 #include "cli.h"
 #include "conf.h"
+#include "health.h"
 #include "log.h"
 #include "mem.h"
+#include "scrape.h"
 #include "service.h"
 #include "srv.h"
 #include "tls.h"
@@ -24,10 +26,11 @@ int main(int argc, char **argv)
     srv_opts sopts = {0};
     cli_conf copts = {0};
     tls_opts topts = {0};
+    scrape_opts mopts = {0};
     const conf_section secs[] = {
         CONF_SECTION(summary_opts, &opts), CONF_SECTION(service_opts, &svopts),
         CONF_SECTION(cli_conf, &copts),    CONF_SECTION(srv_opts, &sopts),
-        CONF_SECTION(tls_opts, &topts),
+        CONF_SECTION(tls_opts, &topts),    CONF_SECTION(scrape_opts, &mopts),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     srv *server = NULL;
@@ -35,6 +38,9 @@ int main(int argc, char **argv)
     service *sv = NULL;
     tls *mtls = NULL;
     char err[512];
+    metrics *m = NULL;
+    scrape *sc = NULL;
+    char maddr[300];
     int status = 2;
 
     srv_block_signals();
@@ -46,7 +52,8 @@ int main(int argc, char **argv)
         status = rc > 0 ? 0 : 2;
         goto out;
     }
-    if (log_setup("summary-svc", opts.log_level) != 0)
+    if (log_setup("summary-svc", opts.log_level) != 0 ||
+        scrape_setup(&mopts, "summary-svc", opts.listen, maddr, sizeof maddr, &m) != 0)
         goto out;
     if (service_check_opts(&svopts, err, sizeof err) != 0) {
         fprintf(stderr, "summary-svc: %s\n", err);
@@ -64,13 +71,17 @@ int main(int argc, char **argv)
     status = 1;
     client = cli_create((int)opts.client_threads, sopts.max_message_bytes);
     cli_use_tls(client, mtls);
-    sv = service_create(&svopts, client, copts.round_robin);
+    cli_set_metrics(client, m);
+    sv = service_create(&svopts, client, copts.round_robin, m);
     server = srv_create("summary-svc", opts.listen, &sopts);
     srv_use_tls(server, mtls);
+    srv_set_metrics(server, m);
     if (service_register(sv, server) != 0) {
         log_error("cannot register the Summary methods");
         goto out;
     }
+    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, server)) == NULL)
+        goto out;
     if (srv_start(server) != 0)
         goto out; /* srv_start logged the address */
     log_info("serving on port %d; store-svc %s, llm-svc %s", srv_port(server), svopts.store,
@@ -80,6 +91,7 @@ int main(int argc, char **argv)
     status = 0;
 
 out:
+    scrape_stop(&sc);
     /* Jobs first (they finish the calls waiting on them), then the server
      * those calls belong to, then the client the jobs used. */
     if (sv != NULL)
@@ -90,6 +102,7 @@ out:
     if (client != NULL)
         cli_destroy(&client);
     tls_destroy(&mtls);
+    metrics_destroy(&m);
     conf_free(secs, nsecs);
     return status;
 }

@@ -36,6 +36,22 @@
 #define RETRY_MEMORY      256
 #define HEALTH_TIMEOUT_MS 2000
 
+#define SERVICE_METRICS(X, S)                                                                      \
+    X(S, jobs, COUNTER_VEC, "convo_summarizer_jobs_total", "outcome", NULL,                        \
+      "summary jobs ended, by outcome (done, failed, retry, busy: not claimed, not_ended, error)") \
+    X(S, attempts, COUNTER, "convo_summarizer_attempts_total", "", NULL,                           \
+      "summary attempts made here (leases taken; each counts against --max-attempts)")             \
+    X(S, lease_conflicts, COUNTER, "convo_summarizer_lease_conflicts_total", "", NULL,             \
+      "jobs that found the lease held by another worker, or lost it to one")                       \
+    X(S, model_calls, COUNTER, "convo_summarizer_model_calls_total", "", NULL,                     \
+      "llm-svc Complete calls made for summaries (chunks and the final one)")                      \
+    X(S, in_progress, GAUGE, "convo_summarizer_sessions_in_progress", "", NULL,                    \
+      "sessions queued or being summarized here")                                                  \
+    X(S, backlog, GAUGE, "convo_summarizer_backlog_sessions", "", NULL,                            \
+      "ended sessions without a summary and without a live lease that the last sweep found (at "   \
+      "most --sweep-batch): waiting for a worker or for their retry")
+METRICS_DECLARE(service_metrics, SERVICE_METRICS)
+
 typedef enum entry_state { ENTRY_QUEUED, ENTRY_RUNNING, ENTRY_WATCH } entry_state;
 
 /* A session in progress here: queued, being summarized, or (for callers
@@ -87,6 +103,8 @@ struct service {
     /* Counters, logged at shutdown. */
     atomic_ullong n_summarize, n_coalesced, n_queue_full, n_model_calls;
     atomic_ullong n_outcome[JOB_ERROR + 1];
+    service_metrics mx;
+    metrics_counter *outcome_mx[JOB_ERROR + 1];
 };
 
 /* ---- options -------------------------------------------------------------- */
@@ -191,6 +209,7 @@ static void entry_unlink(service *sv, entry *e)
         if (*p == e) {
             *p = e->next;
             sv->nentries--;
+            metrics_gauge_set(sv->mx.in_progress, (int64_t)sv->nentries);
             return;
         }
     }
@@ -280,6 +299,7 @@ static entry *file_session(service *sv, const char *id, int *fresh, rpc_code *er
     e->next = sv->entries;
     sv->entries = e;
     sv->nentries++;
+    metrics_gauge_set(sv->mx.in_progress, (int64_t)sv->nentries);
     *fresh = 1;
     return e;
 }
@@ -309,6 +329,10 @@ static void run_entry(void *arg)
     log_context_set(NULL, NULL);
     atomic_fetch_add(&sv->n_outcome[r.outcome], 1);
     atomic_fetch_add(&sv->n_model_calls, r.model_calls);
+    metrics_counter_inc(sv->outcome_mx[r.outcome]);
+    metrics_counter_add(sv->mx.model_calls, r.model_calls);
+    metrics_counter_add(sv->mx.attempts, (uint64_t)r.claimed);
+    metrics_counter_add(sv->mx.lease_conflicts, (uint64_t)r.lease_conflict);
     if (r.llm_unreachable)
         atomic_store(&sv->llm_suspect, 1);
 
@@ -595,6 +619,12 @@ static int hook_may_retry(void *arg, const char *id)
     return ok;
 }
 
+static void hook_listed(void *arg, size_t pending)
+{
+    service *sv = arg;
+    metrics_gauge_set(sv->mx.backlog, (int64_t)pending);
+}
+
 static int hook_submit(void *arg, const char *id)
 {
     service *sv = arg;
@@ -632,10 +662,14 @@ static void make_worker_id(char *out, size_t size)
     snprintf(out, size, "summary-svc.%s.%d.%08x", host, (int)getpid(), rnd);
 }
 
-service *service_create(const service_opts *o, cli *c, int round_robin)
+service *service_create(const service_opts *o, cli *c, int round_robin, metrics *m)
 {
     service *sv = mem_calloc(1, sizeof *sv);
     sv->o = *o;
+    metrics_register(m, METRICS_SECTION(service_metrics, &sv->mx));
+    for (int i = 0; i <= JOB_ERROR; i++)
+        sv->outcome_mx[i] =
+            metrics_counter_of(sv->mx.jobs, (const char *[]){job_outcome_name((job_outcome)i)});
     sv->store = cli_channel_create(c, o->store, round_robin);
     sv->llm = cli_channel_create(c, o->llm, round_robin);
     make_worker_id(sv->worker_id, sizeof sv->worker_id);
@@ -698,7 +732,7 @@ void service_start(service *sv)
             .store_timeout_ms = sv->o.store_timeout_ms,
             .worker_id = sv->worker_id,
         };
-        sweep_hooks hooks = {hook_room, hook_llm_ok, hook_may_retry, hook_submit, sv};
+        sweep_hooks hooks = {hook_room, hook_llm_ok, hook_may_retry, hook_submit, sv, hook_listed};
         sv->sweep = sweep_start(&cfg, sv->store, &hooks);
     }
     log_info("worker id %s: %lld workers, queue %lld, lease %lld s, %lld attempts, context "

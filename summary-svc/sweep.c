@@ -145,6 +145,8 @@ static void sweep_once(sweep *sw)
     const Convo__V1__ListUnsummarizedSessionsResponse *r =
         (const Convo__V1__ListUnsummarizedSessionsResponse *)resp;
     size_t queued = 0, waiting = 0;
+    if (sw->hooks.listed != NULL)
+        sw->hooks.listed(sw->hooks.arg, r->n_sessions);
     for (size_t i = 0; i < r->n_sessions; i++) {
         const Convo__V1__Session *s = r->sessions[i];
         if (cfg->max_attempts > 0 && s->summary_attempts >= cfg->max_attempts) {

@@ -47,6 +47,9 @@ typedef struct sweep_hooks {
      * progress here, < 0 when there is no room. */
     int (*submit)(void *arg, const char *session_id);
     void *arg;
+    /* May be NULL: how many pending sessions a sweep listed (at most the
+     * batch), for the backlog metric. */
+    void (*listed)(void *arg, size_t pending);
 } sweep_hooks;
 
 typedef struct sweep sweep;

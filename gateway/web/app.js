@@ -1,184 +1,331 @@
-// The convo web page: one WebSocket session, streamed answers, tool calls,
-// and the post-session summary. Plain JavaScript, no build step.
-//
-// Signing in follows the gateway's --auth mode (GET / says which): "dev",
-// a user name is typed and the gateway signs a token for it; "jwt", a token
-// from the identity provider is pasted; "none", the user name is sent as
-// user_id, as the seed did. The token travels as ?access_token= on the
-// WebSocket (browsers cannot set its headers) and as a bearer header on
-// REST calls.
+// The convo web page: sign-in, the list of your conversations, and the
+// conversation itself (chat.js). Plain JavaScript modules, no build step;
+// marked and DOMPurify come from npm (vendor/). The conversation shown is
+// in the URL as #/s/<id>, so reload, back and forward work.
 "use strict";
 
+import { Auth, ID_RE, authText, takeTokenFromFragment } from "./auth.js";
+import { Chat } from "./chat.js";
+import { Sidebar } from "./sidebar.js";
+
+// First of all: a token brought by a login redirect leaves the URL.
+const fromRedirect = takeTokenFromFragment();
+
 const $ = (id) => document.getElementById(id);
-let ws = null;
-let answer = null; // the element the current answer streams into
-let sessionId = null;
-let authMode = "none";
-let token = null;
+const INFO_RETRY_MAX_MS = 10000;
+const NARROW = window.matchMedia("(max-width: 768px)");
+const LAST_USER_KEY = "convo.lastUser";
 
-async function learnAuthMode() {
-  try {
-    const r = await fetch("/");
-    authMode = (await r.json()).auth || "none";
-  } catch (e) {
-    authMode = "none";
-  }
-  const jwt = authMode === "jwt";
-  $("token-label").hidden = !jwt;
-  $("token").required = jwt;
-  $("user-label").hidden = jwt;
-  $("user-id").required = !jwt;
+const auth = new Auth();
+const sidebar = new Sidebar({
+  list: $("sessions"), empty: $("sessions-empty"), error: $("sessions-error"), more: $("sessions-more"),
+}, auth);
+
+function announce(text) {
+  const a = $("announcer");
+  a.textContent = "";
+  setTimeout(() => { a.textContent = text; }, 50);
 }
 
-// The token for this sign-in: signed by the gateway (dev) or pasted (jwt).
-async function signIn(user) {
-  if (authMode === "jwt") return $("token").value.trim();
-  if (authMode !== "dev") return null;
-  const r = await fetch("/api/dev/token", {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ user_id: user }),
-  });
-  const body = await r.json();
-  if (!r.ok) throw new Error(body.error || `sign-in failed (${r.status})`);
-  return body.access_token;
-}
+// ---- connection status ------------------------------------------------------
 
-function authHeaders() {
-  return token ? { Authorization: `Bearer ${token}` } : {};
-}
+let countdown = null;
+let connState = "idle";
 
-function randomId(prefix) {
-  return prefix + "-" + Math.random().toString(36).slice(2, 10);
-}
-
-function status(text) {
-  $("status").textContent = text;
-}
-
-function add(cls, text) {
-  const el = document.createElement("div");
-  el.className = "msg " + cls;
-  el.textContent = text;
-  $("log").appendChild(el);
-  $("log").scrollTop = $("log").scrollHeight;
-  return el;
-}
-
-function setConnected(on) {
-  $("message").disabled = !on;
-  $("send").disabled = !on;
-  $("end").disabled = !on;
-  $("start").disabled = on;
-  $("cancel").disabled = true;
-}
-
-function onFrame(frame) {
-  switch (frame.type) {
-    case "session":
-      status(`Connected to session ${frame.session_id} as ${frame.user_id}` +
-             (frame.resumed ? ` (resumed, ${frame.message_count} earlier messages)` : " (new)"));
-      break;
-    case "token":
-      if (!answer) answer = add("assistant", "");
-      answer.textContent += frame.content;
-      $("log").scrollTop = $("log").scrollHeight;
-      break;
-    case "tool_call":
-      add("tool tool-call", `→ ${frame.tool}(${JSON.stringify(frame.arguments)})`);
-      answer = null;
-      break;
-    case "tool_result":
-      add("tool tool-result", `← ${frame.tool}: ${JSON.stringify(frame.result).slice(0, 600)}`);
-      break;
-    case "queued":
-      add("note", `Queued (position ${frame.position}); it is sent when the answer ends.`);
-      break;
-    case "done":
-      if (frame.status === "cancelled") add("note", "Answer cancelled.");
-      answer = null;
-      $("cancel").disabled = true;
-      break;
-    case "error":
-      add("error", frame.content + (frame.code ? ` [${frame.code}]` : ""));
-      answer = null;
-      $("cancel").disabled = true;
-      break;
-  }
-}
-
-async function showSummary(id) {
-  $("summary").hidden = false;
-  $("summary-text").textContent = "";
-  for (let i = 0; i < 120; i++) {
-    let body;
-    try {
-      const r = await fetch(`/api/sessions/${encodeURIComponent(id)}/summary`,
-                            { headers: authHeaders() });
-      body = await r.json();
-    } catch (e) {
-      body = { status: "unreachable" };
-    }
-    $("summary-status").textContent = `Summary: ${body.status}` +
-      (body.error ? ` (${body.error})` : "");
-    if (body.status === "done") {
-      $("summary-text").textContent = body.summary;
-      return;
-    }
-    if (body.status === "failed") return;
-    await new Promise((r) => setTimeout(r, 1000));
-  }
-}
-
-$("session-form").addEventListener("submit", async (e) => {
-  e.preventDefault();
-  sessionId = $("session-id").value;
-  const user = $("user-id").value;
-  try {
-    await modeKnown;
-    token = await signIn(user);
-  } catch (err) {
-    status(`Could not sign in: ${err.message}`);
-    return;
-  }
-  const query = token ? `access_token=${encodeURIComponent(token)}`
-                      : `user_id=${encodeURIComponent(user)}`;
-  const proto = location.protocol === "https:" ? "wss" : "ws";
-  ws = new WebSocket(`${proto}://${location.host}/ws/session/${encodeURIComponent(sessionId)}` +
-                     `?${query}`);
-  status("Connecting…");
-  $("summary").hidden = true;
-  ws.onopen = () => setConnected(true);
-  ws.onmessage = (e) => onFrame(JSON.parse(e.data));
-  ws.onclose = (e) => {
-    setConnected(false);
-    status(`Disconnected (${e.code}${e.reason ? " " + e.reason : ""}).`);
-    ws = null;
+function showConn(state, info = {}) {
+  connState = state;
+  const box = $("conn");
+  const text = $("conn-text");
+  const retry = $("conn-retry");
+  clearInterval(countdown);
+  box.dataset.state = state;
+  retry.hidden = true;
+  const tick = () => {
+    const secs = Math.max(0, Math.ceil((info.retryAt - Date.now()) / 1000));
+    text.textContent = navigator.onLine === false ? "Offline; waiting for the network…"
+      : `Reconnecting in ${secs} s…`;
   };
+  switch (state) {
+    case "idle":
+      text.textContent = "";
+      break;
+    case "loading":
+    case "connecting":
+      text.textContent = "Connecting…";
+      break;
+    case "open":
+      text.textContent = "Connected";
+      break;
+    case "waiting":
+      tick();
+      countdown = setInterval(tick, 1000);
+      retry.textContent = "Reconnect now";
+      retry.hidden = false;
+      announce("Connection lost. Reconnecting.");
+      break;
+    case "closed":
+      text.textContent = info.reason || "Disconnected.";
+      if (info.code === 4409) {
+        retry.textContent = "Use here";
+        retry.hidden = false;
+      }
+      announce(text.textContent);
+      break;
+  }
+  const final = state === "closed" && info.code !== 4409;
+  $("input").disabled = final;
+  $("send").disabled = final;
+}
+
+$("conn-retry").addEventListener("click", () => {
+  if (connState === "closed") chat.reconnect();
+  else if (chat.conn) chat.conn.retryNow();
 });
 
-$("message-form").addEventListener("submit", (e) => {
+// ---- the conversation ---------------------------------------------------------
+
+const chat = new Chat({
+  log: $("log"), turns: $("turns"), empty: $("empty"), older: $("older"),
+  olderStatus: $("older-status"), toBottom: $("to-bottom"),
+}, {
+  auth,
+  onState: showConn,
+  onCreated: (id, text) => {
+    sidebar.added(id, text);
+    setTitle(text);
+  },
+  onTitle: (id, text) => {
+    sidebar.setTitle(id, text);
+    if (chat.id === id) setTitle(sidebar.title(id));
+  },
+  onBusy: (busy) => {
+    $("stop").hidden = !busy;
+  },
+  announce,
+  notice: (text) => notice(text),
+  edit: (text) => {
+    $("input").value = text;
+    autosize();
+    $("input").focus();
+  },
+});
+
+function setTitle(text) {
+  $("title").textContent = text || "Conversation";
+  document.title = text ? `${text} · convo` : "convo";
+}
+
+// A short message above the composer, for what concerns no single answer.
+function notice(text) {
+  const p = document.createElement("p");
+  p.className = "notice";
+  p.setAttribute("role", "status");
+  p.textContent = text;
+  $("turns").append(p);
+  chat.scrollToBottom(false);
+}
+
+// ---- routing: #/s/<id> ----------------------------------------------------------
+
+function routeId() {
+  const m = /^#\/s\/(.+)$/.exec(location.hash);
+  if (!m) return null;
+  let id;
+  try {
+    id = decodeURIComponent(m[1]);
+  } catch (e) {
+    id = "";
+  }
+  return id;
+}
+
+// force: open it even when it is the one shown (after a sign-in).
+function route(force = false) {
+  if (!auth.signedIn) return;
+  let id = routeId();
+  if (id !== null && !ID_RE.test(id)) {
+    history.replaceState(history.state, "", "#/");
+    id = null;
+    chat.open(null);
+    notice("That link does not name a valid conversation; here is a new one.");
+  } else if (force || id !== chat.id) {
+    // The conversation left ends: its summary is on its way to the list.
+    if (chat.id) sidebar.reload();
+    chat.open(id);
+  }
+  sidebar.setActive(id);
+  setTitle(id === null ? "New chat" : sidebar.title(id));
+  if (id === null) document.title = "convo";
+  closeDrawer();
+  if (!NARROW.matches) $("input").focus();
+}
+
+window.addEventListener("hashchange", () => route());
+
+// ---- composer -------------------------------------------------------------------------
+
+function autosize() {
+  const input = $("input");
+  input.style.height = "auto";
+  input.style.height = `${Math.min(input.scrollHeight, window.innerHeight * 0.4)}px`;
+}
+
+function submit() {
+  const input = $("input");
+  const text = input.value;
+  if (!text.trim() || input.disabled) return;
+  chat.send(text);
+  input.value = "";
+  autosize();
+}
+
+$("composer").addEventListener("submit", (e) => {
   e.preventDefault();
-  const text = $("message").value.trim();
-  if (!text || !ws) return;
-  add("user", text);
-  answer = null;
-  ws.send(JSON.stringify({ message: text }));
-  $("message").value = "";
-  $("cancel").disabled = false;
+  submit();
 });
 
-$("cancel").addEventListener("click", () => {
-  if (ws) ws.send(JSON.stringify({ type: "cancel" }));
+$("input").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    submit();
+  }
+});
+$("input").addEventListener("input", autosize);
+
+$("stop").addEventListener("click", () => chat.cancel());
+
+document.addEventListener("keydown", (e) => {
+  if (e.key !== "Escape") return;
+  if (document.body.classList.contains("drawer-open")) {
+    closeDrawer();
+    $("menu").focus();
+  } else if (chat.cancel()) {
+    e.preventDefault();
+  }
 });
 
-$("end").addEventListener("click", () => {
-  if (!ws) return;
-  const id = sessionId;
-  ws.close(1000, "session ended");
-  showSummary(id);
+for (const b of document.querySelectorAll(".suggestion")) {
+  b.addEventListener("click", () => {
+    chat.send(b.textContent);
+  });
+}
+
+// ---- the drawer (narrow screens) -------------------------------------------------------
+
+function closeDrawer() {
+  document.body.classList.remove("drawer-open");
+  $("menu").setAttribute("aria-expanded", "false");
+  $("scrim").hidden = true;
+}
+
+$("menu").addEventListener("click", () => {
+  const open = !document.body.classList.contains("drawer-open");
+  document.body.classList.toggle("drawer-open", open);
+  $("menu").setAttribute("aria-expanded", String(open));
+  $("scrim").hidden = !open;
+  if (open) sidebar.reload();
+});
+$("scrim").addEventListener("click", closeDrawer);
+
+// ---- sign-in -------------------------------------------------------------------------------
+
+const INTRO = {
+  dev: "Development sign-in: this server signs a token for the name you type.",
+  none: "This server does not check who you are: type the user name to talk as.",
+  jwt: "Sign in with an access token from your identity provider, or come back here from its "
+    + "login page, which hands one over.",
+};
+
+function showSignIn(message = "") {
+  chat.close();
+  sidebar.clear();
+  $("app").hidden = true;
+  $("boot").hidden = true;
+  $("signin").hidden = false;
+  const jwt = auth.mode === "jwt";
+  $("signin-intro").textContent = INTRO[auth.mode] || "";
+  $("signin-user-row").hidden = jwt;
+  $("signin-token-row").hidden = !jwt;
+  $("signin-user-label").textContent = auth.mode === "none" ? "User" : "Your name";
+  $("signin-user").value = localStorage.getItem(LAST_USER_KEY) || "";
+  $("signin-token").value = "";
+  const err = $("signin-error");
+  err.hidden = !message;
+  err.textContent = message;
+  (jwt ? $("signin-token") : $("signin-user")).focus();
+}
+
+$("signin-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const err = $("signin-error");
+  const submitButton = $("signin-submit");
+  submitButton.disabled = true;
+  err.hidden = true;
+  try {
+    if (auth.mode === "jwt") {
+      await auth.signInWithToken($("signin-token").value);
+      $("signin-token").value = "";
+    } else {
+      const user = $("signin-user").value.trim();
+      await auth.signInAs(user);
+      localStorage.setItem(LAST_USER_KEY, user);
+    }
+    start();
+  } catch (ex) {
+    err.textContent = ex.message;
+    err.hidden = false;
+  } finally {
+    submitButton.disabled = false;
+  }
 });
 
-$("session-id").value = randomId("s");
-$("user-id").value = randomId("u");
-const modeKnown = learnAuthMode();
+$("sign-out").addEventListener("click", () => auth.signOut(""));
+auth.onSignedOut = (reason) => showSignIn(reason);
+
+function start() {
+  $("signin").hidden = true;
+  $("boot").hidden = true;
+  $("app").hidden = false;
+  $("whoami").textContent = auth.user;
+  $("whoami").title = `signed in as ${auth.user} (${auth.mode} mode)`;
+  sidebar.reload();
+  route(true);
+}
+
+// ---- start-up ---------------------------------------------------------------------------
+
+// GET / says the gateway's auth mode; retried while the gateway is away.
+async function serverInfo() {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      const r = await fetch("/", { cache: "no-store" });
+      if (r.ok) return await r.json();
+    } catch (e) {
+      // not reachable yet
+    }
+    const wait = Math.min(INFO_RETRY_MAX_MS, 500 * 2 ** attempt);
+    $("boot").textContent = `The server cannot be reached; trying again in ${Math.ceil(wait / 1000)} s…`;
+    await new Promise((r) => setTimeout(r, wait));
+  }
+}
+
+async function boot() {
+  const info = await serverInfo();
+  auth.mode = ["jwt", "dev", "none"].includes(info.auth) ? info.auth : "none";
+  if (fromRedirect && fromRedirect.error) {
+    showSignIn(`The identity provider said: ${fromRedirect.error}`);
+  } else if (fromRedirect && auth.mode === "jwt") {
+    try {
+      await auth.signInWithToken(fromRedirect.token);
+      start();
+    } catch (e) {
+      showSignIn(e.message);
+    }
+  } else {
+    const kept = auth.restore();
+    if (kept === "ok") start();
+    else showSignIn(kept === "expired" ? authText("token_expired") : "");
+  }
+}
+
+boot();

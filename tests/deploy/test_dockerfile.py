@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from deploy_util import BINARIES, DEPLOY, binary_path, help_options
+from deploy_util import BINARIES, DEPLOY, binary_path, build_dir, help_options
 
 DOCKERFILE = DEPLOY / "Dockerfile"
 # Part of every Debian image, or of a sanitizer build only (tests/run.sh).
@@ -201,3 +201,50 @@ def test_runtime_package_names_exist_in_debian():
         pytest.skip("apt lists not downloaded (apt-get update)")
     found = set(re.findall(r"^Package: (\S+)", r.stdout, re.M))
     assert found == set(names), f"unknown Debian packages: {sorted(set(names) - found)}"
+
+
+def test_build_stage_installs_the_web_pages_npm_packages_before_cmake():
+    """The page's marked and DOMPurify come from npm (gateway/web/package.json),
+    never from the repository: the build stage installs them after copying the
+    source (the context leaves node_modules out) and before CMake installs the
+    page."""
+    build = parse()["build"]
+    instrs = build["instrs"]
+    copy_src = instrs.index(("COPY", ". /src"))
+    runs = [(i, t) for i, (k, t) in enumerate(instrs) if k == "RUN"]
+    web = [i for i, t in runs if "/src/deploy/install-deps.sh --web" in t]
+    assert web and web[0] > copy_src, "npm install of gateway/web after COPY . /src"
+    install = next(i for i, t in runs if "cmake --install" in t)
+    text = dict(runs)[install]
+    assert web[0] < install or text.index("install-deps.sh --web") < text.index("cmake --install")
+    assert "**/node_modules" in (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+
+
+def test_gateway_image_holds_the_page_and_every_vendor_file_it_loads(tmp_path):
+    """What CMake installs for the gateway (the files the gateway image
+    copies from /out/usr/share/convo/web): the page, and under vendor/ each
+    third-party file index.html loads, with its licence; no node_modules or
+    npm manifests."""
+    ch = chain(parse(), "gateway")
+    copies = [t for s in ch for k, t in s["instrs"] if k == "COPY"]
+    assert "--from=build /out/usr/share/convo/web /usr/share/convo/web" in copies
+    script = build_dir() / "gateway" / "cmake_install.cmake"
+    assert script.exists(), f"the project is not configured in {build_dir()}"
+    r = subprocess.run(["cmake", f"-DCMAKE_INSTALL_PREFIX={tmp_path}", "-P", str(script)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    web = tmp_path / "share" / "convo" / "web"
+    html = (web / "index.html").read_text()
+    loads = re.findall(r'<script[^>]* src="([^"]+)"', html) + re.findall(r'<link[^>]* href="([^"]+)"', html)
+    vendor = [p for p in loads if p.startswith("vendor/")]
+    assert len(vendor) == 2, loads
+    for rel in loads:
+        assert (web / rel).is_file(), f"index.html loads {rel}, which is not installed"
+    for js in web.glob("*.js"):
+        for imp in re.findall(r'^import .* from "\./([^"]+)";$', js.read_text(), re.M):
+            assert (web / imp).is_file(), f"{js.name} imports {imp}, which is not installed"
+    for pkg in ("dompurify", "marked"):
+        assert (web / "vendor" / pkg / "LICENSE").is_file(), f"{pkg}'s licence"
+    assert not (web / "vendor").is_symlink()
+    names = {p.name for p in web.rglob("*")}
+    assert not names & {"node_modules", "package.json", "package-lock.json"}, names

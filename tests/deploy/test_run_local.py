@@ -149,15 +149,28 @@ def _have(*names) -> list:
     return [n for n in names if not binary_path(n).exists()]
 
 
+def _free_with_metrics_port():
+    """A free port whose /metrics port (+ 1000) is free too."""
+    for _ in range(100):
+        p = free_port()
+        if p + 1000 <= 65535 and not _port_open(p + 1000):
+            return p
+    raise RuntimeError("no port with a free port + 1000")
+
+
 @pytest.fixture(scope="module")
 def ports():
-    return {k: free_port() for k in ("gateway", "pg", "store", "llm", "router", "summary", "model")}
+    ports = {k: free_port() for k in ("pg", "model")}
+    ports.update({k: _free_with_metrics_port() for k in ("gateway", "store", "llm", "router", "summary")})
+    # The /metrics ports must be closed after the stop as well.
+    ports.update({f"{k}-metrics": ports[k] + 1000 for k in ("gateway", "store", "llm", "router", "summary")})
+    return ports
 
 
 def test_run_converse_stop_and_reuse(ports):
     missing = _have("gateway", "router-svc")
     if missing:
-        pytest.skip(f"not built yet: {missing}")
+        pytest.fail(f"not built: {missing} (the tests run after the build)")
     # Under the harness's temporary root (removed at exit), open to the
     # postgres user that PostgreSQL runs as when the tests run as root.
     tmp_path = Path(tempfile.mkdtemp(prefix="run-", dir=tmp_root()))
@@ -180,6 +193,12 @@ def test_run_converse_stop_and_reuse(ports):
         assert r.status == 200
     with urllib.request.urlopen(f"{url}/", timeout=5) as r:
         assert json.load(r)["auth"] == "dev", "run.sh runs the gateway with --auth dev"
+    # Every process serves /metrics on its port + 1000, as the run says.
+    metrics_url = f"http://127.0.0.1:{ports['gateway-metrics']}/metrics"
+    assert metrics_url in out, out
+    for k in ("gateway", "store", "llm", "router", "summary"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[k + '-metrics']}/metrics", timeout=5) as r:
+            assert b"process_cpu_seconds_total" in r.read(), k
     conversation_missing = _have("llm-svc", "store-svc", "offline-model")
     if not conversation_missing:
         for name in ("router-svc", "llm-svc", "store-svc"):
@@ -215,5 +234,5 @@ def test_run_converse_stop_and_reuse(ports):
     assert rc == 0, run2.text()
     run2.assert_nothing_left()
     if conversation_missing:
-        pytest.skip(f"started and stopped cleanly, but no WebSocket conversation: not built yet: "
+        pytest.fail(f"started and stopped cleanly, but no WebSocket conversation: not built: "
                     f"{conversation_missing}")

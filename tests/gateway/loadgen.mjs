@@ -29,9 +29,20 @@
 // first-token figures the turns that started inside it; the ramp up and down
 // at either end (lighter load) is left out.
 //
+// Users: session i is user <--user-prefix><i mod users> (--users, default
+// one per session). With --access-token-file (one token a line) session i
+// sends line i mod n as ?access_token=, and line k must be a token of user
+// <--user-prefix><k>: the same users as without tokens, so a run with
+// --auth jwt compares with one with --auth none.
+//
+// The C generator (tests/gateway/loadgen/) does the same with less CPU and
+// is what bench_gateway.py runs by default; this one stays for comparison.
+//
 //   node loadgen.mjs --gateway 127.0.0.1:8000 [--model 127.0.0.1:8089]
 //        [--sessions 100] [--turns 5] [--warmup 1] [--words 50] [--delay-ms 0]
-//        [--stagger-ms 0] [--think-ms 0] [--json]
+//        [--stagger-ms 0] [--think-ms 0] [--user-prefix load-] [--users N]
+//        [--access-token-file FILE] [--json]
+import fs from "node:fs";
 import http from "node:http";
 import { createRequire } from "node:module";
 const require = createRequire(import.meta.url);
@@ -39,7 +50,8 @@ const WebSocket = require("ws");
 
 function parseArgs(argv) {
   const o = { gateway: "127.0.0.1:8000", model: "", sessions: 100, turns: 5, warmup: 1,
-              words: 50, delayMs: 0, staggerMs: 0, thinkMs: 0, json: false, timeoutMs: 120000 };
+              words: 50, delayMs: 0, staggerMs: 0, thinkMs: 0, json: false, timeoutMs: 120000,
+              userPrefix: "load-", users: 0, tokenFile: "" };
   for (let i = 2; i < argv.length; i++) {
     const k = argv[i];
     const v = () => argv[++i];
@@ -53,6 +65,9 @@ function parseArgs(argv) {
     else if (k === "--stagger-ms") o.staggerMs = +v();
     else if (k === "--think-ms") o.thinkMs = +v();
     else if (k === "--timeout-ms") o.timeoutMs = +v();
+    else if (k === "--user-prefix") o.userPrefix = v();
+    else if (k === "--users") o.users = +v();
+    else if (k === "--access-token-file") o.tokenFile = v();
     else if (k === "--json") o.json = true;
     else { console.error(`loadgen: unknown option ${k}`); process.exit(2); }
   }
@@ -60,6 +75,14 @@ function parseArgs(argv) {
 }
 
 const opts = parseArgs(process.argv);
+const tokens = opts.tokenFile
+  ? fs.readFileSync(opts.tokenFile, "utf8").split("\n").map((l) => l.trim()).filter((l) => l)
+  : [];
+if (opts.tokenFile && tokens.length === 0) {
+  console.error(`loadgen: --access-token-file ${opts.tokenFile}: no token in it`);
+  process.exit(2);
+}
+const users = tokens.length || opts.users || opts.sessions;
 const message = `[[words:${opts.words}]] [[delay:${opts.delayMs}]]`;
 const expected = Array.from({ length: opts.words }, (_, i) => `w${i + 1}`).join(" ");
 
@@ -110,9 +133,11 @@ function summary(name, stats, seconds) {
 }
 
 // One session: T turns over one WebSocket, one at a time.
-function runSession(id, stats) {
+function runSession(id, i, stats) {
   return new Promise((resolve) => {
-    const ws = new WebSocket(`ws://${opts.gateway}/ws/session/${id}?user_id=load`);
+    const user = encodeURIComponent(`${opts.userPrefix}${i % users}`);
+    const token = tokens.length ? `&access_token=${encodeURIComponent(tokens[i % tokens.length])}` : "";
+    const ws = new WebSocket(`ws://${opts.gateway}/ws/session/${id}?user_id=${user}${token}`);
     let turn = 0, text = "", t0 = 0, first = true;
     const span = { from: Infinity, to: 0 };
     const timer = setTimeout(() => { stats.errors++; ws.terminate(); }, opts.timeoutMs);
@@ -224,7 +249,7 @@ async function runGateway() {
   const run = `load-${process.pid}-${Date.now()}`;
   const t0 = performance.now();
   await Promise.all(Array.from({ length: opts.sessions },
-                               (_, i) => sleep(startDelay(i)).then(() => runSession(`${run}-${i}`, stats))));
+                               (_, i) => sleep(startDelay(i)).then(() => runSession(`${run}-${i}`, i, stats))));
   return [summary("through the gateway", stats, (performance.now() - t0) / 1000), stats];
 }
 

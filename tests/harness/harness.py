@@ -48,6 +48,7 @@ __all__ = [
     "Postgres",
     "Service",
     "tmp_root",
+    "process_cpu_seconds",
 ]
 
 # The repository this file belongs to (not a fixed path: CI runs a fresh
@@ -144,6 +145,23 @@ def _tail(path: Path, lines: int = 40) -> str:
     except FileNotFoundError:
         return "(no output)"
     return "\n".join(text.splitlines()[-lines:]) or "(no output)"
+
+
+def _proc_stat(pid: int) -> Optional[list]:
+    """The fields of /proc/PID/stat after the command name (field 3 on), or
+    None when the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2:].split()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (all its threads); 0.0
+    when it is gone."""
+    f = _proc_stat(pid)
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK") if f else 0.0
 
 
 # --------------------------------------------------------------------------
@@ -557,6 +575,26 @@ class Postgres:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds this server has used so far: the postmaster, its live
+        children (backends, background processes) and the children that
+        already exited (the postmaster's cutime + cstime). Other servers on
+        the machine are not counted. 0.0 when it is not running."""
+        if not self.running:
+            return 0.0
+        f = _proc_stat(self._proc.pid)
+        if f is None:
+            return 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        total = sum(int(x) for x in f[11:15]) / tick
+        for p in Path("/proc").iterdir():
+            if not p.name.isdigit():
+                continue
+            c = _proc_stat(int(p.name))
+            if c is not None and int(c[1]) == self._proc.pid:
+                total += (int(c[11]) + int(c[12])) / tick
+        return total
+
     def cleanup(self) -> None:
         """Stops the server and removes its data."""
         self.stop()
@@ -594,11 +632,21 @@ def find_binary(name: str) -> Path:
 Ready = Union[None, str, Callable[["Service"], bool]]
 
 
+# Our binaries that serve /metrics (--metrics-listen): the harness gives
+# each its own free port, so that two of them (or a test run beside a
+# deployment) never clash on the default service port + 1000.
+METRICS_BINARIES = frozenset({"router-svc", "llm-svc", "store-svc", "summary-svc", "gateway"})
+
+
 class Service:
     """One of our binaries, started with `--listen 127.0.0.1:<free port>` and
     `args`, in the environment of this process updated by `env` (a value of
     None removes a variable). Its stderr (JSON lines) goes to a log file in
-    the temporary directory: log_lines() parses it.
+    the temporary directory: log_lines() parses it. Binaries that serve
+    metrics also get `--metrics-listen 127.0.0.1:<free port>` (unless `args`
+    name one): `.metrics_port`, `.scrape()`, `.metric()`. `listen_flag`
+    names the address flag of a binary not ours (Prometheus's
+    --web.listen-address).
 
     `ready` says when start() returns: "grpc" (default) when
     grpc.health.v1.Health/Check("") answers SERVING; "grpc-up" when Check
@@ -615,8 +663,10 @@ class Service:
     def __init__(self, name: str, args: Iterable[str] = (), env: Optional[Mapping[str, Optional[str]]] = None,
                  *, port: Optional[int] = None, host: str = "127.0.0.1", ready: Ready = "grpc",
                  timeout: float = 20.0, binary: Union[str, Path, None] = None, start: bool = True,
-                 tls=None, caller=None):
+                 tls=None, caller=None, metrics_port: Optional[int] = None,
+                 listen_flag: str = "--listen"):
         self.name = name
+        self.listen_flag = listen_flag
         self.tls = tls
         self.caller = caller or tls
         self.binary = Path(binary) if binary else find_binary(name)
@@ -625,6 +675,10 @@ class Service:
         self.host = host
         self._auto_port = port is None
         self.port = port or free_port(host)
+        own_metrics = name in METRICS_BINARIES and not any(
+            a == "--metrics-listen" or a.startswith("--metrics-listen=") for a in self.args)
+        self._auto_metrics_port = own_metrics and metrics_port is None
+        self.metrics_port = (metrics_port or free_port(host)) if own_metrics else None
         self.ready = ready
         self.timeout = timeout
         self.dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=tmp_root()))
@@ -656,8 +710,13 @@ class Service:
     def returncode(self) -> Optional[int]:
         return self._proc.poll() if self._proc else None
 
+    @property
+    def metrics_addr(self) -> str:
+        return f"{self.host}:{self.metrics_port}"
+
     def argv(self) -> list:
-        return [str(self.binary), "--listen", self.addr, *self.args]
+        extra = ["--metrics-listen", self.metrics_addr] if self.metrics_port else []
+        return [str(self.binary), self.listen_flag, self.addr, *extra, *self.args]
 
     def _environ(self) -> dict:
         env = dict(os.environ)
@@ -688,9 +747,12 @@ class Service:
             except _Exited as e:
                 text = self.log_path.read_bytes()[log_start:].decode(errors="replace").lower()
                 lost_race = "address already in use" in text or "bind" in text
-                if not (self._auto_port and lost_race and attempt < 2):
+                if not ((self._auto_port or self._auto_metrics_port) and lost_race and attempt < 2):
                     raise RuntimeError(str(e)) from None
-                self.port = free_port(self.host)
+                if self._auto_port:
+                    self.port = free_port(self.host)
+                if self._auto_metrics_port:
+                    self.metrics_port = free_port(self.host)
         raise AssertionError("unreachable")
 
     def _wait_ready(self) -> None:
@@ -752,6 +814,25 @@ class Service:
         if self.caller is not None:
             return self.caller.channel(self.addr, options)
         return grpc.insecure_channel(self.addr, options=options or [])
+
+    def scrape(self, path: str = "/metrics", timeout: float = 5.0) -> str:
+        """GET `path` from the metrics listener; the body as text (raises
+        urllib.error.HTTPError for a status that is not 2xx)."""
+        with urllib.request.urlopen(f"http://{self.metrics_addr}{path}", timeout=timeout) as r:
+            return r.read().decode()
+
+    def samples(self) -> list:
+        """Every sample of /metrics as (name, labels dict, value), parsed by
+        the Prometheus Python client's parser (python3-prometheus-client)."""
+        from prometheus_client.parser import text_string_to_metric_families
+        return [(s.name, dict(s.labels), s.value)
+                for fam in text_string_to_metric_families(self.scrape()) for s in fam.samples]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples called `name` whose labels include
+        `labels` (0 when there are none)."""
+        return sum(v for n, ls, v in self.samples()
+                   if n == name and all(ls.get(k) == str(want) for k, want in labels.items()))
 
     def channel(self, options: Optional[list] = None) -> grpc.Channel:
         """A new channel to the service (plaintext, or mutual TLS as

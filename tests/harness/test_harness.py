@@ -179,6 +179,30 @@ def test_postgres_recovers_after_kill():
             assert pg.psql("SELECT count(*) FROM k").strip() == str(i + 1)
 
 
+def test_postgres_cpu_counts_its_own_backends_also_after_they_exit():
+    with Postgres() as pg, Postgres() as other:
+        before, other_before = pg.cpu_seconds(), other.cpu_seconds()
+        # A psql backend that burns CPU, then exits: its time must still count.
+        pg.psql("SELECT count(*) FROM generate_series(1, 3000000) a, generate_series(1, 3) b")
+        after = pg.cpu_seconds()
+        assert after - before >= 0.1
+        # The other server did nothing of it.
+        assert other.cpu_seconds() - other_before < (after - before) / 2
+    assert pg.cpu_seconds() == 0.0  # stopped
+
+
+def test_process_cpu_seconds_of_a_busy_process_and_a_gone_one():
+    p = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                          "while time.process_time() - t < 0.3: pass\nprint('busy', flush=True)\n"
+                          "input()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "busy"
+        assert harness.process_cpu_seconds(p.pid) >= 0.25
+    finally:
+        p.communicate("\n")
+    assert harness.process_cpu_seconds(p.pid) == 0.0
+
+
 def test_postgres_dies_with_the_test_process():
     r = _run_python("""
         import os

@@ -325,3 +325,42 @@ def test_knowledge_folder_found_beside_an_installed_binary(model, tmp_path):
 def llm_service_binary(model, binary):
     return Service("llm-svc", binary=binary, args=["--openai-base-url", f"http://{model.addr}/v1",
                                                    "--store", f"127.0.0.1:{free_port()}"])
+
+
+def promtool_check(text):
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_metrics_count_turns_retries_tools_and_tokens(model):
+    """A fresh llm-svc's /metrics after known turns: each counter moved by
+    exactly what happened, and a tool name the model made up is counted as
+    "unknown", never as its own label value."""
+    with llm_service(model) as svc:
+        s = pb.llm_pb2_grpc.LlmStub(svc.channel())
+        # Messages of their own: the model counts faults per alike request,
+        # and other tests of this module send theirs to the same model.
+        assert kinds(chat(s, "metrics hello [[words:7]]", tools=False))[-1] == "done"
+        assert kinds(chat(s, "metrics rate [[fault:429*2]] [[words:3]]", tools=False))[-1] == "done"
+        assert kinds(chat(s, "metrics rate always [[fault:429]]", tools=False)) == ["error"]
+        ev = chat(s, 'go [[tool1:fetch_internal_knowledge {"topic":"postgresql indexes"}]]'
+                     '[[tool1:made_up_tool_x1 {}]]')
+        assert kinds(ev)[-1] == "done"
+        m = svc.metric
+        assert m("convo_llm_turns_total", kind="chat", outcome="done") == 3
+        assert m("convo_llm_turns_total", kind="chat", outcome="error") == 1
+        assert m("convo_llm_upstream_retries_total", reason="rate_limited") == 4  # 2, then 2 more
+        assert m("convo_llm_upstream_requests_total", outcome="http_error", category="rate_limited") == 1
+        assert m("convo_llm_upstream_requests_total", outcome="ok", category="none") == 4  # 2 rounds
+        assert m("convo_llm_tool_calls_total", tool="fetch_internal_knowledge", outcome="ok") == 1
+        assert m("convo_llm_tool_calls_total", tool="unknown", outcome="error") == 1
+        assert m("convo_llm_usage_tokens_total", kind="completion") >= 10
+        assert m("convo_llm_usage_tokens_total", kind="prompt") > 0
+        # Every attempt's first byte was timed: 4 ok + 5 refused.
+        assert m("convo_llm_upstream_first_byte_seconds_count") == 9
+        assert m("convo_grpc_server_handled_total", grpc_method="Chat", grpc_code="OK") == 4
+        assert m("convo_llm_upstream_requests_in_flight") == 0
+        text = svc.scrape()
+        assert "made_up_tool_x1" not in text
+        promtool_check(text)
+        assert svc.scrape("/healthz").strip() == "ok"

@@ -88,6 +88,17 @@ def test_primary_down_is_answered_by_the_fallback(backup):
         assert "Overview" in r.content and r.upstream == "backup" and r.model == "backup-model"
         # One failure each is below --breaker-failures (5): still closed.
         assert circuit(svc, "primary") == H.HealthCheckResponse.SERVING
+        # Both the request that failed and the one that answered are counted.
+        m = svc.metric
+        assert m("convo_llm_turns_total", kind="chat", outcome="done") == 1
+        assert m("convo_llm_turns_total", kind="complete", outcome="done") == 1
+        assert m("convo_llm_upstream_requests_total", outcome="connect_error",
+                 category="upstream_unavailable") == 2
+        assert m("convo_llm_upstream_requests_total", outcome="ok", category="none") == 2
+        assert m("convo_llm_endpoint_requests_total", upstream="primary", result="failed") == 2
+        assert m("convo_llm_endpoint_requests_total", upstream="backup", result="answered") == 2
+        assert m("convo_llm_endpoint_requests_total", upstream="primary", result="answered") == 0
+        assert m("convo_llm_endpoint_circuit_state", upstream="primary") == 0
     assert chat_requests(backup) == before + 2
 
 
@@ -150,11 +161,13 @@ def test_the_breaker_opens_half_opens_and_closes(backup):
                 assert answered_by(chat(svc)) == "backup"
             assert chat_requests(primary) == 3
             assert circuit(svc, "primary") == H.HealthCheckResponse.NOT_SERVING
+            assert svc.metric("convo_llm_endpoint_circuit_state", upstream="primary") == 1
 
             # Open: the primary is not asked at all.
             for _ in range(3):
                 assert answered_by(chat(svc)) == "backup"
             assert chat_requests(primary) == 3
+            assert svc.metric("convo_llm_endpoint_skipped_total", upstream="primary") == 3
 
             # After the cool-down one request probes it; still failing, the
             # circuit opens again and the next requests skip it.
@@ -163,6 +176,7 @@ def test_the_breaker_opens_half_opens_and_closes(backup):
             assert answered_by(chat(svc)) == "backup"
             assert chat_requests(primary) == 4
             assert circuit(svc, "primary") == H.HealthCheckResponse.NOT_SERVING
+            assert svc.metric("convo_llm_endpoint_skipped_total", upstream="primary") == 4
 
             # The primary is back (a healthy process on the same port): the
             # probe after the cool-down is answered and the circuit closes.
@@ -175,6 +189,13 @@ def test_the_breaker_opens_half_opens_and_closes(backup):
             assert answered_by(chat(svc)) == "primary"
             assert chat_requests(primary) == 2
             assert circuit(svc, "backup") == H.HealthCheckResponse.SERVING
+            m = svc.metric
+            assert m("convo_llm_endpoint_circuit_state", upstream="primary") == 0
+            assert m("convo_llm_endpoint_requests_total", upstream="primary", result="failed") == 4
+            assert m("convo_llm_endpoint_requests_total", upstream="primary",
+                     result="answered") == 2
+            assert m("convo_llm_endpoint_requests_total", upstream="backup", result="answered") == 8
+            assert m("convo_llm_turns_total", kind="chat", outcome="done") == 10
             logs = svc.log_text()
             for what in ("circuit open", "half-open", "circuit closed"):
                 assert what in logs, what

@@ -276,7 +276,10 @@ static void test_route_over_grpc(void **state)
     client_run run = {0};
     run.server = srv_create("router-test", "127.0.0.1:0", &opts);
     assert_non_null(run.server);
-    assert_int_equal(router_register(run.server, cfg), 0);
+    metrics *m = metrics_create("router-test");
+    router_ctx ctx;
+    router_ctx_init(&ctx, cfg, m);
+    assert_int_equal(router_register(run.server, &ctx), 0);
     assert_int_equal(srv_start(run.server), 0);
     run.port = srv_port(run.server);
     assert_true(run.port > 0);
@@ -311,6 +314,17 @@ static void test_route_over_grpc(void **state)
     assert_non_null(run.bad.message);
     assert_string_equal(run.bad.message, "user_message_count must be >= 0, got -2");
     mem_free(run.bad.message);
+
+    /* The good request was routed (and counted) as analytical; the bad one
+     * was refused before any strategy was chosen. Every strategy shows. */
+    char *text = metrics_render(m, NULL);
+    assert_non_null(strstr(text, "\nconvo_router_routes_total{strategy=\"analytical\"} 1\n"));
+    assert_non_null(strstr(text, "\nconvo_router_routes_total{strategy=\"fast_concise\"} 0\n"));
+    assert_non_null(strstr(text, "\nconvo_router_routes_total{strategy=\"tool_heavy\"} 0\n"));
+    assert_non_null(
+        strstr(text, "\nconvo_router_routes_total{strategy=\"summarization_aware\"} 0\n"));
+    mem_free(text);
+    metrics_destroy(&m);
 }
 
 int main(void)

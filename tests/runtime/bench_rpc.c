@@ -3,12 +3,16 @@
  * streamed messages per second on one server stream. Not a test: it prints
  * figures (README, "Benchmarks").
  *
- *   bench_rpc [unary_calls] [window] [stream_messages]                      */
+ *   bench_rpc [unary_calls] [window] [stream_messages]
+ *
+ * With TLS_CERT_FILE, TLS_KEY_FILE and TLS_CA_FILE set (a certificate for
+ * "gateway" naming 127.0.0.1), server and client run mutual TLS. */
 #include "cli.h"
 #include "log.h"
 #include "collector.h"
 #include "mem.h"
 #include "testsvc_server.h"
+#include "tls.h"
 
 #include <stdatomic.h>
 #include <stdio.h>
@@ -61,12 +65,26 @@ int main(int argc, char **argv)
     long messages = argc > 3 ? atol(argv[3]) : 1000000;
     log_init("bench_rpc", LOG_WARN);
 
+    /* The TLS options from the environment only (the arguments are figures). */
+    tls_opts topts = {0};
+    conf_section sec = CONF_SECTION(tls_opts, &topts);
+    char *no_args[] = {argv[0], NULL};
+    tls *mtls = NULL;
+    char err[512];
+    if (conf_parse(1, no_args, "bench_rpc", "the runtime's figures", &sec, 1) != 0)
+        return 2;
+    if (tls_create(&topts, &mtls, err, sizeof err) != 0) {
+        fprintf(stderr, "bench_rpc: %s\n", err);
+        conf_free(&sec, 1);
+        return 2;
+    }
     testsvc_server t;
     srv_opts o = testsvc_default_opts();
     o.threads = 1;
-    if (testsvc_server_start(&t, &o) != 0)
+    if (testsvc_server_start_tls(&t, &o, mtls) != 0)
         return 1;
     cli *c = cli_create(1, 0);
+    cli_use_tls(c, mtls);
     cli_channel *ch = cli_channel_create(c, t.target, 0);
 
     window w = {
@@ -94,7 +112,7 @@ int main(int argc, char **argv)
     collector_wait(&col, col.done, 600000);
     double stream_s = (double)(rpc_now_ms() - t0) / 1000.0;
 
-    printf("%-44s %12s\n", "measure", "value");
+    printf("%-44s %12s\n", "measure", mtls != NULL ? "mutual TLS" : "plaintext");
     printf("%-44s %12.0f\n", "unary calls/s (1 client thread, window)", (double)calls / unary_s);
     printf("%-44s %12ld\n", "  calls", calls);
     printf("%-44s %12ld\n", "  window (calls in flight)", win);
@@ -107,5 +125,7 @@ int main(int argc, char **argv)
 
     cli_destroy(&c);
     testsvc_server_stop(&t);
+    tls_destroy(&mtls);
+    conf_free(&sec, 1);
     return w.failed == 0 && col.code == RPC_OK && col.out_of_order == 0 ? 0 : 1;
 }

@@ -292,8 +292,14 @@ static void *run_main(void *arg)
 
 int testsvc_server_start(testsvc_server *t, const srv_opts *opts)
 {
+    return testsvc_server_start_tls(t, opts, NULL);
+}
+
+int testsvc_server_start_tls(testsvc_server *t, const srv_opts *opts, tls *mtls)
+{
     memset(t, 0, sizeof *t);
     t->s = srv_create("testsvc", "127.0.0.1:0", opts);
+    srv_use_tls(t->s, mtls);
     testsvc_register(t->s);
     if (srv_start(t->s) != 0) {
         srv_destroy(&t->s);

@@ -29,6 +29,8 @@ typedef struct testsvc_server {
 srv_opts testsvc_default_opts(void);
 /* Returns 0, or -1 when the server could not start. */
 int testsvc_server_start(testsvc_server *t, const srv_opts *opts);
+/* The same with mutual TLS (mtls NULL: plaintext); mtls outlives the server. */
+int testsvc_server_start_tls(testsvc_server *t, const srv_opts *opts, tls *mtls);
 /* srv_stop, wait for srv_run, testsvc_shutdown, srv_destroy. */
 void testsvc_server_stop(testsvc_server *t);
 

@@ -1,10 +1,12 @@
 /* bench_store — store-svc's throughput through gRPC into PostgreSQL: events
- * per second appended for batch sizes 1, 10, 100 and 1000, then events per
- * second read back with ListEvents. Not a test: it prints a table
- * (store-svc/README.md, "Benchmark"). bench_store.py starts a PostgreSQL
- * and a store-svc and runs this against them.
+ * per second appended for batch sizes 1, 10, 100 and 1000 (or only --batch
+ * N), then events per second read back with ListEvents (unless --no-list).
+ * Not a test: it prints a table (store-svc/README.md, "Benchmark").
+ * bench_store.py starts a PostgreSQL and a store-svc and runs this against
+ * them.
  *
  *   bench_store --store HOST:PORT [--sessions N] [--scale X] [--content-bytes N]
+ *               [--batch N] [--no-list]
  *
  * Each of --sessions writers owns one session and keeps one AppendEvents in
  * flight, as a gateway does per WebSocket session; they all run on the
@@ -271,8 +273,15 @@ static void print_row(const char *name, long long events, double rate)
 static void usage(void)
 {
     fprintf(stderr, "usage: bench_store --store HOST:PORT [--sessions N] [--scale X] "
-                    "[--content-bytes N] [--threads N]\n");
+                    "[--content-bytes N] [--threads N] [--batch N] [--no-list]\n");
     exit(2);
+}
+
+/* Events a run of batch size n writes at --scale 1: a few seconds at the
+ * rate that size reaches. */
+static long long base_events(int n)
+{
+    return n <= 1 ? 20000 : n <= 10 ? 100000 : n <= 100 ? 300000 : 500000;
 }
 
 int main(int argc, char **argv)
@@ -280,7 +289,12 @@ int main(int argc, char **argv)
     const char *target = NULL;
     int sessions = 32, content_bytes = 64, threads = 2;
     double scale = 1.0;
+    int one_batch = 0, list = 1;
     for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--no-list") == 0) {
+            list = 0;
+            continue;
+        }
         if (i + 1 >= argc)
             usage();
         if (strcmp(argv[i], "--store") == 0)
@@ -293,10 +307,13 @@ int main(int argc, char **argv)
             content_bytes = atoi(argv[++i]);
         else if (strcmp(argv[i], "--threads") == 0)
             threads = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--batch") == 0)
+            one_batch = atoi(argv[++i]);
         else
             usage();
     }
-    if (target == NULL || sessions < 1 || scale <= 0 || content_bytes < 0 || threads < 1)
+    if (target == NULL || sessions < 1 || scale <= 0 || content_bytes < 0 || threads < 1 ||
+        one_batch < 0 || one_batch > 100000)
         usage();
     log_init("bench_store", LOG_WARN);
 
@@ -307,9 +324,9 @@ int main(int argc, char **argv)
 
     cli *c = cli_create(threads, 64 << 20);
     cli_channel *ch = cli_channel_create(c, target, 0);
-    static const int batches[] = {1, 10, 100, 1000};
-    /* Events per run: enough for a few seconds each at the target rate. */
-    static const long long base_events[] = {20000, 100000, 300000, 500000};
+    static const int all_batches[] = {1, 10, 100, 1000};
+    const int *batches = one_batch > 0 ? &one_batch : all_batches;
+    size_t nbatches = one_batch > 0 ? 1 : sizeof all_batches / sizeof all_batches[0];
     char(*ids)[64] = mem_calloc((size_t)sessions, sizeof *ids);
     long long *counts = mem_calloc((size_t)sessions, sizeof *counts);
     long long last_total = 0;
@@ -319,11 +336,11 @@ int main(int argc, char **argv)
            "%d-byte contents\n\n",
            target, sessions, content_bytes);
     printf("%-28s %12s %14s\n", "run", "events", "events/s");
-    for (size_t k = 0; k < sizeof batches / sizeof batches[0]; k++) {
-        long long total = (long long)(base_events[k] * scale);
+    for (size_t k = 0; k < nbatches; k++) {
+        long long total = (long long)((double)base_events(batches[k]) * scale);
         if (total < batches[k])
             total = batches[k];
-        int last = k + 1 == sizeof batches / sizeof batches[0];
+        int last = k + 1 == nbatches;
         double rate = run_append(ch, batches[k], total, sessions, content, "w", last ? ids : NULL,
                                  last ? counts : NULL);
         char name[64];
@@ -334,7 +351,7 @@ int main(int argc, char **argv)
         else if (last)
             last_total = total;
     }
-    if (last_total > 0) {
+    if (list && last_total > 0) {
         char name[64];
         double rate = run_read(ch, ids, sessions, last_total);
         snprintf(name, sizeof name, "ListEvents, %d streams", sessions);

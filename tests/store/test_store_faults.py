@@ -4,6 +4,7 @@ migrations run several at once (replicas, a migrate Job)."""
 import subprocess
 import threading
 import time
+import urllib.error
 from concurrent import futures
 
 import grpc
@@ -46,13 +47,22 @@ def test_database_down_at_start_then_up():
             assert err.code() == grpc.StatusCode.UNAVAILABLE
             time.sleep(1.0)  # several failed attempts, still not serving
             assert svc.health_check("") == NOT_SERVING
+            # /healthz follows the gRPC health; the metrics say why.
+            with pytest.raises(urllib.error.HTTPError) as e:
+                svc.scrape("/healthz")
+            assert e.value.code == 503
+            assert svc.metric("convo_store_db_connect_failures_total") >= 2
+            assert svc.metric("convo_store_db_connections") == 0
+            assert svc.metric("convo_store_unavailable_total") >= 1
             pg.start()
             wait_health(svc, SERVING, timeout=15)
+            assert svc.scrape("/healthz").strip() == "ok"
+            assert svc.metric("convo_store_db_connections") >= 1
             wait_health(svc, SERVING, timeout=1, service="convo.v1.Store")
             sid = new_id()
             assert open_session(stub, sid).created
             assert append(stub, sid, [ev(1)]).appended == 1
-            assert versions(pg) == "1,2"
+            assert versions(pg) == "1,2,3"
             # The outage was logged once, not once per attempt.
             warns = [l for l in svc.log_lines() if "database unavailable" in l.get("message", "")]
             assert 1 <= len(warns) <= 2, warns
@@ -173,6 +183,7 @@ def test_idle_connections_dropped_by_the_server_are_replaced(pg, store):
     stub = stub_of(store)
     sid = new_id()
     open_session(stub, sid)
+    lost = store.metric("convo_store_db_connections_lost_total")
     killed = pg.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                      "WHERE application_name = 'store-svc'")
     assert int(killed) >= 1
@@ -181,6 +192,8 @@ def test_idle_connections_dropped_by_the_server_are_replaced(pg, store):
         r, attempts = append_with_retry(stub, sid, [ev(i)], deadline_s=10)
         assert r.appended == 1
     assert int(pg.psql(f"SELECT count(*) FROM session_events WHERE session_id = '{sid}'")) == 20
+    # Dead connections were noticed and counted.
+    assert store.metric("convo_store_db_connections_lost_total") - lost >= 1
 
 
 # ---------------------------------------------------------------- migrations
@@ -192,16 +205,16 @@ def test_migrate_subcommand_concurrently_is_safe():
             results = list(ex.map(lambda _: migrate(pg.url), range(3)))
         for code, err in results:
             assert code == 0, err
-        assert versions(pg) == "1,2"
+        assert versions(pg) == "1,2,3"
         # Each migration was applied by exactly one of them (not
         # necessarily the same one: each is its own transaction).
         applied = sorted(l.split('"message":"applied migration ')[1].split(":")[0]
                          for _, err in results for l in err.splitlines()
                          if '"message":"applied migration ' in l)
-        assert applied == ["1", "2"], results
+        assert applied == ["1", "2", "3"], results
         code, err = migrate(pg.url)  # again: nothing to do, still 0
         assert code == 0 and "(0 migrations applied now)" in err
-        assert versions(pg) == "1,2"
+        assert versions(pg) == "1,2,3"
 
 
 def test_migrate_gives_up_when_the_database_stays_down():
@@ -219,7 +232,7 @@ def test_replicas_starting_at_once_migrate_once():
         try:
             for svc in svcs:
                 wait_health(svc, SERVING, timeout=30)
-            assert versions(pg) == "1,2"
+            assert versions(pg) == "1,2,3"
             sid = new_id()
             assert open_session(stub_of(svcs[0]), sid).created
             assert not open_session(stub_of(svcs[2]), sid).created
@@ -276,6 +289,9 @@ def test_adopts_a_database_the_seed_backend_wrote():
             assert [(e.seq, e.content) for e in list_events(stub, "old-live")] == \
                 [(1, "first"), (2, "second"), (3, "third")]
             assert append(stub, "old-live", [ev(4, "fourth")], user="u").appended == 1
+            # The seed's index on session_id alone is gone (migration 3).
+            assert "idx_session_events_session_id" not in pg.psql(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'session_events'").split()
         finally:
             check_clean_exit(svc)
 

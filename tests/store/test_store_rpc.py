@@ -2,6 +2,7 @@
 contract (proto/convo/v1/store.proto) describes it, bad input, ordering,
 idempotent retries and concurrency."""
 
+import subprocess
 import time
 from concurrent import futures
 
@@ -50,12 +51,38 @@ def test_schema_is_the_seeds_plus_additions(pg, store):
         assert c in cols
     indexes = pg.psql("SELECT indexname FROM pg_indexes WHERE tablename IN "
                       "('sessions', 'session_events')").split()
-    for i in ["idx_session_events_session_id", "idx_session_events_timestamp",
-              "idx_sessions_user_id", "idx_sessions_start_time",
+    for i in ["idx_session_events_timestamp", "idx_sessions_user_id", "idx_sessions_start_time",
               "session_events_session_id_seq_key"]:
         assert i in indexes
+    # Migration 3: the unique (session_id, seq) index makes it redundant.
+    assert "idx_session_events_session_id" not in indexes
     assert pg.psql("SELECT string_agg(version::text, ',' ORDER BY version) "
-                   "FROM schema_migrations").strip() == "1,2"
+                   "FROM schema_migrations").strip() == "1,2,3"
+
+
+def test_lookups_by_session_use_an_index_without_idx_session_events_session_id(pg, stub):
+    """What migration 3 relies on: with the single-column index dropped, the
+    planner still reaches a session's rows through an index that starts
+    with session_id, never a scan of the whole table."""
+    sids = [new_id("explain") for _ in range(50)]
+    for sid in sids:
+        open_session(stub, sid)
+        append(stub, sid, [ev(i) for i in range(1, 201)])
+    pg.psql("ANALYZE session_events")
+    sid = sids[7]
+    queries = {
+        "ListEvents": f"SELECT * FROM session_events WHERE session_id = '{sid}' AND seq > 10 "
+                      "ORDER BY seq LIMIT 100",
+        "by session": f"SELECT * FROM session_events WHERE session_id = '{sid}'",
+        "the seed's": f"SELECT * FROM session_events WHERE session_id = '{sid}' "
+                      "ORDER BY timestamp",
+        "cascade": f"SELECT 1 FROM session_events WHERE session_id = '{sid}' FOR KEY SHARE",
+    }
+    for name, q in queries.items():
+        plan = pg.psql(f"EXPLAIN {q}")
+        assert "Seq Scan" not in plan, (name, plan)
+        assert ("session_events_session_id_seq_key" in plan or
+                "idx_session_events_timestamp" in plan), (name, plan)
 
 
 # ---------------------------------------------------------------- OpenSession
@@ -697,3 +724,37 @@ def test_concurrent_writers_of_one_session_with_overlapping_retries(stub, pg):
     assert db_count(pg, sid) == 200
     s = get(stub, sid)
     assert (s.event_count, s.last_seq) == (200, 200)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_count_appends_duplicates_batches_and_statements(store, stub):
+    m = store.metric
+    before = {k: m(k) for k in ("convo_store_events_appended_total",
+                                "convo_store_events_duplicate_total",
+                                "convo_store_append_batch_events_count",
+                                "convo_store_append_batch_events_sum",
+                                "convo_store_queue_wait_seconds_count")}
+    appends_before = m("convo_store_db_statement_seconds_count", statement="append_events")
+    sid = new_id()
+    open_session(stub, sid)
+    batch = [ev(i) for i in range(1, 11)]
+    assert append(stub, sid, batch).appended == 10
+    assert append(stub, sid, batch).duplicates == 10  # a caller's retry
+    assert append(stub, sid, [ev(11), ev(12)]).appended == 2
+    d = {k: m(k) - v for k, v in before.items()}
+    assert d["convo_store_events_appended_total"] == 12
+    assert d["convo_store_events_duplicate_total"] == 10
+    assert d["convo_store_append_batch_events_count"] == 3
+    assert d["convo_store_append_batch_events_sum"] == 22
+    # Every job waited in the queue (open + 3 appends), however briefly.
+    assert d["convo_store_queue_wait_seconds_count"] >= 4
+    assert m("convo_store_db_statement_seconds_count", statement="append_events") - appends_before == 3
+    assert m("convo_store_db_connections") >= 1
+    assert m("convo_store_queue_jobs") == 0
+    assert m("convo_grpc_server_handled_total", grpc_method="AppendEvents", grpc_code="OK") >= 3
+    text = store.scrape()
+    assert sid not in text  # ids are never label values
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

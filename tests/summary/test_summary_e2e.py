@@ -11,6 +11,7 @@ where it happens, not inferred from summary-svc's own logs."""
 import json
 import os
 import re
+import subprocess
 import threading
 import time
 import urllib.request
@@ -337,6 +338,14 @@ def test_two_replicas_same_session_one_model_call(store, llm, model, sstub):
         assert results["a"].summary == results["b"].summary
         assert model_requests(model) - before == 1
         assert len(saved_lines(a, sid)) + len(saved_lines(b, sid)) == 1
+        # The metrics of both replicas tell the same story: one attempt, one
+        # model call, the other replica found the lease taken.
+        both = lambda name, **kw: a.metric(name, **kw) + b.metric(name, **kw)  # noqa: E731
+        assert both("convo_summarizer_attempts_total") == 1
+        assert both("convo_summarizer_model_calls_total") == 1
+        assert both("convo_summarizer_lease_conflicts_total") >= 1
+        assert both("convo_summarizer_jobs_total", outcome="done") >= 2
+        assert both("convo_summarizer_sessions_in_progress") == 0
         stop_clean(a)
         stop_clean(b)
 
@@ -598,3 +607,46 @@ def test_full_queue(store, llm, sstub):
         for sid in sids:
             assert wait_status(st, sid, DONE, timeout=60).attempts == 1
         stop_clean(svc)
+
+
+def test_backlog_and_outcomes_in_metrics(store, llm, sstub):
+    """Sessions whose summary keeps failing wait for their retry in the
+    store: the sweep's backlog gauge shows them, the jobs counter shows the
+    failed attempts; no session id is ever a label value."""
+    sids = [new_id("backlog-metric") for _ in range(3)]
+    for sid in sids:
+        w = Writer(sstub, sid)
+        w.user("summarize me [[fault:401]]")  # the model refuses every Complete
+        w.reply("ok")
+        w.end()
+    try:
+        with start_summary(store, llm.addr, "--retry-backoff-ms", "600000", sweep_ms=200) as svc:
+            end = time.monotonic() + 30
+            while time.monotonic() < end and (
+                    svc.metric("convo_summarizer_jobs_total", outcome="retry") < 3
+                    or svc.metric("convo_summarizer_backlog_sessions") != 3):
+                time.sleep(0.1)
+            assert svc.metric("convo_summarizer_jobs_total", outcome="retry") == 3
+            assert svc.metric("convo_summarizer_backlog_sessions") == 3
+            assert svc.metric("convo_summarizer_attempts_total") == 3
+            assert svc.metric("convo_summarizer_model_calls_total") == 3
+            assert svc.metric("convo_summarizer_jobs_total", outcome="done") == 0
+            assert svc.metric("convo_grpc_client_handled_total", grpc_method="Complete",
+                              grpc_code="UNAUTHENTICATED") == 3
+            text = svc.scrape()
+            assert not any(sid in text for sid in sids)
+            r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                               text=True)
+            assert r.returncode == 0, r.stdout + r.stderr
+            stop_clean(svc)
+    finally:
+        # Nothing left pending for the tests after this one.
+        # SaveSummary takes the lease's holder: claim each to give up (its
+        # one attempt made), then record it failed.
+        for sid in sids:
+            claim = sstub.ClaimSummary(S.ClaimSummaryRequest(
+                session_id=sid, worker_id="test-cleanup", lease_seconds=30, max_attempts=1,
+                give_up=True), timeout=10)
+            assert claim.claimed, claim
+            sstub.SaveSummary(S.SaveSummaryRequest(session_id=sid, status=FAILED, error="test",
+                                                   worker_id="test-cleanup"), timeout=10)
