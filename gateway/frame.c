@@ -231,7 +231,7 @@ char *frame_tool_result(const char *tool, const char *call_id, const char *resul
 }
 
 char *frame_done(uint64_t turn_id, const char *status, const char *finish_reason,
-                 const frame_usage *usage, size_t *len)
+                 const frame_usage *usage, const char *upstream, size_t *len)
 {
     json_object *o = typed("done", turn_id);
     json_object_object_add(o, "status", json_object_new_string(status));
@@ -245,6 +245,8 @@ char *frame_done(uint64_t turn_id, const char *status, const char *finish_reason
         json_object_object_add(u, "total_tokens", json_object_new_int64(usage->total_tokens));
         json_object_object_add(o, "usage", u);
     }
+    if (upstream != NULL && upstream[0] != '\0')
+        json_object_object_add(o, "upstream", json_object_new_string(upstream));
     return finish(o, len);
 }
 

@@ -46,10 +46,11 @@ typedef struct frame_usage {
     uint32_t total_tokens;
 } frame_usage;
 
-/* status: "completed" or "cancelled"; finish_reason and usage may be NULL
- * (usage adds "usage":{prompt_tokens, completion_tokens, total_tokens}). */
+/* status: "completed" or "cancelled"; finish_reason, usage and upstream
+ * may be NULL (usage adds "usage":{prompt_tokens, completion_tokens,
+ * total_tokens}; upstream, the model endpoint that answered, "upstream"). */
 char *frame_done(uint64_t turn_id, const char *status, const char *finish_reason,
-                 const frame_usage *usage, size_t *len);
+                 const frame_usage *usage, const char *upstream, size_t *len);
 /* turn_id 0: not about a turn; request_id (NULL: none) names the request
  * in the gateway's logs. */
 char *frame_error(const char *code, const char *content, uint64_t turn_id, const char *request_id,

@@ -296,7 +296,7 @@ static void fail_turn(session *s, turn *t, const char *code, const char *content
 {
     if (t->cancelled) {
         size_t len;
-        char *f = frame_done(t->id, "cancelled", NULL, NULL, &len);
+        char *f = frame_done(t->id, "cancelled", NULL, NULL, NULL, &len);
         send_frame(s, f, len);
         record_system(s, "turn_cancelled", t->id, NULL);
         t->outcome = "cancelled";
@@ -426,7 +426,8 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
         }
         t->terminal = 1;
         t->outcome = "done";
-        f = frame_done(t->id, "completed", d->finish_reason, d->usage != NULL ? &u : NULL, &len);
+        f = frame_done(t->id, "completed", d->finish_reason, d->usage != NULL ? &u : NULL,
+                       d->upstream, &len);
         send_charged(s, f, len, charge);
         hist_end_turn(s->history);
         if (d->usage != NULL)

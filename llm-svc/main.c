@@ -3,11 +3,13 @@
  * the tools, round after round. */
 #include "cli.h"
 #include "conf.h"
+#include "endpoints.h"
 #include "health.h"
 #include "kb.h"
 #include "llm.h"
 #include "log.h"
 #include "mem.h"
+#include "models.h"
 #include "proc.h"
 #include "scrape.h"
 #include "srv.h"
@@ -30,30 +32,50 @@
     X(S, knowledge_dir, STR, "knowledge-dir", "KNOWLEDGE_DIR", "",                                 \
       "the folder of Markdown/text documents fetch_internal_knowledge searches; empty: the "       \
       "shipped one (PREFIX/share/convo/knowledge beside the installed binary)")                    \
+    X(S, tool_timeout_ms, INT, "tool-timeout-ms", "LLM_TOOL_TIMEOUT_MS", "5000",                   \
+      "deadline of a tool's calls to other services")                                              \
     X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
 CONF_DECLARE(main_opts, MAIN_OPTS)
+
+/* The endpoints in the order they are tried (never their keys). */
+static void log_endpoints(const endpoints *eps)
+{
+    for (size_t i = 0; i < endpoints_count(eps); i++) {
+        const endpoint *ep = endpoints_get(eps, i);
+        const char *model = endpoints_model(eps, i, NULL);
+        log_info("upstream %zu: %s %s, model %s%s", i + 1, ep->name, ep->url,
+                 model ? model : (i == 0 ? endpoints_default_model(eps) : "the request's"),
+                 ep->api_key[0] ? "" : " (no API key)");
+    }
+}
 
 int main(int argc, char **argv)
 {
     main_opts mo = {0};
-    llm_opts lo = {0};
+    endpoints_opts eo = {0};
+    turn_opts to = {0};
+    chat_opts co = {0};
     upstream_opts uo = {0};
     srv_opts so = {0};
     cli_conf cc = {0};
-    tls_opts to = {0};
-    scrape_opts mx = {0};
+    models_opts mdo = {0};
+    tls_opts tlo = {0};
+    scrape_opts sco = {0};
     const conf_section secs[] = {
-        CONF_SECTION(cli_conf, &cc),      CONF_SECTION(main_opts, &mo), CONF_SECTION(llm_opts, &lo),
-        CONF_SECTION(upstream_opts, &uo), CONF_SECTION(srv_opts, &so),  CONF_SECTION(tls_opts, &to),
-        CONF_SECTION(scrape_opts, &mx),
+        CONF_SECTION(cli_conf, &cc),       CONF_SECTION(main_opts, &mo),
+        CONF_SECTION(endpoints_opts, &eo), CONF_SECTION(models_opts, &mdo),
+        CONF_SECTION(turn_opts, &to),      CONF_SECTION(chat_opts, &co),
+        CONF_SECTION(upstream_opts, &uo),  CONF_SECTION(srv_opts, &so),
+        CONF_SECTION(tls_opts, &tlo),      CONF_SECTION(scrape_opts, &sco),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     kb *k = NULL;
     tools *t = NULL;
     cli *c = NULL;
     upstream *u = NULL;
-    llm *l = NULL;
+    endpoints *eps = NULL;
     models *mods = NULL;
+    llm *l = NULL;
     srv *server = NULL;
     tls *mtls = NULL;
     metrics *m = NULL;
@@ -71,14 +93,19 @@ int main(int argc, char **argv)
         goto out;
     }
     if (log_setup("llm-svc", mo.log_level) != 0 ||
-        scrape_setup(&mx, "llm-svc", mo.listen, maddr, sizeof maddr, &m) != 0)
+        scrape_setup(&sco, "llm-svc", mo.listen, maddr, sizeof maddr, &m) != 0)
         goto out;
-    if (lo.max_rounds < 1) {
+    if (co.max_rounds < 1) {
         fprintf(stderr, "llm-svc: --max-rounds must be at least 1\n");
         goto out;
     }
-    if (tls_create(&to, &mtls, err, sizeof err) != 0 ||
-        models_create(lo.model, lo.allowed_models, lo.router_config, &mods, err, sizeof err) != 0) {
+    if (endpoints_create(&eo, m, &eps, err, sizeof err) != 0) {
+        fprintf(stderr, "llm-svc: %s\n", err);
+        goto out;
+    }
+    if (tls_create(&tlo, &mtls, err, sizeof err) != 0 ||
+        models_create(eo.model, mdo.allowed_models, mdo.router_config, &mods, err, sizeof err) !=
+            0) {
         log_error("%s", err);
         goto out;
     }
@@ -105,7 +132,7 @@ int main(int argc, char **argv)
     t = tools_create();
     if (tool_knowledge_register(t, k) != 0 ||
         tool_context_register(t, cli_channel_create(c, mo.store, cc.round_robin),
-                              lo.tool_timeout_ms) != 0) {
+                              mo.tool_timeout_ms) != 0) {
         log_error("cannot register the tools");
         goto out;
     }
@@ -114,24 +141,26 @@ int main(int argc, char **argv)
         log_error("cannot start the upstream loop (libcurl)");
         goto out;
     }
-    l = llm_create(&lo, u, t, mods, m);
+    l = llm_create(&to, &co, u, eps, mods, t, m);
     server = srv_create("llm-svc", mo.listen, &so);
     srv_use_tls(server, mtls);
     srv_set_metrics(server, m);
     if (llm_register(server, l) != 0)
         goto out;
+    endpoints_publish(eps, server);
     if (m != NULL && (sc = scrape_start(maddr, m, health_serving, server)) == NULL)
         goto out;
     if (srv_start(server) != 0)
         goto out;
-    log_info("upstream %s, model %s%s (callers may ask for: %s), %zu knowledge passages from %s, "
-             "store %s",
-             lo.base_url, lo.model, lo.api_key[0] ? "" : " (no API key)", models_list(mods),
-             kb_passages(k), mo.knowledge_dir, mo.store);
+    log_endpoints(eps);
+    log_info("callers may ask for the models: %s; %zu knowledge passages from %s, store %s",
+             models_list(mods), kb_passages(k), mo.knowledge_dir, mo.store);
     srv_run(server);
     status = 0;
 out:
     scrape_stop(&sc);
+    if (eps != NULL)
+        endpoints_publish(eps, NULL);
     if (server != NULL)
         srv_destroy(&server);
     /* The server is gone, so nothing starts new upstream requests. */
@@ -141,6 +170,7 @@ out:
     tls_destroy(&mtls);
     llm_destroy(&l);
     models_destroy(&mods);
+    endpoints_destroy(&eps);
     tools_destroy(&t);
     kb_destroy(&k);
     metrics_destroy(&m);

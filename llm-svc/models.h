@@ -9,7 +9,17 @@
 #ifndef LLM_MODELS_H
 #define LLM_MODELS_H
 
+#include "conf.h"
+
 #include <stddef.h>
+
+#define MODELS_OPTS(X, S)                                                                          \
+    X(S, allowed_models, STR, "allowed-models", "LLM_ALLOWED_MODELS", "",                          \
+      "models a caller may name in params.model besides --openai-model and those named in "        \
+      "--router-config, comma-separated; any other is refused")                                    \
+    X(S, router_config, STR, "router-config", "ROUTER_CONFIG", "",                                 \
+      "router-svc's router.conf: the models its strategies name are allowed")
+CONF_DECLARE(models_opts, MODELS_OPTS)
 
 typedef struct models models;
 

@@ -36,11 +36,23 @@ static int parse_bool(const char *text, int *out)
 }
 
 /* Stores `text` into the option's field; on a bad value prints why and
- * returns -1. `origin` names where the value came from, for that message. */
-static int set_value(const conf_opt *o, void *base, const char *text, const char *origin)
+ * returns -1. `origin` names where the value came from, for that message.
+ * `append` adds a LIST's next value instead of replacing the list. */
+static int set_value(const conf_opt *o, void *base, const char *text, const char *origin,
+                     int append)
 {
     char *field = (char *)base + o->offset;
     switch (o->type) {
+    case CONF_LIST:
+        if (append) {
+            char **s = (char **)field;
+            char *joined = mem_asprintf("%s%c%s", *s, CONF_LIST_SEP, text);
+            mem_free(*s);
+            *s = joined;
+            return 0;
+        }
+        /* The first value replaces the list, as a STR's does. */
+        __attribute__((fallthrough));
     case CONF_STR:
     case CONF_SECRET: {
         char **s = (char **)field;
@@ -115,7 +127,7 @@ static int from_env(const conf_opt *o, void *base)
     if (value != NULL && value[0] == '\0')
         value = NULL;
     if (o->type != CONF_SECRET)
-        return value != NULL ? set_value(o, base, value, o->env) : 0;
+        return value != NULL ? set_value(o, base, value, o->env, 0) : 0;
     char *file_var = mem_asprintf("%s_FILE", o->env);
     const char *path = getenv(file_var);
     int rc = 0;
@@ -124,12 +136,12 @@ static int from_env(const conf_opt *o, void *base)
         rc = -1;
     } else if (path != NULL && path[0] != '\0') {
         char *secret = read_secret_file(file_var, path);
-        rc = secret != NULL ? set_value(o, base, secret, file_var) : -1;
+        rc = secret != NULL ? set_value(o, base, secret, file_var, 0) : -1;
         if (secret != NULL)
             explicit_bzero(secret, strlen(secret));
         mem_free(secret);
     } else if (value != NULL) {
-        rc = set_value(o, base, value, o->env);
+        rc = set_value(o, base, value, o->env, 0);
     }
     mem_free(file_var);
     return rc;
@@ -138,7 +150,7 @@ static int from_env(const conf_opt *o, void *base)
 static void print_usage(FILE *f, const char *prog, const char *about, const conf_section *secs,
                         size_t nsecs)
 {
-    static const char *const type_names[] = {"TEXT", "N", "BOOL", "SECRET"};
+    static const char *const type_names[] = {"TEXT", "N", "BOOL", "SECRET", "LIST"};
     fprintf(f,
             "%s %s — %s\n\nUsage: %s [options]\n\nOptions (flag, environment variable, "
             "default):\n",
@@ -179,11 +191,20 @@ static const conf_opt *find_flag(const conf_section *secs, size_t nsecs, const c
 int conf_parse(int argc, char **argv, const char *prog, const char *about, const conf_section *secs,
                size_t nsecs)
 {
+    /* The LIST options given on the command line so far: a later flag adds
+     * to what an earlier one set, the first replaces the environment's. */
+    size_t nopts = 0;
+    for (size_t s = 0; s < nsecs; s++)
+        nopts += secs[s].n;
+    const conf_opt **lists_seen = mem_calloc(nopts ? nopts : 1, sizeof *lists_seen);
+    size_t nlists = 0;
+    int rc = -1;
+
     for (size_t s = 0; s < nsecs; s++) {
         for (size_t i = 0; i < secs[s].n; i++) {
             const conf_opt *o = &secs[s].opts[i];
-            if (set_value(o, secs[s].base, o->def, "built-in default") != 0)
-                return -1;
+            if (set_value(o, secs[s].base, o->def, "built-in default", 0) != 0)
+                goto out;
             if (from_env(o, secs[s].base) != 0)
                 goto usage;
         }
@@ -193,11 +214,13 @@ int conf_parse(int argc, char **argv, const char *prog, const char *about, const
         const char *arg = argv[i];
         if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
             print_usage(stdout, prog, about, secs, nsecs);
-            return 1;
+            rc = 1;
+            goto out;
         }
         if (strcmp(arg, "--version") == 0) {
             printf("%s %s\n", prog, CONVO_VERSION);
-            return 1;
+            rc = 1;
+            goto out;
         }
         if (strncmp(arg, "--", 2) != 0) {
             fprintf(stderr, "%s: unexpected argument '%s'\n", prog, arg);
@@ -223,7 +246,14 @@ int conf_parse(int argc, char **argv, const char *prog, const char *about, const
             fprintf(stderr, "%s: option '--%s' needs a value\n", prog, o->flag);
             goto usage;
         }
-        if (set_value(o, base, value, prog) != 0)
+        int append = 0;
+        if (o->type == CONF_LIST) {
+            for (size_t k = 0; k < nlists; k++)
+                append = append || lists_seen[k] == o;
+            if (!append)
+                lists_seen[nlists++] = o;
+        }
+        if (set_value(o, base, value, prog, append) != 0)
             goto usage;
         if (o->type == CONF_SECRET)
             log_warn("%s: --%s was given on the command line, where every user of this machine "
@@ -231,11 +261,14 @@ int conf_parse(int argc, char **argv, const char *prog, const char *about, const
                      prog, o->flag, o->env != NULL ? o->env : "an environment variable",
                      o->env != NULL ? o->env : "NAME");
     }
-    return 0;
+    rc = 0;
+    goto out;
 
 usage:
     fprintf(stderr, "Run '%s --help' for the options.\n", prog);
-    return -1;
+out:
+    mem_free(lists_seen);
+    return rc;
 }
 
 void conf_free(const conf_section *secs, size_t nsecs)
@@ -243,7 +276,7 @@ void conf_free(const conf_section *secs, size_t nsecs)
     for (size_t s = 0; s < nsecs; s++) {
         for (size_t i = 0; i < secs[s].n; i++) {
             const conf_opt *o = &secs[s].opts[i];
-            if (o->type == CONF_STR || o->type == CONF_SECRET) {
+            if (o->type == CONF_STR || o->type == CONF_SECRET || o->type == CONF_LIST) {
                 char **p = (char **)((char *)secs[s].base + o->offset);
                 mem_free(*p);
                 *p = NULL;

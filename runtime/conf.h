@@ -17,16 +17,23 @@
  * file holding it (the Kubernetes convention for mounted Secrets; one
  * trailing newline is dropped); NAME and NAME_FILE together are an error. As
  * a flag it is accepted with a warning: a command line is visible to every
- * user of the machine (ps, /proc). */
+ * user of the machine (ps, /proc).
+ *
+ * A LIST option is a string that may be given several times on the command
+ * line: the flags' values are joined with CONF_LIST_SEP, the form its
+ * environment variable takes ("a;b" = --opt a --opt b); flags replace the
+ * environment's list, they do not add to it. */
 #ifndef CONVO_CONF_H
 #define CONVO_CONF_H
 
 #include <stddef.h>
 
-typedef enum conf_type { CONF_STR, CONF_INT, CONF_BOOL, CONF_SECRET } conf_type;
+typedef enum conf_type { CONF_STR, CONF_INT, CONF_BOOL, CONF_SECRET, CONF_LIST } conf_type;
 
 /* The largest file a NAME_FILE variable may name. */
 #define CONF_SECRET_FILE_MAX 65536
+
+#define CONF_LIST_SEP ';'
 
 typedef struct conf_opt {
     const char *flag; /* without the leading "--" */
@@ -49,6 +56,7 @@ typedef struct conf_section {
 #define CONF__T_INT                                        long long
 #define CONF__T_BOOL                                       int
 #define CONF__T_SECRET                                     char *
+#define CONF__T_LIST                                       char *
 #define CONF__MEMBER(S, field, type, flag, env, def, help) CONF__T_##type field;
 #define CONF__ROW(S, field, type, flag, env, def, help)                                            \
     {flag, env, CONF_##type, def, help, offsetof(struct S, field)},
@@ -61,12 +69,12 @@ typedef struct conf_section {
     ((conf_section){S##_table, sizeof S##_table / sizeof S##_table[0], (ptr)})
 
 /* Fills every section from defaults, the environment and argv (--flag value
- * or --flag=value; a BOOL flag alone means true). INT values must be
+ * or --flag=value; a BOOL flag alone means true; a LIST flag may repeat). INT values must be
  * non-negative integers; BOOL values are true/false/1/0/yes/no; a SECRET
  * also from NAME_FILE (see above; a flag logs a warning).
  * Returns 0 to go on, 1 when --help or --version was printed (exit 0), -1
  * after printing what is wrong and the usage (exit 2). `about` is one line
- * for --help. Strings in the sections are owned by them: conf_free(). */
+ * for --help. Strings (STR, SECRET, LIST) in the sections are owned by them: conf_free(). */
 int conf_parse(int argc, char **argv, const char *prog, const char *about, const conf_section *secs,
                size_t nsecs);
 void conf_free(const conf_section *secs, size_t nsecs);

@@ -40,6 +40,9 @@
       "how late the first byte comes with the slow fault")                                         \
     X(S, retry_after_ms, INT, "retry-after-ms", "OFFLINE_MODEL_RETRY_AFTER_MS", "200",             \
       "what a 429 asks for (retry-after-ms; Retry-After rounds it up to seconds)")                 \
+    X(S, api_key, STR, "api-key", "OFFLINE_MODEL_API_KEY", "",                                     \
+      "the key chat requests must send as 'Authorization: Bearer KEY' (401 otherwise); \"\": "     \
+      "any or none")                                                                               \
     X(S, model, STR, "model", "OFFLINE_MODEL_NAME", "offline-model",                               \
       "the model name reported when a request names none")                                         \
     X(S, max_conns, INT, "max-conns", "OFFLINE_MODEL_MAX_CONNS", "8192",                           \
@@ -54,12 +57,16 @@ CONF_DECLARE(offline_opts, OFFLINE_OPTS)
  * answer piling up here. */
 #define OUT_HIGH   (64 << 10)
 #define MAX_PIECES 200000 /* scheduled writes of one response */
+/* An Authorization header's value kept for the --api-key check; a longer
+ * one is cut and so refused. */
+#define AUTH_MAX   512
+#define AUTH_FIELD "511"
 
 static offline_opts opts;
 static volatile sig_atomic_t stopping;
 
 static struct {
-    long long requests, aborted, completed;
+    long long requests, chat_requests, aborted, completed;
     long long last_abort_unix_ms;
 } stats;
 
@@ -343,10 +350,23 @@ static void plan_whole(conn *c, const answer *a, const char *model, int first_de
     json_object_put(o);
 }
 
-static void handle_chat(conn *c, const char *body, size_t len, const char *xfault)
+/* Whether the request's Authorization header carries --api-key. */
+static int authorized(const char *auth)
+{
+    if (opts.api_key[0] == '\0')
+        return 1;
+    return auth != NULL && strncmp(auth, "Bearer ", 7) == 0 && strcmp(auth + 7, opts.api_key) == 0;
+}
+
+static void handle_chat(conn *c, const char *body, size_t len, const char *xfault, const char *auth)
 {
     answer a = {0};
     char err[256];
+    if (!authorized(auth)) {
+        respond_error(c, 401, "Unauthorized", "invalid_api_key",
+                      "offline-model: the API key is missing or wrong", NULL);
+        return;
+    }
     json_tokener *tok = json_tokener_new();
     json_object *req = json_tokener_parse_ex(tok, body, (int)len);
     json_tokener_free(tok);
@@ -415,12 +435,13 @@ out:
 }
 
 static void handle_request(conn *c, const char *method, const char *path, const char *body,
-                           size_t len, const char *xfault)
+                           size_t len, const char *xfault, const char *auth)
 {
     stats.requests++;
     c->responding = 1;
     if (strcmp(method, "POST") == 0 && strcmp(path, "/v1/chat/completions") == 0) {
-        handle_chat(c, body, len, xfault);
+        stats.chat_requests++;
+        handle_chat(c, body, len, xfault, auth);
     } else if (strcmp(method, "GET") == 0 && strcmp(path, "/v1/models") == 0) {
         char *b = mem_asprintf("{\"object\":\"list\",\"data\":[{\"id\":\"%s\",\"object\":\"model\","
                                "\"owned_by\":\"convo\"}]}",
@@ -428,9 +449,9 @@ static void handle_request(conn *c, const char *method, const char *path, const 
         respond_simple(c, 200, "OK", NULL, b, 0);
         mem_free(b);
     } else if (strcmp(method, "GET") == 0 && strcmp(path, "/stats") == 0) {
-        char *b = mem_asprintf("{\"requests\":%lld,\"completed\":%lld,\"aborted\":%lld,"
-                               "\"last_abort_unix_ms\":%lld,\"connections\":%zu}",
-                               stats.requests, stats.completed, stats.aborted,
+        char *b = mem_asprintf("{\"requests\":%lld,\"chat_requests\":%lld,\"completed\":%lld,"
+                               "\"aborted\":%lld,\"last_abort_unix_ms\":%lld,\"connections\":%zu}",
+                               stats.requests, stats.chat_requests, stats.completed, stats.aborted,
                                stats.last_abort_unix_ms, nconns);
         respond_simple(c, 200, "OK", NULL, b, 0);
         mem_free(b);
@@ -454,7 +475,7 @@ static int try_request(conn *c)
     if (sscanf(c->in, "%15s %255s", method, path) != 2)
         return -1;
     size_t clen = 0;
-    char xfault[32] = "";
+    char xfault[32] = "", auth[AUTH_MAX] = "";
     c->close_after = 0;
     for (char *line = strstr(c->in, "\r\n"); line != NULL && line < end;
          line = strstr(line + 2, "\r\n")) {
@@ -463,6 +484,8 @@ static int try_request(conn *c)
             clen = strtoul(h + 15, NULL, 10);
         else if (strncasecmp(h, "X-Fault:", 8) == 0)
             sscanf(h + 8, " %31[a-z0-9]", xfault);
+        else if (strncasecmp(h, "Authorization:", 14) == 0)
+            sscanf(h + 14, " %" AUTH_FIELD "[^\r]", auth);
         else if (strncasecmp(h, "Connection:", 11) == 0) {
             char *eol = strstr(h, "\r\n"), *cl = strcasestr(h, "close");
             c->close_after = cl != NULL && (eol == NULL || cl < eol);
@@ -474,7 +497,8 @@ static int try_request(conn *c)
         *end = '\r';
         return 0;
     }
-    handle_request(c, method, path, c->in + head_len, clen, xfault[0] ? xfault : NULL);
+    handle_request(c, method, path, c->in + head_len, clen, xfault[0] ? xfault : NULL,
+                   auth[0] ? auth : NULL);
     memmove(c->in, c->in + head_len + clen, c->in_len - head_len - clen);
     c->in_len -= head_len + clen;
     return 1;

@@ -132,20 +132,22 @@ static void server_frames(void **state)
     assert_string_equal(str(o, "is_error"), "true");
     json_object_put(o);
 
-    o = DECODE(frame_done(4, "cancelled", NULL, NULL, &len));
+    o = DECODE(frame_done(4, "cancelled", NULL, NULL, NULL, &len));
     assert_string_equal(str(o, "type"), "done");
     assert_string_equal(str(o, "status"), "cancelled");
     assert_false(json_object_object_get_ex(o, "usage", NULL));
+    assert_false(json_object_object_get_ex(o, "upstream", NULL));
     json_object_put(o);
 
     frame_usage u = {.prompt_tokens = 120, .completion_tokens = 30, .total_tokens = 150};
-    o = DECODE(frame_done(5, "completed", "stop", &u, &len));
+    o = DECODE(frame_done(5, "completed", "stop", &u, "eu", &len));
     json_object *usage;
     assert_true(json_object_object_get_ex(o, "usage", &usage));
     assert_string_equal(str(usage, "prompt_tokens"), "120");
     assert_string_equal(str(usage, "completion_tokens"), "30");
     assert_string_equal(str(usage, "total_tokens"), "150");
     assert_string_equal(str(o, "finish_reason"), "stop");
+    assert_string_equal(str(o, "upstream"), "eu");
     json_object_put(o);
 
     o = DECODE(frame_error("queue_full", "wait", 0, NULL, &len));

@@ -94,6 +94,7 @@ def test_conversation_with_a_tool_call_frame_by_frame_and_in_the_database(stack,
     kinds = [f["type"] for f in frames]
     assert kinds[-1] == "done", frames
     assert frames[-1].get("status") == "completed"
+    assert frames[-1].get("upstream") == "primary", "the model endpoint that answered"
     call = next(f for f in frames if f["type"] == "tool_call")
     assert call["tool"] == "fetch_internal_knowledge"
     assert isinstance(call["arguments"], dict) and "python" in call["arguments"]["topic"].lower()

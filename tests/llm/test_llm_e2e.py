@@ -77,6 +77,7 @@ def test_plain_answer(stub):
     assert text(ev) == "w1 w2 w3 w4 w5 w6 w7"
     d = ev[-1].done
     assert d.finish_reason == "stop" and d.rounds == 1 and d.usage.completion_tokens == 7
+    assert d.upstream == "primary"
 
 
 def test_knowledge_tool_two_parallel_calls(stub):

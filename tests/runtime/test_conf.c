@@ -14,7 +14,8 @@
     X(S, listen, STR, "listen", "TEST_LISTEN", "0.0.0.0:1", "address")                             \
     X(S, limit, INT, "limit", "TEST_LIMIT", "10", "a limit")                                       \
     X(S, verbose, BOOL, "verbose", NULL, "false", "say more")                                      \
-    X(S, key, SECRET, "key", "TEST_KEY", "", "a credential")
+    X(S, key, SECRET, "key", "TEST_KEY", "", "a credential")                                       \
+    X(S, peers, LIST, "peer", "TEST_PEERS", "", "repeatable")
 CONF_DECLARE(test_opts, OPTS)
 
 static int parse(test_opts *o, int argc, char **argv)
@@ -88,6 +89,21 @@ static void bad_values_are_refused(void **state)
     assert_int_equal(parse(&o, 1, argv), -1);
     release(&o);
     unsetenv("TEST_LIMIT");
+}
+
+static void a_list_flag_repeats_and_replaces_the_environment(void **state)
+{
+    setenv("TEST_PEERS", "env1;env2", 1);
+    test_opts o = {0};
+    char *none[] = {"test", NULL};
+    assert_int_equal(parse(&o, 1, none), 0);
+    assert_string_equal(o.peers, "env1;env2");
+    release(&o);
+    char *argv[] = {"test", "--peer", "a", "--limit", "3", "--peer=b;c", "--peer", "d", NULL};
+    assert_int_equal(parse(&o, 8, argv), 0);
+    assert_string_equal(o.peers, "a;b;c;d");
+    release(&o);
+    unsetenv("TEST_PEERS");
 }
 
 static void help_and_version_stop_the_program(void **state)
@@ -251,6 +267,7 @@ int main(void)
         cmocka_unit_test(env_overrides_default_and_flag_overrides_env),
         cmocka_unit_test(separate_value_and_bool_value),
         cmocka_unit_test(bad_values_are_refused),
+        cmocka_unit_test(a_list_flag_repeats_and_replaces_the_environment),
         cmocka_unit_test(help_and_version_stop_the_program),
         cmocka_unit_test(secret_from_env_or_file),
         cmocka_unit_test(secret_file_errors_are_refused),
