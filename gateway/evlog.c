@@ -1,6 +1,6 @@
 #include "evlog.h"
 
-#include "convo/v1/summary.pb-c.h"
+#include "convo_methods.h"
 #include "log.h"
 #include "mem.h"
 
@@ -297,9 +297,8 @@ static void start_open(evlog *ev)
     req.user_id = ev->user_id;
     cli_opts o = store_opts(ev);
     ev->busy = 1;
-    if (cli_unary(ev->g->store, "/convo.v1.Store/OpenSession", &req.base,
-                  &convo__v1__open_session_response__descriptor, &o, on_open_reply, ev,
-                  NULL) != 0) {
+    if (cli_unary(ev->g->store, &convo__v1__store__open_session__method, &req.base, &o,
+                  on_open_reply, ev, NULL) != 0) {
         ev->busy = 0;
         retry_later(ev);
     }
@@ -334,9 +333,8 @@ static void start_append(evlog *ev)
     ev->flush_due = 0;
     ev->batch_us = ev->g->mx.store_batch_seconds != NULL ? lws_now_usecs() : 0;
     metrics_histogram_observe(ev->g->mx.store_batch_events, n);
-    if (cli_unary(ev->g->store, "/convo.v1.Store/AppendEvents", &req.base,
-                  &convo__v1__append_events_response__descriptor, &o, on_append_reply, ev,
-                  NULL) != 0) {
+    if (cli_unary(ev->g->store, &convo__v1__store__append_events__method, &req.base, &o,
+                  on_append_reply, ev, NULL) != 0) {
         ev->busy = 0;
         ev->batch = 0;
         retry_later(ev);
@@ -352,8 +350,8 @@ static void start_end(evlog *ev)
     req.user_id = ev->user_id;
     cli_opts o = store_opts(ev);
     ev->busy = 1;
-    if (cli_unary(ev->g->store, "/convo.v1.Store/EndSession", &req.base,
-                  &convo__v1__end_session_response__descriptor, &o, on_end_reply, ev, NULL) != 0) {
+    if (cli_unary(ev->g->store, &convo__v1__store__end_session__method, &req.base, &o, on_end_reply,
+                  ev, NULL) != 0) {
         ev->busy = 0;
         retry_later(ev);
     }
@@ -364,9 +362,8 @@ static void summarize(evlog *ev)
     Convo__V1__SummarizeRequest req = CONVO__V1__SUMMARIZE_REQUEST__INIT;
     req.session_id = ev->session_id;
     cli_opts o = {.timeout_ms = ev->g->opts.store_timeout_ms};
-    if (cli_unary(ev->g->summary, "/convo.v1.Summary/Summarize", &req.base,
-                  &convo__v1__summarize_response__descriptor, &o, on_summarize_reply,
-                  mem_strdup(ev->session_id), NULL) != 0)
+    if (cli_unary(ev->g->summary, &convo__v1__summary__summarize__method, &req.base, &o,
+                  on_summarize_reply, mem_strdup(ev->session_id), NULL) != 0)
         log_warn("could not ask summary-svc to summarize %s; its sweep will", ev->session_id);
 }
 

@@ -1,7 +1,6 @@
 #include "session.h"
 
-#include "convo/v1/llm.pb-c.h"
-#include "convo/v1/router.pb-c.h"
+#include "convo_methods.h"
 #include "evlog.h"
 #include "frame.h"
 #include "history.h"
@@ -624,9 +623,8 @@ static void on_route_done(void *arg, rpc_code code, const char *message, Protobu
         req->system_prompt = j->resp->system_prompt;
         req->params = j->resp->params;
         cli_opts o = {.timeout_ms = s->g->opts.chat_timeout_ms, .request_id = t->rid};
-        if (cli_stream(s->g->llm, "/convo.v1.Llm/Chat", &req->base,
-                       &convo__v1__chat_event__descriptor, &o, on_chat_msg, on_chat_done, t,
-                       &j->chat) != 0)
+        if (cli_stream(s->g->llm, &convo__v1__llm__chat__method, &req->base, &o, on_chat_msg,
+                       on_chat_done, t, &j->chat) != 0)
             j->chat = NULL;
         /* Borrowed from the route response, which the loop frees. */
         req->system_prompt = NULL;
@@ -663,9 +661,8 @@ static void start_turn(session *s, char *message)
     cli_opts o = {.timeout_ms = s->g->opts.route_timeout_ms, .request_id = t->rid};
     t->chat_req = chat_request(s, t);
     s->refs++;
-    if (t->chat_req == NULL ||
-        cli_unary(s->g->router, "/convo.v1.Router/Route", &req.base,
-                  &convo__v1__route_response__descriptor, &o, on_route_done, t, &t->route) != 0) {
+    if (t->chat_req == NULL || cli_unary(s->g->router, &convo__v1__router__route__method, &req.base,
+                                         &o, on_route_done, t, &t->route) != 0) {
         s->refs--;
         if (t->chat_req != NULL)
             protobuf_c_message_free_unpacked(&t->chat_req->base, NULL);
@@ -825,8 +822,8 @@ static void load_history(session *s)
     cli_opts o = {.timeout_ms = s->g->opts.store_timeout_ms * 6};
     s->loading = 1;
     s->refs++;
-    if (cli_stream(s->g->store, "/convo.v1.Store/ListEvents", &req.base,
-                   &convo__v1__event__descriptor, &o, on_load_msg, on_load_done, s, NULL) != 0) {
+    if (cli_stream(s->g->store, &convo__v1__store__list_events__method, &req.base, &o, on_load_msg,
+                   on_load_done, s, NULL) != 0) {
         s->refs--;
         s->loading = 0;
         announce(s);
@@ -1090,8 +1087,8 @@ static void probe_start(sess_table *t, conn *c, const char *id, const char *user
     Convo__V1__GetSessionRequest req = CONVO__V1__GET_SESSION_REQUEST__INIT;
     req.session_id = p->id;
     cli_opts o = {.timeout_ms = t->g->opts.open_timeout_ms};
-    if (cli_unary(t->g->store, "/convo.v1.Store/GetSession", &req.base,
-                  &convo__v1__get_session_response__descriptor, &o, on_probe_done, p, NULL) != 0)
+    if (cli_unary(t->g->store, &convo__v1__store__get_session__method, &req.base, &o, on_probe_done,
+                  p, NULL) != 0)
         on_probe_done(p, RPC_INTERNAL, "could not start the call", NULL);
 }
 

@@ -196,18 +196,24 @@ static void add_meta(cli_call *k, const char *key, const char *value)
 
 /* Everything both call kinds share up to the first batch. On failure the
  * call is freed and nothing fires. */
-static int call_create(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-                       const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts,
-                       cli_done_fn done, void *arg, cli_call **kp)
+static int call_create(cli_channel *ch, const rpc_method *method, rpc_kind kind,
+                       const ProtobufCMessage *req, const cli_opts *opts, cli_done_fn done,
+                       void *arg, cli_call **kp)
 {
     cli *c = ch->c;
+    if (method == NULL || method->kind != kind || req->descriptor != method->request) {
+        log_error("cli: %s called %s with a %s", method != NULL ? method->path : "(no method)",
+                  kind == RPC_UNARY ? "as a unary call" : "as a server stream",
+                  req->descriptor->name);
+        return RPC_EARG;
+    }
     grpc_byte_buffer *bb = rpc__encode(req);
     if (bb == NULL)
         return RPC_EENCODE;
 
     cli_call *k = mem_calloc(1, sizeof *k);
     k->c = c;
-    k->resp_desc = resp_desc;
+    k->resp_desc = method->response;
     k->done = done;
     k->arg = arg;
     k->send_bb = bb;
@@ -229,7 +235,7 @@ static int call_create(cli_channel *ch, const char *method, const ProtobufCMessa
     cq_thread *t = this_thread != NULL && this_thread->owner == c
                        ? this_thread
                        : &c->threads[atomic_fetch_add(&c->next_thread, 1) % c->nthreads];
-    grpc_slice path = grpc_slice_from_copied_string(method);
+    grpc_slice path = grpc_slice_from_copied_string(method->path);
 
     pthread_mutex_lock(&c->mu);
     if (c->closing) {
@@ -247,7 +253,7 @@ static int call_create(cli_channel *ch, const char *method, const ProtobufCMessa
     c->calls = k;
     c->ncalls++;
     pthread_mutex_unlock(&c->mu);
-    k->pm = rpcm_method_get(c->metrics, method);
+    k->pm = rpcm_method_get(c->metrics, method->path);
     k->started_us = rpcm_start(k->pm);
     *kp = k;
     return 0;
@@ -337,12 +343,11 @@ static void on_unary_done(rpc__tag *tag, int ok)
     call_unref(k);
 }
 
-int cli_unary(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-              const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts, cli_done_fn done,
-              void *arg, cli_call **out)
+int cli_unary(cli_channel *ch, const rpc_method *method, const ProtobufCMessage *req,
+              const cli_opts *opts, cli_done_fn done, void *arg, cli_call **out)
 {
     cli_call *k = NULL;
-    int rc = call_create(ch, method, req, resp_desc, opts, done, arg, &k);
+    int rc = call_create(ch, method, RPC_UNARY, req, opts, done, arg, &k);
     if (rc != 0)
         return rc;
     /* One reference while this function sets the call up, one for the
@@ -462,12 +467,11 @@ static void on_stream_sent(rpc__tag *tag, int ok)
     call_unref(k);
 }
 
-int cli_stream(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-               const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts, cli_msg_fn on_msg,
-               cli_done_fn done, void *arg, cli_call **out)
+int cli_stream(cli_channel *ch, const rpc_method *method, const ProtobufCMessage *req,
+               const cli_opts *opts, cli_msg_fn on_msg, cli_done_fn done, void *arg, cli_call **out)
 {
     cli_call *k = NULL;
-    int rc = call_create(ch, method, req, resp_desc, opts, done, arg, &k);
+    int rc = call_create(ch, method, RPC_SERVER_STREAM, req, opts, done, arg, &k);
     if (rc != 0)
         return rc;
     k->streaming = 1;
@@ -554,15 +558,14 @@ static void on_sync_done(void *arg, rpc_code code, const char *message, Protobuf
     pthread_mutex_unlock(&w->mu);
 }
 
-rpc_code cli_unary_sync(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-                        const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts,
-                        ProtobufCMessage **resp, char **message)
+rpc_code cli_unary_sync(cli_channel *ch, const rpc_method *method, const ProtobufCMessage *req,
+                        const cli_opts *opts, ProtobufCMessage **resp, char **message)
 {
     sync_wait w = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
     *resp = NULL;
     if (message != NULL)
         *message = NULL;
-    int rc = cli_unary(ch, method, req, resp_desc, opts, on_sync_done, &w, NULL);
+    int rc = cli_unary(ch, method, req, opts, on_sync_done, &w, NULL);
     if (rc != 0) {
         if (message != NULL)
             *message = mem_strdup(rpc_strerror(rc));

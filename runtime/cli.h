@@ -75,18 +75,20 @@ void cli_set_metrics(cli *c, metrics *m);
 cli_channel *cli_channel_create(cli *c, const char *target, int round_robin);
 const char *cli_channel_target(const cli_channel *ch);
 
-/* Starts a unary call. `out`, when not NULL, receives a handle the caller
+/* Starts a call of a unary method (convo_methods.h; the response is decoded
+ * as its response type). `out`, when not NULL, receives a handle the caller
  * must give back with cli_call_release() (it stays valid until then); with
- * NULL the call runs to its end on its own. Returns 0, RPC_EENCODE,
+ * NULL the call runs to its end on its own. Returns 0, RPC_EARG (logged:
+ * not a unary method, or req is not its request type), RPC_EENCODE,
  * RPC_ECALL or RPC_ESHUTDOWN. */
-int cli_unary(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-              const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts, cli_done_fn done,
-              void *arg, cli_call **out);
+int cli_unary(cli_channel *ch, const rpc_method *method, const ProtobufCMessage *req,
+              const cli_opts *opts, cli_done_fn done, void *arg, cli_call **out);
 
-/* Starts a server-streaming call: on_msg per message, then done. */
-int cli_stream(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-               const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts, cli_msg_fn on_msg,
-               cli_done_fn done, void *arg, cli_call **out);
+/* Starts a call of a server-streaming method: on_msg per message, then
+ * done. Errors as cli_unary's. */
+int cli_stream(cli_channel *ch, const rpc_method *method, const ProtobufCMessage *req,
+               const cli_opts *opts, cli_msg_fn on_msg, cli_done_fn done, void *arg,
+               cli_call **out);
 
 /* Cancels the call; done still fires, with RPC_CANCELLED unless it had
  * already ended. Thread-safe; harmless after the end. */
@@ -102,8 +104,7 @@ void cli_call_release(cli_call **call);
  * never call it on a cli thread. Returns the status code; *resp gets the
  * response on RPC_OK (caller frees), *message (when not NULL) a copy of the
  * status message to free with mem_free. */
-rpc_code cli_unary_sync(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-                        const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts,
-                        ProtobufCMessage **resp, char **message);
+rpc_code cli_unary_sync(cli_channel *ch, const rpc_method *method, const ProtobufCMessage *req,
+                        const cli_opts *opts, ProtobufCMessage **resp, char **message);
 
 #endif

@@ -4,7 +4,7 @@
 #include "mem.h"
 #include "rpc_internal.h"
 
-#include "grpc/health/v1/health.pb-c.h"
+#include "convo_methods.h"
 
 #include <pthread.h>
 #include <string.h>
@@ -243,22 +243,22 @@ void health__close_watchers(srv *s)
 void health__register(srv *s)
 {
     static const srv_method check = {
-        .path = "/grpc.health.v1.Health/Check",
-        .kind = SRV_UNARY,
-        .request = &grpc__health__v1__health_check_request__descriptor,
-        .response = &grpc__health__v1__health_check_response__descriptor,
+        .method = &grpc__health__v1__health__check__method,
         .on_call = on_check,
         /* Probes, load balancers and every peer ask. */
         .callers = "*",
     };
     static const srv_method watch = {
-        .path = "/grpc.health.v1.Health/Watch",
-        .kind = SRV_SERVER_STREAM,
-        .request = &grpc__health__v1__health_check_request__descriptor,
-        .response = &grpc__health__v1__health_check_response__descriptor,
+        .method = &grpc__health__v1__health__watch__method,
         .on_call = on_watch,
         .callers = "*",
     };
     srv_add_method(s, &check, NULL);
     srv_add_method(s, &watch, NULL);
+}
+
+int health__serves(const rpc_method *m)
+{
+    return m == &grpc__health__v1__health__check__method ||
+           m == &grpc__health__v1__health__watch__method;
 }

@@ -61,13 +61,14 @@ grpc_channel_credentials *tls__channel_credentials(tls *t);
  * (0 for a plaintext connection). */
 int tls__caller(grpc_call *call, char *out);
 
-/* health.c, driven by srv.c. Its methods' paths start with this. */
-#define HEALTH__PATH_PREFIX "/grpc.health.v1.Health/"
+/* health.c, driven by srv.c. */
 typedef struct health health;
 health *health__create(void);
 void health__destroy(health **h);
 /* Registers Check and Watch on the server. */
 void health__register(srv *s);
+/* Whether m is one of health's methods (answered without a certificate). */
+int health__serves(const rpc_method *m);
 /* Adds a service name (known services are listed by Check). */
 void health__add_service(srv *s, const char *service);
 /* Every service NOT_SERVING for good: later health_set calls (a database

@@ -9,9 +9,7 @@
 #include "summarizer.h"
 #include "sweep.h"
 
-#include "convo/v1/store.pb-c.h"
-#include "convo/v1/summary.pb-c.h"
-#include "grpc/health/v1/health.pb-c.h"
+#include "convo_methods.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -20,9 +18,6 @@
 #include <string.h>
 #include <sys/random.h>
 #include <unistd.h>
-
-#define METHOD_SUMMARIZE   "/convo.v1.Summary/Summarize"
-#define METHOD_GET_SUMMARY "/convo.v1.Summary/GetSummary"
 
 /* The ticker's period: how late a deadline or a re-check may be noticed. */
 #define TICK_MS 50
@@ -501,9 +496,8 @@ static void on_get_summary(srv_call *call, const ProtobufCMessage *msg)
     Convo__V1__GetSessionRequest sreq = CONVO__V1__GET_SESSION_REQUEST__INIT;
     sreq.session_id = req->session_id;
     cli_opts o = {.timeout_ms = timeout, .request_id = srv_call_request_id(call)};
-    int rc = cli_unary(sv->store, "/convo.v1.Store/GetSession", &sreq.base,
-                       &convo__v1__get_session_response__descriptor, &o, on_get_session_done, call,
-                       NULL);
+    int rc = cli_unary(sv->store, &convo__v1__store__get_session__method, &sreq.base, &o,
+                       on_get_session_done, call, NULL);
     if (rc != 0)
         srv_call_finishf(call, RPC_UNAVAILABLE, "cannot ask store-svc: %s", rpc_strerror(rc));
 }
@@ -597,8 +591,7 @@ static int hook_llm_ok(void *arg)
     Grpc__Health__V1__HealthCheckRequest req = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
     req.service = "";
     ProtobufCMessage *resp = NULL;
-    rpc_code code = bcall_unary(NULL, sv->llm, "/grpc.health.v1.Health/Check", &req.base,
-                                &grpc__health__v1__health_check_response__descriptor,
+    rpc_code code = bcall_unary(NULL, sv->llm, &grpc__health__v1__health__check__method, &req.base,
                                 HEALTH_TIMEOUT_MS, &resp, NULL);
     int ok = code == RPC_OK && ((Grpc__Health__V1__HealthCheckResponse *)resp)->status ==
                                    GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
@@ -693,18 +686,12 @@ service *service_create(const service_opts *o, cli *c, int round_robin, metrics 
 int service_register(service *sv, srv *s)
 {
     static const srv_method summarize = {
-        .path = METHOD_SUMMARIZE,
-        .kind = SRV_UNARY,
-        .request = &convo__v1__summarize_request__descriptor,
-        .response = &convo__v1__summarize_response__descriptor,
+        .method = &convo__v1__summary__summarize__method,
         .on_call = on_summarize,
         .callers = "gateway",
     };
     static const srv_method get_summary = {
-        .path = METHOD_GET_SUMMARY,
-        .kind = SRV_UNARY,
-        .request = &convo__v1__get_summary_request__descriptor,
-        .response = &convo__v1__get_summary_response__descriptor,
+        .method = &convo__v1__summary__get_summary__method,
         .on_call = on_get_summary,
         /* Reads only: an operator's `admin` certificate too. */
         .callers = "gateway admin",

@@ -4,7 +4,7 @@
 #include "log.h"
 #include "mem.h"
 
-#include "convo/v1/store.pb-c.h"
+#include "convo_methods.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -58,9 +58,8 @@ static int claim_give_up(sweep *sw, const Convo__V1__Session *s)
     req.give_up = 1;
     ProtobufCMessage *resp = NULL;
     char *msg = NULL;
-    rpc_code code = bcall_unary(sw->sc, sw->store, "/convo.v1.Store/ClaimSummary", &req.base,
-                                &convo__v1__claim_summary_response__descriptor,
-                                sw->cfg.store_timeout_ms, &resp, &msg);
+    rpc_code code = bcall_unary(sw->sc, sw->store, &convo__v1__store__claim_summary__method,
+                                &req.base, sw->cfg.store_timeout_ms, &resp, &msg);
     int claimed = code == RPC_OK && ((Convo__V1__ClaimSummaryResponse *)resp)->claimed;
     if (code != RPC_OK)
         log_fields(LOG_WARN, (const log_field[]){{"session_id", s->session_id}, {NULL, NULL}},
@@ -93,9 +92,8 @@ static void give_up(sweep *sw, const Convo__V1__Session *s)
     req.worker_id = (char *)sw->cfg.worker_id;
     ProtobufCMessage *resp = NULL;
     char *msg = NULL;
-    rpc_code code = bcall_unary(sw->sc, sw->store, "/convo.v1.Store/SaveSummary", &req.base,
-                                &convo__v1__save_summary_response__descriptor,
-                                sw->cfg.store_timeout_ms, &resp, &msg);
+    rpc_code code = bcall_unary(sw->sc, sw->store, &convo__v1__store__save_summary__method,
+                                &req.base, sw->cfg.store_timeout_ms, &resp, &msg);
     const log_field f[] = {{"session_id", s->session_id}, {NULL, NULL}};
     if (code == RPC_OK)
         log_fields(LOG_WARN, f, "summary marked failed: %s", reason);
@@ -132,9 +130,8 @@ static void sweep_once(sweep *sw)
     ProtobufCMessage *resp = NULL;
     char *msg = NULL;
     rpc_code code =
-        bcall_unary(sw->sc, sw->store, "/convo.v1.Store/ListUnsummarizedSessions", &req.base,
-                    &convo__v1__list_unsummarized_sessions_response__descriptor,
-                    cfg->store_timeout_ms, &resp, &msg);
+        bcall_unary(sw->sc, sw->store, &convo__v1__store__list_unsummarized_sessions__method,
+                    &req.base, cfg->store_timeout_ms, &resp, &msg);
     if (code != RPC_OK) {
         if (code != RPC_CANCELLED)
             log_warn("sweep: ListUnsummarizedSessions failed (%s: %s)", rpc_code_name(code),
