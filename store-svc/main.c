@@ -3,6 +3,7 @@
  *
  *   store-svc [options]           serve (migrating the schema on start-up)
  *   store-svc migrate [options]   apply the migrations and exit (a Kubernetes Job) */
+#include "backoff.h"
 #include "conf.h"
 #include "db.h"
 #include "health.h"
@@ -35,7 +36,8 @@
       "statement_timeout of every connection; a statement cut off fails UNAVAILABLE "              \
       "and rolls back whole (0: none)")                                                            \
     X(S, db_retry_max_ms, INT, "db-retry-max-ms", "DB_RETRY_MAX_MS", "5000",                       \
-      "longest wait between reconnection attempts (the backoff starts at 100 ms and doubles)")     \
+      "longest wait between reconnection attempts (the waits start at 100 ms and grow, with "      \
+      "random jitter, up to it)")                                                                  \
     X(S, db_prepare, BOOL, "db-prepare", "DB_PREPARE", "true",                                     \
       "prepare the store's statements on each connection (parsed and planned once); turned off "   \
       "by itself on a connection where a transaction pooler refuses them")                         \
@@ -69,6 +71,10 @@
       "events read from the database per page of ListEvents (the most held per stream)")           \
     X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
 CONF_DECLARE(store_opts, STORE_OPTS)
+
+/* The first wait after a failed connection attempt; it grows (with jitter)
+ * up to --db-retry-max-ms. */
+#define DB_RETRY_FIRST_MS 100
 
 /* Health follows the pool: NOT_SERVING while no connection is up. */
 static void on_ready(void *arg, int ready)
@@ -145,17 +151,20 @@ static int run_migrate(const store_opts *o)
     db_settings s = settings_of(o);
     db_conn *c = db_conn_create(&s);
     int64_t deadline = rpc_now_ms() + o->migrate_wait_ms;
-    int delay = 100, status = 1, rc;
+    int status = 1, rc;
+    backoff retry;
+    backoff_init(&retry, DB_RETRY_FIRST_MS, o->db_retry_max_ms, BACKOFF_DECORRELATED);
 
     while ((rc = db_conn_connect(c)) != 0) {
+        int64_t delay = backoff_next(&retry);
         if (rpc_now_ms() + delay > deadline) {
             log_error("cannot reach the database within %lld ms: %s", o->migrate_wait_ms,
                       db_conn_error(c));
             goto out;
         }
-        log_warn("cannot reach the database (%s); retrying in %d ms", db_conn_error(c), delay);
+        log_warn("cannot reach the database (%s); retrying in %lld ms", db_conn_error(c),
+                 (long long)delay);
         usleep((useconds_t)delay * 1000);
-        delay = delay * 2 > 5000 ? 5000 : delay * 2;
     }
     int version = 0, applied = 0;
     if ((rc = migrate_apply(c, &version, &applied)) != 0) {
@@ -235,7 +244,7 @@ int main(int argc, char **argv)
         .workers = (int)opts.db_pool_size,
         .max_jobs = (size_t)opts.queue_size,
         .max_bytes = (size_t)opts.queue_max_bytes,
-        .retry_min_ms = 100,
+        .retry_min_ms = DB_RETRY_FIRST_MS,
         .retry_max_ms = (int)opts.db_retry_max_ms,
         .migrate = opts.migrate_on_start,
         .group_window_ms = (int)opts.append_group_ms,
