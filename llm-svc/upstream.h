@@ -7,7 +7,7 @@
  * max_requests in flight; beyond it upstream_start refuses). The loop also
  * owns the retry policy, because only it knows whether a byte reached the
  * consumer: 429 and 5xx answers and failed connects are retried with
- * exponential backoff and jitter, honouring retry-after-ms / Retry-After,
+ * exponential backoff and full jitter (backoff.h), honouring retry-after-ms / Retry-After,
  * at most max_attempts times, and only while nothing was delivered; once a
  * body byte went to the consumer a failure is final.
  *
@@ -31,7 +31,8 @@
     X(S, max_attempts, INT, "max-attempts", "UPSTREAM_MAX_ATTEMPTS", "3",                          \
       "tries of one request (429, 5xx, connect failures) before giving up")                        \
     X(S, backoff_base_ms, INT, "backoff-base-ms", "UPSTREAM_BACKOFF_BASE_MS", "250",               \
-      "first retry delay; doubled each attempt, with jitter")                                      \
+      "longest wait before the first retry; doubled each attempt, the wait drawn at random "       \
+      "below it (full jitter)")                                                                    \
     X(S, backoff_max_ms, INT, "backoff-max-ms", "UPSTREAM_BACKOFF_MAX_MS", "8000",                 \
       "cap on one retry delay; a longer Retry-After is not waited for")                            \
     X(S, max_requests, INT, "max-upstream-requests", "UPSTREAM_MAX_REQUESTS", "4096",              \
