@@ -1,17 +1,23 @@
 #include "evlog.h"
 
+#include "backoff.h"
 #include "convo_methods.h"
 #include "log.h"
 #include "mem.h"
 
 #include <ev.h>
 #include <libwebsockets.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
 
-#define BACKOFF_FIRST_MS 100
-#define BACKOFF_MAX_MS   5000
+/* The waits after failed store-svc calls: drawn below a ceiling that
+ * doubles from the first to the longest (full jitter: the sessions of a
+ * gateway that lost store-svc come back spread out, the first ones soon). */
+#define RETRY_FIRST_MS 100
+#define RETRY_MAX_MS   5000
+/* Failed OpenSession calls after which the session is told the store is
+ * not there (the conversation goes on without it; retries go on). */
+#define OPEN_REPORT_FAILURES 4
 
 typedef struct event {
     Convo__V1__EventType type;
@@ -42,7 +48,7 @@ struct evlog {
     int busy; /* one call in flight */
     int timer_armed;
     int flush_due;
-    int backoff_ms;
+    backoff retry; /* attempts > 0: backing off after failed calls */
     int closing;
     int ended; /* EndSession succeeded */
     int closed_fired;
@@ -111,10 +117,7 @@ static void arm(evlog *ev, int ms)
 /* Schedules a retry after a failed call, backing off with jitter. */
 static void retry_later(evlog *ev)
 {
-    ev->backoff_ms = ev->backoff_ms ? ev->backoff_ms * 2 : BACKOFF_FIRST_MS;
-    if (ev->backoff_ms > BACKOFF_MAX_MS)
-        ev->backoff_ms = BACKOFF_MAX_MS;
-    arm(ev, ev->backoff_ms / 2 + rand() % (ev->backoff_ms / 2 + 1));
+    arm(ev, (int)backoff_next(&ev->retry));
 }
 
 /* n events dropped, by `reason` (a label word). */
@@ -193,7 +196,7 @@ static void handle_open(evlog *ev, reply *r)
     const Convo__V1__OpenSessionResponse *resp = (const Convo__V1__OpenSessionResponse *)r->resp;
     int first = !ev->open_reported;
     if (r->code == RPC_OK) {
-        ev->backoff_ms = 0;
+        backoff_reset(&ev->retry);
         ev->next_seq = (resp->session != NULL ? resp->session->last_seq : 0) + 1;
         ev->flush_due = 1;
     } else if (retryable(r->code)) {
@@ -205,7 +208,8 @@ static void handle_open(evlog *ev, reply *r)
             drop_events(ev, waiting(ev), "refused", r->message);
         ev->refused = 1;
     }
-    if (first && (r->code == RPC_OK || !retryable(r->code) || ev->backoff_ms >= 800)) {
+    if (first &&
+        (r->code == RPC_OK || !retryable(r->code) || ev->retry.attempts >= OPEN_REPORT_FAILURES)) {
         /* Tell the session once: at success, refusal, or after a few quick
          * retries (the conversation goes on without the store). */
         ev->open_reported = 1;
@@ -223,7 +227,7 @@ static void handle_append(evlog *ev, reply *r)
             mem_free(ev->q[ev->head + i].content);
         ev->head += sent;
         ev->batch = 0;
-        ev->backoff_ms = 0;
+        backoff_reset(&ev->retry);
         atomic_fetch_add(&ev->g->counters.events_logged, (long)resp->appended);
         atomic_fetch_sub(&ev->g->counters.events_buffered, (long)sent);
         metrics_counter_add(ev->g->mx.events_stored, resp->appended);
@@ -253,7 +257,7 @@ static void handle_end(evlog *ev, reply *r)
 {
     if (r->code == RPC_OK || r->code == RPC_NOT_FOUND) {
         ev->ended = 1;
-        ev->backoff_ms = 0;
+        backoff_reset(&ev->retry);
     } else {
         retry_later(ev);
     }
@@ -378,7 +382,8 @@ static void pump(evlog *ev)
         return;
     }
     if (ev->closing && !ev->ended && ev->g->opts.event_retry_ms > 0 &&
-        lws_now_usecs() / 1000 - ev->close_ms > ev->g->opts.event_retry_ms && ev->backoff_ms > 0) {
+        lws_now_usecs() / 1000 - ev->close_ms > ev->g->opts.event_retry_ms &&
+        ev->retry.attempts > 0) {
         drop_events(ev, waiting(ev), "store_unreachable",
                     "store-svc unreachable for longer than --event-retry-ms");
         ev->ended = 1;
@@ -414,6 +419,7 @@ evlog *evlog_create(gw *g, const char *session_id, const char *user_id, evlog_op
     ev->user_id = mem_strdup(user_id);
     ev->on_open = on_open;
     ev->arg = arg;
+    backoff_init(&ev->retry, RETRY_FIRST_MS, RETRY_MAX_MS, BACKOFF_FULL);
     pump(ev);
     return ev;
 }
@@ -465,7 +471,7 @@ void evlog_close(evlog *ev, evlog_closed_fn on_closed)
     ev->on_closed = on_closed;
     ev->closing = 1;
     ev->close_ms = lws_now_usecs() / 1000;
-    if (ev->timer_armed && ev->backoff_ms == 0) {
+    if (ev->timer_armed && ev->retry.attempts == 0) {
         /* A flush timer: flush now instead. */
         ev_timer_stop(ev->g->loop, &ev->timer);
         ev->timer_armed = 0;
