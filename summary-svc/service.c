@@ -1,5 +1,6 @@
 #include "service.h"
 
+#include "backoff.h"
 #include "bcall.h"
 #include "check.h"
 #include "job.h"
@@ -232,14 +233,6 @@ static void waiter_unlink(service *sv, waiter *w)
     w->prev = w->next = NULL;
 }
 
-static int64_t backoff_ms(const service *sv, int32_t attempts)
-{
-    int64_t wait = sv->o.retry_backoff_ms;
-    for (int32_t i = 1; i < attempts && wait < sv->o.retry_backoff_max_ms; i++)
-        wait *= 2;
-    return wait < sv->o.retry_backoff_max_ms ? wait : sv->o.retry_backoff_max_ms;
-}
-
 static retry_slot *retry_find(service *sv, const char *id)
 {
     for (size_t i = 0; i < RETRY_MEMORY; i++)
@@ -334,8 +327,11 @@ static void run_entry(void *arg)
     waiter *done = NULL;
     int64_t now = rpc_now_ms();
     pthread_mutex_lock(&sv->mu);
+    /* The sweep's schedule (sweep_due_us), without jitter. */
     if (r.outcome == JOB_RETRY)
-        retry_remember(sv, e->session_id, now + backoff_ms(sv, r.attempts));
+        retry_remember(
+            sv, e->session_id,
+            now + backoff_ceiling(sv->o.retry_backoff_ms, sv->o.retry_backoff_max_ms, r.attempts));
     else if (r.outcome == JOB_DONE || r.outcome == JOB_FAILED)
         retry_forget(sv, e->session_id);
     if (r.outcome == JOB_BUSY && e->nwaiters > 0 && !sv->stopping &&

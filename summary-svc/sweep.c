@@ -1,5 +1,6 @@
 #include "sweep.h"
 
+#include "backoff.h"
 #include "bcall.h"
 #include "log.h"
 #include "mem.h"
@@ -32,16 +33,16 @@ static int64_t wall_us(void)
 
 int64_t sweep_due_us(const sweep_cfg *cfg, int64_t end_time_us, int32_t attempts)
 {
+    /* No jitter: every replica computes the same time from the store's
+     * data. */
     int64_t due = end_time_us + cfg->delay_ms * 1000;
-    int64_t wait = cfg->backoff_ms;
-    for (int32_t i = 0; i < attempts; i++) {
-        due += (wait < cfg->backoff_max_ms ? wait : cfg->backoff_max_ms) * 1000;
-        /* Doubling stops at the cap (and long before overflowing). */
-        if (wait < cfg->backoff_max_ms)
-            wait *= 2;
-    }
+    for (int32_t i = 1; i <= attempts; i++)
+        due += backoff_ceiling(cfg->backoff_ms, cfg->backoff_max_ms, i) * 1000;
     return due;
 }
+
+/* The sweep's period is stretched by up to 1/this of itself, at random. */
+#define INTERVAL_JITTER_DIVISOR 10
 
 /* How long the lease taken only to record FAILED lasts: one save. */
 #define GIVE_UP_LEASE_S 60
@@ -182,7 +183,8 @@ static void *sweep_main(void *arg)
         pthread_mutex_lock(&sw->mu);
         /* A little jitter keeps replicas started together from sweeping in
          * lockstep (they would only race for the same leases). */
-        int64_t wait = sw->cfg.interval_ms + rand() % (sw->cfg.interval_ms / 10 + 1);
+        int64_t wait = sw->cfg.interval_ms +
+                       backoff_rand_between(0, sw->cfg.interval_ms / INTERVAL_JITTER_DIVISOR);
         struct timespec until;
         clock_gettime(CLOCK_MONOTONIC, &until);
         until.tv_sec += wait / 1000;
