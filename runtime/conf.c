@@ -277,6 +277,9 @@ usage:
     fprintf(stderr, "Run '%s --help' for the options.\n", prog);
 out:
     mem_free(lists_seen);
+    /* A program that stops here owes nothing (conf_free again is harmless). */
+    if (rc != 0)
+        conf_free(secs, nsecs);
     return rc;
 }
 

@@ -102,7 +102,8 @@ typedef struct conf_section {
  * also from NAME_FILE (see above; a flag logs a warning).
  * Returns 0 to go on, 1 when --help or --version was printed (exit 0), -1
  * after printing what is wrong and the usage (exit 2). `about` is one line
- * for --help. Strings (STR, SECRET, LIST) in the sections are owned by them: conf_free(). */
+ * for --help. Strings (STR, SECRET, LIST) in the sections are owned by them: conf_free()
+ * (already done when this returns 1 or -1). */
 int conf_parse(int argc, char **argv, const char *prog, const char *about, const conf_section *secs,
                size_t nsecs);
 void conf_free(const conf_section *secs, size_t nsecs);
