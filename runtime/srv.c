@@ -770,10 +770,6 @@ srv *srv_create(const char *name, const char *listen, const srv_opts *opts)
     s->name = mem_strdup(name);
     s->listen = mem_strdup(listen);
     s->opts = *opts;
-    if (s->opts.threads < 1)
-        s->opts.threads = 1;
-    if (s->opts.max_queued_writes < 1)
-        s->opts.max_queued_writes = 1;
     s->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     pthread_mutex_init(&s->shutdown_mu, NULL);
     pthread_cond_init(&s->shutdown_cv, NULL);

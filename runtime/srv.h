@@ -29,7 +29,7 @@
 
 /* The server's options; every service binary parses them. */
 #define SRV_OPTS(X, S)                                                                             \
-    X(S, threads, INT, "grpc-threads", "GRPC_THREADS", "1",                                        \
+    X(S, threads, INT_IN(1, CONF_NO_MAX), "grpc-threads", "GRPC_THREADS", "1",                     \
       "completion-queue threads serving gRPC calls; one hands no call from thread to thread "      \
       "(the lowest latency); raise it when this thread keeps a core busy")                         \
     X(S, shutdown_grace_ms, INT, "shutdown-grace-ms", "SHUTDOWN_GRACE_MS", "10000",                \
@@ -39,7 +39,8 @@
       "load balancers stop routing here first")                                                    \
     X(S, max_message_bytes, INT, "max-message-bytes", "GRPC_MAX_MESSAGE_BYTES", "4194304",         \
       "largest gRPC message received or sent")                                                     \
-    X(S, max_queued_writes, INT, "max-queued-writes", "GRPC_MAX_QUEUED_WRITES", "256",             \
+    X(S, max_queued_writes, INT_IN(1, CONF_NO_MAX), "max-queued-writes", "GRPC_MAX_QUEUED_WRITES", \
+      "256",                                                                                       \
       "streamed messages queued per call behind the one being written; beyond it senders wait")    \
     X(S, max_calls, INT, "max-calls", "GRPC_MAX_CALLS", "10000",                                   \
       "calls handled at once; more are refused with RESOURCE_EXHAUSTED")                           \
@@ -78,7 +79,8 @@ typedef struct srv_method {
 } srv_method;
 
 /* Creates a server that will listen on `listen` ("HOST:PORT"; port 0 picks
- * a free one). `name` is used in logs. Nothing is bound until srv_start. */
+ * a free one). `name` is used in logs. `opts` is in the ranges of its
+ * table (conf_parse checks them). Nothing is bound until srv_start. */
 srv *srv_create(const char *name, const char *listen, const srv_opts *opts);
 /* Registers a method before srv_start; `data` is given back by
  * srv_call_method_data(). Returns 0 or RPC_EARG (logged: no method, a

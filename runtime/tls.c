@@ -15,8 +15,6 @@
 #include <string.h>
 #include <time.h>
 
-#define REFRESH_MAX_S 86400
-
 struct tls {
     grpc_tls_certificate_provider *provider;
     char name[TLS_NAME_MAX + 1];
@@ -194,11 +192,6 @@ int tls_create(const tls_opts *o, tls **out, char *err, size_t errsize)
         snprintf(err, errsize,
                  "mutual TLS needs a certificate, its key and the CA, all three; missing: %s",
                  missing);
-        return -1;
-    }
-    if (o->refresh_seconds < 1 || o->refresh_seconds > REFRESH_MAX_S) {
-        snprintf(err, errsize, "--tls-refresh-seconds %lld is outside 1 to %d", o->refresh_seconds,
-                 REFRESH_MAX_S);
         return -1;
     }
     tls *t = mem_calloc(1, sizeof *t);
