@@ -14,7 +14,7 @@
 
 #define SUMMARY_OPTS(X, S)                                                                         \
     X(S, listen, STR, "listen", "LISTEN_ADDR", "0.0.0.0:50054", "HOST:PORT to serve gRPC on")      \
-    X(S, client_threads, INT, "client-threads", "SUMMARY_CLIENT_THREADS", "1",                     \
+    X(S, client_threads, INT_IN(1, 64), "client-threads", "SUMMARY_CLIENT_THREADS", "1",           \
       "completion-queue threads of the gRPC client (calls to store-svc and llm-svc)")              \
     X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
 CONF_DECLARE(summary_opts, SUMMARY_OPTS)
@@ -57,10 +57,6 @@ int main(int argc, char **argv)
         goto out;
     if (service_check_opts(&svopts, err, sizeof err) != 0) {
         fprintf(stderr, "summary-svc: %s\n", err);
-        goto out;
-    }
-    if (opts.client_threads < 1 || opts.client_threads > 64) {
-        fprintf(stderr, "summary-svc: --client-threads must be between 1 and 64\n");
         goto out;
     }
     if (tls_create(&topts, &mtls, err, sizeof err) != 0) {

@@ -107,28 +107,6 @@ struct service {
 
 int service_check_opts(const service_opts *o, char *err, size_t errsize)
 {
-    struct {
-        const char *flag;
-        long long v, min, max;
-    } checks[] = {
-        {"--workers", o->workers, 1, 256},
-        {"--queue-size", o->queue_size, 1, 1000000},
-        {"--sweep-batch", o->sweep_batch, 1, 10000},
-        {"--lease-seconds", o->lease_seconds, 5, 86400},
-        {"--max-attempts", o->max_attempts, 1, 1000},
-        {"--context-budget-bytes", o->context_budget_bytes, SUMM_MIN_BUDGET, 64LL << 20},
-        {"--store-timeout-ms", o->store_timeout_ms, 100, 3600000},
-        {"--llm-timeout-ms", o->llm_timeout_ms, 100, 3600000},
-        {"--page-events", o->page_events, 1, 1000000},
-        {"--retry-backoff-max-ms", o->retry_backoff_max_ms, 0, 86400000},
-    };
-    for (size_t i = 0; i < sizeof checks / sizeof checks[0]; i++) {
-        if (checks[i].v < checks[i].min || checks[i].v > checks[i].max) {
-            snprintf(err, errsize, "%s must be between %lld and %lld, not %lld", checks[i].flag,
-                     checks[i].min, checks[i].max, checks[i].v);
-            return -1;
-        }
-    }
     if (o->sweep_interval_ms > 0 && o->sweep_interval_ms < 100) {
         snprintf(err, errsize, "--sweep-interval-ms must be 0 (no sweep) or at least 100");
         return -1;
