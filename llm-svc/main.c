@@ -95,10 +95,6 @@ int main(int argc, char **argv)
     if (log_setup("llm-svc", mo.log_level) != 0 ||
         scrape_setup(&sco, "llm-svc", mo.listen, maddr, sizeof maddr, &m) != 0)
         goto out;
-    if (co.max_rounds < 1) {
-        fprintf(stderr, "llm-svc: --max-rounds must be at least 1\n");
-        goto out;
-    }
     if (endpoints_create(&eo, m, &eps, err, sizeof err) != 0) {
         fprintf(stderr, "llm-svc: %s\n", err);
         goto out;

@@ -550,8 +550,6 @@ upstream *upstream_create(const upstream_opts *o, metrics *m)
     metrics_register(m, METRICS_SECTION(upstream_metrics, &u->mx));
     for (int i = 0; i < RETRY_N; i++)
         u->retries[i] = metrics_counter_of(u->mx.retries, (const char *[]){retry_names[i]});
-    if (u->o.max_attempts < 1)
-        u->o.max_attempts = 1;
     u->curl_due_ms = -1;
     u->epfd = epoll_create1(EPOLL_CLOEXEC);
     u->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);

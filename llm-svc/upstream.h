@@ -28,7 +28,7 @@
       "60000", "how long the upstream may take to start answering")                                \
     X(S, idle_timeout_ms, INT, "idle-timeout-ms", "UPSTREAM_IDLE_TIMEOUT_MS", "30000",             \
       "longest silence inside a streamed answer")                                                  \
-    X(S, max_attempts, INT, "max-attempts", "UPSTREAM_MAX_ATTEMPTS", "3",                          \
+    X(S, max_attempts, INT_IN(1, CONF_NO_MAX), "max-attempts", "UPSTREAM_MAX_ATTEMPTS", "3",       \
       "tries of one request (429, 5xx, connect failures) before giving up")                        \
     X(S, backoff_base_ms, INT, "backoff-base-ms", "UPSTREAM_BACKOFF_BASE_MS", "250",               \
       "longest wait before the first retry; doubled each attempt, the wait drawn at random "       \
@@ -85,8 +85,9 @@ typedef struct upstream_spec {
     int64_t deadline_ms;    /* rpc_now_ms() clock; 0: none. No retry waits past it. */
 } upstream_spec;
 
-/* Starts the loop thread. NULL when curl cannot be set up. Counts its
- * requests in m (NULL: nothing counted; else it must outlive the loop). */
+/* Starts the loop thread, with `o` as conf_parse left it (in its ranges).
+ * NULL when curl cannot be set up. Counts its requests in m (NULL: nothing
+ * counted; else it must outlive the loop). */
 upstream *upstream_create(const upstream_opts *o, metrics *m);
 /* Cancels whatever is in flight (their on_done fire), stops the thread,
  * frees everything; clears *u. */
