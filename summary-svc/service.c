@@ -6,9 +6,9 @@
 #include "job.h"
 #include "log.h"
 #include "mem.h"
-#include "pool.h"
 #include "summarizer.h"
 #include "sweep.h"
+#include "workers.h"
 
 #include "convo_methods.h"
 
@@ -78,7 +78,7 @@ typedef struct retry_slot {
 struct service {
     service_opts o;
     cli_channel *store, *llm;
-    pool *pool;
+    workers *workers;
     job_env env;
     char worker_id[CHECK_ID_MAX + 1];
     sweep *sweep;
@@ -257,7 +257,7 @@ static entry *file_session(service *sv, const char *id, int *fresh, rpc_code *er
     if (e != NULL)
         return e;
     e = entry_new(sv, id);
-    if (pool_submit(sv->pool, run_entry, e) != 0) {
+    if (workers_submit(sv->workers, run_entry, e) != 0) {
         entry_free(e);
         *err_code = RPC_RESOURCE_EXHAUSTED;
         return NULL;
@@ -510,7 +510,7 @@ static void tick(service *sv)
             entry_unlink(sv, e);
             e->next = dropped;
             dropped = e;
-        } else if (pool_submit(sv->pool, run_entry, e) == 0) {
+        } else if (workers_submit(sv->workers, run_entry, e) == 0) {
             e->state = ENTRY_QUEUED;
         } else {
             e->retry_at_ms = now + WATCH_MS;
@@ -553,7 +553,7 @@ static void *ticker_main(void *arg)
 static int hook_room(void *arg)
 {
     service *sv = arg;
-    long long busy = (long long)(pool_queued(sv->pool) + pool_running(sv->pool));
+    long long busy = (long long)workers_busy(sv->workers);
     return busy < sv->o.workers ? (int)(sv->o.workers - busy) : 0;
 }
 
@@ -653,7 +653,7 @@ service *service_create(const service_opts *o, cli *c, int round_robin, metrics 
         .model = o->model,
         .page_events = o->page_events,
     };
-    sv->pool = pool_create((int)o->workers, (size_t)o->queue_size);
+    sv->workers = workers_create((int)o->workers, (size_t)o->queue_size);
     return sv;
 }
 
@@ -718,7 +718,7 @@ void service_stop(service *sv)
     }
     /* Queued jobs run and end at once (stopping); running ones were
      * cancelled and release their leases. */
-    pool_destroy(&sv->pool);
+    workers_destroy(&sv->workers);
 
     /* What is left: watched entries and their waiters. */
     pthread_mutex_lock(&sv->mu);
@@ -755,7 +755,7 @@ void service_destroy(service **svp)
     service *sv = *svp;
     if (sv == NULL)
         return;
-    if (sv->pool != NULL)
+    if (sv->workers != NULL)
         service_stop(sv);
     pthread_mutex_destroy(&sv->mu);
     mem_free(sv);
