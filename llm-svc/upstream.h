@@ -11,6 +11,13 @@
  * at most max_attempts times, and only while nothing was delivered; once a
  * body byte went to the consumer a failure is final.
  *
+ * Commands from other threads (start, cancel, resume) do not go through
+ * runtime wq: they are bits set on the request itself, so a cancel that
+ * follows a start before the loop woke is one entry, not two jobs, and a
+ * request already ended is skipped without a job to free; the list is
+ * taken whole by the loop, woken by an eventfd, and is bounded by
+ * max_requests rather than by a queue length.
+ *
  * Callbacks run on the loop thread and must not block. */
 #ifndef CONVO_UPSTREAM_H
 #define CONVO_UPSTREAM_H
