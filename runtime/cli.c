@@ -9,6 +9,7 @@
 #include <grpc/support/time.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <string.h>
 
 #define MAX_META 8
@@ -612,4 +613,14 @@ void cli_destroy(cli **cp)
     pthread_mutex_destroy(&c->mu);
     mem_free(c);
     rpc__grpc_unref();
+}
+
+int cli_conf_check(const cli_conf *o, char *err, size_t errsize)
+{
+    if (o->threads < 1 || o->threads > CLI_THREADS_MAX) {
+        snprintf(err, errsize, "--client-threads %lld is outside 1 to %d", o->threads,
+                 CLI_THREADS_MAX);
+        return -1;
+    }
+    return 0;
 }
