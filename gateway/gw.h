@@ -14,6 +14,14 @@
 #include "metrics.h"
 
 #include <stdatomic.h>
+#include <stdint.h>
+
+/* Seconds a pinged connection gets to answer before it is hung up. */
+#define GW_PING_GRACE_SECS 10
+
+/* The longest --ws-ping-secs: libwebsockets keeps the ping and hang-up
+ * times (this plus the grace) in 16 bits. */
+#define GW_PING_SECS_MAX (UINT16_MAX - GW_PING_GRACE_SECS)
 
 #define GW_OPTS(X, S)                                                                              \
     X(S, listen, STR, "listen", "LISTEN_ADDR", "",                                                 \
@@ -27,19 +35,17 @@
       "folder of the web page served at /app/; empty: gateway/web of the source tree, or the "     \
       "installed copy")                                                                            \
     X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")           \
-    X(S, grpc_threads, INT, "grpc-threads", "GRPC_THREADS", "1",                                   \
-      "gRPC client completion-queue threads")                                                      \
     X(S, max_connections, INT, "max-connections", "MAX_CONNECTIONS", "10000",                      \
       "WebSocket connections at once; more are closed with 1013 (try again later)")                \
     X(S, max_frame_bytes, INT, "max-frame-bytes", "MAX_FRAME_BYTES", "65536",                      \
       "largest WebSocket message a client may send; larger closes with 1009")                      \
-    X(S, max_message_bytes, INT, "max-message-bytes", "MAX_MESSAGE_BYTES", "16384",                \
-      "longest user message; longer gets an error frame")                                          \
+    X(S, max_user_message_bytes, INT, "max-user-message-bytes", "MAX_USER_MESSAGE_BYTES", "16384", \
+      "longest user message in bytes; longer gets an error frame (message_too_long)")              \
     X(S, max_queued_messages, INT, "max-queued-messages", "MAX_QUEUED_MESSAGES", "4",              \
       "messages queued while an answer streams; more get an error frame (queue_full)")             \
     X(S, max_out_bytes, INT, "max-out-buffer-bytes", "MAX_OUT_BUFFER_BYTES", "262144",             \
       "bytes waiting for a slow client before reading the answer stream pauses")                   \
-    X(S, event_batch, INT, "event-batch", "EVENT_BATCH", "256",                                    \
+    X(S, event_batch, INT_IN(1, CONF_NO_MAX), "event-batch", "EVENT_BATCH", "256",                 \
       "events per AppendEvents call to store-svc")                                                 \
     X(S, event_flush_ms, INT, "event-flush-ms", "EVENT_FLUSH_MS", "100",                           \
       "longest an event waits before its batch is sent")                                           \
@@ -64,7 +70,7 @@
       "word")                                                                                      \
     X(S, history_messages, INT, "history-messages", "HISTORY_MESSAGES", "50",                      \
       "messages of history sent to the model with each turn")                                      \
-    X(S, ping_secs, INT, "ws-ping-secs", "WS_PING_SECS", "30",                                     \
+    X(S, ping_secs, INT_IN(0, GW_PING_SECS_MAX), "ws-ping-secs", "WS_PING_SECS", "30",             \
       "idle seconds before a WebSocket ping; a connection that does not answer is closed")         \
     X(S, allowed_origins, STR, "allowed-origins", "ALLOWED_ORIGINS", "",                           \
       "comma list of origins (scheme://host[:port], or null for pages opened from a file) "        \

@@ -26,6 +26,7 @@
 #include <libwebsockets.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,14 +46,11 @@
 #define SHUTDOWN_TICK_S 0.1
 
 /* The largest gRPC message the gateway sends or receives: the services'
- * default --max-message-bytes (GRPC_MAX_MESSAGE_BYTES). */
+ * default --max-message-bytes (GRPC_MAX_MESSAGE_BYTES, runtime/srv.h). */
 #define GW_GRPC_MAX_MESSAGE_BYTES (4 << 20)
 
 /* Bytes libwebsockets reads and writes at once per service thread. */
 #define GW_LWS_SERV_BUF 32768
-
-/* Seconds a pinged connection gets to answer before it is hung up. */
-#define GW_PING_GRACE_SECS 10
 
 /* libwebsockets' header buffer, in --max-header-bytes: requests over the
  * limit but within the buffer are answered 431; past it libwebsockets
@@ -183,6 +181,8 @@ static int listen_address(const gw_opts *o, char *host, size_t hostlen, int *por
     return 0;
 }
 
+/* The ranges of the gateway's own options that 0 and up does not cover.
+ * Returns 0, or -1 with the reason in err. */
 /* Whether host (a listen address) only takes connections from this
  * machine. */
 static int loopback(const char *host)
@@ -236,7 +236,7 @@ int main(int argc, char **argv)
     static runner run = {.g = &g};
     static tls_opts topts;
     tls *mtls = NULL;
-    char tls_err[512];
+    char err[512];
     scrape_opts mopts = {0};
     scrape *sc = NULL;
     conf_section secs[] = {
@@ -257,8 +257,8 @@ int main(int argc, char **argv)
         goto out;
     }
     lws_set_log_level(LLL_ERR | LLL_WARN, lws_log);
-    if (tls_create(&topts, &mtls, tls_err, sizeof tls_err) != 0) {
-        log_error("%s", tls_err);
+    if (tls_create(&topts, &mtls, err, sizeof err) != 0) {
+        log_error("%s", err);
         rc = 2;
         goto out;
     }
@@ -292,7 +292,7 @@ int main(int argc, char **argv)
     }
 
     g.bridge = bridge_create();
-    g.client = cli_create((int)g.opts.grpc_threads, GW_GRPC_MAX_MESSAGE_BYTES);
+    g.client = cli_create((int)g.client_opts.threads, GW_GRPC_MAX_MESSAGE_BYTES);
     cli_use_tls(g.client, mtls);
     cli_set_metrics(g.client, g.metrics);
     g.router = cli_channel_create(g.client, g.opts.router, g.client_opts.round_robin);

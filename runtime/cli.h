@@ -23,9 +23,17 @@
 #include <protobuf-c/protobuf-c.h>
 #include <stdint.h>
 
+/* The most completion-queue threads a client may have. */
+#define CLI_THREADS_MAX 64
+
 /* The client's options; every binary that calls other services parses
- * them and passes round_robin to cli_channel_create. */
+ * them (conf checks the range of `threads`), creates its client with
+ * `threads` and passes round_robin to cli_channel_create. (--grpc-threads is
+ * the server's threads, srv.h: one meaning per flag name.) */
 #define CLI_OPTS(X, S)                                                                             \
+    X(S, threads, INT_IN(1, CLI_THREADS_MAX), "client-threads", "GRPC_CLIENT_THREADS", "1",        \
+      "completion-queue threads of the gRPC client (calls to other services); one runs every "     \
+      "callback of every call in order on one thread")                                             \
     X(S, round_robin, BOOL, "grpc-round-robin", "GRPC_ROUND_ROBIN", "false",                       \
       "spread calls over every address a service name resolves to (use with dns:///NAME:PORT "     \
       "and Kubernetes headless Services)")

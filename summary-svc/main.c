@@ -14,8 +14,6 @@
 
 #define SUMMARY_OPTS(X, S)                                                                         \
     X(S, listen, STR, "listen", "LISTEN_ADDR", "0.0.0.0:50054", "HOST:PORT to serve gRPC on")      \
-    X(S, client_threads, INT_IN(1, 64), "client-threads", "SUMMARY_CLIENT_THREADS", "1",           \
-      "completion-queue threads of the gRPC client (calls to store-svc and llm-svc)")              \
     X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
 CONF_DECLARE(summary_opts, SUMMARY_OPTS)
 
@@ -34,6 +32,7 @@ int main(int argc, char **argv)
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     srv *server = NULL;
+    health *hl = NULL;
     cli *client = NULL;
     service *sv = NULL;
     tls *mtls = NULL;
@@ -65,18 +64,19 @@ int main(int argc, char **argv)
     }
 
     status = 1;
-    client = cli_create((int)opts.client_threads, sopts.max_message_bytes);
+    client = cli_create((int)copts.threads, sopts.max_message_bytes);
     cli_use_tls(client, mtls);
     cli_set_metrics(client, m);
     sv = service_create(&svopts, client, copts.round_robin, m);
     server = srv_create("summary-svc", opts.listen, &sopts);
+    hl = health_attach(server);
     srv_use_tls(server, mtls);
     srv_set_metrics(server, m);
     if (service_register(sv, server) != 0) {
         log_error("cannot register the Summary methods");
         goto out;
     }
-    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, server)) == NULL)
+    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, hl)) == NULL)
         goto out;
     if (srv_start(server) != 0)
         goto out; /* srv_start logged the address */
