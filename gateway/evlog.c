@@ -21,6 +21,11 @@ typedef struct event {
     int64_t seq; /* 0 until the event is first sent */
 } event;
 
+/* What one waiting event costs besides its text, for
+ * --event-buffer-total-bytes: its slot in the queue and the allocator's
+ * header of the text's block. */
+#define EVENT_OVERHEAD_BYTES (sizeof(event) + 16)
+
 typedef enum call_kind { CALL_OPEN, CALL_APPEND, CALL_END } call_kind;
 
 struct evlog {
@@ -91,6 +96,44 @@ static size_t waiting(const evlog *ev)
     return ev->n - ev->head;
 }
 
+/* Adds delta bytes to what every session holds for store-svc, and notes
+ * when the total reaches --event-buffer-total-bytes (new messages are
+ * refused) or drains to half of it (taken again): each logged once. */
+static void account(gw *g, long delta)
+{
+    long total = atomic_fetch_add(&g->counters.events_buffered_bytes, delta) + delta;
+    long long cap = g->opts.event_buffer_total_bytes;
+    if (cap <= 0)
+        return;
+    if (!g->events_full && total >= cap) {
+        g->events_full = 1;
+        log_error("events waiting for store-svc reached --event-buffer-total-bytes (%ld bytes in "
+                  "%ld events): new messages are refused (store_backlog) until half of it is "
+                  "stored; answers under way go on",
+                  total, atomic_load(&g->counters.events_buffered));
+    } else if (g->events_full && total <= cap / 2) {
+        g->events_full = 0;
+        log_info("events waiting for store-svc are down to %ld bytes: new messages are taken "
+                 "again",
+                 total);
+    }
+}
+
+/* Frees the text of the next `count` waiting events, from the head, and
+ * takes them off the counts (they are stored or dropped). */
+static void release(evlog *ev, size_t count)
+{
+    long bytes = 0;
+    for (size_t i = 0; i < count; i++) {
+        event *e = &ev->q[ev->head + i];
+        bytes += (long)(e->len + EVENT_OVERHEAD_BYTES);
+        mem_free(e->content);
+    }
+    ev->head += count;
+    atomic_fetch_sub(&ev->g->counters.events_buffered, (long)count);
+    account(ev->g, -bytes);
+}
+
 static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
     (void)loop;
@@ -126,14 +169,12 @@ static void count_dropped(evlog *ev, uint64_t n, const char *reason)
 
 static void drop_events(evlog *ev, size_t count, const char *reason, const char *why)
 {
-    for (size_t i = 0; i < count && ev->head < ev->n; i++) {
-        mem_free(ev->q[ev->head].content);
-        ev->head++;
-    }
+    if (count > waiting(ev))
+        count = waiting(ev);
+    release(ev, count);
     ev->batch = 0;
     ev->dropped += count;
     count_dropped(ev, count, reason);
-    atomic_fetch_sub(&ev->g->counters.events_buffered, (long)count);
     const log_field f[] = {{"session_id", ev->session_id}, {NULL, NULL}};
     log_fields(LOG_ERROR, f, "dropped %zu events of the session (%lu in all): %s", count,
                ev->dropped, why);
@@ -219,13 +260,10 @@ static void handle_append(evlog *ev, reply *r)
     if (r->code == RPC_OK) {
         const Convo__V1__AppendEventsResponse *resp =
             (const Convo__V1__AppendEventsResponse *)r->resp;
-        for (size_t i = 0; i < sent; i++)
-            mem_free(ev->q[ev->head + i].content);
-        ev->head += sent;
+        release(ev, sent);
         ev->batch = 0;
         ev->backoff_ms = 0;
         atomic_fetch_add(&ev->g->counters.events_logged, (long)resp->appended);
-        atomic_fetch_sub(&ev->g->counters.events_buffered, (long)sent);
         metrics_counter_add(ev->g->mx.events_stored, resp->appended);
         if (ev->batch_us != 0)
             metrics_histogram_observe(ev->g->mx.store_batch_seconds,
@@ -460,6 +498,7 @@ void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t
     e->ts_us = now_us();
     e->seq = 0;
     atomic_fetch_add(&ev->g->counters.events_buffered, 1);
+    account(ev->g, (long)(len + EVENT_OVERHEAD_BYTES));
     pump(ev);
 }
 
@@ -478,11 +517,8 @@ void evlog_close(evlog *ev, evlog_closed_fn on_closed)
 
 void evlog_abandon(evlog *ev)
 {
-    size_t left = waiting(ev);
-    for (size_t i = 0; i < left; i++)
-        mem_free(ev->q[ev->head + i].content);
+    release(ev, waiting(ev));
     ev->head = ev->n = 0;
-    atomic_fetch_sub(&ev->g->counters.events_buffered, (long)left);
     ev->open_reported = 1; /* the session has its answer */
     ev->abandoned = 1;
     ev->refused = 1;
@@ -498,6 +534,11 @@ void evlog_reopen(evlog *ev)
         ev->next_seq = 0;
     }
     pump(ev);
+}
+
+int evlog_full(const gw *g)
+{
+    return g->events_full;
 }
 
 void evlog_metrics_init(gw *g)

@@ -2,6 +2,7 @@
 
 #include "convo/v1/llm.pb-c.h"
 #include "convo/v1/router.pb-c.h"
+#include "defroute.h"
 #include "evlog.h"
 #include "frame.h"
 #include "history.h"
@@ -42,6 +43,9 @@ struct session {
     int end_timer_armed;
     int resumed;
     int history_loaded;
+    int held;      /* counted in the user's --max-sessions-per-user */
+    int load_skip; /* a resume's window: events before its first user message are skipped */
+    int64_t stored_users, stored_tools; /* a resumed session's counts, as the store has them */
 
     turn *cur;
     char **queue; /* messages waiting for their turn */
@@ -72,6 +76,8 @@ struct turn {
     const char *strategy;
     const char *outcome;
     int first_token_sent;
+    const char *degraded; /* the default route's reason word (defroute.h); NULL: router-svc's */
+    int probe;            /* its Route probes router-svc during an outage */
 };
 
 struct sess_table {
@@ -121,9 +127,14 @@ static void make_turn_series(gw *g)
     }
     for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++)
         metrics_counter_of(mx->turn_errors, (const char *[]){codes[i]});
+    static const char *const degraded[] = {DEFROUTE_UNAVAILABLE, DEFROUTE_TIMEOUT, DEFROUTE_ERROR,
+                                           DEFROUTE_OUTAGE};
+    for (size_t i = 0; i < sizeof degraded / sizeof degraded[0]; i++)
+        metrics_counter_of(mx->turns_degraded, (const char *[]){degraded[i]});
     for (int k = 0; k < LIM_KINDS; k++)
         metrics_counter_of(mx->rate_limited, (const char *[]){lim_name((lim_kind)k)});
     metrics_counter_of(mx->rate_limited, (const char *[]){"queued_messages"});
+    metrics_counter_of(mx->rate_limited, (const char *[]){"event_buffer"});
 }
 
 sess_table *sess_table_create(gw *g)
@@ -296,7 +307,7 @@ static void fail_turn(session *s, turn *t, const char *code, const char *content
 {
     if (t->cancelled) {
         size_t len;
-        char *f = frame_done(t->id, "cancelled", NULL, NULL, NULL, &len);
+        char *f = frame_done(t->id, "cancelled", NULL, NULL, NULL, t->degraded != NULL, &len);
         send_frame(s, f, len);
         record_system(s, "turn_cancelled", t->id, NULL);
         t->outcome = "cancelled";
@@ -427,7 +438,7 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
         t->terminal = 1;
         t->outcome = "done";
         f = frame_done(t->id, "completed", d->finish_reason, d->usage != NULL ? &u : NULL,
-                       d->upstream, &len);
+                       d->upstream, t->degraded != NULL, &len);
         send_charged(s, f, len, charge);
         hist_end_turn(s->history);
         if (d->usage != NULL)
@@ -553,12 +564,64 @@ static Convo__V1__ChatRequest *chat_request(session *s, turn *t)
     return copy;
 }
 
+/* Starts the turn's Llm.Chat with the route's prompt and parameters
+ * (borrowed for the call, then given back: the route owns them). Any
+ * thread; reads only what does not change during the turn. NULL when the
+ * call could not be started. */
+static cli_call *start_chat(turn *t, Convo__V1__ChatRequest *req,
+                            const Convo__V1__RouteResponse *route)
+{
+    cli_call *chat = NULL;
+    req->system_prompt = route->system_prompt;
+    req->params = route->params;
+    cli_opts o = {.timeout_ms = t->s->g->opts.chat_timeout_ms, .request_id = t->rid};
+    if (cli_stream(t->s->g->llm, "/convo.v1.Llm/Chat", &req->base,
+                   &convo__v1__chat_event__descriptor, &o, on_chat_msg, on_chat_done, t,
+                   &chat) != 0)
+        chat = NULL;
+    req->system_prompt = NULL;
+    req->params = NULL;
+    return chat;
+}
+
+/* The answer is under way with `route` (degraded: the default route's
+ * reason word, or NULL for router-svc's): the route decision is logged
+ * before any of the answer's events (they reach the loop after this). */
+static void answer_started(session *s, turn *t, const Convo__V1__RouteResponse *route,
+                           cli_call *chat, const char *degraded)
+{
+    t->strategy = names_strategy(route->strategy);
+    t->chat = chat;
+    t->degraded = degraded;
+    s->refs++; /* the Chat call's, given back when it ends */
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "event",
+                           json_object_new_string(degraded != NULL ? "route_degraded" : "route"));
+    json_object_object_add(o, "turn_id", json_object_new_int64((int64_t)t->id));
+    json_object_object_add(o, "strategy", json_object_new_string(route->strategy_name));
+    if (degraded != NULL) {
+        json_object_object_add(o, "reason", json_object_new_string(degraded));
+        defroute_count(s->g->defroute);
+        metrics_counter_inc(
+            metrics_counter_of(s->g->mx.turns_degraded, (const char *[]){degraded}));
+    }
+    json_object *reasons = json_object_new_array();
+    for (size_t i = 0; i < route->n_reasons; i++)
+        json_object_array_add(reasons, json_object_new_string(route->reasons[i]));
+    json_object_object_add(o, "reasons", reasons);
+    record_json(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_SYSTEM_EVENT, o);
+    /* Cancelled while Route ran: the answer ends as soon as it began. */
+    if (t->cancelled)
+        cli_call_cancel(t->chat);
+}
+
 typedef struct route_job {
     turn *t;
     rpc_code code;
     char *message;
     Convo__V1__RouteResponse *resp;
-    cli_call *chat; /* started when Route answered; NULL: not started */
+    const char *degraded; /* the default route was taken: why (defroute.h) */
+    cli_call *chat;       /* started when Route answered; NULL: not started */
 } route_job;
 
 static void on_route_job(void *arg)
@@ -567,29 +630,20 @@ static void on_route_job(void *arg)
     turn *t = j->t;
     session *s = t->s;
     cli_call_release(&t->route);
-    if (j->resp != NULL)
-        t->strategy = names_strategy(j->resp->strategy);
+    defroute_result(s->g->defroute, t->probe, j->code, j->message, now_ms());
+    if (j->degraded != NULL) {
+        /* Logged once per outage by defroute; per turn only at debug. */
+        const log_field f[] = {{"session_id", s->id}, {"request_id", t->rid}, {NULL, NULL}};
+        log_fields(LOG_DEBUG, f,
+                   "turn %llu takes the default route: Router.Route ended with %s: %s",
+                   (unsigned long long)t->id, rpc_code_name(j->code), j->message);
+    }
     if (j->chat != NULL) {
-        t->chat = j->chat;
-        s->refs++; /* the Chat call's, given back when it ends */
-        json_object *o = json_object_new_object();
-        json_object_object_add(o, "event", json_object_new_string("route"));
-        json_object_object_add(o, "turn_id", json_object_new_int64((int64_t)t->id));
-        json_object_object_add(o, "strategy", json_object_new_string(j->resp->strategy_name));
-        json_object *reasons = json_object_new_array();
-        for (size_t i = 0; i < j->resp->n_reasons; i++)
-            json_object_array_add(reasons, json_object_new_string(j->resp->reasons[i]));
-        json_object_object_add(o, "reasons", reasons);
-        record_json(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_SYSTEM_EVENT, o);
-        /* Cancelled while Route ran: the answer ends as soon as it began. */
-        if (t->cancelled)
-            cli_call_cancel(t->chat);
-    } else if (j->code != RPC_OK) {
-        if (!t->cancelled) {
-            const log_field f[] = {{"session_id", s->id}, {"request_id", t->rid}, {NULL, NULL}};
-            log_fields(LOG_WARN, f, "turn %llu failed: Router.Route ended with %s: %s",
-                       (unsigned long long)t->id, rpc_code_name(j->code), j->message);
-        }
+        answer_started(s, t, j->resp != NULL ? j->resp : defroute_response(s->g->defroute), j->chat,
+                       j->degraded);
+    } else if (j->code != RPC_OK && j->degraded == NULL) {
+        /* Route was cancelled: by a cancel (told as such), or by
+         * router-svc itself. */
         const char *content = "The answer failed: the routing service is unavailable. Your "
                               "session is intact; please send your message again.";
         fail_turn(s, t, "router_unavailable", content);
@@ -605,10 +659,10 @@ static void on_route_job(void *arg)
     sess_unref(s);
 }
 
-/* gRPC thread: Route answered, so Chat starts here rather than one hop
- * later on the loop. Its callbacks run on this thread after this returns
- * (cli.h), so the route job posted below reaches the loop before any Chat
- * event. Reads only what does not change during the turn. */
+/* gRPC thread: Route answered (or failed: then the default route), so
+ * Chat starts here rather than one hop later on the loop. Its callbacks
+ * run on this thread after this returns (cli.h), so the route job posted
+ * below reaches the loop before any Chat event. */
 static void on_route_done(void *arg, rpc_code code, const char *message, ProtobufCMessage *resp)
 {
     turn *t = arg;
@@ -618,20 +672,13 @@ static void on_route_done(void *arg, rpc_code code, const char *message, Protobu
     j->code = code;
     j->message = mem_strdup(message != NULL ? message : "");
     j->resp = (Convo__V1__RouteResponse *)resp;
+    j->degraded = defroute_reason(code);
     Convo__V1__ChatRequest *req = t->chat_req;
     t->chat_req = NULL;
-    if (code == RPC_OK) {
-        req->system_prompt = j->resp->system_prompt;
-        req->params = j->resp->params;
-        cli_opts o = {.timeout_ms = s->g->opts.chat_timeout_ms, .request_id = t->rid};
-        if (cli_stream(s->g->llm, "/convo.v1.Llm/Chat", &req->base,
-                       &convo__v1__chat_event__descriptor, &o, on_chat_msg, on_chat_done, t,
-                       &j->chat) != 0)
-            j->chat = NULL;
-        /* Borrowed from the route response, which the loop frees. */
-        req->system_prompt = NULL;
-        req->params = NULL;
-    }
+    if (code == RPC_OK)
+        j->chat = start_chat(t, req, j->resp);
+    else if (j->degraded != NULL)
+        j->chat = start_chat(t, req, defroute_response(s->g->defroute));
     protobuf_c_message_free_unpacked(&req->base, NULL);
     bridge_post(s->g->bridge, on_route_job, j);
 }
@@ -652,24 +699,44 @@ static void start_turn(session *s, char *message)
 
     record(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_USER_MESSAGE, message, strlen(message));
     hist_counts counts = hist_get_counts(s->history);
+    Convo__V1__ChatRequest *req = chat_request(s, t);
+    if (req == NULL) {
+        fail_turn(s, t, "internal", "The answer could not be started; please try again.");
+        end_turn(s, t);
+        return;
+    }
+    if (!defroute_ask(s->g->defroute, &t->probe)) {
+        /* router-svc is down and another turn is finding out whether it is
+         * back: this one does not wait for it. */
+        const Convo__V1__RouteResponse *route = defroute_response(s->g->defroute);
+        cli_call *chat = start_chat(t, req, route);
+        protobuf_c_message_free_unpacked(&req->base, NULL);
+        if (chat != NULL) {
+            answer_started(s, t, route, chat, DEFROUTE_OUTAGE);
+        } else {
+            fail_turn(s, t, "internal", "The answer could not be started; please try again.");
+            end_turn(s, t);
+        }
+        return;
+    }
 
-    Convo__V1__RouteRequest req = CONVO__V1__ROUTE_REQUEST__INIT;
-    req.session_id = s->id;
-    req.user_id = s->user_id;
-    req.last_user_message = message;
-    req.user_message_count = counts.user_messages;
-    req.tool_call_count = counts.tool_calls;
-    req.assistant_message_count = counts.assistant_messages;
+    Convo__V1__RouteRequest rreq = CONVO__V1__ROUTE_REQUEST__INIT;
+    rreq.session_id = s->id;
+    rreq.user_id = s->user_id;
+    rreq.last_user_message = message;
+    rreq.user_message_count = counts.user_messages;
+    rreq.tool_call_count = counts.tool_calls;
+    rreq.assistant_message_count = counts.assistant_messages;
     cli_opts o = {.timeout_ms = s->g->opts.route_timeout_ms, .request_id = t->rid};
-    t->chat_req = chat_request(s, t);
+    t->chat_req = req;
     s->refs++;
-    if (t->chat_req == NULL ||
-        cli_unary(s->g->router, "/convo.v1.Router/Route", &req.base,
+    if (cli_unary(s->g->router, "/convo.v1.Router/Route", &rreq.base,
                   &convo__v1__route_response__descriptor, &o, on_route_done, t, &t->route) != 0) {
         s->refs--;
-        if (t->chat_req != NULL)
-            protobuf_c_message_free_unpacked(&t->chat_req->base, NULL);
+        protobuf_c_message_free_unpacked(&t->chat_req->base, NULL);
         t->chat_req = NULL;
+        /* No Route call: the probe, if this was it, is free again. */
+        defroute_result(s->g->defroute, t->probe, RPC_CANCELLED, "", now_ms());
         fail_turn(s, t, "internal", "The answer could not be started; please try again.");
         end_turn(s, t);
     }
@@ -727,6 +794,14 @@ static void sess_on_text(void *peer, const char *data, size_t len)
         send_error(s, in.code, in.error, NULL);
     } else if (in.kind == FRAME_CANCEL) {
         cancel_turn(s);
+    } else if (evlog_full(s->g)) {
+        /* What waits for store-svc is at its bound: taking the message
+         * would mean an answer whose events could not be kept. */
+        gw_count_limited(s->g, "event_buffer");
+        send_error(s, "store_backlog",
+                   "the conversation store is not keeping up, so new messages are not taken for "
+                   "now; your message was not sent: send it again in a moment",
+                   NULL);
     } else if (lim_check(s->g->limits, LIM_TOKENS, s->user_id, now_ms()) != 0) {
         gw_count_limited(s->g, lim_name(LIM_TOKENS));
         send_error(s, lim_code(LIM_TOKENS),
@@ -778,11 +853,18 @@ static void on_load_job(void *arg)
     load_job *j = arg;
     session *s = j->s;
     if (j->ev != NULL) {
-        hist_apply(s->history, j->ev->type, j->ev->content, strlen(j->ev->content));
+        /* A window that starts inside a turn starts at its next user
+         * message: a tool result without its call, or half an answer,
+         * would give the model a history it cannot take. */
+        if (s->load_skip && j->ev->type == CONVO__V1__EVENT_TYPE__EVENT_TYPE_USER_MESSAGE)
+            s->load_skip = 0;
+        if (!s->load_skip)
+            hist_apply(s->history, j->ev->type, j->ev->content, strlen(j->ev->content));
         protobuf_c_message_free_unpacked(&j->ev->base, NULL);
     } else {
         s->loading = 0;
         s->history_loaded = j->code == RPC_OK;
+        hist_set_counts(s->history, s->stored_users, s->stored_tools);
         if (j->code != RPC_OK)
             log_warn("could not load the history of session %s (%s: %s); going on without it",
                      s->id, rpc_code_name(j->code), j->message);
@@ -818,10 +900,20 @@ static void on_load_done(void *arg, rpc_code code, const char *message, Protobuf
     bridge_post(j->s->g->bridge, on_load_job, j);
 }
 
-static void load_history(session *s)
+/* Reads the newest --resume-events events of a resumed session back into
+ * its history; the counts of the whole session are the store's. */
+static void load_history(session *s, const Convo__V1__Session *stored)
 {
     Convo__V1__ListEventsRequest req = CONVO__V1__LIST_EVENTS_REQUEST__INIT;
     req.session_id = s->id;
+    int64_t window = s->g->opts.resume_events;
+    if (window > 0 && stored->last_seq > window) {
+        req.after_seq = stored->last_seq - window;
+        req.limit = window;
+        s->load_skip = 1;
+    }
+    s->stored_users = stored->user_message_count;
+    s->stored_tools = stored->tool_call_count;
     cli_opts o = {.timeout_ms = s->g->opts.store_timeout_ms * 6};
     s->loading = 1;
     s->refs++;
@@ -829,6 +921,7 @@ static void load_history(session *s)
                    &convo__v1__event__descriptor, &o, on_load_msg, on_load_done, s, NULL) != 0) {
         s->refs--;
         s->loading = 0;
+        hist_set_counts(s->history, s->stored_users, s->stored_tools);
         announce(s);
     }
 }
@@ -899,7 +992,7 @@ static void on_open(void *arg, rpc_code code, const char *message,
     s->counted_new = 0;
     s->resumed = !resp->created;
     if (s->resumed && resp->session != NULL && resp->session->event_count > 0) {
-        load_history(s);
+        load_history(s, resp->session);
         return;
     }
     s->history_loaded = 1;
@@ -917,6 +1010,8 @@ static void sess_free(session *s)
         unlink_session(s->g->sessions, s);
     s->g->sessions->live--;
     metrics_gauge_add(s->g->mx.sessions, -1);
+    if (s->held)
+        lim_release(s->g->limits, LIM_OPEN_SESSIONS, s->user_id, now_ms());
     evlog_destroy(&s->log);
     hist_destroy(&s->history);
     for (size_t i = 0; i < s->nqueue; i++)
@@ -1095,6 +1190,23 @@ static void probe_start(sess_table *t, conn *c, const char *id, const char *user
         on_probe_done(p, RPC_INTERNAL, "could not start the call", NULL);
 }
 
+/* Counts a session about to be made in memory against its user's
+ * --max-sessions-per-user (given back when it is freed). Returns 0, or -1
+ * with the connection closed (1013) and the refusal counted. */
+static int hold_session(gw *g, conn *c, const char *user_id)
+{
+    int rc = lim_hold(g->limits, LIM_OPEN_SESSIONS, user_id, now_ms());
+    if (rc == 0)
+        return 0;
+    const char *code = rc == LIM_EFULL ? "limits_full" : lim_code(LIM_OPEN_SESSIONS);
+    gw_count_refused(g, code);
+    gw_count_limited(g, lim_name(LIM_OPEN_SESSIONS));
+    conn_close(c, WS_CLOSE_TRY_LATER, code,
+               "too many sessions of this user at once (--max-sessions-per-user); close one and "
+               "try again");
+    return -1;
+}
+
 /* Attaches c to session id of user_id (see sess_open); known: the store
  * already said the session exists and is user_id's. */
 static session *attach(sess_table *t, conn *c, const char *id, const char *user_id, int known)
@@ -1119,7 +1231,13 @@ static session *attach(sess_table *t, conn *c, const char *id, const char *user_
             probe_start(t, c, id, user_id);
             return NULL;
         }
+        if (hold_session(t->g, c, user_id) != 0) {
+            if (!known)
+                lim_give(t->g->limits, LIM_SESSIONS, user_id, now_ms());
+            return NULL;
+        }
         s = sess_create(t->g, id, user_id);
+        s->held = 1;
         s->counted_new = !known;
     } else {
         if (s->conn != NULL) {
