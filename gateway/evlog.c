@@ -18,7 +18,8 @@ typedef struct event {
     char *content;
     size_t len;
     int64_t ts_us;
-    int64_t seq; /* 0 until the event is first sent */
+    int64_t seq;  /* 0 until the event is first sent */
+    uint64_t idx; /* its place among every event added (evlog_added) */
 } event;
 
 /* What one waiting event costs besides its text, for
@@ -55,6 +56,11 @@ struct evlog {
     int abandoned;    /* given up by the session (evlog_abandon) */
     int64_t close_ms; /* when closing began, for --event-retry-ms */
     unsigned long dropped;
+    /* Events added since creation; --store-before-send shows a frame once
+     * the events before it are settled (evlog_settled). */
+    uint64_t added;
+    evlog_settled_fn on_settled;
+    void *settled_arg;
     int64_t batch_us; /* when the AppendEvents in flight was sent (metrics) */
 };
 
@@ -119,6 +125,13 @@ static void account(gw *g, long delta)
     }
 }
 
+/* Tells the owner that more events may be settled. */
+static void settled(evlog *ev)
+{
+    if (ev->on_settled != NULL)
+        ev->on_settled(ev->settled_arg, evlog_settled(ev));
+}
+
 /* Frees the text of the next `count` waiting events, from the head, and
  * takes them off the counts (they are stored or dropped). */
 static void release(evlog *ev, size_t count)
@@ -132,6 +145,8 @@ static void release(evlog *ev, size_t count)
     ev->head += count;
     atomic_fetch_sub(&ev->g->counters.events_buffered, (long)count);
     account(ev->g, -bytes);
+    if (count > 0)
+        settled(ev);
 }
 
 static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
@@ -427,7 +442,11 @@ static void pump(evlog *ev)
     if (!ev->ended && ev->next_seq == 0) {
         start_open(ev);
     } else if (!ev->ended && waiting(ev) > 0) {
-        if (ev->flush_due || ev->closing || waiting(ev) >= (size_t)ev->g->opts.event_batch)
+        /* With --store-before-send frames wait for their events: each
+         * batch goes as soon as the one before it is stored (what arrived
+         * meanwhile goes together), never after --event-flush-ms. */
+        if (ev->flush_due || ev->closing || ev->g->opts.store_before_send ||
+            waiting(ev) >= (size_t)ev->g->opts.event_batch)
             start_append(ev);
         else
             arm(ev, (int)ev->g->opts.event_flush_ms);
@@ -461,16 +480,21 @@ evlog *evlog_create(gw *g, const char *session_id, const char *user_id, evlog_op
 
 void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t len)
 {
-    if (ev->abandoned)
+    ev->added++;
+    if (ev->abandoned) {
+        settled(ev);
         return;
+    }
     if (ev->refused) {
         ev->dropped++;
         count_dropped(ev, 1, "refused");
+        settled(ev);
         return;
     }
     if (waiting(ev) >= (size_t)ev->g->opts.event_buffer) {
         ev->dropped++;
         count_dropped(ev, 1, "buffer_full");
+        settled(ev);
         if (ev->dropped == 1 || ev->dropped % 1000 == 0) {
             const log_field f[] = {{"session_id", ev->session_id}, {NULL, NULL}};
             log_fields(LOG_ERROR, f,
@@ -497,6 +521,7 @@ void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t
     e->len = len;
     e->ts_us = now_us();
     e->seq = 0;
+    e->idx = ev->added;
     atomic_fetch_add(&ev->g->counters.events_buffered, 1);
     account(ev->g, (long)(len + EVENT_OVERHEAD_BYTES));
     pump(ev);
@@ -536,6 +561,25 @@ void evlog_reopen(evlog *ev)
     pump(ev);
 }
 
+uint64_t evlog_added(const evlog *ev)
+{
+    return ev->added;
+}
+
+uint64_t evlog_settled(const evlog *ev)
+{
+    /* Stored and dropped events leave from the head, in order: all before
+     * the first one waiting are settled. An event dropped on arrival while
+     * others wait is settled with them. */
+    return waiting(ev) == 0 ? ev->added : ev->q[ev->head].idx - 1;
+}
+
+void evlog_on_settled(evlog *ev, evlog_settled_fn fn, void *arg)
+{
+    ev->on_settled = fn;
+    ev->settled_arg = arg;
+}
+
 int evlog_full(const gw *g)
 {
     return g->events_full;
@@ -555,6 +599,7 @@ void evlog_destroy(evlog **evp)
     if (ev == NULL)
         return;
     *evp = NULL;
+    ev->on_settled = NULL; /* its owner is going away */
     ev_timer_stop(ev->g->loop, &ev->timer);
     ev_timer_stop(ev->g->loop, &ev->closed_timer);
     size_t left = waiting(ev);

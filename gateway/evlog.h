@@ -19,6 +19,7 @@
 #include "gw.h"
 
 #include <stddef.h>
+#include <stdint.h>
 
 typedef struct evlog evlog;
 
@@ -50,6 +51,15 @@ void evlog_reopen(evlog *ev);
 /* Frees an evlog with no call in flight (after on_closed, or never
  * opened); clears *ev. */
 void evlog_destroy(evlog **ev);
+/* Events added since creation (each evlog_add counts, kept or not), and
+ * how many of the first ones are settled: each stored by store-svc, or
+ * dropped (never to be stored). */
+uint64_t evlog_added(const evlog *ev);
+uint64_t evlog_settled(const evlog *ev);
+/* fn(arg, settled) fires on the loop whenever more events are settled
+ * (never during evlog_destroy). */
+typedef void (*evlog_settled_fn)(void *arg, uint64_t settled);
+void evlog_on_settled(evlog *ev, evlog_settled_fn fn, void *arg);
 /* Whether the events waiting in every session reached
  * --event-buffer-total-bytes and have not drained to half of it since: new
  * messages are refused meanwhile (the reaching and the draining are each

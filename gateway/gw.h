@@ -53,6 +53,11 @@
       "sessions together; at it new messages are refused with an error frame (store_backlog) "     \
       "until half of it is stored, while answers under way go on (their events are kept); 0: no "  \
       "limit")                                                                                     \
+    X(S, store_before_send, BOOL, "store-before-send", "STORE_BEFORE_SEND", "false",               \
+      "show a client nothing store-svc has not stored: each frame waits until the events before "  \
+      "it are stored (a gateway killed loses nothing it showed; costs a store round trip before "  \
+      "the first token and slows every answer to the store's pace; while store-svc is down "       \
+      "answers stall)")                                                                            \
     X(S, event_retry_ms, INT, "event-retry-ms", "EVENT_RETRY_MS", "600000",                        \
       "how long the events of a disconnected session are retried while store-svc is down "         \
       "before they are dropped (counted and logged)")                                              \

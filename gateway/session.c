@@ -23,6 +23,7 @@
 
 typedef struct session session;
 typedef struct turn turn;
+typedef struct held held;
 
 struct session {
     ev_timer end_timer;  /* --end-grace-ms */
@@ -48,7 +49,8 @@ struct session {
     int64_t stored_users, stored_tools; /* a resumed session's counts, as the store has them */
 
     turn *cur;
-    char **queue; /* messages waiting for their turn */
+    held *held_head, *held_tail; /* frames waiting for their events (--store-before-send) */
+    char **queue;                /* messages waiting for their turn */
     size_t nqueue;
     uint64_t next_turn_id;
 
@@ -178,9 +180,29 @@ size_t sess_count(const sess_table *t)
 
 /* ---- output ---------------------------------------------------------- */
 
-/* Sends a frame whose `charge` is already counted in out_bytes; with no
+/* A frame held back by --store-before-send until the events recorded
+ * before it are settled (stored, or dropped for good). */
+struct held {
+    held *next;
+    char *frame;
+    size_t len;
+    long charge;
+    uint64_t after;       /* shown once this many events are settled */
+    int64_t first_us;     /* a turn's first token: the turn's start (the metric), else 0 */
+    const char *strategy; /* and its strategy */
+};
+
+static void observe_first_token(session *s, const char *strategy, int64_t start_us)
+{
+    if (s->g->mx.first_token != NULL)
+        metrics_histogram_observe(
+            metrics_histogram_of(s->g->mx.first_token, (const char *[]){strategy}),
+            (uint64_t)(lws_now_usecs() - start_us));
+}
+
+/* Writes a frame whose `charge` is already counted in out_bytes; with no
  * connection the charge is given back at once. */
-static void send_charged(session *s, char *frame, size_t len, long charge)
+static void deliver(session *s, char *frame, size_t len, long charge)
 {
     if (s->conn == NULL) {
         mem_free(frame);
@@ -188,6 +210,60 @@ static void send_charged(session *s, char *frame, size_t len, long charge)
         return;
     }
     conn_send(s->conn, frame, len, charge);
+}
+
+/* The held frames whose events are settled go out, in order. */
+static void release_held(session *s, uint64_t settled)
+{
+    while (s->held_head != NULL && s->held_head->after <= settled) {
+        held *h = s->held_head;
+        s->held_head = h->next;
+        if (s->held_head == NULL)
+            s->held_tail = NULL;
+        if (h->first_us != 0)
+            observe_first_token(s, h->strategy, h->first_us);
+        deliver(s, h->frame, h->len, h->charge);
+        mem_free(h);
+    }
+}
+
+static void on_settled(void *arg, uint64_t settled)
+{
+    release_held(arg, settled);
+}
+
+/* Sends a frame whose `charge` is counted: at once, or with
+ * --store-before-send once every event recorded so far is settled (the
+ * frame shows nothing that is not stored; the order of frames is kept).
+ * first: the turn whose first token this is (the metric), else NULL. */
+static void show(session *s, char *frame, size_t len, long charge, const turn *first)
+{
+    if (!s->g->opts.store_before_send) {
+        if (first != NULL)
+            observe_first_token(s, first->strategy, first->start_us);
+        deliver(s, frame, len, charge);
+        return;
+    }
+    held *h = mem_calloc(1, sizeof *h);
+    h->frame = frame;
+    h->len = len;
+    h->charge = charge;
+    h->after = evlog_added(s->log);
+    if (first != NULL) {
+        h->first_us = first->start_us;
+        h->strategy = first->strategy;
+    }
+    if (s->held_tail != NULL)
+        s->held_tail->next = h;
+    else
+        s->held_head = h;
+    s->held_tail = h;
+    release_held(s, evlog_settled(s->log));
+}
+
+static void send_charged(session *s, char *frame, size_t len, long charge)
+{
+    show(s, frame, len, charge, NULL);
 }
 
 static void send_frame(session *s, char *frame, size_t len)
@@ -307,13 +383,13 @@ static void fail_turn(session *s, turn *t, const char *code, const char *content
 {
     if (t->cancelled) {
         size_t len;
+        record_system(s, "turn_cancelled", t->id, NULL);
         char *f = frame_done(t->id, "cancelled", NULL, NULL, NULL, t->degraded != NULL, &len);
         send_frame(s, f, len);
-        record_system(s, "turn_cancelled", t->id, NULL);
         t->outcome = "cancelled";
     } else {
-        send_error(s, code, content, t);
         record_system(s, "turn_failed", t->id, code);
+        send_error(s, code, content, t);
         count_error(s, t, code);
     }
 }
@@ -399,32 +475,29 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
     char *f = NULL;
     switch (ev->event_case) {
     case CONVO__V1__CHAT_EVENT__EVENT_TOKEN:
-        f = frame_token(ev->token->content, t->id, &len);
-        send_charged(s, f, len, charge);
-        metrics_counter_inc(s->g->mx.tokens);
-        if (!t->first_token_sent && s->g->mx.first_token != NULL) {
-            t->first_token_sent = 1;
-            metrics_histogram_observe(
-                metrics_histogram_of(s->g->mx.first_token, (const char *[]){t->strategy}),
-                (uint64_t)(lws_now_usecs() - t->start_us));
-        }
+        /* Recorded before it is sent: with --store-before-send a frame
+         * waits for the events recorded before it, its own included. */
         record(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_AI_TOKEN, ev->token->content,
                strlen(ev->token->content));
+        f = frame_token(ev->token->content, t->id, &len);
+        show(s, f, len, charge, t->first_token_sent ? NULL : t);
+        t->first_token_sent = 1;
+        metrics_counter_inc(s->g->mx.tokens);
         break;
     case CONVO__V1__CHAT_EVENT__EVENT_TOOL_CALL: {
         const Convo__V1__ToolCallEvent *c = ev->tool_call;
-        f = frame_tool_call(c->name, c->call_id, c->arguments_json, t->id, &len);
-        send_charged(s, f, len, charge);
         tool_event_json(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_TOOL_CALL, c->call_id, c->name,
                         "arguments", c->arguments_json);
+        f = frame_tool_call(c->name, c->call_id, c->arguments_json, t->id, &len);
+        send_charged(s, f, len, charge);
         break;
     }
     case CONVO__V1__CHAT_EVENT__EVENT_TOOL_RESULT: {
         const Convo__V1__ToolResultEvent *r = ev->tool_result;
-        f = frame_tool_result(r->name, r->call_id, r->result_json, r->is_error, t->id, &len);
-        send_charged(s, f, len, charge);
         tool_event_json(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_TOOL_RESULT, r->call_id, r->name,
                         "result", r->result_json);
+        f = frame_tool_result(r->name, r->call_id, r->result_json, r->is_error, t->id, &len);
+        send_charged(s, f, len, charge);
         break;
     }
     case CONVO__V1__CHAT_EVENT__EVENT_DONE: {
@@ -437,12 +510,12 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
         }
         t->terminal = 1;
         t->outcome = "done";
-        f = frame_done(t->id, "completed", d->finish_reason, d->usage != NULL ? &u : NULL,
-                       d->upstream, t->degraded != NULL, &len);
-        send_charged(s, f, len, charge);
         hist_end_turn(s->history);
         if (d->usage != NULL)
             account_usage(s, t, d);
+        f = frame_done(t->id, "completed", d->finish_reason, d->usage != NULL ? &u : NULL,
+                       d->upstream, t->degraded != NULL, &len);
+        send_charged(s, f, len, charge);
         break;
     }
     case CONVO__V1__CHAT_EVENT__EVENT_ERROR: {
@@ -452,9 +525,9 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
         log_fields(LOG_WARN, lf, "turn %llu failed in llm-svc (%s): %s", (unsigned long long)t->id,
                    code, ev->error->message);
         t->terminal = 1;
+        record_system(s, "turn_failed", t->id, code);
         f = frame_error(code, text, t->id, t->rid, &len);
         send_charged(s, f, len, charge);
-        record_system(s, "turn_failed", t->id, code);
         count_error(s, t, code);
         break;
     }
@@ -1014,6 +1087,11 @@ static void sess_free(session *s)
         lim_release(s->g->limits, LIM_OPEN_SESSIONS, s->user_id, now_ms());
     evlog_destroy(&s->log);
     hist_destroy(&s->history);
+    for (held *h = s->held_head, *next; h != NULL; h = next) {
+        next = h->next;
+        mem_free(h->frame);
+        mem_free(h);
+    }
     for (size_t i = 0; i < s->nqueue; i++)
         mem_free(s->queue[i]);
     mem_free(s->queue);
@@ -1071,6 +1149,8 @@ static session *sess_create(gw *g, const char *id, const char *user_id)
     t->live++;
     metrics_gauge_add(g->mx.sessions, 1);
     s->log = evlog_create(g, id, user_id, on_open, s);
+    if (g->opts.store_before_send)
+        evlog_on_settled(s->log, on_settled, s);
     ev_timer_init(&s->open_timer, on_open_timer, (double)g->opts.open_timeout_ms / MS_PER_S, 0.);
     s->open_timer.data = s;
     ev_timer_start(g->loop, &s->open_timer);

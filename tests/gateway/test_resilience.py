@@ -429,3 +429,57 @@ def test_a_long_session_resumed_reads_only_its_newest_events(stack):
     got = rows(stack.pg, sid, lambda r: len(system_events(r, "route")) == 1)
     (route,) = system_events(got, "route")
     assert route["strategy"] == "tool_heavy", route
+
+
+# ---------------------------------------------------------------- the crash window
+
+
+def test_store_before_send_a_killed_gateway_loses_nothing_it_showed(stack):
+    """--store-before-send: a gateway killed with SIGKILL in the middle of an
+    answer streamed flat out has stored every token the client saw (without
+    it, the last --event-flush-ms of tokens would be lost: bench_crash.py);
+    and with store-svc down nothing is shown until it is back."""
+    gw = stack.gateway("--store-before-send")
+    session = "res-durable"
+    try:
+        async def go():
+            async with websockets.connect(ws_url(gw, session, "dora")) as ws:
+                await first_frame(ws)
+                whole = await turn(ws, "[[words:40]]")
+                # store-svc down: the answer waits for it, then arrives whole.
+                stack.store.kill()
+                await ws.send(json.dumps({"message": "[[words:30]]"}))
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(ws.recv(), 1.5)
+                stack.store.start()
+                stalled = []
+                while not stalled or stalled[-1]["type"] not in ("done", "error"):
+                    stalled.append(await recv(ws))
+                # (router-svc's fast_concise allows 400 tokens.)
+                await ws.send(json.dumps({"message": "[[words:400]]"}))
+                shown = 0
+                while shown < 300:
+                    if (await recv(ws))["type"] == "token":
+                        shown += 1
+                gw.kill()
+                try:
+                    while True:
+                        if (await recv(ws))["type"] == "token":
+                            shown += 1
+                except (ConnectionClosed, asyncio.TimeoutError):
+                    pass
+                return whole, stalled, shown
+
+        whole, stalled, shown = run(go())
+    finally:
+        if not stack.store.running:
+            stack.store.start()
+        if gw.running:
+            gw.stop()
+    assert whole[-1]["type"] == "done" and len(tokens(whole)) == 40
+    assert stalled[-1]["type"] == "done" and len(tokens(stalled)) == 30, stalled
+    # Every token shown is in the database (a kill may leave more stored
+    # than shown: events stored whose frames had not gone out).
+    got = rows(stack.pg, session, lambda r: sum(t == "ai_token" for _, t, _ in r) >= 70 + shown)
+    stored = sum(t == "ai_token" for _, t, _ in got)
+    assert stored >= 70 + shown, f"shown {shown} tokens of the last answer, stored {stored - 70}"
