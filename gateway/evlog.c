@@ -13,12 +13,20 @@
 #define BACKOFF_FIRST_MS 100
 #define BACKOFF_MAX_MS   5000
 
+/* The trace ids of a run of events (a turn's), shared by them: copied
+ * once per turn, not per event. */
+typedef struct trace_ref {
+    int refs;
+    trace_span ids; /* ids and tracestate only, never recorded */
+} trace_ref;
+
 typedef struct event {
     Convo__V1__EventType type;
     char *content;
     size_t len;
     int64_t ts_us;
-    int64_t seq; /* 0 until the event is first sent */
+    int64_t seq;      /* 0 until the event is first sent */
+    trace_ref *trace; /* NULL: none */
 } event;
 
 typedef enum call_kind { CALL_OPEN, CALL_APPEND, CALL_END } call_kind;
@@ -50,7 +58,8 @@ struct evlog {
     int abandoned;    /* given up by the session (evlog_abandon) */
     int64_t close_ms; /* when closing began, for --event-retry-ms */
     unsigned long dropped;
-    int64_t batch_us; /* when the AppendEvents in flight was sent (metrics) */
+    int64_t batch_us;      /* when the AppendEvents in flight was sent (metrics) */
+    trace_ref *last_trace; /* the last event's, shared by the next of the same span */
 };
 
 typedef struct reply {
@@ -91,6 +100,40 @@ static size_t waiting(const evlog *ev)
     return ev->n - ev->head;
 }
 
+static void trace_unref(trace_ref *r)
+{
+    if (r != NULL && --r->refs == 0) {
+        mem_free(r->ids.state);
+        mem_free(r);
+    }
+}
+
+/* The shared ids of `sp`: the last event's when it is the same span. */
+static trace_ref *trace_of(evlog *ev, const trace_span *sp)
+{
+    if (sp == NULL || !trace_ctx_valid(&sp->ctx))
+        return NULL;
+    trace_ref *r = ev->last_trace;
+    if (r == NULL || strcmp(r->ids.ctx.span_id, sp->ctx.span_id) != 0 ||
+        strcmp(r->ids.ctx.trace_id, sp->ctx.trace_id) != 0) {
+        trace_unref(r);
+        r = mem_calloc(1, sizeof *r);
+        r->refs = 1; /* last_trace's */
+        r->ids.ctx = sp->ctx;
+        r->ids.state = sp->state != NULL ? mem_strdup(sp->state) : NULL;
+        ev->last_trace = r;
+    }
+    r->refs++;
+    return r;
+}
+
+/* Frees the content and trace of the event at q[i]. */
+static void event_clear(evlog *ev, size_t i)
+{
+    mem_free(ev->q[i].content);
+    trace_unref(ev->q[i].trace);
+}
+
 static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
     (void)loop;
@@ -127,7 +170,7 @@ static void count_dropped(evlog *ev, uint64_t n, const char *reason)
 static void drop_events(evlog *ev, size_t count, const char *reason, const char *why)
 {
     for (size_t i = 0; i < count && ev->head < ev->n; i++) {
-        mem_free(ev->q[ev->head].content);
+        event_clear(ev, ev->head);
         ev->head++;
     }
     ev->batch = 0;
@@ -220,7 +263,7 @@ static void handle_append(evlog *ev, reply *r)
         const Convo__V1__AppendEventsResponse *resp =
             (const Convo__V1__AppendEventsResponse *)r->resp;
         for (size_t i = 0; i < sent; i++)
-            mem_free(ev->q[ev->head + i].content);
+            event_clear(ev, ev->head + i);
         ev->head += sent;
         ev->batch = 0;
         ev->backoff_ms = 0;
@@ -329,6 +372,21 @@ static void start_append(evlog *ev)
     req.n_events = n;
     req.events = ptrs;
     cli_opts o = store_opts(ev);
+    /* Under the first event's span, linked to the others of the batch;
+     * the events of one span are consecutive, and share one trace_ref. */
+    trace_ctx links[OTLP_MAX_LINKS];
+    const trace_ref *prev = NULL;
+    for (size_t i = 0; i < n; i++) {
+        const trace_ref *r = ev->q[ev->head + i].trace;
+        if (r == NULL || r == prev)
+            continue;
+        if (o.trace_parent == NULL)
+            o.trace_parent = &r->ids;
+        else if (o.n_trace_links < OTLP_MAX_LINKS)
+            links[o.n_trace_links++] = r->ids.ctx;
+        prev = r;
+    }
+    o.trace_links = links;
     ev->busy = 1;
     ev->batch = n;
     ev->flush_due = 0;
@@ -421,7 +479,8 @@ evlog *evlog_create(gw *g, const char *session_id, const char *user_id, evlog_op
     return ev;
 }
 
-void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t len)
+void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t len,
+               const trace_span *trace)
 {
     if (ev->abandoned)
         return;
@@ -459,6 +518,7 @@ void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t
     e->len = len;
     e->ts_us = now_us();
     e->seq = 0;
+    e->trace = trace_of(ev, trace);
     atomic_fetch_add(&ev->g->counters.events_buffered, 1);
     pump(ev);
 }
@@ -480,7 +540,7 @@ void evlog_abandon(evlog *ev)
 {
     size_t left = waiting(ev);
     for (size_t i = 0; i < left; i++)
-        mem_free(ev->q[ev->head + i].content);
+        event_clear(ev, ev->head + i);
     ev->head = ev->n = 0;
     atomic_fetch_sub(&ev->g->counters.events_buffered, (long)left);
     ev->open_reported = 1; /* the session has its answer */
@@ -519,6 +579,7 @@ void evlog_destroy(evlog **evp)
     size_t left = waiting(ev);
     if (left > 0)
         drop_events(ev, left, "shutdown", "the gateway is stopping");
+    trace_unref(ev->last_trace);
     mem_free(ev->q);
     mem_free(ev->session_id);
     mem_free(ev->user_id);

@@ -12,6 +12,7 @@
 #include "conf.h"
 #include "lim.h"
 #include "metrics.h"
+#include "otlp.h"
 
 #include <stdatomic.h>
 
@@ -165,6 +166,7 @@ typedef struct gw {
     gw_counters counters;
     metrics *metrics; /* NULL: metrics off (--metrics-listen off) */
     gw_metrics mx;    /* every member NULL when off */
+    otlp *tracer;     /* NULL: spans keep their ids, nothing is recorded (trace.h) */
     atomic_int stopping;
 } gw;
 

@@ -9,6 +9,7 @@
 #include "log.h"
 #include "mem.h"
 #include "names.h"
+#include "trace.h"
 
 #include <ev.h>
 #include <json-c/json.h>
@@ -72,6 +73,11 @@ struct turn {
     const char *strategy;
     const char *outcome;
     int first_token_sent;
+    /* The turn's span: a child of the connection's traceparent, or the
+     * root of a trace of its own; Route, Chat and the event writes are
+     * its children. Loop thread, and read (never changed) by the gRPC
+     * thread that starts Chat. */
+    trace_span span;
 };
 
 struct sess_table {
@@ -231,7 +237,9 @@ static void kick(session *s, int code, const char *error_code, const char *reaso
  * takes, so the live history equals one rebuilt from the store. */
 static void record(session *s, Convo__V1__EventType type, const char *content, size_t len)
 {
-    evlog_add(s->log, type, content, len);
+    /* The event is written under its turn's trace (or, between turns, the
+     * connection's handshake's). */
+    evlog_add(s->log, type, content, len, s->cur != NULL ? &s->cur->span : trace_current());
     hist_apply(s->history, type, content, len);
 }
 
@@ -258,12 +266,14 @@ static void record_system(session *s, const char *event, uint64_t turn_id, const
 /* ---- turns ----------------------------------------------------------- */
 
 /* convo_gateway_turns_total and the turn's duration. */
-static void count_turn(session *s, const turn *t)
+static void count_turn(session *s, turn *t)
 {
     const gw_metrics *mx = &s->g->mx;
+    const char *outcome = t->outcome != NULL ? t->outcome : "error";
+    trace_span_set_str(&t->span, "convo.strategy", t->strategy);
+    trace_span_set_str(&t->span, "convo.outcome", outcome);
     if (mx->turns == NULL)
         return;
-    const char *outcome = t->outcome != NULL ? t->outcome : "error";
     metrics_counter_inc(metrics_counter_of(mx->turns, (const char *[]){t->strategy, outcome}));
     metrics_histogram_observe(metrics_histogram_of(mx->turn_seconds, (const char *[]){t->strategy}),
                               (uint64_t)(lws_now_usecs() - t->start_us));
@@ -273,6 +283,8 @@ static void count_turn(session *s, const turn *t)
 static void count_error(session *s, turn *t, const char *code)
 {
     t->outcome = "error";
+    trace_span_set_str(&t->span, "error.type", code);
+    trace_span_error(&t->span, "the turn ended with error %s", code);
     atomic_fetch_add(&s->g->counters.turn_errors, 1);
     metrics_counter_inc(metrics_counter_of(s->g->mx.turn_errors, (const char *[]){code}));
 }
@@ -280,6 +292,9 @@ static void count_error(session *s, turn *t, const char *code)
 static void end_turn(session *s, turn *t)
 {
     count_turn(s, t);
+    trace_span_end(&t->span);
+    if (trace_current() == &t->span)
+        trace_set_current(NULL); /* t is freed below */
     if (s->cur == t)
         s->cur = NULL;
     hist_end_turn(s->history);
@@ -391,11 +406,13 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
         f = frame_token(ev->token->content, t->id, &len);
         send_charged(s, f, len, charge);
         metrics_counter_inc(s->g->mx.tokens);
-        if (!t->first_token_sent && s->g->mx.first_token != NULL) {
+        if (!t->first_token_sent) {
             t->first_token_sent = 1;
-            metrics_histogram_observe(
-                metrics_histogram_of(s->g->mx.first_token, (const char *[]){t->strategy}),
-                (uint64_t)(lws_now_usecs() - t->start_us));
+            trace_span_event(&t->span, "first_token");
+            if (s->g->mx.first_token != NULL)
+                metrics_histogram_observe(
+                    metrics_histogram_of(s->g->mx.first_token, (const char *[]){t->strategy}),
+                    (uint64_t)(lws_now_usecs() - t->start_us));
         }
         record(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_AI_TOKEN, ev->token->content,
                strlen(ev->token->content));
@@ -458,6 +475,7 @@ static void on_chat_job(void *arg)
     chat_job *j = arg;
     turn *t = j->t;
     session *s = t->s;
+    const trace_span *prev = trace_set_current(&t->span);
     if (j->ev != NULL) {
         if (!t->cancelled && !t->terminal)
             on_chat_event(s, t, j->ev, j->charge);
@@ -481,6 +499,7 @@ static void on_chat_job(void *arg)
         end_turn(s, t);
         sess_unref(s);
     }
+    trace_set_current(prev);
     mem_free(j->message);
     mem_free(j);
 }
@@ -566,6 +585,7 @@ static void on_route_job(void *arg)
     route_job *j = arg;
     turn *t = j->t;
     session *s = t->s;
+    const trace_span *prev = trace_set_current(&t->span);
     cli_call_release(&t->route);
     if (j->resp != NULL)
         t->strategy = names_strategy(j->resp->strategy);
@@ -602,6 +622,7 @@ static void on_route_job(void *arg)
         protobuf_c_message_free_unpacked(&j->resp->base, NULL);
     mem_free(j->message);
     mem_free(j);
+    trace_set_current(prev);
     sess_unref(s);
 }
 
@@ -623,7 +644,9 @@ static void on_route_done(void *arg, rpc_code code, const char *message, Protobu
     if (code == RPC_OK) {
         req->system_prompt = j->resp->system_prompt;
         req->params = j->resp->params;
-        cli_opts o = {.timeout_ms = s->g->opts.chat_timeout_ms, .request_id = t->rid};
+        cli_opts o = {.timeout_ms = s->g->opts.chat_timeout_ms,
+                      .request_id = t->rid,
+                      .trace_parent = &t->span};
         if (cli_stream(s->g->llm, "/convo.v1.Llm/Chat", &req->base,
                        &convo__v1__chat_event__descriptor, &o, on_chat_msg, on_chat_done, t,
                        &j->chat) != 0)
@@ -647,6 +670,15 @@ static void start_turn(session *s, char *message)
     snprintf(t->rid, sizeof t->rid, "%s/%llu", s->id, (unsigned long long)t->id);
     t->start_us = lws_now_usecs();
     t->strategy = "none";
+    const trace_span *parent = s->conn != NULL ? conn_trace_parent(s->conn) : NULL;
+    trace_span_start(&t->span, s->g->tracer, "chat turn", TRACE_SERVER,
+                     parent != NULL ? &parent->ctx : NULL, parent != NULL ? parent->state : NULL);
+    if (trace_span_recording(&t->span)) {
+        trace_span_set_str(&t->span, "convo.session_id", s->id);
+        trace_span_set_int(&t->span, "convo.turn_id", (int64_t)t->id);
+        trace_span_set_str(&t->span, "convo.request_id", t->rid);
+    }
+    const trace_span *prev = trace_set_current(&t->span);
     s->cur = t;
     atomic_fetch_add(&s->g->counters.turns, 1);
 
@@ -660,7 +692,9 @@ static void start_turn(session *s, char *message)
     req.user_message_count = counts.user_messages;
     req.tool_call_count = counts.tool_calls;
     req.assistant_message_count = counts.assistant_messages;
-    cli_opts o = {.timeout_ms = s->g->opts.route_timeout_ms, .request_id = t->rid};
+    cli_opts o = {.timeout_ms = s->g->opts.route_timeout_ms,
+                  .request_id = t->rid,
+                  .trace_parent = &t->span};
     t->chat_req = chat_request(s, t);
     s->refs++;
     if (t->chat_req == NULL ||
@@ -673,6 +707,7 @@ static void start_turn(session *s, char *message)
         fail_turn(s, t, "internal", "The answer could not be started; please try again.");
         end_turn(s, t);
     }
+    trace_set_current(prev);
 }
 
 static void start_next_turn(session *s)
