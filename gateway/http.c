@@ -958,8 +958,8 @@ static void api_route(http_req *req, struct lws *wsi, const char *uri, int post)
  * replaced (bounded: never an id in a span name). */
 static const char *route_template(const char *uri)
 {
-    static const char *const fixed[] = {"/", "/healthz", "/readyz", "/api/health",
-                                        "/api/dev/token", "/api/sessions"};
+    static const char *const fixed[] = {"/",           "/healthz",       "/readyz",
+                                        "/api/health", "/api/dev/token", "/api/sessions"};
     for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
         if (strcmp(uri, fixed[i]) == 0)
             return fixed[i];
@@ -979,18 +979,18 @@ static const char *route_template(const char *uri)
  * traces them. */
 static void start_span(http_req *req, const char *method, const char *uri)
 {
-    const char *route = route_template(uri);
+    const char *tmpl = route_template(uri);
     if (!trace_ctx_valid(&req->who.trace_parent) &&
-        (strcmp(route, "/healthz") == 0 || strcmp(route, "/readyz") == 0))
+        (strcmp(tmpl, "/healthz") == 0 || strcmp(tmpl, "/readyz") == 0))
         return;
     char name[64];
-    snprintf(name, sizeof name, "%s %s", method, route);
+    snprintf(name, sizeof name, "%s %s", method, tmpl);
     trace_span_start(&req->span, req->g->tracer, name, TRACE_SERVER, &req->who.trace_parent,
                      req->who.trace_state);
     if (!trace_span_recording(&req->span))
         return;
     trace_span_set_str(&req->span, "http.request.method", method);
-    trace_span_set_str(&req->span, "http.route", route);
+    trace_span_set_str(&req->span, "http.route", tmpl);
     trace_span_set_str(&req->span, "convo.request_id", req->who.request_id);
 }
 
@@ -1007,12 +1007,10 @@ int http_on_request(gw *g, struct lws *wsi, const char *uri)
     caller_refusal why;
     int checked = caller_check(g, wsi, &req->who, &why) == 0;
     /* The web page's files are libwebsockets' to serve, untraced. */
-    if (strcmp(uri, "/app") != 0 && strncmp(uri, "/app/", 5) != 0)
-        start_span(req,
-                   req->post                                                     ? "POST"
-                   : lws_hdr_total_length(wsi, WSI_TOKEN_OPTIONS_URI) > 0 ? "OPTIONS"
-                                                                               : "GET",
-                   uri);
+    if (strcmp(uri, "/app") != 0 && strncmp(uri, "/app/", 5) != 0) {
+        int options = lws_hdr_total_length(wsi, WSI_TOKEN_OPTIONS_URI) > 0;
+        start_span(req, req->post ? "POST" : options ? "OPTIONS" : "GET", uri);
+    }
     const trace_span *prev = trace_set_current(&req->span);
     int rc = answer(g, wsi, uri, req, checked ? NULL : &why);
     trace_set_current(prev);

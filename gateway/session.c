@@ -692,9 +692,8 @@ static void start_turn(session *s, char *message)
     req.user_message_count = counts.user_messages;
     req.tool_call_count = counts.tool_calls;
     req.assistant_message_count = counts.assistant_messages;
-    cli_opts o = {.timeout_ms = s->g->opts.route_timeout_ms,
-                  .request_id = t->rid,
-                  .trace_parent = &t->span};
+    cli_opts o = {
+        .timeout_ms = s->g->opts.route_timeout_ms, .request_id = t->rid, .trace_parent = &t->span};
     t->chat_req = chat_request(s, t);
     s->refs++;
     if (t->chat_req == NULL ||

@@ -86,10 +86,10 @@ typedef struct upstream_spec {
      * header, with a first_byte event per attempt and a retry event per
      * retry, ended with the request. */
     const trace_span *trace_parent;
-    const char *name;  /* the endpoint's name, and */
-    const char *model; /* the model asked for, on the span; may be NULL */
-    int stream;        /* asks for text/event-stream */
-    int64_t deadline_ms;    /* rpc_now_ms() clock; 0: none. No retry waits past it. */
+    const char *name;    /* the endpoint's name, and */
+    const char *model;   /* the model asked for, on the span; may be NULL */
+    int stream;          /* asks for text/event-stream */
+    int64_t deadline_ms; /* rpc_now_ms() clock; 0: none. No retry waits past it. */
 } upstream_spec;
 
 /* Starts the loop thread. NULL when curl cannot be set up. Counts its

@@ -210,13 +210,13 @@ static void add_meta(cli_call *k, const char *key, const char *value)
  * tracestate. A health check is traced only under a parent. */
 static void start_span(cli_call *k, cli_channel *ch, const char *method, const cli_opts *opts)
 {
-    const trace_span *parent = opts != NULL && opts->trace_parent != NULL ? opts->trace_parent
-                                                                          : trace_current();
+    const trace_span *parent =
+        opts != NULL && opts->trace_parent != NULL ? opts->trace_parent : trace_current();
     int traced = parent != NULL && trace_ctx_valid(&parent->ctx);
     if (!traced && strncmp(method, HEALTH__PATH_PREFIX, strlen(HEALTH__PATH_PREFIX)) == 0)
         return;
-    trace_span_start(&k->span, ch->c->tracer, method[0] == '/' ? method + 1 : method,
-                     TRACE_CLIENT, traced ? &parent->ctx : NULL, traced ? parent->state : NULL);
+    trace_span_start(&k->span, ch->c->tracer, method[0] == '/' ? method + 1 : method, TRACE_CLIENT,
+                     traced ? &parent->ctx : NULL, traced ? parent->state : NULL);
     char tp[TRACE_PARENT_LEN + 1];
     trace_format(&k->span.ctx, tp);
     add_meta(k, "traceparent", tp);

@@ -43,12 +43,12 @@ typedef struct cli_call cli_call;
  * first span of a new trace; a grpc.health.v1 call without either is not
  * traced. */
 typedef struct cli_opts {
-    int64_t timeout_ms;            /* 0: no deadline */
-    const char *request_id;        /* sent as x-request-id; NULL: none */
-    int wait_for_ready;            /* wait for the channel to connect instead of failing fast */
-    const char *const *meta;       /* extra metadata: key, value, key, value, ..., NULL */
+    int64_t timeout_ms;             /* 0: no deadline */
+    const char *request_id;         /* sent as x-request-id; NULL: none */
+    int wait_for_ready;             /* wait for the channel to connect instead of failing fast */
+    const char *const *meta;        /* extra metadata: key, value, key, value, ..., NULL */
     const trace_span *trace_parent; /* read while the call starts */
-    const trace_ctx *trace_links;  /* spans the call's span links to (a batch of others' work) */
+    const trace_ctx *trace_links;   /* spans the call's span links to (a batch of others' work) */
     size_t n_trace_links;
 } cli_opts;
 

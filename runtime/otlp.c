@@ -66,9 +66,9 @@ struct otlp {
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    otlp_span *head, *tail; /* under mu */
-    size_t count;           /* under mu */
-    int stopping;           /* under mu */
+    otlp_span *head, *tail;        /* under mu */
+    size_t count;                  /* under mu */
+    int stopping;                  /* under mu */
     atomic_llong stop_deadline_ms; /* 0: not stopping; read by the transfer's progress callback */
     pthread_t thread;
 
@@ -556,10 +556,9 @@ static void uuid4(char out[37])
     }
     b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);
     b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
-    snprintf(out, 37,
-             "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1],
-             b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14],
-             b[15]);
+    snprintf(out, 37, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
+             b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13],
+             b[14], b[15]);
 }
 
 static void set_resource(otlp *e, const char *key, const char *value)
@@ -723,8 +722,7 @@ int otlp_setup(const otlp_opts *o, const char *program, metrics *m, otlp **out)
     pthread_cond_init(&e->cv, &ca);
     pthread_condattr_destroy(&ca);
     if (pthread_create(&e->thread, NULL, export_main, e) != 0) {
-        fprintf(stderr, "%s: cannot start the trace export thread: %s\n", program,
-                strerror(errno));
+        fprintf(stderr, "%s: cannot start the trace export thread: %s\n", program, strerror(errno));
         pthread_cond_destroy(&e->cv);
         pthread_mutex_destroy(&e->mu);
         goto fail;

@@ -25,7 +25,7 @@
 
 #define OTLP_OPTS(X, S)                                                                            \
     X(S, endpoint, STR, "otel-exporter-otlp-endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", "",          \
-      "OpenTelemetry collector base URL (http:// or https://); spans go to <url>/v1/traces as "   \
+      "OpenTelemetry collector base URL (http:// or https://); spans go to <url>/v1/traces as "    \
       "OTLP/HTTP JSON. Empty (and no traces endpoint): spans are not exported")                    \
     X(S, traces_endpoint, STR, "otel-exporter-otlp-traces-endpoint",                               \
       "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "",                                                    \
@@ -73,7 +73,11 @@ typedef enum otlp_kind {
     OTLP_KIND_CONSUMER = 5,
 } otlp_kind;
 
-typedef enum otlp_status { OTLP_STATUS_UNSET = 0, OTLP_STATUS_OK = 1, OTLP_STATUS_ERROR = 2 } otlp_status;
+typedef enum otlp_status {
+    OTLP_STATUS_UNSET = 0,
+    OTLP_STATUS_OK = 1,
+    OTLP_STATUS_ERROR = 2
+} otlp_status;
 
 typedef enum otlp_value { OTLP_STR, OTLP_INT, OTLP_BOOL } otlp_value;
 
@@ -103,7 +107,7 @@ typedef struct otlp_link {
  * lowercase hex; times Unix nanoseconds. Everything is owned by the span
  * and freed with it. */
 typedef struct otlp_span {
-    struct otlp_span *next; /* the exporter's queue */
+    struct otlp_span *next;                        /* the exporter's queue */
     char trace_id[33], span_id[17], parent_id[17]; /* parent_id "": a root */
     char *trace_state;                             /* NULL: none */
     char *name;

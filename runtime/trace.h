@@ -85,8 +85,7 @@ void trace_span_start_remote(trace_span *sp, otlp *exp, const char *name, trace_
                              const char *traceparent, const char *tracestate);
 /* A child of the local span `parent` (started, maybe ended: its ids stay),
  * recorded into the same exporter when the parent is sampled. */
-void trace_span_child(trace_span *sp, const trace_span *parent, const char *name,
-                      trace_kind kind);
+void trace_span_child(trace_span *sp, const trace_span *parent, const char *name, trace_kind kind);
 /* Ends the span: its record goes to the exporter. Its ids stay readable
  * (a log line, a link); ending it again does nothing. */
 void trace_span_end(trace_span *sp);

@@ -74,8 +74,8 @@ typedef struct job {
     trace_span db;    /* the database work: a child of the call's span */
 } job;
 
-static void *job_new(size_t size, srv_call *call, store *st, const char *op,
-                     const char *session_id, pool_job_fn fn)
+static void *job_new(size_t size, srv_call *call, store *st, const char *op, const char *session_id,
+                     pool_job_fn fn)
 {
     job *j = mem_calloc(1, size);
     j->pj.fn = fn;
