@@ -292,6 +292,12 @@ static void count_error(session *s, turn *t, const char *code)
 static void end_turn(session *s, turn *t)
 {
     count_turn(s, t);
+    const trace_span *prev = trace_set_current(&t->span);
+    const log_field f[] = {{"session_id", s->id}, {"request_id", t->rid}, {NULL, NULL}};
+    log_fields(LOG_DEBUG, f, "turn %llu ended: %s (strategy %s) in %lld ms",
+               (unsigned long long)t->id, t->outcome != NULL ? t->outcome : "error", t->strategy,
+               (long long)(now_ms() - t->start_ms));
+    trace_set_current(prev);
     trace_span_end(&t->span);
     if (trace_current() == &t->span)
         trace_set_current(NULL); /* t is freed below */
