@@ -15,6 +15,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -32,6 +33,8 @@
 /* A failing collector is logged at the first failure and then every this
  * many, so a collector that is down does not flood the log. */
 #define FAILURE_LOG_EVERY 100
+/* The export thread's nice value (the process's threads run at 0). */
+#define EXPORT_NICE 10
 
 #define OTLP_METRICS(X, S)                                                                         \
     X(S, exported, COUNTER, "convo_trace_spans_exported_total", "", NULL,                          \
@@ -389,6 +392,12 @@ static void wait_for_work(otlp *e)
 static void *export_main(void *arg)
 {
     otlp *e = arg;
+    /* Encoding and posting a batch is a burst of CPU that no turn waits
+     * for: on a busy machine it yields to the threads that relay tokens
+     * (Linux's nice is per thread). If it falls behind, spans are dropped
+     * and counted, never a turn slowed. */
+    if (setpriority(PRIO_PROCESS, (id_t)gettid(), EXPORT_NICE) != 0)
+        log_debug("trace export thread: setpriority: %s", strerror(errno));
     pthread_mutex_lock(&e->mu);
     for (;;) {
         wait_for_work(e);
