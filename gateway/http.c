@@ -17,7 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define SERVICES 4
+/* The services /api/health checks, in the order of start_health's table. */
+enum { SERVICE_ROUTER, SERVICE_LLM, SERVICE_STORE, SERVICE_SUMMARY, SERVICES };
 
 /* Deadline of each service's health check for /api/health and /readyz. */
 #define HEALTH_TIMEOUT_MS 2000
@@ -272,11 +273,13 @@ typedef struct health_job {
     int status;
 } health_job;
 
-/* The services /readyz needs: without summary-svc conversations go on
- * (its sweep summarizes later). */
+/* The services /readyz needs (llm-svc and store-svc): without router-svc
+ * turns take the default route (defroute.h), without summary-svc
+ * conversations go on (its sweep summarizes later). A router-svc outage
+ * must not take every gateway out of its load balancer. */
 static int needed_for_ready(int i)
 {
-    return i < 3;
+    return i == SERVICE_LLM || i == SERVICE_STORE;
 }
 
 static json_object *services_json(http_req *req, int *all, int *ready)
@@ -312,6 +315,11 @@ static json_object *counters_json(gw *g)
     json_object_object_add(o, "sessions", json_object_new_int64((int64_t)sess_count(g->sessions)));
     json_object_object_add(o, "turns", json_object_new_int64(atomic_load(&k->turns)));
     json_object_object_add(o, "turn_errors", json_object_new_int64(atomic_load(&k->turn_errors)));
+    json_object_object_add(o, "turns_degraded",
+                           json_object_new_int64(defroute_degraded(g->defroute)));
+    json_object_object_add(
+        o, "routing",
+        json_object_new_string(defroute_down(g->defroute) ? "default_route" : "router"));
     json_object_object_add(o, "events_logged",
                            json_object_new_int64(atomic_load(&k->events_logged)));
     json_object_object_add(o, "events_buffered",
@@ -634,8 +642,7 @@ static void dev_token(http_req *req)
         !json_object_is_type(user, json_type_string) ||
         check_id("user_id", json_object_get_string(user), err, sizeof err) != 0) {
         json_object_put(body);
-        respond_error(req, 400, "invalid_user_id",
-                      "send {\"user_id\": \"...\"}: 1 to 128 characters from A-Z a-z 0-9 . _ -");
+        respond_error(req, 400, "invalid_user_id", "send {\"user_id\": \"...\"}: " CHECK_ID_RULE);
         return;
     }
     char *token = NULL;
@@ -867,8 +874,7 @@ static void sessions_route(http_req *req, struct lws *wsi, const char *rest)
     req->session_id = mem_strndup(id, slash != NULL ? (size_t)(slash - id) : strlen(id));
     char err[160];
     if (check_id("session_id", req->session_id, err, sizeof err) != 0) {
-        respond_error(req, 400, "invalid_session_id",
-                      "the session id must be 1 to 128 characters from A-Z a-z 0-9 . _ -");
+        respond_error(req, 400, "invalid_session_id", "the session id must be " CHECK_ID_RULE);
         return;
     }
     if (slash == NULL) {
@@ -902,8 +908,7 @@ static int identify(http_req *req, struct lws *wsi)
         return -1;
     }
     if (req->who.user_arg < 0) {
-        respond_error(req, 400, "invalid_user_id",
-                      "user_id must be 1 to 128 characters from A-Z a-z 0-9 . _ -");
+        respond_error(req, 400, "invalid_user_id", "user_id must be " CHECK_ID_RULE);
         return -1;
     }
     return 0;

@@ -27,6 +27,7 @@
 #include <libwebsockets.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,7 +47,7 @@
 #define SHUTDOWN_TICK_S 0.1
 
 /* The largest gRPC message the gateway sends or receives: the services'
- * default --max-message-bytes (GRPC_MAX_MESSAGE_BYTES). */
+ * default --max-message-bytes (GRPC_MAX_MESSAGE_BYTES, runtime/srv.h). */
 #define GW_GRPC_MAX_MESSAGE_BYTES (4 << 20)
 
 /* Bytes libwebsockets reads and writes at once per service thread. */
@@ -54,6 +55,10 @@
 
 /* Seconds a pinged connection gets to answer before it is hung up. */
 #define GW_PING_GRACE_SECS 10
+
+/* The longest --ws-ping-secs: libwebsockets keeps the ping and hang-up
+ * times (this plus the grace) in 16 bits. */
+#define GW_PING_SECS_MAX (UINT16_MAX - GW_PING_GRACE_SECS)
 
 /* libwebsockets' header buffer, in --max-header-bytes: requests over the
  * limit but within the buffer are answered 431; past it libwebsockets
@@ -113,6 +118,7 @@ static void sync_gauges(void *arg)
     gw *g = arg;
     metrics_gauge_set(g->mx.connections, atomic_load(&g->counters.connections));
     metrics_gauge_set(g->mx.events_buffered, atomic_load(&g->counters.events_buffered));
+    metrics_gauge_set(g->mx.events_buffered_bytes, atomic_load(&g->counters.events_buffered_bytes));
 }
 
 /* The one libwebsockets protocol: HTTP requests go to http.c, WebSocket
@@ -184,6 +190,20 @@ static int listen_address(const gw_opts *o, char *host, size_t hostlen, int *por
     return 0;
 }
 
+/* The ranges of the gateway's own options that 0 and up does not cover.
+ * Returns 0, or -1 with the reason in err. */
+static int check_opts(const gw_opts *o, char *err, size_t errsize)
+{
+    if (o->event_batch < 1)
+        snprintf(err, errsize, "--event-batch must be at least 1");
+    else if (o->ping_secs > GW_PING_SECS_MAX)
+        snprintf(err, errsize, "--ws-ping-secs %lld is outside 0 to %d", o->ping_secs,
+                 GW_PING_SECS_MAX);
+    else
+        return 0;
+    return -1;
+}
+
 /* Whether host (a listen address) only takes connections from this
  * machine. */
 static int loopback(const char *host)
@@ -237,15 +257,18 @@ int main(int argc, char **argv)
     static runner run = {.g = &g};
     static tls_opts topts;
     tls *mtls = NULL;
-    char tls_err[512];
+    char err[512];
     scrape_opts mopts = {0};
     static otlp_opts oopts;
     scrape *sc = NULL;
-    conf_section secs[] = {
-        CONF_SECTION(gw_opts, &g.opts),        CONF_SECTION(cli_conf, &g.client_opts),
-        CONF_SECTION(auth_opts, &g.auth_opts), CONF_SECTION(lim_opts, &g.lim_opts),
-        CONF_SECTION(tls_opts, &topts),        CONF_SECTION(scrape_opts, &mopts),
-        CONF_SECTION(otlp_opts, &oopts)};
+    conf_section secs[] = {CONF_SECTION(gw_opts, &g.opts),
+                           CONF_SECTION(cli_conf, &g.client_opts),
+                           CONF_SECTION(auth_opts, &g.auth_opts),
+                           CONF_SECTION(lim_opts, &g.lim_opts),
+                           CONF_SECTION(defroute_opts, &g.defroute_opts),
+                           CONF_SECTION(tls_opts, &topts),
+                           CONF_SECTION(scrape_opts, &mopts),
+                           CONF_SECTION(otlp_opts, &oopts)};
     const size_t nsecs = sizeof secs / sizeof secs[0];
     int prc = conf_parse(argc, argv, "gateway",
                          "WebSocket sessions relayed over gRPC to the convo services, REST and "
@@ -260,8 +283,10 @@ int main(int argc, char **argv)
         goto out;
     }
     lws_set_log_level(LLL_ERR | LLL_WARN, lws_log);
-    if (tls_create(&topts, &mtls, tls_err, sizeof tls_err) != 0) {
-        log_error("%s", tls_err);
+    if (check_opts(&g.opts, err, sizeof err) != 0 ||
+        cli_conf_check(&g.client_opts, err, sizeof err) != 0 ||
+        tls_create(&topts, &mtls, err, sizeof err) != 0) {
+        log_error("%s", err);
         rc = 2;
         goto out;
     }
@@ -294,9 +319,15 @@ int main(int argc, char **argv)
         rc = 2;
         goto out;
     }
+    char route_err[512];
+    if (defroute_create(&g.defroute_opts, &g.defroute, route_err, sizeof route_err) != 0) {
+        log_error("%s", route_err);
+        rc = 2;
+        goto out;
+    }
 
     g.bridge = bridge_create();
-    g.client = cli_create((int)g.opts.grpc_threads, GW_GRPC_MAX_MESSAGE_BYTES);
+    g.client = cli_create((int)g.client_opts.threads, GW_GRPC_MAX_MESSAGE_BYTES);
     cli_use_tls(g.client, mtls);
     cli_set_metrics(g.client, g.metrics);
     cli_set_tracer(g.client, g.tracer);
@@ -391,6 +422,7 @@ out:
     ws_server_destroy(&g.ws);
     bridge_destroy(&g.bridge);
     lim_destroy(&g.limits);
+    defroute_destroy(&g.defroute);
     caller_rules_destroy(&g.callers);
     auth_destroy(&g.auth);
     tls_destroy(&mtls);

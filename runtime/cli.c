@@ -13,6 +13,9 @@
 #include <stdio.h>
 #include <string.h>
 
+/* The standard health service: its checks are probes, traced only under a
+ * parent (see start_span). */
+#define HEALTH_PATH_PREFIX "/grpc.health.v1.Health/"
 /* x-request-id, traceparent, tracestate and a caller's own. */
 #define MAX_META 10
 /* The least time a connection attempt (TCP and TLS) is given. */
@@ -213,7 +216,7 @@ static void start_span(cli_call *k, cli_channel *ch, const char *method, const c
     const trace_span *parent =
         opts != NULL && opts->trace_parent != NULL ? opts->trace_parent : trace_current();
     int traced = parent != NULL && trace_ctx_valid(&parent->ctx);
-    if (!traced && strncmp(method, HEALTH__PATH_PREFIX, strlen(HEALTH__PATH_PREFIX)) == 0)
+    if (!traced && strncmp(method, HEALTH_PATH_PREFIX, strlen(HEALTH_PATH_PREFIX)) == 0)
         return;
     trace_span_start(&k->span, ch->c->tracer, method[0] == '/' ? method + 1 : method, TRACE_CLIENT,
                      traced ? &parent->ctx : NULL, traced ? parent->state : NULL);
@@ -661,4 +664,14 @@ void cli_destroy(cli **cp)
     pthread_mutex_destroy(&c->mu);
     mem_free(c);
     rpc__grpc_unref();
+}
+
+int cli_conf_check(const cli_conf *o, char *err, size_t errsize)
+{
+    if (o->threads < 1 || o->threads > CLI_THREADS_MAX) {
+        snprintf(err, errsize, "--client-threads %lld is outside 1 to %d", o->threads,
+                 CLI_THREADS_MAX);
+        return -1;
+    }
+    return 0;
 }

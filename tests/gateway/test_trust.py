@@ -346,14 +346,28 @@ def test_healthz_and_readyz(stack):
         assert request(gw, "GET", "/healthz")[0] == 200
         status, body = readyz_until(gw, 200)
         assert status == 200 and body["status"] == "ready", body
+        # Without router-svc turns take the default route: still ready (a
+        # router outage must not take every gateway out of its Service).
         stack.router.kill()
+        deadline = time.monotonic() + 20
+        while True:
+            status, _, body = request(gw, "GET", "/readyz")
+            if body["services"]["router-svc"]["status"] == "UNREACHABLE" or \
+                    time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert body["services"]["router-svc"]["status"] == "UNREACHABLE", body
+        assert status == 200 and body["status"] == "ready", body
+        # Without llm-svc nothing can be answered: not ready.
+        stack.llm.kill()
         status, body = readyz_until(gw, 503)
         assert status == 503 and body["status"] == "not_ready", body
-        assert body["services"]["router-svc"]["status"] == "UNREACHABLE"
+        assert body["services"]["llm-svc"]["status"] == "UNREACHABLE"
         assert "address" not in json.dumps(body)
         assert request(gw, "GET", "/healthz")[0] == 200, "alive all the same"
     finally:
         stack.router.start()
+        stack.llm.start()
         gw.stop()
 
 
