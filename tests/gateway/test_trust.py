@@ -628,13 +628,20 @@ def test_model_tokens_per_user_at_the_bound_and_after_a_reconnect(stack):
 
 
 def test_rest_requests_per_address(stack):
-    gw = stack.gateway("--rest-rate-per-ip", "5")  # bursts of 10
+    # One request a second, bursts of two: the bucket is full again after the
+    # start's readiness polls. What passes is bounded by the burst plus what
+    # refilled while the requests ran, however slow the machine is.
+    gw = stack.gateway("--rest-rate-per-ip", "1")
     try:
-        time.sleep(2.5)  # the readiness polls at start have been paid back
+        time.sleep(2.5)
         token = dev_token(gw, "rest-user")  # one request
+        began = time.monotonic()
         codes = [request(gw, "GET", "/api/sessions", token=token)[0] for _ in range(12)]
-        assert codes[:9] == [200] * 9, codes
-        assert 429 in codes[9:], codes
+        refilled = int(time.monotonic() - began) + 1
+        assert set(codes) <= {200, 429}, codes
+        assert codes[0] == 200, codes
+        assert codes.count(200) <= 1 + refilled, (codes, refilled)
+        assert 429 in codes, codes
         status, headers, body = request(gw, "GET", "/api/sessions", token=token)
         assert status == 429 and body["code"] == "rate_limited" and headers["retry-after"]
         # Probes are not paced.
