@@ -179,7 +179,8 @@ void caller_rules_destroy(caller_rules **rp)
 
 /* ---- per request -------------------------------------------------------- */
 
-void caller_new_id(char id[CALLER_ID_LEN + 1])
+/* A fresh request id (CALLER_ID_LEN hex digits) into id. */
+static void caller_new_id(char id[CALLER_ID_LEN + 1])
 {
     /* splitmix64 over a per-process random start: unique within the
      * process, unpredictable across processes; not a secret. */

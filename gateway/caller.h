@@ -97,7 +97,5 @@ int caller_answer(struct lws *wsi, const caller *c, const caller_refusal *why, i
 int caller_arg(struct lws *wsi, const char *name, char *buf, size_t cap);
 /* The request's path and arguments for a log line, access_token hidden. */
 void caller_log_target(struct lws *wsi, char *buf, size_t cap);
-/* A fresh request id (CALLER_ID_LEN hex digits) into id. */
-void caller_new_id(char id[CALLER_ID_LEN + 1]);
 
 #endif

@@ -90,7 +90,7 @@ static int64_t monotonic_ms(void)
 
 /* ---- spans ------------------------------------------------------------------------ */
 
-void otlp_span_free(otlp_span *s)
+static void otlp_span_free(otlp_span *s)
 {
     if (s == NULL)
         return;

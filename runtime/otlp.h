@@ -126,7 +126,6 @@ typedef struct otlp_span {
     char *status_message;
 } otlp_span;
 
-void otlp_span_free(otlp_span *s);
 
 /* From the options: *out an exporter sending spans of `program` (the
  * default service.name), or NULL when nothing is to be exported (no

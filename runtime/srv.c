@@ -483,7 +483,8 @@ const trace_span *srv_call_span(srv_call *c)
     return &c->span;
 }
 
-const char *srv_call_metadata(srv_call *c, const char *key)
+/* The first value of a request metadata key (lower case), or NULL. */
+static const char *call_metadata(srv_call *c, const char *key)
 {
     for (size_t i = 0; i < c->nmeta; i++)
         if (strcmp(c->meta[i].key, key) == 0)
@@ -504,11 +505,6 @@ void srv_call_set_data(srv_call *c, void *data)
 void *srv_call_method_data(srv_call *c)
 {
     return c->method->data;
-}
-
-srv *srv_call_server(srv_call *c)
-{
-    return c->s;
 }
 
 /* A request that does not decode, or that holds a string protobuf-c would
@@ -595,11 +591,11 @@ static char *make_request_id(void)
 static void start_span(srv_call *c)
 {
     const char *path = c->method->m.path;
-    const char *tp = srv_call_metadata(c, "traceparent");
+    const char *tp = call_metadata(c, "traceparent");
     if (tp == NULL && c->method->m.trace_only_with_parent)
         return;
     trace_span_start_remote(&c->span, c->s->tracer, path + 1, TRACE_SERVER, tp,
-                            srv_call_metadata(c, "tracestate"));
+                            call_metadata(c, "tracestate"));
     if (!trace_span_recording(&c->span))
         return;
     const char *slash = strrchr(path, '/');
@@ -633,7 +629,7 @@ static srv_call *call_create(slot *sl)
         c->meta[i].key = slice_strdup(sl->md.metadata[i].key);
         c->meta[i].value = slice_strdup(sl->md.metadata[i].value);
     }
-    const char *rid = srv_call_metadata(c, "x-request-id");
+    const char *rid = call_metadata(c, "x-request-id");
     c->request_id = rid != NULL && rid[0] != '\0' ? mem_strndup(rid, 64) : make_request_id();
     start_span(c);
     return c;

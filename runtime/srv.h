@@ -195,15 +195,10 @@ const char *srv_call_request_id(srv_call *call);
  * there (trace_set_current) or starts children of it. Valid for the life
  * of the call. */
 const trace_span *srv_call_span(srv_call *call);
-/* The first value of a request metadata key (lower case), NUL-terminated, or
- * NULL. Valid for the life of the call. */
-const char *srv_call_metadata(srv_call *call, const char *key);
 /* The handler's per-call pointer (NULL until set). */
 void *srv_call_data(srv_call *call);
 void srv_call_set_data(srv_call *call, void *data);
 /* The `data` given to srv_add_method. */
 void *srv_call_method_data(srv_call *call);
-/* The server the call arrived on. */
-srv *srv_call_server(srv_call *call);
 
 #endif
