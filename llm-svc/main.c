@@ -10,6 +10,7 @@
 #include "log.h"
 #include "mem.h"
 #include "models.h"
+#include "otlp.h"
 #include "proc.h"
 #include "scrape.h"
 #include "srv.h"
@@ -61,12 +62,14 @@ int main(int argc, char **argv)
     models_opts mdo = {0};
     tls_opts tlo = {0};
     scrape_opts sco = {0};
+    otlp_opts oo = {0};
     const conf_section secs[] = {
         CONF_SECTION(cli_conf, &cc),       CONF_SECTION(main_opts, &mo),
         CONF_SECTION(endpoints_opts, &eo), CONF_SECTION(models_opts, &mdo),
         CONF_SECTION(turn_opts, &to),      CONF_SECTION(chat_opts, &co),
         CONF_SECTION(upstream_opts, &uo),  CONF_SECTION(srv_opts, &so),
         CONF_SECTION(tls_opts, &tlo),      CONF_SECTION(scrape_opts, &sco),
+        CONF_SECTION(otlp_opts, &oo),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     kb *k = NULL;
@@ -80,6 +83,7 @@ int main(int argc, char **argv)
     health *hl = NULL;
     tls *mtls = NULL;
     metrics *m = NULL;
+    otlp *exp = NULL;
     scrape *sc = NULL;
     char maddr[300];
     char err[512];
@@ -94,7 +98,8 @@ int main(int argc, char **argv)
         goto out;
     }
     if (log_setup("llm-svc", mo.log_level) != 0 ||
-        scrape_setup(&sco, "llm-svc", mo.listen, maddr, sizeof maddr, &m) != 0)
+        scrape_setup(&sco, "llm-svc", mo.listen, maddr, sizeof maddr, &m) != 0 ||
+        otlp_setup(&oo, "llm-svc", m, &exp) != 0)
         goto out;
     if (endpoints_create(&eo, m, &eps, err, sizeof err) != 0) {
         fprintf(stderr, "llm-svc: %s\n", err);
@@ -126,6 +131,7 @@ int main(int argc, char **argv)
     c = cli_create((int)cc.threads, so.max_message_bytes);
     cli_use_tls(c, mtls);
     cli_set_metrics(c, m);
+    cli_set_tracer(c, exp);
     t = tools_create();
     if (tool_knowledge_register(t, k) != 0 ||
         tool_context_register(t, cli_channel_create(c, mo.store, cc.round_robin),
@@ -143,6 +149,7 @@ int main(int argc, char **argv)
     hl = health_attach(server);
     srv_use_tls(server, mtls);
     srv_set_metrics(server, m);
+    srv_set_tracer(server, exp);
     if (llm_register(server, l) != 0)
         goto out;
     endpoints_publish(eps, hl);
@@ -171,6 +178,7 @@ out:
     endpoints_destroy(&eps);
     tools_destroy(&t);
     kb_destroy(&k);
+    otlp_destroy(&exp);
     metrics_destroy(&m);
     conf_free(secs, nsecs);
     return status;
