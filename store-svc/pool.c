@@ -74,21 +74,6 @@ struct pool {
     pool_metrics mx;
 };
 
-const char *pool_strerror(int err)
-{
-    switch (err) {
-    case 0:
-        return "ok";
-    case POOL_EFULL:
-        return "the job queue is full";
-    case POOL_ESHUTDOWN:
-        return "the store is shutting down";
-    case POOL_EUNAVAIL:
-        return "no database connection";
-    }
-    return "unknown error";
-}
-
 /* ---- connection state ------------------------------------------------------- */
 
 static void set_up(worker *w)

@@ -39,8 +39,6 @@
 #define POOL_ESHUTDOWN (-2) /* the pool is stopping */
 #define POOL_EUNAVAIL  (-3) /* no database connection */
 
-const char *pool_strerror(int err);
-
 typedef struct pool pool;
 typedef struct pool_job pool_job;
 

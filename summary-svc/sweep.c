@@ -20,7 +20,7 @@ struct sweep {
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    int stop, kicked;
+    int stop;
     int llm_skips; /* rounds skipped in a row, to log once */
 };
 
@@ -177,7 +177,6 @@ static void *sweep_main(void *arg)
     sweep *sw = arg;
     pthread_mutex_lock(&sw->mu);
     while (!sw->stop) {
-        sw->kicked = 0;
         pthread_mutex_unlock(&sw->mu);
         sweep_once(sw);
         pthread_mutex_lock(&sw->mu);
@@ -193,7 +192,7 @@ static void *sweep_main(void *arg)
             until.tv_sec++;
             until.tv_nsec -= 1000000000;
         }
-        while (!sw->stop && !sw->kicked) {
+        while (!sw->stop) {
             if (pthread_cond_timedwait(&sw->cv, &sw->mu, &until) == ETIMEDOUT)
                 break;
         }
@@ -223,14 +222,6 @@ sweep *sweep_start(const sweep_cfg *cfg, cli_channel *store, const sweep_hooks *
         abort();
     }
     return sw;
-}
-
-void sweep_kick(sweep *sw)
-{
-    pthread_mutex_lock(&sw->mu);
-    sw->kicked = 1;
-    pthread_cond_signal(&sw->cv);
-    pthread_mutex_unlock(&sw->mu);
 }
 
 void sweep_stop(sweep **swp)
