@@ -76,6 +76,14 @@ def jwk_of(private_key, kid, **extra):
     pub = private_key.public_key()
     alg = RSAAlgorithm if isinstance(pub, rsa.RSAPublicKey) else ECAlgorithm
     d = json.loads(alg.to_jwk(pub))
+    if alg is ECAlgorithm:
+        # RFC 7518 6.2.1.2: x and y are the full coordinate size. Debian's
+        # PyJWT drops leading zero bytes (a short coordinate about one key in
+        # 128), which the gateway rightly refuses as a malformed key.
+        size = (pub.curve.key_size + 7) // 8
+        nums = pub.public_numbers()
+        d["x"] = b64(nums.x.to_bytes(size, "big"))
+        d["y"] = b64(nums.y.to_bytes(size, "big"))
     d["kid"] = kid
     d.update(extra)
     return d
