@@ -1,0 +1,426 @@
+/* evlog: a session's events on their way to store-svc, against a fake
+ * store-svc and summary-svc served in-process (runtime srv over a real
+ * socket). The test thread is the gateway's loop: it drains the bridge and
+ * runs libev until what it waits for happened. Checks sequence numbers
+ * after the stored ones, batches bounded by --event-batch, a failed batch
+ * retried with the same seqs, the per-session buffer bound, the total byte
+ * bound (evlog_full), a refused session, and the end (EndSession, then
+ * Summarize). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include "bridge.h"
+#include "convo_methods.h"
+#include "evlog.h"
+#include "mem.h"
+#include "rpc.h"
+#include "srv.h"
+
+#include <ev.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#define LAST_STORED 10 /* the session's last stored seq when it is opened */
+#define BATCH       2
+#define MAX_SEQS    64
+#define MAX_APPENDS 32
+#define WAIT_MS     10000
+#define POLL_US     1000
+#define USER_ID     "u1"
+#define SESSION_ID  "s1"
+
+/* How the fake store answers, and what it saw. */
+typedef struct fake {
+    pthread_mutex_t mu;
+    rpc_code open_code;
+    int append_failures; /* the next appends that fail UNAVAILABLE */
+    int opens, appends, ends, summarizes;
+    size_t batch_sizes[MAX_APPENDS];
+    int64_t seqs[MAX_SEQS]; /* every seq of every append, in arrival order */
+    size_t nseqs;
+    char first_content[64];
+} fake;
+
+static fake fk = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+static void fake_reset(void)
+{
+    pthread_mutex_lock(&fk.mu);
+    pthread_mutex_t mu = fk.mu;
+    memset(&fk, 0, sizeof fk);
+    fk.mu = mu;
+    pthread_mutex_unlock(&fk.mu);
+}
+
+static void on_open_session(srv_call *call, const ProtobufCMessage *msg)
+{
+    (void)msg;
+    pthread_mutex_lock(&fk.mu);
+    fk.opens++;
+    rpc_code code = fk.open_code;
+    pthread_mutex_unlock(&fk.mu);
+    Convo__V1__Session s = CONVO__V1__SESSION__INIT;
+    s.session_id = SESSION_ID;
+    s.user_id = USER_ID;
+    s.last_seq = LAST_STORED;
+    Convo__V1__OpenSessionResponse r = CONVO__V1__OPEN_SESSION_RESPONSE__INIT;
+    r.session = &s;
+    if (code != RPC_OK)
+        srv_call_finish(call, code, "open refused", NULL);
+    else
+        srv_call_finish(call, RPC_OK, NULL, &r.base);
+}
+
+static void on_append(srv_call *call, const ProtobufCMessage *msg)
+{
+    const Convo__V1__AppendEventsRequest *req = (const Convo__V1__AppendEventsRequest *)msg;
+    pthread_mutex_lock(&fk.mu);
+    if (fk.appends < MAX_APPENDS)
+        fk.batch_sizes[fk.appends] = req->n_events;
+    fk.appends++;
+    for (size_t i = 0; i < req->n_events && fk.nseqs < MAX_SEQS; i++)
+        fk.seqs[fk.nseqs++] = req->events[i]->seq;
+    if (fk.first_content[0] == '\0' && req->n_events > 0)
+        snprintf(fk.first_content, sizeof fk.first_content, "%s", req->events[0]->content);
+    int fail = fk.append_failures > 0;
+    if (fail)
+        fk.append_failures--;
+    pthread_mutex_unlock(&fk.mu);
+    Convo__V1__AppendEventsResponse r = CONVO__V1__APPEND_EVENTS_RESPONSE__INIT;
+    r.appended = (uint32_t)req->n_events;
+    if (fail)
+        srv_call_finish(call, RPC_UNAVAILABLE, "store busy", NULL);
+    else
+        srv_call_finish(call, RPC_OK, NULL, &r.base);
+}
+
+static void on_end_session(srv_call *call, const ProtobufCMessage *msg)
+{
+    (void)msg;
+    pthread_mutex_lock(&fk.mu);
+    fk.ends++;
+    pthread_mutex_unlock(&fk.mu);
+    Convo__V1__EndSessionResponse r = CONVO__V1__END_SESSION_RESPONSE__INIT;
+    srv_call_finish(call, RPC_OK, NULL, &r.base);
+}
+
+static void on_summarize(srv_call *call, const ProtobufCMessage *msg)
+{
+    (void)msg;
+    pthread_mutex_lock(&fk.mu);
+    fk.summarizes++;
+    pthread_mutex_unlock(&fk.mu);
+    Convo__V1__SummarizeResponse r = CONVO__V1__SUMMARIZE_RESPONSE__INIT;
+    srv_call_finish(call, RPC_OK, NULL, &r.base);
+}
+
+/* A copy of what the fake saw, to assert on without holding its lock (a
+ * failed assertion must not leave it locked). */
+static fake fake_snap(void)
+{
+    pthread_mutex_lock(&fk.mu);
+    fake f = fk;
+    pthread_mutex_unlock(&fk.mu);
+    return f;
+}
+
+static int fake_get(const int *field)
+{
+    pthread_mutex_lock(&fk.mu);
+    int v = *field;
+    pthread_mutex_unlock(&fk.mu);
+    return v;
+}
+
+typedef struct env {
+    srv *s;
+    pthread_t run;
+    gw g;
+    /* what the evlog told its owner */
+    int opened;
+    rpc_code open_code;
+    int closed;
+} env;
+
+static void *run_server(void *arg)
+{
+    srv_run(arg);
+    return NULL;
+}
+
+static int setup(void **state)
+{
+    env *e = mem_calloc(1, sizeof *e);
+    srv_opts o = {.threads = 2,
+                  .shutdown_grace_ms = 2000,
+                  .drain_delay_ms = 0,
+                  .max_message_bytes = 4 << 20,
+                  .max_queued_writes = 256,
+                  .max_calls = 100};
+    e->s = srv_create("fake", "127.0.0.1:0", &o);
+    const srv_method ms[] = {
+        {.method = &convo__v1__store__open_session__method,
+         .on_call = on_open_session,
+         .callers = "*"},
+        {.method = &convo__v1__store__append_events__method, .on_call = on_append, .callers = "*"},
+        {.method = &convo__v1__store__end_session__method,
+         .on_call = on_end_session,
+         .callers = "*"},
+        {.method = &convo__v1__summary__summarize__method, .on_call = on_summarize, .callers = "*"},
+    };
+    for (size_t i = 0; i < sizeof ms / sizeof ms[0]; i++)
+        assert_int_equal(srv_add_method(e->s, &ms[i], NULL), 0);
+    assert_int_equal(srv_start(e->s), 0);
+    assert_int_equal(pthread_create(&e->run, NULL, run_server, e->s), 0);
+    char target[64];
+    snprintf(target, sizeof target, "127.0.0.1:%d", srv_port(e->s));
+    e->g.client = cli_create(1, 0);
+    e->g.store = cli_channel_create(e->g.client, target, 0);
+    e->g.summary = e->g.store;
+    e->g.loop = ev_loop_new(EVFLAG_AUTO);
+    e->g.bridge = bridge_create();
+    *state = e;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    env *e = *state;
+    cli_destroy(&e->g.client);
+    bridge_drain(e->g.bridge);
+    bridge_destroy(&e->g.bridge);
+    ev_loop_destroy(e->g.loop);
+    srv_stop(e->s);
+    pthread_join(e->run, NULL);
+    srv_destroy(&e->s);
+    mem_free(e);
+    return 0;
+}
+
+/* Fresh options and counters for one test; the fake answers OK. */
+static env *begin(void **state)
+{
+    env *e = *state;
+    fake_reset();
+    e->opened = e->closed = 0;
+    e->open_code = RPC_OK;
+    memset(&e->g.counters, 0, sizeof e->g.counters);
+    e->g.events_full = 0;
+    e->g.opts.event_batch = BATCH;
+    e->g.opts.event_flush_ms = 20;
+    e->g.opts.event_buffer = 1000;
+    e->g.opts.event_buffer_total_bytes = 0;
+    e->g.opts.store_timeout_ms = 5000;
+    e->g.opts.event_retry_ms = 600000;
+    e->g.opts.store_before_send = 0;
+    return e;
+}
+
+static void on_open(void *arg, rpc_code code, const char *message,
+                    const Convo__V1__OpenSessionResponse *resp)
+{
+    (void)message;
+    (void)resp;
+    env *e = arg;
+    e->opened++;
+    e->open_code = code;
+}
+
+static void on_closed(void *arg)
+{
+    env *e = arg;
+    e->closed++;
+}
+
+/* Runs the loop (bridge and timers) until *flag is set; 0 when it was not
+ * within WAIT_MS. */
+static int run_until(env *e, int (*done)(env *, void *), void *arg)
+{
+    for (int waited = 0; waited < WAIT_MS * 1000; waited += POLL_US) {
+        bridge_drain(e->g.bridge);
+        ev_run(e->g.loop, EVRUN_NOWAIT);
+        if (done(e, arg))
+            return 1;
+        usleep(POLL_US);
+    }
+    return 0;
+}
+
+static int is_opened(env *e, void *arg)
+{
+    (void)arg;
+    return e->opened > 0;
+}
+
+static int is_closed(env *e, void *arg)
+{
+    (void)arg;
+    return e->closed > 0;
+}
+
+static int settled_all(env *e, void *arg)
+{
+    (void)e;
+    evlog *ev = arg;
+    return evlog_settled(ev) == evlog_added(ev);
+}
+
+static void add(evlog *ev, const char *text)
+{
+    evlog_add(ev, CONVO__V1__EVENT_TYPE__EVENT_TYPE_USER_MESSAGE, text, strlen(text), NULL);
+}
+
+static void close_and_destroy(env *e, evlog **ev)
+{
+    evlog_close(*ev, on_closed);
+    assert_true(run_until(e, is_closed, NULL));
+    assert_int_equal(e->closed, 1);
+    evlog_destroy(ev);
+    assert_null(*ev);
+}
+
+static void numbers_after_the_stored_in_batches(void **state)
+{
+    env *e = begin(state);
+    evlog *ev = evlog_create(&e->g, SESSION_ID, USER_ID, on_open, e);
+    assert_true(run_until(e, is_opened, NULL));
+    assert_int_equal(e->open_code, RPC_OK);
+    char text[32];
+    for (int i = 0; i < 5; i++) {
+        snprintf(text, sizeof text, "event %d", i);
+        add(ev, text);
+    }
+    assert_int_equal(evlog_added(ev), 5);
+    assert_true(run_until(e, settled_all, ev));
+    fake f = fake_snap();
+    assert_int_equal(f.nseqs, 5);
+    for (size_t i = 0; i < f.nseqs; i++)
+        assert_int_equal(f.seqs[i], LAST_STORED + 1 + (int64_t)i);
+    assert_true(f.appends >= 3); /* five events, at most BATCH a call */
+    for (int i = 0; i < f.appends; i++)
+        assert_true(f.batch_sizes[i] >= 1 && f.batch_sizes[i] <= BATCH);
+    assert_string_equal(f.first_content, "event 0");
+    assert_int_equal(atomic_load(&e->g.counters.events_logged), 5);
+    assert_int_equal(atomic_load(&e->g.counters.events_buffered), 0);
+    assert_int_equal(atomic_load(&e->g.counters.events_buffered_bytes), 0);
+
+    close_and_destroy(e, &ev);
+    assert_int_equal(fake_get(&fk.ends), 1);
+    /* Summarize is fire and forget: it arrives after on_closed. */
+    for (int i = 0; i < WAIT_MS && fake_get(&fk.summarizes) == 0; i++)
+        usleep(1000);
+    assert_int_equal(fake_get(&fk.summarizes), 1);
+    assert_int_equal(fake_get(&fk.opens), 1);
+}
+
+static void failed_batch_is_retried_with_its_seqs(void **state)
+{
+    env *e = begin(state);
+    fk.append_failures = 1;
+    evlog *ev = evlog_create(&e->g, SESSION_ID, USER_ID, on_open, e);
+    assert_true(run_until(e, is_opened, NULL));
+    add(ev, "a");
+    add(ev, "b");
+    assert_true(run_until(e, settled_all, ev));
+    fake f = fake_snap();
+    /* The failed batch, then one starting with the same events under the
+     * same seqs (with what arrived meanwhile). */
+    assert_int_equal(f.appends, 2);
+    size_t failed = f.batch_sizes[0];
+    assert_true(failed >= 1);
+    assert_int_equal(f.batch_sizes[1], 2);
+    assert_int_equal(f.nseqs, failed + 2);
+    for (size_t i = 0; i < failed; i++)
+        assert_int_equal(f.seqs[failed + i], f.seqs[i]);
+    assert_int_equal(f.seqs[failed], LAST_STORED + 1);
+    assert_int_equal(f.seqs[failed + 1], LAST_STORED + 2);
+    assert_int_equal(atomic_load(&e->g.counters.events_dropped), 0);
+    close_and_destroy(e, &ev);
+}
+
+static void refused_session_drops_its_events(void **state)
+{
+    env *e = begin(state);
+    fk.open_code = RPC_PERMISSION_DENIED;
+    evlog *ev = evlog_create(&e->g, SESSION_ID, USER_ID, on_open, e);
+    assert_true(run_until(e, is_opened, NULL));
+    assert_int_equal(e->open_code, RPC_PERMISSION_DENIED);
+    add(ev, "not stored");
+    assert_int_equal(evlog_added(ev), 1);
+    assert_int_equal(evlog_settled(ev), 1); /* dropped, so settled */
+    assert_int_equal(atomic_load(&e->g.counters.events_dropped), 1);
+    close_and_destroy(e, &ev);
+    assert_int_equal(fake_get(&fk.appends), 0);
+    assert_int_equal(fake_get(&fk.ends), 0);
+    assert_int_equal(fake_get(&fk.opens), 1); /* a refusal is not retried */
+}
+
+static void buffer_bounds_events_and_bytes(void **state)
+{
+    env *e = begin(state);
+    e->g.opts.event_buffer = 3;
+    /* Room for about two events of 100 bytes with their overhead. */
+    e->g.opts.event_buffer_total_bytes = 300;
+    /* Not yet open (no loop run): the events wait. */
+    evlog *ev = evlog_create(&e->g, SESSION_ID, USER_ID, on_open, e);
+    char big[101];
+    memset(big, 'x', sizeof big - 1);
+    big[sizeof big - 1] = '\0';
+    add(ev, big);
+    assert_int_equal(evlog_full(&e->g), 0);
+    add(ev, big);
+    add(ev, big);
+    assert_int_equal(evlog_full(&e->g), 1);
+    add(ev, big); /* past --event-buffer: dropped */
+    add(ev, big);
+    assert_int_equal(evlog_added(ev), 5);
+    assert_int_equal(atomic_load(&e->g.counters.events_dropped), 2);
+    assert_int_equal(atomic_load(&e->g.counters.events_buffered), 3);
+    assert_int_equal(evlog_settled(ev), 0);
+    /* Once stored, the total drains and messages are taken again. */
+    assert_true(run_until(e, settled_all, ev));
+    assert_int_equal(evlog_full(&e->g), 0);
+    assert_int_equal(fake_snap().nseqs, 3);
+    assert_int_equal(atomic_load(&e->g.counters.events_logged), 3);
+    close_and_destroy(e, &ev);
+    /* Events were dropped: the summary is left to summary-svc's sweep. */
+    usleep(100 * 1000);
+    assert_int_equal(fake_get(&fk.summarizes), 0);
+}
+
+static void abandoned_session_sends_nothing_more(void **state)
+{
+    env *e = begin(state);
+    evlog *ev = evlog_create(&e->g, SESSION_ID, USER_ID, on_open, e);
+    add(ev, "pending");
+    evlog_abandon(ev);
+    add(ev, "later");
+    assert_int_equal(evlog_added(ev), 2);
+    assert_int_equal(evlog_settled(ev), 2);
+    assert_int_equal(atomic_load(&e->g.counters.events_buffered), 0);
+    /* Let the OpenSession in flight finish, then free. */
+    for (int i = 0; i < WAIT_MS && fake_get(&fk.opens) == 0; i++)
+        usleep(1000);
+    usleep(100 * 1000);
+    bridge_drain(e->g.bridge);
+    ev_run(e->g.loop, EVRUN_NOWAIT);
+    assert_int_equal(e->opened, 0);
+    assert_int_equal(fake_get(&fk.appends), 0);
+    evlog_destroy(&ev);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(numbers_after_the_stored_in_batches),
+        cmocka_unit_test(failed_batch_is_retried_with_its_seqs),
+        cmocka_unit_test(refused_session_drops_its_events),
+        cmocka_unit_test(buffer_bounds_events_and_bytes),
+        cmocka_unit_test(abandoned_session_sends_nothing_more),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
