@@ -26,7 +26,6 @@ grew by more than --rss-growth-mb."""
 import argparse
 import asyncio
 import json
-import math
 import os
 import random
 import subprocess
@@ -312,6 +311,8 @@ def parse_args():
                     help="fail when a process's RSS grew by more than this from the first fault "
                          "to the end (default 64)")
     ap.add_argument("--log-level", default="warn", help="LOG_LEVEL of every service")
+    ap.add_argument("--gateway-arg", action="append", default=[], metavar="ARG",
+                    help="an extra gateway option (repeatable), e.g. --gateway-arg=--store-before-send")
     a = ap.parse_args()
     if a.minutes <= 0 or a.fault_every_s <= 0 or a.sessions < 1 or a.words < 1 or a.down_s < 0:
         ap.error("--minutes, --fault-every-s, --sessions and --words must be positive")
@@ -323,11 +324,12 @@ def main():
     print(f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; load average before: {load()}", flush=True)
     print(f"soak: {a.minutes:g} min, {a.sessions} sessions, {a.words} tokens an answer at "
           f"{a.delay_ms} ms, think {a.think_ms} ms, a fault every {a.fault_every_s:g} s "
-          f"(down {a.down_s:g} s)", flush=True)
+          f"(down {a.down_s:g} s); gateway options: {' '.join(a.gateway_arg) or 'defaults'}",
+          flush=True)
     env = {"LOG_LEVEL": a.log_level}
     stack = Stack(env=env, model_args=("--token-delay-ms", str(a.delay_ms),
                                        "--log-level", a.log_level))
-    gw = stack.gateway(*UNLIMITED, auth="none")
+    gw = stack.gateway(*UNLIMITED, *a.gateway_arg, auth="none")
     procs = Processes(stack, gw)
     tally = Tally()
     prefix = f"soak{os.getpid()}"
