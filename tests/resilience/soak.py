@@ -88,10 +88,11 @@ def proc_children(pid):
     return out
 
 
-def rss_kb(pid):
+def rss_kb(pid, field="VmRSS"):
+    """A memory figure of /proc/PID/status in KiB (0 when it is gone)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -117,11 +118,14 @@ class Processes:
                 "summary-svc": s.summary, "offline-model": s.model, "gateway": self.gw}
 
     def sample(self):
-        """name -> (RSS KiB, descriptors, pid). PostgreSQL: the postmaster
-        and every backend together (RSS summed; descriptors: the postmaster)."""
+        """name -> (RSS KiB, descriptors, pid). PostgreSQL: the private
+        memory (RssAnon) of the postmaster and every backend summed, since
+        each backend's RSS counts the shared buffers it touched again;
+        descriptors: the postmaster's."""
         out = {n: (rss_kb(svc.pid), fds(svc.pid), svc.pid) for n, svc in self.services().items()}
         pm = self.stack.pg._proc.pid
-        out["postgresql"] = (rss_kb(pm) + sum(rss_kb(c) for c in proc_children(pm)), fds(pm), pm)
+        out["postgresql"] = (sum(rss_kb(p, "RssAnon") for p in [pm, *proc_children(pm)]),
+                             fds(pm), pm)
         return out
 
     def dead(self, except_name):
@@ -359,7 +363,7 @@ def main():
             print(f"[{now - t0:7.1f} s] {name} died unexpectedly; starting it again", flush=True)
             (stack.pg if name == "postgresql" else procs.services()[name]).start()
         # A fault only when a whole interval is left after it to settle.
-        if now >= next_fault and now + a.fault_every_s <= deadline:
+        if now >= next_fault and next_fault + a.fault_every_s <= deadline:
             if start is None:
                 start = s
             current = FAULTS[n % len(FAULTS)]
@@ -394,6 +398,7 @@ def main():
     for sid, k, s_, st, outcome in bad[:10]:
         print(f"  lost: {sid} turn {k}: {s_} seen, {st} stored ({outcome})")
     grew = print_processes(start, end, peak, a.rss_growth_mb * KB)
+    print("(postgresql: private memory, RssAnon, of the postmaster and its backends summed)")
     print(f"load generator (this process): {client_cpu:.1f} CPU-s over {ran:.0f} s")
 
     status = 0
