@@ -139,17 +139,27 @@ class Processes:
 # ------------------------------------------------------------------ clients
 
 
+class Turn:
+    """One turn as its client saw it."""
+    __slots__ = ("sid", "k", "seen", "outcome", "end", "killed")
+
+    def __init__(self, sid, k, seen, outcome, end):
+        self.sid, self.k, self.seen, self.outcome, self.end = sid, k, seen, outcome, end
+        self.killed = False  # served by a gateway SIGKILLed while the connection was open
+
+
 class Tally:
     """What the clients saw, shared with the main thread (written by the
     client loop only)."""
 
     def __init__(self):
-        self.turns = []            # (session, turn no, tokens seen, outcome, gateway epoch at start)
+        self.turns = []            # Turn, in the order they ended
         self.outcomes = Counter()  # outcome -> turns
         self.degraded = 0
         self.connects = 0
         self.connect_failures = 0
         self.gateway_epoch = 0     # bumped by the main thread before each gateway kill
+        self.t0 = time.monotonic()
 
 
 async def session_loop(a, gw, tally, sid, user, deadline):
@@ -157,6 +167,7 @@ async def session_loop(a, gw, tally, sid, user, deadline):
     rng = random.Random(sid)
     await asyncio.sleep(rng.uniform(0, a.think_ms / 1000))  # spread the starts
     while time.monotonic() < deadline:
+        conn_epoch, conn_turns = tally.gateway_epoch, []
         try:
             async with websockets.connect(ws_url(gw, sid, user), max_size=2 ** 22,
                                           open_timeout=FRAME_TIMEOUT_S) as ws:
@@ -168,7 +179,6 @@ async def session_loop(a, gw, tally, sid, user, deadline):
                 tally.connects += 1
                 while time.monotonic() < deadline:
                     k += 1
-                    epoch = tally.gateway_epoch
                     seen, outcome = 0, "connection_lost"
                     try:
                         await ws.send(json.dumps({"message": f"[[words:{a.words}]] soak turn {k}"}))
@@ -187,13 +197,21 @@ async def session_loop(a, gw, tally, sid, user, deadline):
                     except asyncio.TimeoutError:
                         outcome = "timeout"
                     finally:
-                        tally.turns.append((sid, k, seen, outcome, epoch))
+                        turn = Turn(sid, k, seen, outcome, time.monotonic() - tally.t0)
+                        tally.turns.append(turn)
+                        conn_turns.append(turn)
                         tally.outcomes[outcome] += 1
                     if outcome in ("connection_lost", "timeout"):
                         break
                     await asyncio.sleep(a.think_ms / 1000 * rng.uniform(0.5, 1.5))
         except (OSError, asyncio.TimeoutError, websockets.exceptions.WebSocketException):
             tally.connect_failures += 1
+        finally:
+            # What a gateway held in memory when it was killed is the crash
+            # window: every turn of a connection that gateway served.
+            if tally.gateway_epoch > conn_epoch:
+                for turn in conn_turns:
+                    turn.killed = True
         if time.monotonic() < deadline:
             await asyncio.sleep(RECONNECT_PAUSE_S)
 
@@ -254,19 +272,19 @@ def stored_per_turn(url, prefix):
 
 
 def losses(tally, stored):
-    """(tokens lost outside a gateway kill, lost in turns a gateway kill cut,
-    the turns concerned)."""
-    lost, crash, crash_turns, bad = 0, 0, 0, []
-    for sid, k, seen, outcome, epoch in tally.turns:
-        missing = max(0, seen - stored.get((sid, k), 0))
+    """(tokens lost outside a gateway kill, lost on a gateway that was
+    killed, the turns concerned, [Turn of a loss outside a kill])."""
+    lost, crash, crash_turns, bad = 0, 0, [], []
+    for t in tally.turns:
+        missing = max(0, t.seen - stored.get((t.sid, t.k), 0))
         if not missing:
             continue
-        if outcome == "connection_lost" and tally.gateway_epoch > epoch:
+        if t.killed:
             crash += missing
-            crash_turns += 1
+            crash_turns.append(t)
         else:
             lost += missing
-            bad.append((sid, k, seen, stored.get((sid, k), 0), outcome))
+            bad.append(t)
     return lost, crash, crash_turns, bad
 
 
@@ -282,6 +300,16 @@ def settle(url, prefix, tally):
 
 
 # ------------------------------------------------------------------ report
+
+
+def print_faults(faults, turns, ran):
+    """Each fault and the turns that failed until the next one."""
+    print(f"{'at':>8}  {'fault':14}{'start took':>11}{'failed turns':>14}{'last failure after':>20}")
+    for i, (at, name, took) in enumerate(faults):
+        until = faults[i + 1][0] if i + 1 < len(faults) else ran
+        failed = [t.end for t in turns if at <= t.end < until and t.outcome != "done"]
+        last = f"{max(failed) - at:.1f} s" if failed else "-"
+        print(f"{at:>7.0f}s  {name:14}{took:>9.1f} s{len(failed):>14}{last:>20}")
 
 
 def print_processes(start, end, peak, bound_kb):
@@ -342,7 +370,7 @@ def main():
     procs = Processes(stack, gw)
     tally = Tally()
     prefix = f"soak{os.getpid()}"
-    t0 = time.monotonic()
+    t0 = tally.t0 = time.monotonic()
     deadline = t0 + a.minutes * 60
     clients_done = threading.Event()
     clients = threading.Thread(target=run_clients, daemon=True,
@@ -369,7 +397,7 @@ def main():
             current = FAULTS[n % len(FAULTS)]
             n += 1
             took = inject(current, stack, procs, tally, a.down_s)
-            faults.append((round(now - t0), current, took))
+            faults.append((now - t0, current, took))
             how = "stopped" if current == "postgresql" else "killed"
             print(f"[{now - t0:7.1f} s] {current} {how}, back {a.down_s:g} s later (start took "
                   f"{took:.1f} s); turns so far {len(tally.turns)}, load {load()}", flush=True)
@@ -383,20 +411,25 @@ def main():
     client_cpu = process_cpu_seconds(os.getpid())
 
     stored, lost, crash, crash_turns, bad = settle(stack.pg.url, prefix, tally)
-    seen = sum(t[2] for t in tally.turns)
+    seen = sum(t.seen for t in tally.turns)
     print(f"\n--- soak report ({ran / 60:.1f} min; CPU: {cpu_model()}; load average at the end: "
           f"{load()})")
-    print(f"faults injected: {len(faults)} ({', '.join(f'{t}s {name}' for t, name, _ in faults)})")
+    print(f"faults injected: {len(faults)}")
+    print_faults(faults, tally.turns, ran)
     print(f"turns: {len(tally.turns)}; " + ", ".join(f"{k} {v}" for k, v in
                                                      tally.outcomes.most_common()) +
           f"; {tally.degraded} answered with the default route (degraded)")
     print(f"connections: {tally.connects} opened, {tally.connect_failures} attempts failed")
     print(f"tokens seen by the clients: {seen}; stored in PostgreSQL: "
-          f"{sum(min(t[2], stored.get((t[0], t[1]), 0)) for t in tally.turns)} of them")
-    print(f"tokens lost: {lost}; lost in the gateway's crash window (turns cut by its SIGKILL): "
-          f"{crash} in {crash_turns} turns")
-    for sid, k, s_, st, outcome in bad[:10]:
-        print(f"  lost: {sid} turn {k}: {s_} seen, {st} stored ({outcome})")
+          f"{sum(min(t.seen, stored.get((t.sid, t.k), 0)) for t in tally.turns)} of them")
+    kills = [t for t, name, _ in faults if name == "gateway"]
+    ages = [min((k - t.end for k in kills if k >= t.end), default=0) for t in crash_turns]
+    print(f"tokens lost: {lost}; lost in the memory of a SIGKILLed gateway (its crash window): "
+          f"{crash} in {len(crash_turns)} turns" +
+          (f", which ended up to {max(ages):.2f} s before the kill" if ages else ""))
+    for t in bad[:10]:
+        print(f"  lost: {t.sid} turn {t.k} (ended at {t.end:.1f} s): {t.seen} seen, "
+              f"{stored.get((t.sid, t.k), 0)} stored ({t.outcome})")
     grew = print_processes(start, end, peak, a.rss_growth_mb * KB)
     print("(postgresql: private memory, RssAnon, of the postmaster and its backends summed)")
     print(f"load generator (this process): {client_cpu:.1f} CPU-s over {ran:.0f} s")
