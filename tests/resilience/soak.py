@@ -423,10 +423,12 @@ def main():
     print(f"tokens seen by the clients: {seen}; stored in PostgreSQL: "
           f"{sum(min(t.seen, stored.get((t.sid, t.k), 0)) for t in tally.turns)} of them")
     kills = [t for t, name, _ in faults if name == "gateway"]
-    ages = [min((k - t.end for k in kills if k >= t.end), default=0) for t in crash_turns]
+    cut = sum(t.outcome == "connection_lost" for t in crash_turns)
+    ages = [min((k - t.end for k in kills if k >= t.end), default=0) for t in crash_turns
+            if t.outcome != "connection_lost"]
     print(f"tokens lost: {lost}; lost in the memory of a SIGKILLed gateway (its crash window): "
-          f"{crash} in {len(crash_turns)} turns" +
-          (f", which ended up to {max(ages):.2f} s before the kill" if ages else ""))
+          f"{crash} in {len(crash_turns)} turns, {cut} of them cut by the kill" +
+          (f", the others ended up to {max(ages):.2f} s before it" if ages else ""))
     for t in bad[:10]:
         print(f"  lost: {t.sid} turn {t.k} (ended at {t.end:.1f} s): {t.seen} seen, "
               f"{stored.get((t.sid, t.k), 0)} stored ({t.outcome})")
