@@ -19,10 +19,12 @@
     X(S, listen, STR, "listen", "LISTEN_ADDR", "",                                                 \
       "HOST:PORT for HTTP and WebSocket; when empty, HOST (default 0.0.0.0) and PORT (default "    \
       "8000) from the environment, as in the seed")                                                \
-    X(S, router, STR, "router", "ROUTER_ADDR", "127.0.0.1:50051", "router-svc address")            \
-    X(S, llm, STR, "llm", "LLM_ADDR", "127.0.0.1:50052", "llm-svc address")                        \
-    X(S, store, STR, "store", "STORE_ADDR", "127.0.0.1:50053", "store-svc address")                \
-    X(S, summary, STR, "summary", "SUMMARY_ADDR", "127.0.0.1:50054", "summary-svc address")        \
+    X(S, router, STR, "router", "ROUTER_ADDR", "127.0.0.1:50051",                                  \
+      "router-svc: HOST:PORT, replicas IP:PORT,IP:PORT,... or dns:///NAME:PORT")                   \
+    X(S, llm, STR, "llm", "LLM_ADDR", "127.0.0.1:50052", "llm-svc: the same forms")                \
+    X(S, store, STR, "store", "STORE_ADDR", "127.0.0.1:50053", "store-svc: the same forms")        \
+    X(S, summary, STR, "summary", "SUMMARY_ADDR", "127.0.0.1:50054",                               \
+      "summary-svc: the same forms")                                                               \
     X(S, web_root, STR, "web-root", "WEB_ROOT", "",                                                \
       "folder of the web page served at /app/; empty: gateway/web of the source tree, or the "     \
       "installed copy")                                                                            \

@@ -226,6 +226,30 @@ static int setup_callers(gw *g, const char *host)
     return 0;
 }
 
+/* The channels to the four services; -1 (logged) when an address is not
+ * valid. */
+static int open_channels(gw *g)
+{
+    struct {
+        cli_channel **ch;
+        const char *flag;
+        const char *addr;
+    } peers[] = {{&g->router, "router", g->opts.router},
+                 {&g->llm, "llm", g->opts.llm},
+                 {&g->store, "store", g->opts.store},
+                 {&g->summary, "summary", g->opts.summary}};
+    char err[400];
+    for (size_t i = 0; i < sizeof peers / sizeof peers[0]; i++) {
+        *peers[i].ch = cli_channel_create(g->client, peers[i].addr, g->client_opts.round_robin, err,
+                                          sizeof err);
+        if (*peers[i].ch == NULL) {
+            log_error("--%s: %s", peers[i].flag, err);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     int rc = 1;
@@ -295,10 +319,10 @@ int main(int argc, char **argv)
     g.client = cli_create((int)g.opts.grpc_threads, GW_GRPC_MAX_MESSAGE_BYTES);
     cli_use_tls(g.client, mtls);
     cli_set_metrics(g.client, g.metrics);
-    g.router = cli_channel_create(g.client, g.opts.router, g.client_opts.round_robin);
-    g.llm = cli_channel_create(g.client, g.opts.llm, g.client_opts.round_robin);
-    g.store = cli_channel_create(g.client, g.opts.store, g.client_opts.round_robin);
-    g.summary = cli_channel_create(g.client, g.opts.summary, g.client_opts.round_robin);
+    if (open_channels(&g) != 0) {
+        rc = 2;
+        goto out;
+    }
 
     g.sessions = sess_table_create(&g);
     g.ws = ws_server_create(&g, sess_open, g.sessions);

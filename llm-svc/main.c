@@ -28,7 +28,8 @@
 #define MAIN_OPTS(X, S)                                                                            \
     X(S, listen, STR, "listen", "LISTEN_ADDR", "0.0.0.0:50052", "HOST:PORT to serve gRPC on")      \
     X(S, store, STR, "store", "STORE_ADDR", "127.0.0.1:50053",                                     \
-      "store-svc, for lookup_contextual_data")                                                     \
+      "store-svc, for lookup_contextual_data: HOST:PORT, replicas IP:PORT,IP:PORT,... or "         \
+      "dns:///NAME:PORT")                                                                          \
     X(S, knowledge_dir, STR, "knowledge-dir", "KNOWLEDGE_DIR", "",                                 \
       "the folder of Markdown/text documents fetch_internal_knowledge searches; empty: the "       \
       "shipped one (PREFIX/share/convo/knowledge beside the installed binary)")                    \
@@ -129,10 +130,15 @@ int main(int argc, char **argv)
     c = cli_create(1, so.max_message_bytes);
     cli_use_tls(c, mtls);
     cli_set_metrics(c, m);
+    cli_channel *store = cli_channel_create(c, mo.store, cc.round_robin, err, sizeof err);
+    if (store == NULL) {
+        log_error("--store: %s", err);
+        status = 2;
+        goto out;
+    }
     t = tools_create();
     if (tool_knowledge_register(t, k) != 0 ||
-        tool_context_register(t, cli_channel_create(c, mo.store, cc.round_robin),
-                              mo.tool_timeout_ms) != 0) {
+        tool_context_register(t, store, mo.tool_timeout_ms) != 0) {
         log_error("cannot register the tools");
         goto out;
     }

@@ -5,15 +5,25 @@
 #include "rpc_internal.h"
 #include "rpcm.h"
 
+#include <arpa/inet.h>
+#include <ctype.h>
 #include <grpc/grpc_security.h>
 #include <grpc/support/time.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_META 8
 /* The least time a connection attempt (TCP and TLS) is given. */
 #define CONNECT_TIMEOUT_MS 5000
+/* The longest HOST:PORT of a peer address, and the longest address (a
+ * list of replicas). */
+#define ENTRY_MAX 300
+#define ADDR_MAX  8192
+#define PORT_MAX  65535
 
 typedef struct cq_thread {
     cli *owner;
@@ -111,8 +121,173 @@ void cli_use_tls(cli *c, tls *t)
     c->tls = t;
 }
 
-cli_channel *cli_channel_create(cli *c, const char *target, int round_robin)
+/* ---- peer addresses -------------------------------------------------- */
+
+/* Targets the gRPC core resolves itself: passed on as they are. */
+static const char *const core_schemes[] = {"dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:"};
+
+typedef enum host_kind { HOST_NAME, HOST_IPV4, HOST_IPV6 } host_kind;
+
+static void fail(char *err, size_t errsize, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void fail(char *err, size_t errsize, const char *fmt, ...)
 {
+    if (err == NULL || errsize == 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errsize, fmt, ap);
+    va_end(ap);
+}
+
+/* One HOST:PORT (an IPv6 address in brackets): the port is 1-65535 and
+ * the host a name or an IP address, which *kind tells. Returns 0 or -1
+ * with the reason in err. */
+static int parse_entry(const char *entry, host_kind *kind, char *err, size_t errsize)
+{
+    size_t len = strlen(entry);
+    const char *colon = strrchr(entry, ':');
+    if (len == 0) {
+        fail(err, errsize, "an empty address (HOST:PORT expected)");
+        return -1;
+    }
+    if (len >= ENTRY_MAX || colon == NULL || colon == entry) {
+        fail(err, errsize, "'%s' is not HOST:PORT", entry);
+        return -1;
+    }
+    char *end;
+    long port = strtol(colon + 1, &end, 10);
+    if (!isdigit((unsigned char)colon[1]) || *end != '\0' || port < 1 || port > PORT_MAX) {
+        fail(err, errsize, "'%s' has no port of 1-65535 after its last ':'", entry);
+        return -1;
+    }
+    char host[ENTRY_MAX];
+    size_t hlen = (size_t)(colon - entry);
+    memcpy(host, entry, hlen);
+    host[hlen] = '\0';
+    unsigned char bin[sizeof(struct in6_addr)];
+    if (host[0] == '[') {
+        if (hlen < 3 || host[hlen - 1] != ']') {
+            fail(err, errsize, "'%s': an IPv6 address is written [ADDRESS]:PORT", entry);
+            return -1;
+        }
+        host[hlen - 1] = '\0';
+        if (inet_pton(AF_INET6, host + 1, bin) != 1) {
+            fail(err, errsize, "'%s' is not a valid IPv6 address and port", entry);
+            return -1;
+        }
+        *kind = HOST_IPV6;
+        return 0;
+    }
+    if (inet_pton(AF_INET, host, bin) == 1) {
+        *kind = HOST_IPV4;
+        return 0;
+    }
+    for (const char *p = host; *p; p++) {
+        if (!isalnum((unsigned char)*p) && *p != '-' && *p != '.' && *p != '_') {
+            fail(err, errsize,
+                 "'%s' is not HOST:PORT (a host is a name, an IPv4 address or [an IPv6 address])",
+                 entry);
+            return -1;
+        }
+    }
+    *kind = HOST_NAME;
+    return 0;
+}
+
+/* A list of replicas, IP addresses of one family, as the core's ipv4: or
+ * ipv6: target (it takes them comma-separated and resolves nothing) into
+ * *target, and its first address into *authority. Returns 0 or -1 with
+ * the reason in err; on failure nothing is returned. */
+static int list_target(const char *addr, char **target, char **authority, char *err, size_t errsize)
+{
+    char *copy = mem_strdup(addr);
+    char *out = mem_alloc(strlen(addr) + sizeof "ipv6:");
+    out[0] = '\0';
+    size_t max_entries = 1, n = 0;
+    for (const char *p = addr; *p; p++)
+        max_entries += *p == ',';
+    char **seen = mem_calloc(max_entries, sizeof *seen);
+    host_kind family = HOST_NAME;
+    int rc = -1;
+    for (char *e = copy, *next; e != NULL; e = next) {
+        next = strchr(e, ',');
+        if (next != NULL)
+            *next++ = '\0';
+        while (isspace((unsigned char)*e))
+            e++;
+        for (size_t k = strlen(e); k > 0 && isspace((unsigned char)e[k - 1]); k--)
+            e[k - 1] = '\0';
+        host_kind kind;
+        if (parse_entry(e, &kind, err, errsize) != 0)
+            goto out;
+        if (kind == HOST_NAME) {
+            fail(err, errsize,
+                 "'%s': a list of replicas takes IP addresses only (nothing resolves names in "
+                 "a list); for every address of a name use dns:///NAME:PORT",
+                 e);
+            goto out;
+        }
+        if (family != HOST_NAME && kind != family) {
+            fail(err, errsize, "'%s': a list is all IPv4 or all IPv6 addresses, not both", e);
+            goto out;
+        }
+        for (size_t i = 0; i < n; i++) {
+            if (strcmp(seen[i], e) == 0) {
+                fail(err, errsize, "'%s' is listed twice", e);
+                goto out;
+            }
+        }
+        seen[n++] = e;
+        strcat(out, family == HOST_NAME ? (kind == HOST_IPV4 ? "ipv4:" : "ipv6:") : ",");
+        strcat(out, e);
+        family = kind;
+    }
+    *authority = mem_strdup(seen[0]);
+    *target = out;
+    out = NULL;
+    rc = 0;
+out:
+    mem_free(seen);
+    mem_free(out);
+    mem_free(copy);
+    return rc;
+}
+
+/* The gRPC target of a peer address (see cli_channel_create) into *target,
+ * and for a list the authority its calls carry (the first address; the
+ * core would make one of the whole list) into *authority, else NULL; both
+ * mem_free'd by the caller. Returns 0 or -1 with the reason in err. */
+static int peer_target(const char *addr, char **target, char **authority, char *err, size_t errsize)
+{
+    *target = NULL;
+    *authority = NULL;
+    for (size_t i = 0; i < sizeof core_schemes / sizeof core_schemes[0]; i++) {
+        if (strncmp(addr, core_schemes[i], strlen(core_schemes[i])) == 0) {
+            *target = mem_strdup(addr);
+            return 0;
+        }
+    }
+    if (strlen(addr) >= ADDR_MAX) {
+        fail(err, errsize, "the address is longer than %d bytes", ADDR_MAX - 1);
+        return -1;
+    }
+    if (strchr(addr, ',') != NULL)
+        return list_target(addr, target, authority, err, errsize);
+    host_kind kind;
+    if (parse_entry(addr, &kind, err, errsize) != 0)
+        return -1;
+    *target = mem_strdup(addr);
+    return 0;
+}
+
+cli_channel *cli_channel_create(cli *c, const char *addr, int round_robin, char *err,
+                                size_t errsize)
+{
+    char *target = NULL, *authority = NULL;
+    if (peer_target(addr, &target, &authority, err, errsize) != 0)
+        return NULL;
     rpc__args args;
     rpc__args_init(&args, c->max_message_bytes);
     /* A restarted peer is found again within seconds, not the core's
@@ -131,14 +306,18 @@ cli_channel *cli_channel_create(cli *c, const char *target, int round_robin)
     rpc__args_int(&args, GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
     if (round_robin)
         rpc__args_str(&args, GRPC_ARG_LB_POLICY_NAME, "round_robin");
+    if (authority != NULL)
+        rpc__args_str(&args, GRPC_ARG_DEFAULT_AUTHORITY, authority);
     grpc_channel_args cargs = rpc__args_get(&args);
     grpc_channel_credentials *creds = tls__channel_credentials(c->tls);
 
     cli_channel *ch = mem_calloc(1, sizeof *ch);
     ch->c = c;
-    ch->target = mem_strdup(target);
+    ch->target = mem_strdup(addr);
     ch->channel = grpc_channel_create(target, creds, &cargs);
     grpc_channel_credentials_release(creds);
+    mem_free(target);
+    mem_free(authority);
     pthread_mutex_lock(&c->mu);
     ch->next = c->channels;
     c->channels = ch;

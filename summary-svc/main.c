@@ -72,7 +72,12 @@ int main(int argc, char **argv)
     client = cli_create((int)opts.client_threads, sopts.max_message_bytes);
     cli_use_tls(client, mtls);
     cli_set_metrics(client, m);
-    sv = service_create(&svopts, client, copts.round_robin, m);
+    sv = service_create(&svopts, client, copts.round_robin, m, err, sizeof err);
+    if (sv == NULL) {
+        log_error("%s", err);
+        status = 2;
+        goto out;
+    }
     server = srv_create("summary-svc", opts.listen, &sopts);
     srv_use_tls(server, mtls);
     srv_set_metrics(server, m);

@@ -662,16 +662,28 @@ static void make_worker_id(char *out, size_t size)
     snprintf(out, size, "summary-svc.%s.%d.%08x", host, (int)getpid(), rnd);
 }
 
-service *service_create(const service_opts *o, cli *c, int round_robin, metrics *m)
+service *service_create(const service_opts *o, cli *c, int round_robin, metrics *m, char *err,
+                        size_t errsize)
 {
+    char why[400];
+    cli_channel *store = cli_channel_create(c, o->store, round_robin, why, sizeof why);
+    if (store == NULL) {
+        snprintf(err, errsize, "--store: %s", why);
+        return NULL;
+    }
+    cli_channel *llm = cli_channel_create(c, o->llm, round_robin, why, sizeof why);
+    if (llm == NULL) {
+        snprintf(err, errsize, "--llm: %s", why);
+        return NULL;
+    }
     service *sv = mem_calloc(1, sizeof *sv);
     sv->o = *o;
     metrics_register(m, METRICS_SECTION(service_metrics, &sv->mx));
     for (int i = 0; i <= JOB_ERROR; i++)
         sv->outcome_mx[i] =
             metrics_counter_of(sv->mx.jobs, (const char *[]){job_outcome_name((job_outcome)i)});
-    sv->store = cli_channel_create(c, o->store, round_robin);
-    sv->llm = cli_channel_create(c, o->llm, round_robin);
+    sv->store = store;
+    sv->llm = llm;
     make_worker_id(sv->worker_id, sizeof sv->worker_id);
     pthread_mutex_init(&sv->mu, NULL);
     sv->env = (job_env){

@@ -22,8 +22,10 @@
 #include "srv.h"
 
 #define SERVICE_OPTS(X, S)                                                                         \
-    X(S, store, STR, "store", "STORE_ADDR", "127.0.0.1:50053", "store-svc HOST:PORT")              \
-    X(S, llm, STR, "llm", "LLM_ADDR", "127.0.0.1:50052", "llm-svc HOST:PORT")                      \
+    X(S, store, STR, "store", "STORE_ADDR", "127.0.0.1:50053",                                     \
+      "store-svc: HOST:PORT, replicas IP:PORT,IP:PORT,... or dns:///NAME:PORT")                    \
+    X(S, llm, STR, "llm", "LLM_ADDR", "127.0.0.1:50052",                                           \
+      "llm-svc: HOST:PORT, replicas IP:PORT,IP:PORT,... or dns:///NAME:PORT")                      \
     X(S, workers, INT, "workers", "SUMMARY_WORKERS", "2",                                          \
       "summaries made at once (worker threads; each blocks on its session's calls)")               \
     X(S, queue_size, INT, "queue-size", "SUMMARY_QUEUE_SIZE", "64",                                \
@@ -65,10 +67,13 @@ typedef struct service service;
 int service_check_opts(const service_opts *o, char *err, size_t errsize);
 
 /* A service using client `c` for its peers (channels made here, spread
- * over every address of a name with `round_robin`). Starts the worker
+ * over every address of a peer with `round_robin`). Starts the worker
  * pool; nothing is served until service_register + srv_start. `o`'s
- * strings must outlive the service. Counts its work in m (NULL: nothing). */
-service *service_create(const service_opts *o, cli *c, int round_robin, metrics *m);
+ * strings must outlive the service. Counts its work in m (NULL: nothing).
+ * NULL when a peer address is not valid (cli_channel_create), with the
+ * reason in err. */
+service *service_create(const service_opts *o, cli *c, int round_robin, metrics *m, char *err,
+                        size_t errsize);
 /* Registers Summarize and GetSummary on `s` (before srv_start). Returns 0
  * or an RPC_E* error. */
 int service_register(service *sv, srv *s);
