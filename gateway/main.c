@@ -226,6 +226,18 @@ static int setup_callers(gw *g, const char *host)
     return 0;
 }
 
+/* The calls sent again when a replica fails them UNAVAILABLE before any
+ * answer (cli.h): the ones that change nothing, and Chat before its first
+ * event (nothing was shown or stored; what the dead replica asked the model
+ * is asked again). The event log's calls retry by themselves (evlog.c). */
+static const char *const router_retry[] = {"/convo.v1.Router/Route", NULL};
+static const char *const llm_retry[] = {"/convo.v1.Llm/Chat", NULL};
+static const char *const store_retry[] = {"/convo.v1.Store/GetSession",
+                                          "/convo.v1.Store/ListEvents",
+                                          "/convo.v1.Store/ListUserSessions", NULL};
+static const char *const summary_retry[] = {"/convo.v1.Summary/Summarize",
+                                            "/convo.v1.Summary/GetSummary", NULL};
+
 /* The channels to the four services; -1 (logged) when an address is not
  * valid. */
 static int open_channels(gw *g)
@@ -234,14 +246,15 @@ static int open_channels(gw *g)
         cli_channel **ch;
         const char *flag;
         const char *addr;
-    } peers[] = {{&g->router, "router", g->opts.router},
-                 {&g->llm, "llm", g->opts.llm},
-                 {&g->store, "store", g->opts.store},
-                 {&g->summary, "summary", g->opts.summary}};
+        const char *const *retry;
+    } peers[] = {{&g->router, "router", g->opts.router, router_retry},
+                 {&g->llm, "llm", g->opts.llm, llm_retry},
+                 {&g->store, "store", g->opts.store, store_retry},
+                 {&g->summary, "summary", g->opts.summary, summary_retry}};
     char err[400];
     for (size_t i = 0; i < sizeof peers / sizeof peers[0]; i++) {
-        *peers[i].ch = cli_channel_create(g->client, peers[i].addr, g->client_opts.round_robin, err,
-                                          sizeof err);
+        *peers[i].ch = cli_channel_create(g->client, peers[i].addr, g->client_opts.round_robin,
+                                          peers[i].retry, err, sizeof err);
         if (*peers[i].ch == NULL) {
             log_error("--%s: %s", peers[i].flag, err);
             return -1;

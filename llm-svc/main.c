@@ -130,7 +130,12 @@ int main(int argc, char **argv)
     c = cli_create(1, so.max_message_bytes);
     cli_use_tls(c, mtls);
     cli_set_metrics(c, m);
-    cli_channel *store = cli_channel_create(c, mo.store, cc.round_robin, err, sizeof err);
+    /* The tool's reads are sent again to another replica when one fails
+     * them UNAVAILABLE (cli.h). */
+    static const char *const store_retry[] = {"/convo.v1.Store/GetSession",
+                                              "/convo.v1.Store/ListUserSessions", NULL};
+    cli_channel *store =
+        cli_channel_create(c, mo.store, cc.round_robin, store_retry, err, sizeof err);
     if (store == NULL) {
         log_error("--store: %s", err);
         status = 2;

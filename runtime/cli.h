@@ -79,10 +79,15 @@ void cli_set_metrics(cli *c, metrics *m);
  *                             takes them.
  * `round_robin` spreads calls over every address (a replica that refuses
  * connections is skipped until it is back); otherwise the first that
- * answers takes them all. Owned by the client; freed with it. Returns NULL
- * when addr is none of the above, with the reason in err. */
-cli_channel *cli_channel_create(cli *c, const char *addr, int round_robin, char *err,
-                                size_t errsize);
+ * answers takes them all. `retry` (NULL-terminated, or NULL) names the
+ * methods ("/convo.v1.Router/Route") safe to send again: a call of one
+ * that fails UNAVAILABLE before any response message arrived is retried
+ * (by the core, on the next replica; a stream never once a message was
+ * received). Owned by the client; freed with it. Returns NULL when addr
+ * is none of the above or a method path is malformed, with the reason in
+ * err. */
+cli_channel *cli_channel_create(cli *c, const char *addr, int round_robin, const char *const *retry,
+                                char *err, size_t errsize);
 /* The address the channel was created with, as given. */
 const char *cli_channel_target(const cli_channel *ch);
 

@@ -665,13 +665,21 @@ static void make_worker_id(char *out, size_t size)
 service *service_create(const service_opts *o, cli *c, int round_robin, metrics *m, char *err,
                         size_t errsize)
 {
+    /* Sent again to another replica when one fails them UNAVAILABLE before
+     * answering (cli.h): the reads and the model call. Never ClaimSummary
+     * or SaveSummary: a claim or save the dead replica made would be
+     * refused the second time as another's lease. */
+    static const char *const store_retry[] = {"/convo.v1.Store/GetSession",
+                                              "/convo.v1.Store/ListEvents",
+                                              "/convo.v1.Store/ListUnsummarizedSessions", NULL};
+    static const char *const llm_retry[] = {"/convo.v1.Llm/Complete", NULL};
     char why[400];
-    cli_channel *store = cli_channel_create(c, o->store, round_robin, why, sizeof why);
+    cli_channel *store = cli_channel_create(c, o->store, round_robin, store_retry, why, sizeof why);
     if (store == NULL) {
         snprintf(err, errsize, "--store: %s", why);
         return NULL;
     }
-    cli_channel *llm = cli_channel_create(c, o->llm, round_robin, why, sizeof why);
+    cli_channel *llm = cli_channel_create(c, o->llm, round_robin, llm_retry, why, sizeof why);
     if (llm == NULL) {
         snprintf(err, errsize, "--llm: %s", why);
         return NULL;

@@ -142,6 +142,35 @@ def test_a_killed_replica_is_skipped_and_called_again_once_it_is_back(pb):
         assert {status for status, _ in seen} == {"OK"}, [l for l in seen if l[0] != "OK"]
 
 
+@pytest.mark.parametrize("retry", [True, False])
+def test_a_call_whose_replica_dies_is_sent_again_to_the_other_only_when_safe(pb, retry):
+    """Echo held by our testsvc-server (hold_until is never reached), which
+    then dies by SIGKILL: named safe to retry, the call is sent again and
+    answered by the other replica; not named, it fails UNAVAILABLE."""
+    port = shared_port(HOSTS)
+    ours = Service("testsvc-server", binary=SERVER, host="127.0.0.2", port=port)
+    other = replica(pb, "127.0.0.1", port, "python")
+    # No round robin: the first address (ours) takes the call.
+    proc = subprocess.Popen([str(CLIENT), "--target", f"127.0.0.2:{port},127.0.0.1:{port}",
+                             "--calls", "1", "--hold-until", "2", "--timeout-ms", "20000",
+                             *(["--retry"] if retry else [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Held, not answered: the client is still waiting.
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1)
+        ours.kill()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        other.stop(0)
+        ours.stop()
+    if retry:
+        assert (proc.returncode, out.split()) == (0, ["OK", "python"]), err
+    else:
+        assert proc.returncode == 1 and out.split()[0] == "UNAVAILABLE", out + err
+
+
 @pytest.mark.parametrize("target,words", [
     ("127.0.0.1:5,store-svc:5", "IP addresses only"),
     ("127.0.0.1:5,,127.0.0.2:5", "empty address"),

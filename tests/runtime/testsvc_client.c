@@ -20,6 +20,10 @@
     X(S, text, STR, "text", "TEXT", "hello", "what Echo sends")                                    \
     X(S, calls, INT, "calls", "CALLS", "1", "Echo calls, one after the other")                     \
     X(S, interval_ms, INT, "interval-ms", "INTERVAL_MS", "0", "pause between calls")               \
+    X(S, hold_until, INT, "hold-until", "HOLD_UNTIL", "0",                                         \
+      "Echo's hold_until: testsvc-server holds a call until this many wait")                       \
+    X(S, retry, BOOL, "retry", "RETRY", "false",                                                   \
+      "name Echo safe to retry (cli_channel_create): sent again on UNAVAILABLE")                   \
     X(S, timeout_ms, INT, "timeout-ms", "TIMEOUT_MS", "5000", "deadline of each call")
 CONF_DECLARE(client_opts, CLIENT_OPTS)
 
@@ -45,7 +49,9 @@ int main(int argc, char **argv)
     }
     cli *c = cli_create(1, 4 << 20);
     cli_use_tls(c, mtls);
-    cli_channel *ch = cli_channel_create(c, o.target, copts.round_robin, err, sizeof err);
+    static const char *const retry[] = {"/convo.test.Test/Echo", NULL};
+    cli_channel *ch =
+        cli_channel_create(c, o.target, copts.round_robin, o.retry ? retry : NULL, err, sizeof err);
     int status = 0;
     if (ch == NULL) {
         fprintf(stderr, "testsvc-client: --target: %s\n", err);
@@ -57,6 +63,7 @@ int main(int argc, char **argv)
             usleep((useconds_t)o.interval_ms * 1000);
         Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;
         req.text = o.text;
+        req.hold_until = (int32_t)o.hold_until;
         cli_opts co = {.timeout_ms = o.timeout_ms};
         ProtobufCMessage *resp = NULL;
         char *msg = NULL;
