@@ -1,6 +1,7 @@
 #include "evlog.h"
 
 #include "convo/v1/summary.pb-c.h"
+#include "keep.h"
 #include "log.h"
 #include "mem.h"
 
@@ -51,6 +52,7 @@ struct evlog {
     int64_t close_ms; /* when closing began, for --event-retry-ms */
     unsigned long dropped;
     int64_t batch_us; /* when the AppendEvents in flight was sent (metrics) */
+    keep_entry keep;  /* renewed in the store while open there (keep.h) */
 };
 
 typedef struct reply {
@@ -196,6 +198,7 @@ static void handle_open(evlog *ev, reply *r)
         ev->backoff_ms = 0;
         ev->next_seq = (resp->session != NULL ? resp->session->last_seq : 0) + 1;
         ev->flush_due = 1;
+        ev->keep.live = !ev->abandoned;
     } else if (retryable(r->code)) {
         retry_later(ev);
     } else {
@@ -254,6 +257,7 @@ static void handle_end(evlog *ev, reply *r)
     if (r->code == RPC_OK || r->code == RPC_NOT_FOUND) {
         ev->ended = 1;
         ev->backoff_ms = 0;
+        ev->keep.live = 0;
     } else {
         retry_later(ev);
     }
@@ -295,6 +299,8 @@ static void start_open(evlog *ev)
     Convo__V1__OpenSessionRequest req = CONVO__V1__OPEN_SESSION_REQUEST__INIT;
     req.session_id = ev->session_id;
     req.user_id = ev->user_id;
+    /* Kept open while we renew it (keep.h); 0 without a lease. */
+    req.live_seconds = ev->g->keep != NULL ? (int32_t)ev->g->opts.session_lease_secs : 0;
     cli_opts o = store_opts(ev);
     ev->busy = 1;
     if (cli_unary(ev->g->store, "/convo.v1.Store/OpenSession", &req.base,
@@ -417,6 +423,8 @@ evlog *evlog_create(gw *g, const char *session_id, const char *user_id, evlog_op
     ev->user_id = mem_strdup(user_id);
     ev->on_open = on_open;
     ev->arg = arg;
+    ev->keep.session_id = ev->session_id;
+    keep_add(g->keep, &ev->keep);
     pump(ev);
     return ev;
 }
@@ -514,6 +522,7 @@ void evlog_destroy(evlog **evp)
     if (ev == NULL)
         return;
     *evp = NULL;
+    keep_remove(ev->g->keep, &ev->keep);
     ev_timer_stop(ev->g->loop, &ev->timer);
     ev_timer_stop(ev->g->loop, &ev->closed_timer);
     size_t left = waiting(ev);

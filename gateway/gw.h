@@ -51,6 +51,10 @@
     X(S, event_retry_ms, INT, "event-retry-ms", "EVENT_RETRY_MS", "600000",                        \
       "how long the events of a disconnected session are retried while store-svc is down "         \
       "before they are dropped (counted and logged)")                                              \
+    X(S, session_lease_secs, INT, "session-lease-seconds", "SESSION_LEASE_SECONDS", "60",          \
+      "how long store-svc keeps a session of this gateway open without word from it (renewed "     \
+      "every third of it); a gateway that dies leaves its sessions to be ended and summarized "    \
+      "this long after (0: never; they stay open until their client comes back)")                  \
     X(S, end_grace_ms, INT, "end-grace-ms", "END_GRACE_MS", "0",                                   \
       "after a disconnect, how long a session waits for a reconnect before it is ended and "       \
       "summarized")                                                                                \
@@ -130,6 +134,7 @@ struct lws_context;
 struct caller_rules;
 struct sess_table;
 struct ws_server;
+typedef struct keep keep;
 
 typedef struct gw_counters {
     atomic_long connections;     /* open WebSocket connections */
@@ -164,6 +169,7 @@ typedef struct gw {
     cli_channel *summary;
     struct ws_server *ws;        /* WebSocket connections (ws.h) */
     struct sess_table *sessions; /* sessions in memory (session.h) */
+    keep *keep;                  /* keeps them open in store-svc (keep.h); NULL: no lease */
     gw_counters counters;
     metrics *metrics; /* NULL: metrics off (--metrics-listen off) */
     gw_metrics mx;    /* every member NULL when off */

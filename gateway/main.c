@@ -10,6 +10,7 @@
 #include "caller.h"
 #include "evlog.h"
 #include "gw.h"
+#include "keep.h"
 #include "http.h"
 #include "lim.h"
 #include "log.h"
@@ -232,9 +233,9 @@ static int setup_callers(gw *g, const char *host)
  * is asked again). The event log's calls retry by themselves (evlog.c). */
 static const char *const router_retry[] = {"/convo.v1.Router/Route", NULL};
 static const char *const llm_retry[] = {"/convo.v1.Llm/Chat", NULL};
-static const char *const store_retry[] = {"/convo.v1.Store/GetSession",
-                                          "/convo.v1.Store/ListEvents",
-                                          "/convo.v1.Store/ListUserSessions", NULL};
+static const char *const store_retry[] = {
+    "/convo.v1.Store/GetSession", "/convo.v1.Store/ListEvents", "/convo.v1.Store/ListUserSessions",
+    "/convo.v1.Store/KeepSessionsAlive", NULL};
 static const char *const summary_retry[] = {"/convo.v1.Summary/Summarize",
                                             "/convo.v1.Summary/GetSummary", NULL};
 
@@ -378,6 +379,12 @@ int main(int argc, char **argv)
         goto out;
     }
     bridge_set_context(g.bridge, g.ctx);
+    char err[300];
+    if (keep_create(&g, &g.keep, err, sizeof err) != 0) {
+        log_error("%s", err);
+        rc = 2;
+        goto out;
+    }
     if (g.metrics != NULL && (sc = scrape_start(maddr, g.metrics, healthy, &g)) == NULL)
         goto out; /* scrape_start logged the address */
     ev_async_init(&run.stop_watcher, on_stop);
@@ -414,6 +421,7 @@ out:
     scrape_stop(&sc);
     if (g.client != NULL)
         cli_destroy(&g.client);
+    keep_destroy(&g.keep);
     if (g.ctx != NULL)
         lws_context_destroy(g.ctx);
     if (run.loop != NULL) {
