@@ -1,4 +1,4 @@
-/* frame — the WebSocket wire format (gateway/README.md; seed-compatible).
+/* frame — the WebSocket wire format (docs/protocol.md; seed-compatible).
  *
  * Client → server: {"message": "..."}, or any text that does not start with
  * '{' (taken as the message, as the seed does), or {"type": "cancel"}.

@@ -29,14 +29,12 @@
       "folder of the web page served at /app/; empty: gateway/web of the source tree, or the "     \
       "installed copy")                                                                            \
     X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")           \
-    X(S, grpc_threads, INT, "grpc-threads", "GRPC_THREADS", "1",                                   \
-      "gRPC client completion-queue threads")                                                      \
     X(S, max_connections, INT, "max-connections", "MAX_CONNECTIONS", "10000",                      \
       "WebSocket connections at once; more are closed with 1013 (try again later)")                \
     X(S, max_frame_bytes, INT, "max-frame-bytes", "MAX_FRAME_BYTES", "65536",                      \
       "largest WebSocket message a client may send; larger closes with 1009")                      \
-    X(S, max_message_bytes, INT, "max-message-bytes", "MAX_MESSAGE_BYTES", "16384",                \
-      "longest user message; longer gets an error frame")                                          \
+    X(S, max_user_message_bytes, INT, "max-user-message-bytes", "MAX_USER_MESSAGE_BYTES", "16384", \
+      "longest user message in bytes; longer gets an error frame (message_too_long)")              \
     X(S, max_queued_messages, INT, "max-queued-messages", "MAX_QUEUED_MESSAGES", "4",              \
       "messages queued while an answer streams; more get an error frame (queue_full)")             \
     X(S, max_out_bytes, INT, "max-out-buffer-bytes", "MAX_OUT_BUFFER_BYTES", "262144",             \

@@ -611,8 +611,7 @@ static void dev_token(http_req *req)
         !json_object_is_type(user, json_type_string) ||
         check_id("user_id", json_object_get_string(user), err, sizeof err) != 0) {
         json_object_put(body);
-        respond_error(req, 400, "invalid_user_id",
-                      "send {\"user_id\": \"...\"}: 1 to 128 characters from A-Z a-z 0-9 . _ -");
+        respond_error(req, 400, "invalid_user_id", "send {\"user_id\": \"...\"}: " CHECK_ID_RULE);
         return;
     }
     char *token = NULL;
@@ -844,8 +843,7 @@ static void sessions_route(http_req *req, struct lws *wsi, const char *rest)
     req->session_id = mem_strndup(id, slash != NULL ? (size_t)(slash - id) : strlen(id));
     char err[160];
     if (check_id("session_id", req->session_id, err, sizeof err) != 0) {
-        respond_error(req, 400, "invalid_session_id",
-                      "the session id must be 1 to 128 characters from A-Z a-z 0-9 . _ -");
+        respond_error(req, 400, "invalid_session_id", "the session id must be " CHECK_ID_RULE);
         return;
     }
     if (slash == NULL) {
@@ -879,8 +877,7 @@ static int identify(http_req *req, struct lws *wsi)
         return -1;
     }
     if (req->who.user_arg < 0) {
-        respond_error(req, 400, "invalid_user_id",
-                      "user_id must be 1 to 128 characters from A-Z a-z 0-9 . _ -");
+        respond_error(req, 400, "invalid_user_id", "user_id must be " CHECK_ID_RULE);
         return -1;
     }
     return 0;

@@ -27,6 +27,7 @@
 #include <libwebsockets.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,7 +47,7 @@
 #define SHUTDOWN_TICK_S 0.1
 
 /* The largest gRPC message the gateway sends or receives: the services'
- * default --max-message-bytes (GRPC_MAX_MESSAGE_BYTES). */
+ * default --max-message-bytes (GRPC_MAX_MESSAGE_BYTES, runtime/srv.h). */
 #define GW_GRPC_MAX_MESSAGE_BYTES (4 << 20)
 
 /* Bytes libwebsockets reads and writes at once per service thread. */
@@ -54,6 +55,10 @@
 
 /* Seconds a pinged connection gets to answer before it is hung up. */
 #define GW_PING_GRACE_SECS 10
+
+/* The longest --ws-ping-secs: libwebsockets keeps the ping and hang-up
+ * times (this plus the grace) in 16 bits. */
+#define GW_PING_SECS_MAX (UINT16_MAX - GW_PING_GRACE_SECS)
 
 /* libwebsockets' header buffer, in --max-header-bytes: requests over the
  * limit but within the buffer are answered 431; past it libwebsockets
@@ -184,6 +189,20 @@ static int listen_address(const gw_opts *o, char *host, size_t hostlen, int *por
     return 0;
 }
 
+/* The ranges of the gateway's own options that 0 and up does not cover.
+ * Returns 0, or -1 with the reason in err. */
+static int check_opts(const gw_opts *o, char *err, size_t errsize)
+{
+    if (o->event_batch < 1)
+        snprintf(err, errsize, "--event-batch must be at least 1");
+    else if (o->ping_secs > GW_PING_SECS_MAX)
+        snprintf(err, errsize, "--ws-ping-secs %lld is outside 0 to %d", o->ping_secs,
+                 GW_PING_SECS_MAX);
+    else
+        return 0;
+    return -1;
+}
+
 /* Whether host (a listen address) only takes connections from this
  * machine. */
 static int loopback(const char *host)
@@ -274,7 +293,7 @@ int main(int argc, char **argv)
     static runner run = {.g = &g};
     static tls_opts topts;
     tls *mtls = NULL;
-    char tls_err[512];
+    char err[512];
     scrape_opts mopts = {0};
     scrape *sc = NULL;
     conf_section secs[] = {
@@ -295,8 +314,10 @@ int main(int argc, char **argv)
         goto out;
     }
     lws_set_log_level(LLL_ERR | LLL_WARN, lws_log);
-    if (tls_create(&topts, &mtls, tls_err, sizeof tls_err) != 0) {
-        log_error("%s", tls_err);
+    if (check_opts(&g.opts, err, sizeof err) != 0 ||
+        cli_conf_check(&g.client_opts, err, sizeof err) != 0 ||
+        tls_create(&topts, &mtls, err, sizeof err) != 0) {
+        log_error("%s", err);
         rc = 2;
         goto out;
     }
@@ -330,7 +351,7 @@ int main(int argc, char **argv)
     }
 
     g.bridge = bridge_create();
-    g.client = cli_create((int)g.opts.grpc_threads, GW_GRPC_MAX_MESSAGE_BYTES);
+    g.client = cli_create((int)g.client_opts.threads, GW_GRPC_MAX_MESSAGE_BYTES);
     cli_use_tls(g.client, mtls);
     cli_set_metrics(g.client, g.metrics);
     if (open_channels(&g) != 0) {
@@ -379,7 +400,6 @@ int main(int argc, char **argv)
         goto out;
     }
     bridge_set_context(g.bridge, g.ctx);
-    char err[300];
     if (keep_create(&g, &g.keep, err, sizeof err) != 0) {
         log_error("%s", err);
         rc = 2;

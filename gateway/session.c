@@ -722,7 +722,7 @@ static void sess_on_text(void *peer, const char *data, size_t len)
         return;
     }
     frame_in in;
-    frame_parse(data, len, (size_t)s->g->opts.max_message_bytes, &in);
+    frame_parse(data, len, (size_t)s->g->opts.max_user_message_bytes, &in);
     if (in.kind == FRAME_INVALID) {
         send_error(s, in.code, in.error, NULL);
     } else if (in.kind == FRAME_CANCEL) {

@@ -295,13 +295,11 @@ static void on_established(ws_server *ws, struct lws *wsi, pss *p)
     }
     if (id == NULL || check_id("session_id", id, err, sizeof err) != 0) {
         refuse(g, c, WS_CLOSE_BAD_SESSION, "invalid_session_id",
-               "connect to /ws/session/{session_id} with a session id of 1 to 128 characters "
-               "from A-Z a-z 0-9 . _ -");
+               "connect to /ws/session/{session_id} with a session id of " CHECK_ID_RULE);
         return;
     }
     if (who->user_arg < 0) {
-        refuse(g, c, WS_CLOSE_BAD_SESSION, "invalid_user_id",
-               "user_id must be 1 to 128 characters from A-Z a-z 0-9 . _ -");
+        refuse(g, c, WS_CLOSE_BAD_SESSION, "invalid_user_id", "user_id must be " CHECK_ID_RULE);
         return;
     }
     /* Without a token or a user_id the session id stands in for the user,

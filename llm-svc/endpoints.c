@@ -47,7 +47,7 @@ struct endpoints {
     char *default_model;
     int64_t cooldown_ms;
     pthread_mutex_t pub_mu;
-    srv *srv; /* under pub_mu: where circuits are published, or NULL */
+    health *health; /* under pub_mu: where circuits are published, or NULL */
     endpoints_metrics mx;
 };
 
@@ -393,15 +393,15 @@ const char *endpoints_model(const endpoints *e, size_t i, const char *wanted)
 
 static void publish_locked(endpoints *e, entry *x)
 {
-    if (e->srv != NULL)
-        health_set(e->srv, x->health_name,
+    if (e->health != NULL)
+        health_set(e->health, x->health_name,
                    breaker_get(x->br) == BREAKER_CLOSED ? HEALTH_SERVING : HEALTH_NOT_SERVING);
 }
 
-void endpoints_publish(endpoints *e, srv *s)
+void endpoints_publish(endpoints *e, health *h)
 {
     pthread_mutex_lock(&e->pub_mu);
-    e->srv = s;
+    e->health = h;
     for (size_t i = 0; i < e->n; i++)
         publish_locked(e, &e->v[i]);
     pthread_mutex_unlock(&e->pub_mu);

@@ -17,8 +17,8 @@
 
 #include "breaker.h"
 #include "conf.h"
+#include "health.h"
 #include "metrics.h"
-#include "srv.h"
 #include "upstream.h"
 
 #include <stddef.h>
@@ -67,9 +67,10 @@ const char *endpoints_default_model(const endpoints *e);
  * the entry's own model, else `wanted`. */
 const char *endpoints_model(const endpoints *e, size_t i, const char *wanted);
 
-/* Publishes every circuit's state in the health of `s` (before srv_start),
- * and from then on each change; NULL stops it (before srv_destroy). */
-void endpoints_publish(endpoints *e, srv *s);
+/* Publishes every circuit's state in `h` (the server's health, before
+ * srv_start), and from then on each change; NULL stops it (before
+ * srv_destroy). */
+void endpoints_publish(endpoints *e, health *h);
 
 /* Whether endpoint `i`'s circuit lets a request go now: 1 with *ticket
  * filled (report the request's end with it), else 0. */

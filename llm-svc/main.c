@@ -78,6 +78,7 @@ int main(int argc, char **argv)
     models *mods = NULL;
     llm *l = NULL;
     srv *server = NULL;
+    health *hl = NULL;
     tls *mtls = NULL;
     metrics *m = NULL;
     scrape *sc = NULL;
@@ -98,6 +99,10 @@ int main(int argc, char **argv)
         goto out;
     if (co.max_rounds < 1) {
         fprintf(stderr, "llm-svc: --max-rounds must be at least 1\n");
+        goto out;
+    }
+    if (cli_conf_check(&cc, err, sizeof err) != 0) {
+        fprintf(stderr, "llm-svc: %s\n", err);
         goto out;
     }
     if (endpoints_create(&eo, m, &eps, err, sizeof err) != 0) {
@@ -127,7 +132,7 @@ int main(int argc, char **argv)
         log_error("knowledge base: %s", err);
         goto out;
     }
-    c = cli_create(1, so.max_message_bytes);
+    c = cli_create((int)cc.threads, so.max_message_bytes);
     cli_use_tls(c, mtls);
     cli_set_metrics(c, m);
     /* The tool's reads are sent again to another replica when one fails
@@ -154,12 +159,13 @@ int main(int argc, char **argv)
     }
     l = llm_create(&to, &co, u, eps, mods, t, m);
     server = srv_create("llm-svc", mo.listen, &so);
+    hl = health_attach(server);
     srv_use_tls(server, mtls);
     srv_set_metrics(server, m);
     if (llm_register(server, l) != 0)
         goto out;
-    endpoints_publish(eps, server);
-    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, server)) == NULL)
+    endpoints_publish(eps, hl);
+    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, hl)) == NULL)
         goto out;
     if (srv_start(server) != 0)
         goto out;

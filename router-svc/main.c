@@ -40,6 +40,7 @@ int main(int argc, char **argv)
     metrics *m = NULL;
     scrape *sc = NULL;
     router_ctx ctx;
+    health *hl = NULL;
     char maddr[300];
     char *err = NULL;
     char tls_err[512];
@@ -76,6 +77,7 @@ int main(int argc, char **argv)
 
     status = 1;
     server = srv_create("router-svc", opts.listen, &sopts);
+    hl = health_attach(server);
     srv_use_tls(server, mtls);
     srv_set_metrics(server, m);
     router_ctx_init(&ctx, cfg, m);
@@ -83,7 +85,7 @@ int main(int argc, char **argv)
         log_error("cannot register %s", ROUTER_METHOD_ROUTE);
         goto out;
     }
-    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, server)) == NULL)
+    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, hl)) == NULL)
         goto out; /* scrape_start logged the address */
     if (srv_start(server) != 0)
         goto out; /* srv_start logged the address */

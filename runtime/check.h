@@ -9,6 +9,12 @@
 /* The longest id (common.proto: ids match [A-Za-z0-9._-]{1,128}). */
 #define CHECK_ID_MAX 128
 
+#define CHECK__STR(x)  #x
+#define CHECK__XSTR(x) CHECK__STR(x)
+/* The id rule in words, for messages people read ("1 to 128 characters
+ * from ..."), made from CHECK_ID_MAX so the two cannot drift apart. */
+#define CHECK_ID_RULE "1 to " CHECK__XSTR(CHECK_ID_MAX) " characters from A-Z a-z 0-9 . _ -"
+
 /* Whether c may appear in an id. */
 int check_id_char(int c);
 /* A required id: 1 to CHECK_ID_MAX bytes of [A-Za-z0-9._-]. s may be NULL. */

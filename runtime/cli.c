@@ -872,3 +872,13 @@ void cli_destroy(cli **cp)
     mem_free(c);
     rpc__grpc_unref();
 }
+
+int cli_conf_check(const cli_conf *o, char *err, size_t errsize)
+{
+    if (o->threads < 1 || o->threads > CLI_THREADS_MAX) {
+        snprintf(err, errsize, "--client-threads %lld is outside 1 to %d", o->threads,
+                 CLI_THREADS_MAX);
+        return -1;
+    }
+    return 0;
+}

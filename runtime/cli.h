@@ -24,13 +24,25 @@
 #include <stdint.h>
 
 /* The client's options; every binary that calls other services parses
- * them and passes round_robin to cli_channel_create. */
+ * them, checks them with cli_conf_check, creates its client with `threads`
+ * and passes round_robin to cli_channel_create. (--grpc-threads is the
+ * server's threads, srv.h: one meaning per flag name.) */
 #define CLI_OPTS(X, S)                                                                             \
+    X(S, threads, INT, "client-threads", "GRPC_CLIENT_THREADS", "1",                               \
+      "completion-queue threads of the gRPC client (calls to other services), 1 to 64; one "       \
+      "runs every callback of every call in order on one thread")                                  \
     X(S, round_robin, BOOL, "grpc-round-robin", "GRPC_ROUND_ROBIN", "false",                       \
       "spread calls over every address of a peer: each IP of a list (IP:PORT,IP:PORT) or of a "    \
       "name (dns:///NAME:PORT, Kubernetes headless Services); without it the first address "       \
       "that answers takes every call and the others stand by")
 CONF_DECLARE(cli_conf, CLI_OPTS)
+
+/* The most completion-queue threads a client may have. */
+#define CLI_THREADS_MAX 64
+
+/* Checks the options (threads within 1 to CLI_THREADS_MAX). Returns 0, or
+ * -1 with the reason in err (a usage error). */
+int cli_conf_check(const cli_conf *o, char *err, size_t errsize);
 
 typedef struct cli cli;
 typedef struct cli_channel cli_channel;

@@ -2,7 +2,6 @@
 
 #include "log.h"
 #include "mem.h"
-#include "rpc_internal.h"
 
 #include "grpc/health/v1/health.pb-c.h"
 
@@ -29,7 +28,7 @@ struct health {
     int frozen; /* shutting down: NOT_SERVING stays, whatever a service says */
 };
 
-health *health__create(void)
+static health *health_create(void)
 {
     health *h = mem_calloc(1, sizeof *h);
     pthread_mutex_init(&h->mu, NULL);
@@ -40,12 +39,10 @@ health *health__create(void)
     return h;
 }
 
-void health__destroy(health **hp)
+/* srv_hooks.on_destroy: the server is gone, and every call with it. */
+static void health_destroy(void *arg)
 {
-    health *h = *hp;
-    if (h == NULL)
-        return;
-    *hp = NULL;
+    health *h = arg;
     for (size_t i = 0; i < h->nservices; i++)
         mem_free(h->services[i].name);
     mem_free(h->services);
@@ -61,9 +58,11 @@ static service_status *find_locked(health *h, const char *name)
     return NULL;
 }
 
-void health__add_service(srv *s, const char *service)
+/* srv_hooks.on_service: a service the server serves is known, UNKNOWN
+ * until set. */
+static void add_service(void *arg, const char *service)
 {
-    health *h = srv__health(s);
+    health *h = arg;
     pthread_mutex_lock(&h->mu);
     if (find_locked(h, service) == NULL) {
         h->services = mem_realloc(h->services, (h->nservices + 1) * sizeof *h->services);
@@ -114,9 +113,8 @@ static void set_locked(health *h, const char *service, health_status status)
     }
 }
 
-void health_set(srv *s, const char *service, health_status status)
+void health_set(health *h, const char *service, health_status status)
 {
-    health *h = srv__health(s);
     pthread_mutex_lock(&h->mu);
     if (!h->frozen)
         set_locked(h, service, status);
@@ -129,44 +127,43 @@ static void set_all_locked(health *h, health_status status)
         set_locked(h, h->services[i].name, status);
 }
 
-void health_set_all(srv *s, health_status status)
+/* srv_hooks.on_start: every service SERVING, unless the program set the
+ * server's status before (store-svc waits for its database). */
+static void on_start(void *arg)
 {
-    health *h = srv__health(s);
+    health *h = arg;
     pthread_mutex_lock(&h->mu);
-    if (!h->frozen)
-        set_all_locked(h, status);
+    if (!h->frozen && find_locked(h, "")->status == HEALTH_UNKNOWN)
+        set_all_locked(h, HEALTH_SERVING);
     pthread_mutex_unlock(&h->mu);
 }
 
-void health__shutting_down(srv *s)
+/* srv_hooks.on_draining: every service NOT_SERVING for good; later
+ * health_set calls (a database reconnecting during the drain, say) change
+ * nothing. */
+static void on_draining(void *arg)
 {
-    health *h = srv__health(s);
+    health *h = arg;
     pthread_mutex_lock(&h->mu);
     set_all_locked(h, HEALTH_NOT_SERVING);
     h->frozen = 1;
     pthread_mutex_unlock(&h->mu);
 }
 
-health_status health_get(srv *s, const char *service)
+int health_serving(void *arg)
 {
-    health *h = srv__health(s);
+    health *h = arg;
     pthread_mutex_lock(&h->mu);
-    service_status *st = find_locked(h, service);
-    health_status status = st != NULL ? st->status : HEALTH_UNKNOWN;
+    int serving = find_locked(h, "")->status == HEALTH_SERVING;
     pthread_mutex_unlock(&h->mu);
-    return status;
-}
-
-int health_serving(void *server)
-{
-    return health_get(server, "") == HEALTH_SERVING;
+    return serving;
 }
 
 static void on_check(srv_call *call, const ProtobufCMessage *msg)
 {
     const Grpc__Health__V1__HealthCheckRequest *req =
         (const Grpc__Health__V1__HealthCheckRequest *)msg;
-    health *h = srv__health(srv_call_server(call));
+    health *h = srv_call_method_data(call);
     pthread_mutex_lock(&h->mu);
     service_status *st = find_locked(h, req->service);
     int status = st != NULL ? (int)st->status : -1;
@@ -198,7 +195,7 @@ static int unlink_locked(health *h, srv_call *call)
 
 static void on_watch_cancel(srv_call *call)
 {
-    health *h = srv__health(srv_call_server(call));
+    health *h = srv_call_method_data(call);
     pthread_mutex_lock(&h->mu);
     int listed = unlink_locked(h, call);
     pthread_mutex_unlock(&h->mu);
@@ -210,7 +207,7 @@ static void on_watch(srv_call *call, const ProtobufCMessage *msg)
 {
     const Grpc__Health__V1__HealthCheckRequest *req =
         (const Grpc__Health__V1__HealthCheckRequest *)msg;
-    health *h = srv__health(srv_call_server(call));
+    health *h = srv_call_method_data(call);
     pthread_mutex_lock(&h->mu);
     if (h->closed) {
         pthread_mutex_unlock(&h->mu);
@@ -227,9 +224,11 @@ static void on_watch(srv_call *call, const ProtobufCMessage *msg)
     pthread_mutex_unlock(&h->mu);
 }
 
-void health__close_watchers(srv *s)
+/* srv_hooks.on_stopping: every Watch stream ends (it would never end by
+ * itself), and none starts any more. */
+static void close_watchers(void *arg)
 {
-    health *h = srv__health(s);
+    health *h = arg;
     pthread_mutex_lock(&h->mu);
     h->closed = 1;
     while (h->watchers != NULL) {
@@ -240,8 +239,15 @@ void health__close_watchers(srv *s)
     pthread_mutex_unlock(&h->mu);
 }
 
-void health__register(srv *s)
+health *health_attach(srv *s)
 {
+    static const srv_hooks hooks = {
+        .on_service = add_service,
+        .on_start = on_start,
+        .on_draining = on_draining,
+        .on_stopping = close_watchers,
+        .on_destroy = health_destroy,
+    };
     static const srv_method check = {
         .path = "/grpc.health.v1.Health/Check",
         .kind = SRV_UNARY,
@@ -250,6 +256,7 @@ void health__register(srv *s)
         .on_call = on_check,
         /* Probes, load balancers and every peer ask. */
         .callers = "*",
+        .without_certificate = 1,
     };
     static const srv_method watch = {
         .path = "/grpc.health.v1.Health/Watch",
@@ -258,7 +265,15 @@ void health__register(srv *s)
         .response = &grpc__health__v1__health_check_response__descriptor,
         .on_call = on_watch,
         .callers = "*",
+        .without_certificate = 1,
     };
-    srv_add_method(s, &check, NULL);
-    srv_add_method(s, &watch, NULL);
+    health *h = health_create();
+    if (srv_set_hooks(s, &hooks, h) != 0) {
+        log_error("health: the server has hooks attached already");
+        health_destroy(h);
+        return NULL;
+    }
+    srv_add_method(s, &check, h);
+    srv_add_method(s, &watch, h);
+    return h;
 }

@@ -1,4 +1,4 @@
-/* Internals shared by srv.c, cli.c and health.c; not part of any API. */
+/* Internals shared by rpc.c, srv.c, cli.c and tls.c; not part of any API. */
 #ifndef CONVO_RPC_INTERNAL_H
 #define CONVO_RPC_INTERNAL_H
 
@@ -60,21 +60,5 @@ grpc_channel_credentials *tls__channel_credentials(tls *t);
  * Returns whether the peer showed a certificate the TLS handshake verified
  * (0 for a plaintext connection). */
 int tls__caller(grpc_call *call, char *out);
-
-/* health.c, driven by srv.c. Its methods' paths start with this. */
-#define HEALTH__PATH_PREFIX "/grpc.health.v1.Health/"
-typedef struct health health;
-health *health__create(void);
-void health__destroy(health **h);
-/* Registers Check and Watch on the server. */
-void health__register(srv *s);
-/* Adds a service name (known services are listed by Check). */
-void health__add_service(srv *s, const char *service);
-/* Every service NOT_SERVING for good: later health_set calls (a database
- * reconnecting during the drain, say) change nothing. */
-void health__shutting_down(srv *s);
-/* Ends every Watch stream: the server is going away. */
-void health__close_watchers(srv *s);
-health *srv__health(srv *s);
 
 #endif

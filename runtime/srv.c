@@ -1,6 +1,5 @@
 #include "srv.h"
 
-#include "health.h"
 #include "log.h"
 #include "mem.h"
 #include "rpc_internal.h"
@@ -78,7 +77,8 @@ struct srv {
     pthread_mutex_t shutdown_mu;
     pthread_cond_t shutdown_cv;
     int shutdown_done;
-    health *health;
+    const srv_hooks *hooks; /* NULL: none attached */
+    void *hooks_arg;
     rpcm *metrics; /* NULL: not counted */
 };
 
@@ -584,14 +584,14 @@ static srv_call *call_create(slot *sl)
 
 /* Under mutual TLS, whether the caller's certificate names a caller the
  * method allows; if not, the call is answered PERMISSION_DENIED here. A
- * call without a certificate came in on the --health-listen port: health
- * only. */
+ * call without a certificate came in on the --health-listen port: the
+ * methods marked without_certificate only. */
 static int caller_allowed(srv_call *c)
 {
     const method_entry *e = c->method;
     char name[TLS_NAME_MAX + 1];
     if (!tls__caller(c->call, name)) {
-        if (strncmp(e->m.path, HEALTH__PATH_PREFIX, strlen(HEALTH__PATH_PREFIX)) == 0)
+        if (e->m.without_certificate)
             return 1;
         srv_call_finishf(c, RPC_UNAUTHENTICATED,
                          "no client certificate: only grpc.health.v1 is answered without one");
@@ -780,8 +780,6 @@ srv *srv_create(const char *name, const char *listen, const srv_opts *opts)
     grpc_channel_args cargs = rpc__args_get(&args);
     s->server = grpc_server_create(&cargs, NULL);
 
-    s->health = health__create();
-    health__register(s);
     return s;
 }
 
@@ -850,12 +848,30 @@ int srv_add_method(srv *s, const srv_method *m, void *data)
     s->methods[s->nmethods++] = e;
 
     /* "/convo.v1.Router/Route" serves service "convo.v1.Router". */
-    const char *slash = strrchr(m->path, '/');
-    char *service = mem_strndup(m->path + 1, (size_t)(slash - m->path - 1));
-    health__add_service(s, service);
-    mem_free(service);
+    if (s->hooks != NULL && s->hooks->on_service != NULL) {
+        const char *slash = strrchr(m->path, '/');
+        char *service = mem_strndup(m->path + 1, (size_t)(slash - m->path - 1));
+        s->hooks->on_service(s->hooks_arg, service);
+        mem_free(service);
+    }
     return 0;
 }
+
+int srv_set_hooks(srv *s, const srv_hooks *hooks, void *arg)
+{
+    if (s->hooks != NULL || s->started)
+        return RPC_EARG;
+    s->hooks = hooks;
+    s->hooks_arg = arg;
+    return 0;
+}
+
+/* Calls the attached hook `fn` (a member of srv_hooks), if any. */
+#define CALL_HOOK(s, fn)                                                                           \
+    do {                                                                                           \
+        if ((s)->hooks != NULL && (s)->hooks->fn != NULL)                                          \
+            (s)->hooks->fn((s)->hooks_arg);                                                        \
+    } while (0)
 
 static void *cq_thread_main(void *arg)
 {
@@ -934,8 +950,7 @@ int srv_start(srv *s)
         pthread_create(&s->threads[i].tid, NULL, cq_thread_main, &s->threads[i]);
     s->threads_started = 1;
 
-    if (health_get(s, "") == HEALTH_UNKNOWN)
-        health_set_all(s, HEALTH_SERVING);
+    CALL_HOOK(s, on_start);
     log_info("%s %s serving gRPC on %s (port %d, %s)", s->name, conf_version(), s->listen, s->port,
              s->tls != NULL ? "mutual TLS, methods allowed per caller" : "plaintext");
     return 0;
@@ -998,12 +1013,12 @@ static int wait_shutdown(srv *s, int64_t ms)
 static void srv_shutdown(srv *s, const char *why)
 {
     int64_t t0 = rpc_now_ms();
-    log_info("%s: shutting down (%s): health NOT_SERVING, draining %lld ms, grace %lld ms", s->name,
-             why, s->opts.drain_delay_ms, s->opts.shutdown_grace_ms);
-    health__shutting_down(s);
+    log_info("%s: shutting down (%s): draining %lld ms, grace %lld ms", s->name, why,
+             s->opts.drain_delay_ms, s->opts.shutdown_grace_ms);
+    CALL_HOOK(s, on_draining);
     if (s->opts.drain_delay_ms > 0)
         usleep((useconds_t)(s->opts.drain_delay_ms * 1000));
-    health__close_watchers(s);
+    CALL_HOOK(s, on_stopping);
 
     s->shutdown_tag.fn = on_shutdown_done;
     grpc_server_shutdown_and_notify(s->server, s->threads[0].cq, &s->shutdown_tag);
@@ -1077,7 +1092,7 @@ void srv_destroy(srv **sp)
         mem_free(s->methods[i]);
     }
     mem_free(s->methods);
-    health__destroy(&s->health);
+    CALL_HOOK(s, on_destroy);
     rpcm_destroy(&s->metrics);
     close(s->stop_fd);
     pthread_mutex_destroy(&s->shutdown_mu);
@@ -1092,9 +1107,4 @@ void srv_set_metrics(srv *s, metrics *m)
 {
     rpcm_destroy(&s->metrics);
     s->metrics = rpcm_create_server(m);
-}
-
-health *srv__health(srv *s)
-{
-    return s->health;
 }

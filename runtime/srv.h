@@ -13,7 +13,9 @@
  * when it is finished, its status is sent and the client is gone. A handler
  * that keeps the call beyond finish must not touch it afterwards.
  *
- * Every server also serves grpc.health.v1.Health (see health.h). */
+ * A module that follows the server's life (health.h, which serves
+ * grpc.health.v1.Health on it) attaches through srv_hooks: the server
+ * knows nothing of it. */
 #ifndef CONVO_SRV_H
 #define CONVO_SRV_H
 
@@ -29,8 +31,8 @@
 /* The server's options; every service binary parses them. */
 #define SRV_OPTS(X, S)                                                                             \
     X(S, threads, INT, "grpc-threads", "GRPC_THREADS", "1",                                        \
-      "completion-queue threads serving gRPC calls; one hands no call from thread to thread "      \
-      "(the lowest latency); raise it when this thread keeps a core busy")                         \
+      "completion-queue threads of the gRPC server (a client's are --client-threads); one hands "  \
+      "no call from thread to thread (the lowest latency); raise it when it keeps a core busy")    \
     X(S, shutdown_grace_ms, INT, "shutdown-grace-ms", "SHUTDOWN_GRACE_MS", "10000",                \
       "on SIGTERM/SIGINT, how long in-flight calls may run before they are cancelled")             \
     X(S, drain_delay_ms, INT, "drain-delay-ms", "DRAIN_DELAY_MS", "0",                             \
@@ -81,7 +83,29 @@ typedef struct srv_method {
      * refused at registration, so none is open by omission. Others get
      * PERMISSION_DENIED, counted and logged with their name. */
     const char *callers;
+    /* Answered without a client certificate too: on the --health-listen
+     * port under mutual TLS (health checks). Any other method answers a
+     * caller without a certificate UNAUTHENTICATED. */
+    int without_certificate;
 } srv_method;
+
+/* What a module attached to a server hears of its life (health.h). Any
+ * hook may be NULL; each runs on the thread of the call that causes it. */
+typedef struct srv_hooks {
+    /* srv_add_method registered a method of `service` ("convo.v1.Router"
+     * for "/convo.v1.Router/Route"); once per method. */
+    void (*on_service)(void *arg, const char *service);
+    /* srv_start bound its ports and serves. */
+    void (*on_start)(void *arg);
+    /* Shutdown began (a signal, srv_stop, srv_destroy): before the drain
+     * delay, while calls are still taken. */
+    void (*on_draining)(void *arg);
+    /* The drain delay is over: no new calls will be taken; streams that
+     * would never end by themselves must be finished now. */
+    void (*on_stopping)(void *arg);
+    /* srv_destroy: the server and its calls are gone; arg may be freed. */
+    void (*on_destroy)(void *arg);
+} srv_hooks;
 
 /* Creates a server that will listen on `listen` ("HOST:PORT"; port 0 picks
  * a free one). `name` is used in logs. Nothing is bound until srv_start. */
@@ -90,15 +114,18 @@ srv *srv_create(const char *name, const char *listen, const srv_opts *opts);
  * srv_call_method_data(). Returns 0 or RPC_EARG (logged: no path, no
  * handler, a bad `callers` list). */
 int srv_add_method(srv *s, const srv_method *m, void *data);
+/* Attaches `hooks` (one set per server) with `arg`, before any method the
+ * module must hear of is registered; both live until on_destroy. Returns
+ * 0, or RPC_EARG when a set is attached already or the server started. */
+int srv_set_hooks(srv *s, const srv_hooks *hooks, void *arg);
 /* Serves mutual TLS with t's certificates instead of plaintext, and lets
  * each method be called by its `callers` only; a call without a client
- * certificate (only the --health-listen port takes one) reaches health
- * only (UNAUTHENTICATED otherwise). Before srv_start; t (may be NULL:
- * plaintext) must outlive the server. */
+ * certificate (only the --health-listen port takes one) reaches the
+ * methods marked without_certificate only (UNAUTHENTICATED otherwise).
+ * Before srv_start; t (may be NULL: plaintext) must outlive the server. */
 void srv_use_tls(srv *s, tls *t);
 /* Binds (the listen address, and --health-listen when set), starts the
- * completion-queue threads and marks every registered service SERVING
- * (unless the program set it otherwise before). Returns 0 or RPC_EBIND
+ * completion-queue threads, then calls on_start. Returns 0 or RPC_EBIND
  * (logged with the address). */
 int srv_start(srv *s);
 /* Counts every call into m (convo_grpc_server_*: by method and status
@@ -108,15 +135,16 @@ void srv_set_metrics(srv *s, metrics *m);
 /* The port actually bound (useful with port 0); 0 before srv_start. */
 int srv_port(const srv *s);
 /* Blocks until SIGTERM or SIGINT arrives (or srv_stop is called), then shuts
- * down gracefully: health goes NOT_SERVING, after drain_delay_ms no new
- * calls are taken, in-flight calls get shutdown_grace_ms to finish, the rest
- * are cancelled. Call from the main thread after srv_start; the signals are
- * blocked in every thread the runtime starts. */
+ * down gracefully: on_draining (health goes NOT_SERVING), after
+ * drain_delay_ms on_stopping and no new calls are taken, in-flight calls
+ * get shutdown_grace_ms to finish, the rest are cancelled. Call from the
+ * main thread after srv_start; the signals are blocked in every thread the
+ * runtime starts. */
 void srv_run(srv *s);
 /* Makes srv_run return (through the same graceful shutdown). Thread-safe. */
 void srv_stop(srv *s);
-/* Frees a server whose srv_run has returned (or that was never started);
- * clears *s. */
+/* Frees a server whose srv_run has returned (or that was never started),
+ * then calls on_destroy; clears *s. */
 void srv_destroy(srv **s);
 /* Blocks SIGTERM/SIGINT/SIGPIPE in the calling thread (and so in threads it
  * creates afterwards). Call first thing in main(), before any thread. */

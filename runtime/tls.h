@@ -42,7 +42,8 @@ typedef struct tls tls;
 /* From the options: none set gives 0 and *out = NULL (plaintext). All
  * three set: the files are read and checked (PEM, the key matches the
  * certificate, the certificate is signed by the CA and valid now, it has a
- * DNS name), the watcher starts, 0 and *out. Otherwise -1 and err says
+ * DNS name), the watcher starts, 0 and *out. Otherwise, or with
+ * --tls-refresh-seconds out of its range (set or not), -1 and err says
  * what is missing or wrong (the program exits 2). */
 int tls_create(const tls_opts *o, tls **out, char *err, size_t errsize);
 /* After every server and client using it is destroyed; clears *t. */

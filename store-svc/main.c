@@ -73,10 +73,10 @@ CONF_DECLARE(store_opts, STORE_OPTS)
 /* Health follows the pool: NOT_SERVING while no connection is up. */
 static void on_ready(void *arg, int ready)
 {
-    srv *s = arg;
+    health *h = arg;
     health_status st = ready ? HEALTH_SERVING : HEALTH_NOT_SERVING;
-    health_set(s, STORE_SERVICE, st);
-    health_set(s, "", st);
+    health_set(h, STORE_SERVICE, st);
+    health_set(h, "", st);
 }
 
 /* Checks an INT option's range; prints and returns -1 when out of it. */
@@ -184,6 +184,7 @@ int main(int argc, char **argv)
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     srv *server = NULL;
+    health *hl = NULL;
     pool *db_pool = NULL;
     store *st = NULL;
     tls *mtls = NULL;
@@ -227,6 +228,7 @@ int main(int argc, char **argv)
 
     status = 1;
     server = srv_create("store-svc", opts.listen, &sopts);
+    hl = health_attach(server);
     srv_use_tls(server, mtls);
     srv_set_metrics(server, m);
     dbm = db_metrics_create(m);
@@ -243,7 +245,7 @@ int main(int argc, char **argv)
         .group_max_jobs = (size_t)opts.append_group_calls,
         .group_max_weight = (size_t)opts.append_group_events,
         .on_ready = on_ready,
-        .arg = server,
+        .arg = hl,
         .metrics = m,
     };
     pc.db.metrics = dbm;
@@ -254,15 +256,16 @@ int main(int argc, char **argv)
         .max_message_bytes = sopts.max_message_bytes,
     };
     /* NOT_SERVING until a worker is connected and the schema is current
-     * (srv_start only marks SERVING what is still UNKNOWN). The workers
-     * start connecting now; no call can reach them before srv_start. */
-    health_set(server, "", HEALTH_NOT_SERVING);
-    health_set(server, STORE_SERVICE, HEALTH_NOT_SERVING);
+     * (health marks SERVING at srv_start only what is still UNKNOWN). The
+     * workers start connecting now; no call can reach them before
+     * srv_start. */
+    health_set(hl, "", HEALTH_NOT_SERVING);
+    health_set(hl, STORE_SERVICE, HEALTH_NOT_SERVING);
     db_pool = pool_create(&pc);
     st = store_create(server, db_pool, &lim, m);
     if (st == NULL)
         goto out;
-    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, server)) == NULL)
+    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, hl)) == NULL)
         goto out;
     if (srv_start(server) != 0)
         goto out; /* srv_start logged the address */

@@ -14,8 +14,6 @@
 
 #define SUMMARY_OPTS(X, S)                                                                         \
     X(S, listen, STR, "listen", "LISTEN_ADDR", "0.0.0.0:50054", "HOST:PORT to serve gRPC on")      \
-    X(S, client_threads, INT, "client-threads", "SUMMARY_CLIENT_THREADS", "1",                     \
-      "completion-queue threads of the gRPC client (calls to store-svc and llm-svc)")              \
     X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
 CONF_DECLARE(summary_opts, SUMMARY_OPTS)
 
@@ -34,6 +32,7 @@ int main(int argc, char **argv)
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     srv *server = NULL;
+    health *hl = NULL;
     cli *client = NULL;
     service *sv = NULL;
     tls *mtls = NULL;
@@ -55,12 +54,9 @@ int main(int argc, char **argv)
     if (log_setup("summary-svc", opts.log_level) != 0 ||
         scrape_setup(&mopts, "summary-svc", opts.listen, maddr, sizeof maddr, &m) != 0)
         goto out;
-    if (service_check_opts(&svopts, err, sizeof err) != 0) {
+    if (service_check_opts(&svopts, err, sizeof err) != 0 ||
+        cli_conf_check(&copts, err, sizeof err) != 0) {
         fprintf(stderr, "summary-svc: %s\n", err);
-        goto out;
-    }
-    if (opts.client_threads < 1 || opts.client_threads > 64) {
-        fprintf(stderr, "summary-svc: --client-threads must be between 1 and 64\n");
         goto out;
     }
     if (tls_create(&topts, &mtls, err, sizeof err) != 0) {
@@ -69,7 +65,7 @@ int main(int argc, char **argv)
     }
 
     status = 1;
-    client = cli_create((int)opts.client_threads, sopts.max_message_bytes);
+    client = cli_create((int)copts.threads, sopts.max_message_bytes);
     cli_use_tls(client, mtls);
     cli_set_metrics(client, m);
     sv = service_create(&svopts, client, copts.round_robin, m, err, sizeof err);
@@ -79,13 +75,14 @@ int main(int argc, char **argv)
         goto out;
     }
     server = srv_create("summary-svc", opts.listen, &sopts);
+    hl = health_attach(server);
     srv_use_tls(server, mtls);
     srv_set_metrics(server, m);
     if (service_register(sv, server) != 0) {
         log_error("cannot register the Summary methods");
         goto out;
     }
-    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, server)) == NULL)
+    if (m != NULL && (sc = scrape_start(maddr, m, health_serving, hl)) == NULL)
         goto out;
     if (srv_start(server) != 0)
         goto out; /* srv_start logged the address */

@@ -23,7 +23,8 @@ gateway's per-address and per-user limits are raised far above the load.
 --tls runs the same load twice in one go, each on a fresh system: plaintext,
 then with every gRPC hop over mutual TLS (certificates of a throwaway CA,
 tests/harness/certs.py), and prints both side by side (--rounds N alternates
-them N times and compares the medians).
+them N times, each round starting with the side the last one ended with, and
+compares the medians and the round-by-round differences).
 
 --metrics both does the same with metrics off (--metrics-listen off in every
 process: nothing recorded) and on: what metrics cost the token path;
@@ -402,7 +403,9 @@ def main():
     status, added = 0, {n: [] for n in names}
     for i in range(a.rounds):
         reports = {}
-        for name, kw in sides:
+        # Alternate which side runs first: on a machine whose load drifts,
+        # a fixed order would charge the drift to the side that runs second.
+        for name, kw in (sides if i % 2 == 0 else sides[::-1]):
             rc, reps = run_system(a, as_json=True, **kw)
             reports[name] = reps[0]
             status = status or rc
@@ -414,6 +417,9 @@ def main():
         print(f"\nadded first-token time at the median (steady window where there is one), "
               f"median of {a.rounds} rounds: {names[0]} {med[names[0]]:.2f} ms, {names[1]} "
               f"{med[names[1]]:.2f} ms, difference {med[names[1]] - med[names[0]]:+.2f} ms")
+        diffs = [b - a_ for a_, b in zip(added[names[0]], added[names[1]])]
+        print(f"{names[1]} against {names[0]}, round by round: "
+              f"{', '.join(f'{d:+.2f}' for d in diffs)} ms; median {statistics.median(diffs):+.2f} ms")
     return status
 
 

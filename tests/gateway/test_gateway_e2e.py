@@ -406,7 +406,7 @@ def test_frames_larger_than_one_write_arrive_whole_and_in_order(stack):
     (here a 40,000-byte word the offline model echoes as one token; the
     router takes messages up to 64 KiB) goes on its own, between small
     ones."""
-    gw = stack.gateway("--max-frame-bytes", "200000", "--max-message-bytes", "100000")
+    gw = stack.gateway("--max-frame-bytes", "200000", "--max-user-message-bytes", "100000")
     try:
         word = "y" * 40000
 

@@ -516,7 +516,7 @@ const scenarios = {
     return facts;
   },
 
-  // Messages the gateway refuses: over --max-message-bytes (an error
+  // Messages the gateway refuses: over --max-user-message-bytes (an error
   // frame) and over --max-frame-bytes (a close 1009). Neither is sent
   // again; the conversation goes on.
   async refusals(page) {

@@ -289,9 +289,9 @@ static void health_check_and_watch(void **state)
                                 on_watch_msg, on_watch_done, w, NULL),
                      0);
     assert_true(collector_wait(w, w->n >= 1, 5000));
-    health_set(t.s, "convo.test.Test", HEALTH_NOT_SERVING);
+    health_set(t.health, "convo.test.Test", HEALTH_NOT_SERVING);
     assert_true(collector_wait(w, w->n >= 2, 5000));
-    health_set(t.s, "convo.test.Test", HEALTH_SERVING);
+    health_set(t.health, "convo.test.Test", HEALTH_SERVING);
     assert_true(collector_wait(w, w->n >= 3, 5000));
     assert_int_equal(w->statuses[0], HEALTH_SERVING);
     assert_int_equal(w->statuses[1], HEALTH_NOT_SERVING);
@@ -305,6 +305,47 @@ static void health_check_and_watch(void **state)
     assert_int_equal(w->code, RPC_UNAVAILABLE);
     cli_destroy(&c);
     testsvc_server_stop(&t);
+}
+
+static void *run_server(void *arg)
+{
+    srv_run(arg);
+    return NULL;
+}
+
+/* Health is attached through the server's hooks, not built in: a server
+ * without it answers health checks UNIMPLEMENTED, and one set of hooks is
+ * all a server takes. */
+static void health_is_attached_not_built_in(void **state)
+{
+    srv_opts o = testsvc_default_opts();
+    srv *s = srv_create("bare", "127.0.0.1:0", &o);
+    static const srv_hooks none = {0};
+    assert_int_equal(srv_set_hooks(s, &none, NULL), 0);
+    assert_int_equal(srv_set_hooks(s, &none, NULL), RPC_EARG);
+    assert_null(health_attach(s));
+    testsvc_register(s);
+    assert_int_equal(srv_start(s), 0);
+    char target[64];
+    snprintf(target, sizeof target, "127.0.0.1:%d", srv_port(s));
+    pthread_t run;
+    pthread_create(&run, NULL, run_server, s);
+    cli *c = cli_create(1, 0);
+    cli_channel *ch = cli_channel_create(c, target, 0, NULL, NULL, 0);
+    rpc_code code;
+    assert_int_equal(check_health(ch, "", &code), -1);
+    assert_int_equal(code, RPC_UNIMPLEMENTED);
+    Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;
+    req.text = "still served";
+    cli_opts opts = {.timeout_ms = 5000};
+    Convo__Test__EchoReply *r = echo(ch, &req, &code, NULL, &opts);
+    assert_int_equal(code, RPC_OK);
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    cli_destroy(&c);
+    srv_stop(s);
+    pthread_join(run, NULL);
+    testsvc_shutdown();
+    srv_destroy(&s);
 }
 
 static void shutdown_lets_calls_finish_then_cancels_the_rest(void **state)
@@ -427,6 +468,7 @@ int main(void)
         cmocka_unit_test(bad_registrations_are_refused),
         cmocka_unit_test(call_limit_refuses_with_resource_exhausted),
         cmocka_unit_test(health_check_and_watch),
+        cmocka_unit_test(health_is_attached_not_built_in),
         cmocka_unit_test(shutdown_lets_calls_finish_then_cancels_the_rest),
         cmocka_unit_test(shutdown_waits_for_a_short_stream),
         cmocka_unit_test(bind_failure_is_reported),

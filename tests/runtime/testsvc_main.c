@@ -33,6 +33,7 @@ int main(int argc, char **argv)
         return 2;
     }
     srv *s = srv_create("testsvc-server", opts.listen, &sopts);
+    health_attach(s);
     srv_use_tls(s, mtls);
     testsvc_register(s);
     int status = 1;

@@ -299,6 +299,7 @@ int testsvc_server_start_tls(testsvc_server *t, const srv_opts *opts, tls *mtls)
 {
     memset(t, 0, sizeof *t);
     t->s = srv_create("testsvc", "127.0.0.1:0", opts);
+    t->health = health_attach(t->s);
     srv_use_tls(t->s, mtls);
     testsvc_register(t->s);
     if (srv_start(t->s) != 0) {

@@ -4,6 +4,7 @@
 #ifndef CONVO_TESTSVC_SERVER_H
 #define CONVO_TESTSVC_SERVER_H
 
+#include "health.h"
 #include "srv.h"
 
 #include <pthread.h>
@@ -18,9 +19,11 @@ int testsvc_cancels(void);
 /* Waits up to `ms` for testsvc_cancels() to reach `n`; returns whether it did. */
 int testsvc_wait_cancels(int n, int ms);
 
-/* A Test server on 127.0.0.1 and a free port, srv_run on its own thread. */
+/* A Test server (with health) on 127.0.0.1 and a free port, srv_run on
+ * its own thread. */
 typedef struct testsvc_server {
     srv *s;
+    health *health; /* the server's */
     pthread_t run;
     char target[64];
 } testsvc_server;
