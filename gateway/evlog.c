@@ -19,8 +19,14 @@ typedef struct event {
     char *content;
     size_t len;
     int64_t ts_us;
-    int64_t seq; /* 0 until the event is first sent */
+    int64_t seq;  /* 0 until the event is first sent */
+    uint64_t idx; /* its place among every event added (evlog_added) */
 } event;
+
+/* What one waiting event costs besides its text, for
+ * --event-buffer-total-bytes: its slot in the queue and the allocator's
+ * header of the text's block. */
+#define EVENT_OVERHEAD_BYTES (sizeof(event) + 16)
 
 typedef enum call_kind { CALL_OPEN, CALL_APPEND, CALL_END } call_kind;
 
@@ -51,6 +57,11 @@ struct evlog {
     int abandoned;    /* given up by the session (evlog_abandon) */
     int64_t close_ms; /* when closing began, for --event-retry-ms */
     unsigned long dropped;
+    /* Events added since creation; --store-before-send shows a frame once
+     * the events before it are settled (evlog_settled). */
+    uint64_t added;
+    evlog_settled_fn on_settled;
+    void *settled_arg;
     int64_t batch_us; /* when the AppendEvents in flight was sent (metrics) */
     keep_entry keep;  /* renewed in the store while open there (keep.h) */
 };
@@ -93,6 +104,53 @@ static size_t waiting(const evlog *ev)
     return ev->n - ev->head;
 }
 
+/* Adds delta bytes to what every session holds for store-svc, and notes
+ * when the total reaches --event-buffer-total-bytes (new messages are
+ * refused) or drains to half of it (taken again): each logged once. */
+static void account(gw *g, long delta)
+{
+    long total = atomic_fetch_add(&g->counters.events_buffered_bytes, delta) + delta;
+    long long cap = g->opts.event_buffer_total_bytes;
+    if (cap <= 0)
+        return;
+    if (!g->events_full && total >= cap) {
+        g->events_full = 1;
+        log_error("events waiting for store-svc reached --event-buffer-total-bytes (%ld bytes in "
+                  "%ld events): new messages are refused (store_backlog) until half of it is "
+                  "stored; answers under way go on",
+                  total, atomic_load(&g->counters.events_buffered));
+    } else if (g->events_full && total <= cap / 2) {
+        g->events_full = 0;
+        log_info("events waiting for store-svc are down to %ld bytes: new messages are taken "
+                 "again",
+                 total);
+    }
+}
+
+/* Tells the owner that more events may be settled. */
+static void settled(evlog *ev)
+{
+    if (ev->on_settled != NULL)
+        ev->on_settled(ev->settled_arg, evlog_settled(ev));
+}
+
+/* Frees the text of the next `count` waiting events, from the head, and
+ * takes them off the counts (they are stored or dropped). */
+static void release(evlog *ev, size_t count)
+{
+    long bytes = 0;
+    for (size_t i = 0; i < count; i++) {
+        event *e = &ev->q[ev->head + i];
+        bytes += (long)(e->len + EVENT_OVERHEAD_BYTES);
+        mem_free(e->content);
+    }
+    ev->head += count;
+    atomic_fetch_sub(&ev->g->counters.events_buffered, (long)count);
+    account(ev->g, -bytes);
+    if (count > 0)
+        settled(ev);
+}
+
 static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
     (void)loop;
@@ -128,14 +186,12 @@ static void count_dropped(evlog *ev, uint64_t n, const char *reason)
 
 static void drop_events(evlog *ev, size_t count, const char *reason, const char *why)
 {
-    for (size_t i = 0; i < count && ev->head < ev->n; i++) {
-        mem_free(ev->q[ev->head].content);
-        ev->head++;
-    }
+    if (count > waiting(ev))
+        count = waiting(ev);
+    release(ev, count);
     ev->batch = 0;
     ev->dropped += count;
     count_dropped(ev, count, reason);
-    atomic_fetch_sub(&ev->g->counters.events_buffered, (long)count);
     const log_field f[] = {{"session_id", ev->session_id}, {NULL, NULL}};
     log_fields(LOG_ERROR, f, "dropped %zu events of the session (%lu in all): %s", count,
                ev->dropped, why);
@@ -222,13 +278,10 @@ static void handle_append(evlog *ev, reply *r)
     if (r->code == RPC_OK) {
         const Convo__V1__AppendEventsResponse *resp =
             (const Convo__V1__AppendEventsResponse *)r->resp;
-        for (size_t i = 0; i < sent; i++)
-            mem_free(ev->q[ev->head + i].content);
-        ev->head += sent;
+        release(ev, sent);
         ev->batch = 0;
         ev->backoff_ms = 0;
         atomic_fetch_add(&ev->g->counters.events_logged, (long)resp->appended);
-        atomic_fetch_sub(&ev->g->counters.events_buffered, (long)sent);
         metrics_counter_add(ev->g->mx.events_stored, resp->appended);
         if (ev->batch_us != 0)
             metrics_histogram_observe(ev->g->mx.store_batch_seconds,
@@ -395,7 +448,11 @@ static void pump(evlog *ev)
     if (!ev->ended && ev->next_seq == 0) {
         start_open(ev);
     } else if (!ev->ended && waiting(ev) > 0) {
-        if (ev->flush_due || ev->closing || waiting(ev) >= (size_t)ev->g->opts.event_batch)
+        /* With --store-before-send frames wait for their events: each
+         * batch goes as soon as the one before it is stored (what arrived
+         * meanwhile goes together), never after --event-flush-ms. */
+        if (ev->flush_due || ev->closing || ev->g->opts.store_before_send ||
+            waiting(ev) >= (size_t)ev->g->opts.event_batch)
             start_append(ev);
         else
             arm(ev, (int)ev->g->opts.event_flush_ms);
@@ -431,16 +488,21 @@ evlog *evlog_create(gw *g, const char *session_id, const char *user_id, evlog_op
 
 void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t len)
 {
-    if (ev->abandoned)
+    ev->added++;
+    if (ev->abandoned) {
+        settled(ev);
         return;
+    }
     if (ev->refused) {
         ev->dropped++;
         count_dropped(ev, 1, "refused");
+        settled(ev);
         return;
     }
     if (waiting(ev) >= (size_t)ev->g->opts.event_buffer) {
         ev->dropped++;
         count_dropped(ev, 1, "buffer_full");
+        settled(ev);
         if (ev->dropped == 1 || ev->dropped % 1000 == 0) {
             const log_field f[] = {{"session_id", ev->session_id}, {NULL, NULL}};
             log_fields(LOG_ERROR, f,
@@ -467,7 +529,9 @@ void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t
     e->len = len;
     e->ts_us = now_us();
     e->seq = 0;
+    e->idx = ev->added;
     atomic_fetch_add(&ev->g->counters.events_buffered, 1);
+    account(ev->g, (long)(len + EVENT_OVERHEAD_BYTES));
     pump(ev);
 }
 
@@ -486,11 +550,8 @@ void evlog_close(evlog *ev, evlog_closed_fn on_closed)
 
 void evlog_abandon(evlog *ev)
 {
-    size_t left = waiting(ev);
-    for (size_t i = 0; i < left; i++)
-        mem_free(ev->q[ev->head + i].content);
+    release(ev, waiting(ev));
     ev->head = ev->n = 0;
-    atomic_fetch_sub(&ev->g->counters.events_buffered, (long)left);
     ev->open_reported = 1; /* the session has its answer */
     ev->abandoned = 1;
     ev->refused = 1;
@@ -508,6 +569,30 @@ void evlog_reopen(evlog *ev)
     pump(ev);
 }
 
+uint64_t evlog_added(const evlog *ev)
+{
+    return ev->added;
+}
+
+uint64_t evlog_settled(const evlog *ev)
+{
+    /* Stored and dropped events leave from the head, in order: all before
+     * the first one waiting are settled. An event dropped on arrival while
+     * others wait is settled with them. */
+    return waiting(ev) == 0 ? ev->added : ev->q[ev->head].idx - 1;
+}
+
+void evlog_on_settled(evlog *ev, evlog_settled_fn fn, void *arg)
+{
+    ev->on_settled = fn;
+    ev->settled_arg = arg;
+}
+
+int evlog_full(const gw *g)
+{
+    return g->events_full;
+}
+
 void evlog_metrics_init(gw *g)
 {
     static const char *const reasons[] = {"buffer_full", "refused", "store_unreachable",
@@ -523,6 +608,7 @@ void evlog_destroy(evlog **evp)
         return;
     *evp = NULL;
     keep_remove(ev->g->keep, &ev->keep);
+    ev->on_settled = NULL; /* its owner is going away */
     ev_timer_stop(ev->g->loop, &ev->timer);
     ev_timer_stop(ev->g->loop, &ev->closed_timer);
     size_t left = waiting(ev);

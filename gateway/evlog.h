@@ -4,8 +4,11 @@
  * events, or whatever waited --event-flush-ms), one AppendEvents call in
  * flight per session. A failed batch is retried as it was, same seqs, so the
  * store's idempotency (session, seq) makes retries safe. While store-svc is
- * down, events wait in a bounded buffer (--event-buffer); past it they are
- * dropped, counted and logged. The evlog also owns the session's
+ * down, events wait in a bounded buffer (--event-buffer per session); past
+ * it they are dropped, counted and logged. Over every session, the bytes
+ * waiting are bounded by --event-buffer-total-bytes: at it the gateway
+ * takes no new message (evlog_full) until half of them are stored, so what
+ * a user was shown is not dropped to make room. The evlog also owns the session's
  * OpenSession (retried until the store answers) and, once the session is
  * closed and every event is stored, EndSession and Summarize.
  * Loop thread only. */
@@ -16,6 +19,7 @@
 #include "gw.h"
 
 #include <stddef.h>
+#include <stdint.h>
 
 typedef struct evlog evlog;
 
@@ -47,6 +51,20 @@ void evlog_reopen(evlog *ev);
 /* Frees an evlog with no call in flight (after on_closed, or never
  * opened); clears *ev. */
 void evlog_destroy(evlog **ev);
+/* Events added since creation (each evlog_add counts, kept or not), and
+ * how many of the first ones are settled: each stored by store-svc, or
+ * dropped (never to be stored). */
+uint64_t evlog_added(const evlog *ev);
+uint64_t evlog_settled(const evlog *ev);
+/* fn(arg, settled) fires on the loop whenever more events are settled
+ * (never during evlog_destroy). */
+typedef void (*evlog_settled_fn)(void *arg, uint64_t settled);
+void evlog_on_settled(evlog *ev, evlog_settled_fn fn, void *arg);
+/* Whether the events waiting in every session reached
+ * --event-buffer-total-bytes and have not drained to half of it since: new
+ * messages are refused meanwhile (the reaching and the draining are each
+ * logged once). */
+int evlog_full(const gw *g);
 /* Makes the dropped-events series of every reason, at 0 (once, at start:
  * an alert on their increase sees the first drop). */
 void evlog_metrics_init(gw *g);

@@ -231,7 +231,7 @@ char *frame_tool_result(const char *tool, const char *call_id, const char *resul
 }
 
 char *frame_done(uint64_t turn_id, const char *status, const char *finish_reason,
-                 const frame_usage *usage, const char *upstream, size_t *len)
+                 const frame_usage *usage, const char *upstream, int degraded, size_t *len)
 {
     json_object *o = typed("done", turn_id);
     json_object_object_add(o, "status", json_object_new_string(status));
@@ -247,6 +247,8 @@ char *frame_done(uint64_t turn_id, const char *status, const char *finish_reason
     }
     if (upstream != NULL && upstream[0] != '\0')
         json_object_object_add(o, "upstream", json_object_new_string(upstream));
+    if (degraded)
+        json_object_object_add(o, "degraded", json_object_new_boolean(1));
     return finish(o, len);
 }
 

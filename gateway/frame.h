@@ -48,9 +48,11 @@ typedef struct frame_usage {
 
 /* status: "completed" or "cancelled"; finish_reason, usage and upstream
  * may be NULL (usage adds "usage":{prompt_tokens, completion_tokens,
- * total_tokens}; upstream, the model endpoint that answered, "upstream"). */
+ * total_tokens}; upstream, the model endpoint that answered, "upstream").
+ * degraded adds "degraded":true: the turn took the default route, not
+ * router-svc's. */
 char *frame_done(uint64_t turn_id, const char *status, const char *finish_reason,
-                 const frame_usage *usage, const char *upstream, size_t *len);
+                 const frame_usage *usage, const char *upstream, int degraded, size_t *len);
 /* turn_id 0: not about a turn; request_id (NULL: none) names the request
  * in the gateway's logs. */
 char *frame_error(const char *code, const char *content, uint64_t turn_id, const char *request_id,

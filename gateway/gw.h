@@ -10,6 +10,7 @@
 #include "bridge.h"
 #include "cli.h"
 #include "conf.h"
+#include "defroute.h"
 #include "lim.h"
 #include "metrics.h"
 
@@ -46,6 +47,17 @@
     X(S, event_buffer, INT, "event-buffer", "EVENT_BUFFER", "100000",                              \
       "events per session waiting for store-svc (while it is down); beyond it events are "         \
       "dropped, counted and logged")                                                               \
+    X(S, event_buffer_total_bytes, INT, "event-buffer-total-bytes", "EVENT_BUFFER_TOTAL_BYTES",    \
+      "268435456",                                                                                 \
+      "bytes of events (their text plus about 56 bytes each) waiting for store-svc in all "        \
+      "sessions together; at it new messages are refused with an error frame (store_backlog) "     \
+      "until half of it is stored, while answers under way go on (their events are kept); 0: no "  \
+      "limit")                                                                                     \
+    X(S, store_before_send, BOOL, "store-before-send", "STORE_BEFORE_SEND", "false",               \
+      "show a client nothing store-svc has not stored: each frame waits until the events before "  \
+      "it are stored (a gateway killed loses nothing it showed; costs a store round trip before "  \
+      "the first token and slows every answer to the store's pace; while store-svc is down "       \
+      "answers stall)")                                                                            \
     X(S, event_retry_ms, INT, "event-retry-ms", "EVENT_RETRY_MS", "600000",                        \
       "how long the events of a disconnected session are retried while store-svc is down "         \
       "before they are dropped (counted and logged)")                                              \
@@ -57,7 +69,8 @@
       "after a disconnect, how long a session waits for a reconnect before it is ended and "       \
       "summarized")                                                                                \
     X(S, route_timeout_ms, INT, "route-timeout-ms", "ROUTE_TIMEOUT_MS", "3000",                    \
-      "deadline of Router.Route")                                                                  \
+      "deadline of Router.Route; past it (or when Route fails) the turn is answered with the "     \
+      "default route (--default-route-config, --default-route-strategy)")                          \
     X(S, chat_timeout_ms, INT, "chat-timeout-ms", "CHAT_TIMEOUT_MS", "300000",                     \
       "deadline of one whole answer (Llm.Chat)")                                                   \
     X(S, store_timeout_ms, INT, "store-timeout-ms", "STORE_TIMEOUT_MS", "10000",                   \
@@ -68,6 +81,10 @@
       "word")                                                                                      \
     X(S, history_messages, INT, "history-messages", "HISTORY_MESSAGES", "50",                      \
       "messages of history sent to the model with each turn")                                      \
+    X(S, resume_events, INT, "resume-events", "RESUME_EVENTS", "10000",                            \
+      "events of a resumed session read back from store-svc to rebuild its history: the newest "   \
+      "ones, from the first user message among them (older ones stay in the store: GET "           \
+      "/api/sessions/{id}/events pages them); 0: all")                                             \
     X(S, ping_secs, INT, "ws-ping-secs", "WS_PING_SECS", "30",                                     \
       "idle seconds before a WebSocket ping; a connection that does not answer is closed")         \
     X(S, allowed_origins, STR, "allowed-origins", "ALLOWED_ORIGINS", "",                           \
@@ -95,8 +112,12 @@ CONF_DECLARE(gw_opts, GW_OPTS)
     X(S, sessions, GAUGE, "convo_gateway_sessions", "", NULL,                                      \
       "sessions in memory (connected, or storing their last events)")                              \
     X(S, turns, COUNTER_VEC, "convo_gateway_turns_total", "strategy,outcome", NULL,                \
-      "turns ended, by the strategy router-svc chose (none when routing failed) and outcome "      \
-      "(done, error, cancelled)")                                                                  \
+      "turns ended, by the strategy they were answered with (router-svc's, or the default "        \
+      "route's; none when no answer was started) and outcome (done, error, cancelled)")            \
+    X(S, turns_degraded, COUNTER_VEC, "convo_gateway_turns_degraded_total", "reason", NULL,        \
+      "turns answered with the default route because router-svc did not route them: "              \
+      "unavailable, timeout (--route-timeout-ms), error (another status), outage (not asked: "     \
+      "router-svc is down and another turn probes it)")                                            \
     X(S, turn_errors, COUNTER_VEC, "convo_gateway_turn_errors_total", "code", NULL,                \
       "turns that ended with an error frame, by its code (llm_unavailable, router_unavailable, "   \
       "rate_limited, upstream_timeout, ...)")                                                      \
@@ -113,6 +134,8 @@ CONF_DECLARE(gw_opts, GW_OPTS)
       "answer streams paused because the client had --max-out-buffer-bytes waiting")               \
     X(S, events_buffered, GAUGE, "convo_gateway_events_buffered", "", NULL,                        \
       "events waiting to be stored by store-svc")                                                  \
+    X(S, events_buffered_bytes, GAUGE, "convo_gateway_events_buffered_bytes", "", NULL,            \
+      "bytes those events hold, as --event-buffer-total-bytes counts them")                        \
     X(S, events_stored, COUNTER, "convo_gateway_events_stored_total", "", NULL,                    \
       "events store-svc acknowledged as written")                                                  \
     X(S, events_dropped, COUNTER_VEC, "convo_gateway_events_dropped_total", "reason", NULL,        \
@@ -135,14 +158,15 @@ struct ws_server;
 typedef struct keep keep;
 
 typedef struct gw_counters {
-    atomic_long connections;     /* open WebSocket connections */
-    atomic_long turns;           /* turns started */
-    atomic_long turn_errors;     /* turns that ended with an error frame */
-    atomic_long events_logged;   /* events stored by store-svc */
-    atomic_long events_dropped;  /* events dropped past --event-buffer or refused */
-    atomic_long events_buffered; /* events waiting for store-svc now */
-    atomic_long refused;         /* connections refused (limit, bad id, owner) */
-    atomic_long unauthorized;    /* handshakes and requests refused with 401 or 403 */
+    atomic_long connections;           /* open WebSocket connections */
+    atomic_long turns;                 /* turns started */
+    atomic_long turn_errors;           /* turns that ended with an error frame */
+    atomic_long events_logged;         /* events stored by store-svc */
+    atomic_long events_dropped;        /* events dropped past --event-buffer or refused */
+    atomic_long events_buffered;       /* events waiting for store-svc now */
+    atomic_long events_buffered_bytes; /* and their bytes (--event-buffer-total-bytes) */
+    atomic_long refused;               /* connections refused (limit, bad id, owner) */
+    atomic_long unauthorized;          /* handshakes and requests refused with 401 or 403 */
 } gw_counters;
 
 typedef struct gw {
@@ -150,8 +174,10 @@ typedef struct gw {
     cli_conf client_opts;
     auth_opts auth_opts;
     lim_opts lim_opts;
+    defroute_opts defroute_opts;
     auth *auth;                   /* who is calling (auth.h) */
     lim *limits;                  /* what each address and user may use (lim.h) */
+    defroute *defroute;           /* the route when router-svc cannot (defroute.h) */
     struct caller_rules *callers; /* origins and proxies (caller.h) */
     struct lws_context *ctx;
     /* The loop (libev's, lent to libwebsockets). The gateway's own timers
@@ -169,6 +195,9 @@ typedef struct gw {
     struct sess_table *sessions; /* sessions in memory (session.h) */
     keep *keep;                  /* keeps them open in store-svc (keep.h); NULL: no lease */
     gw_counters counters;
+    /* --event-buffer-total-bytes reached: no new message is taken (evlog.h;
+     * loop thread). */
+    int events_full;
     metrics *metrics; /* NULL: metrics off (--metrics-listen off) */
     gw_metrics mx;    /* every member NULL when off */
     atomic_int stopping;

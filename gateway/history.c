@@ -217,3 +217,9 @@ hist_counts hist_get_counts(const hist *h)
 {
     return h->counts;
 }
+
+void hist_set_counts(hist *h, int64_t user_messages, int64_t tool_calls)
+{
+    h->counts.user_messages = user_messages;
+    h->counts.tool_calls = tool_calls;
+}

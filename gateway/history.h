@@ -38,5 +38,9 @@ void hist_end_turn(hist *h);
 /* The kept messages, oldest first; valid until the next change. */
 size_t hist_view(hist *h, Convo__V1__Message ***msgs);
 hist_counts hist_get_counts(const hist *h);
+/* Sets the user-message and tool-call counts to a whole session's, as the
+ * store counted them, once a resume has applied only its newest events;
+ * events applied later add to them as usual. */
+void hist_set_counts(hist *h, int64_t user_messages, int64_t tool_calls);
 
 #endif

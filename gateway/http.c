@@ -16,7 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define SERVICES 4
+/* The services /api/health checks, in the order of start_health's table. */
+enum { SERVICE_ROUTER, SERVICE_LLM, SERVICE_STORE, SERVICE_SUMMARY, SERVICES };
 
 /* Deadline of each service's health check for /api/health and /readyz. */
 #define HEALTH_TIMEOUT_MS 2000
@@ -255,11 +256,13 @@ typedef struct health_job {
     int status;
 } health_job;
 
-/* The services /readyz needs: without summary-svc conversations go on
- * (its sweep summarizes later). */
+/* The services /readyz needs (llm-svc and store-svc): without router-svc
+ * turns take the default route (defroute.h), without summary-svc
+ * conversations go on (its sweep summarizes later). A router-svc outage
+ * must not take every gateway out of its load balancer. */
 static int needed_for_ready(int i)
 {
-    return i < 3;
+    return i == SERVICE_LLM || i == SERVICE_STORE;
 }
 
 static json_object *services_json(http_req *req, int *all, int *ready)
@@ -295,6 +298,11 @@ static json_object *counters_json(gw *g)
     json_object_object_add(o, "sessions", json_object_new_int64((int64_t)sess_count(g->sessions)));
     json_object_object_add(o, "turns", json_object_new_int64(atomic_load(&k->turns)));
     json_object_object_add(o, "turn_errors", json_object_new_int64(atomic_load(&k->turn_errors)));
+    json_object_object_add(o, "turns_degraded",
+                           json_object_new_int64(defroute_degraded(g->defroute)));
+    json_object_object_add(
+        o, "routing",
+        json_object_new_string(defroute_down(g->defroute) ? "default_route" : "router"));
     json_object_object_add(o, "events_logged",
                            json_object_new_int64(atomic_load(&k->events_logged)));
     json_object_object_add(o, "events_buffered",

@@ -30,7 +30,7 @@ typedef struct entry {
 
 typedef struct table {
     int on;          /* the limit is set */
-    int counts;      /* LIM_CONN_*: counts, else a bucket */
+    int counts;      /* LIM_CONN_*, LIM_OPEN_SESSIONS: counts, else a bucket */
     long max_held;   /* counts: the limit */
     double capacity; /* buckets: the largest burst */
     double per_ms;   /* buckets: refill per millisecond */
@@ -75,6 +75,7 @@ lim *lim_create(const lim_opts *o)
     size_t keys = (size_t)o->max_keys;
     setup(&l->t[LIM_CONN_IP], keys, 1, 0, 0, o->conn_per_ip);
     setup(&l->t[LIM_CONN_USER], keys, 1, 0, 0, o->conn_per_user);
+    setup(&l->t[LIM_OPEN_SESSIONS], keys, 1, 0, 0, o->open_sessions_per_user);
     setup(&l->t[LIM_SESSIONS], keys, 0, (double)o->sessions_per_hour,
           (double)o->sessions_per_hour / MS_PER_HOUR, o->sessions_per_hour);
     double burst = o->rate_burst > 0 ? (double)o->rate_burst : 1.0;
@@ -327,6 +328,7 @@ const char *lim_code(lim_kind k)
         [LIM_MESSAGES] = "rate_limited",
         [LIM_TOKENS] = "token_limit",
         [LIM_REST] = "rate_limited",
+        [LIM_OPEN_SESSIONS] = "too_many_sessions_user",
     };
     return codes[k];
 }
@@ -334,9 +336,10 @@ const char *lim_code(lim_kind k)
 const char *lim_name(lim_kind k)
 {
     static const char *const names[LIM_KINDS] = {
-        [LIM_CONN_IP] = "connections_per_ip", [LIM_CONN_USER] = "connections_per_user",
-        [LIM_SESSIONS] = "sessions_per_hour", [LIM_MESSAGES] = "messages_per_minute",
-        [LIM_TOKENS] = "tokens_per_minute",   [LIM_REST] = "rest_per_ip",
+        [LIM_CONN_IP] = "connections_per_ip",      [LIM_CONN_USER] = "connections_per_user",
+        [LIM_SESSIONS] = "sessions_per_hour",      [LIM_MESSAGES] = "messages_per_minute",
+        [LIM_TOKENS] = "tokens_per_minute",        [LIM_REST] = "rest_per_ip",
+        [LIM_OPEN_SESSIONS] = "sessions_per_user",
     };
     return names[k];
 }

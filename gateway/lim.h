@@ -3,7 +3,7 @@
  * nothing).
  *
  * Each limit is a table keyed by client address or user id: a count of what
- * the key holds now (connections) or a token bucket (rates, refilled
+ * the key holds now (connections, sessions in memory) or a token bucket (rates, refilled
  * continuously, bursts up to its capacity). A table tracks at most
  * --limit-keys keys. Entries that hold nothing and are full again are
  * forgotten (that is all their state); at the bound the least recently
@@ -27,6 +27,10 @@
     X(S, conn_per_user, INT, "max-connections-per-user", "MAX_CONNECTIONS_PER_USER", "20",         \
       "WebSocket connections at once of one user; more are closed with 1013 "                      \
       "(too_many_connections_user); 0: no limit")                                                  \
+    X(S, open_sessions_per_user, INT, "max-sessions-per-user", "MAX_SESSIONS_PER_USER", "20",      \
+      "sessions of one user in the gateway's memory at once (connected, waiting --end-grace-ms, "  \
+      "or storing their last events); a new one past it is closed with 1013 "                      \
+      "(too_many_sessions_user); 0: no limit")                                                     \
     X(S, sessions_per_hour, INT, "sessions-per-hour", "SESSIONS_PER_HOUR", "100",                  \
       "new sessions a user may start per hour (all of them at once at most); more are closed "     \
       "with 1013 (too_many_sessions); resuming a session is not a new one; 0: no limit")           \
@@ -51,12 +55,13 @@ CONF_DECLARE(lim_opts, LIM_OPTS)
 typedef struct lim lim;
 
 typedef enum lim_kind {
-    LIM_CONN_IP,   /* connections held per client address */
-    LIM_CONN_USER, /* connections held per user */
-    LIM_SESSIONS,  /* new sessions per user per hour */
-    LIM_MESSAGES,  /* frames per user per minute */
-    LIM_TOKENS,    /* model tokens per user per minute */
-    LIM_REST,      /* REST requests per client address per second */
+    LIM_CONN_IP,       /* connections held per client address */
+    LIM_CONN_USER,     /* connections held per user */
+    LIM_SESSIONS,      /* new sessions per user per hour */
+    LIM_MESSAGES,      /* frames per user per minute */
+    LIM_TOKENS,        /* model tokens per user per minute */
+    LIM_REST,          /* REST requests per client address per second */
+    LIM_OPEN_SESSIONS, /* sessions in memory per user */
     LIM_KINDS
 } lim_kind;
 
@@ -66,7 +71,7 @@ typedef enum lim_kind {
 lim *lim_create(const lim_opts *o);
 void lim_destroy(lim **l);
 
-/* Connections (LIM_CONN_IP, LIM_CONN_USER): takes one for key. Returns 0
+/* Counts (LIM_CONN_IP, LIM_CONN_USER, LIM_OPEN_SESSIONS): takes one for key. Returns 0
  * (give it back with lim_release), LIM_EREFUSED or LIM_EFULL. */
 int lim_hold(lim *l, lim_kind k, const char *key, int64_t now_ms);
 void lim_release(lim *l, lim_kind k, const char *key, int64_t now_ms);

@@ -118,6 +118,7 @@ static void sync_gauges(void *arg)
     gw *g = arg;
     metrics_gauge_set(g->mx.connections, atomic_load(&g->counters.connections));
     metrics_gauge_set(g->mx.events_buffered, atomic_load(&g->counters.events_buffered));
+    metrics_gauge_set(g->mx.events_buffered_bytes, atomic_load(&g->counters.events_buffered_bytes));
 }
 
 /* The one libwebsockets protocol: HTTP requests go to http.c, WebSocket
@@ -296,10 +297,13 @@ int main(int argc, char **argv)
     char err[512];
     scrape_opts mopts = {0};
     scrape *sc = NULL;
-    conf_section secs[] = {
-        CONF_SECTION(gw_opts, &g.opts),        CONF_SECTION(cli_conf, &g.client_opts),
-        CONF_SECTION(auth_opts, &g.auth_opts), CONF_SECTION(lim_opts, &g.lim_opts),
-        CONF_SECTION(tls_opts, &topts),        CONF_SECTION(scrape_opts, &mopts)};
+    conf_section secs[] = {CONF_SECTION(gw_opts, &g.opts),
+                           CONF_SECTION(cli_conf, &g.client_opts),
+                           CONF_SECTION(auth_opts, &g.auth_opts),
+                           CONF_SECTION(lim_opts, &g.lim_opts),
+                           CONF_SECTION(defroute_opts, &g.defroute_opts),
+                           CONF_SECTION(tls_opts, &topts),
+                           CONF_SECTION(scrape_opts, &mopts)};
     const size_t nsecs = sizeof secs / sizeof secs[0];
     int prc = conf_parse(argc, argv, "gateway",
                          "WebSocket sessions relayed over gRPC to the convo services, REST and "
@@ -346,6 +350,12 @@ int main(int argc, char **argv)
         log_warn("the web page folder '%s' does not exist; /app/ will answer 404 (set --web-root)",
                  g.opts.web_root);
     if (setup_callers(&g, host) != 0) {
+        rc = 2;
+        goto out;
+    }
+    char route_err[512];
+    if (defroute_create(&g.defroute_opts, &g.defroute, route_err, sizeof route_err) != 0) {
+        log_error("%s", route_err);
         rc = 2;
         goto out;
     }
@@ -451,6 +461,7 @@ out:
     ws_server_destroy(&g.ws);
     bridge_destroy(&g.bridge);
     lim_destroy(&g.limits);
+    defroute_destroy(&g.defroute);
     caller_rules_destroy(&g.callers);
     auth_destroy(&g.auth);
     tls_destroy(&mtls);

@@ -2,6 +2,7 @@
 
 #include "convo/v1/llm.pb-c.h"
 #include "convo/v1/router.pb-c.h"
+#include "defroute.h"
 #include "evlog.h"
 #include "frame.h"
 #include "history.h"
@@ -22,6 +23,7 @@
 
 typedef struct session session;
 typedef struct turn turn;
+typedef struct held held;
 
 struct session {
     ev_timer end_timer;  /* --end-grace-ms */
@@ -42,9 +44,13 @@ struct session {
     int end_timer_armed;
     int resumed;
     int history_loaded;
+    int held;      /* counted in the user's --max-sessions-per-user */
+    int load_skip; /* a resume's window: events before its first user message are skipped */
+    int64_t stored_users, stored_tools; /* a resumed session's counts, as the store has them */
 
     turn *cur;
-    char **queue; /* messages waiting for their turn */
+    held *held_head, *held_tail; /* frames waiting for their events (--store-before-send) */
+    char **queue;                /* messages waiting for their turn */
     size_t nqueue;
     uint64_t next_turn_id;
 
@@ -72,6 +78,8 @@ struct turn {
     const char *strategy;
     const char *outcome;
     int first_token_sent;
+    const char *degraded; /* the default route's reason word (defroute.h); NULL: router-svc's */
+    int probe;            /* its Route probes router-svc during an outage */
 };
 
 struct sess_table {
@@ -121,9 +129,14 @@ static void make_turn_series(gw *g)
     }
     for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++)
         metrics_counter_of(mx->turn_errors, (const char *[]){codes[i]});
+    static const char *const degraded[] = {DEFROUTE_UNAVAILABLE, DEFROUTE_TIMEOUT, DEFROUTE_ERROR,
+                                           DEFROUTE_OUTAGE};
+    for (size_t i = 0; i < sizeof degraded / sizeof degraded[0]; i++)
+        metrics_counter_of(mx->turns_degraded, (const char *[]){degraded[i]});
     for (int k = 0; k < LIM_KINDS; k++)
         metrics_counter_of(mx->rate_limited, (const char *[]){lim_name((lim_kind)k)});
     metrics_counter_of(mx->rate_limited, (const char *[]){"queued_messages"});
+    metrics_counter_of(mx->rate_limited, (const char *[]){"event_buffer"});
 }
 
 sess_table *sess_table_create(gw *g)
@@ -167,9 +180,29 @@ size_t sess_count(const sess_table *t)
 
 /* ---- output ---------------------------------------------------------- */
 
-/* Sends a frame whose `charge` is already counted in out_bytes; with no
+/* A frame held back by --store-before-send until the events recorded
+ * before it are settled (stored, or dropped for good). */
+struct held {
+    held *next;
+    char *frame;
+    size_t len;
+    long charge;
+    uint64_t after;       /* shown once this many events are settled */
+    int64_t first_us;     /* a turn's first token: the turn's start (the metric), else 0 */
+    const char *strategy; /* and its strategy */
+};
+
+static void observe_first_token(session *s, const char *strategy, int64_t start_us)
+{
+    if (s->g->mx.first_token != NULL)
+        metrics_histogram_observe(
+            metrics_histogram_of(s->g->mx.first_token, (const char *[]){strategy}),
+            (uint64_t)(lws_now_usecs() - start_us));
+}
+
+/* Writes a frame whose `charge` is already counted in out_bytes; with no
  * connection the charge is given back at once. */
-static void send_charged(session *s, char *frame, size_t len, long charge)
+static void deliver(session *s, char *frame, size_t len, long charge)
 {
     if (s->conn == NULL) {
         mem_free(frame);
@@ -177,6 +210,60 @@ static void send_charged(session *s, char *frame, size_t len, long charge)
         return;
     }
     conn_send(s->conn, frame, len, charge);
+}
+
+/* The held frames whose events are settled go out, in order. */
+static void release_held(session *s, uint64_t settled)
+{
+    while (s->held_head != NULL && s->held_head->after <= settled) {
+        held *h = s->held_head;
+        s->held_head = h->next;
+        if (s->held_head == NULL)
+            s->held_tail = NULL;
+        if (h->first_us != 0)
+            observe_first_token(s, h->strategy, h->first_us);
+        deliver(s, h->frame, h->len, h->charge);
+        mem_free(h);
+    }
+}
+
+static void on_settled(void *arg, uint64_t settled)
+{
+    release_held(arg, settled);
+}
+
+/* Sends a frame whose `charge` is counted: at once, or with
+ * --store-before-send once every event recorded so far is settled (the
+ * frame shows nothing that is not stored; the order of frames is kept).
+ * first: the turn whose first token this is (the metric), else NULL. */
+static void show(session *s, char *frame, size_t len, long charge, const turn *first)
+{
+    if (!s->g->opts.store_before_send) {
+        if (first != NULL)
+            observe_first_token(s, first->strategy, first->start_us);
+        deliver(s, frame, len, charge);
+        return;
+    }
+    held *h = mem_calloc(1, sizeof *h);
+    h->frame = frame;
+    h->len = len;
+    h->charge = charge;
+    h->after = evlog_added(s->log);
+    if (first != NULL) {
+        h->first_us = first->start_us;
+        h->strategy = first->strategy;
+    }
+    if (s->held_tail != NULL)
+        s->held_tail->next = h;
+    else
+        s->held_head = h;
+    s->held_tail = h;
+    release_held(s, evlog_settled(s->log));
+}
+
+static void send_charged(session *s, char *frame, size_t len, long charge)
+{
+    show(s, frame, len, charge, NULL);
 }
 
 static void send_frame(session *s, char *frame, size_t len)
@@ -296,13 +383,13 @@ static void fail_turn(session *s, turn *t, const char *code, const char *content
 {
     if (t->cancelled) {
         size_t len;
-        char *f = frame_done(t->id, "cancelled", NULL, NULL, NULL, &len);
-        send_frame(s, f, len);
         record_system(s, "turn_cancelled", t->id, NULL);
+        char *f = frame_done(t->id, "cancelled", NULL, NULL, NULL, t->degraded != NULL, &len);
+        send_frame(s, f, len);
         t->outcome = "cancelled";
     } else {
-        send_error(s, code, content, t);
         record_system(s, "turn_failed", t->id, code);
+        send_error(s, code, content, t);
         count_error(s, t, code);
     }
 }
@@ -388,32 +475,29 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
     char *f = NULL;
     switch (ev->event_case) {
     case CONVO__V1__CHAT_EVENT__EVENT_TOKEN:
-        f = frame_token(ev->token->content, t->id, &len);
-        send_charged(s, f, len, charge);
-        metrics_counter_inc(s->g->mx.tokens);
-        if (!t->first_token_sent && s->g->mx.first_token != NULL) {
-            t->first_token_sent = 1;
-            metrics_histogram_observe(
-                metrics_histogram_of(s->g->mx.first_token, (const char *[]){t->strategy}),
-                (uint64_t)(lws_now_usecs() - t->start_us));
-        }
+        /* Recorded before it is sent: with --store-before-send a frame
+         * waits for the events recorded before it, its own included. */
         record(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_AI_TOKEN, ev->token->content,
                strlen(ev->token->content));
+        f = frame_token(ev->token->content, t->id, &len);
+        show(s, f, len, charge, t->first_token_sent ? NULL : t);
+        t->first_token_sent = 1;
+        metrics_counter_inc(s->g->mx.tokens);
         break;
     case CONVO__V1__CHAT_EVENT__EVENT_TOOL_CALL: {
         const Convo__V1__ToolCallEvent *c = ev->tool_call;
-        f = frame_tool_call(c->name, c->call_id, c->arguments_json, t->id, &len);
-        send_charged(s, f, len, charge);
         tool_event_json(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_TOOL_CALL, c->call_id, c->name,
                         "arguments", c->arguments_json);
+        f = frame_tool_call(c->name, c->call_id, c->arguments_json, t->id, &len);
+        send_charged(s, f, len, charge);
         break;
     }
     case CONVO__V1__CHAT_EVENT__EVENT_TOOL_RESULT: {
         const Convo__V1__ToolResultEvent *r = ev->tool_result;
-        f = frame_tool_result(r->name, r->call_id, r->result_json, r->is_error, t->id, &len);
-        send_charged(s, f, len, charge);
         tool_event_json(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_TOOL_RESULT, r->call_id, r->name,
                         "result", r->result_json);
+        f = frame_tool_result(r->name, r->call_id, r->result_json, r->is_error, t->id, &len);
+        send_charged(s, f, len, charge);
         break;
     }
     case CONVO__V1__CHAT_EVENT__EVENT_DONE: {
@@ -426,12 +510,12 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
         }
         t->terminal = 1;
         t->outcome = "done";
-        f = frame_done(t->id, "completed", d->finish_reason, d->usage != NULL ? &u : NULL,
-                       d->upstream, &len);
-        send_charged(s, f, len, charge);
         hist_end_turn(s->history);
         if (d->usage != NULL)
             account_usage(s, t, d);
+        f = frame_done(t->id, "completed", d->finish_reason, d->usage != NULL ? &u : NULL,
+                       d->upstream, t->degraded != NULL, &len);
+        send_charged(s, f, len, charge);
         break;
     }
     case CONVO__V1__CHAT_EVENT__EVENT_ERROR: {
@@ -441,9 +525,9 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
         log_fields(LOG_WARN, lf, "turn %llu failed in llm-svc (%s): %s", (unsigned long long)t->id,
                    code, ev->error->message);
         t->terminal = 1;
+        record_system(s, "turn_failed", t->id, code);
         f = frame_error(code, text, t->id, t->rid, &len);
         send_charged(s, f, len, charge);
-        record_system(s, "turn_failed", t->id, code);
         count_error(s, t, code);
         break;
     }
@@ -553,12 +637,64 @@ static Convo__V1__ChatRequest *chat_request(session *s, turn *t)
     return copy;
 }
 
+/* Starts the turn's Llm.Chat with the route's prompt and parameters
+ * (borrowed for the call, then given back: the route owns them). Any
+ * thread; reads only what does not change during the turn. NULL when the
+ * call could not be started. */
+static cli_call *start_chat(turn *t, Convo__V1__ChatRequest *req,
+                            const Convo__V1__RouteResponse *route)
+{
+    cli_call *chat = NULL;
+    req->system_prompt = route->system_prompt;
+    req->params = route->params;
+    cli_opts o = {.timeout_ms = t->s->g->opts.chat_timeout_ms, .request_id = t->rid};
+    if (cli_stream(t->s->g->llm, "/convo.v1.Llm/Chat", &req->base,
+                   &convo__v1__chat_event__descriptor, &o, on_chat_msg, on_chat_done, t,
+                   &chat) != 0)
+        chat = NULL;
+    req->system_prompt = NULL;
+    req->params = NULL;
+    return chat;
+}
+
+/* The answer is under way with `route` (degraded: the default route's
+ * reason word, or NULL for router-svc's): the route decision is logged
+ * before any of the answer's events (they reach the loop after this). */
+static void answer_started(session *s, turn *t, const Convo__V1__RouteResponse *route,
+                           cli_call *chat, const char *degraded)
+{
+    t->strategy = names_strategy(route->strategy);
+    t->chat = chat;
+    t->degraded = degraded;
+    s->refs++; /* the Chat call's, given back when it ends */
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "event",
+                           json_object_new_string(degraded != NULL ? "route_degraded" : "route"));
+    json_object_object_add(o, "turn_id", json_object_new_int64((int64_t)t->id));
+    json_object_object_add(o, "strategy", json_object_new_string(route->strategy_name));
+    if (degraded != NULL) {
+        json_object_object_add(o, "reason", json_object_new_string(degraded));
+        defroute_count(s->g->defroute);
+        metrics_counter_inc(
+            metrics_counter_of(s->g->mx.turns_degraded, (const char *[]){degraded}));
+    }
+    json_object *reasons = json_object_new_array();
+    for (size_t i = 0; i < route->n_reasons; i++)
+        json_object_array_add(reasons, json_object_new_string(route->reasons[i]));
+    json_object_object_add(o, "reasons", reasons);
+    record_json(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_SYSTEM_EVENT, o);
+    /* Cancelled while Route ran: the answer ends as soon as it began. */
+    if (t->cancelled)
+        cli_call_cancel(t->chat);
+}
+
 typedef struct route_job {
     turn *t;
     rpc_code code;
     char *message;
     Convo__V1__RouteResponse *resp;
-    cli_call *chat; /* started when Route answered; NULL: not started */
+    const char *degraded; /* the default route was taken: why (defroute.h) */
+    cli_call *chat;       /* started when Route answered; NULL: not started */
 } route_job;
 
 static void on_route_job(void *arg)
@@ -567,29 +703,20 @@ static void on_route_job(void *arg)
     turn *t = j->t;
     session *s = t->s;
     cli_call_release(&t->route);
-    if (j->resp != NULL)
-        t->strategy = names_strategy(j->resp->strategy);
+    defroute_result(s->g->defroute, t->probe, j->code, j->message, now_ms());
+    if (j->degraded != NULL) {
+        /* Logged once per outage by defroute; per turn only at debug. */
+        const log_field f[] = {{"session_id", s->id}, {"request_id", t->rid}, {NULL, NULL}};
+        log_fields(LOG_DEBUG, f,
+                   "turn %llu takes the default route: Router.Route ended with %s: %s",
+                   (unsigned long long)t->id, rpc_code_name(j->code), j->message);
+    }
     if (j->chat != NULL) {
-        t->chat = j->chat;
-        s->refs++; /* the Chat call's, given back when it ends */
-        json_object *o = json_object_new_object();
-        json_object_object_add(o, "event", json_object_new_string("route"));
-        json_object_object_add(o, "turn_id", json_object_new_int64((int64_t)t->id));
-        json_object_object_add(o, "strategy", json_object_new_string(j->resp->strategy_name));
-        json_object *reasons = json_object_new_array();
-        for (size_t i = 0; i < j->resp->n_reasons; i++)
-            json_object_array_add(reasons, json_object_new_string(j->resp->reasons[i]));
-        json_object_object_add(o, "reasons", reasons);
-        record_json(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_SYSTEM_EVENT, o);
-        /* Cancelled while Route ran: the answer ends as soon as it began. */
-        if (t->cancelled)
-            cli_call_cancel(t->chat);
-    } else if (j->code != RPC_OK) {
-        if (!t->cancelled) {
-            const log_field f[] = {{"session_id", s->id}, {"request_id", t->rid}, {NULL, NULL}};
-            log_fields(LOG_WARN, f, "turn %llu failed: Router.Route ended with %s: %s",
-                       (unsigned long long)t->id, rpc_code_name(j->code), j->message);
-        }
+        answer_started(s, t, j->resp != NULL ? j->resp : defroute_response(s->g->defroute), j->chat,
+                       j->degraded);
+    } else if (j->code != RPC_OK && j->degraded == NULL) {
+        /* Route was cancelled: by a cancel (told as such), or by
+         * router-svc itself. */
         const char *content = "The answer failed: the routing service is unavailable. Your "
                               "session is intact; please send your message again.";
         fail_turn(s, t, "router_unavailable", content);
@@ -605,10 +732,10 @@ static void on_route_job(void *arg)
     sess_unref(s);
 }
 
-/* gRPC thread: Route answered, so Chat starts here rather than one hop
- * later on the loop. Its callbacks run on this thread after this returns
- * (cli.h), so the route job posted below reaches the loop before any Chat
- * event. Reads only what does not change during the turn. */
+/* gRPC thread: Route answered (or failed: then the default route), so
+ * Chat starts here rather than one hop later on the loop. Its callbacks
+ * run on this thread after this returns (cli.h), so the route job posted
+ * below reaches the loop before any Chat event. */
 static void on_route_done(void *arg, rpc_code code, const char *message, ProtobufCMessage *resp)
 {
     turn *t = arg;
@@ -618,20 +745,13 @@ static void on_route_done(void *arg, rpc_code code, const char *message, Protobu
     j->code = code;
     j->message = mem_strdup(message != NULL ? message : "");
     j->resp = (Convo__V1__RouteResponse *)resp;
+    j->degraded = defroute_reason(code);
     Convo__V1__ChatRequest *req = t->chat_req;
     t->chat_req = NULL;
-    if (code == RPC_OK) {
-        req->system_prompt = j->resp->system_prompt;
-        req->params = j->resp->params;
-        cli_opts o = {.timeout_ms = s->g->opts.chat_timeout_ms, .request_id = t->rid};
-        if (cli_stream(s->g->llm, "/convo.v1.Llm/Chat", &req->base,
-                       &convo__v1__chat_event__descriptor, &o, on_chat_msg, on_chat_done, t,
-                       &j->chat) != 0)
-            j->chat = NULL;
-        /* Borrowed from the route response, which the loop frees. */
-        req->system_prompt = NULL;
-        req->params = NULL;
-    }
+    if (code == RPC_OK)
+        j->chat = start_chat(t, req, j->resp);
+    else if (j->degraded != NULL)
+        j->chat = start_chat(t, req, defroute_response(s->g->defroute));
     protobuf_c_message_free_unpacked(&req->base, NULL);
     bridge_post(s->g->bridge, on_route_job, j);
 }
@@ -652,24 +772,44 @@ static void start_turn(session *s, char *message)
 
     record(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_USER_MESSAGE, message, strlen(message));
     hist_counts counts = hist_get_counts(s->history);
+    Convo__V1__ChatRequest *req = chat_request(s, t);
+    if (req == NULL) {
+        fail_turn(s, t, "internal", "The answer could not be started; please try again.");
+        end_turn(s, t);
+        return;
+    }
+    if (!defroute_ask(s->g->defroute, &t->probe)) {
+        /* router-svc is down and another turn is finding out whether it is
+         * back: this one does not wait for it. */
+        const Convo__V1__RouteResponse *route = defroute_response(s->g->defroute);
+        cli_call *chat = start_chat(t, req, route);
+        protobuf_c_message_free_unpacked(&req->base, NULL);
+        if (chat != NULL) {
+            answer_started(s, t, route, chat, DEFROUTE_OUTAGE);
+        } else {
+            fail_turn(s, t, "internal", "The answer could not be started; please try again.");
+            end_turn(s, t);
+        }
+        return;
+    }
 
-    Convo__V1__RouteRequest req = CONVO__V1__ROUTE_REQUEST__INIT;
-    req.session_id = s->id;
-    req.user_id = s->user_id;
-    req.last_user_message = message;
-    req.user_message_count = counts.user_messages;
-    req.tool_call_count = counts.tool_calls;
-    req.assistant_message_count = counts.assistant_messages;
+    Convo__V1__RouteRequest rreq = CONVO__V1__ROUTE_REQUEST__INIT;
+    rreq.session_id = s->id;
+    rreq.user_id = s->user_id;
+    rreq.last_user_message = message;
+    rreq.user_message_count = counts.user_messages;
+    rreq.tool_call_count = counts.tool_calls;
+    rreq.assistant_message_count = counts.assistant_messages;
     cli_opts o = {.timeout_ms = s->g->opts.route_timeout_ms, .request_id = t->rid};
-    t->chat_req = chat_request(s, t);
+    t->chat_req = req;
     s->refs++;
-    if (t->chat_req == NULL ||
-        cli_unary(s->g->router, "/convo.v1.Router/Route", &req.base,
+    if (cli_unary(s->g->router, "/convo.v1.Router/Route", &rreq.base,
                   &convo__v1__route_response__descriptor, &o, on_route_done, t, &t->route) != 0) {
         s->refs--;
-        if (t->chat_req != NULL)
-            protobuf_c_message_free_unpacked(&t->chat_req->base, NULL);
+        protobuf_c_message_free_unpacked(&t->chat_req->base, NULL);
         t->chat_req = NULL;
+        /* No Route call: the probe, if this was it, is free again. */
+        defroute_result(s->g->defroute, t->probe, RPC_CANCELLED, "", now_ms());
         fail_turn(s, t, "internal", "The answer could not be started; please try again.");
         end_turn(s, t);
     }
@@ -727,6 +867,14 @@ static void sess_on_text(void *peer, const char *data, size_t len)
         send_error(s, in.code, in.error, NULL);
     } else if (in.kind == FRAME_CANCEL) {
         cancel_turn(s);
+    } else if (evlog_full(s->g)) {
+        /* What waits for store-svc is at its bound: taking the message
+         * would mean an answer whose events could not be kept. */
+        gw_count_limited(s->g, "event_buffer");
+        send_error(s, "store_backlog",
+                   "the conversation store is not keeping up, so new messages are not taken for "
+                   "now; your message was not sent: send it again in a moment",
+                   NULL);
     } else if (lim_check(s->g->limits, LIM_TOKENS, s->user_id, now_ms()) != 0) {
         gw_count_limited(s->g, lim_name(LIM_TOKENS));
         send_error(s, lim_code(LIM_TOKENS),
@@ -778,11 +926,18 @@ static void on_load_job(void *arg)
     load_job *j = arg;
     session *s = j->s;
     if (j->ev != NULL) {
-        hist_apply(s->history, j->ev->type, j->ev->content, strlen(j->ev->content));
+        /* A window that starts inside a turn starts at its next user
+         * message: a tool result without its call, or half an answer,
+         * would give the model a history it cannot take. */
+        if (s->load_skip && j->ev->type == CONVO__V1__EVENT_TYPE__EVENT_TYPE_USER_MESSAGE)
+            s->load_skip = 0;
+        if (!s->load_skip)
+            hist_apply(s->history, j->ev->type, j->ev->content, strlen(j->ev->content));
         protobuf_c_message_free_unpacked(&j->ev->base, NULL);
     } else {
         s->loading = 0;
         s->history_loaded = j->code == RPC_OK;
+        hist_set_counts(s->history, s->stored_users, s->stored_tools);
         if (j->code != RPC_OK)
             log_warn("could not load the history of session %s (%s: %s); going on without it",
                      s->id, rpc_code_name(j->code), j->message);
@@ -818,10 +973,20 @@ static void on_load_done(void *arg, rpc_code code, const char *message, Protobuf
     bridge_post(j->s->g->bridge, on_load_job, j);
 }
 
-static void load_history(session *s)
+/* Reads the newest --resume-events events of a resumed session back into
+ * its history; the counts of the whole session are the store's. */
+static void load_history(session *s, const Convo__V1__Session *stored)
 {
     Convo__V1__ListEventsRequest req = CONVO__V1__LIST_EVENTS_REQUEST__INIT;
     req.session_id = s->id;
+    int64_t window = s->g->opts.resume_events;
+    if (window > 0 && stored->last_seq > window) {
+        req.after_seq = stored->last_seq - window;
+        req.limit = window;
+        s->load_skip = 1;
+    }
+    s->stored_users = stored->user_message_count;
+    s->stored_tools = stored->tool_call_count;
     cli_opts o = {.timeout_ms = s->g->opts.store_timeout_ms * 6};
     s->loading = 1;
     s->refs++;
@@ -829,6 +994,7 @@ static void load_history(session *s)
                    &convo__v1__event__descriptor, &o, on_load_msg, on_load_done, s, NULL) != 0) {
         s->refs--;
         s->loading = 0;
+        hist_set_counts(s->history, s->stored_users, s->stored_tools);
         announce(s);
     }
 }
@@ -899,7 +1065,7 @@ static void on_open(void *arg, rpc_code code, const char *message,
     s->counted_new = 0;
     s->resumed = !resp->created;
     if (s->resumed && resp->session != NULL && resp->session->event_count > 0) {
-        load_history(s);
+        load_history(s, resp->session);
         return;
     }
     s->history_loaded = 1;
@@ -917,8 +1083,15 @@ static void sess_free(session *s)
         unlink_session(s->g->sessions, s);
     s->g->sessions->live--;
     metrics_gauge_add(s->g->mx.sessions, -1);
+    if (s->held)
+        lim_release(s->g->limits, LIM_OPEN_SESSIONS, s->user_id, now_ms());
     evlog_destroy(&s->log);
     hist_destroy(&s->history);
+    for (held *h = s->held_head, *next; h != NULL; h = next) {
+        next = h->next;
+        mem_free(h->frame);
+        mem_free(h);
+    }
     for (size_t i = 0; i < s->nqueue; i++)
         mem_free(s->queue[i]);
     mem_free(s->queue);
@@ -976,6 +1149,8 @@ static session *sess_create(gw *g, const char *id, const char *user_id)
     t->live++;
     metrics_gauge_add(g->mx.sessions, 1);
     s->log = evlog_create(g, id, user_id, on_open, s);
+    if (g->opts.store_before_send)
+        evlog_on_settled(s->log, on_settled, s);
     ev_timer_init(&s->open_timer, on_open_timer, (double)g->opts.open_timeout_ms / MS_PER_S, 0.);
     s->open_timer.data = s;
     ev_timer_start(g->loop, &s->open_timer);
@@ -1095,6 +1270,23 @@ static void probe_start(sess_table *t, conn *c, const char *id, const char *user
         on_probe_done(p, RPC_INTERNAL, "could not start the call", NULL);
 }
 
+/* Counts a session about to be made in memory against its user's
+ * --max-sessions-per-user (given back when it is freed). Returns 0, or -1
+ * with the connection closed (1013) and the refusal counted. */
+static int hold_session(gw *g, conn *c, const char *user_id)
+{
+    int rc = lim_hold(g->limits, LIM_OPEN_SESSIONS, user_id, now_ms());
+    if (rc == 0)
+        return 0;
+    const char *code = rc == LIM_EFULL ? "limits_full" : lim_code(LIM_OPEN_SESSIONS);
+    gw_count_refused(g, code);
+    gw_count_limited(g, lim_name(LIM_OPEN_SESSIONS));
+    conn_close(c, WS_CLOSE_TRY_LATER, code,
+               "too many sessions of this user at once (--max-sessions-per-user); close one and "
+               "try again");
+    return -1;
+}
+
 /* Attaches c to session id of user_id (see sess_open); known: the store
  * already said the session exists and is user_id's. */
 static session *attach(sess_table *t, conn *c, const char *id, const char *user_id, int known)
@@ -1119,7 +1311,13 @@ static session *attach(sess_table *t, conn *c, const char *id, const char *user_
             probe_start(t, c, id, user_id);
             return NULL;
         }
+        if (hold_session(t->g, c, user_id) != 0) {
+            if (!known)
+                lim_give(t->g->limits, LIM_SESSIONS, user_id, now_ms());
+            return NULL;
+        }
         s = sess_create(t->g, id, user_id);
+        s->held = 1;
         s->counted_new = !known;
     } else {
         if (s->conn != NULL) {

@@ -1,6 +1,6 @@
 /* router — the convo.v1.Router service: the Route RPC between the wire and
  * the rules of route.h. Split from main() so tests can check requests,
- * build responses and serve the method in-process. */
+ * and serve the method in-process (the response is runtime/routemsg.h). */
 #ifndef CONVO_ROUTER_H
 #define CONVO_ROUTER_H
 
@@ -20,16 +20,6 @@
  * naming the field in err (for INVALID_ARGUMENT). */
 int router_check_request(const route_config *cfg, const Convo__V1__RouteRequest *req, char *err,
                          size_t errsize);
-
-/* A RouteResponse and the storage it points to, without allocation. Valid
- * while the decision (and so the config) it was filled from is. */
-typedef struct router_reply {
-    Convo__V1__RouteResponse resp;
-    Convo__V1__GenerationParams params;
-    char *reasons[ROUTE_MAX_REASONS];
-} router_reply;
-
-void router_reply_fill(router_reply *r, const route_decision *d);
 
 #define ROUTER_METRICS(X, S)                                                                       \
     X(S, routes, COUNTER_VEC, "convo_router_routes_total", "strategy", NULL,                       \

@@ -132,15 +132,16 @@ static void server_frames(void **state)
     assert_string_equal(str(o, "is_error"), "true");
     json_object_put(o);
 
-    o = DECODE(frame_done(4, "cancelled", NULL, NULL, NULL, &len));
+    o = DECODE(frame_done(4, "cancelled", NULL, NULL, NULL, 0, &len));
     assert_string_equal(str(o, "type"), "done");
     assert_string_equal(str(o, "status"), "cancelled");
     assert_false(json_object_object_get_ex(o, "usage", NULL));
     assert_false(json_object_object_get_ex(o, "upstream", NULL));
+    assert_false(json_object_object_get_ex(o, "degraded", NULL));
     json_object_put(o);
 
     frame_usage u = {.prompt_tokens = 120, .completion_tokens = 30, .total_tokens = 150};
-    o = DECODE(frame_done(5, "completed", "stop", &u, "eu", &len));
+    o = DECODE(frame_done(5, "completed", "stop", &u, "eu", 1, &len));
     json_object *usage;
     assert_true(json_object_object_get_ex(o, "usage", &usage));
     assert_string_equal(str(usage, "prompt_tokens"), "120");
@@ -148,6 +149,10 @@ static void server_frames(void **state)
     assert_string_equal(str(usage, "total_tokens"), "150");
     assert_string_equal(str(o, "finish_reason"), "stop");
     assert_string_equal(str(o, "upstream"), "eu");
+    json_object *degraded;
+    assert_true(json_object_object_get_ex(o, "degraded", &degraded));
+    assert_true(json_object_is_type(degraded, json_type_boolean) &&
+                json_object_get_boolean(degraded));
     json_object_put(o);
 
     o = DECODE(frame_error("queue_full", "wait", 0, NULL, &len));

@@ -90,6 +90,23 @@ static void trimming_starts_at_a_user_message(void **state)
     hist_destroy(&h);
 }
 
+static void a_resume_keeps_the_whole_sessions_counts(void **state)
+{
+    hist *h = hist_create(50, 1 << 20);
+    /* The newest events of a session whose store counted 40 user messages
+     * and 7 tool calls in all; events after the resume add to them. */
+    turn_with_tool(h);
+    hist_set_counts(h, 40, 7);
+    hist_counts c = hist_get_counts(h);
+    assert_int_equal(c.user_messages, 40);
+    assert_int_equal(c.tool_calls, 7);
+    turn_with_tool(h);
+    c = hist_get_counts(h);
+    assert_int_equal(c.user_messages, 41);
+    assert_int_equal(c.tool_calls, 8);
+    hist_destroy(&h);
+}
+
 static void answer_text_is_capped(void **state)
 {
     hist *h = hist_create(10, 8);
@@ -109,6 +126,7 @@ int main(void)
         cmocka_unit_test(events_become_messages),
         cmocka_unit_test(malformed_tool_events_are_refused),
         cmocka_unit_test(trimming_starts_at_a_user_message),
+        cmocka_unit_test(a_resume_keeps_the_whole_sessions_counts),
         cmocka_unit_test(answer_text_is_capped),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

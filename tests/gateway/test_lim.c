@@ -15,6 +15,7 @@ static lim_opts opts(void)
     lim_opts o = {
         .conn_per_ip = 3,
         .conn_per_user = 2,
+        .open_sessions_per_user = 3,
         .sessions_per_hour = 2,
         .messages_per_minute = 60, /* one a second */
         .rate_burst = 5,
@@ -47,6 +48,25 @@ static void connections_are_refused_at_the_bound_and_given_back(void **state)
     assert_int_equal(lim_keys(l, LIM_CONN_USER), 0);
     lim_destroy(&l);
     assert_null(l);
+}
+
+static void sessions_in_memory_are_counted_per_user(void **state)
+{
+    lim_opts o = opts();
+    lim *l = lim_create(&o);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(lim_hold(l, LIM_OPEN_SESSIONS, "alice", 0), 0);
+    assert_int_equal(lim_hold(l, LIM_OPEN_SESSIONS, "alice", 0), LIM_EREFUSED);
+    assert_int_equal(lim_hold(l, LIM_OPEN_SESSIONS, "bob", 0), 0);
+    /* Apart from connections: alice holds none and still may not. */
+    assert_int_equal(lim_hold(l, LIM_CONN_USER, "alice", 0), 0);
+    assert_int_equal(lim_refused(l, LIM_OPEN_SESSIONS), 1);
+    assert_int_equal(lim_refused(l, LIM_CONN_USER), 0);
+    lim_release(l, LIM_OPEN_SESSIONS, "alice", 0);
+    assert_int_equal(lim_hold(l, LIM_OPEN_SESSIONS, "alice", 0), 0);
+    assert_string_equal(lim_code(LIM_OPEN_SESSIONS), "too_many_sessions_user");
+    assert_string_equal(lim_name(LIM_OPEN_SESSIONS), "sessions_per_user");
+    lim_destroy(&l);
 }
 
 static void a_rate_allows_its_burst_then_paces(void **state)
@@ -176,6 +196,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(connections_are_refused_at_the_bound_and_given_back),
+        cmocka_unit_test(sessions_in_memory_are_counted_per_user),
         cmocka_unit_test(a_rate_allows_its_burst_then_paces),
         cmocka_unit_test(a_session_given_back_was_not_new),
         cmocka_unit_test(tokens_are_charged_after_the_answer),

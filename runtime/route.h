@@ -1,4 +1,7 @@
-/* route — the rules that pick the strategy of one conversation turn.
+/* route — the rules that pick the strategy of one conversation turn, and
+ * the config they read (router.conf, parsed by rconf.h). router-svc applies
+ * them; the gateway reads the same config for the route it takes when
+ * router-svc cannot answer.
  *
  * Pure logic: no I/O, no gRPC, no shared state written in route_decide(),
  * so it is cheap, thread-safe over a shared read-only config and easy to test.
@@ -106,6 +109,12 @@ void route_config_prepare(route_config *cfg);
 /* Applies the rules to one turn. `cfg` must be prepared. Negative counts
  * count as 0 (callers reject them before: route does not judge requests). */
 void route_decide(const route_config *cfg, const route_input *in, route_decision *out);
+
+/* The decision for strategy s without the rules, for a caller that cannot
+ * ask router-svc (the gateway's default route): s's parameters and
+ * prompt, with `reason` (cut to ROUTE_REASON_SIZE) as its one reason. */
+void route_fixed(const route_config *cfg, route_strategy s, const char *reason,
+                 route_decision *out);
 
 /* Whether the code point is part of words (see the top of this file). */
 int route_is_word_char(uint32_t cp);

@@ -1,4 +1,4 @@
-/* Tests of router-svc/route.c: the rules, their order, word matching. */
+/* Tests of runtime/route.c: the rules, their order, word matching. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

@@ -12,7 +12,7 @@
 #include <uniwbrk.h>
 
 /* The built-in defaults. They must equal router-svc/router.conf, which
- * writes them out for operators to tune; tests/router/test_rconf.c checks
+ * writes them out for operators to tune; tests/runtime/test_rconf.c checks
  * that they do, so change both together. */
 static const char default_base_prompt[] =
     "You are a helpful assistant in a real-time chat. Your reply is streamed to the user as you\n"
@@ -399,6 +399,15 @@ void route_decide(const route_config *cfg, const route_input *in, route_decision
     if (out->n_reasons == 0)
         add_reason(out, "no rule matched: a short, direct answer");
 
+    out->strategy = s;
+    out->conf = &cfg->strategies[s];
+    out->verbosity = out->conf->verbosity;
+}
+
+void route_fixed(const route_config *cfg, route_strategy s, const char *reason, route_decision *out)
+{
+    out->n_reasons = 0;
+    add_reason(out, "%s", reason);
     out->strategy = s;
     out->conf = &cfg->strategies[s];
     out->verbosity = out->conf->verbosity;

@@ -1,4 +1,4 @@
-/* Tests of router-svc/rconf.c: the router.conf parser and its errors. */
+/* Tests of runtime/rconf.c: the router.conf parser and its errors. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
