@@ -179,7 +179,8 @@ void caller_rules_destroy(caller_rules **rp)
 
 /* ---- per request -------------------------------------------------------- */
 
-void caller_new_id(char id[CALLER_ID_LEN + 1])
+/* A fresh request id (CALLER_ID_LEN hex digits) into id. */
+static void caller_new_id(char id[CALLER_ID_LEN + 1])
 {
     /* splitmix64 over a per-process random start: unique within the
      * process, unpredictable across processes; not a secret. */
@@ -337,10 +338,30 @@ static long long content_length(struct lws *wsi)
     return *end == '\0' && v >= 0 ? v : -1;
 }
 
+/* traceparent and tracestate (headers libwebsockets does not know: its
+ * custom headers, names lower case with the colon). */
+static void read_trace(struct lws *wsi, caller *c)
+{
+    static const char tp_name[] = "traceparent:", ts_name[] = "tracestate:";
+    char tp[TRACE_PARENT_LEN + 1];
+    int n = lws_hdr_custom_length(wsi, tp_name, (int)strlen(tp_name));
+    if (n != TRACE_PARENT_LEN ||
+        lws_hdr_custom_copy(wsi, tp, sizeof tp, tp_name, (int)strlen(tp_name)) != n ||
+        trace_parse(tp, &c->trace_parent) != 0)
+        return;
+    n = lws_hdr_custom_length(wsi, ts_name, (int)strlen(ts_name));
+    if (n <= 0 || n > TRACE_STATE_MAX ||
+        lws_hdr_custom_copy(wsi, c->trace_state, sizeof c->trace_state, ts_name,
+                            (int)strlen(ts_name)) != n ||
+        !trace_state_ok(c->trace_state))
+        c->trace_state[0] = '\0';
+}
+
 int caller_check(gw *g, struct lws *wsi, caller *c, caller_refusal *why)
 {
     memset(c, 0, sizeof *c);
     caller_new_id(c->request_id);
+    read_trace(wsi, c);
     address(g, wsi, c->ip, sizeof c->ip);
     if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_TRANSFER_ENCODING) > 0) {
         refuse(why, 501, "transfer_encoding_not_supported",

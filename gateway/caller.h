@@ -20,6 +20,7 @@
 
 #include "auth.h"
 #include "gw.h"
+#include "trace.h"
 
 #include <stddef.h>
 
@@ -44,6 +45,12 @@ typedef struct caller {
     /* The Origin when it is allowed (for CORS), else "". */
     char origin[256];
     char request_id[CALLER_ID_LEN + 1];
+    /* The W3C trace context the request carried (traceparent,
+     * tracestate): the parent of the gateway's span for it. A traceparent
+     * that does not parse is ignored with its tracestate (empty ctx: a
+     * new trace); a tracestate that is too long or malformed alone. */
+    trace_ctx trace_parent;
+    char trace_state[TRACE_STATE_MAX + 1];
 } caller;
 
 /* Why a request is refused: the HTTP status and the answer's code and
@@ -63,7 +70,7 @@ typedef struct caller_refusal {
 caller_rules *caller_rules_create(const gw_opts *o, char *err, size_t errlen);
 void caller_rules_destroy(caller_rules **r);
 
-/* Fills c's address and request id and checks the request's framing and
+/* Fills c's address, request id and trace context and checks the request's framing and
  * Origin. Returns 0, or -1 with why (501, 400, 431 or 403). */
 int caller_check(gw *g, struct lws *wsi, caller *c, caller_refusal *why);
 /* Identifies the user as above into c (and c->user_arg). Returns 0, or -1
@@ -90,7 +97,5 @@ int caller_answer(struct lws *wsi, const caller *c, const caller_refusal *why, i
 int caller_arg(struct lws *wsi, const char *name, char *buf, size_t cap);
 /* The request's path and arguments for a log line, access_token hidden. */
 void caller_log_target(struct lws *wsi, char *buf, size_t cap);
-/* A fresh request id (CALLER_ID_LEN hex digits) into id. */
-void caller_new_id(char id[CALLER_ID_LEN + 1]);
 
 #endif

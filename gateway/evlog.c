@@ -14,13 +14,21 @@
 #define BACKOFF_FIRST_MS 100
 #define BACKOFF_MAX_MS   5000
 
+/* The trace ids of a run of events (a turn's), shared by them: copied
+ * once per turn, not per event. */
+typedef struct trace_ref {
+    int refs;
+    trace_span ids; /* ids and tracestate only, never recorded */
+} trace_ref;
+
 typedef struct event {
     Convo__V1__EventType type;
     char *content;
     size_t len;
     int64_t ts_us;
-    int64_t seq;  /* 0 until the event is first sent */
-    uint64_t idx; /* its place among every event added (evlog_added) */
+    int64_t seq;      /* 0 until the event is first sent */
+    uint64_t idx;     /* its place among every event added (evlog_added) */
+    trace_ref *trace; /* NULL: none */
 } event;
 
 /* What one waiting event costs besides its text, for
@@ -62,8 +70,9 @@ struct evlog {
     uint64_t added;
     evlog_settled_fn on_settled;
     void *settled_arg;
-    int64_t batch_us; /* when the AppendEvents in flight was sent (metrics) */
-    keep_entry keep;  /* renewed in the store while open there (keep.h) */
+    int64_t batch_us;      /* when the AppendEvents in flight was sent (metrics) */
+    trace_ref *last_trace; /* the last event's, shared by the next of the same span */
+    keep_entry keep;       /* renewed in the store while open there (keep.h) */
 };
 
 typedef struct reply {
@@ -102,6 +111,33 @@ static int64_t now_us(void)
 static size_t waiting(const evlog *ev)
 {
     return ev->n - ev->head;
+}
+
+static void trace_unref(trace_ref *r)
+{
+    if (r != NULL && --r->refs == 0) {
+        mem_free(r->ids.state);
+        mem_free(r);
+    }
+}
+
+/* The shared ids of `sp`: the last event's when it is the same span. */
+static trace_ref *trace_of(evlog *ev, const trace_span *sp)
+{
+    if (sp == NULL || !trace_ctx_valid(&sp->ctx))
+        return NULL;
+    trace_ref *r = ev->last_trace;
+    if (r == NULL || strcmp(r->ids.ctx.span_id, sp->ctx.span_id) != 0 ||
+        strcmp(r->ids.ctx.trace_id, sp->ctx.trace_id) != 0) {
+        trace_unref(r);
+        r = mem_calloc(1, sizeof *r);
+        r->refs = 1; /* last_trace's */
+        r->ids.ctx = sp->ctx;
+        r->ids.state = sp->state != NULL ? mem_strdup(sp->state) : NULL;
+        ev->last_trace = r;
+    }
+    r->refs++;
+    return r;
 }
 
 /* Adds delta bytes to what every session holds for store-svc, and notes
@@ -143,6 +179,7 @@ static void release(evlog *ev, size_t count)
         event *e = &ev->q[ev->head + i];
         bytes += (long)(e->len + EVENT_OVERHEAD_BYTES);
         mem_free(e->content);
+        trace_unref(e->trace);
     }
     ev->head += count;
     atomic_fetch_sub(&ev->g->counters.events_buffered, (long)count);
@@ -388,6 +425,21 @@ static void start_append(evlog *ev)
     req.n_events = n;
     req.events = ptrs;
     cli_opts o = store_opts(ev);
+    /* Under the first event's span, linked to the others of the batch;
+     * the events of one span are consecutive, and share one trace_ref. */
+    trace_ctx links[OTLP_MAX_LINKS];
+    const trace_ref *prev = NULL;
+    for (size_t i = 0; i < n; i++) {
+        const trace_ref *r = ev->q[ev->head + i].trace;
+        if (r == NULL || r == prev)
+            continue;
+        if (o.trace_parent == NULL)
+            o.trace_parent = &r->ids;
+        else if (o.n_trace_links < OTLP_MAX_LINKS)
+            links[o.n_trace_links++] = r->ids.ctx;
+        prev = r;
+    }
+    o.trace_links = links;
     ev->busy = 1;
     ev->batch = n;
     ev->flush_due = 0;
@@ -486,7 +538,8 @@ evlog *evlog_create(gw *g, const char *session_id, const char *user_id, evlog_op
     return ev;
 }
 
-void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t len)
+void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t len,
+               const trace_span *trace)
 {
     ev->added++;
     if (ev->abandoned) {
@@ -530,6 +583,7 @@ void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t
     e->ts_us = now_us();
     e->seq = 0;
     e->idx = ev->added;
+    e->trace = trace_of(ev, trace);
     atomic_fetch_add(&ev->g->counters.events_buffered, 1);
     account(ev->g, (long)(len + EVENT_OVERHEAD_BYTES));
     pump(ev);
@@ -614,6 +668,7 @@ void evlog_destroy(evlog **evp)
     size_t left = waiting(ev);
     if (left > 0)
         drop_events(ev, left, "shutdown", "the gateway is stopping");
+    trace_unref(ev->last_trace);
     mem_free(ev->q);
     mem_free(ev->session_id);
     mem_free(ev->user_id);

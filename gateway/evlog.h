@@ -17,6 +17,7 @@
 
 #include "convo/v1/store.pb-c.h"
 #include "gw.h"
+#include "trace.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -35,8 +36,12 @@ typedef void (*evlog_closed_fn)(void *arg);
 /* Starts OpenSession at once; on_open fires once. */
 evlog *evlog_create(gw *g, const char *session_id, const char *user_id, evlog_open_fn on_open,
                     void *arg);
-/* Queues an event (content copied). */
-void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t len);
+/* Queues an event (content copied) of the work traced by `trace` (its ids
+ * are kept; NULL: none). The AppendEvents call that stores a batch is a
+ * child of its first event's span and links to the other spans of the
+ * batch (a batch can hold the end of one turn and the start of the next). */
+void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t len,
+               const trace_span *trace);
 /* Ends the session after the last event is stored: EndSession, then
  * Summarize (fire and forget), then on_closed. */
 void evlog_close(evlog *ev, evlog_closed_fn on_closed);

@@ -13,6 +13,7 @@
 #include "defroute.h"
 #include "lim.h"
 #include "metrics.h"
+#include "otlp.h"
 
 #include <stdatomic.h>
 
@@ -200,6 +201,7 @@ typedef struct gw {
     int events_full;
     metrics *metrics; /* NULL: metrics off (--metrics-listen off) */
     gw_metrics mx;    /* every member NULL when off */
+    otlp *tracer;     /* NULL: spans keep their ids, nothing is recorded (trace.h) */
     atomic_int stopping;
 } gw;
 

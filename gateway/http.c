@@ -10,6 +10,7 @@
 #include "mem.h"
 #include "names.h"
 #include "session.h"
+#include "trace.h"
 
 #include <json-c/json.h>
 #include <libwebsockets.h>
@@ -80,6 +81,10 @@ typedef struct http_req {
     const char *service_addrs[SERVICES];
     int service_status[SERVICES]; /* health status, or -1 unreachable */
     char service_error[SERVICES][96];
+    /* The request's span (a child of its traceparent), ended when the
+     * request is freed; its service calls are children. Zeroed when the
+     * request is not traced (a probe without a traceparent). */
+    trace_span span;
 } http_req;
 
 static const char *const health_names[] = {"UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"};
@@ -138,6 +143,13 @@ static void respond_rpc_error(http_req *req, const char *service, rpc_code code,
 
 static void req_free(http_req *req)
 {
+    if (req->status != 0)
+        trace_span_set_int(&req->span, "http.response.status_code", req->status);
+    if (req->status >= 500)
+        trace_span_error(&req->span, "answered %d", req->status);
+    trace_span_end(&req->span);
+    if (trace_current() == &req->span)
+        trace_set_current(NULL); /* req is freed here */
     mem_free(req->body);
     mem_free(req->in);
     mem_free(req->session_id);
@@ -206,8 +218,11 @@ static void on_rest_job(void *arg)
 {
     rest_call *c = arg;
     http_req *req = c->job.req;
-    if (req_alive(req))
+    if (req_alive(req)) {
+        const trace_span *prev = trace_set_current(&req->span);
         c->fn(req, &c->job);
+        trace_set_current(prev);
+    }
     if (c->job.resp != NULL)
         protobuf_c_message_free_unpacked(c->job.resp, NULL);
     if (c->job.events != NULL)
@@ -235,7 +250,9 @@ static int rest_unary(http_req *req, cli_channel *ch, const char *method,
     rest_call *c = mem_calloc(1, sizeof *c);
     c->job.req = req;
     c->fn = fn;
-    cli_opts o = {.timeout_ms = req->g->opts.store_timeout_ms, .request_id = req->who.request_id};
+    cli_opts o = {.timeout_ms = req->g->opts.store_timeout_ms,
+                  .request_id = req->who.request_id,
+                  .trace_parent = &req->span};
     req->pending++;
     if (cli_unary(ch, method, msg, resp_desc, &o, on_rest_done, c, NULL) != 0) {
         req->pending--;
@@ -349,8 +366,11 @@ static void on_health_job(void *arg)
         snprintf(req->service_error[j->index], sizeof req->service_error[0], "%s: %s",
                  rpc_code_name(j->code), j->message);
     int last = req->pending == 1;
-    if (req_alive(req) && last)
+    if (req_alive(req) && last) {
+        const trace_span *prev = trace_set_current(&req->span);
         finish_health(req);
+        trace_set_current(prev);
+    }
     mem_free(j->message);
     mem_free(j);
 }
@@ -381,7 +401,9 @@ static void start_health(http_req *req)
         j->index = i;
         Grpc__Health__V1__HealthCheckRequest hreq = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
         hreq.service = "";
-        cli_opts o = {.timeout_ms = HEALTH_TIMEOUT_MS};
+        /* Traced only under a traced request (a probe without a
+         * traceparent is not). */
+        cli_opts o = {.timeout_ms = HEALTH_TIMEOUT_MS, .trace_parent = &req->span};
         if (cli_unary(chans[i], "/grpc.health.v1.Health/Check", &hreq.base,
                       &grpc__health__v1__health_check_response__descriptor, &o, on_health_done, j,
                       NULL) != 0) {
@@ -513,7 +535,8 @@ static void start_events(http_req *req)
     c->job.events = json_object_new_array();
     c->fn = on_events;
     cli_opts o = {.timeout_ms = req->g->opts.store_timeout_ms * EVENTS_TIMEOUT_X,
-                  .request_id = req->who.request_id};
+                  .request_id = req->who.request_id,
+                  .trace_parent = &req->span};
     req->pending++;
     if (cli_stream(req->g->store, "/convo.v1.Store/ListEvents", &lreq.base,
                    &convo__v1__event__descriptor, &o, on_event_msg, on_rest_done, c, NULL) != 0) {
@@ -936,21 +959,83 @@ static void api_route(http_req *req, struct lws *wsi, const char *uri, int post)
     respond_error(req, 404, "no_such_endpoint", "no such endpoint; see GET /");
 }
 
+/* The route of a request as a span names it: the path with its ids
+ * replaced (bounded: never an id in a span name). */
+static const char *route_template(const char *uri)
+{
+    static const char *const fixed[] = {"/",           "/healthz",       "/readyz",
+                                        "/api/health", "/api/dev/token", "/api/sessions"};
+    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
+        if (strcmp(uri, fixed[i]) == 0)
+            return fixed[i];
+    if (strncmp(uri, PREFIX_SESSIONS "/", strlen(PREFIX_SESSIONS) + 1) == 0) {
+        const char *slash = strchr(uri + strlen(PREFIX_SESSIONS) + 1, '/');
+        if (slash == NULL)
+            return PREFIX_SESSIONS "/{id}";
+        if (strcmp(slash, "/summary") == 0)
+            return PREFIX_SESSIONS "/{id}/summary";
+        if (strcmp(slash, "/events") == 0)
+            return PREFIX_SESSIONS "/{id}/events";
+    }
+    return "{unmatched}";
+}
+
+/* The request's span: probes (/healthz, /readyz) only when the caller
+ * traces them. */
+static void start_span(http_req *req, const char *method, const char *uri)
+{
+    const char *tmpl = route_template(uri);
+    if (!trace_ctx_valid(&req->who.trace_parent) &&
+        (strcmp(tmpl, "/healthz") == 0 || strcmp(tmpl, "/readyz") == 0))
+        return;
+    char name[64];
+    snprintf(name, sizeof name, "%s %s", method, tmpl);
+    trace_span_start(&req->span, req->g->tracer, name, TRACE_SERVER, &req->who.trace_parent,
+                     req->who.trace_state);
+    if (!trace_span_recording(&req->span))
+        return;
+    trace_span_set_str(&req->span, "http.request.method", method);
+    trace_span_set_str(&req->span, "http.route", tmpl);
+    trace_span_set_str(&req->span, "convo.request_id", req->who.request_id);
+}
+
+/* Answers a request (refusal: why caller_check refused it, else NULL). */
+static int answer(gw *g, struct lws *wsi, const char *uri, http_req *req,
+                  const caller_refusal *refusal);
+
 int http_on_request(gw *g, struct lws *wsi, const char *uri)
 {
-    int get = lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) > 0;
-    int post = lws_hdr_total_length(wsi, WSI_TOKEN_POST_URI) > 0;
-    int options = lws_hdr_total_length(wsi, WSI_TOKEN_OPTIONS_URI) > 0;
     http_req *req = mem_calloc(1, sizeof *req);
     req->g = g;
     req->wsi = wsi;
-    req->post = post;
+    req->post = lws_hdr_total_length(wsi, WSI_TOKEN_POST_URI) > 0;
     caller_refusal why;
-    if (caller_check(g, wsi, &req->who, &why) != 0) {
+    int checked = caller_check(g, wsi, &req->who, &why) == 0;
+    /* The web page's files are libwebsockets' to serve, untraced. */
+    if (strcmp(uri, "/app") != 0 && strncmp(uri, "/app/", 5) != 0) {
+        int options = lws_hdr_total_length(wsi, WSI_TOKEN_OPTIONS_URI) > 0;
+        start_span(req, req->post ? "POST" : options ? "OPTIONS" : "GET", uri);
+    }
+    const trace_span *prev = trace_set_current(&req->span);
+    int rc = answer(g, wsi, uri, req, checked ? NULL : &why);
+    trace_set_current(prev);
+    return rc;
+}
+
+static int answer(gw *g, struct lws *wsi, const char *uri, http_req *req,
+                  const caller_refusal *refusal)
+{
+    int get = lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) > 0;
+    int post = req->post;
+    int options = lws_hdr_total_length(wsi, WSI_TOKEN_OPTIONS_URI) > 0;
+    caller_refusal why;
+    if (refusal != NULL) {
+        why = *refusal;
         const log_field f[] = {
             {"request_id", req->who.request_id}, {"client", req->who.ip}, {NULL, NULL}};
         log_fields(LOG_INFO, f, "request refused: %s", why.code);
         int rc = caller_answer(wsi, &req->who, &why, 0);
+        req->status = why.status;
         req_free(req);
         /* After a Transfer-Encoding or a stray body the connection is not
          * read again. */
@@ -962,6 +1047,7 @@ int http_on_request(gw *g, struct lws *wsi, const char *uri)
         why =
             (caller_refusal){405, "method_not_allowed", "only GET, POST and OPTIONS are served", 1};
         caller_answer(wsi, &req->who, &why, 0);
+        req->status = why.status;
         req_free(req);
         return -1;
     }
@@ -995,12 +1081,14 @@ int http_on_request(gw *g, struct lws *wsi, const char *uri)
         why = (caller_refusal){429, lim_code(LIM_REST),
                                "too many requests from this address (--rest-rate-per-ip)", post};
         int rc = caller_answer(wsi, &req->who, &why, 0);
+        req->status = why.status;
         req_free(req);
         return rc != 0 || why.close || lws_http_transaction_completed(wsi) ? -1 : 0;
     }
     if (options) {
         lws_set_opaque_user_data(wsi, NULL);
         int rc = preflight(wsi, &req->who);
+        req->status = 204;
         req_free(req);
         return rc;
     }

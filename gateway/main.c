@@ -15,6 +15,7 @@
 #include "lim.h"
 #include "log.h"
 #include "mem.h"
+#include "otlp.h"
 #include "proc.h"
 #include "scrape.h"
 #include "session.h"
@@ -296,6 +297,7 @@ int main(int argc, char **argv)
     tls *mtls = NULL;
     char err[512];
     scrape_opts mopts = {0};
+    static otlp_opts oopts;
     scrape *sc = NULL;
     conf_section secs[] = {CONF_SECTION(gw_opts, &g.opts),
                            CONF_SECTION(cli_conf, &g.client_opts),
@@ -303,7 +305,8 @@ int main(int argc, char **argv)
                            CONF_SECTION(lim_opts, &g.lim_opts),
                            CONF_SECTION(defroute_opts, &g.defroute_opts),
                            CONF_SECTION(tls_opts, &topts),
-                           CONF_SECTION(scrape_opts, &mopts)};
+                           CONF_SECTION(scrape_opts, &mopts),
+                           CONF_SECTION(otlp_opts, &oopts)};
     const size_t nsecs = sizeof secs / sizeof secs[0];
     int prc = conf_parse(argc, argv, "gateway",
                          "WebSocket sessions relayed over gRPC to the convo services, REST and "
@@ -333,7 +336,8 @@ int main(int argc, char **argv)
         goto out;
     }
     snprintf(self, sizeof self, "%s:%d", host, port);
-    if (scrape_setup(&mopts, "gateway", self, maddr, sizeof maddr, &g.metrics) != 0) {
+    if (scrape_setup(&mopts, "gateway", self, maddr, sizeof maddr, &g.metrics) != 0 ||
+        otlp_setup(&oopts, "gateway", g.metrics, &g.tracer) != 0) {
         rc = 2;
         goto out;
     }
@@ -364,6 +368,7 @@ int main(int argc, char **argv)
     g.client = cli_create((int)g.client_opts.threads, GW_GRPC_MAX_MESSAGE_BYTES);
     cli_use_tls(g.client, mtls);
     cli_set_metrics(g.client, g.metrics);
+    cli_set_tracer(g.client, g.tracer);
     if (open_channels(&g) != 0) {
         rc = 2;
         goto out;
@@ -465,6 +470,8 @@ out:
     caller_rules_destroy(&g.callers);
     auth_destroy(&g.auth);
     tls_destroy(&mtls);
+    /* Last: closing the connections above ended their spans. */
+    otlp_destroy(&g.tracer);
     metrics_destroy(&g.metrics);
     conf_free(secs, nsecs);
     return rc;

@@ -10,6 +10,7 @@
 #include "log.h"
 #include "mem.h"
 #include "names.h"
+#include "trace.h"
 
 #include <ev.h>
 #include <json-c/json.h>
@@ -80,6 +81,11 @@ struct turn {
     int first_token_sent;
     const char *degraded; /* the default route's reason word (defroute.h); NULL: router-svc's */
     int probe;            /* its Route probes router-svc during an outage */
+    /* The turn's span: a child of the connection's traceparent, or the
+     * root of a trace of its own; Route, Chat and the event writes are
+     * its children. Loop thread, and read (never changed) by the gRPC
+     * thread that starts Chat. */
+    trace_span span;
 };
 
 struct sess_table {
@@ -318,7 +324,9 @@ static void kick(session *s, int code, const char *error_code, const char *reaso
  * takes, so the live history equals one rebuilt from the store. */
 static void record(session *s, Convo__V1__EventType type, const char *content, size_t len)
 {
-    evlog_add(s->log, type, content, len);
+    /* The event is written under its turn's trace (or, between turns, the
+     * connection's handshake's). */
+    evlog_add(s->log, type, content, len, s->cur != NULL ? &s->cur->span : trace_current());
     hist_apply(s->history, type, content, len);
 }
 
@@ -345,12 +353,14 @@ static void record_system(session *s, const char *event, uint64_t turn_id, const
 /* ---- turns ----------------------------------------------------------- */
 
 /* convo_gateway_turns_total and the turn's duration. */
-static void count_turn(session *s, const turn *t)
+static void count_turn(session *s, turn *t)
 {
     const gw_metrics *mx = &s->g->mx;
+    const char *outcome = t->outcome != NULL ? t->outcome : "error";
+    trace_span_set_str(&t->span, "convo.strategy", t->strategy);
+    trace_span_set_str(&t->span, "convo.outcome", outcome);
     if (mx->turns == NULL)
         return;
-    const char *outcome = t->outcome != NULL ? t->outcome : "error";
     metrics_counter_inc(metrics_counter_of(mx->turns, (const char *[]){t->strategy, outcome}));
     metrics_histogram_observe(metrics_histogram_of(mx->turn_seconds, (const char *[]){t->strategy}),
                               (uint64_t)(lws_now_usecs() - t->start_us));
@@ -360,6 +370,8 @@ static void count_turn(session *s, const turn *t)
 static void count_error(session *s, turn *t, const char *code)
 {
     t->outcome = "error";
+    trace_span_set_str(&t->span, "error.type", code);
+    trace_span_error(&t->span, "the turn ended with error %s", code);
     atomic_fetch_add(&s->g->counters.turn_errors, 1);
     metrics_counter_inc(metrics_counter_of(s->g->mx.turn_errors, (const char *[]){code}));
 }
@@ -367,6 +379,15 @@ static void count_error(session *s, turn *t, const char *code)
 static void end_turn(session *s, turn *t)
 {
     count_turn(s, t);
+    const trace_span *prev = trace_set_current(&t->span);
+    const log_field f[] = {{"session_id", s->id}, {"request_id", t->rid}, {NULL, NULL}};
+    log_fields(LOG_DEBUG, f, "turn %llu ended: %s (strategy %s) in %lld ms",
+               (unsigned long long)t->id, t->outcome != NULL ? t->outcome : "error", t->strategy,
+               (long long)(now_ms() - t->start_ms));
+    trace_set_current(prev);
+    trace_span_end(&t->span);
+    if (trace_current() == &t->span)
+        trace_set_current(NULL); /* t is freed below */
     if (s->cur == t)
         s->cur = NULL;
     hist_end_turn(s->history);
@@ -480,6 +501,8 @@ static void on_chat_event(session *s, turn *t, const Convo__V1__ChatEvent *ev, l
         record(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_AI_TOKEN, ev->token->content,
                strlen(ev->token->content));
         f = frame_token(ev->token->content, t->id, &len);
+        if (!t->first_token_sent)
+            trace_span_event(&t->span, "first_token");
         show(s, f, len, charge, t->first_token_sent ? NULL : t);
         t->first_token_sent = 1;
         metrics_counter_inc(s->g->mx.tokens);
@@ -542,6 +565,7 @@ static void on_chat_job(void *arg)
     chat_job *j = arg;
     turn *t = j->t;
     session *s = t->s;
+    const trace_span *prev = trace_set_current(&t->span);
     if (j->ev != NULL) {
         if (!t->cancelled && !t->terminal)
             on_chat_event(s, t, j->ev, j->charge);
@@ -565,6 +589,7 @@ static void on_chat_job(void *arg)
         end_turn(s, t);
         sess_unref(s);
     }
+    trace_set_current(prev);
     mem_free(j->message);
     mem_free(j);
 }
@@ -647,7 +672,9 @@ static cli_call *start_chat(turn *t, Convo__V1__ChatRequest *req,
     cli_call *chat = NULL;
     req->system_prompt = route->system_prompt;
     req->params = route->params;
-    cli_opts o = {.timeout_ms = t->s->g->opts.chat_timeout_ms, .request_id = t->rid};
+    cli_opts o = {.timeout_ms = t->s->g->opts.chat_timeout_ms,
+                  .request_id = t->rid,
+                  .trace_parent = &t->span};
     if (cli_stream(t->s->g->llm, "/convo.v1.Llm/Chat", &req->base,
                    &convo__v1__chat_event__descriptor, &o, on_chat_msg, on_chat_done, t,
                    &chat) != 0)
@@ -666,6 +693,8 @@ static void answer_started(session *s, turn *t, const Convo__V1__RouteResponse *
     t->strategy = names_strategy(route->strategy);
     t->chat = chat;
     t->degraded = degraded;
+    if (degraded != NULL)
+        trace_span_set_str(&t->span, "convo.route_degraded", degraded);
     s->refs++; /* the Chat call's, given back when it ends */
     json_object *o = json_object_new_object();
     json_object_object_add(o, "event",
@@ -702,6 +731,7 @@ static void on_route_job(void *arg)
     route_job *j = arg;
     turn *t = j->t;
     session *s = t->s;
+    const trace_span *prev = trace_set_current(&t->span);
     cli_call_release(&t->route);
     defroute_result(s->g->defroute, t->probe, j->code, j->message, now_ms());
     if (j->degraded != NULL) {
@@ -729,6 +759,7 @@ static void on_route_job(void *arg)
         protobuf_c_message_free_unpacked(&j->resp->base, NULL);
     mem_free(j->message);
     mem_free(j);
+    trace_set_current(prev);
     sess_unref(s);
 }
 
@@ -756,7 +787,10 @@ static void on_route_done(void *arg, rpc_code code, const char *message, Protobu
     bridge_post(s->g->bridge, on_route_job, j);
 }
 
-/* Starts a turn for `message` (owned by the turn from here). */
+static void launch(session *s, turn *t);
+
+/* Starts a turn for `message` (owned by the turn from here), under its
+ * span. */
 static void start_turn(session *s, char *message)
 {
     turn *t = mem_calloc(1, sizeof *t);
@@ -767,9 +801,26 @@ static void start_turn(session *s, char *message)
     snprintf(t->rid, sizeof t->rid, "%s/%llu", s->id, (unsigned long long)t->id);
     t->start_us = lws_now_usecs();
     t->strategy = "none";
+    const trace_span *parent = s->conn != NULL ? conn_trace_parent(s->conn) : NULL;
+    trace_span_start(&t->span, s->g->tracer, "chat turn", TRACE_SERVER,
+                     parent != NULL ? &parent->ctx : NULL, parent != NULL ? parent->state : NULL);
+    if (trace_span_recording(&t->span)) {
+        trace_span_set_str(&t->span, "convo.session_id", s->id);
+        trace_span_set_int(&t->span, "convo.turn_id", (int64_t)t->id);
+        trace_span_set_str(&t->span, "convo.request_id", t->rid);
+    }
+    const trace_span *prev = trace_set_current(&t->span);
     s->cur = t;
     atomic_fetch_add(&s->g->counters.turns, 1);
+    launch(s, t);
+    trace_set_current(prev);
+}
 
+/* The turn's first steps: its message recorded, then Route (or, while
+ * router-svc is down, Chat with the default route). */
+static void launch(session *s, turn *t)
+{
+    const char *message = t->message;
     record(s, CONVO__V1__EVENT_TYPE__EVENT_TYPE_USER_MESSAGE, message, strlen(message));
     hist_counts counts = hist_get_counts(s->history);
     Convo__V1__ChatRequest *req = chat_request(s, t);
@@ -796,11 +847,12 @@ static void start_turn(session *s, char *message)
     Convo__V1__RouteRequest rreq = CONVO__V1__ROUTE_REQUEST__INIT;
     rreq.session_id = s->id;
     rreq.user_id = s->user_id;
-    rreq.last_user_message = message;
+    rreq.last_user_message = (char *)message;
     rreq.user_message_count = counts.user_messages;
     rreq.tool_call_count = counts.tool_calls;
     rreq.assistant_message_count = counts.assistant_messages;
-    cli_opts o = {.timeout_ms = s->g->opts.route_timeout_ms, .request_id = t->rid};
+    cli_opts o = {
+        .timeout_ms = s->g->opts.route_timeout_ms, .request_id = t->rid, .trace_parent = &t->span};
     t->chat_req = req;
     s->refs++;
     if (cli_unary(s->g->router, "/convo.v1.Router/Route", &rreq.base,

@@ -30,9 +30,11 @@ struct ws_server {
     gw *g;
     ws_open_fn open;
     void *open_arg;
-    /* The handshake confirmed last, for on_established (see there). */
+    /* The handshake confirmed last, for on_established (see there), and
+     * its span (ended when the connection is handed on or refused). */
     struct lws *pending_wsi;
     caller pending;
+    trace_span pending_span;
     unsigned char batch[LWS_PRE + WS_WRITE_BATCH]; /* gathered frames of one write */
 };
 
@@ -60,6 +62,9 @@ struct conn {
     char request_id[CALLER_ID_LEN + 1];
     int held_ip, held_user; /* counted against the per-address and per-user limits */
     rxguard *guard;         /* refuses unmasked frames */
+    /* The trace context the handshake carried, the parent of every turn
+     * on this connection: its ids and tracestate only, never recorded. */
+    trace_span client_trace;
 };
 
 /* What libwebsockets keeps per WebSocket connection. */
@@ -83,6 +88,8 @@ ws_server *ws_server_create(gw *g, ws_open_fn open, void *arg)
 
 void ws_server_destroy(ws_server **wsp)
 {
+    if (*wsp != NULL)
+        trace_span_end(&(*wsp)->pending_span);
     mem_free(*wsp);
     *wsp = NULL;
 }
@@ -190,7 +197,13 @@ static void conn_free(conn *c)
         metrics_gauge_add(c->ws->g->mx.frames_queued, -1);
     }
     mem_free(c->rx);
+    mem_free(c->client_trace.state);
     mem_free(c);
+}
+
+const trace_span *conn_trace_parent(const conn *c)
+{
+    return trace_ctx_valid(&c->client_trace.ctx) ? &c->client_trace : NULL;
 }
 
 static void log_refusal(const caller *c, struct lws *wsi, int status, const char *code)
@@ -218,14 +231,28 @@ static int on_confirm_upgrade(gw *g, struct lws *wsi)
     ws_server *ws = g->ws;
     caller_refusal why;
     ws->pending_wsi = NULL;
-    if (caller_check(g, wsi, &ws->pending, &why) != 0 ||
-        caller_identify(g, wsi, &ws->pending, &why) != 0) {
+    trace_span_end(&ws->pending_span); /* a handshake never established (none expected) */
+    int ok = caller_check(g, wsi, &ws->pending, &why) == 0;
+    /* The span of the handshake: a child of the client's traceparent. */
+    trace_span *sp = &ws->pending_span;
+    trace_span_start(sp, g->tracer, "GET /ws/session/{session_id}", TRACE_SERVER,
+                     &ws->pending.trace_parent, ws->pending.trace_state);
+    trace_span_set_str(sp, "http.request.method", "GET");
+    trace_span_set_str(sp, "http.route", "/ws/session/{session_id}");
+    trace_span_set_str(sp, "convo.request_id", ws->pending.request_id);
+    const trace_span *prev = trace_set_current(sp);
+    if (!ok || caller_identify(g, wsi, &ws->pending, &why) != 0) {
         atomic_fetch_add(&g->counters.unauthorized, why.status == 401 || why.status == 403);
         log_refusal(&ws->pending, wsi, why.status, why.code);
+        trace_span_set_int(sp, "http.response.status_code", why.status);
+        trace_span_set_str(sp, "error.type", why.code);
+        trace_set_current(prev);
+        trace_span_end(sp);
         if (caller_answer(wsi, &ws->pending, &why, 1) != 0 || why.close)
             return -1;
         return 1;
     }
+    trace_set_current(prev);
     ws->pending_wsi = wsi;
     return 0;
 }
@@ -235,6 +262,8 @@ static int on_confirm_upgrade(gw *g, struct lws *wsi)
 static void refuse(gw *g, conn *c, int code, const char *error_code, const char *reason)
 {
     gw_count_refused(g, error_code);
+    trace_span_set_int(&g->ws->pending_span, "convo.close_code", code);
+    trace_span_set_str(&g->ws->pending_span, "error.type", error_code);
     const log_field f[] = {{"request_id", c->request_id}, {"client", c->ip}, {NULL, NULL}};
     log_fields(LOG_INFO, f, "WebSocket connection refused: %s", error_code);
     conn_close(c, code, error_code, reason);
@@ -262,7 +291,21 @@ static int hold(gw *g, conn *c, lim_kind k, const char *key, const char *reason)
 
 /* A new WebSocket connection: check the path, ids and limits, then hand
  * it to the open function. */
+static void establish(ws_server *ws, struct lws *wsi, pss *p);
+
+/* A new WebSocket connection, under its handshake's span (the session's
+ * OpenSession and first events are its children), which ends here. */
 static void on_established(ws_server *ws, struct lws *wsi, pss *p)
+{
+    trace_span *sp = &ws->pending_span;
+    trace_span_set_int(sp, "http.response.status_code", 101);
+    const trace_span *prev = trace_set_current(sp);
+    establish(ws, wsi, p);
+    trace_set_current(prev);
+    trace_span_end(sp);
+}
+
+static void establish(ws_server *ws, struct lws *wsi, pss *p)
 {
     gw *g = ws->g;
     conn *c = mem_calloc(1, sizeof *c);
@@ -281,6 +324,11 @@ static void on_established(ws_server *ws, struct lws *wsi, pss *p)
     const caller *who = &ws->pending;
     snprintf(c->ip, sizeof c->ip, "%s", who->ip);
     snprintf(c->request_id, sizeof c->request_id, "%s", who->request_id);
+    if (trace_ctx_valid(&who->trace_parent)) {
+        c->client_trace.ctx = who->trace_parent;
+        if (who->trace_state[0] != '\0')
+            c->client_trace.state = mem_strdup(who->trace_state);
+    }
 
     char uri[WS_ARG_MAX] = "";
     char err[160];
@@ -298,6 +346,7 @@ static void on_established(ws_server *ws, struct lws *wsi, pss *p)
                "connect to /ws/session/{session_id} with a session id of " CHECK_ID_RULE);
         return;
     }
+    trace_span_set_str(&ws->pending_span, "convo.session_id", id);
     if (who->user_arg < 0) {
         refuse(g, c, WS_CLOSE_BAD_SESSION, "invalid_user_id", "user_id must be " CHECK_ID_RULE);
         return;

@@ -22,6 +22,7 @@
 #define GW_WS_H
 
 #include "gw.h"
+#include "trace.h"
 
 #include <libwebsockets.h>
 #include <stddef.h>
@@ -70,6 +71,11 @@ void conn_send(conn *c, char *frame, size_t len, long charge);
  * its peer at once without calling on_gone (the caller handles the peer's
  * side) and drops frames queued after this. */
 void conn_close(conn *c, int code, const char *error_code, const char *reason);
+
+/* The trace context the connection's handshake carried (traceparent and
+ * tracestate), the parent of the turns run over it; NULL when it carried
+ * none (each turn is then a trace of its own). Valid while c is. */
+const trace_span *conn_trace_parent(const conn *c);
 
 /* libwebsockets callback reasons of WebSocket connections (the protocol
  * callback in main.c routes them here). */

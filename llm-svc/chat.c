@@ -37,6 +37,8 @@ typedef struct chat {
     /* The running round of tools. */
     size_t ntools, tools_left;
     char **results; /* each tool's JSON result, sent back to the model */
+    /* The round's span: its model request and its tools are children. */
+    trace_span round_span;
 } chat;
 
 static chat *chat_of(turn *t)
@@ -62,6 +64,7 @@ static void chat_free(turn *t)
     turn_text_clear(&c->text);
     mem_free(c->finish_reason);
     mem_free(c->resp_model);
+    trace_span_end(&c->round_span); /* ended with the turn already; this only frees */
 }
 
 /* ---- sending events ------------------------------------------------- */
@@ -104,6 +107,7 @@ static void end_with_event(chat *c, const Convo__V1__ChatEvent *ev)
     if (c->ended)
         return;
     c->ended = 1;
+    trace_span_end(&c->round_span);
     if (emit(c, ev) != 0) {
         turn_finish(&c->t, RPC_CANCELLED, "the event stream ended", NULL);
         return;
@@ -122,6 +126,7 @@ static void end_error(chat *c, Convo__V1__ErrorCategory cat, int retryable, cons
                "turn failed in round %d: %s", c->round, msg);
     if (!c->ended)
         c->t.outcome = TURN_OUTCOME_ERROR;
+    trace_span_error(&c->round_span, "%s", msg);
     Convo__V1__ErrorEvent e = CONVO__V1__ERROR_EVENT__INIT;
     e.category = cat;
     e.message = (char *)msg;
@@ -146,7 +151,10 @@ static void end_done(chat *c, const char *finish_reason)
         u.total_tokens = c->total_tokens;
         d.usage = &u;
         turn_count_usage(&c->t, c->prompt_tokens, c->completion_tokens);
+        trace_span_set_int(&c->round_span, "gen_ai.usage.input_tokens", c->prompt_tokens);
+        trace_span_set_int(&c->round_span, "gen_ai.usage.output_tokens", c->completion_tokens);
     }
+    trace_span_set_str(&c->round_span, "gen_ai.response.finish_reason", finish_reason);
     if (!c->ended)
         c->t.outcome = TURN_OUTCOME_DONE;
     Convo__V1__ChatEvent ev = CONVO__V1__CHAT_EVENT__INIT;
@@ -299,11 +307,16 @@ static void chat_rewind(turn *t)
     reset_stream(chat_of(t));
 }
 
-/* Starts the next model round. */
+/* Starts the next model round, under a span of its own. */
 static void start_round(chat *c)
 {
     c->round++;
     reset_stream(c);
+    trace_span_end(&c->round_span);
+    trace_span_child(&c->round_span, c->t.call != NULL ? srv_call_span(c->t.call) : NULL,
+                     "chat round", TRACE_INTERNAL);
+    trace_span_set_int(&c->round_span, "convo.round", c->round);
+    c->t.trace_parent = &c->round_span;
     turn_failure f;
     if (turn_request(&c->t, &f) != 0)
         end_error(c, f.category, f.retryable, f.message);
@@ -317,6 +330,7 @@ typedef struct tool_job {
     size_t i;
     char *name, *args;
     uint64_t started_us; /* for convo_llm_tool_seconds (0 with metrics off) */
+    trace_span span;     /* a child of the round's */
 } tool_job;
 
 /* The series of tool `name`: a registered one's, else "unknown"'s (the
@@ -360,6 +374,9 @@ static void on_tool_done(void *arg, int is_error, char *result)
     chat *c = j->c;
     size_t i = j->i;
     uint64_t started_us = j->started_us;
+    if (is_error)
+        trace_span_error(&j->span, "%.200s", result);
+    trace_span_end(&j->span);
     mem_free(j);
     pthread_mutex_lock(&c->t.mu);
     c->results[i] = result;
@@ -454,8 +471,19 @@ static tool_job **prepare_tools(chat *c, size_t *count)
     tool_job **jobs = mem_alloc(n * sizeof *jobs);
     for (size_t i = 0; i < n; i++) {
         const toolcall *tc = toolcall_set_get(c->calls, i);
-        jobs[i] = mem_alloc(sizeof **jobs);
-        *jobs[i] = (tool_job){c, i, mem_strdup(tc->name), mem_strdup(tc->args), 0};
+        jobs[i] = mem_calloc(1, sizeof **jobs);
+        jobs[i]->c = c;
+        jobs[i]->i = i;
+        jobs[i]->name = mem_strdup(tc->name);
+        jobs[i]->args = mem_strdup(tc->args);
+        /* Named by the tool's series: a registered name or "unknown". */
+        char name[160];
+        snprintf(name, sizeof name, "execute_tool %s", tool_series_of(c->svc, tc->name)->name);
+        trace_span_child(&jobs[i]->span, &c->round_span, name, TRACE_INTERNAL);
+        if (trace_span_recording(&jobs[i]->span)) {
+            trace_span_set_str(&jobs[i]->span, "gen_ai.tool.name", tc->name);
+            trace_span_set_str(&jobs[i]->span, "gen_ai.tool.call.id", tc->id);
+        }
         turn_ref(&c->t); /* the tool's */
     }
     *count = n;
@@ -467,11 +495,16 @@ static tool_job **prepare_tools(chat *c, size_t *count)
  * client). */
 static void run_tools(chat *c, tool_job **jobs, size_t n)
 {
-    tool_ctx ctx = {c->t.session_id, c->user_id, c->t.request_id};
     for (size_t i = 0; i < n; i++) {
         char *name = jobs[i]->name, *args = jobs[i]->args;
         jobs[i]->started_us = c->svc->mx.tool_seconds != NULL ? metrics_now_us() : 0;
+        /* The tool may answer (and free its job) before tools_call returns:
+         * its calls and log lines get a copy of the span's ids. */
+        trace_span ids = {.ctx = jobs[i]->span.ctx};
+        const trace_span *prev = trace_set_current(&ids);
+        tool_ctx ctx = {c->t.session_id, c->user_id, c->t.request_id, &ids};
         tools_call(c->svc->tools, &ctx, name, args, on_tool_done, jobs[i]); /* frees jobs[i] */
+        trace_set_current(prev);
         mem_free(name);
         mem_free(args);
     }

@@ -10,6 +10,7 @@
 #include "log.h"
 #include "mem.h"
 #include "models.h"
+#include "otlp.h"
 #include "proc.h"
 #include "scrape.h"
 #include "srv.h"
@@ -62,12 +63,14 @@ int main(int argc, char **argv)
     models_opts mdo = {0};
     tls_opts tlo = {0};
     scrape_opts sco = {0};
+    otlp_opts oo = {0};
     const conf_section secs[] = {
         CONF_SECTION(cli_conf, &cc),       CONF_SECTION(main_opts, &mo),
         CONF_SECTION(endpoints_opts, &eo), CONF_SECTION(models_opts, &mdo),
         CONF_SECTION(turn_opts, &to),      CONF_SECTION(chat_opts, &co),
         CONF_SECTION(upstream_opts, &uo),  CONF_SECTION(srv_opts, &so),
         CONF_SECTION(tls_opts, &tlo),      CONF_SECTION(scrape_opts, &sco),
+        CONF_SECTION(otlp_opts, &oo),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     kb *k = NULL;
@@ -81,6 +84,7 @@ int main(int argc, char **argv)
     health *hl = NULL;
     tls *mtls = NULL;
     metrics *m = NULL;
+    otlp *exp = NULL;
     scrape *sc = NULL;
     char maddr[300];
     char err[512];
@@ -95,7 +99,8 @@ int main(int argc, char **argv)
         goto out;
     }
     if (log_setup("llm-svc", mo.log_level) != 0 ||
-        scrape_setup(&sco, "llm-svc", mo.listen, maddr, sizeof maddr, &m) != 0)
+        scrape_setup(&sco, "llm-svc", mo.listen, maddr, sizeof maddr, &m) != 0 ||
+        otlp_setup(&oo, "llm-svc", m, &exp) != 0)
         goto out;
     if (co.max_rounds < 1) {
         fprintf(stderr, "llm-svc: --max-rounds must be at least 1\n");
@@ -135,6 +140,7 @@ int main(int argc, char **argv)
     c = cli_create((int)cc.threads, so.max_message_bytes);
     cli_use_tls(c, mtls);
     cli_set_metrics(c, m);
+    cli_set_tracer(c, exp);
     /* The tool's reads are sent again to another replica when one fails
      * them UNAVAILABLE (cli.h). */
     static const char *const store_retry[] = {"/convo.v1.Store/GetSession",
@@ -162,6 +168,7 @@ int main(int argc, char **argv)
     hl = health_attach(server);
     srv_use_tls(server, mtls);
     srv_set_metrics(server, m);
+    srv_set_tracer(server, exp);
     if (llm_register(server, l) != 0)
         goto out;
     endpoints_publish(eps, hl);
@@ -190,6 +197,7 @@ out:
     endpoints_destroy(&eps);
     tools_destroy(&t);
     kb_destroy(&k);
+    otlp_destroy(&exp);
     metrics_destroy(&m);
     conf_free(secs, nsecs);
     return status;

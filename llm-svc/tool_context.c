@@ -149,7 +149,8 @@ static void run(void *state, const tool_ctx *ctx, json_object *args, tool_done_f
     l->user_id = mem_strdup(ctx->user_id ? ctx->user_id : "");
     l->done = done;
     l->arg = arg;
-    cli_opts o = {.timeout_ms = st->timeout_ms, .request_id = ctx->request_id};
+    cli_opts o = {
+        .timeout_ms = st->timeout_ms, .request_id = ctx->request_id, .trace_parent = ctx->span};
     Convo__V1__GetSessionRequest g = CONVO__V1__GET_SESSION_REQUEST__INIT;
     g.session_id = l->session_id;
     if (cli_unary(st->store, "/convo.v1.Store/GetSession", &g.base,

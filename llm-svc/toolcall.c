@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <string.h>
 
+static const char *toolcall_strerror(int err);
+
 /* Ids and names are short in every API; a longer one is a broken stream. */
 #define TOOLCALL_MAX_ID 256
 
@@ -301,7 +303,7 @@ out:
     return rc;
 }
 
-const char *toolcall_strerror(int err)
+static const char *toolcall_strerror(int err)
 {
     switch (err) {
     case 0:

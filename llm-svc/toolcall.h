@@ -65,6 +65,4 @@ int toolcall_response_parse(const char *json, size_t len, toolcall_chunk *out, c
                             size_t errsize);
 void toolcall_chunk_clear(toolcall_chunk *c);
 
-const char *toolcall_strerror(int err);
-
 #endif

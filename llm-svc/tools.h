@@ -10,6 +10,8 @@
 #ifndef CONVO_TOOLS_H
 #define CONVO_TOOLS_H
 
+#include "trace.h"
+
 #include <json-c/json.h>
 #include <stddef.h>
 
@@ -19,6 +21,7 @@ typedef struct tool_ctx {
     const char *session_id;
     const char *user_id;
     const char *request_id;
+    const trace_span *span; /* the tool call's: its calls to other services are children */
 } tool_ctx;
 
 /* A tool finished. `result_json` is a JSON text (mem_*, now the callee's);

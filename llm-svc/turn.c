@@ -241,6 +241,11 @@ static int start_at(turn *t, size_t i, const breaker_ticket *tk)
         .api_key = ep->api_key,
         .body = json_object_to_json_string_ext(t->body, JSON_C_TO_STRING_PLAIN),
         .request_id = t->request_id,
+        .trace_parent = t->trace_parent != NULL ? t->trace_parent
+                        : t->call != NULL       ? srv_call_span(t->call)
+                                                : NULL,
+        .name = ep->name,
+        .model = endpoints_model(eps, i, t->model),
         .stream = t->m->stream,
         .deadline_ms = t->deadline_ms,
     };

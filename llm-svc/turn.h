@@ -161,6 +161,9 @@ struct turn {
     Convo__V1__ErrorCategory bad_cat;
     char *bad_msg;
     turn_outcome outcome; /* set by the method when it tells the end itself */
+    /* The parent of the upstream requests' spans: the method's own span
+     * (a Chat round's), or NULL for the call's server span. */
+    const trace_span *trace_parent;
 };
 
 /* Sets up `t` (calloc'd by the method, which then fills its own part) for

@@ -53,6 +53,9 @@ struct upstream_req {
     upstream_cbs cbs;
     void *arg;
     char *url, *body, *auth, *request_id;
+    char traceparent[sizeof "traceparent: " + TRACE_PARENT_LEN];
+    char *tracestate; /* the header line; NULL: none */
+    trace_span span;  /* started by upstream_start, then the loop's */
     int stream;
     int64_t deadline_ms;
     /* Under u->mu. */
@@ -98,7 +101,9 @@ static void req_free(upstream_req *r)
     mem_free(r->body);
     mem_free(r->auth);
     mem_free(r->request_id);
+    mem_free(r->tracestate);
     mem_free(r->errbody);
+    trace_span_end(&r->span); /* ended by finish already; this only frees */
     mem_free(r);
 }
 
@@ -138,6 +143,31 @@ static void detach_easy(upstream_req *r)
     r->headers = NULL;
 }
 
+static const char *const result_words[] = {
+    [UPSTREAM_OK] = "ok",
+    [UPSTREAM_HTTP] = "http_error",
+    [UPSTREAM_CONNECT] = "connect_error",
+    [UPSTREAM_TIMEOUT] = "timeout",
+    [UPSTREAM_DROPPED] = "dropped",
+    [UPSTREAM_STOPPED] = "stopped",
+    [UPSTREAM_CANCELLED] = "cancelled",
+};
+
+static void end_span(upstream_req *r, const upstream_done_info *info)
+{
+    trace_span *sp = &r->span;
+    if (trace_span_recording(sp)) {
+        if (info->status != 0)
+            trace_span_set_int(sp, "http.response.status_code", info->status);
+        trace_span_set_int(sp, "convo.upstream.attempts", info->attempts);
+        trace_span_set_str(sp, "convo.upstream.result", result_words[info->result]);
+        /* The caller leaving is not the request's failure. */
+        if (info->result != UPSTREAM_OK && info->result != UPSTREAM_CANCELLED)
+            trace_span_error(sp, "%s: %.200s", result_words[info->result], info->message);
+    }
+    trace_span_end(sp);
+}
+
 /* Ends a request: on_done, then free (or leave it to the command pass when
  * a command still points at it). */
 static void finish(upstream_req *r, upstream_result result, const char *message)
@@ -160,7 +190,11 @@ static void finish(upstream_req *r, upstream_result result, const char *message)
         .attempts = r->attempts,
         .delivered = r->delivered,
     };
+    end_span(r, &info);
+    /* What on_done logs names the request's trace. */
+    const trace_span *prev = trace_set_current(&r->span);
     r->cbs.on_done(r->arg, &info);
+    trace_set_current(prev);
     metrics_gauge_add(u->mx.in_flight, -1);
     if (r->started_us != 0)
         metrics_histogram_observe(u->mx.seconds, metrics_now_us() - r->started_us);
@@ -181,8 +215,11 @@ static int64_t now_ms(void)
 /* The first byte of an attempt's answer (a header or the body). */
 static void first_byte(upstream_req *r)
 {
-    if (!r->got_first_byte && r->attempt_us != 0)
+    if (r->got_first_byte)
+        return;
+    if (r->attempt_us != 0)
         metrics_histogram_observe(r->u->mx.first_byte, metrics_now_us() - r->attempt_us);
+    trace_span_event(&r->span, "first_byte");
     r->got_first_byte = 1;
 }
 
@@ -256,6 +293,9 @@ static void attempt(upstream_req *r)
         r->headers = curl_slist_append(r->headers, r->auth);
     if (r->request_id != NULL)
         r->headers = curl_slist_append(r->headers, r->request_id);
+    r->headers = curl_slist_append(r->headers, r->traceparent);
+    if (r->tracestate != NULL)
+        r->headers = curl_slist_append(r->headers, r->tracestate);
     curl_easy_setopt(e, CURLOPT_URL, r->url);
     curl_easy_setopt(e, CURLOPT_POSTFIELDS, r->body);
     curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE, (long)strlen(r->body));
@@ -308,9 +348,12 @@ static void retry_or_finish(upstream_req *r, upstream_result result, const char 
         int fits = delay <= u->o.backoff_max_ms &&
                    (r->deadline_ms == 0 || now + delay + 50 < r->deadline_ms);
         if (fits) {
+            const trace_span *prev = trace_set_current(&r->span);
             log_info("upstream attempt %d failed (%s%s%ld), retrying in %lld ms", r->attempts,
                      message ? message : "", r->status ? ", HTTP " : "", r->status,
                      (long long)delay);
+            trace_set_current(prev);
+            trace_span_event(&r->span, "retry");
             detach_easy(r);
             r->retry_due_ms = now + (delay > 0 ? delay : 1);
             metrics_counter_inc(u->retries[retry_reason_of(result, r->status)]);
@@ -611,6 +654,31 @@ void upstream_destroy(upstream **up)
     *up = NULL;
 }
 
+/* The request's client span and the headers that carry it on. */
+static void start_span(upstream_req *r, const upstream_spec *spec)
+{
+    if (spec->trace_parent != NULL)
+        trace_span_child(&r->span, spec->trace_parent, "POST chat/completions", TRACE_CLIENT);
+    else
+        trace_span_start(&r->span, NULL, "POST chat/completions", TRACE_CLIENT, NULL, NULL);
+    char tp[TRACE_PARENT_LEN + 1];
+    trace_format(&r->span.ctx, tp);
+    snprintf(r->traceparent, sizeof r->traceparent, "traceparent: %s", tp);
+    if (r->span.state != NULL)
+        r->tracestate = mem_asprintf("tracestate: %s", r->span.state);
+    if (trace_span_recording(&r->span)) {
+        trace_span_set_str(&r->span, "http.request.method", "POST");
+        /* A URL with credentials in it is not written down. */
+        if (strchr(r->url, '@') == NULL)
+            trace_span_set_str(&r->span, "url.full", r->url);
+        trace_span_set_bool(&r->span, "convo.upstream.stream", r->stream);
+        if (spec->name != NULL)
+            trace_span_set_str(&r->span, "convo.upstream", spec->name);
+        if (spec->model != NULL)
+            trace_span_set_str(&r->span, "gen_ai.request.model", spec->model);
+    }
+}
+
 int upstream_start(upstream *u, const upstream_spec *spec, const upstream_cbs *cbs, void *arg,
                    upstream_req **out)
 {
@@ -637,6 +705,7 @@ int upstream_start(upstream *u, const upstream_spec *spec, const upstream_cbs *c
         r->request_id = mem_asprintf("X-Request-Id: %s", spec->request_id);
     r->stream = spec->stream;
     r->deadline_ms = spec->deadline_ms;
+    start_span(r, spec);
     if (out != NULL)
         *out = r;
     push_cmd(r, CMD_START);

@@ -17,6 +17,7 @@
 
 #include "conf.h"
 #include "metrics.h"
+#include "trace.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -80,8 +81,15 @@ typedef struct upstream_spec {
     const char *api_key;    /* copied; "" sends no Authorization */
     const char *body;       /* copied */
     const char *request_id; /* sent as X-Request-Id; may be NULL */
-    int stream;             /* asks for text/event-stream */
-    int64_t deadline_ms;    /* rpc_now_ms() clock; 0: none. No retry waits past it. */
+    /* The request's client span is its child (read while upstream_start
+     * runs; NULL: a new trace): sent as the traceparent (and tracestate)
+     * header, with a first_byte event per attempt and a retry event per
+     * retry, ended with the request. */
+    const trace_span *trace_parent;
+    const char *name;    /* the endpoint's name, and */
+    const char *model;   /* the model asked for, on the span; may be NULL */
+    int stream;          /* asks for text/event-stream */
+    int64_t deadline_ms; /* rpc_now_ms() clock; 0: none. No retry waits past it. */
 } upstream_spec;
 
 /* Starts the loop thread. NULL when curl cannot be set up. Counts its

@@ -4,6 +4,7 @@
 #include "health.h"
 #include "log.h"
 #include "mem.h"
+#include "otlp.h"
 #include "rconf.h"
 #include "route.h"
 #include "router.h"
@@ -27,17 +28,18 @@ int main(int argc, char **argv)
     srv_opts sopts = {0};
     tls_opts topts = {0};
     scrape_opts mopts = {0};
+    otlp_opts oopts = {0};
     const conf_section secs[] = {
-        CONF_SECTION(router_opts, &opts),
-        CONF_SECTION(srv_opts, &sopts),
-        CONF_SECTION(tls_opts, &topts),
-        CONF_SECTION(scrape_opts, &mopts),
+        CONF_SECTION(router_opts, &opts), CONF_SECTION(srv_opts, &sopts),
+        CONF_SECTION(tls_opts, &topts),   CONF_SECTION(scrape_opts, &mopts),
+        CONF_SECTION(otlp_opts, &oopts),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     route_config *cfg = NULL;
     srv *server = NULL;
     tls *mtls = NULL;
     metrics *m = NULL;
+    otlp *exp = NULL;
     scrape *sc = NULL;
     router_ctx ctx;
     health *hl = NULL;
@@ -55,7 +57,8 @@ int main(int argc, char **argv)
         goto out;
     }
     if (log_setup("router-svc", opts.log_level) != 0 ||
-        scrape_setup(&mopts, "router-svc", opts.listen, maddr, sizeof maddr, &m) != 0)
+        scrape_setup(&mopts, "router-svc", opts.listen, maddr, sizeof maddr, &m) != 0 ||
+        otlp_setup(&oopts, "router-svc", m, &exp) != 0)
         goto out;
     if (tls_create(&topts, &mtls, tls_err, sizeof tls_err) != 0) {
         log_error("%s", tls_err);
@@ -80,6 +83,7 @@ int main(int argc, char **argv)
     hl = health_attach(server);
     srv_use_tls(server, mtls);
     srv_set_metrics(server, m);
+    srv_set_tracer(server, exp);
     router_ctx_init(&ctx, cfg, m);
     if (router_register(server, &ctx) != 0) {
         log_error("cannot register %s", ROUTER_METHOD_ROUTE);
@@ -97,6 +101,7 @@ out:
     if (server != NULL)
         srv_destroy(&server);
     tls_destroy(&mtls);
+    otlp_destroy(&exp);
     metrics_destroy(&m);
     route_config_free(&cfg);
     mem_free(err);

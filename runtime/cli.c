@@ -4,6 +4,7 @@
 #include "mem.h"
 #include "rpc_internal.h"
 #include "rpcm.h"
+#include "trace.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -17,7 +18,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_META 8
+/* The standard health service: its checks are probes, traced only under a
+ * parent (see start_span). */
+#define HEALTH_PATH_PREFIX "/grpc.health.v1.Health/"
+/* x-request-id, traceparent, tracestate and a caller's own. */
+#define MAX_META 10
 /* The least time a connection attempt (TCP and TLS) is given. */
 #define CONNECT_TIMEOUT_MS 5000
 /* The longest HOST:PORT of a peer address, and the longest address (a
@@ -75,6 +80,7 @@ struct cli {
     size_t ncalls;
     int closing;
     rpcm *metrics; /* NULL: not counted */
+    otlp *tracer;  /* NULL: spans not recorded */
 };
 
 struct cli_call {
@@ -87,6 +93,7 @@ struct cli_call {
     void *arg;
     rpcm_method *pm;
     uint64_t started_us;
+    trace_span span; /* the client span; zeroed for an untraced health check */
 
     pthread_mutex_t mu;
     int refs;
@@ -410,6 +417,11 @@ const char *cli_channel_target(const cli_channel *ch)
     return ch->target;
 }
 
+void cli_set_tracer(cli *c, otlp *e)
+{
+    c->tracer = e;
+}
+
 void cli_set_metrics(cli *c, metrics *m)
 {
     rpcm_destroy(&c->metrics);
@@ -429,6 +441,7 @@ static void call_free(cli_call *k)
     grpc_metadata_array_destroy(&k->initial_md);
     grpc_metadata_array_destroy(&k->trailing_md);
     grpc_slice_unref(k->details);
+    trace_span_end(&k->span); /* ended with the call already; this only frees */
     if (k->call != NULL)
         grpc_call_unref(k->call);
     pthread_mutex_destroy(&k->mu);
@@ -451,6 +464,39 @@ static void add_meta(cli_call *k, const char *key, const char *value)
     k->send_md[k->nsend_md].key = grpc_slice_from_copied_string(key);
     k->send_md[k->nsend_md].value = grpc_slice_from_copied_string(value);
     k->nsend_md++;
+}
+
+/* The call's client span, a child of opts' parent or else of the thread's
+ * current span (a new trace without either), sent on as traceparent and
+ * tracestate. A health check is traced only under a parent. */
+static void start_span(cli_call *k, cli_channel *ch, const char *method, const cli_opts *opts)
+{
+    const trace_span *parent =
+        opts != NULL && opts->trace_parent != NULL ? opts->trace_parent : trace_current();
+    int traced = parent != NULL && trace_ctx_valid(&parent->ctx);
+    if (!traced && strncmp(method, HEALTH_PATH_PREFIX, strlen(HEALTH_PATH_PREFIX)) == 0)
+        return;
+    trace_span_start(&k->span, ch->c->tracer, method[0] == '/' ? method + 1 : method, TRACE_CLIENT,
+                     traced ? &parent->ctx : NULL, traced ? parent->state : NULL);
+    char tp[TRACE_PARENT_LEN + 1];
+    trace_format(&k->span.ctx, tp);
+    add_meta(k, "traceparent", tp);
+    if (k->span.state != NULL)
+        add_meta(k, "tracestate", k->span.state);
+    if (!trace_span_recording(&k->span))
+        return;
+    const char *p = method[0] == '/' ? method + 1 : method;
+    const char *slash = strrchr(p, '/');
+    char service[256];
+    snprintf(service, sizeof service, "%.*s", slash ? (int)(slash - p) : 0, p);
+    trace_span_set_str(&k->span, "rpc.system", "grpc");
+    trace_span_set_str(&k->span, "rpc.service", service);
+    trace_span_set_str(&k->span, "rpc.method", slash ? slash + 1 : p);
+    trace_span_set_str(&k->span, "server.address", ch->target);
+    if (opts != NULL && opts->request_id != NULL)
+        trace_span_set_str(&k->span, "convo.request_id", opts->request_id);
+    for (size_t i = 0; opts != NULL && i < opts->n_trace_links; i++)
+        trace_span_link(&k->span, &opts->trace_links[i]);
 }
 
 /* Everything both call kinds share up to the first batch. On failure the
@@ -476,6 +522,7 @@ static int call_create(cli_channel *ch, const char *method, const ProtobufCMessa
     grpc_metadata_array_init(&k->trailing_md);
     if (opts != NULL && opts->request_id != NULL)
         add_meta(k, "x-request-id", opts->request_id);
+    start_span(k, ch, method, opts);
     for (const char *const *m = opts != NULL ? opts->meta : NULL; m != NULL && m[0] && m[1]; m += 2)
         add_meta(k, m[0], m[1]);
 
@@ -544,6 +591,10 @@ static void call_finish(cli_call *k)
     }
     unlink_call(k);
     rpcm_end(k->pm, k->started_us, code);
+    trace_span_set_int(&k->span, "rpc.grpc.status_code", code);
+    if (code != RPC_OK)
+        trace_span_error(&k->span, "%s: %s", rpc_code_name(code), message);
+    trace_span_end(&k->span);
     k->done(k->arg, code, message, resp);
     mem_free(message);
 }

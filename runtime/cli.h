@@ -19,6 +19,7 @@
 #include "metrics.h"
 #include "rpc.h"
 #include "tls.h"
+#include "trace.h"
 
 #include <protobuf-c/protobuf-c.h>
 #include <stdint.h>
@@ -48,12 +49,20 @@ typedef struct cli cli;
 typedef struct cli_channel cli_channel;
 typedef struct cli_call cli_call;
 
-/* Per-call options; a zeroed struct is valid (no deadline, no metadata). */
+/* Per-call options; a zeroed struct is valid (no deadline, no metadata).
+ * Every call has a client span (cli_set_tracer records it), sent on as
+ * traceparent and tracestate metadata: a child of trace_parent, or when
+ * that is NULL of the calling thread's current span (trace.h), else the
+ * first span of a new trace; a grpc.health.v1 call without either is not
+ * traced. */
 typedef struct cli_opts {
-    int64_t timeout_ms;      /* 0: no deadline */
-    const char *request_id;  /* sent as x-request-id; NULL: none */
-    int wait_for_ready;      /* wait for the channel to connect instead of failing fast */
-    const char *const *meta; /* extra metadata: key, value, key, value, ..., NULL */
+    int64_t timeout_ms;             /* 0: no deadline */
+    const char *request_id;         /* sent as x-request-id; NULL: none */
+    int wait_for_ready;             /* wait for the channel to connect instead of failing fast */
+    const char *const *meta;        /* extra metadata: key, value, key, value, ..., NULL */
+    const trace_span *trace_parent; /* read while the call starts */
+    const trace_ctx *trace_links;   /* spans the call's span links to (a batch of others' work) */
+    size_t n_trace_links;
 } cli_opts;
 
 /* The call ended. `resp` is the decoded unary response (NULL unless code is
@@ -81,6 +90,11 @@ void cli_use_tls(cli *c, tls *t);
  * code, durations, calls in flight, streamed messages received). Call
  * before the first call; m (NULL: nothing counted) must outlive the client. */
 void cli_set_metrics(cli *c, metrics *m);
+
+/* Records every call's client span into e. Call before the first call; e
+ * (NULL: spans keep their ids, nothing is recorded) must outlive the
+ * client. */
+void cli_set_tracer(cli *c, otlp *e);
 
 /* A channel to a peer `addr`, written as a peer flag takes it:
  *   HOST:PORT                 one address; a name is resolved by DNS;

@@ -257,6 +257,7 @@ health *health_attach(srv *s)
         /* Probes, load balancers and every peer ask. */
         .callers = "*",
         .without_certificate = 1,
+        .trace_only_with_parent = 1,
     };
     static const srv_method watch = {
         .path = "/grpc.health.v1.Health/Watch",
@@ -266,6 +267,7 @@ health *health_attach(srv *s)
         .on_call = on_watch,
         .callers = "*",
         .without_certificate = 1,
+        .trace_only_with_parent = 1,
     };
     health *h = health_create();
     if (srv_set_hooks(s, &hooks, h) != 0) {

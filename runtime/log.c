@@ -13,6 +13,8 @@ static const char *service_name = "convo";
 static log_level min_level = LOG_INFO;
 static _Thread_local const char *ctx_request_id;
 static _Thread_local const char *ctx_session_id;
+static _Thread_local const char *ctx_trace_id;
+static _Thread_local const char *ctx_span_id;
 
 static const char *const level_names[] = {"debug", "info", "warn", "error"};
 
@@ -48,6 +50,12 @@ void log_context_set(const char *request_id, const char *session_id)
     ctx_session_id = session_id;
 }
 
+void log_trace_set(const char *trace_id, const char *span_id)
+{
+    ctx_trace_id = trace_id;
+    ctx_span_id = span_id;
+}
+
 static void add_string(json_object *o, const char *key, const char *value)
 {
     if (value != NULL && value[0] != '\0')
@@ -80,6 +88,8 @@ void log_fields(log_level level, const log_field *fields, const char *fmt, ...)
     add_string(o, "message", message);
     add_string(o, "request_id", ctx_request_id);
     add_string(o, "session_id", ctx_session_id);
+    add_string(o, "trace_id", ctx_trace_id);
+    add_string(o, "span_id", ctx_span_id);
     for (const log_field *f = fields; f != NULL && f->key != NULL; f++)
         add_string(o, f->key, f->value);
 

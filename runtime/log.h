@@ -1,6 +1,7 @@
 /* log — JSON-lines logging on stderr, one object per line:
  *   {"time":"2026-11-25T09:00:00.123Z","level":"info","service":"router-svc",
- *    "message":"...","request_id":"...","session_id":"..."}
+ *    "message":"...","request_id":"...","session_id":"...",
+ *    "trace_id":"...","span_id":"..."}
  * Thread-safe; each line is written with one write(2) so lines never mix. */
 #ifndef CONVO_LOG_H
 #define CONVO_LOG_H
@@ -25,6 +26,10 @@ int log_setup(const char *service, const char *level_name);
  * cleared with NULLs. The strings must outlive the setting (the gRPC runtime
  * sets it around each handler callback). */
 void log_context_set(const char *request_id, const char *session_id);
+/* The trace and span id (hex) added to every line this thread writes until
+ * cleared with NULLs; the same lifetime rule. trace.h's trace_set_current
+ * sets them: use that. */
+void log_trace_set(const char *trace_id, const char *span_id);
 
 void log_fields(log_level level, const log_field *fields, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

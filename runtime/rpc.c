@@ -192,8 +192,11 @@ static int read_varint(const uint8_t **p, const uint8_t *end, uint64_t *out)
     return -1;
 }
 
-int rpc__nul_in_strings(const ProtobufCMessageDescriptor *desc, const uint8_t *data, size_t len,
-                        char *path, size_t pathsize, int depth)
+/* Whether a string field of a `desc` message in wire format holds a NUL
+ * byte, nested messages included; the field's path goes to `path`. 0 for
+ * malformed bytes too (decoding reports those). */
+static int nul_in_strings(const ProtobufCMessageDescriptor *desc, const uint8_t *data, size_t len,
+                          char *path, size_t pathsize, int depth)
 {
     const uint8_t *p = data, *end = data + len;
     if (depth > 32)
@@ -223,7 +226,7 @@ int rpc__nul_in_strings(const ProtobufCMessageDescriptor *desc, const uint8_t *d
                 return 1;
             }
             if (f != NULL && f->type == PROTOBUF_C_TYPE_MESSAGE &&
-                rpc__nul_in_strings(f->descriptor, p, n, path, pathsize, depth + 1)) {
+                nul_in_strings(f->descriptor, p, n, path, pathsize, depth + 1)) {
                 /* Prefix the inner path with this field: "events.content". */
                 char inner[128];
                 snprintf(inner, sizeof inner, "%s", path);
@@ -249,8 +252,8 @@ ProtobufCMessage *rpc__decode(grpc_byte_buffer *bb, const ProtobufCMessageDescri
     grpc_slice slice = grpc_byte_buffer_reader_readall(&reader);
     grpc_byte_buffer_reader_destroy(&reader);
     ProtobufCMessage *msg = NULL;
-    if (nul_field != NULL && rpc__nul_in_strings(desc, GRPC_SLICE_START_PTR(slice),
-                                                 GRPC_SLICE_LENGTH(slice), nul_field, nul_size, 0))
+    if (nul_field != NULL && nul_in_strings(desc, GRPC_SLICE_START_PTR(slice),
+                                            GRPC_SLICE_LENGTH(slice), nul_field, nul_size, 0))
         goto out;
     msg = protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(slice),
                                     GRPC_SLICE_START_PTR(slice));

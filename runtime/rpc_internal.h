@@ -40,11 +40,6 @@ grpc_byte_buffer *rpc__encode(const ProtobufCMessage *msg);
  * empty. protobuf-c would silently cut the string at the NUL. */
 ProtobufCMessage *rpc__decode(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *desc,
                               char *nul_field, size_t nul_size);
-/* Whether a string field of a `desc` message in wire format holds a NUL
- * byte, nested messages included; the field's path goes to `path`. 0 for
- * malformed bytes too (decoding reports those). */
-int rpc__nul_in_strings(const ProtobufCMessageDescriptor *desc, const uint8_t *data, size_t len,
-                        char *path, size_t pathsize, int depth);
 /* Pops completion-queue events until the queue is shut down. */
 void rpc__cq_loop(grpc_completion_queue *cq);
 /* Makes the gRPC core's init/shutdown reference counting explicit. */

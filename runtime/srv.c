@@ -4,6 +4,7 @@
 #include "mem.h"
 #include "rpc_internal.h"
 #include "rpcm.h"
+#include "trace.h"
 
 #include <errno.h>
 #include <grpc/grpc_security.h>
@@ -80,6 +81,7 @@ struct srv {
     const srv_hooks *hooks; /* NULL: none attached */
     void *hooks_arg;
     rpcm *metrics; /* NULL: not counted */
+    otlp *tracer;  /* NULL: spans not recorded */
 };
 
 typedef struct out_msg {
@@ -102,6 +104,7 @@ struct srv_call {
     char *request_id;
     void *data;
     uint64_t started_us; /* for the call's duration metric */
+    trace_span span;     /* the server span; zeroed for untraced health checks */
 
     pthread_mutex_t mu;
     int refs;
@@ -175,6 +178,7 @@ static void call_free(srv_call *c)
     mem_free(c->meta);
     mem_free(c->request_id);
     mem_free(c->status_message);
+    trace_span_end(&c->span); /* ended at finish already; this only frees */
     grpc_call_unref(c->call);
     pthread_mutex_destroy(&c->mu);
     atomic_fetch_sub(&c->s->active_calls, 1);
@@ -196,9 +200,18 @@ static void call_unref(srv_call *c)
     call_unref_locked_release(c);
 }
 
+/* Around every handler callback: its log lines name the call's request
+ * and span, and calls it makes are the span's children. */
 static void with_log_context(srv_call *c)
 {
     log_context_set(c->request_id, NULL);
+    trace_set_current(&c->span);
+}
+
+static void without_log_context(void)
+{
+    log_context_set(NULL, NULL);
+    trace_set_current(NULL);
 }
 
 /* ---- writing -------------------------------------------------------- */
@@ -295,7 +308,7 @@ static void on_write_done(rpc__tag *tag, int ok)
     if (writable != NULL) {
         with_log_context(c);
         writable(c);
-        log_context_set(NULL, NULL);
+        without_log_context();
     }
     call_unref(c);
 }
@@ -345,6 +358,22 @@ static rpc_code metric_code(srv_call *c, rpc_code code)
     return srv_call_remaining_ms(c) <= DEADLINE_SLACK_MS ? RPC_DEADLINE_EXCEEDED : RPC_CANCELLED;
 }
 
+/* Whether a code says the server failed (OpenTelemetry's rule for server
+ * spans: a client's mistake is not the server's error). */
+static int server_error(rpc_code code)
+{
+    return code == RPC_UNKNOWN || code == RPC_DEADLINE_EXCEEDED || code == RPC_UNIMPLEMENTED ||
+           code == RPC_INTERNAL || code == RPC_UNAVAILABLE || code == RPC_DATA_LOSS;
+}
+
+static void end_span(srv_call *c, rpc_code code, const char *message)
+{
+    trace_span_set_int(&c->span, "rpc.grpc.status_code", code);
+    if (server_error(code))
+        trace_span_error(&c->span, "%s: %s", rpc_code_name(code), message ? message : "");
+    trace_span_end(&c->span);
+}
+
 void srv_call_finish(srv_call *c, rpc_code code, const char *message, const ProtobufCMessage *resp)
 {
     grpc_byte_buffer *bb = NULL;
@@ -366,6 +395,7 @@ void srv_call_finish(srv_call *c, rpc_code code, const char *message, const Prot
     c->finished = 1;
     c->code = code;
     rpcm_end(c->method->pm, c->started_us, metric_code(c, code));
+    end_span(c, metric_code(c, code), message);
     c->status_message = message != NULL ? mem_strdup(message) : NULL;
     c->response = bb;
     call_pump_locked(c);
@@ -410,7 +440,7 @@ static void on_close(rpc__tag *tag, int ok)
         cancel(c);
     else if (writable != NULL)
         writable(c);
-    log_context_set(NULL, NULL);
+    without_log_context();
     call_unref(c);
 }
 
@@ -448,7 +478,13 @@ const char *srv_call_request_id(srv_call *c)
     return c->request_id;
 }
 
-const char *srv_call_metadata(srv_call *c, const char *key)
+const trace_span *srv_call_span(srv_call *c)
+{
+    return &c->span;
+}
+
+/* The first value of a request metadata key (lower case), or NULL. */
+static const char *call_metadata(srv_call *c, const char *key)
 {
     for (size_t i = 0; i < c->nmeta; i++)
         if (strcmp(c->meta[i].key, key) == 0)
@@ -469,11 +505,6 @@ void srv_call_set_data(srv_call *c, void *data)
 void *srv_call_method_data(srv_call *c)
 {
     return c->method->data;
-}
-
-srv *srv_call_server(srv_call *c)
-{
-    return c->s;
 }
 
 /* A request that does not decode, or that holds a string protobuf-c would
@@ -531,7 +562,7 @@ static void on_recv(rpc__tag *tag, int ok)
                 call_start_recv(c);
         }
     }
-    log_context_set(NULL, NULL);
+    without_log_context();
     if (bb != NULL)
         grpc_byte_buffer_destroy(bb);
     call_unref(c);
@@ -553,6 +584,27 @@ static char *make_request_id(void)
     for (size_t i = 0; i < sizeof raw; i++)
         snprintf(id + 2 * i, 3, "%02x", raw[i]);
     return id;
+}
+
+/* The call's server span, a child of the caller's traceparent (a new
+ * trace without one, unless the method is traced only under a parent). */
+static void start_span(srv_call *c)
+{
+    const char *path = c->method->m.path;
+    const char *tp = call_metadata(c, "traceparent");
+    if (tp == NULL && c->method->m.trace_only_with_parent)
+        return;
+    trace_span_start_remote(&c->span, c->s->tracer, path + 1, TRACE_SERVER, tp,
+                            call_metadata(c, "tracestate"));
+    if (!trace_span_recording(&c->span))
+        return;
+    const char *slash = strrchr(path, '/');
+    char service[256];
+    snprintf(service, sizeof service, "%.*s", (int)(slash - path - 1), path + 1);
+    trace_span_set_str(&c->span, "rpc.system", "grpc");
+    trace_span_set_str(&c->span, "rpc.service", service);
+    trace_span_set_str(&c->span, "rpc.method", slash + 1);
+    trace_span_set_str(&c->span, "convo.request_id", c->request_id);
 }
 
 static srv_call *call_create(slot *sl)
@@ -577,8 +629,9 @@ static srv_call *call_create(slot *sl)
         c->meta[i].key = slice_strdup(sl->md.metadata[i].key);
         c->meta[i].value = slice_strdup(sl->md.metadata[i].value);
     }
-    const char *rid = srv_call_metadata(c, "x-request-id");
+    const char *rid = call_metadata(c, "x-request-id");
     c->request_id = rid != NULL && rid[0] != '\0' ? mem_strndup(rid, 64) : make_request_id();
+    start_span(c);
     return c;
 }
 
@@ -666,7 +719,7 @@ static void on_call_arrived(rpc__tag *tag, int ok)
             protobuf_c_message_free_unpacked(req, NULL);
         }
     }
-    log_context_set(NULL, NULL);
+    without_log_context();
 out:
     if (payload != NULL)
         grpc_byte_buffer_destroy(payload);
@@ -1101,6 +1154,11 @@ void srv_destroy(srv **sp)
     mem_free(s->listen);
     mem_free(s);
     rpc__grpc_unref();
+}
+
+void srv_set_tracer(srv *s, otlp *e)
+{
+    s->tracer = e;
 }
 
 void srv_set_metrics(srv *s, metrics *m)

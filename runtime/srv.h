@@ -23,6 +23,7 @@
 #include "metrics.h"
 #include "rpc.h"
 #include "tls.h"
+#include "trace.h"
 
 #include <protobuf-c/protobuf-c.h>
 #include <stddef.h>
@@ -87,6 +88,9 @@ typedef struct srv_method {
      * port under mutual TLS (health checks). Any other method answers a
      * caller without a certificate UNAUTHENTICATED. */
     int without_certificate;
+    /* Traced only under a caller's traceparent: a probe (a health check)
+     * every few seconds would otherwise be a trace of its own each time. */
+    int trace_only_with_parent;
 } srv_method;
 
 /* What a module attached to a server hears of its life (health.h). Any
@@ -132,6 +136,10 @@ int srv_start(srv *s);
  * code, durations, calls in flight, streamed messages). Call before
  * srv_start; m (NULL: nothing counted) must outlive the server. */
 void srv_set_metrics(srv *s, metrics *m);
+/* Records a server span per call into e (see srv_call_span). Call before
+ * srv_start; e (NULL: spans keep their ids, nothing is recorded) must
+ * outlive the server. */
+void srv_set_tracer(srv *s, otlp *e);
 /* The port actually bound (useful with port 0); 0 before srv_start. */
 int srv_port(const srv *s);
 /* Blocks until SIGTERM or SIGINT arrives (or srv_stop is called), then shuts
@@ -180,15 +188,17 @@ int64_t srv_call_remaining_ms(srv_call *call);
 /* The x-request-id the client sent, or one made up for the call. Valid for
  * the life of the call. */
 const char *srv_call_request_id(srv_call *call);
-/* The first value of a request metadata key (lower case), NUL-terminated, or
- * NULL. Valid for the life of the call. */
-const char *srv_call_metadata(srv_call *call, const char *key);
+/* The call's server span: a child of the traceparent metadata the client
+ * sent (a new trace without one; a health check without one has none),
+ * current on the thread during every callback of the call, ended when the
+ * call is finished. A handler that works on another thread sets it current
+ * there (trace_set_current) or starts children of it. Valid for the life
+ * of the call. */
+const trace_span *srv_call_span(srv_call *call);
 /* The handler's per-call pointer (NULL until set). */
 void *srv_call_data(srv_call *call);
 void srv_call_set_data(srv_call *call, void *data);
 /* The `data` given to srv_add_method. */
 void *srv_call_method_data(srv_call *call);
-/* The server the call arrived on. */
-srv *srv_call_server(srv_call *call);
 
 #endif

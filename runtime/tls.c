@@ -226,11 +226,6 @@ void tls_destroy(tls **tp)
     rpc__grpc_unref();
 }
 
-const char *tls_name(const tls *t)
-{
-    return t->name;
-}
-
 /* ---- credentials, for srv.c and cli.c ----------------------------------- */
 
 static grpc_tls_credentials_options *options_of(tls *t)

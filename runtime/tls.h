@@ -48,8 +48,6 @@ typedef struct tls tls;
 int tls_create(const tls_opts *o, tls **out, char *err, size_t errsize);
 /* After every server and client using it is destroyed; clears *t. */
 void tls_destroy(tls **t);
-/* This process's own caller name, from its certificate at start-up. */
-const char *tls_name(const tls *t);
 
 /* The caller name of a DNS name of `len` bytes: its first label, if that
  * is 1 to TLS_NAME_MAX bytes of [a-z0-9-] (lower-cased first); otherwise

@@ -10,6 +10,7 @@
 #include "log.h"
 #include "mem.h"
 #include "migrate.h"
+#include "otlp.h"
 #include "pool.h"
 #include "srv.h"
 #include "store.h"
@@ -176,11 +177,11 @@ int main(int argc, char **argv)
     srv_opts sopts = {0};
     tls_opts topts = {0};
     scrape_opts mopts = {0};
+    otlp_opts oopts = {0};
     const conf_section secs[] = {
-        CONF_SECTION(store_opts, &opts),
-        CONF_SECTION(srv_opts, &sopts),
-        CONF_SECTION(tls_opts, &topts),
-        CONF_SECTION(scrape_opts, &mopts),
+        CONF_SECTION(store_opts, &opts), CONF_SECTION(srv_opts, &sopts),
+        CONF_SECTION(tls_opts, &topts),  CONF_SECTION(scrape_opts, &mopts),
+        CONF_SECTION(otlp_opts, &oopts),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     srv *server = NULL;
@@ -191,6 +192,7 @@ int main(int argc, char **argv)
     char err[512];
     metrics *m = NULL;
     db_metrics *dbm = NULL;
+    otlp *exp = NULL;
     scrape *sc = NULL;
     char maddr[300];
     int status = 2;
@@ -223,7 +225,8 @@ int main(int argc, char **argv)
         status = run_migrate(&opts);
         goto out;
     }
-    if (scrape_setup(&mopts, "store-svc", opts.listen, maddr, sizeof maddr, &m) != 0)
+    if (scrape_setup(&mopts, "store-svc", opts.listen, maddr, sizeof maddr, &m) != 0 ||
+        otlp_setup(&oopts, "store-svc", m, &exp) != 0)
         goto out;
 
     status = 1;
@@ -231,6 +234,7 @@ int main(int argc, char **argv)
     hl = health_attach(server);
     srv_use_tls(server, mtls);
     srv_set_metrics(server, m);
+    srv_set_tracer(server, exp);
     dbm = db_metrics_create(m);
     pool_config pc = {
         .db = settings_of(&opts),
@@ -292,6 +296,7 @@ out:
         srv_destroy(&server);
     store_destroy(&st);
     tls_destroy(&mtls);
+    otlp_destroy(&exp);
     db_metrics_destroy(&dbm);
     metrics_destroy(&m);
     conf_free(secs, nsecs);

@@ -5,6 +5,7 @@
 #include "db.h"
 #include "log.h"
 #include "mem.h"
+#include "trace.h"
 
 #include "convo/v1/store.pb-c.h"
 
@@ -73,24 +74,54 @@ typedef struct job {
     pool_job pj;
     srv_call *call;
     store *st;
+    const char *op;   /* the method's name, for its database span */
     char *session_id; /* for errors and log lines; may be "" */
+    trace_span db;    /* the database work: a child of the call's span */
 } job;
 
-static void *job_new(size_t size, srv_call *call, store *st, const char *session_id, pool_job_fn fn)
+static void *job_new(size_t size, srv_call *call, store *st, const char *op, const char *session_id,
+                     pool_job_fn fn)
 {
     job *j = mem_calloc(1, size);
     j->pj.fn = fn;
     j->pj.bytes = size;
     j->call = call;
     j->st = st;
+    j->op = op;
     j->session_id = mem_strdup(session_id);
     return j;
 }
 
 static void job_free(job *j)
 {
+    trace_span_end(&j->db); /* ended with the call already; this only frees */
     mem_free(j->session_id);
     mem_free(j);
+}
+
+/* On a worker: the job's log lines name its call, session and span (the
+ * database span once it started, else the call's). */
+static void job_enter(job *j)
+{
+    log_context_set(srv_call_request_id(j->call), j->session_id[0] ? j->session_id : NULL);
+    trace_set_current(trace_ctx_valid(&j->db.ctx) ? &j->db : srv_call_span(j->call));
+}
+
+static void job_leave(void)
+{
+    log_context_set(NULL, NULL);
+    trace_set_current(NULL);
+}
+
+/* The job goes to the database: its span starts. */
+static void job_start_db(job *j)
+{
+    char name[64];
+    snprintf(name, sizeof name, "db %s", j->op);
+    trace_span_child(&j->db, srv_call_span(j->call), name, TRACE_CLIENT);
+    trace_span_set_str(&j->db, "db.system", "postgresql");
+    trace_span_set_str(&j->db, "db.operation.name", j->op);
+    trace_set_current(&j->db);
 }
 
 /* Queues the job, or answers the call when the pool refuses it (the job
@@ -112,7 +143,11 @@ static void job_submit(job *j, void (*free_fn)(job *))
  * request id it points to dies with the call. */
 static void job_finish(job *j, rpc_code code, const char *msg, const ProtobufCMessage *resp)
 {
-    log_context_set(NULL, NULL);
+    /* A refusal (not found, another user's) is an answer, not a failure. */
+    if (code == RPC_UNAVAILABLE || code == RPC_INTERNAL || code == RPC_UNKNOWN)
+        trace_span_error(&j->db, "%s: %s", rpc_code_name(code), msg ? msg : "");
+    trace_span_end(&j->db);
+    job_leave();
     srv_call_finish(j->call, code, msg, resp);
 }
 
@@ -133,7 +168,7 @@ static void job_finishf(job *j, rpc_code code, const char *fmt, ...)
  * the client gave up while the job waited: nothing is written then). */
 static int job_begin(job *j, db_conn *conn, int err)
 {
-    log_context_set(srv_call_request_id(j->call), j->session_id[0] ? j->session_id : NULL);
+    job_enter(j);
     if (err == POOL_ESHUTDOWN) {
         job_finish(j, RPC_UNAVAILABLE, "the store is shutting down; retry", NULL);
         return 0;
@@ -146,6 +181,7 @@ static int job_begin(job *j, db_conn *conn, int err)
         job_finish(j, RPC_CANCELLED, "cancelled before it ran", NULL);
         return 0;
     }
+    job_start_db(j);
     return 1;
 }
 
@@ -256,7 +292,7 @@ static void on_open(srv_call *call, const ProtobufCMessage *msg)
         finish_invalid(call, err);
         return;
     }
-    open_job *j = job_new(sizeof *j, call, st, req->session_id, open_run);
+    open_job *j = job_new(sizeof *j, call, st, "OpenSession", req->session_id, open_run);
     j->user_id = mem_strdup(req->user_id);
     j->live_seconds = req->live_seconds;
     job_submit(&j->h, open_free);
@@ -314,7 +350,7 @@ static void append_run_group(append_job **jobs, db_append_call *calls, size_t n,
 {
     if (n == 1) {
         db_append_result res;
-        log_context_set(srv_call_request_id(jobs[0]->h.call), jobs[0]->h.session_id);
+        job_enter(&jobs[0]->h);
         int rc =
             db_append_events(conn, calls[0].session_id, calls[0].user_id, calls[0].batch, &res);
         append_answer(jobs[0], conn, rc, &res);
@@ -329,7 +365,8 @@ static void append_run_group(append_job **jobs, db_append_call *calls, size_t n,
         return;
     }
     for (size_t i = 0; i < n; i++) {
-        log_context_set(srv_call_request_id(jobs[i]->h.call), jobs[i]->h.session_id);
+        job_enter(&jobs[i]->h);
+        trace_span_set_int(&jobs[i]->h.db, "convo.db.group_calls", (int64_t)n);
         append_answer(jobs[i], conn, rc != 0 ? rc : calls[i].rc, &calls[i].res);
     }
 }
@@ -372,7 +409,7 @@ static void append_group(pool_job **pjs, size_t n, db_conn *conn)
             append_free(&round[i]->h);
         left = kept;
     }
-    log_context_set(NULL, NULL);
+    job_leave();
     mem_free(calls);
     mem_free(round);
     mem_free(jobs);
@@ -453,7 +490,7 @@ static void on_append(srv_call *call, const ProtobufCMessage *msg)
         return;
     }
     metrics_histogram_observe(st->mx.batch, req->n_events);
-    append_job *j = job_new(sizeof *j, call, st, req->session_id, append_run);
+    append_job *j = job_new(sizeof *j, call, st, "AppendEvents", req->session_id, append_run);
     j->batch = b;
     j->user_id = mem_strdup(req->user_id);
     j->h.pj.bytes += db_batch_bytes(b);
@@ -515,7 +552,7 @@ static void on_end(srv_call *call, const ProtobufCMessage *msg)
         finish_invalid(call, err);
         return;
     }
-    session_job *j = job_new(sizeof *j, call, st, req->session_id, session_run);
+    session_job *j = job_new(sizeof *j, call, st, "EndSession", req->session_id, session_run);
     j->end = 1;
     j->end_us = req->end_time_us;
     j->user_id = mem_strdup(req->user_id);
@@ -531,7 +568,7 @@ static void on_get(srv_call *call, const ProtobufCMessage *msg)
         finish_invalid(call, err);
         return;
     }
-    session_job *j = job_new(sizeof *j, call, st, req->session_id, session_run);
+    session_job *j = job_new(sizeof *j, call, st, "GetSession", req->session_id, session_run);
     job_submit(&j->h, session_free);
 }
 
@@ -618,7 +655,7 @@ static void on_save_summary(srv_call *call, const ProtobufCMessage *msg)
     if (check_id("worker_id", str(req->worker_id), err, sizeof err) != 0)
         goto invalid;
 
-    summary_job *j = job_new(sizeof *j, call, st, req->session_id, summary_run);
+    summary_job *j = job_new(sizeof *j, call, st, "SaveSummary", req->session_id, summary_run);
     j->status = (int)req->status;
     j->summary = mem_strdup(str(req->summary));
     j->error = mem_strdup(str(req->error));
@@ -653,7 +690,7 @@ static void on_claim_summary(srv_call *call, const ProtobufCMessage *msg)
                  "give_up needs max_attempts > 0 (the attempts that must have run out)");
         goto invalid;
     }
-    summary_job *j = job_new(sizeof *j, call, st, req->session_id, summary_run);
+    summary_job *j = job_new(sizeof *j, call, st, "ClaimSummary", req->session_id, summary_run);
     j->claim = 1;
     j->give_up = req->give_up;
     j->worker_id = mem_strdup(req->worker_id);
@@ -763,7 +800,7 @@ static void on_list_user_sessions(srv_call *call, const ProtobufCMessage *msg)
         finish_invalid(call, err);
         return;
     }
-    list_job *j = job_new(sizeof *j, call, st, "", list_run);
+    list_job *j = job_new(sizeof *j, call, st, "ListUserSessions", "", list_run);
     j->user_id = mem_strdup(req->user_id);
     j->exclude = mem_strdup(str(req->exclude_session_id));
     j->before_us = req->before_start_time_us;
@@ -787,7 +824,7 @@ static void on_list_unsummarized(srv_call *call, const ProtobufCMessage *msg)
                  (int)req->max_attempts);
         goto invalid;
     }
-    list_job *j = job_new(sizeof *j, call, st, "", list_run);
+    list_job *j = job_new(sizeof *j, call, st, "ListUnsummarized", "", list_run);
     j->unsummarized = 1;
     j->limit = req->limit == 0                 ? UNSUMMARIZED_DEFAULT
                : req->limit > UNSUMMARIZED_MAX ? UNSUMMARIZED_MAX
@@ -887,7 +924,7 @@ static void on_keep_alive(srv_call *call, const ProtobufCMessage *msg)
             return;
         }
     }
-    live_job *j = job_new(sizeof *j, call, st, "", live_run);
+    live_job *j = job_new(sizeof *j, call, st, "KeepSessionsAlive", "", live_run);
     j->live_seconds = req->live_seconds;
     j->nids = req->n_session_ids;
     j->ids = mem_calloc(j->nids ? j->nids : 1, sizeof *j->ids);
@@ -902,7 +939,8 @@ static void on_end_abandoned(srv_call *call, const ProtobufCMessage *msg)
 {
     const Convo__V1__EndAbandonedSessionsRequest *req =
         (const Convo__V1__EndAbandonedSessionsRequest *)msg;
-    live_job *j = job_new(sizeof *j, call, srv_call_method_data(call), "", live_run);
+    live_job *j =
+        job_new(sizeof *j, call, srv_call_method_data(call), "EndAbandonedSessions", "", live_run);
     j->end = 1;
     j->limit = req->limit == 0              ? ABANDONED_DEFAULT
                : req->limit > ABANDONED_MAX ? ABANDONED_MAX
@@ -985,7 +1023,7 @@ static void stream_pump(lstream *ls)
             }
             ls->parked = 1;
             pthread_mutex_unlock(&streams_mu);
-            log_context_set(NULL, NULL);
+            job_leave();
             return;
         }
         if (rc == RPC_EDONE) {
@@ -1007,7 +1045,7 @@ static void stream_pump(lstream *ls)
         stream_end(ls, RPC_OK, NULL);
         return;
     }
-    log_context_set(NULL, NULL);
+    job_leave();
     ls->h.pj.fn = stream_page_run;
     if (pool_resubmit(ls->h.st->pool, &ls->h.pj) != 0) {
         stream_end(ls, RPC_UNAVAILABLE, "the store is shutting down; resume with after_seq");
@@ -1019,7 +1057,7 @@ static void stream_page_run(pool_job *pj, db_conn *conn, int err)
 {
     lstream *ls = (lstream *)pj;
     int rc = 0;
-    log_context_set(srv_call_request_id(ls->h.call), ls->h.session_id);
+    job_enter(&ls->h);
     if (err != 0 || conn == NULL) {
         stream_end(ls, RPC_UNAVAILABLE,
                    err == POOL_ESHUTDOWN ? "the store is shutting down; resume with after_seq"
@@ -1100,7 +1138,7 @@ static void on_list_events(srv_call *call, const ProtobufCMessage *msg)
         snprintf(err, sizeof err, "limit is %lld; it must be >= 0 (0: all)", (long long)req->limit);
         goto invalid;
     }
-    lstream *ls = job_new(sizeof *ls, call, st, req->session_id, stream_page_run);
+    lstream *ls = job_new(sizeof *ls, call, st, "ListEvents", req->session_id, stream_page_run);
     ls->after_seq = req->after_seq;
     ls->left = req->limit > 0 ? req->limit : INT64_MAX;
     srv_call_set_data(call, ls);

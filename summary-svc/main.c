@@ -5,6 +5,7 @@
 #include "health.h"
 #include "log.h"
 #include "mem.h"
+#include "otlp.h"
 #include "scrape.h"
 #include "service.h"
 #include "srv.h"
@@ -25,10 +26,12 @@ int main(int argc, char **argv)
     cli_conf copts = {0};
     tls_opts topts = {0};
     scrape_opts mopts = {0};
+    otlp_opts oopts = {0};
     const conf_section secs[] = {
         CONF_SECTION(summary_opts, &opts), CONF_SECTION(service_opts, &svopts),
         CONF_SECTION(cli_conf, &copts),    CONF_SECTION(srv_opts, &sopts),
         CONF_SECTION(tls_opts, &topts),    CONF_SECTION(scrape_opts, &mopts),
+        CONF_SECTION(otlp_opts, &oopts),
     };
     const size_t nsecs = sizeof secs / sizeof secs[0];
     srv *server = NULL;
@@ -38,6 +41,7 @@ int main(int argc, char **argv)
     tls *mtls = NULL;
     char err[512];
     metrics *m = NULL;
+    otlp *exp = NULL;
     scrape *sc = NULL;
     char maddr[300];
     int status = 2;
@@ -52,7 +56,8 @@ int main(int argc, char **argv)
         goto out;
     }
     if (log_setup("summary-svc", opts.log_level) != 0 ||
-        scrape_setup(&mopts, "summary-svc", opts.listen, maddr, sizeof maddr, &m) != 0)
+        scrape_setup(&mopts, "summary-svc", opts.listen, maddr, sizeof maddr, &m) != 0 ||
+        otlp_setup(&oopts, "summary-svc", m, &exp) != 0)
         goto out;
     if (service_check_opts(&svopts, err, sizeof err) != 0 ||
         cli_conf_check(&copts, err, sizeof err) != 0) {
@@ -68,7 +73,8 @@ int main(int argc, char **argv)
     client = cli_create((int)copts.threads, sopts.max_message_bytes);
     cli_use_tls(client, mtls);
     cli_set_metrics(client, m);
-    sv = service_create(&svopts, client, copts.round_robin, m, err, sizeof err);
+    cli_set_tracer(client, exp);
+    sv = service_create(&svopts, client, copts.round_robin, m, exp, err, sizeof err);
     if (sv == NULL) {
         log_error("%s", err);
         status = 2;
@@ -78,6 +84,7 @@ int main(int argc, char **argv)
     hl = health_attach(server);
     srv_use_tls(server, mtls);
     srv_set_metrics(server, m);
+    srv_set_tracer(server, exp);
     if (service_register(sv, server) != 0) {
         log_error("cannot register the Summary methods");
         goto out;
@@ -104,6 +111,7 @@ out:
     if (client != NULL)
         cli_destroy(&client);
     tls_destroy(&mtls);
+    otlp_destroy(&exp);
     metrics_destroy(&m);
     conf_free(secs, nsecs);
     return status;

@@ -8,6 +8,7 @@
 #include "pool.h"
 #include "summarizer.h"
 #include "sweep.h"
+#include "trace.h"
 
 #include "convo/v1/store.pb-c.h"
 #include "convo/v1/summary.pb-c.h"
@@ -62,6 +63,7 @@ typedef struct entry {
     int nwaiters;
     int64_t retry_at_ms; /* ENTRY_WATCH: when to look again */
     bcall_scope *sc;     /* the job's calls, cancelled at shutdown */
+    trace_ctx origin;    /* the span that filed it (a Summarize call's); empty: the sweep */
     struct service *sv;
     struct entry *next;
 } entry;
@@ -105,6 +107,7 @@ struct service {
     atomic_ullong n_outcome[JOB_ERROR + 1];
     service_metrics mx;
     metrics_counter *outcome_mx[JOB_ERROR + 1];
+    otlp *exp; /* NULL: job spans not recorded */
 };
 
 /* ---- options -------------------------------------------------------------- */
@@ -193,6 +196,9 @@ static entry *entry_new(service *sv, const char *id)
     e->sc = bcall_scope_new();
     e->sv = sv;
     e->state = ENTRY_QUEUED;
+    const trace_span *by = trace_current();
+    if (by != NULL)
+        e->origin = by->ctx;
     return e;
 }
 
@@ -317,6 +323,11 @@ static void run_entry(void *arg)
     int stopping = sv->stopping;
     pthread_mutex_unlock(&sv->mu);
 
+    /* The job's calls to store-svc and llm-svc are its span's children. */
+    trace_span span;
+    trace_span_start(&span, sv->exp, "summarize session", TRACE_INTERNAL, &e->origin, NULL);
+    trace_span_set_str(&span, "convo.session_id", e->session_id);
+    trace_set_current(&span);
     log_context_set(NULL, e->session_id);
     if (stopping) {
         memset(&r, 0, sizeof r);
@@ -327,6 +338,11 @@ static void run_entry(void *arg)
         job_run(&sv->env, e->sc, e->session_id, &r);
     }
     log_context_set(NULL, NULL);
+    trace_set_current(NULL);
+    trace_span_set_str(&span, "convo.summary.outcome", job_outcome_name(r.outcome));
+    if (r.outcome == JOB_ERROR || r.outcome == JOB_FAILED)
+        trace_span_error(&span, "%s", r.error != NULL ? r.error : job_outcome_name(r.outcome));
+    trace_span_end(&span);
     atomic_fetch_add(&sv->n_outcome[r.outcome], 1);
     atomic_fetch_add(&sv->n_model_calls, r.model_calls);
     metrics_counter_inc(sv->outcome_mx[r.outcome]);
@@ -662,8 +678,8 @@ static void make_worker_id(char *out, size_t size)
     snprintf(out, size, "summary-svc.%s.%d.%08x", host, (int)getpid(), rnd);
 }
 
-service *service_create(const service_opts *o, cli *c, int round_robin, metrics *m, char *err,
-                        size_t errsize)
+service *service_create(const service_opts *o, cli *c, int round_robin, metrics *m, otlp *exp,
+                        char *err, size_t errsize)
 {
     /* Sent again to another replica when one fails them UNAVAILABLE before
      * answering (cli.h): the reads and the model call. Never ClaimSummary
@@ -686,6 +702,7 @@ service *service_create(const service_opts *o, cli *c, int round_robin, metrics 
     }
     service *sv = mem_calloc(1, sizeof *sv);
     sv->o = *o;
+    sv->exp = exp;
     metrics_register(m, METRICS_SECTION(service_metrics, &sv->mx));
     for (int i = 0; i <= JOB_ERROR; i++)
         sv->outcome_mx[i] =

@@ -19,6 +19,7 @@
 #include "cli.h"
 #include "conf.h"
 #include "metrics.h"
+#include "otlp.h"
 #include "srv.h"
 
 #define SERVICE_OPTS(X, S)                                                                         \
@@ -69,11 +70,13 @@ int service_check_opts(const service_opts *o, char *err, size_t errsize);
 /* A service using client `c` for its peers (channels made here, spread
  * over every address of a peer with `round_robin`). Starts the worker
  * pool; nothing is served until service_register + srv_start. `o`'s
- * strings must outlive the service. Counts its work in m (NULL: nothing).
- * NULL when a peer address is not valid (cli_channel_create), with the
- * reason in err. */
-service *service_create(const service_opts *o, cli *c, int round_robin, metrics *m, char *err,
-                        size_t errsize);
+ * strings must outlive the service. Counts its work in m (NULL: nothing)
+ * and records a span per summary job into exp (NULL: ids only): a child
+ * of the Summarize call that filed the session, a new trace for one the
+ * sweep found. NULL when a peer address is not valid (cli_channel_create),
+ * with the reason in err. */
+service *service_create(const service_opts *o, cli *c, int round_robin, metrics *m, otlp *exp,
+                        char *err, size_t errsize);
 /* Registers Summarize and GetSummary on `s` (before srv_start). Returns 0
  * or an RPC_E* error. */
 int service_register(service *sv, srv *s);

@@ -15,6 +15,7 @@
 #include "log.h"
 #include "mem.h"
 #include "proc.h"
+#include "trace.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -69,6 +70,18 @@ static struct {
     long long requests, chat_requests, aborted, completed;
     long long last_abort_unix_ms;
 } stats;
+
+/* The traceparent headers of the last chat requests, as received (oldest
+ * first in /stats): tests read what a caller propagated. */
+#define TRACE_KEPT        64
+#define TRACE_HDR         128 /* a longer header is kept cut */
+#define TRACE_HDR_FIELD   "127"
+#define TRACE_STATE_FIELD "512"
+static struct {
+    char tp[TRACE_KEPT][TRACE_HDR];
+    char ts[TRACE_KEPT][TRACE_STATE_MAX + 1];
+    size_t next, count;
+} traces;
 
 /* One scheduled write of a response: bytes due at a time. A piece with
  * drop set closes the connection abruptly instead. */
@@ -434,14 +447,41 @@ out:
     json_object_put(req);
 }
 
+/* The traceparent and tracestate headers kept, oldest first, as JSON. */
+static json_object *traces_json(void)
+{
+    json_object *a = json_object_new_array();
+    size_t n = traces.count < TRACE_KEPT ? traces.count : TRACE_KEPT;
+    for (size_t i = 0; i < n; i++) {
+        size_t k = (traces.next + TRACE_KEPT - n + i) % TRACE_KEPT;
+        json_object *o = json_object_new_object();
+        json_object_object_add(o, "traceparent", json_object_new_string(traces.tp[k]));
+        json_object_object_add(o, "tracestate", json_object_new_string(traces.ts[k]));
+        json_object_array_add(a, o);
+    }
+    return a;
+}
+
 static void handle_request(conn *c, const char *method, const char *path, const char *body,
-                           size_t len, const char *xfault, const char *auth)
+                           size_t len, const char *xfault, const char *auth, const char *tp,
+                           const char *ts)
 {
     stats.requests++;
     c->responding = 1;
     if (strcmp(method, "POST") == 0 && strcmp(path, "/v1/chat/completions") == 0) {
         stats.chat_requests++;
+        /* Its log lines carry the caller's trace, as a traced server's would. */
+        trace_ctx tc;
+        if (tp != NULL) {
+            snprintf(traces.tp[traces.next], TRACE_HDR, "%s", tp);
+            snprintf(traces.ts[traces.next], TRACE_STATE_MAX + 1, "%s", ts ? ts : "");
+            traces.next = (traces.next + 1) % TRACE_KEPT;
+            traces.count++;
+        }
+        if (trace_parse(tp, &tc) == 0)
+            log_trace_set(tc.trace_id, tc.span_id);
         handle_chat(c, body, len, xfault, auth);
+        log_trace_set(NULL, NULL);
     } else if (strcmp(method, "GET") == 0 && strcmp(path, "/v1/models") == 0) {
         char *b = mem_asprintf("{\"object\":\"list\",\"data\":[{\"id\":\"%s\",\"object\":\"model\","
                                "\"owned_by\":\"convo\"}]}",
@@ -449,12 +489,19 @@ static void handle_request(conn *c, const char *method, const char *path, const 
         respond_simple(c, 200, "OK", NULL, b, 0);
         mem_free(b);
     } else if (strcmp(method, "GET") == 0 && strcmp(path, "/stats") == 0) {
-        char *b = mem_asprintf("{\"requests\":%lld,\"chat_requests\":%lld,\"completed\":%lld,"
-                               "\"aborted\":%lld,\"last_abort_unix_ms\":%lld,\"connections\":%zu}",
-                               stats.requests, stats.chat_requests, stats.completed, stats.aborted,
-                               stats.last_abort_unix_ms, nconns);
-        respond_simple(c, 200, "OK", NULL, b, 0);
-        mem_free(b);
+        json_object *o = json_object_new_object();
+        json_object_object_add(o, "requests", json_object_new_int64(stats.requests));
+        json_object_object_add(o, "chat_requests", json_object_new_int64(stats.chat_requests));
+        json_object_object_add(o, "completed", json_object_new_int64(stats.completed));
+        json_object_object_add(o, "aborted", json_object_new_int64(stats.aborted));
+        json_object_object_add(o, "last_abort_unix_ms",
+                               json_object_new_int64(stats.last_abort_unix_ms));
+        json_object_object_add(o, "connections", json_object_new_int64((int64_t)nconns));
+        json_object_object_add(o, "traced_requests", json_object_new_int64((int64_t)traces.count));
+        json_object_object_add(o, "traces", traces_json());
+        respond_simple(c, 200, "OK", NULL,
+                       json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN), 0);
+        json_object_put(o);
     } else {
         respond_error(c, 404, "Not Found", "invalid_request_error", "no such path", NULL);
     }
@@ -475,7 +522,7 @@ static int try_request(conn *c)
     if (sscanf(c->in, "%15s %255s", method, path) != 2)
         return -1;
     size_t clen = 0;
-    char xfault[32] = "", auth[AUTH_MAX] = "";
+    char xfault[32] = "", auth[AUTH_MAX] = "", tp[TRACE_HDR] = "", ts[TRACE_STATE_MAX + 1] = "";
     c->close_after = 0;
     for (char *line = strstr(c->in, "\r\n"); line != NULL && line < end;
          line = strstr(line + 2, "\r\n")) {
@@ -486,6 +533,10 @@ static int try_request(conn *c)
             sscanf(h + 8, " %31[a-z0-9]", xfault);
         else if (strncasecmp(h, "Authorization:", 14) == 0)
             sscanf(h + 14, " %" AUTH_FIELD "[^\r]", auth);
+        else if (strncasecmp(h, "traceparent:", 12) == 0)
+            sscanf(h + 12, " %" TRACE_HDR_FIELD "[^\r]", tp);
+        else if (strncasecmp(h, "tracestate:", 11) == 0)
+            sscanf(h + 11, " %" TRACE_STATE_FIELD "[^\r]", ts);
         else if (strncasecmp(h, "Connection:", 11) == 0) {
             char *eol = strstr(h, "\r\n"), *cl = strcasestr(h, "close");
             c->close_after = cl != NULL && (eol == NULL || cl < eol);
@@ -498,7 +549,7 @@ static int try_request(conn *c)
         return 0;
     }
     handle_request(c, method, path, c->in + head_len, clen, xfault[0] ? xfault : NULL,
-                   auth[0] ? auth : NULL);
+                   auth[0] ? auth : NULL, tp[0] ? tp : NULL, ts[0] ? ts : NULL);
     memmove(c->in, c->in + head_len + clen, c->in_len - head_len - clen);
     c->in_len -= head_len + clen;
     return 1;

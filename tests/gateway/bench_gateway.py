@@ -30,15 +30,23 @@ compares the medians and the round-by-round differences).
 process: nothing recorded) and on: what metrics cost the token path;
 --metrics off alone runs without them.
 
+--trace both does the same with traces off (the OpenTelemetry variables unset:
+spans are ids only) and on (every process but the offline model exporting
+to an OTLP/HTTP JSON receiver in this process, which only counts the spans
+it takes): what recording and exporting spans cost the token path; --trace
+on alone runs with them.
+
 Use a Release build (the default ctest tree has sanitizers)."""
 
 import argparse
+import http.server
 import json
 import os
 import secrets
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,6 +62,38 @@ UNLIMITED = ["--rate-limit", "100000", "--max-connections", "100000",
              "--max-connections-per-ip", "0", "--max-connections-per-user", "0",
              "--sessions-per-hour", "0", "--user-tokens-per-minute", "0",
              "--rest-rate-per-ip", "0"]
+
+
+class Collector:
+    """An OTLP/HTTP JSON receiver that counts the spans it takes."""
+
+    def __init__(self):
+        self.spans = 0
+        collector = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                # Counted, not parsed: the receiver shares the machine with
+                # what it measures. Each span has one start time.
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                collector.spans += body.count(b'"startTimeUnixNano"')
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def cpu_model():
@@ -295,10 +335,14 @@ def parse_args():
     ap.add_argument("--metrics", choices=("on", "off", "both"), default="on",
                     help="metrics recorded and served (on), not at all (off: --metrics-listen "
                          "off everywhere), or runs of each side by side (both)")
+    ap.add_argument("--trace", choices=("on", "off", "both"), default="off",
+                    help="spans exported to a receiver in this process (on), not (off: ids "
+                         "only), or runs of each side by side (both)")
     ap.add_argument("--tls", action="store_true",
                     help="run plaintext, then mutual TLS between the services, and compare")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="with --tls or --metrics both: alternate the two this many times and "
+                    help="with --tls, --metrics both or --trace both: alternate the two this "
+                         "many times and "
                          "compare the medians (a noisy machine)")
     ap.add_argument("--durable", action="store_true",
                     help="PostgreSQL with fsync=on (the harness's default is fsync=off)")
@@ -321,14 +365,26 @@ def parse_args():
     return ap.parse_args()
 
 
-def run_system(a, tls, metrics="on", as_json=False):
+def run_system(a, tls, metrics="on", as_json=False, trace="off"):
     """Every load generator of --client against one fresh system; returns
     (exit status, the JSON reports when as_json)."""
+    collector = Collector() if trace == "on" else None
+    try:
+        return run_stack(a, tls, metrics, as_json, collector)
+    finally:
+        if collector is not None:
+            print(f"--- the collector took {collector.spans} spans", flush=True)
+            collector.close()
+
+
+def run_stack(a, tls, metrics, as_json, collector):
     settings = {"fsync": "on", "synchronous_commit": "on"} if a.durable else {}
     for kv in a.pg:
         k, _, v = kv.partition("=")
         settings[k] = v
     quiet = {"LOG_LEVEL": a.log_level}
+    if collector is not None:
+        quiet["OTEL_EXPORTER_OTLP_ENDPOINT"] = collector.url
     # The offline model serves no metrics; every other process gets
     # --metrics-listen off when they are off.
     off = ["--metrics-listen", "off"] if metrics == "off" else []
@@ -341,8 +397,8 @@ def run_system(a, tls, metrics="on", as_json=False):
         ca = CA("bench-ca")
         ids = {n: ca.issue(n) for n in ("store-svc", "llm-svc", "router-svc", "gateway")}
         admin = ca.issue("admin")
-    print(f"--- {'mutual TLS between the services' if tls else 'plaintext'}, metrics {metrics}",
-          flush=True)
+    print(f"--- {'mutual TLS between the services' if tls else 'plaintext'}, metrics {metrics}, "
+          f"traces {'on' if collector is not None else 'off'}", flush=True)
     with Postgres(settings=settings) as pg:
         store = Service("store-svc", args=[*a.store_arg, *off], env={"DATABASE_URL": pg.url, **quiet},
                         tls=ids.get("store-svc"), caller=admin)
@@ -384,17 +440,21 @@ def main():
     a = parse_args()
     print(f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; load average before: "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    if a.tls and a.metrics == "both":
-        print("--tls and --metrics both: compare one thing at a time", file=sys.stderr)
+    if a.tls + (a.metrics == "both") + (a.trace == "both") > 1:
+        print("--tls, --metrics both and --trace both: compare one thing at a time",
+              file=sys.stderr)
         return 2
     if a.tls:
-        sides = [("plaintext", {"tls": False, "metrics": a.metrics}),
-                 ("mutual TLS", {"tls": True, "metrics": a.metrics})]
+        sides = [("plaintext", {"tls": False, "metrics": a.metrics, "trace": a.trace}),
+                 ("mutual TLS", {"tls": True, "metrics": a.metrics, "trace": a.trace})]
     elif a.metrics == "both":
-        sides = [("metrics off", {"tls": False, "metrics": "off"}),
-                 ("metrics on", {"tls": False, "metrics": "on"})]
+        sides = [("metrics off", {"tls": False, "metrics": "off", "trace": a.trace}),
+                 ("metrics on", {"tls": False, "metrics": "on", "trace": a.trace})]
+    elif a.trace == "both":
+        sides = [("traces off", {"tls": False, "metrics": a.metrics, "trace": "off"}),
+                 ("traces on", {"tls": False, "metrics": a.metrics, "trace": "on"})]
     else:
-        return run_system(a, tls=False, metrics=a.metrics)[0]
+        return run_system(a, tls=False, metrics=a.metrics, trace=a.trace)[0]
     if not a.direct:
         print("a side-by-side run compares with the direct path: leave out --no-direct",
               file=sys.stderr)
