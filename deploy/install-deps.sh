@@ -30,6 +30,7 @@ PACKAGES=(
   libgrpc-dev
   libssl-dev
   libprotobuf-c-dev
+  libprotobuf-dev
   protobuf-c-compiler
   protobuf-compiler
   libwebsockets-dev

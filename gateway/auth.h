@@ -35,6 +35,10 @@
 
 #include <stddef.h>
 
+/* Upper bounds of the size options (json-c parses lengths as int). */
+#define AUTH_JWKS_MAX_LIMIT  (16 * 1024 * 1024)
+#define AUTH_TOKEN_MAX_LIMIT (1024 * 1024)
+
 #define AUTH_OPTS(X, S)                                                                            \
     X(S, mode, STR, "auth", "AUTH_MODE", "jwt",                                                    \
       "jwt (verify an identity provider's tokens), dev (the gateway signs its own tokens; "        \
@@ -56,18 +60,18 @@
       "when set, tokens must carry it as iss (Supabase: https://<ref>.supabase.co/auth/v1)")       \
     X(S, jwt_leeway_secs, INT, "jwt-leeway-secs", "JWT_LEEWAY_SECS", "30",                         \
       "clock difference allowed when checking exp, nbf and iat")                                   \
-    X(S, jwt_max_bytes, INT, "jwt-max-bytes", "JWT_MAX_BYTES", "8192",                             \
+    X(S, jwt_max_bytes, INT_IN(1, AUTH_TOKEN_MAX_LIMIT), "jwt-max-bytes", "JWT_MAX_BYTES", "8192", \
       "longest token accepted; longer is malformed_token")                                         \
-    X(S, jwks_refetch_secs, INT, "jwks-refetch-secs", "JWKS_REFETCH_SECS", "30",                   \
-      "least time between JWKS reloads asked for by tokens with an unknown kid")                   \
-    X(S, jwks_refresh_secs, INT, "jwks-refresh-secs", "JWKS_REFRESH_SECS", "600",                  \
-      "the JWKS is reloaded this often (a key the provider removed stops verifying)")              \
-    X(S, jwks_timeout_ms, INT, "jwks-timeout-ms", "JWKS_TIMEOUT_MS", "5000",                       \
+    X(S, jwks_refetch_secs, INT_IN(1, CONF_NO_MAX), "jwks-refetch-secs", "JWKS_REFETCH_SECS",      \
+      "30", "least time between JWKS reloads asked for by tokens with an unknown kid")             \
+    X(S, jwks_refresh_secs, INT_IN(1, CONF_NO_MAX), "jwks-refresh-secs", "JWKS_REFRESH_SECS",      \
+      "600", "the JWKS is reloaded this often (a key the provider removed stops verifying)")       \
+    X(S, jwks_timeout_ms, INT_IN(1, CONF_NO_MAX), "jwks-timeout-ms", "JWKS_TIMEOUT_MS", "5000",    \
       "deadline of one --jwks-url fetch")                                                          \
-    X(S, jwks_max_bytes, INT, "jwks-max-bytes", "JWKS_MAX_BYTES", "262144",                        \
-      "largest JWKS accepted (file or URL)")                                                       \
-    X(S, dev_token_ttl_secs, INT, "dev-token-ttl-secs", "DEV_TOKEN_TTL_SECS", "86400",             \
-      "lifetime of the tokens --auth dev signs")                                                   \
+    X(S, jwks_max_bytes, INT_IN(1, AUTH_JWKS_MAX_LIMIT), "jwks-max-bytes", "JWKS_MAX_BYTES",       \
+      "262144", "largest JWKS accepted (file or URL)")                                             \
+    X(S, dev_token_ttl_secs, INT_IN(1, CONF_NO_MAX), "dev-token-ttl-secs", "DEV_TOKEN_TTL_SECS",   \
+      "86400", "lifetime of the tokens --auth dev signs")                                          \
     X(S, dev_allow_remote, BOOL, "dev-allow-remote", "DEV_ALLOW_REMOTE", "false",                  \
       "let --auth dev listen on a non-loopback address (anyone reaching it can sign in as "        \
       "anyone)")
@@ -100,11 +104,12 @@ enum {
     AUTH_EMODE = -13,        /* wrong_mode: dev tokens asked for outside --auth dev */
 };
 
-/* Checks the options and sets up the mode: reads the secret and the JWKS
- * file, fetches the JWKS URL once (a failure there is logged and retried on
- * auth's thread; tokens get auth_unavailable meanwhile) and starts auth's
- * thread. Returns 0 with *out, or -1 with the reason in err (jwt mode
- * without a key source names `--auth dev` for local use). */
+/* Checks the options (conf_parse checked their numbers' ranges) and sets up
+ * the mode: reads the secret and the JWKS file, fetches the JWKS URL once (a
+ * failure there is logged and retried on auth's thread; tokens get
+ * auth_unavailable meanwhile) and starts auth's thread. Returns 0 with
+ * *out, or -1 with the reason in err (jwt mode without a key source names
+ * `--auth dev` for local use). */
 int auth_new(const auth_opts *o, auth **out, char *err, size_t errlen);
 /* Stops auth's thread and frees everything; clears *a. NULL is fine. */
 void auth_destroy(auth **a);

@@ -1,68 +1,47 @@
 #include "bridge.h"
 
 #include "mem.h"
+#include "wq.h"
 
 #include <libwebsockets.h>
-#include <pthread.h>
-
-typedef struct job {
-    bridge_fn fn;
-    void *arg;
-    struct job *next;
-} job;
+#include <stdatomic.h>
 
 struct bridge {
-    pthread_mutex_t mu;
-    job *head, *tail;
-    struct lws_context *ctx;
+    wq *q;
+    _Atomic(struct lws_context *) ctx;
 };
+
+/* The queue became non-empty: the loop has something to drain. One
+ * wake-up per batch of jobs is enough; the loop drains them all. */
+static void wake(void *arg)
+{
+    bridge *b = arg;
+    struct lws_context *ctx = atomic_load(&b->ctx);
+    if (ctx != NULL)
+        lws_cancel_service(ctx);
+}
 
 bridge *bridge_create(void)
 {
     bridge *b = mem_calloc(1, sizeof *b);
-    pthread_mutex_init(&b->mu, NULL);
+    b->q = wq_create(WQ_UNBOUNDED, wake, b);
     return b;
 }
 
 void bridge_set_context(bridge *b, struct lws_context *ctx)
 {
-    pthread_mutex_lock(&b->mu);
-    b->ctx = ctx;
-    pthread_mutex_unlock(&b->mu);
+    atomic_store(&b->ctx, ctx);
 }
 
 void bridge_post(bridge *b, bridge_fn fn, void *arg)
 {
-    job *j = mem_alloc(sizeof *j);
-    j->fn = fn;
-    j->arg = arg;
-    j->next = NULL;
-    pthread_mutex_lock(&b->mu);
-    int was_empty = b->head == NULL;
-    if (b->tail != NULL)
-        b->tail->next = j;
-    else
-        b->head = j;
-    b->tail = j;
-    struct lws_context *ctx = b->ctx;
-    pthread_mutex_unlock(&b->mu);
-    /* One wake-up per batch of jobs is enough: the loop drains them all. */
-    if (was_empty && ctx != NULL)
-        lws_cancel_service(ctx);
+    /* Unbounded and never closed: it cannot refuse. */
+    wq_push(b->q, fn, arg);
 }
 
 void bridge_drain(bridge *b)
 {
-    pthread_mutex_lock(&b->mu);
-    job *j = b->head;
-    b->head = b->tail = NULL;
-    pthread_mutex_unlock(&b->mu);
-    while (j != NULL) {
-        job *next = j->next;
-        j->fn(j->arg);
-        mem_free(j);
-        j = next;
-    }
+    wq_drain(b->q);
 }
 
 void bridge_destroy(bridge **bp)
@@ -71,10 +50,6 @@ void bridge_destroy(bridge **bp)
     if (b == NULL)
         return;
     *bp = NULL;
-    for (job *j = b->head, *next; j != NULL; j = next) {
-        next = j->next;
-        mem_free(j);
-    }
-    pthread_mutex_destroy(&b->mu);
+    wq_destroy(&b->q);
     mem_free(b);
 }

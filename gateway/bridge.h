@@ -4,7 +4,9 @@
  * All gateway state (connections, sessions, turns, event logs) is touched
  * only on the loop thread, so none of it needs locks: a gRPC callback copies
  * what it got into a job and posts it here; the loop runs the jobs, in
- * posting order, when libwebsockets reports LWS_CALLBACK_EVENT_WAIT_CANCELLED. */
+ * posting order, when libwebsockets reports LWS_CALLBACK_EVENT_WAIT_CANCELLED.
+ * The jobs wait in a runtime wq (unbounded: see bridge_post) that wakes the
+ * loop when it stops being empty. */
 #ifndef GW_BRIDGE_H
 #define GW_BRIDGE_H
 

@@ -1,18 +1,24 @@
 #include "evlog.h"
 
-#include "convo/v1/summary.pb-c.h"
+#include "backoff.h"
+#include "convo_methods.h"
 #include "keep.h"
 #include "log.h"
 #include "mem.h"
 
 #include <ev.h>
 #include <libwebsockets.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
 
-#define BACKOFF_FIRST_MS 100
-#define BACKOFF_MAX_MS   5000
+/* The waits after failed store-svc calls: drawn below a ceiling that
+ * doubles from the first to the longest (full jitter: the sessions of a
+ * gateway that lost store-svc come back spread out, the first ones soon). */
+#define RETRY_FIRST_MS 100
+#define RETRY_MAX_MS   5000
+/* Failed OpenSession calls after which the session is told the store is
+ * not there (the conversation goes on without it; retries go on). */
+#define OPEN_REPORT_FAILURES 4
 
 /* The trace ids of a run of events (a turn's), shared by them: copied
  * once per turn, not per event. */
@@ -57,7 +63,7 @@ struct evlog {
     int busy; /* one call in flight */
     int timer_armed;
     int flush_due;
-    int backoff_ms;
+    backoff retry; /* attempts > 0: backing off after failed calls */
     int closing;
     int ended; /* EndSession succeeded */
     int closed_fired;
@@ -208,10 +214,7 @@ static void arm(evlog *ev, int ms)
 /* Schedules a retry after a failed call, backing off with jitter. */
 static void retry_later(evlog *ev)
 {
-    ev->backoff_ms = ev->backoff_ms ? ev->backoff_ms * 2 : BACKOFF_FIRST_MS;
-    if (ev->backoff_ms > BACKOFF_MAX_MS)
-        ev->backoff_ms = BACKOFF_MAX_MS;
-    arm(ev, ev->backoff_ms / 2 + rand() % (ev->backoff_ms / 2 + 1));
+    arm(ev, (int)backoff_next(&ev->retry));
 }
 
 /* n events dropped, by `reason` (a label word). */
@@ -288,7 +291,7 @@ static void handle_open(evlog *ev, reply *r)
     const Convo__V1__OpenSessionResponse *resp = (const Convo__V1__OpenSessionResponse *)r->resp;
     int first = !ev->open_reported;
     if (r->code == RPC_OK) {
-        ev->backoff_ms = 0;
+        backoff_reset(&ev->retry);
         ev->next_seq = (resp->session != NULL ? resp->session->last_seq : 0) + 1;
         ev->flush_due = 1;
         ev->keep.live = !ev->abandoned;
@@ -301,7 +304,8 @@ static void handle_open(evlog *ev, reply *r)
             drop_events(ev, waiting(ev), "refused", r->message);
         ev->refused = 1;
     }
-    if (first && (r->code == RPC_OK || !retryable(r->code) || ev->backoff_ms >= 800)) {
+    if (first &&
+        (r->code == RPC_OK || !retryable(r->code) || ev->retry.attempts >= OPEN_REPORT_FAILURES)) {
         /* Tell the session once: at success, refusal, or after a few quick
          * retries (the conversation goes on without the store). */
         ev->open_reported = 1;
@@ -317,7 +321,7 @@ static void handle_append(evlog *ev, reply *r)
             (const Convo__V1__AppendEventsResponse *)r->resp;
         release(ev, sent);
         ev->batch = 0;
-        ev->backoff_ms = 0;
+        backoff_reset(&ev->retry);
         atomic_fetch_add(&ev->g->counters.events_logged, (long)resp->appended);
         metrics_counter_add(ev->g->mx.events_stored, resp->appended);
         if (ev->batch_us != 0)
@@ -346,7 +350,7 @@ static void handle_end(evlog *ev, reply *r)
 {
     if (r->code == RPC_OK || r->code == RPC_NOT_FOUND) {
         ev->ended = 1;
-        ev->backoff_ms = 0;
+        backoff_reset(&ev->retry);
         ev->keep.live = 0;
     } else {
         retry_later(ev);
@@ -393,9 +397,8 @@ static void start_open(evlog *ev)
     req.live_seconds = ev->g->keep != NULL ? (int32_t)ev->g->opts.session_lease_secs : 0;
     cli_opts o = store_opts(ev);
     ev->busy = 1;
-    if (cli_unary(ev->g->store, "/convo.v1.Store/OpenSession", &req.base,
-                  &convo__v1__open_session_response__descriptor, &o, on_open_reply, ev,
-                  NULL) != 0) {
+    if (cli_unary(ev->g->store, &convo__v1__store__open_session__method, &req.base, &o,
+                  on_open_reply, ev, NULL) != 0) {
         ev->busy = 0;
         retry_later(ev);
     }
@@ -445,9 +448,8 @@ static void start_append(evlog *ev)
     ev->flush_due = 0;
     ev->batch_us = ev->g->mx.store_batch_seconds != NULL ? lws_now_usecs() : 0;
     metrics_histogram_observe(ev->g->mx.store_batch_events, n);
-    if (cli_unary(ev->g->store, "/convo.v1.Store/AppendEvents", &req.base,
-                  &convo__v1__append_events_response__descriptor, &o, on_append_reply, ev,
-                  NULL) != 0) {
+    if (cli_unary(ev->g->store, &convo__v1__store__append_events__method, &req.base, &o,
+                  on_append_reply, ev, NULL) != 0) {
         ev->busy = 0;
         ev->batch = 0;
         retry_later(ev);
@@ -463,8 +465,8 @@ static void start_end(evlog *ev)
     req.user_id = ev->user_id;
     cli_opts o = store_opts(ev);
     ev->busy = 1;
-    if (cli_unary(ev->g->store, "/convo.v1.Store/EndSession", &req.base,
-                  &convo__v1__end_session_response__descriptor, &o, on_end_reply, ev, NULL) != 0) {
+    if (cli_unary(ev->g->store, &convo__v1__store__end_session__method, &req.base, &o, on_end_reply,
+                  ev, NULL) != 0) {
         ev->busy = 0;
         retry_later(ev);
     }
@@ -475,9 +477,8 @@ static void summarize(evlog *ev)
     Convo__V1__SummarizeRequest req = CONVO__V1__SUMMARIZE_REQUEST__INIT;
     req.session_id = ev->session_id;
     cli_opts o = {.timeout_ms = ev->g->opts.store_timeout_ms};
-    if (cli_unary(ev->g->summary, "/convo.v1.Summary/Summarize", &req.base,
-                  &convo__v1__summarize_response__descriptor, &o, on_summarize_reply,
-                  mem_strdup(ev->session_id), NULL) != 0)
+    if (cli_unary(ev->g->summary, &convo__v1__summary__summarize__method, &req.base, &o,
+                  on_summarize_reply, mem_strdup(ev->session_id), NULL) != 0)
         log_warn("could not ask summary-svc to summarize %s; its sweep will", ev->session_id);
 }
 
@@ -492,7 +493,8 @@ static void pump(evlog *ev)
         return;
     }
     if (ev->closing && !ev->ended && ev->g->opts.event_retry_ms > 0 &&
-        lws_now_usecs() / 1000 - ev->close_ms > ev->g->opts.event_retry_ms && ev->backoff_ms > 0) {
+        lws_now_usecs() / 1000 - ev->close_ms > ev->g->opts.event_retry_ms &&
+        ev->retry.attempts > 0) {
         drop_events(ev, waiting(ev), "store_unreachable",
                     "store-svc unreachable for longer than --event-retry-ms");
         ev->ended = 1;
@@ -532,6 +534,7 @@ evlog *evlog_create(gw *g, const char *session_id, const char *user_id, evlog_op
     ev->user_id = mem_strdup(user_id);
     ev->on_open = on_open;
     ev->arg = arg;
+    backoff_init(&ev->retry, RETRY_FIRST_MS, RETRY_MAX_MS, BACKOFF_FULL);
     ev->keep.session_id = ev->session_id;
     keep_add(g->keep, &ev->keep);
     pump(ev);
@@ -594,7 +597,7 @@ void evlog_close(evlog *ev, evlog_closed_fn on_closed)
     ev->on_closed = on_closed;
     ev->closing = 1;
     ev->close_ms = lws_now_usecs() / 1000;
-    if (ev->timer_armed && ev->backoff_ms == 0) {
+    if (ev->timer_armed && ev->retry.attempts == 0) {
         /* A flush timer: flush now instead. */
         ev_timer_stop(ev->g->loop, &ev->timer);
         ev->timer_armed = 0;

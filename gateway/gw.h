@@ -16,6 +16,14 @@
 #include "otlp.h"
 
 #include <stdatomic.h>
+#include <stdint.h>
+
+/* Seconds a pinged connection gets to answer before it is hung up. */
+#define GW_PING_GRACE_SECS 10
+
+/* The longest --ws-ping-secs: libwebsockets keeps the ping and hang-up
+ * times (this plus the grace) in 16 bits. */
+#define GW_PING_SECS_MAX (UINT16_MAX - GW_PING_GRACE_SECS)
 
 #define GW_OPTS(X, S)                                                                              \
     X(S, listen, STR, "listen", "LISTEN_ADDR", "",                                                 \
@@ -41,7 +49,7 @@
       "messages queued while an answer streams; more get an error frame (queue_full)")             \
     X(S, max_out_bytes, INT, "max-out-buffer-bytes", "MAX_OUT_BUFFER_BYTES", "262144",             \
       "bytes waiting for a slow client before reading the answer stream pauses")                   \
-    X(S, event_batch, INT, "event-batch", "EVENT_BATCH", "256",                                    \
+    X(S, event_batch, INT_IN(1, CONF_NO_MAX), "event-batch", "EVENT_BATCH", "256",                 \
       "events per AppendEvents call to store-svc")                                                 \
     X(S, event_flush_ms, INT, "event-flush-ms", "EVENT_FLUSH_MS", "100",                           \
       "longest an event waits before its batch is sent")                                           \
@@ -86,7 +94,7 @@
       "events of a resumed session read back from store-svc to rebuild its history: the newest "   \
       "ones, from the first user message among them (older ones stay in the store: GET "           \
       "/api/sessions/{id}/events pages them); 0: all")                                             \
-    X(S, ping_secs, INT, "ws-ping-secs", "WS_PING_SECS", "30",                                     \
+    X(S, ping_secs, INT_IN(0, GW_PING_SECS_MAX), "ws-ping-secs", "WS_PING_SECS", "30",             \
       "idle seconds before a WebSocket ping; a connection that does not answer is closed")         \
     X(S, allowed_origins, STR, "allowed-origins", "ALLOWED_ORIGINS", "",                           \
       "comma list of origins (scheme://host[:port], or null for pages opened from a file) "        \

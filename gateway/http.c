@@ -2,9 +2,7 @@
 
 #include "caller.h"
 #include "check.h"
-#include "convo/v1/store.pb-c.h"
-#include "convo/v1/summary.pb-c.h"
-#include "grpc/health/v1/health.pb-c.h"
+#include "convo_methods.h"
 #include "lim.h"
 #include "log.h"
 #include "mem.h"
@@ -243,9 +241,8 @@ static void on_rest_done(void *arg, rpc_code code, const char *message, Protobuf
 
 /* Starts a unary call whose answer goes to fn on the loop. Returns 0, or
  * -1 after answering 500 (the call could not start). */
-static int rest_unary(http_req *req, cli_channel *ch, const char *method,
-                      const ProtobufCMessage *msg, const ProtobufCMessageDescriptor *resp_desc,
-                      rest_fn fn)
+static int rest_unary(http_req *req, cli_channel *ch, const rpc_method *method,
+                      const ProtobufCMessage *msg, rest_fn fn)
 {
     rest_call *c = mem_calloc(1, sizeof *c);
     c->job.req = req;
@@ -254,7 +251,7 @@ static int rest_unary(http_req *req, cli_channel *ch, const char *method,
                   .request_id = req->who.request_id,
                   .trace_parent = &req->span};
     req->pending++;
-    if (cli_unary(ch, method, msg, resp_desc, &o, on_rest_done, c, NULL) != 0) {
+    if (cli_unary(ch, method, msg, &o, on_rest_done, c, NULL) != 0) {
         req->pending--;
         mem_free(c);
         respond_error(req, 500, "internal", "the answer could not be started");
@@ -404,9 +401,8 @@ static void start_health(http_req *req)
         /* Traced only under a traced request (a probe without a
          * traceparent is not). */
         cli_opts o = {.timeout_ms = HEALTH_TIMEOUT_MS, .trace_parent = &req->span};
-        if (cli_unary(chans[i], "/grpc.health.v1.Health/Check", &hreq.base,
-                      &grpc__health__v1__health_check_response__descriptor, &o, on_health_done, j,
-                      NULL) != 0) {
+        if (cli_unary(chans[i], &grpc__health__v1__health__check__method, &hreq.base, &o,
+                      on_health_done, j, NULL) != 0) {
             j->code = RPC_INTERNAL;
             j->message = mem_strdup("could not start the call");
             bridge_post(g->bridge, on_health_job, j);
@@ -538,8 +534,8 @@ static void start_events(http_req *req)
                   .request_id = req->who.request_id,
                   .trace_parent = &req->span};
     req->pending++;
-    if (cli_stream(req->g->store, "/convo.v1.Store/ListEvents", &lreq.base,
-                   &convo__v1__event__descriptor, &o, on_event_msg, on_rest_done, c, NULL) != 0) {
+    if (cli_stream(req->g->store, &convo__v1__store__list_events__method, &lreq.base, &o,
+                   on_event_msg, on_rest_done, c, NULL) != 0) {
         req->pending--;
         json_object_put(c->job.events);
         mem_free(c);
@@ -557,8 +553,8 @@ static void owned(http_req *req)
     } else if (req->route == ROUTE_SUMMARY) {
         Convo__V1__GetSummaryRequest sreq = CONVO__V1__GET_SUMMARY_REQUEST__INIT;
         sreq.session_id = req->session_id;
-        rest_unary(req, req->g->summary, "/convo.v1.Summary/GetSummary", &sreq.base,
-                   &convo__v1__get_summary_response__descriptor, on_summary);
+        rest_unary(req, req->g->summary, &convo__v1__summary__get_summary__method, &sreq.base,
+                   on_summary);
     } else {
         start_events(req);
     }
@@ -586,8 +582,7 @@ static void start_owned(http_req *req)
 {
     Convo__V1__GetSessionRequest greq = CONVO__V1__GET_SESSION_REQUEST__INIT;
     greq.session_id = req->session_id;
-    rest_unary(req, req->g->store, "/convo.v1.Store/GetSession", &greq.base,
-               &convo__v1__get_session_response__descriptor, on_owner);
+    rest_unary(req, req->g->store, &convo__v1__store__get_session__method, &greq.base, on_owner);
 }
 
 static void on_list(http_req *req, rest_job *j)
@@ -623,8 +618,8 @@ static void start_list(http_req *req)
     lreq.limit = (uint32_t)req->limit + 1;
     lreq.before_start_time_us = req->before_us;
     lreq.before_session_id = req->before_id;
-    rest_unary(req, req->g->store, "/convo.v1.Store/ListUserSessions", &lreq.base,
-               &convo__v1__list_user_sessions_response__descriptor, on_list);
+    rest_unary(req, req->g->store, &convo__v1__store__list_user_sessions__method, &lreq.base,
+               on_list);
 }
 
 /* ---- POST /api/dev/token ------------------------------------------------- */

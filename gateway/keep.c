@@ -1,6 +1,6 @@
 #include "keep.h"
 
-#include "convo/v1/store.pb-c.h"
+#include "convo_methods.h"
 #include "log.h"
 #include "mem.h"
 
@@ -47,9 +47,8 @@ static void renew(keep *k, char **ids, size_t n)
     req.n_session_ids = n;
     req.live_seconds = (int32_t)k->g->opts.session_lease_secs;
     cli_opts o = {.timeout_ms = k->g->opts.store_timeout_ms};
-    if (cli_unary(k->g->store, "/convo.v1.Store/KeepSessionsAlive", &req.base,
-                  &convo__v1__keep_sessions_alive_response__descriptor, &o, on_renewed, k,
-                  NULL) != 0)
+    if (cli_unary(k->g->store, &convo__v1__store__keep_sessions_alive__method, &req.base, &o,
+                  on_renewed, k, NULL) != 0)
         on_renewed(k, RPC_INTERNAL, "the call could not start", NULL);
 }
 

@@ -8,6 +8,7 @@
  * epoll is the difference. */
 #include "auth.h"
 #include "caller.h"
+#include "convo_methods.h"
 #include "evlog.h"
 #include "gw.h"
 #include "keep.h"
@@ -53,13 +54,6 @@
 
 /* Bytes libwebsockets reads and writes at once per service thread. */
 #define GW_LWS_SERV_BUF 32768
-
-/* Seconds a pinged connection gets to answer before it is hung up. */
-#define GW_PING_GRACE_SECS 10
-
-/* The longest --ws-ping-secs: libwebsockets keeps the ping and hang-up
- * times (this plus the grace) in 16 bits. */
-#define GW_PING_SECS_MAX (UINT16_MAX - GW_PING_GRACE_SECS)
 
 /* libwebsockets' header buffer, in --max-header-bytes: requests over the
  * limit but within the buffer are answered 431; past it libwebsockets
@@ -193,18 +187,6 @@ static int listen_address(const gw_opts *o, char *host, size_t hostlen, int *por
 
 /* The ranges of the gateway's own options that 0 and up does not cover.
  * Returns 0, or -1 with the reason in err. */
-static int check_opts(const gw_opts *o, char *err, size_t errsize)
-{
-    if (o->event_batch < 1)
-        snprintf(err, errsize, "--event-batch must be at least 1");
-    else if (o->ping_secs > GW_PING_SECS_MAX)
-        snprintf(err, errsize, "--ws-ping-secs %lld is outside 0 to %d", o->ping_secs,
-                 GW_PING_SECS_MAX);
-    else
-        return 0;
-    return -1;
-}
-
 /* Whether host (a listen address) only takes connections from this
  * machine. */
 static int loopback(const char *host)
@@ -252,13 +234,14 @@ static int setup_callers(gw *g, const char *host)
  * answer (cli.h): the ones that change nothing, and Chat before its first
  * event (nothing was shown or stored; what the dead replica asked the model
  * is asked again). The event log's calls retry by themselves (evlog.c). */
-static const char *const router_retry[] = {"/convo.v1.Router/Route", NULL};
-static const char *const llm_retry[] = {"/convo.v1.Llm/Chat", NULL};
-static const char *const store_retry[] = {
-    "/convo.v1.Store/GetSession", "/convo.v1.Store/ListEvents", "/convo.v1.Store/ListUserSessions",
-    "/convo.v1.Store/KeepSessionsAlive", NULL};
-static const char *const summary_retry[] = {"/convo.v1.Summary/Summarize",
-                                            "/convo.v1.Summary/GetSummary", NULL};
+static const rpc_method *const router_retry[] = {&convo__v1__router__route__method, NULL};
+static const rpc_method *const llm_retry[] = {&convo__v1__llm__chat__method, NULL};
+static const rpc_method *const store_retry[] = {
+    &convo__v1__store__get_session__method, &convo__v1__store__list_events__method,
+    &convo__v1__store__list_user_sessions__method, &convo__v1__store__keep_sessions_alive__method,
+    NULL};
+static const rpc_method *const summary_retry[] = {&convo__v1__summary__summarize__method,
+                                                  &convo__v1__summary__get_summary__method, NULL};
 
 /* The channels to the four services; -1 (logged) when an address is not
  * valid. */
@@ -268,7 +251,7 @@ static int open_channels(gw *g)
         cli_channel **ch;
         const char *flag;
         const char *addr;
-        const char *const *retry;
+        const rpc_method *const *retry;
     } peers[] = {{&g->router, "router", g->opts.router, router_retry},
                  {&g->llm, "llm", g->opts.llm, llm_retry},
                  {&g->store, "store", g->opts.store, store_retry},
@@ -321,9 +304,7 @@ int main(int argc, char **argv)
         goto out;
     }
     lws_set_log_level(LLL_ERR | LLL_WARN, lws_log);
-    if (check_opts(&g.opts, err, sizeof err) != 0 ||
-        cli_conf_check(&g.client_opts, err, sizeof err) != 0 ||
-        tls_create(&topts, &mtls, err, sizeof err) != 0) {
+    if (tls_create(&topts, &mtls, err, sizeof err) != 0) {
         log_error("%s", err);
         rc = 2;
         goto out;

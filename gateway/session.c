@@ -1,7 +1,6 @@
 #include "session.h"
 
-#include "convo/v1/llm.pb-c.h"
-#include "convo/v1/router.pb-c.h"
+#include "convo_methods.h"
 #include "defroute.h"
 #include "evlog.h"
 #include "frame.h"
@@ -675,9 +674,8 @@ static cli_call *start_chat(turn *t, Convo__V1__ChatRequest *req,
     cli_opts o = {.timeout_ms = t->s->g->opts.chat_timeout_ms,
                   .request_id = t->rid,
                   .trace_parent = &t->span};
-    if (cli_stream(t->s->g->llm, "/convo.v1.Llm/Chat", &req->base,
-                   &convo__v1__chat_event__descriptor, &o, on_chat_msg, on_chat_done, t,
-                   &chat) != 0)
+    if (cli_stream(t->s->g->llm, &convo__v1__llm__chat__method, &req->base, &o, on_chat_msg,
+                   on_chat_done, t, &chat) != 0)
         chat = NULL;
     req->system_prompt = NULL;
     req->params = NULL;
@@ -855,8 +853,8 @@ static void launch(session *s, turn *t)
         .timeout_ms = s->g->opts.route_timeout_ms, .request_id = t->rid, .trace_parent = &t->span};
     t->chat_req = req;
     s->refs++;
-    if (cli_unary(s->g->router, "/convo.v1.Router/Route", &rreq.base,
-                  &convo__v1__route_response__descriptor, &o, on_route_done, t, &t->route) != 0) {
+    if (cli_unary(s->g->router, &convo__v1__router__route__method, &rreq.base, &o, on_route_done, t,
+                  &t->route) != 0) {
         s->refs--;
         protobuf_c_message_free_unpacked(&t->chat_req->base, NULL);
         t->chat_req = NULL;
@@ -1042,8 +1040,8 @@ static void load_history(session *s, const Convo__V1__Session *stored)
     cli_opts o = {.timeout_ms = s->g->opts.store_timeout_ms * 6};
     s->loading = 1;
     s->refs++;
-    if (cli_stream(s->g->store, "/convo.v1.Store/ListEvents", &req.base,
-                   &convo__v1__event__descriptor, &o, on_load_msg, on_load_done, s, NULL) != 0) {
+    if (cli_stream(s->g->store, &convo__v1__store__list_events__method, &req.base, &o, on_load_msg,
+                   on_load_done, s, NULL) != 0) {
         s->refs--;
         s->loading = 0;
         hist_set_counts(s->history, s->stored_users, s->stored_tools);
@@ -1317,8 +1315,8 @@ static void probe_start(sess_table *t, conn *c, const char *id, const char *user
     Convo__V1__GetSessionRequest req = CONVO__V1__GET_SESSION_REQUEST__INIT;
     req.session_id = p->id;
     cli_opts o = {.timeout_ms = t->g->opts.open_timeout_ms};
-    if (cli_unary(t->g->store, "/convo.v1.Store/GetSession", &req.base,
-                  &convo__v1__get_session_response__descriptor, &o, on_probe_done, p, NULL) != 0)
+    if (cli_unary(t->g->store, &convo__v1__store__get_session__method, &req.base, &o, on_probe_done,
+                  p, NULL) != 0)
         on_probe_done(p, RPC_INTERNAL, "could not start the call", NULL);
 }
 

@@ -21,7 +21,7 @@
 #include "turn.h"
 
 #define CHAT_OPTS(X, S)                                                                            \
-    X(S, max_rounds, INT, "max-rounds", "LLM_MAX_ROUNDS", "5",                                     \
+    X(S, max_rounds, INT_IN(1, CONF_NO_MAX), "max-rounds", "LLM_MAX_ROUNDS", "5",                  \
       "model rounds of one Chat turn; tool calls beyond it end the turn (max_rounds)")             \
     X(S, max_tool_calls, INT, "max-tool-calls", "LLM_MAX_TOOL_CALLS", "16",                        \
       "parallel tool calls accepted in one model round")                                           \

@@ -327,10 +327,6 @@ int endpoints_create(const endpoints_opts *o, metrics *m, endpoints **out, char 
     e->default_model = mem_strdup(o->model);
     e->cooldown_ms = o->breaker_cooldown_ms;
     char why[160];
-    if (o->breaker_failures < 1) {
-        snprintf(err, errsize, "--breaker-failures must be at least 1");
-        goto fail;
-    }
     if (check_url(o->base_url, why, sizeof why) != 0) {
         snprintf(err, errsize, "--openai-base-url %s", why);
         goto fail;

@@ -35,7 +35,8 @@
       "url=BASE_URL[,model=MODEL][,key-env=VAR|key-file=PATH][,name=NAME]; repeat the flag, or "   \
       "put ';' between entries. No model: the request's. The key is read from the environment "    \
       "variable or the file, never given here")                                                    \
-    X(S, breaker_failures, INT, "breaker-failures", "LLM_BREAKER_FAILURES", "5",                   \
+    X(S, breaker_failures, INT_IN(1, CONF_NO_MAX), "breaker-failures", "LLM_BREAKER_FAILURES",     \
+      "5",                                                                                         \
       "failed requests in a row that open an endpoint's circuit: it is skipped until a probe "     \
       "succeeds")                                                                                  \
     X(S, breaker_cooldown_ms, INT, "breaker-cooldown-ms", "LLM_BREAKER_COOLDOWN_MS", "10000",      \

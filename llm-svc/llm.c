@@ -3,7 +3,7 @@
 #include "complete.h"
 #include "mem.h"
 
-#include "convo/v1/llm.pb-c.h"
+#include "convo_methods.h"
 
 struct llm {
     chat_svc chat;
@@ -50,12 +50,9 @@ int llm_register(srv *s, llm *l)
      * the gateway, summaries from summary-svc; `admin` (an operator) only
      * reads the tools. */
     const srv_method methods[] = {
-        {"/convo.v1.Llm/Chat", SRV_SERVER_STREAM, &convo__v1__chat_request__descriptor,
-         &convo__v1__chat_event__descriptor, chat_on_call, NULL, NULL, "gateway"},
-        {"/convo.v1.Llm/Complete", SRV_UNARY, &convo__v1__complete_request__descriptor,
-         &convo__v1__complete_response__descriptor, complete_on_call, NULL, NULL, "summary-svc"},
-        {"/convo.v1.Llm/ListTools", SRV_UNARY, &convo__v1__list_tools_request__descriptor,
-         &convo__v1__list_tools_response__descriptor, on_list_tools, NULL, NULL,
+        {&convo__v1__llm__chat__method, chat_on_call, NULL, NULL, "gateway"},
+        {&convo__v1__llm__complete__method, complete_on_call, NULL, NULL, "summary-svc"},
+        {&convo__v1__llm__list_tools__method, on_list_tools, NULL, NULL,
          "gateway summary-svc admin"},
     };
     void *data[] = {&l->chat, &l->complete, l->tools};

@@ -2,6 +2,7 @@
  * (OPENAI_BASE_URL; the offline model for offline runs and tests) and runs
  * the tools, round after round. */
 #include "cli.h"
+#include "convo_methods.h"
 #include "conf.h"
 #include "endpoints.h"
 #include "health.h"
@@ -102,14 +103,6 @@ int main(int argc, char **argv)
         scrape_setup(&sco, "llm-svc", mo.listen, maddr, sizeof maddr, &m) != 0 ||
         otlp_setup(&oo, "llm-svc", m, &exp) != 0)
         goto out;
-    if (co.max_rounds < 1) {
-        fprintf(stderr, "llm-svc: --max-rounds must be at least 1\n");
-        goto out;
-    }
-    if (cli_conf_check(&cc, err, sizeof err) != 0) {
-        fprintf(stderr, "llm-svc: %s\n", err);
-        goto out;
-    }
     if (endpoints_create(&eo, m, &eps, err, sizeof err) != 0) {
         fprintf(stderr, "llm-svc: %s\n", err);
         goto out;
@@ -143,8 +136,9 @@ int main(int argc, char **argv)
     cli_set_tracer(c, exp);
     /* The tool's reads are sent again to another replica when one fails
      * them UNAVAILABLE (cli.h). */
-    static const char *const store_retry[] = {"/convo.v1.Store/GetSession",
-                                              "/convo.v1.Store/ListUserSessions", NULL};
+    static const rpc_method *const store_retry[] = {&convo__v1__store__get_session__method,
+                                                    &convo__v1__store__list_user_sessions__method,
+                                                    NULL};
     cli_channel *store =
         cli_channel_create(c, mo.store, cc.round_robin, store_retry, err, sizeof err);
     if (store == NULL) {

@@ -12,7 +12,7 @@
 #include "names.h"
 #include "tools.h"
 
-#include "convo/v1/store.pb-c.h"
+#include "convo_methods.h"
 
 #include <pthread.h>
 #include <string.h>
@@ -153,15 +153,15 @@ static void run(void *state, const tool_ctx *ctx, json_object *args, tool_done_f
         .timeout_ms = st->timeout_ms, .request_id = ctx->request_id, .trace_parent = ctx->span};
     Convo__V1__GetSessionRequest g = CONVO__V1__GET_SESSION_REQUEST__INIT;
     g.session_id = l->session_id;
-    if (cli_unary(st->store, "/convo.v1.Store/GetSession", &g.base,
-                  &convo__v1__get_session_response__descriptor, &o, on_get, l, NULL) != 0)
+    if (cli_unary(st->store, &convo__v1__store__get_session__method, &g.base, &o, on_get, l,
+                  NULL) != 0)
         on_get(l, RPC_UNAVAILABLE, "cannot start the call", NULL);
     Convo__V1__ListUserSessionsRequest q = CONVO__V1__LIST_USER_SESSIONS_REQUEST__INIT;
     q.user_id = l->user_id;
     q.limit = CONTEXT_PREVIOUS;
     q.exclude_session_id = l->session_id;
-    if (cli_unary(st->store, "/convo.v1.Store/ListUserSessions", &q.base,
-                  &convo__v1__list_user_sessions_response__descriptor, &o, on_list, l, NULL) != 0)
+    if (cli_unary(st->store, &convo__v1__store__list_user_sessions__method, &q.base, &o, on_list, l,
+                  NULL) != 0)
         on_list(l, RPC_UNAVAILABLE, "cannot start the call", NULL);
     one_done(l);
 }

@@ -1,5 +1,6 @@
 #include "upstream.h"
 
+#include "backoff.h"
 #include "log.h"
 #include "mem.h"
 #include "rpc.h"
@@ -67,6 +68,8 @@ struct upstream_req {
     struct curl_slist *headers;
     char errbuf[CURL_ERROR_SIZE];
     int attempts, delivered, got_first_byte, paused, stop_requested;
+    /* The waits between attempts. */
+    backoff retry;
     uint64_t started_us, attempt_us; /* for the metrics (0 when off) */
     long status;
     long retry_after_ms;
@@ -338,12 +341,9 @@ static void retry_or_finish(upstream_req *r, upstream_result result, const char 
         if (from_header) {
             delay = r->retry_after_ms;
         } else {
-            /* Exponential backoff with jitter in [d/2, d], so that many
-             * streams refused at once do not come back at once. */
-            int64_t d = u->o.backoff_base_ms << (r->attempts - 1 < 20 ? r->attempts - 1 : 20);
-            if (d > u->o.backoff_max_ms)
-                d = u->o.backoff_max_ms;
-            delay = d / 2 + (d > 1 ? random() % (d / 2 + 1) : 0);
+            /* Full jitter: many streams refused at once (a rate limit)
+             * come back spread over the whole wait. */
+            delay = backoff_next(&r->retry);
         }
         int fits = delay <= u->o.backoff_max_ms &&
                    (r->deadline_ms == 0 || now + delay + 50 < r->deadline_ms);
@@ -593,8 +593,6 @@ upstream *upstream_create(const upstream_opts *o, metrics *m)
     metrics_register(m, METRICS_SECTION(upstream_metrics, &u->mx));
     for (int i = 0; i < RETRY_N; i++)
         u->retries[i] = metrics_counter_of(u->mx.retries, (const char *[]){retry_names[i]});
-    if (u->o.max_attempts < 1)
-        u->o.max_attempts = 1;
     u->curl_due_ms = -1;
     u->epfd = epoll_create1(EPOLL_CLOEXEC);
     u->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -705,6 +703,7 @@ int upstream_start(upstream *u, const upstream_spec *spec, const upstream_cbs *c
         r->request_id = mem_asprintf("X-Request-Id: %s", spec->request_id);
     r->stream = spec->stream;
     r->deadline_ms = spec->deadline_ms;
+    backoff_init(&r->retry, u->o.backoff_base_ms, u->o.backoff_max_ms, BACKOFF_FULL);
     start_span(r, spec);
     if (out != NULL)
         *out = r;

@@ -7,9 +7,16 @@
  * max_requests in flight; beyond it upstream_start refuses). The loop also
  * owns the retry policy, because only it knows whether a byte reached the
  * consumer: 429 and 5xx answers and failed connects are retried with
- * exponential backoff and jitter, honouring retry-after-ms / Retry-After,
+ * exponential backoff and full jitter (backoff.h), honouring retry-after-ms / Retry-After,
  * at most max_attempts times, and only while nothing was delivered; once a
  * body byte went to the consumer a failure is final.
+ *
+ * Commands from other threads (start, cancel, resume) do not go through
+ * runtime wq: they are bits set on the request itself, so a cancel that
+ * follows a start before the loop woke is one entry, not two jobs, and a
+ * request already ended is skipped without a job to free; the list is
+ * taken whole by the loop, woken by an eventfd, and is bounded by
+ * max_requests rather than by a queue length.
  *
  * Callbacks run on the loop thread and must not block. */
 #ifndef CONVO_UPSTREAM_H
@@ -29,10 +36,11 @@
       "60000", "how long the upstream may take to start answering")                                \
     X(S, idle_timeout_ms, INT, "idle-timeout-ms", "UPSTREAM_IDLE_TIMEOUT_MS", "30000",             \
       "longest silence inside a streamed answer")                                                  \
-    X(S, max_attempts, INT, "max-attempts", "UPSTREAM_MAX_ATTEMPTS", "3",                          \
+    X(S, max_attempts, INT_IN(1, CONF_NO_MAX), "max-attempts", "UPSTREAM_MAX_ATTEMPTS", "3",       \
       "tries of one request (429, 5xx, connect failures) before giving up")                        \
     X(S, backoff_base_ms, INT, "backoff-base-ms", "UPSTREAM_BACKOFF_BASE_MS", "250",               \
-      "first retry delay; doubled each attempt, with jitter")                                      \
+      "longest wait before the first retry; doubled each attempt, the wait drawn at random "       \
+      "below it (full jitter)")                                                                    \
     X(S, backoff_max_ms, INT, "backoff-max-ms", "UPSTREAM_BACKOFF_MAX_MS", "8000",                 \
       "cap on one retry delay; a longer Retry-After is not waited for")                            \
     X(S, max_requests, INT, "max-upstream-requests", "UPSTREAM_MAX_REQUESTS", "4096",              \
@@ -92,8 +100,9 @@ typedef struct upstream_spec {
     int64_t deadline_ms; /* rpc_now_ms() clock; 0: none. No retry waits past it. */
 } upstream_spec;
 
-/* Starts the loop thread. NULL when curl cannot be set up. Counts its
- * requests in m (NULL: nothing counted; else it must outlive the loop). */
+/* Starts the loop thread, with `o` as conf_parse left it (in its ranges).
+ * NULL when curl cannot be set up. Counts its requests in m (NULL: nothing
+ * counted; else it must outlive the loop). */
 upstream *upstream_create(const upstream_opts *o, metrics *m);
 /* Cancels whatever is in flight (their on_done fire), stops the thread,
  * frees everything; clears *u. */

@@ -86,7 +86,7 @@ int main(int argc, char **argv)
     srv_set_tracer(server, exp);
     router_ctx_init(&ctx, cfg, m);
     if (router_register(server, &ctx) != 0) {
-        log_error("cannot register %s", ROUTER_METHOD_ROUTE);
+        log_error("cannot register %s", convo__v1__router__route__method.path);
         goto out;
     }
     if (m != NULL && (sc = scrape_start(maddr, m, health_serving, hl)) == NULL)

@@ -106,10 +106,7 @@ void router_ctx_init(router_ctx *ctx, const route_config *cfg, metrics *m)
 int router_register(srv *s, const router_ctx *ctx)
 {
     static const srv_method route = {
-        .path = ROUTER_METHOD_ROUTE,
-        .kind = SRV_UNARY,
-        .request = &convo__v1__route_request__descriptor,
-        .response = &convo__v1__route_response__descriptor,
+        .method = &convo__v1__router__route__method,
         .on_call = on_route,
         /* The gateway each turn; `admin` (an operator) tries a rule. */
         .callers = "gateway admin",

@@ -8,11 +8,10 @@
 #include "route.h"
 #include "srv.h"
 
-#include "convo/v1/router.pb-c.h"
+#include "convo_methods.h"
 
 #include <stddef.h>
 
-#define ROUTER_METHOD_ROUTE "/convo.v1.Router/Route"
 #define ROUTER_MAX_ID_BYTES 128 /* session_id, user_id */
 
 /* Checks a decoded RouteRequest against the contract (router.proto) and

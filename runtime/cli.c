@@ -1,5 +1,6 @@
 #include "cli.h"
 
+#include "convo_methods.h"
 #include "log.h"
 #include "mem.h"
 #include "rpc_internal.h"
@@ -18,9 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The standard health service: its checks are probes, traced only under a
- * parent (see start_span). */
-#define HEALTH_PATH_PREFIX "/grpc.health.v1.Health/"
 /* x-request-id, traceparent, tracestate and a caller's own. */
 #define MAX_META 10
 /* The least time a connection attempt (TCP and TLS) is given. */
@@ -314,22 +312,23 @@ static int peer_target(const char *addr, char **target, char **authority, char *
  * (see cli_channel_create), into *out (mem_free); NULL when there are
  * none. Returns 0 or -1 with the path that is not /package.Service/Method
  * in err. */
-static int retry_config(const char *const *retry, char **out, char *err, size_t errsize)
+static int retry_config(const rpc_method *const *retry, char **out, char *err, size_t errsize)
 {
     *out = NULL;
     if (retry == NULL || retry[0] == NULL)
         return 0;
     int rc = -1;
     json_object *names = json_object_new_array();
-    for (const char *const *m = retry; *m != NULL; m++) {
-        const char *slash = (*m)[0] == '/' ? strchr(*m + 1, '/') : NULL;
-        if (slash == NULL || slash == *m + 1 || slash[1] == '\0' || strchr(slash + 1, '/')) {
-            fail(err, errsize, "'%s' is not a method path (/package.Service/Method)", *m);
+    for (const rpc_method *const *m = retry; *m != NULL; m++) {
+        const char *path = (*m)->path;
+        const char *slash = path[0] == '/' ? strchr(path + 1, '/') : NULL;
+        if (slash == NULL || slash == path + 1 || slash[1] == '\0' || strchr(slash + 1, '/')) {
+            fail(err, errsize, "'%s' is not a method path (/package.Service/Method)", path);
             goto out;
         }
         json_object *name = json_object_new_object();
         json_object_object_add(name, "service",
-                               json_object_new_string_len(*m + 1, (int)(slash - *m - 1)));
+                               json_object_new_string_len(path + 1, (int)(slash - path - 1)));
         json_object_object_add(name, "method", json_object_new_string(slash + 1));
         json_object_array_add(names, name);
     }
@@ -360,8 +359,8 @@ out:
     return rc;
 }
 
-cli_channel *cli_channel_create(cli *c, const char *addr, int round_robin, const char *const *retry,
-                                char *err, size_t errsize)
+cli_channel *cli_channel_create(cli *c, const char *addr, int round_robin,
+                                const rpc_method *const *retry, char *err, size_t errsize)
 {
     char *target = NULL, *authority = NULL, *config = NULL;
     if (retry_config(retry, &config, err, errsize) != 0)
@@ -469,12 +468,15 @@ static void add_meta(cli_call *k, const char *key, const char *value)
 /* The call's client span, a child of opts' parent or else of the thread's
  * current span (a new trace without either), sent on as traceparent and
  * tracestate. A health check is traced only under a parent. */
-static void start_span(cli_call *k, cli_channel *ch, const char *method, const cli_opts *opts)
+static void start_span(cli_call *k, cli_channel *ch, const rpc_method *m, const cli_opts *opts)
 {
+    const char *method = m->path;
     const trace_span *parent =
         opts != NULL && opts->trace_parent != NULL ? opts->trace_parent : trace_current();
     int traced = parent != NULL && trace_ctx_valid(&parent->ctx);
-    if (!traced && strncmp(method, HEALTH_PATH_PREFIX, strlen(HEALTH_PATH_PREFIX)) == 0)
+    /* The standard health service's checks are probes. */
+    if (!traced && (m == &grpc__health__v1__health__check__method ||
+                    m == &grpc__health__v1__health__watch__method))
         return;
     trace_span_start(&k->span, ch->c->tracer, method[0] == '/' ? method + 1 : method, TRACE_CLIENT,
                      traced ? &parent->ctx : NULL, traced ? parent->state : NULL);
@@ -501,18 +503,24 @@ static void start_span(cli_call *k, cli_channel *ch, const char *method, const c
 
 /* Everything both call kinds share up to the first batch. On failure the
  * call is freed and nothing fires. */
-static int call_create(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-                       const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts,
-                       cli_done_fn done, void *arg, cli_call **kp)
+static int call_create(cli_channel *ch, const rpc_method *method, rpc_kind kind,
+                       const ProtobufCMessage *req, const cli_opts *opts, cli_done_fn done,
+                       void *arg, cli_call **kp)
 {
     cli *c = ch->c;
+    if (method == NULL || method->kind != kind || req->descriptor != method->request) {
+        log_error("cli: %s called %s with a %s", method != NULL ? method->path : "(no method)",
+                  kind == RPC_UNARY ? "as a unary call" : "as a server stream",
+                  req->descriptor->name);
+        return RPC_EARG;
+    }
     grpc_byte_buffer *bb = rpc__encode(req);
     if (bb == NULL)
         return RPC_EENCODE;
 
     cli_call *k = mem_calloc(1, sizeof *k);
     k->c = c;
-    k->resp_desc = resp_desc;
+    k->resp_desc = method->response;
     k->done = done;
     k->arg = arg;
     k->send_bb = bb;
@@ -535,7 +543,7 @@ static int call_create(cli_channel *ch, const char *method, const ProtobufCMessa
     cq_thread *t = this_thread != NULL && this_thread->owner == c
                        ? this_thread
                        : &c->threads[atomic_fetch_add(&c->next_thread, 1) % c->nthreads];
-    grpc_slice path = grpc_slice_from_copied_string(method);
+    grpc_slice path = grpc_slice_from_copied_string(method->path);
 
     pthread_mutex_lock(&c->mu);
     if (c->closing) {
@@ -553,7 +561,7 @@ static int call_create(cli_channel *ch, const char *method, const ProtobufCMessa
     c->calls = k;
     c->ncalls++;
     pthread_mutex_unlock(&c->mu);
-    k->pm = rpcm_method_get(c->metrics, method);
+    k->pm = rpcm_method_get(c->metrics, method->path);
     k->started_us = rpcm_start(k->pm);
     *kp = k;
     return 0;
@@ -647,12 +655,11 @@ static void on_unary_done(rpc__tag *tag, int ok)
     call_unref(k);
 }
 
-int cli_unary(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-              const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts, cli_done_fn done,
-              void *arg, cli_call **out)
+int cli_unary(cli_channel *ch, const rpc_method *method, const ProtobufCMessage *req,
+              const cli_opts *opts, cli_done_fn done, void *arg, cli_call **out)
 {
     cli_call *k = NULL;
-    int rc = call_create(ch, method, req, resp_desc, opts, done, arg, &k);
+    int rc = call_create(ch, method, RPC_UNARY, req, opts, done, arg, &k);
     if (rc != 0)
         return rc;
     /* One reference while this function sets the call up, one for the
@@ -772,12 +779,11 @@ static void on_stream_sent(rpc__tag *tag, int ok)
     call_unref(k);
 }
 
-int cli_stream(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-               const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts, cli_msg_fn on_msg,
-               cli_done_fn done, void *arg, cli_call **out)
+int cli_stream(cli_channel *ch, const rpc_method *method, const ProtobufCMessage *req,
+               const cli_opts *opts, cli_msg_fn on_msg, cli_done_fn done, void *arg, cli_call **out)
 {
     cli_call *k = NULL;
-    int rc = call_create(ch, method, req, resp_desc, opts, done, arg, &k);
+    int rc = call_create(ch, method, RPC_SERVER_STREAM, req, opts, done, arg, &k);
     if (rc != 0)
         return rc;
     k->streaming = 1;
@@ -864,15 +870,14 @@ static void on_sync_done(void *arg, rpc_code code, const char *message, Protobuf
     pthread_mutex_unlock(&w->mu);
 }
 
-rpc_code cli_unary_sync(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-                        const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts,
-                        ProtobufCMessage **resp, char **message)
+rpc_code cli_unary_sync(cli_channel *ch, const rpc_method *method, const ProtobufCMessage *req,
+                        const cli_opts *opts, ProtobufCMessage **resp, char **message)
 {
     sync_wait w = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
     *resp = NULL;
     if (message != NULL)
         *message = NULL;
-    int rc = cli_unary(ch, method, req, resp_desc, opts, on_sync_done, &w, NULL);
+    int rc = cli_unary(ch, method, req, opts, on_sync_done, &w, NULL);
     if (rc != 0) {
         if (message != NULL)
             *message = mem_strdup(rpc_strerror(rc));
@@ -922,14 +927,4 @@ void cli_destroy(cli **cp)
     pthread_mutex_destroy(&c->mu);
     mem_free(c);
     rpc__grpc_unref();
-}
-
-int cli_conf_check(const cli_conf *o, char *err, size_t errsize)
-{
-    if (o->threads < 1 || o->threads > CLI_THREADS_MAX) {
-        snprintf(err, errsize, "--client-threads %lld is outside 1 to %d", o->threads,
-                 CLI_THREADS_MAX);
-        return -1;
-    }
-    return 0;
 }

@@ -24,26 +24,22 @@
 #include <protobuf-c/protobuf-c.h>
 #include <stdint.h>
 
+/* The most completion-queue threads a client may have. */
+#define CLI_THREADS_MAX 64
+
 /* The client's options; every binary that calls other services parses
- * them, checks them with cli_conf_check, creates its client with `threads`
- * and passes round_robin to cli_channel_create. (--grpc-threads is the
- * server's threads, srv.h: one meaning per flag name.) */
+ * them (conf checks the range of `threads`), creates its client with
+ * `threads` and passes round_robin to cli_channel_create. (--grpc-threads is
+ * the server's threads, srv.h: one meaning per flag name.) */
 #define CLI_OPTS(X, S)                                                                             \
-    X(S, threads, INT, "client-threads", "GRPC_CLIENT_THREADS", "1",                               \
-      "completion-queue threads of the gRPC client (calls to other services), 1 to 64; one "       \
-      "runs every callback of every call in order on one thread")                                  \
+    X(S, threads, INT_IN(1, CLI_THREADS_MAX), "client-threads", "GRPC_CLIENT_THREADS", "1",        \
+      "completion-queue threads of the gRPC client (calls to other services); one runs every "     \
+      "callback of every call in order on one thread")                                             \
     X(S, round_robin, BOOL, "grpc-round-robin", "GRPC_ROUND_ROBIN", "false",                       \
       "spread calls over every address of a peer: each IP of a list (IP:PORT,IP:PORT) or of a "    \
       "name (dns:///NAME:PORT, Kubernetes headless Services); without it the first address "       \
       "that answers takes every call and the others stand by")
 CONF_DECLARE(cli_conf, CLI_OPTS)
-
-/* The most completion-queue threads a client may have. */
-#define CLI_THREADS_MAX 64
-
-/* Checks the options (threads within 1 to CLI_THREADS_MAX). Returns 0, or
- * -1 with the reason in err (a usage error). */
-int cli_conf_check(const cli_conf *o, char *err, size_t errsize);
 
 typedef struct cli cli;
 typedef struct cli_channel cli_channel;
@@ -105,30 +101,32 @@ void cli_set_tracer(cli *c, otlp *e);
  *                             takes them.
  * `round_robin` spreads calls over every address (a replica that refuses
  * connections is skipped until it is back); otherwise the first that
- * answers takes them all. `retry` (NULL-terminated, or NULL) names the
- * methods ("/convo.v1.Router/Route") safe to send again: a call of one
+ * answers takes them all. `retry` (NULL-terminated, or NULL) lists the
+ * methods (&convo__v1__router__route__method) safe to send again: a call of one
  * that fails UNAVAILABLE before any response message arrived is retried
  * (by the core, on the next replica; a stream never once a message was
  * received). Owned by the client; freed with it. Returns NULL when addr
  * is none of the above or a method path is malformed, with the reason in
  * err. */
-cli_channel *cli_channel_create(cli *c, const char *addr, int round_robin, const char *const *retry,
-                                char *err, size_t errsize);
+cli_channel *cli_channel_create(cli *c, const char *addr, int round_robin,
+                                const rpc_method *const *retry, char *err, size_t errsize);
 /* The address the channel was created with, as given. */
 const char *cli_channel_target(const cli_channel *ch);
 
-/* Starts a unary call. `out`, when not NULL, receives a handle the caller
+/* Starts a call of a unary method (convo_methods.h; the response is decoded
+ * as its response type). `out`, when not NULL, receives a handle the caller
  * must give back with cli_call_release() (it stays valid until then); with
- * NULL the call runs to its end on its own. Returns 0, RPC_EENCODE,
+ * NULL the call runs to its end on its own. Returns 0, RPC_EARG (logged:
+ * not a unary method, or req is not its request type), RPC_EENCODE,
  * RPC_ECALL or RPC_ESHUTDOWN. */
-int cli_unary(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-              const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts, cli_done_fn done,
-              void *arg, cli_call **out);
+int cli_unary(cli_channel *ch, const rpc_method *method, const ProtobufCMessage *req,
+              const cli_opts *opts, cli_done_fn done, void *arg, cli_call **out);
 
-/* Starts a server-streaming call: on_msg per message, then done. */
-int cli_stream(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-               const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts, cli_msg_fn on_msg,
-               cli_done_fn done, void *arg, cli_call **out);
+/* Starts a call of a server-streaming method: on_msg per message, then
+ * done. Errors as cli_unary's. */
+int cli_stream(cli_channel *ch, const rpc_method *method, const ProtobufCMessage *req,
+               const cli_opts *opts, cli_msg_fn on_msg, cli_done_fn done, void *arg,
+               cli_call **out);
 
 /* Cancels the call; done still fires, with RPC_CANCELLED unless it had
  * already ended. Thread-safe; harmless after the end. */
@@ -144,8 +142,7 @@ void cli_call_release(cli_call **call);
  * never call it on a cli thread. Returns the status code; *resp gets the
  * response on RPC_OK (caller frees), *message (when not NULL) a copy of the
  * status message to free with mem_free. */
-rpc_code cli_unary_sync(cli_channel *ch, const char *method, const ProtobufCMessage *req,
-                        const ProtobufCMessageDescriptor *resp_desc, const cli_opts *opts,
-                        ProtobufCMessage **resp, char **message);
+rpc_code cli_unary_sync(cli_channel *ch, const rpc_method *method, const ProtobufCMessage *req,
+                        const cli_opts *opts, ProtobufCMessage **resp, char **message);
 
 #endif

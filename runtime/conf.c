@@ -64,9 +64,13 @@ static int set_value(const conf_opt *o, void *base, const char *text, const char
         char *end;
         errno = 0;
         long long v = strtoll(text, &end, 10);
-        if (errno != 0 || end == text || *end != '\0' || v < 0) {
-            fprintf(stderr, "%s: --%s: '%s' is not a non-negative integer\n", origin, o->flag,
-                    text);
+        if (errno != 0 || end == text || *end != '\0' || v < o->min || v > o->max) {
+            if (o->max == CONF_NO_MAX)
+                fprintf(stderr, "%s: --%s: '%s' is not an integer of at least %lld\n", origin,
+                        o->flag, text, o->min);
+            else
+                fprintf(stderr, "%s: --%s: '%s' is not an integer from %lld to %lld\n", origin,
+                        o->flag, text, o->min, o->max);
             return -1;
         }
         *(long long *)field = v;
@@ -161,7 +165,12 @@ static void print_usage(FILE *f, const char *prog, const char *about, const conf
             fprintf(f, "  --%s %s", o->flag, type_names[o->type]);
             if (o->env != NULL)
                 fprintf(f, "  (env %s)", o->env);
-            fprintf(f, "  [default: %s]\n      %s\n", o->def[0] ? o->def : "\"\"", o->help);
+            fprintf(f, "  [default: %s]\n      %s", o->def[0] ? o->def : "\"\"", o->help);
+            if (o->type == CONF_INT && o->max != CONF_NO_MAX)
+                fprintf(f, " [%lld to %lld]", o->min, o->max);
+            else if (o->type == CONF_INT && o->min > 0)
+                fprintf(f, " [at least %lld]", o->min);
+            fprintf(f, "\n");
             if (o->type == CONF_SECRET && o->env != NULL)
                 fprintf(f,
                         "      (a secret: or %s_FILE, a file holding it; as a flag it shows in "
@@ -268,6 +277,9 @@ usage:
     fprintf(stderr, "Run '%s --help' for the options.\n", prog);
 out:
     mem_free(lists_seen);
+    /* A program that stops here owes nothing (conf_free again is harmless). */
+    if (rc != 0)
+        conf_free(secs, nsecs);
     return rc;
 }
 

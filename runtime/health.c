@@ -3,7 +3,7 @@
 #include "log.h"
 #include "mem.h"
 
-#include "grpc/health/v1/health.pb-c.h"
+#include "convo_methods.h"
 
 #include <pthread.h>
 #include <string.h>
@@ -249,10 +249,7 @@ health *health_attach(srv *s)
         .on_destroy = health_destroy,
     };
     static const srv_method check = {
-        .path = "/grpc.health.v1.Health/Check",
-        .kind = SRV_UNARY,
-        .request = &grpc__health__v1__health_check_request__descriptor,
-        .response = &grpc__health__v1__health_check_response__descriptor,
+        .method = &grpc__health__v1__health__check__method,
         .on_call = on_check,
         /* Probes, load balancers and every peer ask. */
         .callers = "*",
@@ -260,10 +257,7 @@ health *health_attach(srv *s)
         .trace_only_with_parent = 1,
     };
     static const srv_method watch = {
-        .path = "/grpc.health.v1.Health/Watch",
-        .kind = SRV_SERVER_STREAM,
-        .request = &grpc__health__v1__health_check_request__descriptor,
-        .response = &grpc__health__v1__health_check_response__descriptor,
+        .method = &grpc__health__v1__health__watch__method,
         .on_call = on_watch,
         .callers = "*",
         .without_certificate = 1,

@@ -642,23 +642,6 @@ static int check_opts(const otlp_opts *o)
             return -1;
         }
     }
-    const struct {
-        long long v;
-        const char *flag, *env;
-    } least_one[] = {
-        {o->max_queue, "--otel-bsp-max-queue-size", "OTEL_BSP_MAX_QUEUE_SIZE"},
-        {o->max_batch, "--otel-bsp-max-export-batch-size", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"},
-        {o->schedule_delay_ms, "--otel-bsp-schedule-delay", "OTEL_BSP_SCHEDULE_DELAY"},
-        {o->export_timeout_ms, "--otel-bsp-export-timeout", "OTEL_BSP_EXPORT_TIMEOUT"},
-        {o->timeout_ms, "--otel-exporter-otlp-timeout", "OTEL_EXPORTER_OTLP_TIMEOUT"},
-    };
-    for (size_t i = 0; i < sizeof least_one / sizeof least_one[0]; i++) {
-        if (least_one[i].v < 1) {
-            fprintf(stderr, "%s (%s) must be at least 1, not %lld\n", least_one[i].flag,
-                    least_one[i].env, least_one[i].v);
-            return -1;
-        }
-    }
     return 0;
 }
 

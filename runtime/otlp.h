@@ -40,7 +40,8 @@
       "only http/json is spoken; anything else is refused at start-up")                            \
     X(S, traces_protocol, STR, "otel-exporter-otlp-traces-protocol",                               \
       "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "", "as --otel-exporter-otlp-protocol")                \
-    X(S, timeout_ms, INT, "otel-exporter-otlp-timeout", "OTEL_EXPORTER_OTLP_TIMEOUT", "10000",     \
+    X(S, timeout_ms, INT_IN(1, CONF_NO_MAX), "otel-exporter-otlp-timeout",                         \
+      "OTEL_EXPORTER_OTLP_TIMEOUT", "10000",                                                       \
       "milliseconds one export request may take (connect included)")                               \
     X(S, service_name, STR, "otel-service-name", "OTEL_SERVICE_NAME", "",                          \
       "service.name of the spans; empty: service.name of OTEL_RESOURCE_ATTRIBUTES, else the "      \
@@ -52,14 +53,18 @@
       "otlp, or none to export nothing")                                                           \
     X(S, disabled, BOOL, "otel-sdk-disabled", "OTEL_SDK_DISABLED", "false",                        \
       "true: no span is recorded or exported (trace ids are still propagated and logged)")         \
-    X(S, max_queue, INT, "otel-bsp-max-queue-size", "OTEL_BSP_MAX_QUEUE_SIZE", "2048",             \
+    X(S, max_queue, INT_IN(1, CONF_NO_MAX), "otel-bsp-max-queue-size", "OTEL_BSP_MAX_QUEUE_SIZE",  \
+      "2048",                                                                                      \
       "finished spans waiting for export; a span that finds the queue full is dropped and "        \
       "counted")                                                                                   \
-    X(S, schedule_delay_ms, INT, "otel-bsp-schedule-delay", "OTEL_BSP_SCHEDULE_DELAY", "5000",     \
+    X(S, schedule_delay_ms, INT_IN(1, CONF_NO_MAX), "otel-bsp-schedule-delay",                     \
+      "OTEL_BSP_SCHEDULE_DELAY", "5000",                                                           \
       "milliseconds between exports (sooner once a batch is full)")                                \
-    X(S, max_batch, INT, "otel-bsp-max-export-batch-size", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",       \
-      "512", "spans per export request (at most the queue size)")                                  \
-    X(S, export_timeout_ms, INT, "otel-bsp-export-timeout", "OTEL_BSP_EXPORT_TIMEOUT", "30000",    \
+    X(S, max_batch, INT_IN(1, CONF_NO_MAX), "otel-bsp-max-export-batch-size",                      \
+      "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512",                                                     \
+      "spans per export request (at most the queue size)")                                         \
+    X(S, export_timeout_ms, INT_IN(1, CONF_NO_MAX), "otel-bsp-export-timeout",                     \
+      "OTEL_BSP_EXPORT_TIMEOUT", "30000",                                                          \
       "milliseconds one export may take; also the most the last flush at shutdown waits")
 CONF_DECLARE(otlp_opts, OTLP_OPTS)
 
@@ -126,13 +131,13 @@ typedef struct otlp_span {
     char *status_message;
 } otlp_span;
 
-
 /* From the options: *out an exporter sending spans of `program` (the
  * default service.name), or NULL when nothing is to be exported (no
  * endpoint, OTEL_SDK_DISABLED, OTEL_TRACES_EXPORTER=none). Counts into m
  * (NULL: not counted). Returns 0, or -1 after printing what is wrong on
- * stderr (a bad URL, header, resource attribute, protocol or bound): a
- * usage error. Starts the export thread; call after srv_block_signals. */
+ * stderr (a bad URL, header, resource attribute or protocol; the numbers'
+ * ranges are conf_parse's): a usage error. Starts the export thread; call
+ * after srv_block_signals. */
 int otlp_setup(const otlp_opts *o, const char *program, metrics *m, otlp **out);
 /* Exports what is queued (waiting at most the export timeout), stops the
  * thread and frees; clears *e. Nothing may push any more. */

@@ -6,6 +6,7 @@
 #ifndef CONVO_RPC_H
 #define CONVO_RPC_H
 
+#include <protobuf-c/protobuf-c.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -28,6 +29,26 @@ typedef enum rpc_code {
     RPC_DATA_LOSS = 15,
     RPC_UNAUTHENTICATED = 16,
 } rpc_code;
+
+/* Which side of a method streams. */
+typedef enum rpc_kind {
+    RPC_UNARY,         /* one request, one response */
+    RPC_SERVER_STREAM, /* one request, a stream of responses */
+    RPC_CLIENT_STREAM, /* a stream of requests, one response */
+    RPC_BIDI_STREAM,   /* both (no method of ours; srv and cli refuse it) */
+} rpc_kind;
+
+/* A gRPC method. Every method of proto/ has one, generated at build time
+ * from the .proto files (convo_methods.h: convo__v1__store__append_events__method
+ * and so on); servers register them and clients call them, so no path is
+ * written by hand and a request cannot go out with another method's
+ * message. */
+typedef struct rpc_method {
+    const char *path; /* "/convo.v1.Store/AppendEvents" */
+    rpc_kind kind;
+    const ProtobufCMessageDescriptor *request;
+    const ProtobufCMessageDescriptor *response;
+} rpc_method;
 
 /* "OK", "INVALID_ARGUMENT", ...; "UNKNOWN" for values out of range. */
 const char *rpc_code_name(rpc_code code);

@@ -321,6 +321,12 @@ int srv_call_send(srv_call *c, const ProtobufCMessage *msg)
         rc = RPC_EDONE;
         goto out;
     }
+    if (msg->descriptor != c->method->m.method->response) {
+        log_error("%s: a %s sent on %s, which streams %s", c->s->name, msg->descriptor->name,
+                  c->method->m.method->path, c->method->m.method->response->name);
+        rc = RPC_EARG;
+        goto out;
+    }
     if (c->queued >= (size_t)c->s->opts.max_queued_writes) {
         c->want_writable = 1;
         rc = RPC_EFULL;
@@ -377,7 +383,13 @@ static void end_span(srv_call *c, rpc_code code, const char *message)
 void srv_call_finish(srv_call *c, rpc_code code, const char *message, const ProtobufCMessage *resp)
 {
     grpc_byte_buffer *bb = NULL;
-    if (resp != NULL && code == RPC_OK) {
+    const rpc_method *rm = c->method->m.method;
+    if (resp != NULL && code == RPC_OK && resp->descriptor != rm->response) {
+        log_error("%s: %s answered with a %s instead of a %s", c->s->name, rm->path,
+                  resp->descriptor->name, rm->response->name);
+        code = RPC_INTERNAL;
+        message = "the server answered with the wrong message type";
+    } else if (resp != NULL && code == RPC_OK) {
         bb = rpc__encode(resp);
         if (bb == NULL) {
             code = RPC_INTERNAL;
@@ -513,10 +525,10 @@ static void refuse_undecodable(srv_call *c, const srv_method *m, const char *nul
 {
     if (nul_field[0] != '\0')
         srv_call_finishf(c, RPC_INVALID_ARGUMENT, "field %s of %s contains a NUL character",
-                         nul_field, m->request->name);
+                         nul_field, m->method->request->name);
     else
         srv_call_finishf(c, RPC_INVALID_ARGUMENT, "the request is not a valid %s",
-                         m->request->name);
+                         m->method->request->name);
 }
 
 /* ---- client streaming ----------------------------------------------- */
@@ -548,7 +560,7 @@ static void on_recv(rpc__tag *tag, int ok)
         m->on_end(c);
     } else {
         char nul[128] = "";
-        ProtobufCMessage *msg = rpc__decode(bb, m->request, nul, sizeof nul);
+        ProtobufCMessage *msg = rpc__decode(bb, m->method->request, nul, sizeof nul);
         rpcm_received(c->method->pm);
         if (msg == NULL) {
             refuse_undecodable(c, m, nul);
@@ -590,7 +602,7 @@ static char *make_request_id(void)
  * trace without one, unless the method is traced only under a parent). */
 static void start_span(srv_call *c)
 {
-    const char *path = c->method->m.path;
+    const char *path = c->method->m.method->path;
     const char *tp = call_metadata(c, "traceparent");
     if (tp == NULL && c->method->m.trace_only_with_parent)
         return;
@@ -656,11 +668,12 @@ static int caller_allowed(srv_call *c)
         if (strcmp(e->callers[i], name) == 0)
             return 1;
     unsigned long n = atomic_fetch_add(&c->s->denied, 1) + 1;
-    const log_field f[] = {{"caller", name}, {"method", e->m.path}, {NULL, NULL}};
+    const log_field f[] = {{"caller", name}, {"method", e->m.method->path}, {NULL, NULL}};
     log_fields(LOG_WARN, f,
                "%s: permission denied: caller '%s' may not call %s (%lu refused so far)",
-               c->s->name, name[0] ? name : "(no DNS name)", e->m.path, n);
-    srv_call_finishf(c, RPC_PERMISSION_DENIED, "caller '%s' may not call %s", name, e->m.path);
+               c->s->name, name[0] ? name : "(no DNS name)", e->m.method->path, n);
+    srv_call_finishf(c, RPC_PERMISSION_DENIED, "caller '%s' may not call %s", name,
+                     e->m.method->path);
     return 0;
 }
 
@@ -697,11 +710,12 @@ static void on_call_arrived(rpc__tag *tag, int ok)
     if (s->tls != NULL && !caller_allowed(c)) {
         /* refused by caller_allowed */
     } else if (atomic_load(&s->active_calls) > s->opts.max_calls) {
-        log_warn("refusing %s: %lld calls in progress (--max-calls)", m->path, s->opts.max_calls);
+        log_warn("refusing %s: %lld calls in progress (--max-calls)", m->method->path,
+                 s->opts.max_calls);
         srv_call_finishf(c, RPC_RESOURCE_EXHAUSTED,
                          "the server is handling its maximum of %lld calls; retry later",
                          s->opts.max_calls);
-    } else if (m->kind == SRV_CLIENT_STREAM) {
+    } else if (m->method->kind == RPC_CLIENT_STREAM) {
         m->on_call(c, NULL);
         pthread_mutex_lock(&c->mu);
         int more = !c->finished;
@@ -711,7 +725,7 @@ static void on_call_arrived(rpc__tag *tag, int ok)
     } else {
         char nul[128] = "";
         ProtobufCMessage *req =
-            payload != NULL ? rpc__decode(payload, m->request, nul, sizeof nul) : NULL;
+            payload != NULL ? rpc__decode(payload, m->method->request, nul, sizeof nul) : NULL;
         if (req == NULL) {
             refuse_undecodable(c, m, nul);
         } else {
@@ -732,7 +746,7 @@ static void slot_request(slot *sl)
     sl->payload = NULL;
     grpc_call_error err = grpc_server_request_registered_call(
         sl->s->server, sl->method->handle, &sl->call, &sl->deadline, &sl->md,
-        sl->method->m.kind == SRV_CLIENT_STREAM ? NULL : &sl->payload, sl->thread->cq,
+        sl->method->m.method->kind == RPC_CLIENT_STREAM ? NULL : &sl->payload, sl->thread->cq,
         sl->thread->cq, &sl->tag);
     if (err != GRPC_CALL_OK) {
         log_error("grpc_server_request_registered_call failed: %d", (int)err);
@@ -809,10 +823,6 @@ srv *srv_create(const char *name, const char *listen, const srv_opts *opts)
     s->name = mem_strdup(name);
     s->listen = mem_strdup(listen);
     s->opts = *opts;
-    if (s->opts.threads < 1)
-        s->opts.threads = 1;
-    if (s->opts.max_queued_writes < 1)
-        s->opts.max_queued_writes = 1;
     s->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     pthread_mutex_init(&s->shutdown_mu, NULL);
     pthread_cond_init(&s->shutdown_cv, NULL);
@@ -868,7 +878,7 @@ static int parse_callers(method_entry *e, const char *callers)
     if (e->any_caller || e->ncallers > 0)
         return 0;
 bad:
-    log_error("method %s: callers \"%s\" is not a list of caller names or \"*\"", e->m.path,
+    log_error("method %s: callers \"%s\" is not a list of caller names or \"*\"", e->m.method->path,
               callers != NULL ? callers : "(none)");
     free_callers(e);
     return -1;
@@ -876,10 +886,18 @@ bad:
 
 int srv_add_method(srv *s, const srv_method *m, void *data)
 {
-    if (s->started || m->path == NULL || m->path[0] != '/' || m->on_call == NULL ||
-        m->request == NULL || m->response == NULL ||
-        (m->kind == SRV_CLIENT_STREAM && (m->on_message == NULL || m->on_end == NULL)))
+    const rpc_method *rm = m->method;
+    if (s->started || rm == NULL || rm->path == NULL || rm->path[0] != '/' || rm->request == NULL ||
+        rm->response == NULL || rm->kind == RPC_BIDI_STREAM || m->on_call == NULL ||
+        (rm->kind == RPC_CLIENT_STREAM && (m->on_message == NULL || m->on_end == NULL))) {
+        log_error("%s: cannot serve method %s: %s", s->name,
+                  rm != NULL && rm->path != NULL ? rm->path : "(none)",
+                  s->started ? "the server has started"
+                  : rm != NULL && rm->kind == RPC_BIDI_STREAM
+                      ? "bidirectional streaming is not supported"
+                      : "a missing path, message or handler");
         return RPC_EARG;
+    }
     method_entry *e = mem_calloc(1, sizeof *e);
     e->m = *m;
     e->data = data;
@@ -887,8 +905,8 @@ int srv_add_method(srv *s, const srv_method *m, void *data)
         mem_free(e);
         return RPC_EARG;
     }
-    e->handle = grpc_server_register_method(s->server, m->path, NULL,
-                                            m->kind == SRV_CLIENT_STREAM
+    e->handle = grpc_server_register_method(s->server, rm->path, NULL,
+                                            rm->kind == RPC_CLIENT_STREAM
                                                 ? GRPC_SRM_PAYLOAD_NONE
                                                 : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
                                             0);
@@ -902,8 +920,8 @@ int srv_add_method(srv *s, const srv_method *m, void *data)
 
     /* "/convo.v1.Router/Route" serves service "convo.v1.Router". */
     if (s->hooks != NULL && s->hooks->on_service != NULL) {
-        const char *slash = strrchr(m->path, '/');
-        char *service = mem_strndup(m->path + 1, (size_t)(slash - m->path - 1));
+        const char *slash = strrchr(rm->path, '/');
+        char *service = mem_strndup(rm->path + 1, (size_t)(slash - rm->path - 1));
         s->hooks->on_service(s->hooks_arg, service);
         mem_free(service);
     }
@@ -979,7 +997,7 @@ int srv_start(srv *s)
     grpc_server_start(s->server);
     s->started = 1;
     for (size_t i = 0; i < s->nmethods; i++)
-        s->methods[i]->pm = rpcm_method_get(s->metrics, s->methods[i]->m.path);
+        s->methods[i]->pm = rpcm_method_get(s->metrics, s->methods[i]->m.method->path);
 
     for (size_t t = 0; t < s->nthreads; t++) {
         for (size_t i = 0; i < s->nmethods; i++) {

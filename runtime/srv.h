@@ -1,7 +1,8 @@
 /* srv — a gRPC server over the gRPC C core's completion queues.
  *
- * Methods are registered by path ("/convo.v1.Router/Route") with protobuf-c
- * descriptors for their request and response. Each completion-queue thread
+ * Methods are registered with their rpc_method (convo_methods.h: the path
+ * "/convo.v1.Router/Route", the kind and the protobuf-c descriptors of the
+ * request and response, generated from the .proto files). Each completion-queue thread
  * owns its own queue, so all callbacks of one call run on one thread, one at
  * a time. Callbacks must not block: a handler that needs slow work (a
  * database, another service) hands the call to its own machinery and
@@ -31,7 +32,7 @@
 
 /* The server's options; every service binary parses them. */
 #define SRV_OPTS(X, S)                                                                             \
-    X(S, threads, INT, "grpc-threads", "GRPC_THREADS", "1",                                        \
+    X(S, threads, INT_IN(1, CONF_NO_MAX), "grpc-threads", "GRPC_THREADS", "1",                     \
       "completion-queue threads of the gRPC server (a client's are --client-threads); one hands "  \
       "no call from thread to thread (the lowest latency); raise it when it keeps a core busy")    \
     X(S, shutdown_grace_ms, INT, "shutdown-grace-ms", "SHUTDOWN_GRACE_MS", "10000",                \
@@ -41,7 +42,8 @@
       "load balancers stop routing here first")                                                    \
     X(S, max_message_bytes, INT, "max-message-bytes", "GRPC_MAX_MESSAGE_BYTES", "4194304",         \
       "largest gRPC message received or sent")                                                     \
-    X(S, max_queued_writes, INT, "max-queued-writes", "GRPC_MAX_QUEUED_WRITES", "256",             \
+    X(S, max_queued_writes, INT_IN(1, CONF_NO_MAX), "max-queued-writes", "GRPC_MAX_QUEUED_WRITES", \
+      "256",                                                                                       \
       "streamed messages queued per call behind the one being written; beyond it senders wait")    \
     X(S, max_calls, INT, "max-calls", "GRPC_MAX_CALLS", "10000",                                   \
       "calls handled at once; more are refused with RESOURCE_EXHAUSTED")                           \
@@ -58,17 +60,10 @@ CONF_DECLARE(srv_opts, SRV_OPTS)
 typedef struct srv srv;
 typedef struct srv_call srv_call;
 
-typedef enum srv_kind {
-    SRV_UNARY,         /* one request, one response */
-    SRV_SERVER_STREAM, /* one request, a stream of responses */
-    SRV_CLIENT_STREAM, /* a stream of requests, one response */
-} srv_kind;
-
 typedef struct srv_method {
-    const char *path; /* "/package.Service/Method" */
-    srv_kind kind;
-    const ProtobufCMessageDescriptor *request;
-    const ProtobufCMessageDescriptor *response;
+    /* The method (convo_methods.h): its path, kind and messages. Unary,
+     * server-streaming and client-streaming methods are served. */
+    const rpc_method *method;
     /* The call arrived. For unary and server-streaming methods `req` is the
      * decoded request (a request that does not decode is refused with
      * INVALID_ARGUMENT before this); for client streaming it is NULL. `req`
@@ -112,11 +107,12 @@ typedef struct srv_hooks {
 } srv_hooks;
 
 /* Creates a server that will listen on `listen` ("HOST:PORT"; port 0 picks
- * a free one). `name` is used in logs. Nothing is bound until srv_start. */
+ * a free one). `name` is used in logs. `opts` is in the ranges of its
+ * table (conf_parse checks them). Nothing is bound until srv_start. */
 srv *srv_create(const char *name, const char *listen, const srv_opts *opts);
 /* Registers a method before srv_start; `data` is given back by
- * srv_call_method_data(). Returns 0 or RPC_EARG (logged: no path, no
- * handler, a bad `callers` list). */
+ * srv_call_method_data(). Returns 0 or RPC_EARG (logged: no method, a
+ * bidirectional one, a missing handler, a bad `callers` list). */
 int srv_add_method(srv *s, const srv_method *m, void *data);
 /* Attaches `hooks` (one set per server) with `arg`, before any method the
  * module must hear of is registered; both live until on_destroy. Returns
@@ -161,7 +157,8 @@ void srv_block_signals(void);
 /* Sends one message of a server stream (serialized before this returns).
  * Thread-safe. The first send also sends the response headers. Returns 0, RPC_EFULL when
  * max_queued_writes messages already wait (nothing queued: wait for on_writable), RPC_EDONE when
- * the call is finished or cancelled, or RPC_EENCODE. */
+ * the call is finished or cancelled, RPC_EARG when msg is not the method's response type, or
+ * RPC_EENCODE. */
 int srv_call_send(srv_call *call, const ProtobufCMessage *msg);
 /* Called on the call's thread when a sender that got RPC_EFULL may send
  * again (the queue drained to half). */
@@ -172,9 +169,9 @@ void srv_call_on_writable(srv_call *call, void (*fn)(srv_call *call));
 void srv_call_on_cancel(srv_call *call, void (*fn)(srv_call *call));
 /* Ends the call: `resp` is the unary/client-streaming response (NULL on
  * error or for streams), sent after any queued stream messages, then the
- * status. `resp` is serialized before this returns and `message` (a
- * human-readable reason; may be NULL) is copied, so both may live on the
- * caller's stack. Thread-safe; exactly once per call. */
+ * status (INTERNAL, logged, when resp is not the method's response type). `resp` is serialized
+ * before this returns and `message` (a human-readable reason; may be NULL) is copied, so both may
+ * live on the caller's stack. Thread-safe; exactly once per call. */
 void srv_call_finish(srv_call *call, rpc_code code, const char *message,
                      const ProtobufCMessage *resp);
 /* printf-style message, for errors. */

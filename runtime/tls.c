@@ -15,8 +15,6 @@
 #include <string.h>
 #include <time.h>
 
-#define REFRESH_MAX_S 86400
-
 struct tls {
     grpc_tls_certificate_provider *provider;
     char name[TLS_NAME_MAX + 1];
@@ -181,12 +179,6 @@ int tls_create(const tls_opts *o, tls **out, char *err, size_t errsize)
     char missing[160] = "";
     size_t set = 0;
     *out = NULL;
-    /* Checked with TLS off too: a bad value is a mistake either way. */
-    if (o->refresh_seconds < 1 || o->refresh_seconds > REFRESH_MAX_S) {
-        snprintf(err, errsize, "--tls-refresh-seconds %lld is outside 1 to %d", o->refresh_seconds,
-                 REFRESH_MAX_S);
-        return -1;
-    }
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
         if (files[i].value != NULL && files[i].value[0] != '\0')
             set++;

@@ -21,6 +21,9 @@
 
 #include <stddef.h>
 
+/* The longest --tls-refresh-seconds: a day. */
+#define TLS_REFRESH_MAX_S 86400
+
 #define TLS_OPTS(X, S)                                                                             \
     X(S, cert_file, STR, "tls-cert-file", "TLS_CERT_FILE", "",                                     \
       "this process's certificate (PEM; intermediate certificates after it), shown to peers as "   \
@@ -29,9 +32,10 @@
       "the private key of --tls-cert-file (PEM)")                                                  \
     X(S, ca_file, STR, "tls-ca-file", "TLS_CA_FILE", "",                                           \
       "the CA certificate(s) (PEM) that every peer's certificate must be signed by")               \
-    X(S, refresh_seconds, INT, "tls-refresh-seconds", "TLS_REFRESH_SECONDS", "60",                 \
+    X(S, refresh_seconds, INT_IN(1, TLS_REFRESH_MAX_S), "tls-refresh-seconds",                     \
+      "TLS_REFRESH_SECONDS", "60",                                                                 \
       "how often the three files are read again, so a renewed certificate is used by new "         \
-      "connections (1 to 86400)")
+      "connections")
 CONF_DECLARE(tls_opts, TLS_OPTS)
 
 /* The longest caller name: one DNS label. */
@@ -39,7 +43,8 @@ CONF_DECLARE(tls_opts, TLS_OPTS)
 
 typedef struct tls tls;
 
-/* From the options: none set gives 0 and *out = NULL (plaintext). All
+/* From the options (as conf_parse left them, in their ranges): none set
+ * gives 0 and *out = NULL (plaintext). All
  * three set: the files are read and checked (PEM, the key matches the
  * certificate, the certificate is signed by the CA and valid now, it has a
  * DNS name), the watcher starts, 0 and *out. Otherwise, or with

@@ -29,7 +29,8 @@
 #define DB_EQUERY    (-6) /* the server refused a statement: a bug or a foreign schema */
 
 /* Event types and summary states carry the numbers of the proto enums
- * (convo.v1.EventType, convo.v1.SummaryStatus) so the glue can cast. */
+ * (convo.v1.EventType, convo.v1.SummaryStatus) so the glue can cast;
+ * store.c asserts at compile time that they do. */
 enum {
     DB_EVENT_USER_MESSAGE = 1,
     DB_EVENT_AI_TOKEN = 2,

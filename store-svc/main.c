@@ -3,6 +3,7 @@
  *
  *   store-svc [options]           serve (migrating the schema on start-up)
  *   store-svc migrate [options]   apply the migrations and exit (a Kubernetes Job) */
+#include "backoff.h"
 #include "conf.h"
 #include "db.h"
 #include "health.h"
@@ -27,49 +28,59 @@
       "postgresql://postgres@127.0.0.1:5432/postgres",                                             \
       "PostgreSQL connection URI or key=value string (libpq); sslmode and other parameters in "    \
       "it are honoured (a Supabase connection string works as given)")                             \
-    X(S, db_pool_size, INT, "db-pool-size", "DB_POOL_SIZE", "4",                                   \
+    X(S, db_pool_size, INT_IN(1, 256), "db-pool-size", "DB_POOL_SIZE", "4",                        \
       "database connections, one per worker thread")                                               \
-    X(S, db_connect_timeout, INT, "db-connect-timeout", "DB_CONNECT_TIMEOUT", "5",                 \
+    X(S, db_connect_timeout, INT_IN(1, 600), "db-connect-timeout", "DB_CONNECT_TIMEOUT", "5",      \
       "seconds a connection attempt may take (unless DATABASE_URL sets connect_timeout)")          \
-    X(S, db_statement_timeout_ms, INT, "db-statement-timeout-ms", "DB_STATEMENT_TIMEOUT_MS",       \
-      "30000",                                                                                     \
+    X(S, db_statement_timeout_ms, INT_IN(0, 86400000), "db-statement-timeout-ms",                  \
+      "DB_STATEMENT_TIMEOUT_MS", "30000",                                                          \
       "statement_timeout of every connection; a statement cut off fails UNAVAILABLE "              \
       "and rolls back whole (0: none)")                                                            \
-    X(S, db_retry_max_ms, INT, "db-retry-max-ms", "DB_RETRY_MAX_MS", "5000",                       \
-      "longest wait between reconnection attempts (the backoff starts at 100 ms and doubles)")     \
+    X(S, db_retry_max_ms, INT_IN(100, 600000), "db-retry-max-ms", "DB_RETRY_MAX_MS", "5000",       \
+      "longest wait between reconnection attempts (the waits start at 100 ms and grow, with "      \
+      "random jitter, up to it)")                                                                  \
     X(S, db_prepare, BOOL, "db-prepare", "DB_PREPARE", "true",                                     \
       "prepare the store's statements on each connection (parsed and planned once); turned off "   \
       "by itself on a connection where a transaction pooler refuses them")                         \
     X(S, migrate_on_start, BOOL, "migrate-on-start", "MIGRATE_ON_START", "true",                   \
       "apply pending migrations when the first connection is made; with false, stay "              \
       "NOT_SERVING until `store-svc migrate` has brought the schema up to date")                   \
-    X(S, migrate_wait_ms, INT, "migrate-wait-ms", "MIGRATE_WAIT_MS", "60000",                      \
+    X(S, migrate_wait_ms, INT_IN(0, 86400000), "migrate-wait-ms", "MIGRATE_WAIT_MS", "60000",      \
       "`store-svc migrate` only: how long to keep trying to reach the database")                   \
-    X(S, max_batch_events, INT, "max-batch-events", "STORE_MAX_BATCH_EVENTS", "1000",              \
-      "events accepted in one AppendEvents call")                                                  \
-    X(S, max_content_bytes, INT, "max-content-bytes", "STORE_MAX_CONTENT_BYTES", "262144",         \
+    X(S, max_batch_events, INT_IN(1, 100000), "max-batch-events", "STORE_MAX_BATCH_EVENTS",        \
+      "1000", "events accepted in one AppendEvents call")                                          \
+    X(S, max_content_bytes, INT_IN(1, CONF_NO_MAX), "max-content-bytes",                           \
+      "STORE_MAX_CONTENT_BYTES", "262144",                                                         \
       "largest event content, summary or error text in bytes")                                     \
-    X(S, queue_size, INT, "queue-size", "STORE_QUEUE_SIZE", "1024",                                \
+    X(S, queue_size, INT_IN(1, 10000000), "queue-size", "STORE_QUEUE_SIZE", "1024",                \
       "database jobs waiting for a worker; beyond it calls fail RESOURCE_EXHAUSTED")               \
-    X(S, queue_max_bytes, INT, "queue-max-bytes", "STORE_QUEUE_MAX_BYTES", "67108864",             \
+    X(S, queue_max_bytes, INT_IN(1, 1LL << 40), "queue-max-bytes", "STORE_QUEUE_MAX_BYTES",        \
+      "67108864",                                                                                  \
       "bytes held by waiting jobs (their event batches); beyond it calls fail "                    \
       "RESOURCE_EXHAUSTED")                                                                        \
-    X(S, append_group_ms, INT, "append-group-ms", "STORE_APPEND_GROUP_MS", "20",                   \
+    X(S, append_group_ms, INT_IN(0, 10000), "append-group-ms", "STORE_APPEND_GROUP_MS", "20",      \
       "group commit: AppendEvents calls go to the database together, one statement and one "       \
       "commit, each answered once it is stored; a call waits at most this many ms for others "     \
       "(0: only calls already waiting are grouped)")                                               \
-    X(S, append_group_idle_ms, INT, "append-group-idle-ms", "STORE_APPEND_GROUP_IDLE_MS", "5",     \
+    X(S, append_group_idle_ms, INT_IN(0, 10000), "append-group-idle-ms",                           \
+      "STORE_APPEND_GROUP_IDLE_MS", "5",                                                           \
       "a group is closed when no AppendEvents call came for four times their recent mean gap, "    \
       "this many ms at most")                                                                      \
-    X(S, append_group_calls, INT, "append-group-calls", "STORE_APPEND_GROUP_CALLS", "64",          \
+    X(S, append_group_calls, INT_IN(1, 100000), "append-group-calls", "STORE_APPEND_GROUP_CALLS",  \
+      "64",                                                                                        \
       "AppendEvents calls in one group at most (groups run side by side on the workers, so a "     \
       "burst is spread over them rather than made one statement on one core)")                     \
-    X(S, append_group_events, INT, "append-group-events", "STORE_APPEND_GROUP_EVENTS", "1000",     \
+    X(S, append_group_events, INT_IN(1, 10000000), "append-group-events",                          \
+      "STORE_APPEND_GROUP_EVENTS", "1000",                                                         \
       "events in one group at most (a bigger call runs alone)")                                    \
-    X(S, list_page_size, INT, "list-page-size", "STORE_LIST_PAGE_SIZE", "1000",                    \
+    X(S, list_page_size, INT_IN(1, 100000), "list-page-size", "STORE_LIST_PAGE_SIZE", "1000",      \
       "events read from the database per page of ListEvents (the most held per stream)")           \
     X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
 CONF_DECLARE(store_opts, STORE_OPTS)
+
+/* The first wait after a failed connection attempt; it grows (with jitter)
+ * up to --db-retry-max-ms. */
+#define DB_RETRY_FIRST_MS 100
 
 /* Health follows the pool: NOT_SERVING while no connection is up. */
 static void on_ready(void *arg, int ready)
@@ -80,33 +91,17 @@ static void on_ready(void *arg, int ready)
     health_set(h, "", st);
 }
 
-/* Checks an INT option's range; prints and returns -1 when out of it. */
-static int check_range(const char *flag, long long v, long long lo, long long hi)
-{
-    if (v < lo || v > hi) {
-        fprintf(stderr, "store-svc: --%s: %lld is outside %lld to %lld\n", flag, v, lo, hi);
-        return -1;
-    }
-    return 0;
-}
-
+/* What conf's ranges cannot say: the bounds that depend on other options,
+ * and the database URL. */
 static int check_opts(const store_opts *o, const srv_opts *so)
 {
-    if (check_range("db-pool-size", o->db_pool_size, 1, 256) != 0 ||
-        check_range("db-connect-timeout", o->db_connect_timeout, 1, 600) != 0 ||
-        check_range("db-statement-timeout-ms", o->db_statement_timeout_ms, 0, 86400000) != 0 ||
-        check_range("db-retry-max-ms", o->db_retry_max_ms, 100, 600000) != 0 ||
-        check_range("migrate-wait-ms", o->migrate_wait_ms, 0, 86400000) != 0 ||
-        check_range("max-batch-events", o->max_batch_events, 1, 100000) != 0 ||
-        check_range("max-content-bytes", o->max_content_bytes, 1, so->max_message_bytes) != 0 ||
-        check_range("queue-size", o->queue_size, 1, 10000000) != 0 ||
-        check_range("queue-max-bytes", o->queue_max_bytes, 1, 1LL << 40) != 0 ||
-        check_range("list-page-size", o->list_page_size, 1, 100000) != 0 ||
-        check_range("append-group-ms", o->append_group_ms, 0, 10000) != 0 ||
-        check_range("append-group-idle-ms", o->append_group_idle_ms, 0, 10000) != 0 ||
-        check_range("append-group-calls", o->append_group_calls, 1, 100000) != 0 ||
-        check_range("append-group-events", o->append_group_events, 1, 10000000) != 0)
+    if (o->max_content_bytes > so->max_message_bytes) {
+        fprintf(stderr,
+                "store-svc: --max-content-bytes: '%lld' is not an integer from 1 to %lld "
+                "(--max-message-bytes)\n",
+                o->max_content_bytes, so->max_message_bytes);
         return -1;
+    }
     if (o->database_url[0] == '\0') {
         fprintf(stderr, "store-svc: --database-url is empty\n");
         return -1;
@@ -146,17 +141,20 @@ static int run_migrate(const store_opts *o)
     db_settings s = settings_of(o);
     db_conn *c = db_conn_create(&s);
     int64_t deadline = rpc_now_ms() + o->migrate_wait_ms;
-    int delay = 100, status = 1, rc;
+    int status = 1, rc;
+    backoff retry;
+    backoff_init(&retry, DB_RETRY_FIRST_MS, o->db_retry_max_ms, BACKOFF_DECORRELATED);
 
     while ((rc = db_conn_connect(c)) != 0) {
+        int64_t delay = backoff_next(&retry);
         if (rpc_now_ms() + delay > deadline) {
             log_error("cannot reach the database within %lld ms: %s", o->migrate_wait_ms,
                       db_conn_error(c));
             goto out;
         }
-        log_warn("cannot reach the database (%s); retrying in %d ms", db_conn_error(c), delay);
+        log_warn("cannot reach the database (%s); retrying in %lld ms", db_conn_error(c),
+                 (long long)delay);
         usleep((useconds_t)delay * 1000);
-        delay = delay * 2 > 5000 ? 5000 : delay * 2;
     }
     int version = 0, applied = 0;
     if ((rc = migrate_apply(c, &version, &applied)) != 0) {
@@ -241,7 +239,7 @@ int main(int argc, char **argv)
         .workers = (int)opts.db_pool_size,
         .max_jobs = (size_t)opts.queue_size,
         .max_bytes = (size_t)opts.queue_max_bytes,
-        .retry_min_ms = 100,
+        .retry_min_ms = DB_RETRY_FIRST_MS,
         .retry_max_ms = (int)opts.db_retry_max_ms,
         .migrate = opts.migrate_on_start,
         .group_window_ms = (int)opts.append_group_ms,

@@ -1,5 +1,6 @@
 #include "pool.h"
 
+#include "backoff.h"
 #include "log.h"
 #include "mem.h"
 #include "migrate.h"
@@ -7,7 +8,6 @@
 
 #include <errno.h>
 #include <pthread.h>
-#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -40,8 +40,7 @@ typedef struct worker {
     int ever_up;         /* for counting reconnects */
     int64_t next_try_ms; /* when down: the next connection attempt */
     int64_t next_check_ms;
-    int backoff_ms;
-    unsigned seed;    /* jitter */
+    backoff retry;    /* between connection attempts */
     pool_job **group; /* room for group_max_jobs jobs */
 } worker;
 
@@ -75,21 +74,6 @@ struct pool {
     pool_metrics mx;
 };
 
-const char *pool_strerror(int err)
-{
-    switch (err) {
-    case 0:
-        return "ok";
-    case POOL_EFULL:
-        return "the job queue is full";
-    case POOL_ESHUTDOWN:
-        return "the store is shutting down";
-    case POOL_EUNAVAIL:
-        return "no database connection";
-    }
-    return "unknown error";
-}
-
 /* ---- connection state ------------------------------------------------------- */
 
 static void set_up(worker *w)
@@ -97,7 +81,7 @@ static void set_up(worker *w)
     pool *p = w->p;
     pthread_mutex_lock(&p->mu);
     w->up = 1;
-    w->backoff_ms = p->cfg.retry_min_ms;
+    backoff_reset(&w->retry);
     if (w->ever_up)
         p->reconnects++;
     w->ever_up = 1;
@@ -121,17 +105,8 @@ static void set_down(worker *w, int retry_now)
 {
     pool *p = w->p;
     int64_t now = rpc_now_ms();
-    if (retry_now) {
-        w->next_try_ms = now;
-    } else {
-        /* +-25% jitter so that replicas and workers do not knock in step. */
-        int jitter = w->backoff_ms / 4;
-        int delay =
-            w->backoff_ms + (jitter > 0 ? (int)(rand_r(&w->seed) % (2 * jitter + 1)) - jitter : 0);
-        w->next_try_ms = now + delay;
-        w->backoff_ms =
-            w->backoff_ms * 2 > p->cfg.retry_max_ms ? p->cfg.retry_max_ms : w->backoff_ms * 2;
-    }
+    /* Jittered so that replicas and workers do not knock in step. */
+    w->next_try_ms = retry_now ? now : now + backoff_next(&w->retry);
     pthread_mutex_lock(&p->mu);
     if (w->up) {
         w->up = 0;
@@ -460,9 +435,8 @@ pool *pool_create(const pool_config *cfg)
         w->p = p;
         w->index = i;
         w->conn = db_conn_create(&p->cfg.db);
-        w->backoff_ms = p->cfg.retry_min_ms;
+        backoff_init(&w->retry, p->cfg.retry_min_ms, p->cfg.retry_max_ms, BACKOFF_DECORRELATED);
         w->next_try_ms = 0;
-        w->seed = (unsigned)(rpc_now_ms() ^ (i * 2654435761u));
         w->group = mem_calloc(p->cfg.group_max_jobs, sizeof *w->group);
     }
     for (int i = 0; i < p->nworkers; i++)

@@ -19,7 +19,13 @@
  * and goes on taking those that arrive while they keep coming (no gap of
  * four times their recent mean gap, group_idle_ms at most), until the first
  * has waited group_window_ms. One worker gathers at a time; the others
- * serve everything else meanwhile. */
+ * serve everything else meanwhile.
+ *
+ * The queue is not runtime wq, a FIFO: group commit takes jobs out of the
+ * middle (a group's jobs past others, while a gathering worker leaves them
+ * to the rest), it is bounded in bytes as well as jobs with work already
+ * admitted let past the bound, and its workers wait on connection state
+ * (reconnect attempts, idle checks) under the same lock as the jobs. */
 #ifndef CONVO_POOL_H
 #define CONVO_POOL_H
 
@@ -32,8 +38,6 @@
 #define POOL_EFULL     (-1) /* the queue is at its bound */
 #define POOL_ESHUTDOWN (-2) /* the pool is stopping */
 #define POOL_EUNAVAIL  (-3) /* no database connection */
-
-const char *pool_strerror(int err);
 
 typedef struct pool pool;
 typedef struct pool_job pool_job;

@@ -7,7 +7,7 @@
 #include "mem.h"
 #include "trace.h"
 
-#include "convo/v1/store.pb-c.h"
+#include "convo_methods.h"
 
 #include <pthread.h>
 #include <stdarg.h>
@@ -15,7 +15,20 @@
 #include <stdio.h>
 #include <string.h>
 
-#define PATH(m) "/" STORE_SERVICE "/" m
+/* db.h mirrors the proto enums' numbers so that values cross by a cast;
+ * a number changed on one side only stops the build here. */
+#define SAME_NUMBER(db, pb) _Static_assert((int)(db) == (int)(pb), #db " is not " #pb)
+SAME_NUMBER(DB_EVENT_USER_MESSAGE, CONVO__V1__EVENT_TYPE__EVENT_TYPE_USER_MESSAGE);
+SAME_NUMBER(DB_EVENT_AI_TOKEN, CONVO__V1__EVENT_TYPE__EVENT_TYPE_AI_TOKEN);
+SAME_NUMBER(DB_EVENT_TOOL_CALL, CONVO__V1__EVENT_TYPE__EVENT_TYPE_TOOL_CALL);
+SAME_NUMBER(DB_EVENT_TOOL_RESULT, CONVO__V1__EVENT_TYPE__EVENT_TYPE_TOOL_RESULT);
+SAME_NUMBER(DB_EVENT_SYSTEM_EVENT, CONVO__V1__EVENT_TYPE__EVENT_TYPE_SYSTEM_EVENT);
+SAME_NUMBER(DB_EVENT_MAX, DB_EVENT_SYSTEM_EVENT);
+SAME_NUMBER(DB_SUMMARY_UNKNOWN, CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_UNSPECIFIED);
+SAME_NUMBER(DB_SUMMARY_NONE, CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_NONE);
+SAME_NUMBER(DB_SUMMARY_PENDING, CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_PENDING);
+SAME_NUMBER(DB_SUMMARY_DONE, CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_DONE);
+SAME_NUMBER(DB_SUMMARY_FAILED, CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_FAILED);
 
 /* List limits: the contract's defaults, and caps that keep one response
  * (and the rows behind it) small. */
@@ -1172,33 +1185,19 @@ invalid:
 store *store_create(srv *s, pool *p, const store_limits *lim, metrics *m)
 {
     static const srv_method methods[] = {
-        {PATH("OpenSession"), SRV_UNARY, &convo__v1__open_session_request__descriptor,
-         &convo__v1__open_session_response__descriptor, on_open, NULL, NULL, BY_GATEWAY},
-        {PATH("AppendEvents"), SRV_UNARY, &convo__v1__append_events_request__descriptor,
-         &convo__v1__append_events_response__descriptor, on_append, NULL, NULL, BY_GATEWAY},
-        {PATH("EndSession"), SRV_UNARY, &convo__v1__end_session_request__descriptor,
-         &convo__v1__end_session_response__descriptor, on_end, NULL, NULL, BY_GATEWAY},
-        {PATH("GetSession"), SRV_UNARY, &convo__v1__get_session_request__descriptor,
-         &convo__v1__get_session_response__descriptor, on_get, NULL, NULL, READ_GW},
-        {PATH("ListEvents"), SRV_SERVER_STREAM, &convo__v1__list_events_request__descriptor,
-         &convo__v1__event__descriptor, on_list_events, NULL, NULL, READ_EVENTS},
-        {PATH("SaveSummary"), SRV_UNARY, &convo__v1__save_summary_request__descriptor,
-         &convo__v1__save_summary_response__descriptor, on_save_summary, NULL, NULL, BY_SUMMARY},
-        {PATH("ListUserSessions"), SRV_UNARY, &convo__v1__list_user_sessions_request__descriptor,
-         &convo__v1__list_user_sessions_response__descriptor, on_list_user_sessions, NULL, NULL,
+        {&convo__v1__store__open_session__method, on_open, NULL, NULL, BY_GATEWAY},
+        {&convo__v1__store__append_events__method, on_append, NULL, NULL, BY_GATEWAY},
+        {&convo__v1__store__end_session__method, on_end, NULL, NULL, BY_GATEWAY},
+        {&convo__v1__store__get_session__method, on_get, NULL, NULL, READ_GW},
+        {&convo__v1__store__list_events__method, on_list_events, NULL, NULL, READ_EVENTS},
+        {&convo__v1__store__save_summary__method, on_save_summary, NULL, NULL, BY_SUMMARY},
+        {&convo__v1__store__list_user_sessions__method, on_list_user_sessions, NULL, NULL,
          READ_USER},
-        {PATH("ListUnsummarizedSessions"), SRV_UNARY,
-         &convo__v1__list_unsummarized_sessions_request__descriptor,
-         &convo__v1__list_unsummarized_sessions_response__descriptor, on_list_unsummarized, NULL,
-         NULL, READ_SWEEP},
-        {PATH("ClaimSummary"), SRV_UNARY, &convo__v1__claim_summary_request__descriptor,
-         &convo__v1__claim_summary_response__descriptor, on_claim_summary, NULL, NULL, BY_SUMMARY},
-        {PATH("KeepSessionsAlive"), SRV_UNARY, &convo__v1__keep_sessions_alive_request__descriptor,
-         &convo__v1__keep_sessions_alive_response__descriptor, on_keep_alive, NULL, NULL,
-         BY_GATEWAY},
-        {PATH("EndAbandonedSessions"), SRV_UNARY,
-         &convo__v1__end_abandoned_sessions_request__descriptor,
-         &convo__v1__end_abandoned_sessions_response__descriptor, on_end_abandoned, NULL, NULL,
+        {&convo__v1__store__list_unsummarized_sessions__method, on_list_unsummarized, NULL, NULL,
+         READ_SWEEP},
+        {&convo__v1__store__claim_summary__method, on_claim_summary, NULL, NULL, BY_SUMMARY},
+        {&convo__v1__store__keep_sessions_alive__method, on_keep_alive, NULL, NULL, BY_GATEWAY},
+        {&convo__v1__store__end_abandoned_sessions__method, on_end_abandoned, NULL, NULL,
          BY_SUMMARY},
     };
     store *st = mem_calloc(1, sizeof *st);
@@ -1208,7 +1207,7 @@ store *store_create(srv *s, pool *p, const store_limits *lim, metrics *m)
     metrics_register(m, METRICS_SECTION(store_metrics, &st->mx));
     for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++) {
         if (srv_add_method(s, &methods[i], st) != 0) {
-            log_error("cannot register %s", methods[i].path);
+            log_error("cannot register %s", methods[i].method->path);
             mem_free(st);
             return NULL;
         }

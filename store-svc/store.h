@@ -18,9 +18,11 @@
 #include "pool.h"
 #include "srv.h"
 
+#include "convo/v1/store.pb-c.h"
+
 #include <stddef.h>
 
-#define STORE_SERVICE      "convo.v1.Store"
+#define STORE_SERVICE      (convo__v1__store__descriptor.name)
 #define STORE_MAX_ID_BYTES 128 /* session_id, user_id, worker_id (common.proto) */
 /* 9999-12-31T23:59:59.999999Z: the largest time accepted in a request. */
 #define STORE_MAX_TIME_US 253402300799999999LL

@@ -124,9 +124,9 @@ static void on_unary_done(void *arg, rpc_code code, const char *message, Protobu
     waiter_unref(w);
 }
 
-rpc_code bcall_unary(bcall_scope *sc, cli_channel *ch, const char *method,
-                     const ProtobufCMessage *req, const ProtobufCMessageDescriptor *resp_desc,
-                     int64_t timeout_ms, ProtobufCMessage **resp, char **message)
+rpc_code bcall_unary(bcall_scope *sc, cli_channel *ch, const rpc_method *method,
+                     const ProtobufCMessage *req, int64_t timeout_ms, ProtobufCMessage **resp,
+                     char **message)
 {
     *resp = NULL;
     if (message != NULL)
@@ -139,10 +139,10 @@ rpc_code bcall_unary(bcall_scope *sc, cli_channel *ch, const char *method,
     cli_opts o = {.timeout_ms = timeout_ms > 0 ? timeout_ms : 0};
     waiter *w = waiter_new();
     cli_call *call = NULL;
-    int rc = cli_unary(ch, method, req, resp_desc, &o, on_unary_done, w, &call);
+    int rc = cli_unary(ch, method, req, &o, on_unary_done, w, &call);
     if (rc != 0) {
         if (message != NULL)
-            *message = mem_asprintf("cannot start %s: %s", method, rpc_strerror(rc));
+            *message = mem_asprintf("cannot start %s: %s", method->path, rpc_strerror(rc));
         waiter_unref(w);
         waiter_unref(w);
         return rc == RPC_ESHUTDOWN ? RPC_CANCELLED : RPC_INTERNAL;
@@ -245,10 +245,9 @@ static void on_stream_done(void *arg, rpc_code code, const char *message, Protob
     stream_unref(st);
 }
 
-rpc_code bcall_stream_open(bcall_scope *sc, cli_channel *ch, const char *method,
-                           const ProtobufCMessage *req, const ProtobufCMessageDescriptor *resp_desc,
-                           int64_t timeout_ms, size_t max_msgs, size_t max_bytes,
-                           bcall_stream **out)
+rpc_code bcall_stream_open(bcall_scope *sc, cli_channel *ch, const rpc_method *method,
+                           const ProtobufCMessage *req, int64_t timeout_ms, size_t max_msgs,
+                           size_t max_bytes, bcall_stream **out)
 {
     *out = NULL;
     if (bcall_scope_cancelled(sc))
@@ -258,12 +257,11 @@ rpc_code bcall_stream_open(bcall_scope *sc, cli_channel *ch, const char *method,
     pthread_cond_init(&st->cv, NULL);
     atomic_init(&st->refs, 2);
     st->sc = sc;
-    st->desc = resp_desc;
+    st->desc = method->response;
     st->max_msgs = max_msgs > 0 ? max_msgs : 1;
     st->max_bytes = max_bytes > 0 ? max_bytes : 1;
     cli_opts o = {.timeout_ms = timeout_ms > 0 ? timeout_ms : 0};
-    int rc =
-        cli_stream(ch, method, req, resp_desc, &o, on_stream_msg, on_stream_done, st, &st->call);
+    int rc = cli_stream(ch, method, req, &o, on_stream_msg, on_stream_done, st, &st->call);
     if (rc != 0) {
         stream_unref(st);
         stream_unref(st);

@@ -32,9 +32,9 @@ void bcall_scope_free(bcall_scope **sc);
  * response (free with protobuf_c_message_free_unpacked). *message, when not
  * NULL, gets the status message (mem_free) or NULL. `timeout_ms` <= 0 means
  * no deadline. */
-rpc_code bcall_unary(bcall_scope *sc, cli_channel *ch, const char *method,
-                     const ProtobufCMessage *req, const ProtobufCMessageDescriptor *resp_desc,
-                     int64_t timeout_ms, ProtobufCMessage **resp, char **message);
+rpc_code bcall_unary(bcall_scope *sc, cli_channel *ch, const rpc_method *method,
+                     const ProtobufCMessage *req, int64_t timeout_ms, ProtobufCMessage **resp,
+                     char **message);
 
 /* Starts a server-streaming call read with bcall_stream_next. Messages are
  * held (serialized) until read, at most about `max_msgs` of them or
@@ -42,10 +42,9 @@ rpc_code bcall_unary(bcall_scope *sc, cli_channel *ch, const char *method,
  * so a slow reader holds the sender back instead of filling memory. Returns
  * 0 with *out, or an rpc_code (RPC_CANCELLED in a cancelled scope, RPC_INTERNAL
  * when the call cannot start). */
-rpc_code bcall_stream_open(bcall_scope *sc, cli_channel *ch, const char *method,
-                           const ProtobufCMessage *req, const ProtobufCMessageDescriptor *resp_desc,
-                           int64_t timeout_ms, size_t max_msgs, size_t max_bytes,
-                           bcall_stream **out);
+rpc_code bcall_stream_open(bcall_scope *sc, cli_channel *ch, const rpc_method *method,
+                           const ProtobufCMessage *req, int64_t timeout_ms, size_t max_msgs,
+                           size_t max_bytes, bcall_stream **out);
 /* Waits for the next message. Returns 1 with *msg (caller frees with
  * protobuf_c_message_free_unpacked), 0 when the stream ended with OK, or
  * -1 with *code and *message (mem_free; may be NULL) when it failed. */

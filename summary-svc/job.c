@@ -4,16 +4,10 @@
 #include "mem.h"
 #include "summarizer.h"
 
-#include "convo/v1/llm.pb-c.h"
-#include "convo/v1/store.pb-c.h"
+#include "convo_methods.h"
 
 #include <string.h>
 #include <unistd.h>
-
-#define STORE_CLAIM  "/convo.v1.Store/ClaimSummary"
-#define STORE_LIST   "/convo.v1.Store/ListEvents"
-#define STORE_SAVE   "/convo.v1.Store/SaveSummary"
-#define LLM_COMPLETE "/convo.v1.Llm/Complete"
 
 /* A call is not started with less than this left on the lease. */
 #define MIN_CALL_MS 1000
@@ -135,8 +129,8 @@ static int call_model(void *arg, const summ_request *rq, char **out, char **err)
     char *msg = NULL;
     int64_t t0 = rpc_now_ms();
     j->model_calls++;
-    rpc_code code = bcall_unary(j->sc, env->llm, LLM_COMPLETE, &req.base,
-                                &convo__v1__complete_response__descriptor, timeout, &resp, &msg);
+    rpc_code code = bcall_unary(j->sc, env->llm, &convo__v1__llm__complete__method, &req.base,
+                                timeout, &resp, &msg);
     int rc = -1;
     if (code != RPC_OK) {
         if (code == RPC_UNAVAILABLE)
@@ -191,9 +185,8 @@ static int read_events(job *j, summ *s, uint64_t *nevents, char **err)
         }
         /* The page stays open while its events are summarized (model
          * calls included): its deadline is the lease's. */
-        rpc_code code = bcall_stream_open(j->sc, env->store, STORE_LIST, &req.base,
-                                          &convo__v1__event__descriptor, left, STREAM_MAX_MSGS,
-                                          STREAM_MAX_BYTES, &st);
+        rpc_code code = bcall_stream_open(j->sc, env->store, &convo__v1__store__list_events__method,
+                                          &req.base, left, STREAM_MAX_MSGS, STREAM_MAX_BYTES, &st);
         if (code != RPC_OK) {
             *err = call_error("store-svc ListEvents", code, "the call could not start");
             return -1;
@@ -258,9 +251,8 @@ static rpc_code save(job *j, Convo__V1__SummaryStatus status, const char *summar
         ProtobufCMessage *resp = NULL;
         mem_free(*msg);
         *msg = NULL;
-        code = bcall_unary(NULL, env->store, STORE_SAVE, &req.base,
-                           &convo__v1__save_summary_response__descriptor, env->store_timeout_ms,
-                           &resp, msg);
+        code = bcall_unary(NULL, env->store, &convo__v1__store__save_summary__method, &req.base,
+                           env->store_timeout_ms, &resp, msg);
         if (resp != NULL)
             protobuf_c_message_free_unpacked(resp, NULL);
         if (code != RPC_UNAVAILABLE || attempt + 1 >= SAVE_RETRIES || bcall_scope_cancelled(j->sc))
@@ -311,9 +303,8 @@ void job_run(const job_env *env, bcall_scope *sc, const char *session_id, job_re
     creq.worker_id = (char *)env->worker_id;
     creq.lease_seconds = env->lease_seconds;
     creq.max_attempts = env->max_attempts;
-    rpc_code code = bcall_unary(sc, env->store, STORE_CLAIM, &creq.base,
-                                &convo__v1__claim_summary_response__descriptor,
-                                env->store_timeout_ms, &resp, &msg);
+    rpc_code code = bcall_unary(sc, env->store, &convo__v1__store__claim_summary__method,
+                                &creq.base, env->store_timeout_ms, &resp, &msg);
     if (code != RPC_OK) {
         out->outcome = JOB_ERROR;
         out->code = code;

@@ -59,8 +59,7 @@ int main(int argc, char **argv)
         scrape_setup(&mopts, "summary-svc", opts.listen, maddr, sizeof maddr, &m) != 0 ||
         otlp_setup(&oopts, "summary-svc", m, &exp) != 0)
         goto out;
-    if (service_check_opts(&svopts, err, sizeof err) != 0 ||
-        cli_conf_check(&copts, err, sizeof err) != 0) {
+    if (service_check_opts(&svopts, err, sizeof err) != 0) {
         fprintf(stderr, "summary-svc: %s\n", err);
         goto out;
     }

@@ -1,18 +1,17 @@
 #include "service.h"
 
+#include "backoff.h"
 #include "bcall.h"
 #include "check.h"
 #include "job.h"
 #include "log.h"
 #include "mem.h"
-#include "pool.h"
 #include "summarizer.h"
 #include "sweep.h"
 #include "trace.h"
+#include "workers.h"
 
-#include "convo/v1/store.pb-c.h"
-#include "convo/v1/summary.pb-c.h"
-#include "grpc/health/v1/health.pb-c.h"
+#include "convo_methods.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -21,9 +20,6 @@
 #include <string.h>
 #include <sys/random.h>
 #include <unistd.h>
-
-#define METHOD_SUMMARIZE   "/convo.v1.Summary/Summarize"
-#define METHOD_GET_SUMMARY "/convo.v1.Summary/GetSummary"
 
 /* The ticker's period: how late a deadline or a re-check may be noticed. */
 #define TICK_MS 50
@@ -84,7 +80,7 @@ typedef struct retry_slot {
 struct service {
     service_opts o;
     cli_channel *store, *llm;
-    pool *pool;
+    workers *workers;
     job_env env;
     char worker_id[CHECK_ID_MAX + 1];
     sweep *sweep;
@@ -114,28 +110,6 @@ struct service {
 
 int service_check_opts(const service_opts *o, char *err, size_t errsize)
 {
-    struct {
-        const char *flag;
-        long long v, min, max;
-    } checks[] = {
-        {"--workers", o->workers, 1, 256},
-        {"--queue-size", o->queue_size, 1, 1000000},
-        {"--sweep-batch", o->sweep_batch, 1, 10000},
-        {"--lease-seconds", o->lease_seconds, 5, 86400},
-        {"--max-attempts", o->max_attempts, 1, 1000},
-        {"--context-budget-bytes", o->context_budget_bytes, SUMM_MIN_BUDGET, 64LL << 20},
-        {"--store-timeout-ms", o->store_timeout_ms, 100, 3600000},
-        {"--llm-timeout-ms", o->llm_timeout_ms, 100, 3600000},
-        {"--page-events", o->page_events, 1, 1000000},
-        {"--retry-backoff-max-ms", o->retry_backoff_max_ms, 0, 86400000},
-    };
-    for (size_t i = 0; i < sizeof checks / sizeof checks[0]; i++) {
-        if (checks[i].v < checks[i].min || checks[i].v > checks[i].max) {
-            snprintf(err, errsize, "%s must be between %lld and %lld, not %lld", checks[i].flag,
-                     checks[i].min, checks[i].max, checks[i].v);
-            return -1;
-        }
-    }
     if (o->sweep_interval_ms > 0 && o->sweep_interval_ms < 100) {
         snprintf(err, errsize, "--sweep-interval-ms must be 0 (no sweep) or at least 100");
         return -1;
@@ -243,14 +217,6 @@ static void waiter_unlink(service *sv, waiter *w)
     w->prev = w->next = NULL;
 }
 
-static int64_t backoff_ms(const service *sv, int32_t attempts)
-{
-    int64_t wait = sv->o.retry_backoff_ms;
-    for (int32_t i = 1; i < attempts && wait < sv->o.retry_backoff_max_ms; i++)
-        wait *= 2;
-    return wait < sv->o.retry_backoff_max_ms ? wait : sv->o.retry_backoff_max_ms;
-}
-
 static retry_slot *retry_find(service *sv, const char *id)
 {
     for (size_t i = 0; i < RETRY_MEMORY; i++)
@@ -297,7 +263,7 @@ static entry *file_session(service *sv, const char *id, int *fresh, rpc_code *er
     if (e != NULL)
         return e;
     e = entry_new(sv, id);
-    if (pool_submit(sv->pool, run_entry, e) != 0) {
+    if (workers_submit(sv->workers, run_entry, e) != 0) {
         entry_free(e);
         *err_code = RPC_RESOURCE_EXHAUSTED;
         return NULL;
@@ -355,8 +321,11 @@ static void run_entry(void *arg)
     waiter *done = NULL;
     int64_t now = rpc_now_ms();
     pthread_mutex_lock(&sv->mu);
+    /* The sweep's schedule (sweep_due_us), without jitter. */
     if (r.outcome == JOB_RETRY)
-        retry_remember(sv, e->session_id, now + backoff_ms(sv, r.attempts));
+        retry_remember(
+            sv, e->session_id,
+            now + backoff_ceiling(sv->o.retry_backoff_ms, sv->o.retry_backoff_max_ms, r.attempts));
     else if (r.outcome == JOB_DONE || r.outcome == JOB_FAILED)
         retry_forget(sv, e->session_id);
     if (r.outcome == JOB_BUSY && e->nwaiters > 0 && !sv->stopping &&
@@ -517,9 +486,8 @@ static void on_get_summary(srv_call *call, const ProtobufCMessage *msg)
     Convo__V1__GetSessionRequest sreq = CONVO__V1__GET_SESSION_REQUEST__INIT;
     sreq.session_id = req->session_id;
     cli_opts o = {.timeout_ms = timeout, .request_id = srv_call_request_id(call)};
-    int rc = cli_unary(sv->store, "/convo.v1.Store/GetSession", &sreq.base,
-                       &convo__v1__get_session_response__descriptor, &o, on_get_session_done, call,
-                       NULL);
+    int rc = cli_unary(sv->store, &convo__v1__store__get_session__method, &sreq.base, &o,
+                       on_get_session_done, call, NULL);
     if (rc != 0)
         srv_call_finishf(call, RPC_UNAVAILABLE, "cannot ask store-svc: %s", rpc_strerror(rc));
 }
@@ -558,7 +526,7 @@ static void tick(service *sv)
             entry_unlink(sv, e);
             e->next = dropped;
             dropped = e;
-        } else if (pool_submit(sv->pool, run_entry, e) == 0) {
+        } else if (workers_submit(sv->workers, run_entry, e) == 0) {
             e->state = ENTRY_QUEUED;
         } else {
             e->retry_at_ms = now + WATCH_MS;
@@ -601,7 +569,7 @@ static void *ticker_main(void *arg)
 static int hook_room(void *arg)
 {
     service *sv = arg;
-    long long busy = (long long)(pool_queued(sv->pool) + pool_running(sv->pool));
+    long long busy = (long long)workers_busy(sv->workers);
     return busy < sv->o.workers ? (int)(sv->o.workers - busy) : 0;
 }
 
@@ -613,8 +581,7 @@ static int hook_llm_ok(void *arg)
     Grpc__Health__V1__HealthCheckRequest req = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
     req.service = "";
     ProtobufCMessage *resp = NULL;
-    rpc_code code = bcall_unary(NULL, sv->llm, "/grpc.health.v1.Health/Check", &req.base,
-                                &grpc__health__v1__health_check_response__descriptor,
+    rpc_code code = bcall_unary(NULL, sv->llm, &grpc__health__v1__health__check__method, &req.base,
                                 HEALTH_TIMEOUT_MS, &resp, NULL);
     int ok = code == RPC_OK && ((Grpc__Health__V1__HealthCheckResponse *)resp)->status ==
                                    GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
@@ -685,10 +652,10 @@ service *service_create(const service_opts *o, cli *c, int round_robin, metrics 
      * answering (cli.h): the reads and the model call. Never ClaimSummary
      * or SaveSummary: a claim or save the dead replica made would be
      * refused the second time as another's lease. */
-    static const char *const store_retry[] = {"/convo.v1.Store/GetSession",
-                                              "/convo.v1.Store/ListEvents",
-                                              "/convo.v1.Store/ListUnsummarizedSessions", NULL};
-    static const char *const llm_retry[] = {"/convo.v1.Llm/Complete", NULL};
+    static const rpc_method *const store_retry[] = {
+        &convo__v1__store__get_session__method, &convo__v1__store__list_events__method,
+        &convo__v1__store__list_unsummarized_sessions__method, NULL};
+    static const rpc_method *const llm_retry[] = {&convo__v1__llm__complete__method, NULL};
     char why[400];
     cli_channel *store = cli_channel_create(c, o->store, round_robin, store_retry, why, sizeof why);
     if (store == NULL) {
@@ -723,25 +690,19 @@ service *service_create(const service_opts *o, cli *c, int round_robin, metrics 
         .model = o->model,
         .page_events = o->page_events,
     };
-    sv->pool = pool_create((int)o->workers, (size_t)o->queue_size);
+    sv->workers = workers_create((int)o->workers, (size_t)o->queue_size);
     return sv;
 }
 
 int service_register(service *sv, srv *s)
 {
     static const srv_method summarize = {
-        .path = METHOD_SUMMARIZE,
-        .kind = SRV_UNARY,
-        .request = &convo__v1__summarize_request__descriptor,
-        .response = &convo__v1__summarize_response__descriptor,
+        .method = &convo__v1__summary__summarize__method,
         .on_call = on_summarize,
         .callers = "gateway",
     };
     static const srv_method get_summary = {
-        .path = METHOD_GET_SUMMARY,
-        .kind = SRV_UNARY,
-        .request = &convo__v1__get_summary_request__descriptor,
-        .response = &convo__v1__get_summary_response__descriptor,
+        .method = &convo__v1__summary__get_summary__method,
         .on_call = on_get_summary,
         /* Reads only: an operator's `admin` certificate too. */
         .callers = "gateway admin",
@@ -794,7 +755,7 @@ void service_stop(service *sv)
     }
     /* Queued jobs run and end at once (stopping); running ones were
      * cancelled and release their leases. */
-    pool_destroy(&sv->pool);
+    workers_destroy(&sv->workers);
 
     /* What is left: watched entries and their waiters. */
     pthread_mutex_lock(&sv->mu);
@@ -831,7 +792,7 @@ void service_destroy(service **svp)
     service *sv = *svp;
     if (sv == NULL)
         return;
-    if (sv->pool != NULL)
+    if (sv->workers != NULL)
         service_stop(sv);
     pthread_mutex_destroy(&sv->mu);
     mem_free(sv);

@@ -1,10 +1,11 @@
 #include "sweep.h"
 
+#include "backoff.h"
 #include "bcall.h"
 #include "log.h"
 #include "mem.h"
 
-#include "convo/v1/store.pb-c.h"
+#include "convo_methods.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -19,7 +20,7 @@ struct sweep {
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    int stop, kicked;
+    int stop;
     int llm_skips; /* rounds skipped in a row, to log once */
 };
 
@@ -32,16 +33,16 @@ static int64_t wall_us(void)
 
 int64_t sweep_due_us(const sweep_cfg *cfg, int64_t end_time_us, int32_t attempts)
 {
+    /* No jitter: every replica computes the same time from the store's
+     * data. */
     int64_t due = end_time_us + cfg->delay_ms * 1000;
-    int64_t wait = cfg->backoff_ms;
-    for (int32_t i = 0; i < attempts; i++) {
-        due += (wait < cfg->backoff_max_ms ? wait : cfg->backoff_max_ms) * 1000;
-        /* Doubling stops at the cap (and long before overflowing). */
-        if (wait < cfg->backoff_max_ms)
-            wait *= 2;
-    }
+    for (int32_t i = 1; i <= attempts; i++)
+        due += backoff_ceiling(cfg->backoff_ms, cfg->backoff_max_ms, i) * 1000;
     return due;
 }
+
+/* The sweep's period is stretched by up to 1/this of itself, at random. */
+#define INTERVAL_JITTER_DIVISOR 10
 
 /* How long the lease taken only to record FAILED lasts: one save. */
 #define GIVE_UP_LEASE_S 60
@@ -58,9 +59,8 @@ static int claim_give_up(sweep *sw, const Convo__V1__Session *s)
     req.give_up = 1;
     ProtobufCMessage *resp = NULL;
     char *msg = NULL;
-    rpc_code code = bcall_unary(sw->sc, sw->store, "/convo.v1.Store/ClaimSummary", &req.base,
-                                &convo__v1__claim_summary_response__descriptor,
-                                sw->cfg.store_timeout_ms, &resp, &msg);
+    rpc_code code = bcall_unary(sw->sc, sw->store, &convo__v1__store__claim_summary__method,
+                                &req.base, sw->cfg.store_timeout_ms, &resp, &msg);
     int claimed = code == RPC_OK && ((Convo__V1__ClaimSummaryResponse *)resp)->claimed;
     if (code != RPC_OK)
         log_fields(LOG_WARN, (const log_field[]){{"session_id", s->session_id}, {NULL, NULL}},
@@ -93,9 +93,8 @@ static void give_up(sweep *sw, const Convo__V1__Session *s)
     req.worker_id = (char *)sw->cfg.worker_id;
     ProtobufCMessage *resp = NULL;
     char *msg = NULL;
-    rpc_code code = bcall_unary(sw->sc, sw->store, "/convo.v1.Store/SaveSummary", &req.base,
-                                &convo__v1__save_summary_response__descriptor,
-                                sw->cfg.store_timeout_ms, &resp, &msg);
+    rpc_code code = bcall_unary(sw->sc, sw->store, &convo__v1__store__save_summary__method,
+                                &req.base, sw->cfg.store_timeout_ms, &resp, &msg);
     const log_field f[] = {{"session_id", s->session_id}, {NULL, NULL}};
     if (code == RPC_OK)
         log_fields(LOG_WARN, f, "summary marked failed: %s", reason);
@@ -118,9 +117,9 @@ static void end_abandoned(sweep *sw)
     req.limit = sw->cfg.batch;
     ProtobufCMessage *resp = NULL;
     char *msg = NULL;
-    rpc_code code = bcall_unary(sw->sc, sw->store, "/convo.v1.Store/EndAbandonedSessions",
-                                &req.base, &convo__v1__end_abandoned_sessions_response__descriptor,
-                                sw->cfg.store_timeout_ms, &resp, &msg);
+    rpc_code code =
+        bcall_unary(sw->sc, sw->store, &convo__v1__store__end_abandoned_sessions__method, &req.base,
+                    sw->cfg.store_timeout_ms, &resp, &msg);
     if (code == RPC_OK) {
         size_t n = ((Convo__V1__EndAbandonedSessionsResponse *)resp)->n_session_ids;
         if (n > 0)
@@ -159,9 +158,8 @@ static void sweep_once(sweep *sw)
     ProtobufCMessage *resp = NULL;
     char *msg = NULL;
     rpc_code code =
-        bcall_unary(sw->sc, sw->store, "/convo.v1.Store/ListUnsummarizedSessions", &req.base,
-                    &convo__v1__list_unsummarized_sessions_response__descriptor,
-                    cfg->store_timeout_ms, &resp, &msg);
+        bcall_unary(sw->sc, sw->store, &convo__v1__store__list_unsummarized_sessions__method,
+                    &req.base, cfg->store_timeout_ms, &resp, &msg);
     if (code != RPC_OK) {
         if (code != RPC_CANCELLED)
             log_warn("sweep: ListUnsummarizedSessions failed (%s: %s)", rpc_code_name(code),
@@ -206,13 +204,13 @@ static void *sweep_main(void *arg)
     sweep *sw = arg;
     pthread_mutex_lock(&sw->mu);
     while (!sw->stop) {
-        sw->kicked = 0;
         pthread_mutex_unlock(&sw->mu);
         sweep_once(sw);
         pthread_mutex_lock(&sw->mu);
         /* A little jitter keeps replicas started together from sweeping in
          * lockstep (they would only race for the same leases). */
-        int64_t wait = sw->cfg.interval_ms + rand() % (sw->cfg.interval_ms / 10 + 1);
+        int64_t wait = sw->cfg.interval_ms +
+                       backoff_rand_between(0, sw->cfg.interval_ms / INTERVAL_JITTER_DIVISOR);
         struct timespec until;
         clock_gettime(CLOCK_MONOTONIC, &until);
         until.tv_sec += wait / 1000;
@@ -221,7 +219,7 @@ static void *sweep_main(void *arg)
             until.tv_sec++;
             until.tv_nsec -= 1000000000;
         }
-        while (!sw->stop && !sw->kicked) {
+        while (!sw->stop) {
             if (pthread_cond_timedwait(&sw->cv, &sw->mu, &until) == ETIMEDOUT)
                 break;
         }
@@ -251,14 +249,6 @@ sweep *sweep_start(const sweep_cfg *cfg, cli_channel *store, const sweep_hooks *
         abort();
     }
     return sw;
-}
-
-void sweep_kick(sweep *sw)
-{
-    pthread_mutex_lock(&sw->mu);
-    sw->kicked = 1;
-    pthread_cond_signal(&sw->cv);
-    pthread_mutex_unlock(&sw->mu);
 }
 
 void sweep_stop(sweep **swp)

@@ -64,8 +64,6 @@ int64_t sweep_due_us(const sweep_cfg *cfg, int64_t end_time_us, int32_t attempts
 /* Starts the sweep thread; the first sweep runs at once. `cfg` is copied
  * (worker_id must outlive the sweep). */
 sweep *sweep_start(const sweep_cfg *cfg, cli_channel *store, const sweep_hooks *hooks);
-/* Asks for a sweep now (tests; a replica coming back). Thread-safe. */
-void sweep_kick(sweep *sw);
 /* Stops the thread (cancelling a call in flight) and frees; clears *sw. */
 void sweep_stop(sweep **sw);
 

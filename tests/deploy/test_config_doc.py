@@ -132,3 +132,48 @@ def test_a_value_outside_the_documented_range_is_refused(binary, flag, value):
     out = r.stdout + r.stderr
     assert r.returncode == 2, f"{' '.join(cmd)} exited {r.returncode}, not 2:\n{out}"
     assert flag in out, f"{' '.join(cmd)} was refused without naming {flag}:\n{out}"
+
+
+# The range conf_parse enforces, as --help prints it after an option's text.
+HELP_RANGE = re.compile(r"\[(-?\d+) to (-?\d+)\]$|\[at least (-?\d+)\]$")
+HELP_OPTION = re.compile(r"^\s+(--[a-z0-9][a-z0-9-]*) N\b")
+
+
+def help_ranges(binary):
+    """{flag: (lowest, highest or None)} of the binary's integer options, from
+    the ranges in their tables (a plain integer: 0 and up)."""
+    r = subprocess.run([str(binary_path(binary)), "--help"], capture_output=True, text=True,
+                       timeout=10)
+    ranges, flag = {}, None
+    for line in (r.stdout + r.stderr).splitlines():
+        m = HELP_OPTION.match(line)
+        if m:
+            flag = m.group(1)
+            ranges[flag] = (0, None)
+            continue
+        m = HELP_RANGE.search(line)
+        if flag is not None and m:
+            ranges[flag] = ((int(m.group(1)), int(m.group(2))) if m.group(1) is not None
+                            else (int(m.group(3)), None))
+        flag = None
+    return ranges
+
+
+@pytest.mark.parametrize("binary", BINARIES)
+def test_the_page_states_the_ranges_of_the_tables(binary):
+    """Where the page states a plain range ("1 to 64", "1 and up"), it is the
+    one the option table declares (conf_parse checks it; --help prints it).
+    Ranges that depend on another option or have a hole are checked by hand
+    and by the test above."""
+    path = binary_path(binary)
+    assert path.exists(), f"{binary} is not built ({path})"
+    for flag, (lo, hi) in help_ranges(binary).items():
+        d = DOCUMENTED[binary].get(flag)
+        if d is None or " or " in d["range"] or "taken as" in d["range"] or "--" in d["range"]:
+            continue
+        dlo, dhi = bounds(d["range"])
+        if dlo is None and dhi is None:
+            continue
+        assert (dlo, dhi) == (lo, hi), \
+            f"configuration.md:{d['line']}: {binary} {flag} says {d['range']!r}; its table " \
+            f"says {lo} to {hi if hi is not None else 'any'}"

@@ -9,7 +9,7 @@
 #include "mem.h"
 #include "rpc.h"
 
-#include "convo/v1/llm.pb-c.h"
+#include "convo_methods.h"
 
 #include <curl/curl.h>
 #include <time.h>
@@ -65,8 +65,8 @@ static int64_t run(cli_channel *ch, int n, int words)
         r.user_id = "bench";
         r.message = msg;
         cli_opts o = {.timeout_ms = 120000};
-        if (cli_stream(ch, "/convo.v1.Llm/Chat", &r.base, &convo__v1__chat_event__descriptor, &o,
-                       on_msg, on_done, NULL, NULL) != 0) {
+        if (cli_stream(ch, &convo__v1__llm__chat__method, &r.base, &o, on_msg, on_done, NULL,
+                       NULL) != 0) {
             atomic_fetch_add(&failures, 1);
             atomic_fetch_add(&streams_done, 1);
         }

@@ -170,8 +170,8 @@ static void call_route(cli_channel *ch, const Convo__V1__RouteRequest *req, rpc_
 {
     cli_opts opts = {.timeout_ms = 10000, .request_id = "test-route", .wait_for_ready = 1};
     ProtobufCMessage *resp = NULL;
-    out->code = cli_unary_sync(ch, ROUTER_METHOD_ROUTE, &req->base,
-                               &convo__v1__route_response__descriptor, &opts, &resp, &out->message);
+    out->code = cli_unary_sync(ch, &convo__v1__router__route__method, &req->base, &opts, &resp,
+                               &out->message);
     out->resp = (Convo__V1__RouteResponse *)resp;
 }
 

@@ -51,8 +51,8 @@ static void start_one(window *w)
     Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;
     req.text = "bench";
     cli_opts opts = {.timeout_ms = 30000};
-    if (cli_unary(w->ch, "/convo.test.Test/Echo", &req.base, &convo__test__echo_reply__descriptor,
-                  &opts, on_done, w, NULL) != 0) {
+    if (cli_unary(w->ch, &convo__test__test__echo__method, &req.base, &opts, on_done, w, NULL) !=
+        0) {
         fprintf(stderr, "cli_unary failed\n");
         exit(1);
     }
@@ -107,8 +107,8 @@ int main(int argc, char **argv)
     req.count = messages;
     req.payload_bytes = 32;
     t0 = rpc_now_ms();
-    cli_stream(ch, "/convo.test.Test/Count", &req.base, &convo__test__item__descriptor, NULL,
-               collector_on_msg, collector_on_done, &col, NULL);
+    cli_stream(ch, &convo__test__test__count__method, &req.base, NULL, collector_on_msg,
+               collector_on_done, &col, NULL);
     collector_wait(&col, col.done, 600000);
     double stream_s = (double)(rpc_now_ms() - t0) / 1000.0;
 

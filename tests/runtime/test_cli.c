@@ -41,8 +41,8 @@ static void deadline_exceeded_and_seen_by_server(void **state)
     ProtobufCMessage *resp = NULL;
     char *message = NULL;
     int64_t t0 = rpc_now_ms();
-    rpc_code code = cli_unary_sync(ch, "/convo.test.Test/Hang", &req.base,
-                                   &convo__test__echo_reply__descriptor, &opts, &resp, &message);
+    rpc_code code =
+        cli_unary_sync(ch, &convo__test__test__hang__method, &req.base, &opts, &resp, &message);
     int64_t took = rpc_now_ms() - t0;
     assert_int_equal(code, RPC_DEADLINE_EXCEEDED);
     assert_null(resp);
@@ -63,9 +63,8 @@ static void cancellation_seen_by_server(void **state)
     Convo__Test__CountRequest req = CONVO__TEST__COUNT_REQUEST__INIT;
     req.interval_ms = 5;
     cli_call *call = NULL;
-    assert_int_equal(cli_stream(ch, "/convo.test.Test/Drip", &req.base,
-                                &convo__test__item__descriptor, NULL, collector_on_msg,
-                                collector_on_done, &col, &call),
+    assert_int_equal(cli_stream(ch, &convo__test__test__drip__method, &req.base, NULL,
+                                collector_on_msg, collector_on_done, &col, &call),
                      0);
     assert_true(collector_wait(&col, col.received >= 3, 5000));
     int64_t t0 = rpc_now_ms();
@@ -109,9 +108,9 @@ static void thousand_concurrent_calls_from_one_thread(void **state)
     req.hold_until = 1000;
     cli_opts opts = {.timeout_ms = 60000};
     for (int i = 0; i < 1000; i++)
-        assert_int_equal(cli_unary(ch, "/convo.test.Test/Echo", &req.base,
-                                   &convo__test__echo_reply__descriptor, &opts, on_tally, &t, NULL),
-                         0);
+        assert_int_equal(
+            cli_unary(ch, &convo__test__test__echo__method, &req.base, &opts, on_tally, &t, NULL),
+            0);
     for (int waited = 0; atomic_load(&t.done) < 1000 && waited < 60000; waited += 10)
         usleep(10000);
     assert_int_equal(atomic_load(&t.ok), 1000);
@@ -129,9 +128,8 @@ static void paused_stream_resumes_in_order(void **state)
     Convo__Test__CountRequest req = CONVO__TEST__COUNT_REQUEST__INIT;
     req.count = 1000;
     cli_call *call = NULL;
-    assert_int_equal(cli_stream(ch, "/convo.test.Test/Count", &req.base,
-                                &convo__test__item__descriptor, NULL, collector_on_msg,
-                                collector_on_done, &col, &call),
+    assert_int_equal(cli_stream(ch, &convo__test__test__count__method, &req.base, NULL,
+                                collector_on_msg, collector_on_done, &col, &call),
                      0);
     for (int round = 0; round < 20 && !col.done; round++) {
         assert_true(collector_wait(&col, col.paused || col.done, 5000));
@@ -165,8 +163,8 @@ static void unreachable_peer_fails_fast_with_unavailable(void **state)
     ProtobufCMessage *resp = NULL;
     char *message = NULL;
     int64_t t0 = rpc_now_ms();
-    rpc_code code = cli_unary_sync(ch, "/convo.test.Test/Echo", &req.base,
-                                   &convo__test__echo_reply__descriptor, &opts, &resp, &message);
+    rpc_code code =
+        cli_unary_sync(ch, &convo__test__test__echo__method, &req.base, &opts, &resp, &message);
     assert_int_equal(code, RPC_UNAVAILABLE);
     assert_true(rpc_now_ms() - t0 < 4000);
     mem_free(message);
@@ -183,13 +181,11 @@ static void destroy_with_calls_in_flight(void **state)
     Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;
     Convo__Test__CountRequest dreq = CONVO__TEST__COUNT_REQUEST__INIT;
     dreq.interval_ms = 5;
-    assert_int_equal(cli_unary(ch, "/convo.test.Test/Hang", &req.base,
-                               &convo__test__echo_reply__descriptor, NULL, collector_on_done, &hang,
-                               NULL),
+    assert_int_equal(cli_unary(ch, &convo__test__test__hang__method, &req.base, NULL,
+                               collector_on_done, &hang, NULL),
                      0);
-    assert_int_equal(cli_stream(ch, "/convo.test.Test/Drip", &dreq.base,
-                                &convo__test__item__descriptor, NULL, collector_on_msg,
-                                collector_on_done, &drip, NULL),
+    assert_int_equal(cli_stream(ch, &convo__test__test__drip__method, &dreq.base, NULL,
+                                collector_on_msg, collector_on_done, &drip, NULL),
                      0);
     assert_true(collector_wait(&drip, drip.received >= 1, 5000));
     cli_destroy(&c);
@@ -240,8 +236,8 @@ static void on_parent_done(void *arg, rpc_code code, const char *message, Protob
     k->parent = pthread_self();
     Convo__Test__CountRequest req = CONVO__TEST__COUNT_REQUEST__INIT;
     req.count = 3;
-    if (cli_stream(k->ch, "/convo.test.Test/Count", &req.base, &convo__test__item__descriptor, NULL,
-                   on_child_msg, on_child_done, k, NULL) != 0)
+    if (cli_stream(k->ch, &convo__test__test__count__method, &req.base, NULL, on_child_msg,
+                   on_child_done, k, NULL) != 0)
         atomic_fetch_add(&k->done, 1);
     /* Time for the answer to arrive, were another thread free to take it. */
     usleep(3000);
@@ -259,9 +255,8 @@ static void calls_started_in_a_callback_stay_on_its_thread(void **state)
     for (int i = 0; i < N; i++) {
         memset(&chains[i], 0, sizeof chains[i]);
         chains[i].ch = ch;
-        assert_int_equal(cli_unary(ch, "/convo.test.Test/Echo", &req.base,
-                                   &convo__test__echo_reply__descriptor, NULL, on_parent_done,
-                                   &chains[i], NULL),
+        assert_int_equal(cli_unary(ch, &convo__test__test__echo__method, &req.base, NULL,
+                                   on_parent_done, &chains[i], NULL),
                          0);
     }
     for (int i = 0; i < N; i++) {
@@ -297,9 +292,8 @@ static void wait_for_ready_waits_for_a_late_server(void **state)
     Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;
     req.text = "late";
     cli_opts opts = {.timeout_ms = 15000, .wait_for_ready = 1};
-    assert_int_equal(cli_unary(ch, "/convo.test.Test/Echo", &req.base,
-                               &convo__test__echo_reply__descriptor, &opts, collector_on_done, &col,
-                               NULL),
+    assert_int_equal(cli_unary(ch, &convo__test__test__echo__method, &req.base, &opts,
+                               collector_on_done, &col, NULL),
                      0);
     usleep(300000);
     assert_false(col.done);

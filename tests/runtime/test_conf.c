@@ -15,8 +15,15 @@
     X(S, limit, INT, "limit", "TEST_LIMIT", "10", "a limit")                                       \
     X(S, verbose, BOOL, "verbose", NULL, "false", "say more")                                      \
     X(S, key, SECRET, "key", "TEST_KEY", "", "a credential")                                       \
-    X(S, peers, LIST, "peer", "TEST_PEERS", "", "repeatable")
+    X(S, peers, LIST, "peer", "TEST_PEERS", "", "repeatable")                                      \
+    X(S, workers, INT_IN(1, 8), "workers", "TEST_WORKERS", "2", "worker threads")                  \
+    X(S, offset, INT_IN(-5, 5), "offset", NULL, "0", "may be negative")                            \
+    X(S, floor, INT_IN(3, CONF_NO_MAX), "floor", NULL, "3", "three or more")
 CONF_DECLARE(test_opts, OPTS)
+
+/* A table whose own default is out of its range: a bug in the program. */
+#define BAD_DEFAULT(X, S) X(S, n, INT_IN(1, 4), "n", NULL, "0", "one to four")
+CONF_DECLARE(bad_default_opts, BAD_DEFAULT)
 
 static int parse(test_opts *o, int argc, char **argv)
 {
@@ -153,6 +160,73 @@ static int parse_capturing(test_opts *o, int argc, char **argv, int which, char 
     return rc;
 }
 
+static void ranges_are_checked_once_with_one_message(void **state)
+{
+    test_opts o = {0};
+    char err[4096];
+    char *ends[] = {"test", "--workers", "1", "--offset=-5", "--floor", "9000000000", NULL};
+    assert_int_equal(parse(&o, 6, ends), 0);
+    assert_int_equal(o.workers, 1);
+    assert_int_equal(o.offset, -5);
+    assert_int_equal(o.floor, 9000000000LL);
+    release(&o);
+    char *top[] = {"test", "--workers=8", "--offset", "5", NULL};
+    assert_int_equal(parse(&o, 4, top), 0);
+    assert_int_equal(o.workers, 8);
+    assert_int_equal(o.offset, 5);
+    release(&o);
+
+    char *zero[] = {"test", "--workers", "0", NULL};
+    assert_int_equal(parse_capturing(&o, 3, zero, 2, err, sizeof err), -1);
+    assert_non_null(strstr(err, "test: --workers: '0' is not an integer from 1 to 8"));
+    release(&o);
+    char *over[] = {"test", "--workers=9", NULL};
+    assert_int_equal(parse_capturing(&o, 2, over, 2, err, sizeof err), -1);
+    assert_non_null(strstr(err, "--workers: '9' is not an integer from 1 to 8"));
+    release(&o);
+    char *text[] = {"test", "--workers=two", NULL};
+    assert_int_equal(parse_capturing(&o, 2, text, 2, err, sizeof err), -1);
+    assert_non_null(strstr(err, "--workers: 'two' is not an integer from 1 to 8"));
+    release(&o);
+    char *low[] = {"test", "--offset=-6", NULL};
+    assert_int_equal(parse_capturing(&o, 2, low, 2, err, sizeof err), -1);
+    assert_non_null(strstr(err, "--offset: '-6' is not an integer from -5 to 5"));
+    release(&o);
+    char *floor[] = {"test", "--floor", "2", NULL};
+    assert_int_equal(parse_capturing(&o, 3, floor, 2, err, sizeof err), -1);
+    assert_non_null(strstr(err, "--floor: '2' is not an integer of at least 3"));
+    release(&o);
+    char *huge[] = {"test", "--floor", "99999999999999999999", NULL};
+    assert_int_equal(parse_capturing(&o, 3, huge, 2, err, sizeof err), -1);
+    assert_non_null(strstr(err, "is not an integer of at least 3"));
+    release(&o);
+    /* The environment is held to the same range, named as its variable. */
+    setenv("TEST_WORKERS", "100", 1);
+    char *none[] = {"test", NULL};
+    assert_int_equal(parse_capturing(&o, 1, none, 2, err, sizeof err), -1);
+    assert_non_null(strstr(err, "TEST_WORKERS: --workers: '100' is not an integer from 1 to 8"));
+    release(&o);
+    unsetenv("TEST_WORKERS");
+    /* A default outside its own range stops the program at once. */
+    bad_default_opts b = {0};
+    conf_section sec = CONF_SECTION(bad_default_opts, &b);
+    assert_int_equal(conf_parse(1, none, "test", "a test", &sec, 1), -1);
+    conf_free(&sec, 1);
+}
+
+static void help_shows_the_ranges(void **state)
+{
+    test_opts o = {0};
+    char out[8192];
+    char *argv[] = {"test", "--help", NULL};
+    assert_int_equal(parse_capturing(&o, 2, argv, 1, out, sizeof out), 1);
+    assert_non_null(strstr(out, "worker threads [1 to 8]"));
+    assert_non_null(strstr(out, "may be negative [-5 to 5]"));
+    assert_non_null(strstr(out, "three or more [at least 3]"));
+    assert_null(strstr(out, "a limit ["));
+    release(&o);
+}
+
 static void secret_from_env_or_file(void **state)
 {
     setenv("TEST_KEY", "from-env", 1);
@@ -267,6 +341,8 @@ int main(void)
         cmocka_unit_test(env_overrides_default_and_flag_overrides_env),
         cmocka_unit_test(separate_value_and_bool_value),
         cmocka_unit_test(bad_values_are_refused),
+        cmocka_unit_test(ranges_are_checked_once_with_one_message),
+        cmocka_unit_test(help_shows_the_ranges),
         cmocka_unit_test(a_list_flag_repeats_and_replaces_the_environment),
         cmocka_unit_test(help_and_version_stop_the_program),
         cmocka_unit_test(secret_from_env_or_file),

@@ -69,15 +69,19 @@ static long long sample(metrics *m, const char *prefix)
     return v;
 }
 
-static rpc_code echo(cli_channel *ch, int code, int64_t timeout_ms, const char *method)
+/* A method the server does not have. */
+static const rpc_method nope = {"/convo.test.Test/Nope", RPC_UNARY,
+                                &convo__test__echo_request__descriptor,
+                                &convo__test__echo_reply__descriptor};
+
+static rpc_code echo(cli_channel *ch, int code, int64_t timeout_ms, const rpc_method *method)
 {
     Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;
     req.text = "hi";
     req.code = code;
     cli_opts opts = {.timeout_ms = timeout_ms};
     ProtobufCMessage *resp = NULL;
-    rpc_code rc = cli_unary_sync(ch, method, &req.base, &convo__test__echo_reply__descriptor, &opts,
-                                 &resp, NULL);
+    rpc_code rc = cli_unary_sync(ch, method, &req.base, &opts, &resp, NULL);
     if (resp != NULL)
         protobuf_c_message_free_unpacked(resp, NULL);
     return rc;
@@ -89,18 +93,18 @@ static void calls_counted_by_method_and_code(void **state)
     cli_set_metrics(c, client_metrics);
     cli_channel *ch = cli_channel_create(c, target, 0, NULL, NULL, 0);
     for (int i = 0; i < 3; i++)
-        assert_int_equal(echo(ch, 0, 5000, "/convo.test.Test/Echo"), RPC_OK);
+        assert_int_equal(echo(ch, 0, 5000, &convo__test__test__echo__method), RPC_OK);
     for (int i = 0; i < 2; i++)
-        assert_int_equal(echo(ch, RPC_NOT_FOUND, 5000, "/convo.test.Test/Echo"), RPC_NOT_FOUND);
-    assert_int_equal(echo(ch, 0, 5000, "/convo.test.Test/Nope"), RPC_UNIMPLEMENTED);
+        assert_int_equal(echo(ch, RPC_NOT_FOUND, 5000, &convo__test__test__echo__method),
+                         RPC_NOT_FOUND);
+    assert_int_equal(echo(ch, 0, 5000, &nope), RPC_UNIMPLEMENTED);
 
     collector col;
     collector_init(&col);
     Convo__Test__CountRequest req = CONVO__TEST__COUNT_REQUEST__INIT;
     req.count = 50;
-    assert_int_equal(cli_stream(ch, "/convo.test.Test/Count", &req.base,
-                                &convo__test__item__descriptor, NULL, collector_on_msg,
-                                collector_on_done, &col, NULL),
+    assert_int_equal(cli_stream(ch, &convo__test__test__count__method, &req.base, NULL,
+                                collector_on_msg, collector_on_done, &col, NULL),
                      0);
     assert_true(collector_wait(&col, col.done, 5000));
     assert_int_equal(col.code, RPC_OK);
@@ -163,9 +167,8 @@ static void in_flight_and_deadlines(void **state)
     collector_init(&col);
     Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;
     cli_opts opts = {.timeout_ms = 1500};
-    assert_int_equal(cli_unary(ch, "/convo.test.Test/Hang", &req.base,
-                               &convo__test__echo_reply__descriptor, &opts, collector_on_done, &col,
-                               NULL),
+    assert_int_equal(cli_unary(ch, &convo__test__test__hang__method, &req.base, &opts,
+                               collector_on_done, &col, NULL),
                      0);
     int seen = 0;
     for (int i = 0; i < 100 && !seen; i++) {

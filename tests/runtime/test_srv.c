@@ -11,7 +11,7 @@
 
 #include "cli.h"
 #include "collector.h"
-#include "grpc/health/v1/health.pb-c.h"
+#include "convo_methods.h"
 #include "health.h"
 #include "mem.h"
 #include "testsvc_server.h"
@@ -20,8 +20,7 @@ static Convo__Test__EchoReply *echo(cli_channel *ch, Convo__Test__EchoRequest *r
                                     char **message, const cli_opts *opts)
 {
     ProtobufCMessage *resp = NULL;
-    *code = cli_unary_sync(ch, "/convo.test.Test/Echo", &req->base,
-                           &convo__test__echo_reply__descriptor, opts, &resp, message);
+    *code = cli_unary_sync(ch, &convo__test__test__echo__method, &req->base, opts, &resp, message);
     return (Convo__Test__EchoReply *)resp;
 }
 
@@ -60,8 +59,10 @@ static void unary_and_status_mapping(void **state)
 
     /* An unregistered method. */
     ProtobufCMessage *resp = NULL;
-    code = cli_unary_sync(ch, "/convo.test.Test/Nope", &req.base,
-                          &convo__test__echo_reply__descriptor, &opts, &resp, &message);
+    static const rpc_method nope = {"/convo.test.Test/Nope", RPC_UNARY,
+                                    &convo__test__echo_request__descriptor,
+                                    &convo__test__echo_reply__descriptor};
+    code = cli_unary_sync(ch, &nope, &req.base, &opts, &resp, &message);
     assert_int_equal(code, RPC_UNIMPLEMENTED);
     mem_free(message);
 
@@ -77,7 +78,8 @@ static void undecodable_request_is_invalid_argument(void **state)
     cli *c = cli_create(1, 0);
     cli_channel *ch = cli_channel_create(c, t.target, 0, NULL, NULL, 0);
     /* An Item sent to Echo: its field 2 is length-delimited bytes where
-     * EchoRequest has an int32, so it is not a valid EchoRequest. */
+     * EchoRequest has an int32, so it is not a valid EchoRequest. Our own
+     * client refuses to send it (the method says what it takes)... */
     Convo__Test__Item item = CONVO__TEST__ITEM__INIT;
     uint8_t junk[3] = {1, 2, 3};
     item.payload.data = junk;
@@ -85,11 +87,26 @@ static void undecodable_request_is_invalid_argument(void **state)
     ProtobufCMessage *resp = NULL;
     char *message = NULL;
     cli_opts opts = {.timeout_ms = 5000};
-    rpc_code code = cli_unary_sync(ch, "/convo.test.Test/Echo", &item.base,
-                                   &convo__test__echo_reply__descriptor, &opts, &resp, &message);
+    assert_int_equal(cli_unary(ch, &convo__test__test__echo__method, &item.base, &opts,
+                               collector_on_done, NULL, NULL),
+                     RPC_EARG);
+    /* ... so a client that claims Echo takes an Item stands for any other. */
+    static const rpc_method echo_items = {"/convo.test.Test/Echo", RPC_UNARY,
+                                          &convo__test__item__descriptor,
+                                          &convo__test__echo_reply__descriptor};
+    rpc_code code = cli_unary_sync(ch, &echo_items, &item.base, &opts, &resp, &message);
     assert_int_equal(code, RPC_INVALID_ARGUMENT);
     assert_non_null(strstr(message, "convo.test.EchoRequest"));
     mem_free(message);
+    /* A unary call of a streaming method, and a stream of a unary one. */
+    Convo__Test__CountRequest count = CONVO__TEST__COUNT_REQUEST__INIT;
+    Convo__Test__EchoRequest echo_req = CONVO__TEST__ECHO_REQUEST__INIT;
+    assert_int_equal(cli_unary(ch, &convo__test__test__count__method, &count.base, &opts,
+                               collector_on_done, NULL, NULL),
+                     RPC_EARG);
+    assert_int_equal(cli_stream(ch, &convo__test__test__echo__method, &echo_req.base, &opts,
+                                collector_on_msg, collector_on_done, NULL, NULL),
+                     RPC_EARG);
     cli_destroy(&c);
     testsvc_server_stop(&t);
 }
@@ -108,9 +125,8 @@ static void stream_100k_in_order(void **state)
     req.count = 100000;
     req.payload_bytes = 16;
     cli_opts opts = {.timeout_ms = 120000};
-    assert_int_equal(cli_stream(ch, "/convo.test.Test/Count", &req.base,
-                                &convo__test__item__descriptor, &opts, collector_on_msg,
-                                collector_on_done, &col, NULL),
+    assert_int_equal(cli_stream(ch, &convo__test__test__count__method, &req.base, &opts,
+                                collector_on_msg, collector_on_done, &col, NULL),
                      0);
     assert_true(collector_wait(&col, col.done, 120000));
     assert_int_equal(col.code, RPC_OK);
@@ -125,57 +141,101 @@ static void on_nothing(srv_call *call, const ProtobufCMessage *req)
     srv_call_finish(call, RPC_OK, NULL, NULL);
 }
 
+/* Methods no .proto file has, for registrations the server must refuse or
+ * take. */
+static const rpc_method client_stream_z = {"/x.Y/Z", RPC_CLIENT_STREAM,
+                                           &convo__test__item__descriptor,
+                                           &convo__test__echo_reply__descriptor};
+static const rpc_method no_slash_z = {"x.Y/Z", RPC_UNARY, &convo__test__item__descriptor,
+                                      &convo__test__echo_reply__descriptor};
+static const rpc_method bidi_z = {"/x.Y/Bidi", RPC_BIDI_STREAM, &convo__test__item__descriptor,
+                                  &convo__test__item__descriptor};
+static const rpc_method callers_z = {"/x.Y/Callers", RPC_UNARY,
+                                     &convo__test__echo_request__descriptor,
+                                     &convo__test__echo_reply__descriptor};
+static const rpc_method good_z[] = {
+    {"/x.Y/Good0", RPC_UNARY, &convo__test__echo_request__descriptor,
+     &convo__test__echo_reply__descriptor},
+    {"/x.Y/Good1", RPC_UNARY, &convo__test__echo_request__descriptor,
+     &convo__test__echo_reply__descriptor},
+    {"/x.Y/Good2", RPC_UNARY, &convo__test__echo_request__descriptor,
+     &convo__test__echo_reply__descriptor},
+    {"/x.Y/Good3", RPC_UNARY, &convo__test__echo_request__descriptor,
+     &convo__test__echo_reply__descriptor},
+};
+
 static void bad_registrations_are_refused(void **state)
 {
     srv_opts o = testsvc_default_opts();
     srv *s = srv_create("t", "127.0.0.1:0", &o);
-    srv_method bad = {"/x.Y/Z",
-                      SRV_CLIENT_STREAM,
-                      &convo__test__item__descriptor,
-                      &convo__test__echo_reply__descriptor,
-                      NULL,
-                      NULL,
-                      NULL};
+    /* Client streaming without its message and end handlers. */
+    srv_method bad = {&client_stream_z, NULL, NULL, NULL, "*"};
     assert_int_equal(srv_add_method(s, &bad, NULL), RPC_EARG);
-    srv_method no_slash = {"x.Y/Z",
-                           SRV_UNARY,
-                           &convo__test__item__descriptor,
-                           &convo__test__echo_reply__descriptor,
-                           NULL,
-                           NULL,
-                           NULL};
+    srv_method no_slash = {&no_slash_z, on_nothing, NULL, NULL, "*"};
     assert_int_equal(srv_add_method(s, &no_slash, NULL), RPC_EARG);
+    srv_method no_method = {NULL, on_nothing, NULL, NULL, "*"};
+    assert_int_equal(srv_add_method(s, &no_method, NULL), RPC_EARG);
+    srv_method bidi = {&bidi_z, on_nothing, NULL, NULL, "*"};
+    assert_int_equal(srv_add_method(s, &bidi, NULL), RPC_EARG);
     /* Every method names its callers; a list that names nobody, or names
      * what no certificate could, is refused rather than left open. */
     const char *bad_callers[] = {NULL,       "",          "  ", "Gateway", "gateway.convo.svc",
                                  "gate_way", "gateway *x"};
     for (size_t i = 0; i < sizeof bad_callers / sizeof bad_callers[0]; i++) {
-        srv_method m = {"/x.Y/Callers",
-                        SRV_UNARY,
-                        &convo__test__echo_request__descriptor,
-                        &convo__test__echo_reply__descriptor,
-                        on_nothing,
-                        NULL,
-                        NULL,
-                        bad_callers[i]};
+        srv_method m = {&callers_z, on_nothing, NULL, NULL, bad_callers[i]};
         assert_int_equal(srv_add_method(s, &m, NULL), RPC_EARG);
     }
     const char *good_callers[] = {"*", "gateway", " gateway  llm-svc admin ", "gateway *"};
     for (size_t i = 0; i < sizeof good_callers / sizeof good_callers[0]; i++) {
-        char path[32];
-        snprintf(path, sizeof path, "/x.Y/Good%zu", i);
-        srv_method m = {path,
-                        SRV_UNARY,
-                        &convo__test__echo_request__descriptor,
-                        &convo__test__echo_reply__descriptor,
-                        on_nothing,
-                        NULL,
-                        NULL,
-                        good_callers[i]};
+        srv_method m = {&good_z[i], on_nothing, NULL, NULL, good_callers[i]};
         assert_int_equal(srv_add_method(s, &m, NULL), 0);
     }
     srv_destroy(&s);
     assert_null(s);
+}
+
+/* A handler that answers Wrong with another message than its response. */
+static const rpc_method wrong_z = {"/convo.test.Test/Wrong", RPC_UNARY,
+                                   &convo__test__echo_request__descriptor,
+                                   &convo__test__echo_reply__descriptor};
+
+static void on_wrong(srv_call *call, const ProtobufCMessage *req)
+{
+    Convo__Test__Item item = CONVO__TEST__ITEM__INIT;
+    srv_call_finish(call, RPC_OK, NULL, &item.base);
+}
+
+static void *run_server(void *arg)
+{
+    srv_run(arg);
+    return NULL;
+}
+
+static void wrong_response_type_is_internal(void **state)
+{
+    srv_opts o = testsvc_default_opts();
+    srv *s = srv_create("t", "127.0.0.1:0", &o);
+    srv_method m = {&wrong_z, on_wrong, NULL, NULL, "*"};
+    assert_int_equal(srv_add_method(s, &m, NULL), 0);
+    assert_int_equal(srv_start(s), 0);
+    pthread_t run;
+    assert_int_equal(pthread_create(&run, NULL, run_server, s), 0);
+    char target[64];
+    snprintf(target, sizeof target, "127.0.0.1:%d", srv_port(s));
+    cli *c = cli_create(1, 0);
+    cli_channel *ch = cli_channel_create(c, target, 0, NULL, NULL, 0);
+    Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;
+    ProtobufCMessage *resp = NULL;
+    char *message = NULL;
+    cli_opts opts = {.timeout_ms = 5000, .wait_for_ready = 1};
+    assert_int_equal(cli_unary_sync(ch, &wrong_z, &req.base, &opts, &resp, &message), RPC_INTERNAL);
+    assert_null(resp);
+    assert_non_null(strstr(message, "wrong message type"));
+    mem_free(message);
+    cli_destroy(&c);
+    srv_stop(s);
+    pthread_join(run, NULL);
+    srv_destroy(&s);
 }
 
 static void call_limit_refuses_with_resource_exhausted(void **state)
@@ -191,9 +251,8 @@ static void call_limit_refuses_with_resource_exhausted(void **state)
     cli_call *calls[2];
     for (int i = 0; i < 2; i++) {
         collector_init(&hang[i]);
-        assert_int_equal(cli_unary(ch, "/convo.test.Test/Hang", &req.base,
-                                   &convo__test__echo_reply__descriptor, NULL, collector_on_done,
-                                   &hang[i], &calls[i]),
+        assert_int_equal(cli_unary(ch, &convo__test__test__hang__method, &req.base, NULL,
+                                   collector_on_done, &hang[i], &calls[i]),
                          0);
     }
     usleep(200000);
@@ -229,8 +288,7 @@ static int check_health(cli_channel *ch, const char *service, rpc_code *code)
     ProtobufCMessage *resp = NULL;
     cli_opts opts = {.timeout_ms = 5000};
     *code =
-        cli_unary_sync(ch, "/grpc.health.v1.Health/Check", &req.base,
-                       &grpc__health__v1__health_check_response__descriptor, &opts, &resp, NULL);
+        cli_unary_sync(ch, &grpc__health__v1__health__check__method, &req.base, &opts, &resp, NULL);
     int status = resp != NULL ? (int)((Grpc__Health__V1__HealthCheckResponse *)resp)->status : -1;
     if (resp != NULL)
         protobuf_c_message_free_unpacked(resp, NULL);
@@ -284,8 +342,7 @@ static void health_check_and_watch(void **state)
     watch_log *w = &wl;
     Grpc__Health__V1__HealthCheckRequest req = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
     req.service = "convo.test.Test";
-    assert_int_equal(cli_stream(ch, "/grpc.health.v1.Health/Watch", &req.base,
-                                &grpc__health__v1__health_check_response__descriptor, NULL,
+    assert_int_equal(cli_stream(ch, &grpc__health__v1__health__watch__method, &req.base, NULL,
                                 on_watch_msg, on_watch_done, w, NULL),
                      0);
     assert_true(collector_wait(w, w->n >= 1, 5000));
@@ -305,12 +362,6 @@ static void health_check_and_watch(void **state)
     assert_int_equal(w->code, RPC_UNAVAILABLE);
     cli_destroy(&c);
     testsvc_server_stop(&t);
-}
-
-static void *run_server(void *arg)
-{
-    srv_run(arg);
-    return NULL;
 }
 
 /* Health is attached through the server's hooks, not built in: a server
@@ -362,9 +413,8 @@ static void shutdown_lets_calls_finish_then_cancels_the_rest(void **state)
     collector_init(&drip);
     Convo__Test__CountRequest req = CONVO__TEST__COUNT_REQUEST__INIT;
     req.interval_ms = 5;
-    assert_int_equal(cli_stream(ch, "/convo.test.Test/Drip", &req.base,
-                                &convo__test__item__descriptor, NULL, collector_on_msg,
-                                collector_on_done, &drip, NULL),
+    assert_int_equal(cli_stream(ch, &convo__test__test__drip__method, &req.base, NULL,
+                                collector_on_msg, collector_on_done, &drip, NULL),
                      0);
     assert_true(collector_wait(&drip, drip.received >= 3, 5000));
 
@@ -421,9 +471,8 @@ static void shutdown_waits_for_a_short_stream(void **state)
     Convo__Test__CountRequest req = CONVO__TEST__COUNT_REQUEST__INIT;
     req.count = 5000;
     cli_call *call = NULL;
-    assert_int_equal(cli_stream(ch, "/convo.test.Test/Count", &req.base,
-                                &convo__test__item__descriptor, NULL, collector_on_msg,
-                                collector_on_done, &col, &call),
+    assert_int_equal(cli_stream(ch, &convo__test__test__count__method, &req.base, NULL,
+                                collector_on_msg, collector_on_done, &col, &call),
                      0);
     assert_true(collector_wait(&col, col.paused, 5000));
     pthread_t stopper;
@@ -466,6 +515,7 @@ int main(void)
         cmocka_unit_test(undecodable_request_is_invalid_argument),
         cmocka_unit_test(stream_100k_in_order),
         cmocka_unit_test(bad_registrations_are_refused),
+        cmocka_unit_test(wrong_response_type_is_internal),
         cmocka_unit_test(call_limit_refuses_with_resource_exhausted),
         cmocka_unit_test(health_check_and_watch),
         cmocka_unit_test(health_is_attached_not_built_in),

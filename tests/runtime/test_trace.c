@@ -262,8 +262,6 @@ static void options_are_checked(void **state)
         (const char *[]){"--otel-exporter-otlp-endpoint", "http://127.0.0.1:9",
                          "--otel-resource-attributes", "k=%zz", NULL},
         (const char *[]){"--otel-exporter-otlp-endpoint", "http://127.0.0.1:9",
-                         "--otel-bsp-max-queue-size", "0", NULL},
-        (const char *[]){"--otel-exporter-otlp-endpoint", "http://127.0.0.1:9",
                          "--otel-traces-exporter", "zipkin", NULL},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
@@ -272,6 +270,11 @@ static void options_are_checked(void **state)
             fail_msg("accepted case %zu", i);
         assert_null(e);
     }
+    /* A count below 1 is refused by conf, at the range of its table. */
+    otlp_opts o = {0};
+    conf_section sec = CONF_SECTION(otlp_opts, &o);
+    char *zero[] = {"test", "--otel-bsp-max-queue-size", "0", NULL};
+    assert_int_equal(conf_parse(3, zero, "test", "test", &sec, 1), -1);
 }
 
 /* A TCP port that takes connections and never answers: the kernel

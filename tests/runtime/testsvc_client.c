@@ -8,7 +8,7 @@
 #include "cli.h"
 #include "log.h"
 #include "mem.h"
-#include "testsvc.pb-c.h"
+#include "testsvc_methods.h"
 #include "tls.h"
 
 #include <stdio.h>
@@ -49,7 +49,7 @@ int main(int argc, char **argv)
     }
     cli *c = cli_create(1, 4 << 20);
     cli_use_tls(c, mtls);
-    static const char *const retry[] = {"/convo.test.Test/Echo", NULL};
+    static const rpc_method *const retry[] = {&convo__test__test__echo__method, NULL};
     cli_channel *ch =
         cli_channel_create(c, o.target, copts.round_robin, o.retry ? retry : NULL, err, sizeof err);
     int status = 0;
@@ -67,8 +67,8 @@ int main(int argc, char **argv)
         cli_opts co = {.timeout_ms = o.timeout_ms};
         ProtobufCMessage *resp = NULL;
         char *msg = NULL;
-        rpc_code code = cli_unary_sync(ch, "/convo.test.Test/Echo", &req.base,
-                                       &convo__test__echo_reply__descriptor, &co, &resp, &msg);
+        rpc_code code =
+            cli_unary_sync(ch, &convo__test__test__echo__method, &req.base, &co, &resp, &msg);
         printf("%s %s\n", rpc_code_name(code),
                code == RPC_OK ? ((Convo__Test__EchoReply *)resp)->text : msg);
         fflush(stdout);

@@ -230,16 +230,11 @@ void testsvc_register(srv *s)
     /* Under mutual TLS (tests/runtime/test_tls.py): Echo and Sum for two
      * named callers, the streams for any caller of the CA. */
     static const srv_method methods[] = {
-        {"/convo.test.Test/Echo", SRV_UNARY, &convo__test__echo_request__descriptor,
-         &convo__test__echo_reply__descriptor, on_echo, NULL, NULL, "gateway admin"},
-        {"/convo.test.Test/Count", SRV_SERVER_STREAM, &convo__test__count_request__descriptor,
-         &convo__test__item__descriptor, on_count, NULL, NULL, "*"},
-        {"/convo.test.Test/Hang", SRV_UNARY, &convo__test__echo_request__descriptor,
-         &convo__test__echo_reply__descriptor, on_hang, NULL, NULL, "*"},
-        {"/convo.test.Test/Drip", SRV_SERVER_STREAM, &convo__test__count_request__descriptor,
-         &convo__test__item__descriptor, on_drip, NULL, NULL, "*"},
-        {"/convo.test.Test/Sum", SRV_CLIENT_STREAM, &convo__test__item__descriptor,
-         &convo__test__echo_reply__descriptor, on_sum_start, on_sum_item, on_sum_end, "gateway"},
+        {&convo__test__test__echo__method, on_echo, NULL, NULL, "gateway admin"},
+        {&convo__test__test__count__method, on_count, NULL, NULL, "*"},
+        {&convo__test__test__hang__method, on_hang, NULL, NULL, "*"},
+        {&convo__test__test__drip__method, on_drip, NULL, NULL, "*"},
+        {&convo__test__test__sum__method, on_sum_start, on_sum_item, on_sum_end, "gateway"},
     };
     for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
         srv_add_method(s, &methods[i], NULL);

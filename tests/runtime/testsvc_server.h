@@ -8,7 +8,7 @@
 #include "srv.h"
 
 #include <pthread.h>
-#include "testsvc.pb-c.h"
+#include "testsvc_methods.h"
 
 /* Registers every Test method on `s` and starts the Drip ticker thread. */
 void testsvc_register(srv *s);

@@ -16,7 +16,7 @@
 #include "mem.h"
 #include "rpc.h"
 
-#include "convo/v1/store.pb-c.h"
+#include "convo_methods.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -100,9 +100,8 @@ static void send_next(writer *w)
     req.n_events = (size_t)n;
     req.events = w->ptrs;
     cli_opts opts = {.timeout_ms = 60000};
-    if (cli_unary(b->ch, "/convo.v1.Store/AppendEvents", &req.base,
-                  &convo__v1__append_events_response__descriptor, &opts, on_append_done, w,
-                  NULL) != 0) {
+    if (cli_unary(b->ch, &convo__v1__store__append_events__method, &req.base, &opts, on_append_done,
+                  w, NULL) != 0) {
         fprintf(stderr, "bench_store: cli_unary failed\n");
         exit(1);
     }
@@ -117,8 +116,7 @@ static int open_session(cli_channel *ch, const char *sid)
     ProtobufCMessage *resp = NULL;
     char *msg = NULL;
     rpc_code code =
-        cli_unary_sync(ch, "/convo.v1.Store/OpenSession", &req.base,
-                       &convo__v1__open_session_response__descriptor, &opts, &resp, &msg);
+        cli_unary_sync(ch, &convo__v1__store__open_session__method, &req.base, &opts, &resp, &msg);
     if (code != RPC_OK)
         fprintf(stderr, "bench_store: OpenSession %s: %s: %s\n", sid, rpc_code_name(code),
                 msg ? msg : "");
@@ -238,8 +236,8 @@ static double run_read(cli_channel *ch, char (*ids)[64], int n, long long expect
         pthread_mutex_lock(&r.mu);
         r.open++;
         pthread_mutex_unlock(&r.mu);
-        if (cli_stream(ch, "/convo.v1.Store/ListEvents", &req.base, &convo__v1__event__descriptor,
-                       &opts, on_event, on_stream_done, &r, NULL) != 0) {
+        if (cli_stream(ch, &convo__v1__store__list_events__method, &req.base, &opts, on_event,
+                       on_stream_done, &r, NULL) != 0) {
             fprintf(stderr, "bench_store: cli_stream failed\n");
             exit(1);
         }
