@@ -2,6 +2,7 @@
 
 #include "backoff.h"
 #include "convo_methods.h"
+#include "keep.h"
 #include "log.h"
 #include "mem.h"
 
@@ -77,6 +78,7 @@ struct evlog {
     void *settled_arg;
     int64_t batch_us;      /* when the AppendEvents in flight was sent (metrics) */
     trace_ref *last_trace; /* the last event's, shared by the next of the same span */
+    keep_entry keep;       /* renewed in the store while open there (keep.h) */
 };
 
 typedef struct reply {
@@ -292,6 +294,7 @@ static void handle_open(evlog *ev, reply *r)
         backoff_reset(&ev->retry);
         ev->next_seq = (resp->session != NULL ? resp->session->last_seq : 0) + 1;
         ev->flush_due = 1;
+        ev->keep.live = !ev->abandoned;
     } else if (retryable(r->code)) {
         retry_later(ev);
     } else {
@@ -348,6 +351,7 @@ static void handle_end(evlog *ev, reply *r)
     if (r->code == RPC_OK || r->code == RPC_NOT_FOUND) {
         ev->ended = 1;
         backoff_reset(&ev->retry);
+        ev->keep.live = 0;
     } else {
         retry_later(ev);
     }
@@ -389,6 +393,8 @@ static void start_open(evlog *ev)
     Convo__V1__OpenSessionRequest req = CONVO__V1__OPEN_SESSION_REQUEST__INIT;
     req.session_id = ev->session_id;
     req.user_id = ev->user_id;
+    /* Kept open while we renew it (keep.h); 0 without a lease. */
+    req.live_seconds = ev->g->keep != NULL ? (int32_t)ev->g->opts.session_lease_secs : 0;
     cli_opts o = store_opts(ev);
     ev->busy = 1;
     if (cli_unary(ev->g->store, &convo__v1__store__open_session__method, &req.base, &o,
@@ -529,6 +535,8 @@ evlog *evlog_create(gw *g, const char *session_id, const char *user_id, evlog_op
     ev->on_open = on_open;
     ev->arg = arg;
     backoff_init(&ev->retry, RETRY_FIRST_MS, RETRY_MAX_MS, BACKOFF_FULL);
+    ev->keep.session_id = ev->session_id;
+    keep_add(g->keep, &ev->keep);
     pump(ev);
     return ev;
 }
@@ -656,6 +664,7 @@ void evlog_destroy(evlog **evp)
     if (ev == NULL)
         return;
     *evp = NULL;
+    keep_remove(ev->g->keep, &ev->keep);
     ev->on_settled = NULL; /* its owner is going away */
     ev_timer_stop(ev->g->loop, &ev->timer);
     ev_timer_stop(ev->g->loop, &ev->closed_timer);

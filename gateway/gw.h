@@ -29,10 +29,12 @@
     X(S, listen, STR, "listen", "LISTEN_ADDR", "",                                                 \
       "HOST:PORT for HTTP and WebSocket; when empty, HOST (default 0.0.0.0) and PORT (default "    \
       "8000) from the environment, as in the seed")                                                \
-    X(S, router, STR, "router", "ROUTER_ADDR", "127.0.0.1:50051", "router-svc address")            \
-    X(S, llm, STR, "llm", "LLM_ADDR", "127.0.0.1:50052", "llm-svc address")                        \
-    X(S, store, STR, "store", "STORE_ADDR", "127.0.0.1:50053", "store-svc address")                \
-    X(S, summary, STR, "summary", "SUMMARY_ADDR", "127.0.0.1:50054", "summary-svc address")        \
+    X(S, router, STR, "router", "ROUTER_ADDR", "127.0.0.1:50051",                                  \
+      "router-svc: HOST:PORT, replicas IP:PORT,IP:PORT,... or dns:///NAME:PORT")                   \
+    X(S, llm, STR, "llm", "LLM_ADDR", "127.0.0.1:50052", "llm-svc: the same forms")                \
+    X(S, store, STR, "store", "STORE_ADDR", "127.0.0.1:50053", "store-svc: the same forms")        \
+    X(S, summary, STR, "summary", "SUMMARY_ADDR", "127.0.0.1:50054",                               \
+      "summary-svc: the same forms")                                                               \
     X(S, web_root, STR, "web-root", "WEB_ROOT", "",                                                \
       "folder of the web page served at /app/; empty: gateway/web of the source tree, or the "     \
       "installed copy")                                                                            \
@@ -68,6 +70,10 @@
     X(S, event_retry_ms, INT, "event-retry-ms", "EVENT_RETRY_MS", "600000",                        \
       "how long the events of a disconnected session are retried while store-svc is down "         \
       "before they are dropped (counted and logged)")                                              \
+    X(S, session_lease_secs, INT, "session-lease-seconds", "SESSION_LEASE_SECONDS", "60",          \
+      "how long store-svc keeps a session of this gateway open without word from it (renewed "     \
+      "every third of it); a gateway that dies leaves its sessions to be ended and summarized "    \
+      "this long after (0: never; they stay open until their client comes back)")                  \
     X(S, end_grace_ms, INT, "end-grace-ms", "END_GRACE_MS", "0",                                   \
       "after a disconnect, how long a session waits for a reconnect before it is ended and "       \
       "summarized")                                                                                \
@@ -158,6 +164,7 @@ struct lws_context;
 struct caller_rules;
 struct sess_table;
 struct ws_server;
+typedef struct keep keep;
 
 typedef struct gw_counters {
     atomic_long connections;           /* open WebSocket connections */
@@ -195,6 +202,7 @@ typedef struct gw {
     cli_channel *summary;
     struct ws_server *ws;        /* WebSocket connections (ws.h) */
     struct sess_table *sessions; /* sessions in memory (session.h) */
+    keep *keep;                  /* keeps them open in store-svc (keep.h); NULL: no lease */
     gw_counters counters;
     /* --event-buffer-total-bytes reached: no new message is taken (evlog.h;
      * loop thread). */

@@ -8,8 +8,10 @@
  * epoll is the difference. */
 #include "auth.h"
 #include "caller.h"
+#include "convo_methods.h"
 #include "evlog.h"
 #include "gw.h"
+#include "keep.h"
 #include "http.h"
 #include "lim.h"
 #include "log.h"
@@ -228,6 +230,44 @@ static int setup_callers(gw *g, const char *host)
     return 0;
 }
 
+/* The calls sent again when a replica fails them UNAVAILABLE before any
+ * answer (cli.h): the ones that change nothing, and Chat before its first
+ * event (nothing was shown or stored; what the dead replica asked the model
+ * is asked again). The event log's calls retry by themselves (evlog.c). */
+static const rpc_method *const router_retry[] = {&convo__v1__router__route__method, NULL};
+static const rpc_method *const llm_retry[] = {&convo__v1__llm__chat__method, NULL};
+static const rpc_method *const store_retry[] = {
+    &convo__v1__store__get_session__method, &convo__v1__store__list_events__method,
+    &convo__v1__store__list_user_sessions__method, &convo__v1__store__keep_sessions_alive__method,
+    NULL};
+static const rpc_method *const summary_retry[] = {&convo__v1__summary__summarize__method,
+                                                  &convo__v1__summary__get_summary__method, NULL};
+
+/* The channels to the four services; -1 (logged) when an address is not
+ * valid. */
+static int open_channels(gw *g)
+{
+    struct {
+        cli_channel **ch;
+        const char *flag;
+        const char *addr;
+        const rpc_method *const *retry;
+    } peers[] = {{&g->router, "router", g->opts.router, router_retry},
+                 {&g->llm, "llm", g->opts.llm, llm_retry},
+                 {&g->store, "store", g->opts.store, store_retry},
+                 {&g->summary, "summary", g->opts.summary, summary_retry}};
+    char err[400];
+    for (size_t i = 0; i < sizeof peers / sizeof peers[0]; i++) {
+        *peers[i].ch = cli_channel_create(g->client, peers[i].addr, g->client_opts.round_robin,
+                                          peers[i].retry, err, sizeof err);
+        if (*peers[i].ch == NULL) {
+            log_error("--%s: %s", peers[i].flag, err);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     int rc = 1;
@@ -310,10 +350,10 @@ int main(int argc, char **argv)
     cli_use_tls(g.client, mtls);
     cli_set_metrics(g.client, g.metrics);
     cli_set_tracer(g.client, g.tracer);
-    g.router = cli_channel_create(g.client, g.opts.router, g.client_opts.round_robin);
-    g.llm = cli_channel_create(g.client, g.opts.llm, g.client_opts.round_robin);
-    g.store = cli_channel_create(g.client, g.opts.store, g.client_opts.round_robin);
-    g.summary = cli_channel_create(g.client, g.opts.summary, g.client_opts.round_robin);
+    if (open_channels(&g) != 0) {
+        rc = 2;
+        goto out;
+    }
 
     g.sessions = sess_table_create(&g);
     g.ws = ws_server_create(&g, sess_open, g.sessions);
@@ -356,6 +396,11 @@ int main(int argc, char **argv)
         goto out;
     }
     bridge_set_context(g.bridge, g.ctx);
+    if (keep_create(&g, &g.keep, err, sizeof err) != 0) {
+        log_error("%s", err);
+        rc = 2;
+        goto out;
+    }
     if (g.metrics != NULL && (sc = scrape_start(maddr, g.metrics, healthy, &g)) == NULL)
         goto out; /* scrape_start logged the address */
     ev_async_init(&run.stop_watcher, on_stop);
@@ -392,6 +437,7 @@ out:
     scrape_stop(&sc);
     if (g.client != NULL)
         cli_destroy(&g.client);
+    keep_destroy(&g.keep);
     if (g.ctx != NULL)
         lws_context_destroy(g.ctx);
     if (run.loop != NULL) {

@@ -2,6 +2,7 @@
  * (OPENAI_BASE_URL; the offline model for offline runs and tests) and runs
  * the tools, round after round. */
 #include "cli.h"
+#include "convo_methods.h"
 #include "conf.h"
 #include "endpoints.h"
 #include "health.h"
@@ -29,7 +30,8 @@
 #define MAIN_OPTS(X, S)                                                                            \
     X(S, listen, STR, "listen", "LISTEN_ADDR", "0.0.0.0:50052", "HOST:PORT to serve gRPC on")      \
     X(S, store, STR, "store", "STORE_ADDR", "127.0.0.1:50053",                                     \
-      "store-svc, for lookup_contextual_data")                                                     \
+      "store-svc, for lookup_contextual_data: HOST:PORT, replicas IP:PORT,IP:PORT,... or "         \
+      "dns:///NAME:PORT")                                                                          \
     X(S, knowledge_dir, STR, "knowledge-dir", "KNOWLEDGE_DIR", "",                                 \
       "the folder of Markdown/text documents fetch_internal_knowledge searches; empty: the "       \
       "shipped one (PREFIX/share/convo/knowledge beside the installed binary)")                    \
@@ -132,10 +134,21 @@ int main(int argc, char **argv)
     cli_use_tls(c, mtls);
     cli_set_metrics(c, m);
     cli_set_tracer(c, exp);
+    /* The tool's reads are sent again to another replica when one fails
+     * them UNAVAILABLE (cli.h). */
+    static const rpc_method *const store_retry[] = {&convo__v1__store__get_session__method,
+                                                    &convo__v1__store__list_user_sessions__method,
+                                                    NULL};
+    cli_channel *store =
+        cli_channel_create(c, mo.store, cc.round_robin, store_retry, err, sizeof err);
+    if (store == NULL) {
+        log_error("--store: %s", err);
+        status = 2;
+        goto out;
+    }
     t = tools_create();
     if (tool_knowledge_register(t, k) != 0 ||
-        tool_context_register(t, cli_channel_create(c, mo.store, cc.round_robin),
-                              mo.tool_timeout_ms) != 0) {
+        tool_context_register(t, store, mo.tool_timeout_ms) != 0) {
         log_error("cannot register the tools");
         goto out;
     }

@@ -7,17 +7,47 @@
 #include "rpcm.h"
 #include "trace.h"
 
+#include <arpa/inet.h>
+#include <ctype.h>
 #include <grpc/grpc_security.h>
 #include <grpc/support/time.h>
+#include <json-c/json.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* x-request-id, traceparent, tracestate and a caller's own. */
 #define MAX_META 10
 /* The least time a connection attempt (TCP and TLS) is given. */
 #define CONNECT_TIMEOUT_MS 5000
+/* The longest HOST:PORT of a peer address, and the longest address (a
+ * list of replicas). */
+#define ENTRY_MAX 300
+#define ADDR_MAX  8192
+#define PORT_MAX  65535
+/* A call of a method named safe to retry that fails UNAVAILABLE before any
+ * answer arrived (its replica died, or refused the connection) is sent
+ * again by the core, to the next replica under round robin: this many
+ * attempts in all (5, the most gRPC takes), each after a pause drawn up to
+ * the backoff (doubled each time, at most the maximum). A retry drawn
+ * early can still find the dead replica in the balancer's list, which
+ * learns of the broken connection a moment later: five attempts over up
+ * to 1.5 s outlast that moment even on a loaded machine. */
+#define RETRY_ATTEMPTS      5
+#define RETRY_BACKOFF       "0.1s"
+#define RETRY_BACKOFF_MAX   "0.8s"
+#define RETRY_BACKOFF_TIMES 2
+/* gRPC retry throttling, per channel: each failure takes a token, each
+ * success gives back a tenth; below half of the tokens no call is retried,
+ * so a peer that is down altogether is not sent every call three times.
+ * Half of the tokens is what may fail at once and still be retried: every
+ * call in flight on a replica that dies (at 10, the sixth of fifty routes
+ * in flight failed for good). 1000 is the most gRPC takes. */
+#define RETRY_THROTTLE_TOKENS 1000
+#define RETRY_THROTTLE_RATIO  0.1
 
 typedef struct cq_thread {
     cli *owner;
@@ -117,8 +147,228 @@ void cli_use_tls(cli *c, tls *t)
     c->tls = t;
 }
 
-cli_channel *cli_channel_create(cli *c, const char *target, int round_robin)
+/* ---- peer addresses -------------------------------------------------- */
+
+/* Targets the gRPC core resolves itself: passed on as they are. */
+static const char *const core_schemes[] = {"dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:"};
+
+typedef enum host_kind { HOST_NAME, HOST_IPV4, HOST_IPV6 } host_kind;
+
+static void fail(char *err, size_t errsize, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void fail(char *err, size_t errsize, const char *fmt, ...)
 {
+    if (err == NULL || errsize == 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errsize, fmt, ap);
+    va_end(ap);
+}
+
+/* One HOST:PORT (an IPv6 address in brackets): the port is 1-65535 and
+ * the host a name or an IP address, which *kind tells. Returns 0 or -1
+ * with the reason in err. */
+static int parse_entry(const char *entry, host_kind *kind, char *err, size_t errsize)
+{
+    size_t len = strlen(entry);
+    const char *colon = strrchr(entry, ':');
+    if (len == 0) {
+        fail(err, errsize, "an empty address (HOST:PORT expected)");
+        return -1;
+    }
+    if (len >= ENTRY_MAX || colon == NULL || colon == entry) {
+        fail(err, errsize, "'%s' is not HOST:PORT", entry);
+        return -1;
+    }
+    char *end;
+    long port = strtol(colon + 1, &end, 10);
+    if (!isdigit((unsigned char)colon[1]) || *end != '\0' || port < 1 || port > PORT_MAX) {
+        fail(err, errsize, "'%s' has no port of 1-65535 after its last ':'", entry);
+        return -1;
+    }
+    char host[ENTRY_MAX];
+    size_t hlen = (size_t)(colon - entry);
+    memcpy(host, entry, hlen);
+    host[hlen] = '\0';
+    unsigned char bin[sizeof(struct in6_addr)];
+    if (host[0] == '[') {
+        if (hlen < 3 || host[hlen - 1] != ']') {
+            fail(err, errsize, "'%s': an IPv6 address is written [ADDRESS]:PORT", entry);
+            return -1;
+        }
+        host[hlen - 1] = '\0';
+        if (inet_pton(AF_INET6, host + 1, bin) != 1) {
+            fail(err, errsize, "'%s' is not a valid IPv6 address and port", entry);
+            return -1;
+        }
+        *kind = HOST_IPV6;
+        return 0;
+    }
+    if (inet_pton(AF_INET, host, bin) == 1) {
+        *kind = HOST_IPV4;
+        return 0;
+    }
+    for (const char *p = host; *p; p++) {
+        if (!isalnum((unsigned char)*p) && *p != '-' && *p != '.' && *p != '_') {
+            fail(err, errsize,
+                 "'%s' is not HOST:PORT (a host is a name, an IPv4 address or [an IPv6 address])",
+                 entry);
+            return -1;
+        }
+    }
+    *kind = HOST_NAME;
+    return 0;
+}
+
+/* A list of replicas, IP addresses of one family, as the core's ipv4: or
+ * ipv6: target (it takes them comma-separated and resolves nothing) into
+ * *target, and its first address into *authority. Returns 0 or -1 with
+ * the reason in err; on failure nothing is returned. */
+static int list_target(const char *addr, char **target, char **authority, char *err, size_t errsize)
+{
+    char *copy = mem_strdup(addr);
+    char *out = mem_alloc(strlen(addr) + sizeof "ipv6:");
+    out[0] = '\0';
+    size_t max_entries = 1, n = 0;
+    for (const char *p = addr; *p; p++)
+        max_entries += *p == ',';
+    char **seen = mem_calloc(max_entries, sizeof *seen);
+    host_kind family = HOST_NAME;
+    int rc = -1;
+    for (char *e = copy, *next; e != NULL; e = next) {
+        next = strchr(e, ',');
+        if (next != NULL)
+            *next++ = '\0';
+        while (isspace((unsigned char)*e))
+            e++;
+        for (size_t k = strlen(e); k > 0 && isspace((unsigned char)e[k - 1]); k--)
+            e[k - 1] = '\0';
+        host_kind kind;
+        if (parse_entry(e, &kind, err, errsize) != 0)
+            goto out;
+        if (kind == HOST_NAME) {
+            fail(err, errsize,
+                 "'%s': a list of replicas takes IP addresses only (nothing resolves names in "
+                 "a list); for every address of a name use dns:///NAME:PORT",
+                 e);
+            goto out;
+        }
+        if (family != HOST_NAME && kind != family) {
+            fail(err, errsize, "'%s': a list is all IPv4 or all IPv6 addresses, not both", e);
+            goto out;
+        }
+        for (size_t i = 0; i < n; i++) {
+            if (strcmp(seen[i], e) == 0) {
+                fail(err, errsize, "'%s' is listed twice", e);
+                goto out;
+            }
+        }
+        seen[n++] = e;
+        strcat(out, family == HOST_NAME ? (kind == HOST_IPV4 ? "ipv4:" : "ipv6:") : ",");
+        strcat(out, e);
+        family = kind;
+    }
+    *authority = mem_strdup(seen[0]);
+    *target = out;
+    out = NULL;
+    rc = 0;
+out:
+    mem_free(seen);
+    mem_free(out);
+    mem_free(copy);
+    return rc;
+}
+
+/* The gRPC target of a peer address (see cli_channel_create) into *target,
+ * and for a list the authority its calls carry (the first address; the
+ * core would make one of the whole list) into *authority, else NULL; both
+ * mem_free'd by the caller. Returns 0 or -1 with the reason in err. */
+static int peer_target(const char *addr, char **target, char **authority, char *err, size_t errsize)
+{
+    *target = NULL;
+    *authority = NULL;
+    for (size_t i = 0; i < sizeof core_schemes / sizeof core_schemes[0]; i++) {
+        if (strncmp(addr, core_schemes[i], strlen(core_schemes[i])) == 0) {
+            *target = mem_strdup(addr);
+            return 0;
+        }
+    }
+    if (strlen(addr) >= ADDR_MAX) {
+        fail(err, errsize, "the address is longer than %d bytes", ADDR_MAX - 1);
+        return -1;
+    }
+    if (strchr(addr, ',') != NULL)
+        return list_target(addr, target, authority, err, errsize);
+    host_kind kind;
+    if (parse_entry(addr, &kind, err, errsize) != 0)
+        return -1;
+    *target = mem_strdup(addr);
+    return 0;
+}
+
+/* The service config (gRPC's JSON) that retries the methods of `retry`
+ * (see cli_channel_create), into *out (mem_free); NULL when there are
+ * none. Returns 0 or -1 with the path that is not /package.Service/Method
+ * in err. */
+static int retry_config(const rpc_method *const *retry, char **out, char *err, size_t errsize)
+{
+    *out = NULL;
+    if (retry == NULL || retry[0] == NULL)
+        return 0;
+    int rc = -1;
+    json_object *names = json_object_new_array();
+    for (const rpc_method *const *m = retry; *m != NULL; m++) {
+        const char *path = (*m)->path;
+        const char *slash = path[0] == '/' ? strchr(path + 1, '/') : NULL;
+        if (slash == NULL || slash == path + 1 || slash[1] == '\0' || strchr(slash + 1, '/')) {
+            fail(err, errsize, "'%s' is not a method path (/package.Service/Method)", path);
+            goto out;
+        }
+        json_object *name = json_object_new_object();
+        json_object_object_add(name, "service",
+                               json_object_new_string_len(path + 1, (int)(slash - path - 1)));
+        json_object_object_add(name, "method", json_object_new_string(slash + 1));
+        json_object_array_add(names, name);
+    }
+    json_object *policy = json_object_new_object();
+    json_object_object_add(policy, "maxAttempts", json_object_new_int(RETRY_ATTEMPTS));
+    json_object_object_add(policy, "initialBackoff", json_object_new_string(RETRY_BACKOFF));
+    json_object_object_add(policy, "maxBackoff", json_object_new_string(RETRY_BACKOFF_MAX));
+    json_object_object_add(policy, "backoffMultiplier", json_object_new_int(RETRY_BACKOFF_TIMES));
+    json_object *codes = json_object_new_array();
+    json_object_array_add(codes, json_object_new_string("UNAVAILABLE"));
+    json_object_object_add(policy, "retryableStatusCodes", codes);
+    json_object *method = json_object_new_object();
+    json_object_object_add(method, "name", json_object_get(names));
+    json_object_object_add(method, "retryPolicy", policy);
+    json_object *methods = json_object_new_array();
+    json_object_array_add(methods, method);
+    json_object *throttle = json_object_new_object();
+    json_object_object_add(throttle, "maxTokens", json_object_new_int(RETRY_THROTTLE_TOKENS));
+    json_object_object_add(throttle, "tokenRatio", json_object_new_double(RETRY_THROTTLE_RATIO));
+    json_object *config = json_object_new_object();
+    json_object_object_add(config, "methodConfig", methods);
+    json_object_object_add(config, "retryThrottling", throttle);
+    *out = mem_strdup(json_object_to_json_string_ext(config, JSON_C_TO_STRING_PLAIN));
+    json_object_put(config);
+    rc = 0;
+out:
+    json_object_put(names);
+    return rc;
+}
+
+cli_channel *cli_channel_create(cli *c, const char *addr, int round_robin,
+                                const rpc_method *const *retry, char *err, size_t errsize)
+{
+    char *target = NULL, *authority = NULL, *config = NULL;
+    if (retry_config(retry, &config, err, errsize) != 0)
+        return NULL;
+    if (peer_target(addr, &target, &authority, err, errsize) != 0) {
+        mem_free(config);
+        return NULL;
+    }
     rpc__args args;
     rpc__args_init(&args, c->max_message_bytes);
     /* A restarted peer is found again within seconds, not the core's
@@ -137,14 +387,23 @@ cli_channel *cli_channel_create(cli *c, const char *target, int round_robin)
     rpc__args_int(&args, GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
     if (round_robin)
         rpc__args_str(&args, GRPC_ARG_LB_POLICY_NAME, "round_robin");
+    if (authority != NULL)
+        rpc__args_str(&args, GRPC_ARG_DEFAULT_AUTHORITY, authority);
+    if (config != NULL) {
+        rpc__args_int(&args, GRPC_ARG_ENABLE_RETRIES, 1);
+        rpc__args_str(&args, GRPC_ARG_SERVICE_CONFIG, config);
+    }
     grpc_channel_args cargs = rpc__args_get(&args);
     grpc_channel_credentials *creds = tls__channel_credentials(c->tls);
 
     cli_channel *ch = mem_calloc(1, sizeof *ch);
     ch->c = c;
-    ch->target = mem_strdup(target);
+    ch->target = mem_strdup(addr);
     ch->channel = grpc_channel_create(target, creds, &cargs);
     grpc_channel_credentials_release(creds);
+    mem_free(target);
+    mem_free(authority);
+    mem_free(config);
     pthread_mutex_lock(&c->mu);
     ch->next = c->channels;
     c->channels = ch;

@@ -36,8 +36,9 @@
       "completion-queue threads of the gRPC client (calls to other services); one runs every "     \
       "callback of every call in order on one thread")                                             \
     X(S, round_robin, BOOL, "grpc-round-robin", "GRPC_ROUND_ROBIN", "false",                       \
-      "spread calls over every address a service name resolves to (use with dns:///NAME:PORT "     \
-      "and Kubernetes headless Services)")
+      "spread calls over every address of a peer: each IP of a list (IP:PORT,IP:PORT) or of a "    \
+      "name (dns:///NAME:PORT, Kubernetes headless Services); without it the first address "       \
+      "that answers takes every call and the others stand by")
 CONF_DECLARE(cli_conf, CLI_OPTS)
 
 typedef struct cli cli;
@@ -91,10 +92,25 @@ void cli_set_metrics(cli *c, metrics *m);
  * client. */
 void cli_set_tracer(cli *c, otlp *e);
 
-/* A channel to "HOST:PORT" (or any gRPC target, e.g. "dns:///svc:50051").
- * `round_robin` spreads calls over every address the name resolves to (for
- * Kubernetes headless Services). Owned by the client; freed with it. */
-cli_channel *cli_channel_create(cli *c, const char *target, int round_robin);
+/* A channel to a peer `addr`, written as a peer flag takes it:
+ *   HOST:PORT                 one address; a name is resolved by DNS;
+ *   IP:PORT,IP:PORT,...       replicas at fixed addresses (all IPv4, or all
+ *                             IPv6 as [IP]:PORT; no names, no repeats);
+ *   a gRPC target URI         dns:///NAME:PORT (every address of a name),
+ *                             ipv4:..., ipv6:..., unix:PATH, as the core
+ *                             takes them.
+ * `round_robin` spreads calls over every address (a replica that refuses
+ * connections is skipped until it is back); otherwise the first that
+ * answers takes them all. `retry` (NULL-terminated, or NULL) lists the
+ * methods (&convo__v1__router__route__method) safe to send again: a call of one
+ * that fails UNAVAILABLE before any response message arrived is retried
+ * (by the core, on the next replica; a stream never once a message was
+ * received). Owned by the client; freed with it. Returns NULL when addr
+ * is none of the above or a method path is malformed, with the reason in
+ * err. */
+cli_channel *cli_channel_create(cli *c, const char *addr, int round_robin,
+                                const rpc_method *const *retry, char *err, size_t errsize);
+/* The address the channel was created with, as given. */
 const char *cli_channel_target(const cli_channel *ch);
 
 /* Starts a call of a unary method (convo_methods.h; the response is decoded

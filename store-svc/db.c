@@ -272,6 +272,9 @@ enum {
     ST_APPEND,
     ST_APPEND_GROUP,
     ST_LIST_EVENTS,
+    ST_OPEN_RESUME,
+    ST_KEEP_ALIVE,
+    ST_END_ABANDONED,
     ST_N
 };
 
@@ -289,6 +292,9 @@ static const char *const statement_names[ST_N] = {
     [ST_APPEND] = "append_events",
     [ST_APPEND_GROUP] = "append_events_group",
     [ST_LIST_EVENTS] = "list_events",
+    [ST_OPEN_RESUME] = "open_session_resume",
+    [ST_KEEP_ALIVE] = "keep_sessions_alive",
+    [ST_END_ABANDONED] = "end_abandoned_sessions",
 };
 
 #define DB_METRICS(X, S)                                                                           \
@@ -489,20 +495,27 @@ int db_get_session(db_conn *c, const char *session_id, db_session *out)
     return found ? 0 : DB_ENOTFOUND;
 }
 
-int db_open_session(db_conn *c, const char *session_id, const char *user_id, db_session *out,
-                    int *created)
+/* The live_until a session opened or kept alive with $3 seconds gets:
+ * none for 0 (only EndSession ends it). */
+#define LIVE_UNTIL "CASE WHEN $3::int4 > 0 THEN now() + $3::int4 * interval '1 second' END"
+
+int db_open_session(db_conn *c, const char *session_id, const char *user_id, int32_t live_seconds,
+                    db_session *out, int *created)
 {
-    const char *vals[] = {session_id, user_id};
+    char live[16];
+    snprintf(live, sizeof live, "%d", (int)live_seconds);
+    const char *vals[] = {session_id, user_id, live};
     int found, rc;
     *created = 0;
     /* A session deleted between the steps sends us round again; a few
      * rounds are plenty (each step is a fresh snapshot). */
     for (int round = 0; round < 3; round++) {
         rc = one_session(c, ST_OPEN_INSERT, "OpenSession(insert)",
-                         "INSERT INTO sessions (session_id, user_id, summary_status) "
-                         "VALUES ($1, $2, 'none') ON CONFLICT (session_id) DO NOTHING "
+                         "INSERT INTO sessions (session_id, user_id, summary_status, live_until) "
+                         "VALUES ($1, $2, 'none', " LIVE_UNTIL
+                         ") ON CONFLICT (session_id) DO NOTHING "
                          "RETURNING " SESSION_COLS,
-                         2, vals, out, &found);
+                         3, vals, out, &found);
         if (rc != 0)
             return rc;
         if (found) {
@@ -515,12 +528,24 @@ int db_open_session(db_conn *c, const char *session_id, const char *user_id, db_
         rc = one_session(c, ST_OPEN_REOPEN, "OpenSession(reopen)",
                          "UPDATE sessions SET end_time = NULL, duration_seconds = NULL, "
                          "summary_status = 'none', summary_error = NULL, summary_attempts = 0, "
-                         "summary_lease_owner = NULL, summary_lease_until = NULL "
+                         "summary_lease_owner = NULL, summary_lease_until = NULL, "
+                         "live_until = " LIVE_UNTIL " "
                          "WHERE session_id = $1 AND user_id = $2 AND end_time IS NOT NULL "
                          "RETURNING " SESSION_COLS,
-                         2, vals, out, &found);
+                         3, vals, out, &found);
         if (rc != 0 || found)
             return rc;
+        /* Live: its new writer (a resume on another gateway, say) keeps it
+         * open from now on. */
+        if (live_seconds > 0) {
+            rc = one_session(c, ST_OPEN_RESUME, "OpenSession(resume)",
+                             "UPDATE sessions SET live_until = " LIVE_UNTIL " "
+                             "WHERE session_id = $1 AND user_id = $2 AND end_time IS NULL "
+                             "RETURNING " SESSION_COLS,
+                             3, vals, out, &found);
+            if (rc != 0 || found)
+                return rc;
+        }
         rc = db_get_session(c, session_id, out);
         if (rc == DB_ENOTFOUND)
             continue;
@@ -547,7 +572,7 @@ int db_end_session(db_conn *c, const char *session_id, const char *user_id, int6
         c, ST_END, "EndSession",
         "UPDATE sessions SET end_time = t.ts, "
         "duration_seconds = GREATEST(0, floor(extract(epoch FROM (t.ts - start_time))))::int4, "
-        "summary_status = 'pending', summary_error = NULL "
+        "summary_status = 'pending', summary_error = NULL, live_until = NULL "
         /* 0 means now; otherwise microseconds since the epoch, exactly (a
          * double through to_timestamp() would lose the last microsecond). */
         "FROM (SELECT CASE WHEN $2::int8 = 0 THEN now() ELSE 'epoch'::timestamptz + "
@@ -748,6 +773,77 @@ static void arr_header(const arr *a, uint32_t elem_oid, uint32_t n)
 {
     uint32_t h[5] = {htonl(1), htonl(0), htonl(elem_oid), htonl(n), htonl(1)};
     memcpy(a->data, h, sizeof h);
+}
+
+/* ---- keeping sessions alive ----------------------------------------------- */
+
+int db_keep_alive(db_conn *c, const char *const *ids, size_t n, int32_t live_seconds,
+                  uint32_t *kept)
+{
+    arr a;
+    size_t bytes = ARR_HEADER;
+    for (size_t i = 0; i < n; i++)
+        bytes += 4 + strlen(ids[i]);
+    arr_init(&a, bytes);
+    for (size_t i = 0; i < n; i++) {
+        arr_put_u32(&a, (uint32_t)strlen(ids[i]));
+        arr_put(&a, ids[i], strlen(ids[i]));
+    }
+    arr_header(&a, OID_TEXT, (uint32_t)n);
+    char live[16];
+    snprintf(live, sizeof live, "%d", (int)live_seconds);
+    const Oid types[] = {OID_TEXT_ARRAY, OID_INT4};
+    const char *vals[] = {a.data, live};
+    const int lens[] = {(int)a.len, 0};
+    const int fmts[] = {1, 0};
+    int rc;
+    *kept = 0;
+    /* Only sessions opened with a lease: one opened without it is ended by
+     * EndSession alone, whoever keeps it. */
+    PGresult *r = exec(c, ST_KEEP_ALIVE, "KeepSessionsAlive",
+                       "UPDATE sessions SET live_until = now() + $2::int4 * interval '1 second' "
+                       "WHERE session_id = ANY($1::text[]) AND end_time IS NULL "
+                       "AND live_until IS NOT NULL",
+                       2, types, vals, lens, fmts, &rc);
+    mem_free(a.data);
+    if (r == NULL)
+        return rc;
+    *kept = (uint32_t)strtoul(PQcmdTuples(r), NULL, 10);
+    PQclear(r);
+    return 0;
+}
+
+int db_end_abandoned(db_conn *c, uint32_t limit, char ***ids, size_t *n)
+{
+    char lim[16];
+    snprintf(lim, sizeof lim, "%u", limit);
+    const char *vals[] = {lim};
+    int rc;
+    *ids = NULL;
+    *n = 0;
+    /* The oldest expired first (the partial index of migration 4), locked
+     * and skipped when another replica ends them at the same time; each
+     * ends at its last event (its start when it has none), as EndSession
+     * would have ended it then. */
+    PGresult *r = exec(
+        c, ST_END_ABANDONED, "EndAbandonedSessions",
+        "WITH a AS (SELECT s.session_id, COALESCE((SELECT e.\"timestamp\" FROM session_events e "
+        "WHERE e.session_id = s.session_id ORDER BY e.seq DESC LIMIT 1), s.start_time) AS ts "
+        "FROM sessions s WHERE s.end_time IS NULL AND s.live_until < now() "
+        "ORDER BY s.live_until LIMIT $1::int8 FOR UPDATE OF s SKIP LOCKED) "
+        "UPDATE sessions s SET end_time = a.ts, duration_seconds = "
+        "GREATEST(0, floor(extract(epoch FROM (a.ts - s.start_time))))::int4, "
+        "summary_status = 'pending', summary_error = NULL, live_until = NULL "
+        "FROM a WHERE s.session_id = a.session_id RETURNING s.session_id",
+        1, NULL, vals, NULL, NULL, &rc);
+    if (r == NULL)
+        return rc;
+    *n = (size_t)PQntuples(r);
+    *ids = mem_calloc(*n ? *n : 1, sizeof **ids);
+    for (size_t i = 0; i < *n; i++)
+        (*ids)[i] = mem_strdup(PQgetvalue(r, (int)i, 0));
+    PQclear(r);
+    return 0;
 }
 
 struct db_batch {

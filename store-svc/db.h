@@ -120,9 +120,11 @@ void db_sessions_free(db_session **ss, size_t n);
 /* Creates the session for user_id, or resumes it: an ended session of the
  * same user is reopened (end cleared, summary state back to NONE; the old
  * summary stays until a new one is saved). *created says which. DB_EOWNER
- * when it belongs to another user (out is filled anyway). */
-int db_open_session(db_conn *c, const char *session_id, const char *user_id, db_session *out,
-                    int *created);
+ * when it belongs to another user (out is filled anyway). live_seconds > 0
+ * keeps it open that long (db_keep_alive renews it, db_end_abandoned ends
+ * it after); 0 leaves it to EndSession (a live session keeps its lease). */
+int db_open_session(db_conn *c, const char *session_id, const char *user_id, int32_t live_seconds,
+                    db_session *out, int *created);
 /* Ends a live session of user_id at end_us (0: now) with its duration and
  * summary PENDING; an ended session is returned unchanged. DB_ENOTFOUND;
  * DB_EOWNER (nothing changed) when it belongs to another user. */
@@ -153,6 +155,14 @@ int db_list_user_sessions(db_conn *c, const char *user_id, uint32_t limit, const
 /* Ended sessions with a PENDING summary and no live lease, oldest end first. */
 int db_list_unsummarized(db_conn *c, uint32_t limit, int64_t ended_before_us, int32_t max_attempts,
                          db_session **out, size_t *n);
+/* Moves the end of keeping alive of each live session of ids[0..n) that
+ * was opened with live_seconds to live_seconds from now; *kept: how many. */
+int db_keep_alive(db_conn *c, const char *const *ids, size_t n, int32_t live_seconds,
+                  uint32_t *kept);
+/* Ends at most limit live sessions whose keeping alive ran out, at their
+ * last event, summary PENDING. *ids: an array of the *n ended ones' ids
+ * (each and the array mem_free'd by the caller). */
+int db_end_abandoned(db_conn *c, uint32_t limit, char ***ids, size_t *n);
 
 /* ---- events --------------------------------------------------------------- */
 

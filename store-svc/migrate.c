@@ -85,6 +85,15 @@ static const migration migrations[] = {
       * queries) uses the unique (session_id, seq) index, whose first column
       * is session_id, or (session_id, timestamp). */
      "DROP INDEX IF EXISTS idx_session_events_session_id;"},
+
+    {4, "store-svc: sessions kept alive by their gateway (live_until), ended when it stops",
+     /* A gateway that dies leaves its live sessions open: nothing would
+      * ever end (or summarize) them. OpenSession and KeepSessionsAlive set
+      * live_until; EndAbandonedSessions ends the live ones past it, found
+      * through the partial index (live sessions only, a small one). */
+     "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS live_until TIMESTAMPTZ;"
+     "CREATE INDEX IF NOT EXISTS idx_sessions_live_until ON sessions(live_until)"
+     " WHERE end_time IS NULL AND live_until IS NOT NULL;"},
 };
 
 #define NMIGRATIONS (sizeof migrations / sizeof migrations[0])

@@ -38,6 +38,9 @@ SAME_NUMBER(DB_SUMMARY_FAILED, CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_FAILED)
 #define UNSUMMARIZED_MAX        1000
 #define LEASE_DEFAULT_S         300
 #define LEASE_MAX_S             86400
+#define LIVE_MAX_S              86400
+#define ABANDONED_DEFAULT       100
+#define ABANDONED_MAX           1000
 #define RESPONSE_HEADROOM_BYTES 65536
 
 #define STORE_METRICS(X, S)                                                                        \
@@ -46,7 +49,9 @@ SAME_NUMBER(DB_SUMMARY_FAILED, CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_FAILED)
     X(S, duplicates, COUNTER, "convo_store_events_duplicate_total", "", NULL,                      \
       "events sent again that were stored already (a caller's retry; skipped)")                    \
     X(S, batch, HISTOGRAM, "convo_store_append_batch_events", "", &metrics_buckets_count,          \
-      "events per AppendEvents call")
+      "events per AppendEvents call")                                                              \
+    X(S, abandoned, COUNTER, "convo_store_sessions_abandoned_total", "", NULL,                     \
+      "live sessions ended because their gateway stopped keeping them alive (it died)")
 METRICS_DECLARE(store_metrics, STORE_METRICS)
 
 struct store {
@@ -251,6 +256,7 @@ static void finish_invalid(srv_call *call, const char *err)
 typedef struct open_job {
     job h;
     char *user_id;
+    int32_t live_seconds;
 } open_job;
 
 static void open_free(job *h)
@@ -266,7 +272,7 @@ static void open_run(pool_job *pj, db_conn *conn, int err)
     db_session s = {0};
     int created = 0;
     if (job_begin(&j->h, conn, err)) {
-        int rc = db_open_session(conn, j->h.session_id, j->user_id, &s, &created);
+        int rc = db_open_session(conn, j->h.session_id, j->user_id, j->live_seconds, &s, &created);
         if (rc == 0) {
             Convo__V1__OpenSessionResponse resp = CONVO__V1__OPEN_SESSION_RESPONSE__INIT;
             Convo__V1__Session pb;
@@ -293,8 +299,15 @@ static void on_open(srv_call *call, const ProtobufCMessage *msg)
         finish_invalid(call, err);
         return;
     }
+    if (req->live_seconds < 0 || req->live_seconds > LIVE_MAX_S) {
+        snprintf(err, sizeof err, "live_seconds is %d, outside 0 to %d", (int)req->live_seconds,
+                 LIVE_MAX_S);
+        finish_invalid(call, err);
+        return;
+    }
     open_job *j = job_new(sizeof *j, call, st, "OpenSession", req->session_id, open_run);
     j->user_id = mem_strdup(req->user_id);
+    j->live_seconds = req->live_seconds;
     job_submit(&j->h, open_free);
 }
 
@@ -837,6 +850,117 @@ invalid:
     finish_invalid(call, err);
 }
 
+/* ---- KeepSessionsAlive, EndAbandonedSessions ------------------------------ */
+
+typedef struct live_job {
+    job h;
+    int end;    /* EndAbandonedSessions rather than KeepSessionsAlive */
+    char **ids; /* KeepSessionsAlive's sessions */
+    size_t nids;
+    int32_t live_seconds;
+    uint32_t limit;
+} live_job;
+
+static void live_free(job *h)
+{
+    live_job *j = (live_job *)h;
+    for (size_t i = 0; i < j->nids; i++)
+        mem_free(j->ids[i]);
+    mem_free(j->ids);
+    job_free(h);
+}
+
+static void keep_alive_answer(live_job *j, db_conn *conn)
+{
+    uint32_t kept = 0;
+    int rc = db_keep_alive(conn, (const char *const *)j->ids, j->nids, j->live_seconds, &kept);
+    if (rc != 0) {
+        job_fail(&j->h, conn, rc);
+        return;
+    }
+    Convo__V1__KeepSessionsAliveResponse resp = CONVO__V1__KEEP_SESSIONS_ALIVE_RESPONSE__INIT;
+    resp.kept = kept;
+    job_finish(&j->h, RPC_OK, NULL, &resp.base);
+}
+
+static void end_abandoned_answer(live_job *j, db_conn *conn)
+{
+    char **ids = NULL;
+    size_t n = 0;
+    int rc = db_end_abandoned(conn, j->limit, &ids, &n);
+    if (rc != 0) {
+        job_fail(&j->h, conn, rc);
+        return;
+    }
+    metrics_counter_add(j->h.st->mx.abandoned, n);
+    for (size_t i = 0; i < n; i++) {
+        const log_field f[] = {{"session_id", ids[i]}, {NULL, NULL}};
+        log_fields(LOG_INFO, f, "session ended: its gateway stopped keeping it alive");
+    }
+    Convo__V1__EndAbandonedSessionsResponse resp = CONVO__V1__END_ABANDONED_SESSIONS_RESPONSE__INIT;
+    resp.n_session_ids = n;
+    resp.session_ids = ids;
+    job_finish(&j->h, RPC_OK, NULL, &resp.base);
+    for (size_t i = 0; i < n; i++)
+        mem_free(ids[i]);
+    mem_free(ids);
+}
+
+static void live_run(pool_job *pj, db_conn *conn, int err)
+{
+    live_job *j = (live_job *)pj;
+    if (job_begin(&j->h, conn, err)) {
+        if (j->end)
+            end_abandoned_answer(j, conn);
+        else
+            keep_alive_answer(j, conn);
+    }
+    live_free(&j->h);
+}
+
+static void on_keep_alive(srv_call *call, const ProtobufCMessage *msg)
+{
+    const Convo__V1__KeepSessionsAliveRequest *req =
+        (const Convo__V1__KeepSessionsAliveRequest *)msg;
+    store *st = srv_call_method_data(call);
+    char err[256], field[48];
+    if (req->live_seconds < 1 || req->live_seconds > LIVE_MAX_S) {
+        snprintf(err, sizeof err, "live_seconds is %d, outside 1 to %d", (int)req->live_seconds,
+                 LIVE_MAX_S);
+        finish_invalid(call, err);
+        return;
+    }
+    for (size_t i = 0; i < req->n_session_ids; i++) {
+        snprintf(field, sizeof field, "session_ids[%zu]", i);
+        if (check_id(field, str(req->session_ids[i]), err, sizeof err) != 0) {
+            finish_invalid(call, err);
+            return;
+        }
+    }
+    live_job *j = job_new(sizeof *j, call, st, "KeepSessionsAlive", "", live_run);
+    j->live_seconds = req->live_seconds;
+    j->nids = req->n_session_ids;
+    j->ids = mem_calloc(j->nids ? j->nids : 1, sizeof *j->ids);
+    for (size_t i = 0; i < j->nids; i++) {
+        j->ids[i] = mem_strdup(req->session_ids[i]);
+        j->h.pj.bytes += strlen(j->ids[i]) + sizeof *j->ids;
+    }
+    job_submit(&j->h, live_free);
+}
+
+static void on_end_abandoned(srv_call *call, const ProtobufCMessage *msg)
+{
+    const Convo__V1__EndAbandonedSessionsRequest *req =
+        (const Convo__V1__EndAbandonedSessionsRequest *)msg;
+    live_job *j =
+        job_new(sizeof *j, call, srv_call_method_data(call), "EndAbandonedSessions", "", live_run);
+    j->end = 1;
+    j->limit = req->limit == 0              ? ABANDONED_DEFAULT
+               : req->limit > ABANDONED_MAX ? ABANDONED_MAX
+                                            : req->limit;
+    job_submit(&j->h, live_free);
+}
+
 /* ---- ListEvents ------------------------------------------------------------ */
 
 /* One ListEvents call. At any moment exactly one party owns it: the job
@@ -1072,6 +1196,9 @@ store *store_create(srv *s, pool *p, const store_limits *lim, metrics *m)
         {&convo__v1__store__list_unsummarized_sessions__method, on_list_unsummarized, NULL, NULL,
          READ_SWEEP},
         {&convo__v1__store__claim_summary__method, on_claim_summary, NULL, NULL, BY_SUMMARY},
+        {&convo__v1__store__keep_sessions_alive__method, on_keep_alive, NULL, NULL, BY_GATEWAY},
+        {&convo__v1__store__end_abandoned_sessions__method, on_end_abandoned, NULL, NULL,
+         BY_SUMMARY},
     };
     store *st = mem_calloc(1, sizeof *st);
     st->s = s;

@@ -73,7 +73,12 @@ int main(int argc, char **argv)
     cli_use_tls(client, mtls);
     cli_set_metrics(client, m);
     cli_set_tracer(client, exp);
-    sv = service_create(&svopts, client, copts.round_robin, m, exp);
+    sv = service_create(&svopts, client, copts.round_robin, m, exp, err, sizeof err);
+    if (sv == NULL) {
+        log_error("%s", err);
+        status = 2;
+        goto out;
+    }
     server = srv_create("summary-svc", opts.listen, &sopts);
     hl = health_attach(server);
     srv_use_tls(server, mtls);

@@ -645,8 +645,28 @@ static void make_worker_id(char *out, size_t size)
     snprintf(out, size, "summary-svc.%s.%d.%08x", host, (int)getpid(), rnd);
 }
 
-service *service_create(const service_opts *o, cli *c, int round_robin, metrics *m, otlp *exp)
+service *service_create(const service_opts *o, cli *c, int round_robin, metrics *m, otlp *exp,
+                        char *err, size_t errsize)
 {
+    /* Sent again to another replica when one fails them UNAVAILABLE before
+     * answering (cli.h): the reads and the model call. Never ClaimSummary
+     * or SaveSummary: a claim or save the dead replica made would be
+     * refused the second time as another's lease. */
+    static const rpc_method *const store_retry[] = {
+        &convo__v1__store__get_session__method, &convo__v1__store__list_events__method,
+        &convo__v1__store__list_unsummarized_sessions__method, NULL};
+    static const rpc_method *const llm_retry[] = {&convo__v1__llm__complete__method, NULL};
+    char why[400];
+    cli_channel *store = cli_channel_create(c, o->store, round_robin, store_retry, why, sizeof why);
+    if (store == NULL) {
+        snprintf(err, errsize, "--store: %s", why);
+        return NULL;
+    }
+    cli_channel *llm = cli_channel_create(c, o->llm, round_robin, llm_retry, why, sizeof why);
+    if (llm == NULL) {
+        snprintf(err, errsize, "--llm: %s", why);
+        return NULL;
+    }
     service *sv = mem_calloc(1, sizeof *sv);
     sv->o = *o;
     sv->exp = exp;
@@ -654,8 +674,8 @@ service *service_create(const service_opts *o, cli *c, int round_robin, metrics 
     for (int i = 0; i <= JOB_ERROR; i++)
         sv->outcome_mx[i] =
             metrics_counter_of(sv->mx.jobs, (const char *[]){job_outcome_name((job_outcome)i)});
-    sv->store = cli_channel_create(c, o->store, round_robin);
-    sv->llm = cli_channel_create(c, o->llm, round_robin);
+    sv->store = store;
+    sv->llm = llm;
     make_worker_id(sv->worker_id, sizeof sv->worker_id);
     pthread_mutex_init(&sv->mu, NULL);
     sv->env = (job_env){

@@ -24,8 +24,10 @@
 #include "summarizer.h"
 
 #define SERVICE_OPTS(X, S)                                                                         \
-    X(S, store, STR, "store", "STORE_ADDR", "127.0.0.1:50053", "store-svc HOST:PORT")              \
-    X(S, llm, STR, "llm", "LLM_ADDR", "127.0.0.1:50052", "llm-svc HOST:PORT")                      \
+    X(S, store, STR, "store", "STORE_ADDR", "127.0.0.1:50053",                                     \
+      "store-svc: HOST:PORT, replicas IP:PORT,IP:PORT,... or dns:///NAME:PORT")                    \
+    X(S, llm, STR, "llm", "LLM_ADDR", "127.0.0.1:50052",                                           \
+      "llm-svc: HOST:PORT, replicas IP:PORT,IP:PORT,... or dns:///NAME:PORT")                      \
     X(S, workers, INT_IN(1, 256), "workers", "SUMMARY_WORKERS", "2",                               \
       "summaries made at once (worker threads; each blocks on its session's calls)")               \
     X(S, queue_size, INT_IN(1, 1000000), "queue-size", "SUMMARY_QUEUE_SIZE", "64",                 \
@@ -68,13 +70,15 @@ typedef struct service service;
 int service_check_opts(const service_opts *o, char *err, size_t errsize);
 
 /* A service using client `c` for its peers (channels made here, spread
- * over every address of a name with `round_robin`). Starts the worker
+ * over every address of a peer with `round_robin`). Starts the worker
  * pool; nothing is served until service_register + srv_start. `o`'s
  * strings must outlive the service. Counts its work in m (NULL: nothing)
  * and records a span per summary job into exp (NULL: ids only): a child
  * of the Summarize call that filed the session, a new trace for one the
- * sweep found. */
-service *service_create(const service_opts *o, cli *c, int round_robin, metrics *m, otlp *exp);
+ * sweep found. NULL when a peer address is not valid (cli_channel_create),
+ * with the reason in err. */
+service *service_create(const service_opts *o, cli *c, int round_robin, metrics *m, otlp *exp,
+                        char *err, size_t errsize);
 /* Registers Summarize and GetSummary on `s` (before srv_start). Returns 0
  * or an RPC_E* error. */
 int service_register(service *sv, srv *s);

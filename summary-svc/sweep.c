@@ -107,9 +107,36 @@ static void give_up(sweep *sw, const Convo__V1__Session *s)
     mem_free(reason);
 }
 
+/* Ends the live sessions whose gateway stopped keeping them alive (it
+ * died, after or while their clients left): they become pending like any
+ * ended session and are summarized from here on. Any replica may ask; the
+ * store ends each once. */
+static void end_abandoned(sweep *sw)
+{
+    Convo__V1__EndAbandonedSessionsRequest req = CONVO__V1__END_ABANDONED_SESSIONS_REQUEST__INIT;
+    req.limit = sw->cfg.batch;
+    ProtobufCMessage *resp = NULL;
+    char *msg = NULL;
+    rpc_code code =
+        bcall_unary(sw->sc, sw->store, &convo__v1__store__end_abandoned_sessions__method, &req.base,
+                    sw->cfg.store_timeout_ms, &resp, &msg);
+    if (code == RPC_OK) {
+        size_t n = ((Convo__V1__EndAbandonedSessionsResponse *)resp)->n_session_ids;
+        if (n > 0)
+            log_info("sweep: %zu live sessions ended, their gateway stopped keeping them alive", n);
+    } else if (code != RPC_CANCELLED) {
+        log_warn("sweep: EndAbandonedSessions failed (%s: %s)", rpc_code_name(code),
+                 msg != NULL ? msg : "");
+    }
+    if (resp != NULL)
+        protobuf_c_message_free_unpacked(resp, NULL);
+    mem_free(msg);
+}
+
 static void sweep_once(sweep *sw)
 {
     const sweep_cfg *cfg = &sw->cfg;
+    end_abandoned(sw);
     if (sw->hooks.room(sw->hooks.arg) <= 0)
         return; /* every worker busy: the next round will look */
     if (!sw->hooks.llm_ok(sw->hooks.arg)) {

@@ -1,6 +1,8 @@
 /* sweep — the periodic search for ended sessions still without a summary.
  *
- * Every interval one thread asks store-svc for pending sessions
+ * Every interval one thread first has store-svc end the live sessions whose
+ * gateway stopped keeping them alive (EndAbandonedSessions: it died), then
+ * asks for pending sessions
  * (ListUnsummarizedSessions: ended, no live lease) and hands those that are
  * due to the service, never more than it has room for, so the backlog waits
  * in the database, not in memory. This is what makes summaries durable: a

@@ -18,11 +18,12 @@ its certs.Identity. The harness's own calls use an `admin` certificate."""
 from __future__ import annotations
 
 import json
+import socket
 import urllib.parse
 import urllib.request
 from typing import Iterable, Mapping, Optional
 
-from harness import Postgres, Service, build_dir, find_binary
+from harness import Postgres, Service, build_dir, find_binary, free_port
 
 SERVICES = ("store-svc", "llm-svc", "router-svc", "summary-svc", "gateway")
 
@@ -121,3 +122,117 @@ def ws_url(gw, session: str, user: Optional[str] = None, **args) -> str:
             query["access_token"] = dev_token(gw, user)
     url = f"ws://{gw.addr}/ws/session/{session}"
     return url + ("?" + urllib.parse.urlencode(query) if query else "")
+
+
+# --------------------------------------------------------------------------
+# replicas
+
+
+def shared_port(hosts: Iterable[str]) -> int:
+    """A TCP port free on every one of `hosts` (loopback addresses: on Linux
+    all of 127.0.0.0/8 is on lo), so that replicas listen on one port at
+    several addresses, as pods of a Service do."""
+    hosts = list(hosts)
+    for _ in range(100):
+        port = free_port(hosts[0])
+        try:
+            for h in hosts[1:]:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sk:
+                    sk.bind((h, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no port free on all of {hosts}")
+
+
+class Replicas:
+    """Replicas of one binary, one per address of `hosts`, all on one port
+    (shared_port): `.members[i]` (harness Services), `.addr` the address
+    list callers take (`127.0.0.1:P,127.0.0.2:P`). Started in order."""
+
+    def __init__(self, name: str, hosts: Iterable[str], args: Iterable[str] = (),
+                 env: Optional[dict] = None, **kw):
+        self.name = name
+        hosts = list(hosts)
+        port = shared_port(hosts)
+        self.members = [Service(name, args=list(args), env=env, host=h, port=port, **kw)
+                        for h in hosts]
+
+    @property
+    def addr(self) -> str:
+        return ",".join(m.addr for m in self.members)
+
+    def __getitem__(self, i: int) -> Service:
+        return self.members[i]
+
+    def __iter__(self):
+        return iter(self.members)
+
+    def stop(self) -> None:
+        for m in reversed(self.members):
+            m.stop()
+
+
+class ReplicaStack:
+    """Every service twice (or once per address of `hosts`), each replica on
+    its own loopback address and all of a service on one port; one
+    PostgreSQL and one offline model (the hosted model's stand-in). Every
+    caller is given the address list of its peers and --grpc-round-robin, as
+    on Kubernetes (where the list comes from a headless Service's DNS name).
+
+        with ReplicaStack() as s:
+            gws = s.gateways("--auth", "jwt", "--jwt-secret-file", path)
+            s.store[0].kill(); s.store[0].start()
+
+    `.store`, `.llm`, `.router`, `.summary` are Replicas; `summary_args` are
+    added to summary-svc's (leases, sweep). Plaintext only: with mutual TLS a
+    list's replicas would all be checked against its first address."""
+
+    def __init__(self, hosts: Iterable[str] = ("127.0.0.1", "127.0.0.2"),
+                 env: Optional[Mapping[str, str]] = None, summary_args: Iterable[str] = (),
+                 model_args: Iterable[str] = ("--token-delay-ms", "0")):
+        self.hosts = list(hosts)
+        self.env = dict(env or {})
+        self.pg = Postgres()
+        self.store = Replicas("store-svc", self.hosts, env={**self.env, "DATABASE_URL": self.pg.url})
+        self.model = Service("offline-model", binary=build_dir() / "llm-svc" / "offline-model",
+                             args=list(model_args), env=self.env, ready="tcp")
+        rr = ["--grpc-round-robin"]
+        self.llm = Replicas("llm-svc", self.hosts, args=["--store", self.store.addr, *rr],
+                            env={**self.env, "OPENAI_BASE_URL": f"http://{self.model.addr}/v1",
+                                 "OPENAI_API_KEY": "offline", "OPENAI_MODEL": "offline-model"})
+        self.router = Replicas("router-svc", self.hosts, env=self.env)
+        self.summary = Replicas("summary-svc", self.hosts,
+                                args=["--store", self.store.addr, "--llm", self.llm.addr, *rr,
+                                      *summary_args], env=self.env)
+        self.gateway_replicas: list = []
+
+    def services(self) -> list:
+        """Every gRPC service's Replicas, in start order."""
+        return [self.store, self.llm, self.router, self.summary]
+
+    def peers(self) -> list:
+        return ["--router", self.router.addr, "--llm", self.llm.addr, "--store", self.store.addr,
+                "--summary", self.summary.addr, "--grpc-round-robin"]
+
+    def gateways(self, *extra: str, env: Optional[dict] = None) -> Replicas:
+        """A gateway on each address (one port), against every replica."""
+        gws = Replicas("gateway", self.hosts, args=[*self.peers(), "--end-grace-ms", "0", *extra],
+                       env={**self.env, **(env or {})}, ready="http")
+        self.gateway_replicas.append(gws)
+        return gws
+
+    def stop(self) -> None:
+        for gws in self.gateway_replicas:
+            gws.stop()
+        for r in (self.summary, self.router, self.llm):
+            r.stop()
+        self.model.stop()
+        self.store.stop()
+        self.pg.stop()
+
+    def __enter__(self) -> "ReplicaStack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -115,7 +115,12 @@ int main(int argc, char **argv)
     int words = argc > 3 ? atoi(argv[3]) : 200;
     curl_global_init(CURL_GLOBAL_DEFAULT);
     cli *c = cli_create(2, 4 << 20);
-    cli_channel *ch = cli_channel_create(c, argv[1], 0);
+    char err[400];
+    cli_channel *ch = cli_channel_create(c, argv[1], 0, NULL, err, sizeof err);
+    if (ch == NULL) {
+        fprintf(stderr, "bench_llm: %s\n", err);
+        return 2;
+    }
     run(ch, 1, 5); /* warm the channel */
     printf("%-8s %-8s %-10s %-12s %s\n", "streams", "tokens", "wall_ms", "tokens/s", "failures");
     const int counts[] = {1, 100, 1000};

@@ -47,17 +47,18 @@ def test_schema_is_the_seeds_plus_additions(pg, store):
               "session_events.timestamp:timestamp with time zone:NO",
               "session_events.created_at:timestamp with time zone:YES",
               "session_events.seq:bigint:NO", "sessions.summary_status:character varying:NO",
-              "sessions.last_seq:bigint:NO"]:
+              "sessions.last_seq:bigint:NO",
+              "sessions.live_until:timestamp with time zone:YES"]:
         assert c in cols
     indexes = pg.psql("SELECT indexname FROM pg_indexes WHERE tablename IN "
                       "('sessions', 'session_events')").split()
     for i in ["idx_session_events_timestamp", "idx_sessions_user_id", "idx_sessions_start_time",
-              "session_events_session_id_seq_key"]:
+              "session_events_session_id_seq_key", "idx_sessions_live_until"]:
         assert i in indexes
     # Migration 3: the unique (session_id, seq) index makes it redundant.
     assert "idx_session_events_session_id" not in indexes
     assert pg.psql("SELECT string_agg(version::text, ',' ORDER BY version) "
-                   "FROM schema_migrations").strip() == "1,2,3"
+                   "FROM schema_migrations").strip() == "1,2,3,4"
 
 
 def test_lookups_by_session_use_an_index_without_idx_session_events_session_id(pg, stub):
@@ -439,6 +440,103 @@ def test_end_session_now_and_clock_skew(stub):
     s0 = open_session(stub, sid2).session
     s = end(stub, sid2, end_time_us=s0.start_time_us - 10**7)
     assert s.duration_seconds == 0
+
+
+# ---------------------------------------------------------------- kept alive
+
+
+def open_live(stub, sid, live_seconds, user="u1"):
+    return stub.OpenSession(S.OpenSessionRequest(session_id=sid, user_id=user,
+                                                 live_seconds=live_seconds), timeout=10)
+
+
+def keep_alive(stub, sids, live_seconds):
+    return stub.KeepSessionsAlive(S.KeepSessionsAliveRequest(session_ids=sids,
+                                                             live_seconds=live_seconds),
+                                  timeout=10).kept
+
+
+def end_abandoned(stub, limit=1000):
+    r = stub.EndAbandonedSessions(S.EndAbandonedSessionsRequest(limit=limit), timeout=10)
+    return list(r.session_ids)
+
+
+def test_a_session_nobody_keeps_alive_is_ended_at_its_last_event(stub, store):
+    talked, quiet, unleased, ended = (new_id("live") for _ in range(4))
+    start = open_live(stub, talked, 1).session.start_time_us
+    last = now_us() + 200_000
+    append(stub, talked, [ev(1, "hi", S.EVENT_TYPE_USER_MESSAGE, ts=last - 100_000),
+                          ev(2, ts=last)])
+    open_live(stub, quiet, 1)
+    open_session(stub, unleased)          # live_seconds 0: only EndSession ends it
+    open_live(stub, ended, 1)
+    end(stub, ended)
+    before = store.metric("convo_store_sessions_abandoned_total")
+    time.sleep(1.5)
+    done = end_abandoned(stub)
+    assert talked in done and quiet in done
+    assert unleased not in done and ended not in done
+    s = get(stub, talked)
+    assert s.end_time_us == last and s.duration_seconds == (last - start) // 1_000_000
+    assert s.summary_status == C.SUMMARY_STATUS_PENDING and s.summary_attempts == 0
+    q = get(stub, quiet)
+    assert q.end_time_us == q.start_time_us and q.summary_status == C.SUMMARY_STATUS_PENDING
+    assert get(stub, unleased).end_time_us == 0
+    assert talked in unsummarized(stub) and quiet in unsummarized(stub)
+    assert talked not in end_abandoned(stub)  # once
+    assert store.metric("convo_store_sessions_abandoned_total") - before == len(done)
+    # Its writer coming back finds it ended, and reopens it as after EndSession.
+    assert rpc_error(append, stub, talked, [ev(3)]).code() == grpc.StatusCode.FAILED_PRECONDITION
+    r = open_live(stub, talked, 60)
+    assert not r.created and r.session.end_time_us == 0 and r.session.last_seq == 2
+
+
+def test_keeping_alive_and_resuming_renew_the_lease(stub):
+    kept, resumed = new_id("keep"), new_id("keep")
+    for sid in (kept, resumed):
+        open_live(stub, sid, 2)
+    dropped = new_id("keep")
+    open_live(stub, dropped, 1)
+    unleased = new_id("keep")
+    open_session(stub, unleased)
+    for _ in range(7):  # 3.5 s: well past both leases
+        time.sleep(0.5)
+        # A session opened without a lease is not given one; an unknown one
+        # is not made up.
+        assert keep_alive(stub, [kept, unleased, new_id("nobody")], 2) == 1
+        assert not open_live(stub, resumed, 2).created
+        done = end_abandoned(stub)
+        assert kept not in done and resumed not in done
+    assert get(stub, dropped).end_time_us != 0
+    assert get(stub, unleased).end_time_us == 0
+    # Ended: keeping it alive changes nothing.
+    assert keep_alive(stub, [dropped], 60) == 0
+    time.sleep(2.5)
+    assert {kept, resumed} <= set(end_abandoned(stub))
+
+
+def test_replicas_ending_abandoned_sessions_at_once_end_each_once(stub):
+    sids = [new_id("race") for _ in range(40)]
+    for sid in sids:
+        open_live(stub, sid, 1)
+    time.sleep(1.5)
+    with futures.ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda _: end_abandoned(stub, limit=15), range(4)))
+    got = [sid for r in results for sid in r if sid in sids]
+    assert len(got) == len(set(got)), "a session was ended twice"
+    rest = end_abandoned(stub)
+    assert set(got) | (set(rest) & set(sids)) == set(sids)
+
+
+@pytest.mark.parametrize("call,field", [
+    (lambda st: open_live(st, new_id(), -1), "live_seconds"),
+    (lambda st: open_live(st, new_id(), 86401), "live_seconds"),
+    (lambda st: keep_alive(st, [new_id()], 0), "live_seconds"),
+    (lambda st: keep_alive(st, [new_id(), "bad id"], 5), "session_ids[1]"),
+])
+def test_bad_keep_alive_requests_are_invalid_argument(stub, call, field):
+    e = rpc_error(call, stub)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and field in e.details(), e.details()
 
 
 # ---------------------------------------------------------------- summaries
