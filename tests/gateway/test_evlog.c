@@ -179,7 +179,7 @@ static int setup(void **state)
     char target[64];
     snprintf(target, sizeof target, "127.0.0.1:%d", srv_port(e->s));
     e->g.client = cli_create(1, 0);
-    e->g.store = cli_channel_create(e->g.client, target, 0);
+    e->g.store = cli_channel_create(e->g.client, target, 0, NULL, NULL, 0);
     e->g.summary = e->g.store;
     e->g.loop = ev_loop_new(EVFLAG_AUTO);
     e->g.bridge = bridge_create();

@@ -69,7 +69,7 @@ static int setup(void **state)
     char target[64];
     snprintf(target, sizeof target, "127.0.0.1:%d", srv_port(e->s));
     e->c = cli_create(1, 0);
-    e->ch = cli_channel_create(e->c, target, 0);
+    e->ch = cli_channel_create(e->c, target, 0, NULL, NULL, 0);
     *state = e;
     return 0;
 }

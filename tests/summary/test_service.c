@@ -178,7 +178,8 @@ static int setup(void **state)
                       .llm_timeout_ms = 5000,
                       .page_events = 100};
     e->c = cli_create(2, 0);
-    e->sv = service_create(&o, e->c, 0, NULL, NULL);
+    char err[256];
+    e->sv = service_create(&o, e->c, 0, NULL, NULL, err, sizeof err);
     assert_non_null(e->sv);
     e->s = server();
     assert_int_equal(service_register(e->sv, e->s), 0);
@@ -187,7 +188,7 @@ static int setup(void **state)
     assert_int_equal(pthread_create(&e->run, NULL, run_server, e->s), 0);
     char target[64];
     snprintf(target, sizeof target, "127.0.0.1:%d", srv_port(e->s));
-    e->ch = cli_channel_create(e->c, target, 0);
+    e->ch = cli_channel_create(e->c, target, 0, NULL, NULL, 0);
     *state = e;
     return 0;
 }
