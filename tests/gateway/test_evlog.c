@@ -18,6 +18,8 @@
 #include "rpc.h"
 #include "srv.h"
 
+#include "../common/fakesrv.h"
+
 #include <ev.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -137,8 +139,7 @@ static int fake_get(const int *field)
 }
 
 typedef struct env {
-    srv *s;
-    pthread_t run;
+    fakesrv fake;
     gw g;
     /* what the evlog told its owner */
     int opened;
@@ -146,22 +147,10 @@ typedef struct env {
     int closed;
 } env;
 
-static void *run_server(void *arg)
-{
-    srv_run(arg);
-    return NULL;
-}
-
 static int setup(void **state)
 {
     env *e = mem_calloc(1, sizeof *e);
-    srv_opts o = {.threads = 2,
-                  .shutdown_grace_ms = 2000,
-                  .drain_delay_ms = 0,
-                  .max_message_bytes = 4 << 20,
-                  .max_queued_writes = 256,
-                  .max_calls = 100};
-    e->s = srv_create("fake", "127.0.0.1:0", &o);
+    fakesrv_create(&e->fake, "fake");
     const srv_method ms[] = {
         {.method = &convo__v1__store__open_session__method,
          .on_call = on_open_session,
@@ -172,14 +161,10 @@ static int setup(void **state)
          .callers = "*"},
         {.method = &convo__v1__summary__summarize__method, .on_call = on_summarize, .callers = "*"},
     };
-    for (size_t i = 0; i < sizeof ms / sizeof ms[0]; i++)
-        assert_int_equal(srv_add_method(e->s, &ms[i], NULL), 0);
-    assert_int_equal(srv_start(e->s), 0);
-    assert_int_equal(pthread_create(&e->run, NULL, run_server, e->s), 0);
-    char target[64];
-    snprintf(target, sizeof target, "127.0.0.1:%d", srv_port(e->s));
+    fakesrv_add(&e->fake, ms, sizeof ms / sizeof ms[0]);
+    fakesrv_run(&e->fake);
     e->g.client = cli_create(1, 0);
-    e->g.store = cli_channel_create(e->g.client, target, 0, NULL, NULL, 0);
+    e->g.store = cli_channel_create(e->g.client, e->fake.target, 0, NULL, NULL, 0);
     e->g.summary = e->g.store;
     e->g.loop = ev_loop_new(EVFLAG_AUTO);
     e->g.bridge = bridge_create();
@@ -194,9 +179,7 @@ static int teardown(void **state)
     bridge_drain(e->g.bridge);
     bridge_destroy(&e->g.bridge);
     ev_loop_destroy(e->g.loop);
-    srv_stop(e->s);
-    pthread_join(e->run, NULL);
-    srv_destroy(&e->s);
+    fakesrv_stop(&e->fake);
     mem_free(e);
     return 0;
 }

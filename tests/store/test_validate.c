@@ -14,6 +14,8 @@
 #include "srv.h"
 #include "store.h"
 
+#include "../common/fakesrv.h"
+
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
@@ -23,30 +25,17 @@
 #define REFUSED_URL "postgresql://convo@127.0.0.1:1/convo"
 
 typedef struct env {
-    srv *s;
+    fakesrv srv;
     pool *p;
     store *st;
-    pthread_t run;
     cli *c;
     cli_channel *ch;
 } env;
 
-static void *run_server(void *arg)
-{
-    srv_run(arg);
-    return NULL;
-}
-
 static int setup(void **state)
 {
     env *e = mem_calloc(1, sizeof *e);
-    srv_opts o = {.threads = 2,
-                  .shutdown_grace_ms = 2000,
-                  .drain_delay_ms = 0,
-                  .max_message_bytes = 4 << 20,
-                  .max_queued_writes = 256,
-                  .max_calls = 100};
-    e->s = srv_create("store-test", "127.0.0.1:0", &o);
+    fakesrv_create(&e->srv, "store-test");
     pool_config pc = {.db = {.url = REFUSED_URL, .connect_timeout_s = 1},
                       .workers = 1,
                       .max_jobs = 16,
@@ -62,14 +51,11 @@ static int setup(void **state)
                         .max_content_bytes = MAX_CONTENT,
                         .list_page_size = 10,
                         .max_message_bytes = 4 << 20};
-    e->st = store_create(e->s, e->p, &lim, NULL);
+    e->st = store_create(e->srv.s, e->p, &lim, NULL);
     assert_non_null(e->st);
-    assert_int_equal(srv_start(e->s), 0);
-    assert_int_equal(pthread_create(&e->run, NULL, run_server, e->s), 0);
-    char target[64];
-    snprintf(target, sizeof target, "127.0.0.1:%d", srv_port(e->s));
+    fakesrv_run(&e->srv);
     e->c = cli_create(1, 0);
-    e->ch = cli_channel_create(e->c, target, 0, NULL, NULL, 0);
+    e->ch = cli_channel_create(e->c, e->srv.target, 0, NULL, NULL, 0);
     *state = e;
     return 0;
 }
@@ -78,9 +64,7 @@ static int teardown(void **state)
 {
     env *e = *state;
     cli_destroy(&e->c);
-    srv_stop(e->s);
-    pthread_join(e->run, NULL);
-    srv_destroy(&e->s);
+    fakesrv_stop(&e->srv);
     pool_destroy(&e->p);
     store_destroy(&e->st);
     mem_free(e);

@@ -12,6 +12,8 @@
 #include "job.h"
 #include "mem.h"
 #include "srv.h"
+
+#include "../common/fakesrv.h"
 #include "summarizer.h"
 
 #include <pthread.h>
@@ -156,43 +158,26 @@ static void on_save(srv_call *call, const ProtobufCMessage *msg)
 }
 
 typedef struct env {
-    srv *s;
-    pthread_t run;
+    fakesrv fake;
     cli *c;
     cli_channel *ch;
     job_env je;
 } env;
 
-static void *run_server(void *arg)
-{
-    srv_run(arg);
-    return NULL;
-}
-
 static int setup(void **state)
 {
     env *e = mem_calloc(1, sizeof *e);
-    srv_opts o = {.threads = 2,
-                  .shutdown_grace_ms = 2000,
-                  .drain_delay_ms = 0,
-                  .max_message_bytes = 4 << 20,
-                  .max_queued_writes = 256,
-                  .max_calls = 100};
-    e->s = srv_create("fake", "127.0.0.1:0", &o);
+    fakesrv_create(&e->fake, "fake");
     const srv_method ms[] = {
         {.method = &convo__v1__store__claim_summary__method, .on_call = on_claim, .callers = "*"},
         {.method = &convo__v1__store__list_events__method, .on_call = on_list, .callers = "*"},
         {.method = &convo__v1__store__save_summary__method, .on_call = on_save, .callers = "*"},
         {.method = &convo__v1__llm__complete__method, .on_call = on_complete, .callers = "*"},
     };
-    for (size_t i = 0; i < sizeof ms / sizeof ms[0]; i++)
-        assert_int_equal(srv_add_method(e->s, &ms[i], NULL), 0);
-    assert_int_equal(srv_start(e->s), 0);
-    assert_int_equal(pthread_create(&e->run, NULL, run_server, e->s), 0);
-    char target[64];
-    snprintf(target, sizeof target, "127.0.0.1:%d", srv_port(e->s));
+    fakesrv_add(&e->fake, ms, sizeof ms / sizeof ms[0]);
+    fakesrv_run(&e->fake);
     e->c = cli_create(1, 0);
-    e->ch = cli_channel_create(e->c, target, 0, NULL, NULL, 0);
+    e->ch = cli_channel_create(e->c, e->fake.target, 0, NULL, NULL, 0);
     e->je = (job_env){.store = e->ch,
                       .llm = e->ch,
                       .worker_id = WORKER,
@@ -211,9 +196,7 @@ static int teardown(void **state)
 {
     env *e = *state;
     cli_destroy(&e->c);
-    srv_stop(e->s);
-    pthread_join(e->run, NULL);
-    srv_destroy(&e->s);
+    fakesrv_stop(&e->fake);
     mem_free(e);
     return 0;
 }

@@ -15,6 +15,8 @@
 #include "service.h"
 #include "srv.h"
 
+#include "../common/fakesrv.h"
+
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
@@ -117,35 +119,17 @@ static void on_complete(srv_call *call, const ProtobufCMessage *msg)
 }
 
 typedef struct env {
-    srv *peers, *s;
-    pthread_t peers_run, run;
+    fakesrv peers; /* store-svc and llm-svc */
+    fakesrv own;   /* the service under test */
     cli *c;
     cli_channel *ch;
     service *sv;
-    char peers_target[64];
 } env;
-
-static void *run_server(void *arg)
-{
-    srv_run(arg);
-    return NULL;
-}
-
-static srv *server(void)
-{
-    srv_opts o = {.threads = 2,
-                  .shutdown_grace_ms = 2000,
-                  .drain_delay_ms = 0,
-                  .max_message_bytes = 4 << 20,
-                  .max_queued_writes = 256,
-                  .max_calls = 100};
-    return srv_create("test", "127.0.0.1:0", &o);
-}
 
 static int setup(void **state)
 {
     env *e = mem_calloc(1, sizeof *e);
-    e->peers = server();
+    fakesrv_create(&e->peers, "peers");
     const srv_method ms[] = {
         {.method = &convo__v1__store__claim_summary__method, .on_call = on_claim, .callers = "*"},
         {.method = &convo__v1__store__list_events__method, .on_call = on_list, .callers = "*"},
@@ -155,14 +139,11 @@ static int setup(void **state)
          .callers = "*"},
         {.method = &convo__v1__llm__complete__method, .on_call = on_complete, .callers = "*"},
     };
-    for (size_t i = 0; i < sizeof ms / sizeof ms[0]; i++)
-        assert_int_equal(srv_add_method(e->peers, &ms[i], NULL), 0);
-    assert_int_equal(srv_start(e->peers), 0);
-    assert_int_equal(pthread_create(&e->peers_run, NULL, run_server, e->peers), 0);
-    snprintf(e->peers_target, sizeof e->peers_target, "127.0.0.1:%d", srv_port(e->peers));
+    fakesrv_add(&e->peers, ms, sizeof ms / sizeof ms[0]);
+    fakesrv_run(&e->peers);
 
-    service_opts o = {.store = e->peers_target,
-                      .llm = e->peers_target,
+    service_opts o = {.store = e->peers.target,
+                      .llm = e->peers.target,
                       .workers = 2,
                       .queue_size = 8,
                       .sweep_interval_ms = 0,
@@ -181,14 +162,11 @@ static int setup(void **state)
     char err[256];
     e->sv = service_create(&o, e->c, 0, NULL, NULL, err, sizeof err);
     assert_non_null(e->sv);
-    e->s = server();
-    assert_int_equal(service_register(e->sv, e->s), 0);
-    assert_int_equal(srv_start(e->s), 0);
+    fakesrv_create(&e->own, "test");
+    assert_int_equal(service_register(e->sv, e->own.s), 0);
+    fakesrv_run(&e->own);
     service_start(e->sv);
-    assert_int_equal(pthread_create(&e->run, NULL, run_server, e->s), 0);
-    char target[64];
-    snprintf(target, sizeof target, "127.0.0.1:%d", srv_port(e->s));
-    e->ch = cli_channel_create(e->c, target, 0, NULL, NULL, 0);
+    e->ch = cli_channel_create(e->c, e->own.target, 0, NULL, NULL, 0);
     *state = e;
     return 0;
 }
@@ -196,15 +174,15 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     env *e = *state;
-    srv_stop(e->s);
-    pthread_join(e->run, NULL);
+    /* The service's workers stop after its server (calls in flight finish)
+     * and before it is freed. */
+    srv_stop(e->own.s);
+    pthread_join(e->own.run, NULL);
     service_stop(e->sv);
-    srv_destroy(&e->s);
+    srv_destroy(&e->own.s);
     service_destroy(&e->sv);
     cli_destroy(&e->c);
-    srv_stop(e->peers);
-    pthread_join(e->peers_run, NULL);
-    srv_destroy(&e->peers);
+    fakesrv_stop(&e->peers);
     mem_free(e);
     return 0;
 }
