@@ -25,33 +25,13 @@ from websockets.exceptions import ConnectionClosed
 
 from conftest import dev_token, ws_url
 from harness import Service, proto_stubs
+from stack import first_frame, recv, turn
 
 TIMEOUT = 20
 
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
-
-
-async def recv(ws):
-    return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
-
-
-async def first_frame(ws):
-    frame = await recv(ws)
-    assert frame["type"] == "session", frame
-    return frame
-
-
-async def turn(ws, message):
-    """Sends a message and returns every frame up to its done or error."""
-    await ws.send(json.dumps({"message": message}))
-    frames = []
-    while True:
-        f = await recv(ws)
-        frames.append(f)
-        if f["type"] in ("done", "error"):
-            return frames
 
 
 def streamed_text(frames):

@@ -20,33 +20,11 @@ from websockets.exceptions import ConnectionClosed
 
 from conftest import ws_url
 from harness import proto_stubs
-
-TIMEOUT = 30
+from stack import first_frame, recv, turn
 
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 240))
-
-
-async def recv(ws):
-    return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
-
-
-async def first_frame(ws):
-    frame = await recv(ws)
-    assert frame["type"] == "session", frame
-    return frame
-
-
-async def turn(ws, message):
-    """Sends a message and returns every frame up to its done or error."""
-    await ws.send(json.dumps({"message": message}))
-    frames = []
-    while True:
-        f = await recv(ws)
-        frames.append(f)
-        if f["type"] in ("done", "error"):
-            return frames
 
 
 def tokens(frames):

@@ -17,6 +17,7 @@ its certs.Identity. The harness's own calls use an `admin` certificate."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import urllib.parse
@@ -97,6 +98,33 @@ class Stack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# How long a WebSocket test waits for the gateway's next frame.
+FRAME_TIMEOUT = 30
+
+
+async def recv(ws, timeout: float = FRAME_TIMEOUT) -> dict:
+    """The next frame from the gateway, decoded."""
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def first_frame(ws) -> dict:
+    """The `session` frame a new connection starts with."""
+    frame = await recv(ws)
+    assert frame["type"] == "session", frame
+    return frame
+
+
+async def turn(ws, message: str) -> list:
+    """Sends a message and returns every frame up to its done or error."""
+    await ws.send(json.dumps({"message": message}))
+    frames = []
+    while True:
+        f = await recv(ws)
+        frames.append(f)
+        if f["type"] in ("done", "error"):
+            return frames
 
 
 def dev_token(gw, user: str) -> str:

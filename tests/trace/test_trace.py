@@ -25,7 +25,7 @@ import pytest
 import websockets
 
 from harness import free_port
-from stack import Stack, dev_token, ws_url
+from stack import Stack, dev_token, recv, turn, ws_url
 
 TIMEOUT = 30
 STATE = "vendor=abc,other=1"
@@ -95,20 +95,6 @@ class Collector:
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
-
-
-async def recv(ws):
-    return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
-
-
-async def turn(ws, message):
-    await ws.send(json.dumps({"message": message}))
-    frames = []
-    while True:
-        f = await recv(ws)
-        frames.append(f)
-        if f["type"] in ("done", "error"):
-            return frames
 
 
 async def conversation(gw, session, user, messages, headers=()):
