@@ -266,6 +266,10 @@ def run_client(client, a, gw, model, db, meter, token_file, want_before, as_json
     events = db.count() - events0
     print(f"ai_token events stored: {stored} of {want} "
           f"({time.monotonic() - t1:.1f} s after the last answer); {events} events of every kind")
+    # A turn router-svc could not route in time is answered on the default
+    # route, not failed: count those from PostgreSQL, or "0 errors" hides them.
+    degraded = db.count("WHERE event_type = 'system_event' AND content LIKE '%\"route_degraded\"%'")
+    print(f"turns on the default route (router-svc failed or late): {degraded}")
     parts = [f"{k} {v:.1f}" for k, v in cpu.items()]
     print(f"CPU seconds used during the run ({ran:.1f} s, {cpu_model()}): {', '.join(parts)}, "
           f"load generator ({client}) {client_cpu:.1f}")
