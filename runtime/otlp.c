@@ -1,5 +1,6 @@
 #include "otlp.h"
 
+#include "backoff.h"
 #include "log.h"
 #include "mem.h"
 
@@ -35,6 +36,12 @@
 #define FAILURE_LOG_EVERY 100
 /* The export thread's nice value (the process's threads run at 0). */
 #define EXPORT_NICE 10
+/* A batch's retries after a transient failure: the first waits about this
+ * long, each later one up to BACKOFF_SPREAD times the one before, never
+ * more than the cap (a collector's Retry-After may ask for longer), and all
+ * of them within OTEL_BSP_EXPORT_TIMEOUT. */
+#define RETRY_BASE_MS 500
+#define RETRY_CAP_MS  5000
 
 #define OTLP_METRICS(X, S)                                                                         \
     X(S, exported, COUNTER, "convo_trace_spans_exported_total", "", NULL,                          \
@@ -44,7 +51,11 @@
       "the collector was unreachable, slow or answered an error, rejected: the collector "         \
       "refused them, shutdown: the last flush ran out of time)")                                   \
     X(S, failures, COUNTER, "convo_trace_export_failures_total", "", NULL,                         \
-      "export requests that failed (the collector unreachable, too slow, or an error answer)")     \
+      "exports that failed for good (the collector unreachable, too slow, or an error answer, "    \
+      "retries included)")                                                                         \
+    X(S, retries, COUNTER, "convo_trace_export_retries_total", "", NULL,                           \
+      "export requests sent again after a transient failure (unreachable, too slow, 429, 502, "    \
+      "503, 504)")                                                                                 \
     X(S, queued, GAUGE, "convo_trace_spans_queued", "", NULL, "finished spans waiting for export")
 METRICS_DECLARE(otlp_metrics, OTLP_METRICS)
 
@@ -333,37 +344,120 @@ static void export_failed(otlp *e, size_t n, const char *why)
                  e->url, why, n, e->failures_in_row);
 }
 
-static void export_batch(otlp *e, const otlp_span *spans, size_t n)
+/* Whether a failed request may succeed when sent again: the OTLP
+ * specification's transient failures. A certificate that does not verify
+ * or a 4xx answer will fail the same way again. */
+static int transient(CURLcode rc, long status)
 {
-    size_t len;
-    char *body = otlp_encode(e, spans, &len);
+    switch (rc) {
+    case CURLE_OK:
+        return status == 429 || status == 502 || status == 503 || status == 504;
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_CONNECT:
+    case CURLE_OPERATION_TIMEDOUT:
+    case CURLE_SEND_ERROR:
+    case CURLE_RECV_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_PARTIAL_FILE:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* Waits ms on the export thread, unless the exporter starts stopping
+ * (then no batch is retried: the last flush has only its deadline).
+ * Returns 1 when the wait ran out, 0 when stopping. */
+static int retry_wait(otlp *e, int64_t ms)
+{
+    int64_t until = monotonic_ms() + ms;
+    pthread_mutex_lock(&e->mu);
+    while (!e->stopping) {
+        int64_t left = until - monotonic_ms();
+        if (left <= 0)
+            break;
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_sec += left / 1000;
+        ts.tv_nsec += (left % 1000) * 1000000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_cond_timedwait(&e->cv, &e->mu, &ts);
+    }
+    int stopping = e->stopping;
+    pthread_mutex_unlock(&e->mu);
+    return !stopping;
+}
+
+/* One POST of body; the answer's start is in e->answer. */
+static CURLcode post(otlp *e, const char *body, size_t len, int64_t time_left_ms, long *status)
+{
     e->answer_len = 0;
+    *status = 0;
+    int64_t t = time_left_ms < e->request_timeout_ms ? time_left_ms : e->request_timeout_ms;
     curl_easy_setopt(e->curl, CURLOPT_POSTFIELDS, body);
     curl_easy_setopt(e->curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)len);
+    curl_easy_setopt(e->curl, CURLOPT_TIMEOUT_MS, (long)(t > 0 ? t : 1));
     CURLcode rc = curl_easy_perform(e->curl);
-    long status = 0;
-    curl_easy_getinfo(e->curl, CURLINFO_RESPONSE_CODE, &status);
-    mem_free(body);
-    char why[320];
+    curl_easy_getinfo(e->curl, CURLINFO_RESPONSE_CODE, status);
+    return rc;
+}
+
+static void describe(const otlp *e, CURLcode rc, long status, char *why, size_t size)
+{
     if (rc != CURLE_OK) {
-        snprintf(why, sizeof why, "%s", curl_easy_strerror(rc));
-        export_failed(e, n, why);
+        snprintf(why, size, "%s", curl_easy_strerror(rc));
         return;
     }
-    if (status < 200 || status >= 300) {
-        snprintf(why, sizeof why, "HTTP %ld: %.200s", status, e->answer_len ? e->answer : "");
-        for (char *p = why; *p; p++)
-            if (*p == '\n' || *p == '\r')
-                *p = ' ';
-        export_failed(e, n, why);
-        return;
-    }
+    snprintf(why, size, "HTTP %ld: %.200s", status, e->answer_len ? e->answer : "");
+    for (char *p = why; *p; p++)
+        if (*p == '\n' || *p == '\r')
+            *p = ' ';
+}
+
+static void accepted(otlp *e, size_t n)
+{
     size_t rejected = rejected_of(e->answer, e->answer_len, n);
     metrics_counter_add(e->mx.exported, n - rejected);
     count_dropped(e, DROP_REJECTED, rejected);
     if (e->failures_in_row > 0)
         log_info("trace export to %s works again after %lu failures", e->url, e->failures_in_row);
     e->failures_in_row = 0;
+}
+
+/* Sends one batch, again after each transient failure while the batch's
+ * time lasts; spans that never got through are dropped and counted. */
+static void export_batch(otlp *e, const otlp_span *spans, size_t n)
+{
+    size_t len;
+    char *body = otlp_encode(e, spans, &len);
+    int64_t give_up = monotonic_ms() + e->export_timeout_ms;
+    backoff b;
+    backoff_init(&b, RETRY_BASE_MS, RETRY_CAP_MS, BACKOFF_DECORRELATED);
+    char why[320];
+    for (;;) {
+        long status;
+        CURLcode rc = post(e, body, len, give_up - monotonic_ms(), &status);
+        if (rc == CURLE_OK && status >= 200 && status < 300) {
+            accepted(e, n);
+            break;
+        }
+        describe(e, rc, status, why, sizeof why);
+        int64_t wait = backoff_next(&b);
+        curl_off_t after = 0;
+        if (rc == CURLE_OK &&
+            curl_easy_getinfo(e->curl, CURLINFO_RETRY_AFTER, &after) == CURLE_OK && after > 0)
+            wait = (int64_t)after * 1000; /* the collector's own wish, seconds */
+        if (!transient(rc, status) || monotonic_ms() + wait >= give_up || !retry_wait(e, wait)) {
+            export_failed(e, n, why);
+            break;
+        }
+        metrics_counter_inc(e->mx.retries);
+        log_debug("trace export to %s failed (%s): sending it again", e->url, why);
+    }
+    mem_free(body);
 }
 
 /* ---- the export thread ---------------------------------------------------------- */
@@ -645,7 +739,41 @@ static int check_opts(const otlp_opts *o)
     return 0;
 }
 
-static void setup_curl(otlp *e)
+/* The traces_ variable when set, else the general one; NULL when neither. */
+static const char *either(const char *traces, const char *general)
+{
+    return traces[0] != '\0' ? traces : general[0] != '\0' ? general : NULL;
+}
+
+/* The TLS files of an export (NULL: not set), the options' strings; curl
+ * copies them. */
+typedef struct tls_files {
+    const char *ca, *cert, *key;
+} tls_files;
+
+/* The TLS files of the options into *t, each checked readable now: a
+ * missing file is a usage error at start-up, not a failed export later. */
+static int get_tls_files(const otlp_opts *o, tls_files *t)
+{
+    t->ca = either(o->traces_certificate, o->certificate);
+    t->cert = either(o->traces_client_certificate, o->client_certificate);
+    t->key = either(o->traces_client_key, o->client_key);
+    if ((t->cert == NULL) != (t->key == NULL)) {
+        fprintf(stderr, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY "
+                        "go together: set both or neither\n");
+        return -1;
+    }
+    const char *const files[3] = {t->ca, t->cert, t->key};
+    for (int i = 0; i < 3; i++) {
+        if (files[i] != NULL && access(files[i], R_OK) != 0) {
+            fprintf(stderr, "trace export: cannot read '%s': %s\n", files[i], strerror(errno));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void setup_curl(otlp *e, const tls_files *t)
 {
     CURL *c = curl_easy_init();
     e->curl = c;
@@ -665,6 +793,12 @@ static void setup_curl(otlp *e)
     curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
     curl_easy_setopt(c, CURLOPT_TCP_KEEPALIVE, 1L);
     curl_easy_setopt(c, CURLOPT_USERAGENT, "convo-otlp/" CONVO_VERSION);
+    if (t->ca != NULL)
+        curl_easy_setopt(c, CURLOPT_CAINFO, t->ca);
+    if (t->cert != NULL) {
+        curl_easy_setopt(c, CURLOPT_SSLCERT, t->cert);
+        curl_easy_setopt(c, CURLOPT_SSLKEY, t->key);
+    }
 }
 
 static void curl_init_once(void)
@@ -700,7 +834,9 @@ int otlp_setup(const otlp_opts *o, const char *program, metrics *m, otlp **out)
     pthread_once(&once, curl_init_once);
     otlp *e = mem_calloc(1, sizeof *e);
     e->url = export_url(o);
-    if (e->url == NULL || make_resource(e, o, program) != 0 || make_headers(e, o) != 0)
+    tls_files tls;
+    if (e->url == NULL || make_resource(e, o, program) != 0 || make_headers(e, o) != 0 ||
+        get_tls_files(o, &tls) != 0)
         goto fail;
     e->max_queue = (size_t)o->max_queue;
     e->max_batch = o->max_batch < o->max_queue ? (size_t)o->max_batch : (size_t)o->max_queue;
@@ -709,7 +845,7 @@ int otlp_setup(const otlp_opts *o, const char *program, metrics *m, otlp **out)
     e->request_timeout_ms =
         o->timeout_ms < o->export_timeout_ms ? o->timeout_ms : o->export_timeout_ms;
     e->answer = mem_alloc(ANSWER_MAX);
-    setup_curl(e);
+    setup_curl(e, &tls);
     if (e->curl == NULL) {
         fprintf(stderr, "%s: libcurl cannot be set up for the trace exporter\n", program);
         goto fail;

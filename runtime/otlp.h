@@ -1,19 +1,25 @@
 /* otlp — the span exporter: finished spans are batched on a thread of its
  * own and sent to an OpenTelemetry collector over OTLP/HTTP with the JSON
- * encoding (POST <endpoint>/v1/traces, libcurl; TLS by curl's defaults).
+ * encoding (POST <endpoint>/v1/traces, libcurl; https checked against the
+ * system's CAs or OTEL_EXPORTER_OTLP_CERTIFICATE, with a client certificate
+ * for a collector that wants mutual TLS).
  *
  * Configured by the standard OpenTelemetry environment variables (each also
  * a flag). Nothing is exported unless OTEL_EXPORTER_OTLP_ENDPOINT or
  * OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set; then the exporter exists and
  * spans are recorded (trace.h). The queue is bounded
  * (OTEL_BSP_MAX_QUEUE_SIZE): a span that finds it full is dropped and
- * counted, and so is every span of a batch the collector did not take (no
- * retries: the queue keeps filling meanwhile). otlp_push takes a mutex for
- * a few instructions and never waits for the network.
+ * counted. A batch whose export failed for a transient reason (the
+ * collector unreachable or too slow, 429, 502, 503, 504) is sent again
+ * after a backoff with jitter (Retry-After honoured) while the batch's time
+ * (OTEL_BSP_EXPORT_TIMEOUT) lasts; then, or on any other error, its spans
+ * are dropped and counted. Meanwhile the queue keeps filling and drops at
+ * its bound. otlp_push takes a mutex for a few instructions and never waits
+ * for the network.
  *
  * Metrics (registered into the process's registry): spans exported,
  * spans dropped by reason (queue_full, export_failed, rejected, shutdown),
- * failed exports, spans queued. */
+ * failed exports, export retries, spans queued. */
 #ifndef CONVO_OTLP_H
 #define CONVO_OTLP_H
 
@@ -43,6 +49,24 @@
     X(S, timeout_ms, INT_IN(1, CONF_NO_MAX), "otel-exporter-otlp-timeout",                         \
       "OTEL_EXPORTER_OTLP_TIMEOUT", "10000",                                                       \
       "milliseconds one export request may take (connect included)")                               \
+    X(S, certificate, STR, "otel-exporter-otlp-certificate", "OTEL_EXPORTER_OTLP_CERTIFICATE", "", \
+      "PEM file of the CA certificates the collector's https certificate is checked against; "     \
+      "empty: the system's")                                                                       \
+    X(S, traces_certificate, STR, "otel-exporter-otlp-traces-certificate",                         \
+      "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "",                                                 \
+      "as --otel-exporter-otlp-certificate, for spans only; wins over it")                         \
+    X(S, client_certificate, STR, "otel-exporter-otlp-client-certificate",                         \
+      "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "",                                                 \
+      "PEM certificate this process shows a collector that wants mutual TLS (with "                \
+      "--otel-exporter-otlp-client-key)")                                                          \
+    X(S, traces_client_certificate, STR, "otel-exporter-otlp-traces-client-certificate",           \
+      "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", "",                                          \
+      "as --otel-exporter-otlp-client-certificate, for spans only; wins over it")                  \
+    X(S, client_key, STR, "otel-exporter-otlp-client-key", "OTEL_EXPORTER_OTLP_CLIENT_KEY", "",    \
+      "PEM private key of the client certificate")                                                 \
+    X(S, traces_client_key, STR, "otel-exporter-otlp-traces-client-key",                           \
+      "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "",                                                  \
+      "as --otel-exporter-otlp-client-key, for spans only; wins over it")                          \
     X(S, service_name, STR, "otel-service-name", "OTEL_SERVICE_NAME", "",                          \
       "service.name of the spans; empty: service.name of OTEL_RESOURCE_ATTRIBUTES, else the "      \
       "binary's name")                                                                             \
@@ -65,7 +89,8 @@
       "spans per export request (at most the queue size)")                                         \
     X(S, export_timeout_ms, INT_IN(1, CONF_NO_MAX), "otel-bsp-export-timeout",                     \
       "OTEL_BSP_EXPORT_TIMEOUT", "30000",                                                          \
-      "milliseconds one export may take; also the most the last flush at shutdown waits")
+      "milliseconds one export may take, its retries included; also the most the last flush at "   \
+      "shutdown waits")
 CONF_DECLARE(otlp_opts, OTLP_OPTS)
 
 typedef struct otlp otlp;
@@ -136,7 +161,8 @@ typedef struct otlp_span {
  * endpoint, OTEL_SDK_DISABLED, OTEL_TRACES_EXPORTER=none). Counts into m
  * (NULL: not counted). Returns 0, or -1 after printing what is wrong on
  * stderr (a bad URL, header, resource attribute or protocol; the numbers'
- * ranges are conf_parse's): a usage error. Starts the export thread; call
+ * ranges are conf_parse's; a certificate or key file that cannot be
+ * read, or a client certificate without its key): a usage error. Starts the export thread; call
  * after srv_block_signals. */
 int otlp_setup(const otlp_opts *o, const char *program, metrics *m, otlp **out);
 /* Exports what is queued (waiting at most the export timeout), stops the

@@ -263,6 +263,17 @@ static void options_are_checked(void **state)
                          "--otel-resource-attributes", "k=%zz", NULL},
         (const char *[]){"--otel-exporter-otlp-endpoint", "http://127.0.0.1:9",
                          "--otel-traces-exporter", "zipkin", NULL},
+        /* a client certificate without its key, and the other way round */
+        (const char *[]){"--otel-exporter-otlp-endpoint", "https://127.0.0.1:9",
+                         "--otel-exporter-otlp-client-certificate", "/etc/hostname", NULL},
+        (const char *[]){"--otel-exporter-otlp-endpoint", "https://127.0.0.1:9",
+                         "--otel-exporter-otlp-traces-client-key", "/etc/hostname", NULL},
+        /* files that cannot be read */
+        (const char *[]){"--otel-exporter-otlp-endpoint", "https://127.0.0.1:9",
+                         "--otel-exporter-otlp-certificate", "/nonexistent/ca.pem", NULL},
+        (const char *[]){"--otel-exporter-otlp-endpoint", "https://127.0.0.1:9",
+                         "--otel-exporter-otlp-client-certificate", "/etc/hostname",
+                         "--otel-exporter-otlp-client-key", "/nonexistent/key.pem", NULL},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         e = NULL;
