@@ -130,8 +130,8 @@ static void gwsrv_start(gwsrv *s, struct ev_loop *loop, cli *client, const char 
     info.port = 0; /* any free port */
     info.iface = "127.0.0.1";
     info.protocols = gwsrv__protocols;
-    info.options = LWS_SERVER_OPTION_VALIDATE_UTF8 | LWS_SERVER_OPTION_DISABLE_IPV6 |
-                   LWS_SERVER_OPTION_LIBEV;
+    info.options =
+        LWS_SERVER_OPTION_VALIDATE_UTF8 | LWS_SERVER_OPTION_DISABLE_IPV6 | LWS_SERVER_OPTION_LIBEV;
     info.max_http_header_data2 = (unsigned)(g->opts.max_header_bytes * 2);
     info.user = g;
     void *foreign[] = {loop};

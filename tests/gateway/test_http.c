@@ -22,10 +22,10 @@
 #include <json-c/json.h>
 #include <stdlib.h>
 
-#define REQS_MAX    24
-#define BODY_CAP    8192
+#define REQS_MAX     24
+#define BODY_CAP     8192
 #define TOTAL_EVENTS 5 /* s-alice's stored events, seq 1 to 5 */
-#define ALICE_ID    "s-alice"
+#define ALICE_ID     "s-alice"
 
 /* ---- the fake store-svc ---------------------------------------------------- */
 
@@ -84,8 +84,7 @@ static void on_list_events(srv_call *call, const ProtobufCMessage *msg)
 
 static void on_list_user_sessions(srv_call *call, const ProtobufCMessage *msg)
 {
-    const Convo__V1__ListUserSessionsRequest *req =
-        (const Convo__V1__ListUserSessionsRequest *)msg;
+    const Convo__V1__ListUserSessionsRequest *req = (const Convo__V1__ListUserSessionsRequest *)msg;
     pthread_mutex_lock(&fk.mu);
     fk.list_users++;
     snprintf(fk.list_user, sizeof fk.list_user, "%s", req->user_id);
