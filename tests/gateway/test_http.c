@@ -10,7 +10,7 @@
  * while /api/health stays open; --auth dev tokens and a user_id naming
  * someone else (403); /readyz following llm-svc and store-svc but not
  * router-svc; --rest-rate-per-ip (429 with Retry-After). */
-#include "../gateway/gwsrv.h"
+#include "gwsrv.h"
 
 #include "convo_methods.h"
 #include "health.h"

@@ -500,8 +500,8 @@ static int teardown(void **state)
     return 0;
 }
 
-/* Fresh options, limits, default route and session table for one test
- * (opts: the test's changes to the defaults). */
+/* Fresh options, limits (lo; NULL: the defaults), default route and
+ * session table for one test. */
 static env *begin(void **state, lim_opts *lo)
 {
     env *e = *state;

@@ -12,7 +12,7 @@
  * read (1008); --max-connections and --max-connections-per-ip (1013);
  * bad session ids (4400); a handshake without a token in jwt mode (401,
  * before any upgrade). */
-#include "../gateway/gwsrv.h"
+#include "gwsrv.h"
 
 #include <stdlib.h>
 
