@@ -958,7 +958,7 @@ static void unconfirmed_owner_is_refused_after_the_open_timeout(void **state)
 {
     env *e = begin(state, NULL);
     e->g.opts.open_timeout_ms = 50;
-    fk.open_delay_ms = 200;
+    fk.open_delay_ms = 400; /* well past the 50 ms, even on a loaded machine */
     conn *c = connect_to(e, "s-slowstore", "u1");
     assert_true(run_until(e, is_closed, c));
     assert_int_equal(c->close_code, WS_CLOSE_TRY_LATER);

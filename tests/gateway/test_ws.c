@@ -215,11 +215,11 @@ static int ws_send(int fd, int fin, int op, const char *data, size_t len, int ma
         memcpy(h + hl, key, 4);
         hl += 4;
     }
-    unsigned char *body = malloc(len + 1);
+    unsigned char *body = mem_alloc(len + 1);
     for (size_t i = 0; i < len; i++)
         body[i] = (unsigned char)data[i] ^ (masked ? key[i % 4] : 0);
     int rc = write_all(fd, h, hl) != 0 || write_all(fd, body, len) != 0 ? -1 : 0;
-    free(body);
+    mem_free(body);
     return rc;
 }
 
