@@ -22,6 +22,10 @@
 #define WS_UNREAD_FACTOR 4
 #define WS_UNREAD_SLACK  65536
 
+/* How long a close may wait for the rest of a write the socket took only
+ * in part (a client that stopped reading is hung up after it). */
+#define WS_CLOSE_FLUSH_SECS 5
+
 /* A query argument's longest copy: an id over CHECK_ID_MAX still fits, so
  * it is refused as too long rather than silently cut. */
 #define WS_ARG_MAX 512
@@ -55,6 +59,7 @@ struct conn {
     char *rx; /* the message being reassembled */
     size_t rx_len;
     int closing;
+    int close_flushing; /* the close waits for a partial write (WS_CLOSE_FLUSH_SECS) */
     int close_code;
     char close_reason[64];
     char ip[CALLER_IP_MAX];
@@ -429,6 +434,18 @@ static int on_writeable(struct lws *wsi, conn *c)
         return 0;
     }
     if (c->closing) {
+        /* The last write may still be partly in libwebsockets' buffer (the
+         * socket took only some of it): closing now would drop the close
+         * frame and the client would see 1006, not the code. The close
+         * waits for the flush, at most WS_CLOSE_FLUSH_SECS. */
+        if (lws_send_pipe_choked(wsi)) {
+            if (!c->close_flushing) {
+                c->close_flushing = 1;
+                lws_set_timeout(wsi, PENDING_TIMEOUT_CLOSE_SEND, WS_CLOSE_FLUSH_SECS);
+            }
+            lws_callback_on_writable(wsi);
+            return 0;
+        }
         lws_close_reason(wsi, (enum lws_close_status)c->close_code,
                          (unsigned char *)c->close_reason, strlen(c->close_reason));
         return -1;

@@ -69,7 +69,9 @@ void conn_attach(conn *c, const conn_peer_ops *ops, void *peer);
 void conn_send(conn *c, char *frame, size_t len, long charge);
 /* Sends an error frame, then closes with `code`. The connection forgets
  * its peer at once without calling on_gone (the caller handles the peer's
- * side) and drops frames queued after this. */
+ * side) and drops frames queued after this. The frames queued before go
+ * first; the close waits for a write the socket took only in part (at most
+ * a few seconds), so the client gets the code, not 1006. */
 void conn_close(conn *c, int code, const char *error_code, const char *reason);
 
 /* The trace context the connection's handshake carried (traceparent and
