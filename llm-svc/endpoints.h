@@ -39,8 +39,16 @@
       "5",                                                                                         \
       "failed requests in a row that open an endpoint's circuit: it is skipped until a probe "     \
       "succeeds")                                                                                  \
-    X(S, breaker_cooldown_ms, INT, "breaker-cooldown-ms", "LLM_BREAKER_COOLDOWN_MS", "10000",      \
-      "how long an open circuit skips its endpoint before one request probes it")
+    X(S, breaker_cooldown_ms, INT_IN(1, CONF_NO_MAX), "breaker-cooldown-ms",                       \
+      "LLM_BREAKER_COOLDOWN_MS", "1000",                                                           \
+      "the longest an open circuit skips its endpoint before one request probes it, the wait "     \
+      "drawn at random below it; doubled by each failed probe, back to this once one succeeds. "   \
+      "Short, since a blip of a second or two should cost about that, not a fixed long wait; "     \
+      "the doubling spares an endpoint that stays down")                                           \
+    X(S, breaker_cooldown_max_ms, INT_IN(1, CONF_NO_MAX), "breaker-cooldown-max-ms",               \
+      "LLM_BREAKER_COOLDOWN_MAX_MS", "30000",                                                      \
+      "the cap on that doubled wait: a dead endpoint is still probed this often. Below "           \
+      "--breaker-cooldown-ms it is taken as that (a fixed cool-down)")
 CONF_DECLARE(endpoints_opts, ENDPOINTS_OPTS)
 
 /* One endpoint; its strings belong to the list. */
