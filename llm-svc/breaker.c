@@ -23,7 +23,7 @@ breaker *breaker_create(int failures, int64_t cooldown_ms, int64_t cooldown_max_
     breaker *b = mem_calloc(1, sizeof *b);
     pthread_mutex_init(&b->mu, NULL);
     b->threshold = failures > 0 ? failures : 1;
-    backoff_init(&b->cooldown, cooldown_ms, cooldown_max_ms, BACKOFF_FULL);
+    backoff_init(&b->cooldown, cooldown_ms, cooldown_max_ms, BACKOFF_DECORRELATED);
     b->state = BREAKER_CLOSED;
     return b;
 }

@@ -9,10 +9,12 @@
  *
  * The cool-down grows with the failed probes, as Envoy's outlier ejection
  * does: a blip costs about `cooldown_ms`, a dead upstream is probed ever
- * more rarely. Each is drawn by backoff.h with full jitter, its ceiling
- * `cooldown_ms` on opening, doubled by each failed probe up to
- * `cooldown_max_ms`; closing starts it again from `cooldown_ms` (the
- * jitter keeps replicas that opened together from probing together).
+ * more rarely. Each is drawn by backoff.h with decorrelated jitter: never
+ * below `cooldown_ms` (an open circuit always sheds load that long), at
+ * most three times the one before (about double on average) and at most
+ * `cooldown_max_ms`; closing starts it again from `cooldown_ms`. The jitter
+ * keeps replicas that opened together from probing together; a cap equal
+ * to the base gives a fixed cool-down.
  *
  * Outcomes are reported with the ticket admission gave, so a request
  * admitted before the circuit opened cannot close or re-open it later.

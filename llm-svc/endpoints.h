@@ -41,14 +41,14 @@
       "succeeds")                                                                                  \
     X(S, breaker_cooldown_ms, INT_IN(1, CONF_NO_MAX), "breaker-cooldown-ms",                       \
       "LLM_BREAKER_COOLDOWN_MS", "1000",                                                           \
-      "the longest an open circuit skips its endpoint before one request probes it, the wait "     \
-      "drawn at random below it; doubled by each failed probe, back to this once one succeeds. "   \
-      "Short, since a blip of a second or two should cost about that, not a fixed long wait; "     \
-      "the doubling spares an endpoint that stays down")                                           \
+      "the shortest an open circuit skips its endpoint before one request probes it; each wait "   \
+      "is drawn between this and 3 times the one before (about doubling), back to this once a "    \
+      "probe succeeds. Short, so that a blip of a second or two costs about that rather than a "   \
+      "fixed long wait; the growth spares an endpoint that stays down")                            \
     X(S, breaker_cooldown_max_ms, INT_IN(1, CONF_NO_MAX), "breaker-cooldown-max-ms",               \
       "LLM_BREAKER_COOLDOWN_MAX_MS", "30000",                                                      \
-      "the cap on that doubled wait: a dead endpoint is still probed this often. Below "           \
-      "--breaker-cooldown-ms it is taken as that (a fixed cool-down)")
+      "the cap on that growing wait: a dead endpoint is still probed this often. At or below "     \
+      "--breaker-cooldown-ms every wait is --breaker-cooldown-ms (a fixed cool-down)")
 CONF_DECLARE(endpoints_opts, ENDPOINTS_OPTS)
 
 /* One endpoint; its strings belong to the list. */

@@ -241,8 +241,9 @@ def test_a_short_outage_is_probed_through_and_closes_at_the_first_probe_after_it
     stop = threading.Event()
     gate = threading.Lock()
     try:
+        # The first cool-down is 0.4-1.2 s: a probe comes inside the outage.
         with llm_service(url(primary.addr), "--max-attempts", "1",
-                         "--breaker-failures", str(failures), "--breaker-cooldown-ms", "200",
+                         "--breaker-failures", str(failures), "--breaker-cooldown-ms", "400",
                          "--breaker-cooldown-max-ms", "1600") as svc:
             def turns():
                 while not stop.is_set():
@@ -286,6 +287,9 @@ def test_a_short_outage_is_probed_through_and_closes_at_the_first_probe_after_it
         up = [o for p, o in outcomes if p == "up"]
         down = [o for p, o in outcomes if p == "down"]
         back = [o for p, o in outcomes if p == "back"]
+        print(f"outage of 2 s: {len(down)} turns, {down.count('refused')} refused, "
+              f"{down.count('failed') - failures} probes failed; back: {back.index('answered')} "
+              f"refused before the first probe answered")
         assert set(up) == {"answered"}, outcomes
         # Down: `failures` turns failed by asking it, which opened the circuit;
         # then turns were refused without asking, and probes went to the dead
