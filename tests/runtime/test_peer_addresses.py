@@ -3,7 +3,8 @@ one HOST:PORT, a list of replicas IP:PORT,IP:PORT, or a gRPC target URI,
 and --grpc-round-robin. The replicas are Python grpcio servers (and our
 testsvc-server where one must die by SIGKILL), each on its own loopback
 address and all on one port, as pods of a Service; the client is
-testsvc-client."""
+testsvc-client. Under mutual TLS (certificates made with the openssl CLI,
+certs.py) each replica of a list is checked against the service's name."""
 
 import concurrent.futures
 import importlib
