@@ -251,15 +251,17 @@ static int open_channels(gw *g)
         cli_channel **ch;
         const char *flag;
         const char *addr;
+        const char *service; /* the name its certificates carry (cli.h) */
         const rpc_method *const *retry;
-    } peers[] = {{&g->router, "router", g->opts.router, router_retry},
-                 {&g->llm, "llm", g->opts.llm, llm_retry},
-                 {&g->store, "store", g->opts.store, store_retry},
-                 {&g->summary, "summary", g->opts.summary, summary_retry}};
+    } peers[] = {{&g->router, "router", g->opts.router, "router-svc", router_retry},
+                 {&g->llm, "llm", g->opts.llm, "llm-svc", llm_retry},
+                 {&g->store, "store", g->opts.store, "store-svc", store_retry},
+                 {&g->summary, "summary", g->opts.summary, "summary-svc", summary_retry}};
     char err[400];
     for (size_t i = 0; i < sizeof peers / sizeof peers[0]; i++) {
-        *peers[i].ch = cli_channel_create(g->client, peers[i].addr, g->client_opts.round_robin,
-                                          peers[i].retry, err, sizeof err);
+        *peers[i].ch =
+            cli_channel_create(g->client, peers[i].addr, peers[i].service,
+                               g->client_opts.round_robin, peers[i].retry, err, sizeof err);
         if (*peers[i].ch == NULL) {
             log_error("--%s: %s", peers[i].flag, err);
             return -1;

@@ -1,5 +1,6 @@
 #include "breaker.h"
 
+#include "backoff.h"
 #include "mem.h"
 
 #include <pthread.h>
@@ -7,21 +8,22 @@
 struct breaker {
     pthread_mutex_t mu;
     int threshold;
-    int64_t cooldown_ms;
     /* Under mu. */
     breaker_state state;
     unsigned epoch; /* bumped by every transition: older tickets are stale */
     int failures;   /* in a row, while closed */
     int64_t opened_ms;
-    int probe_out; /* half-open: the probe is in flight */
+    int64_t cooldown_ms; /* of this opening */
+    backoff cooldown;    /* its attempts: the openings since it last closed */
+    int probe_out;       /* half-open: the probe is in flight */
 };
 
-breaker *breaker_create(int failures, int64_t cooldown_ms)
+breaker *breaker_create(int failures, int64_t cooldown_ms, int64_t cooldown_max_ms)
 {
     breaker *b = mem_calloc(1, sizeof *b);
     pthread_mutex_init(&b->mu, NULL);
     b->threshold = failures > 0 ? failures : 1;
-    b->cooldown_ms = cooldown_ms;
+    backoff_init(&b->cooldown, cooldown_ms, cooldown_max_ms, BACKOFF_DECORRELATED);
     b->state = BREAKER_CLOSED;
     return b;
 }
@@ -41,8 +43,12 @@ static void move_locked(breaker *b, breaker_state to, int64_t now)
     b->epoch++;
     b->failures = 0;
     b->probe_out = 0;
-    if (to == BREAKER_OPEN)
+    if (to == BREAKER_CLOSED)
+        backoff_reset(&b->cooldown);
+    if (to == BREAKER_OPEN) {
         b->opened_ms = now;
+        b->cooldown_ms = backoff_next(&b->cooldown);
+    }
 }
 
 int breaker_admit(breaker *b, int64_t now, breaker_ticket *ticket, int *moved)

@@ -2,10 +2,19 @@
  *
  * Closed: requests pass; `failures` failed requests in a row open it (a
  * success in between starts the count again). Open: requests are refused
- * until `cooldown_ms` passed, then the circuit is half-open: exactly one
- * request passes as a probe and the others are still refused. The probe's
- * success closes the circuit, its failure opens it for another cool-down,
- * a probe that proves nothing (cancelled) lets the next request probe.
+ * for a cool-down, then the circuit is half-open: exactly one request
+ * passes as a probe and the others are still refused. The probe's success
+ * closes the circuit, its failure opens it again, a probe that proves
+ * nothing (cancelled) lets the next request probe.
+ *
+ * The cool-down grows with the failed probes, as Envoy's outlier ejection
+ * does: a blip costs about `cooldown_ms`, a dead upstream is probed ever
+ * more rarely. Each is drawn by backoff.h with decorrelated jitter: never
+ * below `cooldown_ms` (an open circuit always sheds load that long), at
+ * most three times the one before (about double on average) and at most
+ * `cooldown_max_ms`; closing starts it again from `cooldown_ms`. The jitter
+ * keeps replicas that opened together from probing together; a cap equal
+ * to the base gives a fixed cool-down.
  *
  * Outcomes are reported with the ticket admission gave, so a request
  * admitted before the circuit opened cannot close or re-open it later.
@@ -37,9 +46,10 @@ typedef struct breaker_ticket {
 
 typedef struct breaker breaker;
 
-/* A closed breaker opening after `failures` (>= 1) failures in a row and
- * probing `cooldown_ms` after it opened. */
-breaker *breaker_create(int failures, int64_t cooldown_ms);
+/* A closed breaker opening after `failures` (>= 1; less is taken as 1)
+ * failures in a row, cooling down as above (cooldown_ms >= 1 and
+ * cooldown_max_ms >= cooldown_ms, each raised to that when not). */
+breaker *breaker_create(int failures, int64_t cooldown_ms, int64_t cooldown_max_ms);
 /* Frees it and clears *b; NULL is fine. */
 void breaker_destroy(breaker **b);
 

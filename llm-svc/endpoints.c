@@ -45,7 +45,6 @@ struct endpoints {
     entry *v;
     size_t n;
     char *default_model;
-    int64_t cooldown_ms;
     pthread_mutex_t pub_mu;
     health *health; /* under pub_mu: where circuits are published, or NULL */
     endpoints_metrics mx;
@@ -325,7 +324,6 @@ int endpoints_create(const endpoints_opts *o, metrics *m, endpoints **out, char 
     endpoints *e = mem_calloc(1, sizeof *e);
     pthread_mutex_init(&e->pub_mu, NULL);
     e->default_model = mem_strdup(o->model);
-    e->cooldown_ms = o->breaker_cooldown_ms;
     char why[160];
     if (check_url(o->base_url, why, sizeof why) != 0) {
         snprintf(err, errsize, "--openai-base-url %s", why);
@@ -341,7 +339,8 @@ int endpoints_create(const endpoints_opts *o, metrics *m, endpoints **out, char 
         entry *x = &e->v[i];
         x->pub = (endpoint){x->name, x->url, x->api_key};
         x->health_name = mem_asprintf(HEALTH_PREFIX "%s", x->name);
-        x->br = breaker_create((int)o->breaker_failures, o->breaker_cooldown_ms);
+        x->br = breaker_create((int)o->breaker_failures, o->breaker_cooldown_ms,
+                               o->breaker_cooldown_max_ms);
     }
     make_series(e, m);
     *out = e;
@@ -408,17 +407,19 @@ void endpoints_publish(endpoints *e, health *h)
 static void moved(endpoints *e, entry *x, int was_probe, const char *why)
 {
     const log_field f[] = {{"upstream", x->name}, {NULL, NULL}};
+    /* This opening's cool-down (it just began, bar a race with another). */
+    long long wait = (long long)breaker_wait_ms(x->br, rpc_now_ms());
     switch (breaker_get(x->br)) {
     case BREAKER_OPEN:
         if (was_probe)
             log_fields(LOG_WARN, f,
                        "upstream %s: the probe failed (%s): circuit open again for %lld ms",
-                       x->name, why, (long long)e->cooldown_ms);
+                       x->name, why, wait);
         else
             log_fields(LOG_WARN, f,
                        "upstream %s: circuit open after failed requests in a row (last: %s): "
                        "skipped for %lld ms",
-                       x->name, why, (long long)e->cooldown_ms);
+                       x->name, why, wait);
         break;
     case BREAKER_HALF_OPEN:
         log_fields(LOG_INFO, f, "upstream %s: circuit half-open: the next request probes it",

@@ -39,8 +39,16 @@
       "5",                                                                                         \
       "failed requests in a row that open an endpoint's circuit: it is skipped until a probe "     \
       "succeeds")                                                                                  \
-    X(S, breaker_cooldown_ms, INT, "breaker-cooldown-ms", "LLM_BREAKER_COOLDOWN_MS", "10000",      \
-      "how long an open circuit skips its endpoint before one request probes it")
+    X(S, breaker_cooldown_ms, INT_IN(1, CONF_NO_MAX), "breaker-cooldown-ms",                       \
+      "LLM_BREAKER_COOLDOWN_MS", "1000",                                                           \
+      "the shortest an open circuit skips its endpoint before one request probes it; each wait "   \
+      "is drawn between this and 3 times the one before (about doubling), back to this once a "    \
+      "probe succeeds. Short, so that a blip of a second or two costs about that rather than a "   \
+      "fixed long wait; the growth spares an endpoint that stays down")                            \
+    X(S, breaker_cooldown_max_ms, INT_IN(1, CONF_NO_MAX), "breaker-cooldown-max-ms",               \
+      "LLM_BREAKER_COOLDOWN_MAX_MS", "30000",                                                      \
+      "the cap on that growing wait: a dead endpoint is still probed this often. At or below "     \
+      "--breaker-cooldown-ms every wait is --breaker-cooldown-ms (a fixed cool-down)")
 CONF_DECLARE(endpoints_opts, ENDPOINTS_OPTS)
 
 /* One endpoint; its strings belong to the list. */

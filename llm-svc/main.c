@@ -140,7 +140,7 @@ int main(int argc, char **argv)
                                                     &convo__v1__store__list_user_sessions__method,
                                                     NULL};
     cli_channel *store =
-        cli_channel_create(c, mo.store, cc.round_robin, store_retry, err, sizeof err);
+        cli_channel_create(c, mo.store, "store-svc", cc.round_robin, store_retry, err, sizeof err);
     if (store == NULL) {
         log_error("--store: %s", err);
         status = 2;

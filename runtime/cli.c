@@ -224,9 +224,9 @@ static int parse_entry(const char *entry, host_kind *kind, char *err, size_t err
 
 /* A list of replicas, IP addresses of one family, as the core's ipv4: or
  * ipv6: target (it takes them comma-separated and resolves nothing) into
- * *target, and its first address into *authority. Returns 0 or -1 with
- * the reason in err; on failure nothing is returned. */
-static int list_target(const char *addr, char **target, char **authority, char *err, size_t errsize)
+ * *target. Returns 0 or -1 with the reason in err; on failure nothing is
+ * returned. */
+static int list_target(const char *addr, char **target, char *err, size_t errsize)
 {
     char *copy = mem_strdup(addr);
     char *out = mem_alloc(strlen(addr) + sizeof "ipv6:");
@@ -270,7 +270,6 @@ static int list_target(const char *addr, char **target, char **authority, char *
         strcat(out, e);
         family = kind;
     }
-    *authority = mem_strdup(seen[0]);
     *target = out;
     out = NULL;
     rc = 0;
@@ -281,14 +280,13 @@ out:
     return rc;
 }
 
-/* The gRPC target of a peer address (see cli_channel_create) into *target,
- * and for a list the authority its calls carry (the first address; the
- * core would make one of the whole list) into *authority, else NULL; both
- * mem_free'd by the caller. Returns 0 or -1 with the reason in err. */
-static int peer_target(const char *addr, char **target, char **authority, char *err, size_t errsize)
+/* The gRPC target of a peer address (see cli_channel_create) into *target
+ * (mem_free'd by the caller); *is_list tells a list of replicas. Returns 0
+ * or -1 with the reason in err. */
+static int peer_target(const char *addr, char **target, int *is_list, char *err, size_t errsize)
 {
     *target = NULL;
-    *authority = NULL;
+    *is_list = 0;
     for (size_t i = 0; i < sizeof core_schemes / sizeof core_schemes[0]; i++) {
         if (strncmp(addr, core_schemes[i], strlen(core_schemes[i])) == 0) {
             *target = mem_strdup(addr);
@@ -299,8 +297,10 @@ static int peer_target(const char *addr, char **target, char **authority, char *
         fail(err, errsize, "the address is longer than %d bytes", ADDR_MAX - 1);
         return -1;
     }
-    if (strchr(addr, ',') != NULL)
-        return list_target(addr, target, authority, err, errsize);
+    if (strchr(addr, ',') != NULL) {
+        *is_list = 1;
+        return list_target(addr, target, err, errsize);
+    }
     host_kind kind;
     if (parse_entry(addr, &kind, err, errsize) != 0)
         return -1;
@@ -359,13 +359,20 @@ out:
     return rc;
 }
 
-cli_channel *cli_channel_create(cli *c, const char *addr, int round_robin,
+cli_channel *cli_channel_create(cli *c, const char *addr, const char *service, int round_robin,
                                 const rpc_method *const *retry, char *err, size_t errsize)
 {
-    char *target = NULL, *authority = NULL, *config = NULL;
+    char *target = NULL, *config = NULL;
+    int is_list = 0;
     if (retry_config(retry, &config, err, errsize) != 0)
         return NULL;
-    if (peer_target(addr, &target, &authority, err, errsize) != 0) {
+    if (peer_target(addr, &target, &is_list, err, errsize) != 0) {
+        mem_free(config);
+        return NULL;
+    }
+    if (is_list && (service == NULL || service[0] == '\0')) {
+        fail(err, errsize, "a list of replicas needs the name of the service they serve");
+        mem_free(target);
         mem_free(config);
         return NULL;
     }
@@ -387,8 +394,14 @@ cli_channel *cli_channel_create(cli *c, const char *addr, int round_robin,
     rpc__args_int(&args, GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
     if (round_robin)
         rpc__args_str(&args, GRPC_ARG_LB_POLICY_NAME, "round_robin");
-    if (authority != NULL)
-        rpc__args_str(&args, GRPC_ARG_DEFAULT_AUTHORITY, authority);
+    /* No one address of a list names its replicas (the core would make an
+     * authority of the whole list): the service's name does, in calls and
+     * in TLS, where every replica's certificate is checked against it. */
+    if (is_list) {
+        rpc__args_str(&args, GRPC_ARG_DEFAULT_AUTHORITY, service);
+        if (c->tls != NULL)
+            rpc__args_str(&args, GRPC_SSL_TARGET_NAME_OVERRIDE_ARG, service);
+    }
     if (config != NULL) {
         rpc__args_int(&args, GRPC_ARG_ENABLE_RETRIES, 1);
         rpc__args_str(&args, GRPC_ARG_SERVICE_CONFIG, config);
@@ -402,7 +415,6 @@ cli_channel *cli_channel_create(cli *c, const char *addr, int round_robin,
     ch->channel = grpc_channel_create(target, creds, &cargs);
     grpc_channel_credentials_release(creds);
     mem_free(target);
-    mem_free(authority);
     mem_free(config);
     pthread_mutex_lock(&c->mu);
     ch->next = c->channels;

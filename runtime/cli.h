@@ -79,7 +79,8 @@ void cli_destroy(cli **c);
 
 /* Channels created after this use mutual TLS with t's certificates: the
  * server's certificate must be signed by the CA and name the target's
- * host; ours is shown to it. NULL (the default): plaintext. t must outlive
+ * host (for a list of replicas, the service: see cli_channel_create);
+ * ours is shown to it. NULL (the default): plaintext. t must outlive
  * the client. */
 void cli_use_tls(cli *c, tls *t);
 /* Counts every call into m (convo_grpc_client_*: by method and status
@@ -99,6 +100,12 @@ void cli_set_tracer(cli *c, otlp *e);
  *   a gRPC target URI         dns:///NAME:PORT (every address of a name),
  *                             ipv4:..., ipv6:..., unix:PATH, as the core
  *                             takes them.
+ * `service` is the name the peer is known by (its certificate's DNS name,
+ * "store-svc"): a list's calls carry it as their authority, and under
+ * mutual TLS every replica's certificate must name it, as no one address
+ * of the list names them all (and a replica cannot pass for another
+ * service). Any other form is checked against the host it names. Needed
+ * for a list; NULL is fine for the other forms.
  * `round_robin` spreads calls over every address (a replica that refuses
  * connections is skipped until it is back); otherwise the first that
  * answers takes them all. `retry` (NULL-terminated, or NULL) lists the
@@ -106,9 +113,9 @@ void cli_set_tracer(cli *c, otlp *e);
  * that fails UNAVAILABLE before any response message arrived is retried
  * (by the core, on the next replica; a stream never once a message was
  * received). Owned by the client; freed with it. Returns NULL when addr
- * is none of the above or a method path is malformed, with the reason in
- * err. */
-cli_channel *cli_channel_create(cli *c, const char *addr, int round_robin,
+ * is none of the above, a list comes without `service`, or a method path
+ * is malformed, with the reason in err. */
+cli_channel *cli_channel_create(cli *c, const char *addr, const char *service, int round_robin,
                                 const rpc_method *const *retry, char *err, size_t errsize);
 /* The address the channel was created with, as given. */
 const char *cli_channel_target(const cli_channel *ch);

@@ -140,14 +140,14 @@ void rpc__args_int(rpc__args *args, const char *key, int value)
     a->value.integer = value;
 }
 
-void rpc__args_str(rpc__args *args, const char *key, char *value)
+void rpc__args_str(rpc__args *args, const char *key, const char *value)
 {
     grpc_arg *a = args_next(args);
     if (a == NULL)
         return;
     a->type = GRPC_ARG_STRING;
     a->key = (char *)key;
-    a->value.string = value;
+    a->value.string = (char *)value; /* the core copies it, never writes it */
 }
 
 void rpc__args_init(rpc__args *args, int64_t max_message_bytes)

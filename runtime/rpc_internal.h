@@ -27,7 +27,7 @@ typedef struct rpc__args {
  * limit both ways. */
 void rpc__args_init(rpc__args *args, int64_t max_message_bytes);
 void rpc__args_int(rpc__args *args, const char *key, int value);
-void rpc__args_str(rpc__args *args, const char *key, char *value);
+void rpc__args_str(rpc__args *args, const char *key, const char *value);
 /* The list as the core takes it (valid while args lives). */
 grpc_channel_args rpc__args_get(rpc__args *args);
 

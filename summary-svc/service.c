@@ -657,12 +657,14 @@ service *service_create(const service_opts *o, cli *c, int round_robin, metrics 
         &convo__v1__store__list_unsummarized_sessions__method, NULL};
     static const rpc_method *const llm_retry[] = {&convo__v1__llm__complete__method, NULL};
     char why[400];
-    cli_channel *store = cli_channel_create(c, o->store, round_robin, store_retry, why, sizeof why);
+    cli_channel *store =
+        cli_channel_create(c, o->store, "store-svc", round_robin, store_retry, why, sizeof why);
     if (store == NULL) {
         snprintf(err, errsize, "--store: %s", why);
         return NULL;
     }
-    cli_channel *llm = cli_channel_create(c, o->llm, round_robin, llm_retry, why, sizeof why);
+    cli_channel *llm =
+        cli_channel_create(c, o->llm, "llm-svc", round_robin, llm_retry, why, sizeof why);
     if (llm == NULL) {
         snprintf(err, errsize, "--llm: %s", why);
         return NULL;

@@ -173,17 +173,27 @@ def shared_port(hosts: Iterable[str]) -> int:
     raise RuntimeError(f"no port free on all of {hosts}")
 
 
+def replica_identity(ca, name: str, host: str):
+    """A replica's certificate from `ca` (None: plaintext): the service's
+    names, as deploy/k8s issues them, and its own address only (which the
+    harness dials), not its siblings'."""
+    if ca is None:
+        return None
+    return ca.issue(name, dns=[name, f"{name}.convo.svc"], ips=[host])
+
+
 class Replicas:
     """Replicas of one binary, one per address of `hosts`, all on one port
     (shared_port): `.members[i]` (harness Services), `.addr` the address
     list callers take (`127.0.0.1:P,127.0.0.2:P`). Started in order."""
 
     def __init__(self, name: str, hosts: Iterable[str], args: Iterable[str] = (),
-                 env: Optional[dict] = None, **kw):
+                 env: Optional[dict] = None, ca=None, caller=None, **kw):
         self.name = name
         hosts = list(hosts)
         port = shared_port(hosts)
-        self.members = [Service(name, args=list(args), env=env, host=h, port=port, **kw)
+        self.members = [Service(name, args=list(args), env=env, host=h, port=port,
+                                tls=replica_identity(ca, name, h), caller=caller, **kw)
                         for h in hosts]
 
     @property
@@ -213,26 +223,35 @@ class ReplicaStack:
             s.store[0].kill(); s.store[0].start()
 
     `.store`, `.llm`, `.router`, `.summary` are Replicas; `summary_args` are
-    added to summary-svc's (leases, sweep). Plaintext only: with mutual TLS a
-    list's replicas would all be checked against its first address."""
+    added to summary-svc's (leases, sweep). With tls=True every gRPC hop is
+    mutual TLS (`.ca`, each replica's certificate from replica_identity, the
+    harness's calls as `.admin`)."""
 
     def __init__(self, hosts: Iterable[str] = ("127.0.0.1", "127.0.0.2"),
                  env: Optional[Mapping[str, str]] = None, summary_args: Iterable[str] = (),
-                 model_args: Iterable[str] = ("--token-delay-ms", "0")):
+                 model_args: Iterable[str] = ("--token-delay-ms", "0"), tls: bool = False):
         self.hosts = list(hosts)
         self.env = dict(env or {})
+        self.ca = self.admin = None
+        if tls:
+            from certs import CA
+            self.ca = CA("convo-replicas-ca")
+            self.admin = self.ca.issue("admin")
+        sec = {"ca": self.ca, "caller": self.admin}
         self.pg = Postgres()
-        self.store = Replicas("store-svc", self.hosts, env={**self.env, "DATABASE_URL": self.pg.url})
+        self.store = Replicas("store-svc", self.hosts, env={**self.env, "DATABASE_URL": self.pg.url},
+                              **sec)
         self.model = Service("offline-model", binary=build_dir() / "llm-svc" / "offline-model",
                              args=list(model_args), env=self.env, ready="tcp")
         rr = ["--grpc-round-robin"]
         self.llm = Replicas("llm-svc", self.hosts, args=["--store", self.store.addr, *rr],
                             env={**self.env, "OPENAI_BASE_URL": f"http://{self.model.addr}/v1",
-                                 "OPENAI_API_KEY": "offline", "OPENAI_MODEL": "offline-model"})
-        self.router = Replicas("router-svc", self.hosts, env=self.env)
+                                 "OPENAI_API_KEY": "offline", "OPENAI_MODEL": "offline-model"},
+                            **sec)
+        self.router = Replicas("router-svc", self.hosts, env=self.env, **sec)
         self.summary = Replicas("summary-svc", self.hosts,
                                 args=["--store", self.store.addr, "--llm", self.llm.addr, *rr,
-                                      *summary_args], env=self.env)
+                                      *summary_args], env=self.env, **sec)
         self.gateway_replicas: list = []
 
     def services(self) -> list:
@@ -246,7 +265,7 @@ class ReplicaStack:
     def gateways(self, *extra: str, env: Optional[dict] = None) -> Replicas:
         """A gateway on each address (one port), against every replica."""
         gws = Replicas("gateway", self.hosts, args=[*self.peers(), "--end-grace-ms", "0", *extra],
-                       env={**self.env, **(env or {})}, ready="http")
+                       env={**self.env, **(env or {})}, ready="http", ca=self.ca)
         self.gateway_replicas.append(gws)
         return gws
 

@@ -116,7 +116,7 @@ int main(int argc, char **argv)
     curl_global_init(CURL_GLOBAL_DEFAULT);
     cli *c = cli_create(2, 4 << 20);
     char err[400];
-    cli_channel *ch = cli_channel_create(c, argv[1], 0, NULL, err, sizeof err);
+    cli_channel *ch = cli_channel_create(c, argv[1], NULL, 0, NULL, err, sizeof err);
     if (ch == NULL) {
         fprintf(stderr, "bench_llm: %s\n", err);
         return 2;

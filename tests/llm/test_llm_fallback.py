@@ -7,6 +7,7 @@ its /stats counters, never from logs."""
 import json
 import os
 import subprocess
+import threading
 import time
 import urllib.request
 
@@ -152,8 +153,11 @@ def test_the_breaker_opens_half_opens_and_closes(backup):
     primary = offline("--fault", "500", port=port)
     cooldown_s = 1.5
     try:
+        # The cap at the base: every cool-down at most cooldown_s (the
+        # growth is the next test's).
         with llm_service(url(primary.addr), "--max-attempts", "1", "--breaker-failures", "3",
                          "--breaker-cooldown-ms", str(int(cooldown_s * 1000)),
+                         "--breaker-cooldown-max-ms", str(int(cooldown_s * 1000)),
                          "--fallback", backup_entry(backup)) as svc:
             assert circuit(svc, "primary") == H.HealthCheckResponse.SERVING
             assert circuit(svc, "backup") == H.HealthCheckResponse.SERVING
@@ -199,6 +203,115 @@ def test_the_breaker_opens_half_opens_and_closes(backup):
             logs = svc.log_text()
             for what in ("circuit open", "half-open", "circuit closed"):
                 assert what in logs, what
+    finally:
+        primary.stop()
+
+
+def wait_for(pred, what, timeout=60.0):
+    """Waits for pred() (a safety limit, not a measure)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+
+
+def outcome(events):
+    """'answered', 'refused' (no endpoint asked: every circuit open) or
+    'failed' (an endpoint was asked and failed)."""
+    last = events[-1]
+    if last.WhichOneof("event") == "done":
+        return "answered"
+    assert last.error.category == L.ERROR_CATEGORY_UPSTREAM_UNAVAILABLE, last
+    return "refused" if "no upstream can take the request now" in last.error.message else "failed"
+
+
+def test_a_short_outage_is_probed_through_and_closes_at_the_first_probe_after_it():
+    """No fallback, turns one after the other throughout: the primary is
+    stopped for 2 s and started again. Its circuit opens, probes the dead
+    primary after short cool-downs (so some probes fail while it is down),
+    and the first probe once it is back closes it: every turn after that is
+    answered. A fixed cool-down longer than the outage (the old 10 s) would
+    probe nothing while it was down."""
+    port = free_port()
+    primary = offline(port=port)
+    primary.start()
+    failures = 3
+    phase = ["up"]
+    outcomes = []  # (phase when the turn started, its outcome), in order
+    stop = threading.Event()
+    gate = threading.Lock()
+    try:
+        # The first cool-down is 0.4-1.2 s: a probe comes inside the outage.
+        with llm_service(url(primary.addr), "--max-attempts", "1",
+                         "--breaker-failures", str(failures), "--breaker-cooldown-ms", "400",
+                         "--breaker-cooldown-max-ms", "1600") as svc:
+            def turns():
+                while not stop.is_set():
+                    with gate:  # never across a stop or a start
+                        outcomes.append((phase[0], outcome(chat(svc))))
+                    time.sleep(0.02)
+
+            def switch(to, action):
+                with gate:
+                    action()
+                    phase[0] = to
+
+            def answered_since_back():
+                return sum(1 for p, o in outcomes if p == "back" and o == "answered")
+
+            t = threading.Thread(target=turns)
+            t.start()
+            try:
+                wait_for(lambda: len(outcomes) >= 3, "the first turns")
+                switch("down", primary.stop)
+                time.sleep(2)
+                failed_while_down = []
+
+                def restart():
+                    failed_while_down.append(svc.metric("convo_llm_endpoint_requests_total",
+                                                        upstream="primary", result="failed"))
+                    primary.start()
+
+                switch("back", restart)
+                wait_for(lambda: answered_since_back() >= 5, "turns answered again")
+            finally:
+                stop.set()
+                t.join()
+            logs = svc.log_text()
+            m = svc.metric
+            failed_at_end = m("convo_llm_endpoint_requests_total", upstream="primary",
+                              result="failed")
+            answered_at_end = m("convo_llm_endpoint_requests_total", upstream="primary",
+                                result="answered")
+
+        up = [o for p, o in outcomes if p == "up"]
+        down = [o for p, o in outcomes if p == "down"]
+        back = [o for p, o in outcomes if p == "back"]
+        print(f"outage of 2 s: {len(down)} turns, {down.count('refused')} refused, "
+              f"{down.count('failed') - failures} probes failed; back: {back.index('answered')} "
+              f"refused before the first probe answered")
+        assert set(up) == {"answered"}, outcomes
+        # Down: `failures` turns failed by asking it, which opened the circuit;
+        # then turns were refused without asking, and probes went to the dead
+        # primary between them (failed), each followed by refusals again.
+        assert down[:failures] == ["failed"] * failures, down
+        after_open = down[failures:]
+        assert after_open[0] == "refused", down
+        probes_while_down = after_open.count("failed")
+        assert probes_while_down >= 1, down
+        # Back: perhaps refused until the next probe is due, then that probe
+        # answered (no probe failed since) and every turn after it too.
+        first = back.index("answered")
+        assert set(back[:first]) <= {"refused"}, back
+        assert set(back[first:]) == {"answered"}, back
+        assert failed_at_end == failed_while_down[0] == failures + probes_while_down
+        assert answered_at_end == len(up) + len(back) - first
+        assert chat_requests(primary) == len(back) - first
+        # The log tells the same story in the same order.
+        assert logs.count("circuit open after failed requests in a row") == 1
+        assert logs.count("the probe failed") == probes_while_down
+        assert logs.count("circuit closed: the probe was answered") == 1
+        assert logs.rindex("the probe failed") < logs.index("circuit closed")
     finally:
         primary.stop()
 
@@ -300,3 +413,7 @@ def test_a_key_file_of_another_kind_is_refused(tmp_path):
                        timeout=20)
     assert r.returncode == 2, r.stderr
     assert "--breaker-failures: '0' is not an integer of at least 1" in r.stderr, r.stderr
+    r = subprocess.run([str(binary), "--breaker-cooldown-ms", "0"], capture_output=True,
+                       text=True, timeout=20)
+    assert r.returncode == 2, r.stderr
+    assert "--breaker-cooldown-ms: '0' is not an integer of at least 1" in r.stderr, r.stderr

@@ -44,7 +44,7 @@ import pytest
 import websockets
 
 from harness import Service
-from stack import ReplicaStack
+from stack import ReplicaStack, first_frame, turn
 
 HERE = Path(__file__).resolve().parent
 CLIENT = HERE / "conversations.mjs"
@@ -412,3 +412,36 @@ def test_a_dead_gateways_sessions_are_ended_and_summarized_a_live_ones_kept(stac
         assert end == last, f"{sid} ended at {end}, its last event was at {last}"
     end, status, _, _ = rows[kept]
     assert end is None and status == "none", rows[kept]
+
+
+def test_with_mutual_tls_every_replica_is_called_by_its_services_name():
+    """Every gRPC hop over mutual TLS, each replica's certificate naming its
+    service and its own address only, as a pod's would: the callers (the
+    gateways, llm-svc, summary-svc) check each replica of a list against the
+    name of the service it serves, so every replica of every service takes
+    calls and every session is summarized (summary-svc calling the store-svc
+    and llm-svc lists). Checked against the list's first address, the
+    second replica of each would be refused and never called."""
+    with ReplicaStack(tls=True, summary_args=SUMMARY_ARGS) as s:
+        gws = s.gateways("--auth", "none")
+        ids = [f"tls-{os.getpid()}-{i}" for i in range(8)]
+
+        async def talk():
+            for i, sid in enumerate(ids):
+                url = f"ws://{gws[i % 2].addr}/ws/session/{sid}?user_id=tls-user{i}"
+                async with websockets.connect(url) as ws:
+                    await first_frame(ws)
+                    for _ in range(2):
+                        frames = await turn(ws, "[[words:3]]")
+                        assert frames[-1]["type"] == "done", frames[-1]
+
+        asyncio.run(talk())
+        conn = db(s)
+        wait_for(lambda: query(conn, "SELECT count(*) FROM sessions WHERE session_id = ANY(%s) "
+                               "AND summary_status = 'done'", ids)[0][0] == len(ids),
+                 "every session summarized")
+        for replicas, service in ((s.router, "convo.v1.Router"), (s.llm, "convo.v1.Llm"),
+                                  (s.store, "convo.v1.Store")):
+            for r in replicas:
+                calls = r.metric("convo_grpc_server_handled_total", grpc_service=service)
+                assert calls > 0, f"{r.name} at {r.addr} was never called"

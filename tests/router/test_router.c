@@ -184,7 +184,7 @@ static void *client_main(void *arg)
     cli *c = cli_create(1, 4 * 1024 * 1024);
     char target[64];
     snprintf(target, sizeof target, "127.0.0.1:%d", run->port);
-    cli_channel *ch = cli_channel_create(c, target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, target, NULL, 0, NULL, NULL, 0);
 
     Convo__V1__RouteRequest req = good_request();
     req.last_user_message = "Can you compare these two?";

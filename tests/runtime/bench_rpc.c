@@ -85,7 +85,7 @@ int main(int argc, char **argv)
         return 1;
     cli *c = cli_create(1, 0);
     cli_use_tls(c, mtls);
-    cli_channel *ch = cli_channel_create(c, t.target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, t.target, NULL, 0, NULL, NULL, 0);
 
     window w = {
         .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER, .ch = ch, .total = calls};

@@ -34,7 +34,7 @@ static int teardown(void **state)
 static void deadline_exceeded_and_seen_by_server(void **state)
 {
     cli *c = cli_create(1, 0);
-    cli_channel *ch = cli_channel_create(c, server.target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, server.target, NULL, 0, NULL, NULL, 0);
     int cancels = testsvc_cancels();
     Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;
     cli_opts opts = {.timeout_ms = 200};
@@ -56,7 +56,7 @@ static void deadline_exceeded_and_seen_by_server(void **state)
 static void cancellation_seen_by_server(void **state)
 {
     cli *c = cli_create(1, 0);
-    cli_channel *ch = cli_channel_create(c, server.target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, server.target, NULL, 0, NULL, NULL, 0);
     int cancels = testsvc_cancels();
     collector col;
     collector_init(&col);
@@ -102,7 +102,7 @@ static void thousand_concurrent_calls_from_one_thread(void **state)
     /* One client thread; the server answers none until all 1,000 are in
      * flight at once. */
     cli *c = cli_create(1, 0);
-    cli_channel *ch = cli_channel_create(c, server.target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, server.target, NULL, 0, NULL, NULL, 0);
     tally t = {0};
     Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;
     req.hold_until = 1000;
@@ -121,7 +121,7 @@ static void thousand_concurrent_calls_from_one_thread(void **state)
 static void paused_stream_resumes_in_order(void **state)
 {
     cli *c = cli_create(1, 0);
-    cli_channel *ch = cli_channel_create(c, server.target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, server.target, NULL, 0, NULL, NULL, 0);
     collector col;
     collector_init(&col);
     col.pause_every = 100;
@@ -156,7 +156,7 @@ static void unreachable_peer_fails_fast_with_unavailable(void **state)
 {
     cli *c = cli_create(1, 0);
     /* Port 1 on loopback: nothing listens there. */
-    cli_channel *ch = cli_channel_create(c, "127.0.0.1:1", 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, "127.0.0.1:1", NULL, 0, NULL, NULL, 0);
     assert_string_equal(cli_channel_target(ch), "127.0.0.1:1");
     Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;
     cli_opts opts = {.timeout_ms = 5000};
@@ -174,7 +174,7 @@ static void unreachable_peer_fails_fast_with_unavailable(void **state)
 static void destroy_with_calls_in_flight(void **state)
 {
     cli *c = cli_create(2, 0);
-    cli_channel *ch = cli_channel_create(c, server.target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, server.target, NULL, 0, NULL, NULL, 0);
     collector hang, drip;
     collector_init(&hang);
     collector_init(&drip);
@@ -248,7 +248,7 @@ static void calls_started_in_a_callback_stay_on_its_thread(void **state)
 {
     enum { N = 40 };
     cli *c = cli_create(4, 0);
-    cli_channel *ch = cli_channel_create(c, server.target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, server.target, NULL, 0, NULL, NULL, 0);
     static chain chains[N];
     Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;
     req.text = "x";
@@ -286,7 +286,7 @@ static void wait_for_ready_waits_for_a_late_server(void **state)
     testsvc_server_stop(&late);
 
     cli *c = cli_create(1, 0);
-    cli_channel *ch = cli_channel_create(c, target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, target, NULL, 0, NULL, NULL, 0);
     collector col;
     collector_init(&col);
     Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;

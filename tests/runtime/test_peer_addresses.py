@@ -3,7 +3,8 @@ one HOST:PORT, a list of replicas IP:PORT,IP:PORT, or a gRPC target URI,
 and --grpc-round-robin. The replicas are Python grpcio servers (and our
 testsvc-server where one must die by SIGKILL), each on its own loopback
 address and all on one port, as pods of a Service; the client is
-testsvc-client."""
+testsvc-client. Under mutual TLS (certificates made with the openssl CLI,
+certs.py) each replica of a list is checked against the service's name."""
 
 import concurrent.futures
 import importlib
@@ -17,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from certs import CA
 from harness import Service, build_dir, free_port
 from stack import shared_port
 
@@ -35,17 +37,23 @@ def pb():
     return importlib.import_module("testsvc_pb2"), importlib.import_module("testsvc_pb2_grpc")
 
 
-def replica(pb, host, port, name):
-    """A grpcio Test server at host:port whose Echo answers `name`."""
+def replica(pb, host, port, name, ident=None, calls=None):
+    """A grpcio Test server at host:port whose Echo answers `name`; with
+    `ident` (certs.py) it serves mutual TLS with that certificate, and each
+    call it answers is appended to `calls`."""
     msgs, rpc = pb
 
     class Servicer(rpc.TestServicer):
         def Echo(self, req, context):
+            if calls is not None:
+                calls.append(name)
             return msgs.EchoReply(text=name)
 
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(4))
     rpc.add_TestServicer_to_server(Servicer(), server)
-    assert server.add_insecure_port(f"{host}:{port}") == port
+    bound = (server.add_secure_port(f"{host}:{port}", ident.server_credentials()) if ident
+             else server.add_insecure_port(f"{host}:{port}"))
+    assert bound == port
     server.start()
     return server
 
@@ -203,3 +211,80 @@ def test_every_documented_form_is_taken(target):
     # --calls 0: the address is taken (exit 0), nothing is called.
     code, lines, err = client(target.format(p=free_port()), calls=0)
     assert code == 0, (target, err)
+
+
+# ------------------------------------------------------------ with mutual TLS
+# A list's replicas are checked against the name of the service they serve
+# (the services pass theirs: store-svc, ...; here --peer-service), as no
+# one address names them all. Each certificate names the service and its
+# own address only, as a replica's would.
+
+@pytest.fixture(scope="module")
+def ca():
+    return CA()
+
+
+def store_cert(ca, host):
+    return ca.issue("store-svc", dns=["store-svc", "store-svc.convo.svc"], ips=[host])
+
+
+def tls_client(ca, port, *extra, calls=20):
+    return client(f"127.0.0.1:{port},127.0.0.2:{port}", "--grpc-round-robin",
+                  "--peer-service", "store-svc", *ca.issue("gateway").args(), *extra, calls=calls)
+
+
+def test_with_tls_every_replica_whose_certificate_names_the_service_is_called(pb, ca):
+    port = shared_port(HOSTS)
+    servers = [replica(pb, h, port, f"replica{i}", store_cert(ca, h))
+               for i, h in enumerate(HOSTS)]
+    try:
+        code, lines, err = tls_client(ca, port)
+    finally:
+        for s in servers:
+            s.stop(0)
+    assert code == 0, err
+    answers = [text for _, text in lines]
+    # The second replica's certificate does not name the first's address:
+    # checked against that address it would be refused and never called.
+    assert answers.count("replica0") >= 5 and answers.count("replica1") >= 5, answers
+
+
+def test_with_tls_a_replica_with_another_services_certificate_is_refused(pb, ca):
+    """A router-svc certificate serving as store-svc: it names both
+    addresses (so checking against the list's first address would take it),
+    but not the service. Its replica never gets a call; the genuine one
+    takes them all."""
+    port = shared_port(HOSTS)
+    calls = []
+    impostor = ca.issue("router-svc", dns=["router-svc", "router-svc.convo.svc"], ips=HOSTS)
+    servers = [replica(pb, "127.0.0.1", port, "impostor", impostor, calls),
+               replica(pb, "127.0.0.2", port, "genuine", store_cert(ca, "127.0.0.2"), calls)]
+    try:
+        code, lines, err = tls_client(ca, port)
+    finally:
+        for s in servers:
+            s.stop(0)
+    assert code == 0, err
+    assert {text for _, text in lines} == {"genuine"}, lines
+    assert "impostor" not in calls
+
+
+def test_with_tls_a_list_of_only_other_services_fails_every_call(pb, ca):
+    port = shared_port(HOSTS)
+    calls = []
+    impostor = ca.issue("router-svc", dns=["router-svc"], ips=HOSTS)
+    servers = [replica(pb, h, port, f"impostor{i}", impostor, calls)
+               for i, h in enumerate(HOSTS)]
+    try:
+        code, lines, err = tls_client(ca, port, "--timeout-ms", "2000", calls=3)
+    finally:
+        for s in servers:
+            s.stop(0)
+    assert code == 1 and {status for status, _ in lines} == {"UNAVAILABLE"}, (lines, err)
+    assert calls == []
+
+
+def test_a_list_without_the_service_name_is_refused():
+    code, lines, err = client(f"127.0.0.1:{free_port()},127.0.0.2:{free_port()}",
+                              "--peer-service", "", calls=1)
+    assert code == 2 and "needs the name of the service" in err, err

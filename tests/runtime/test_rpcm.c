@@ -91,7 +91,7 @@ static void calls_counted_by_method_and_code(void **state)
 {
     cli *c = cli_create(1, 0);
     cli_set_metrics(c, client_metrics);
-    cli_channel *ch = cli_channel_create(c, target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, target, NULL, 0, NULL, NULL, 0);
     for (int i = 0; i < 3; i++)
         assert_int_equal(echo(ch, 0, 5000, &convo__test__test__echo__method), RPC_OK);
     for (int i = 0; i < 2; i++)
@@ -158,7 +158,7 @@ static void in_flight_and_deadlines(void **state)
 {
     cli *c = cli_create(1, 0);
     cli_set_metrics(c, client_metrics);
-    cli_channel *ch = cli_channel_create(c, target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, target, NULL, 0, NULL, NULL, 0);
     int cancels = testsvc_cancels();
     const char *server_key = "convo_grpc_server_calls_in_flight{" SVC ",grpc_method=\"Hang\"}";
     const char *client_key = "convo_grpc_client_calls_in_flight{" SVC ",grpc_method=\"Hang\"}";

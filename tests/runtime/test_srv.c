@@ -30,7 +30,7 @@ static void unary_and_status_mapping(void **state)
     srv_opts o = testsvc_default_opts();
     assert_int_equal(testsvc_server_start(&t, &o), 0);
     cli *c = cli_create(1, 0);
-    cli_channel *ch = cli_channel_create(c, t.target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, t.target, NULL, 0, NULL, NULL, 0);
 
     Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;
     req.text = "h\xc3\xa9llo";
@@ -76,7 +76,7 @@ static void undecodable_request_is_invalid_argument(void **state)
     srv_opts o = testsvc_default_opts();
     assert_int_equal(testsvc_server_start(&t, &o), 0);
     cli *c = cli_create(1, 0);
-    cli_channel *ch = cli_channel_create(c, t.target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, t.target, NULL, 0, NULL, NULL, 0);
     /* An Item sent to Echo: its field 2 is length-delimited bytes where
      * EchoRequest has an int32, so it is not a valid EchoRequest. Our own
      * client refuses to send it (the method says what it takes)... */
@@ -118,7 +118,7 @@ static void stream_100k_in_order(void **state)
     o.max_queued_writes = 32; /* force the flow-control path often */
     assert_int_equal(testsvc_server_start(&t, &o), 0);
     cli *c = cli_create(1, 0);
-    cli_channel *ch = cli_channel_create(c, t.target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, t.target, NULL, 0, NULL, NULL, 0);
     collector col;
     collector_init(&col);
     Convo__Test__CountRequest req = CONVO__TEST__COUNT_REQUEST__INIT;
@@ -223,7 +223,7 @@ static void wrong_response_type_is_internal(void **state)
     char target[64];
     snprintf(target, sizeof target, "127.0.0.1:%d", srv_port(s));
     cli *c = cli_create(1, 0);
-    cli_channel *ch = cli_channel_create(c, target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, target, NULL, 0, NULL, NULL, 0);
     Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;
     ProtobufCMessage *resp = NULL;
     char *message = NULL;
@@ -245,7 +245,7 @@ static void call_limit_refuses_with_resource_exhausted(void **state)
     o.max_calls = 2;
     assert_int_equal(testsvc_server_start(&t, &o), 0);
     cli *c = cli_create(1, 0);
-    cli_channel *ch = cli_channel_create(c, t.target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, t.target, NULL, 0, NULL, NULL, 0);
     collector hang[2];
     Convo__Test__EchoRequest req = CONVO__TEST__ECHO_REQUEST__INIT;
     cli_call *calls[2];
@@ -331,7 +331,7 @@ static void health_check_and_watch(void **state)
     srv_opts o = testsvc_default_opts();
     assert_int_equal(testsvc_server_start(&t, &o), 0);
     cli *c = cli_create(1, 0);
-    cli_channel *ch = cli_channel_create(c, t.target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, t.target, NULL, 0, NULL, NULL, 0);
     rpc_code code;
     assert_int_equal(check_health(ch, "", &code), HEALTH_SERVING);
     assert_int_equal(check_health(ch, "convo.test.Test", &code), HEALTH_SERVING);
@@ -382,7 +382,7 @@ static void health_is_attached_not_built_in(void **state)
     pthread_t run;
     pthread_create(&run, NULL, run_server, s);
     cli *c = cli_create(1, 0);
-    cli_channel *ch = cli_channel_create(c, target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, target, NULL, 0, NULL, NULL, 0);
     rpc_code code;
     assert_int_equal(check_health(ch, "", &code), -1);
     assert_int_equal(code, RPC_UNIMPLEMENTED);
@@ -406,7 +406,7 @@ static void shutdown_lets_calls_finish_then_cancels_the_rest(void **state)
     o.shutdown_grace_ms = 500;
     assert_int_equal(testsvc_server_start(&t, &o), 0);
     cli *c = cli_create(1, 0);
-    cli_channel *ch = cli_channel_create(c, t.target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, t.target, NULL, 0, NULL, NULL, 0);
 
     /* A stream that never ends on its own. */
     collector drip;
@@ -462,7 +462,7 @@ static void shutdown_waits_for_a_short_stream(void **state)
     o.max_queued_writes = 4;
     assert_int_equal(testsvc_server_start(&t, &o), 0);
     cli *c = cli_create(1, 0);
-    cli_channel *ch = cli_channel_create(c, t.target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, t.target, NULL, 0, NULL, NULL, 0);
     /* A finite stream, read slowly (paused every 1000 items and resumed by
      * the test), still running when shutdown starts: it must complete. */
     collector col;

@@ -17,6 +17,9 @@
 #define CLIENT_OPTS(X, S)                                                                          \
     X(S, target, STR, "target", "TARGET", "127.0.0.1:50099",                                       \
       "the Test server(s), as a peer flag takes them (HOST:PORT, IP:PORT,IP:PORT, dns:///...)")    \
+    X(S, service, STR, "peer-service", "PEER_SERVICE", "testsvc",                                  \
+      "the name the Test server is known by, as the services give their peers' (cli.h): what "     \
+      "the certificates of a list of replicas must name")                                          \
     X(S, text, STR, "text", "TEXT", "hello", "what Echo sends")                                    \
     X(S, calls, INT, "calls", "CALLS", "1", "Echo calls, one after the other")                     \
     X(S, interval_ms, INT, "interval-ms", "INTERVAL_MS", "0", "pause between calls")               \
@@ -50,8 +53,8 @@ int main(int argc, char **argv)
     cli *c = cli_create(1, 4 << 20);
     cli_use_tls(c, mtls);
     static const rpc_method *const retry[] = {&convo__test__test__echo__method, NULL};
-    cli_channel *ch =
-        cli_channel_create(c, o.target, copts.round_robin, o.retry ? retry : NULL, err, sizeof err);
+    cli_channel *ch = cli_channel_create(c, o.target, o.service, copts.round_robin,
+                                         o.retry ? retry : NULL, err, sizeof err);
     int status = 0;
     if (ch == NULL) {
         fprintf(stderr, "testsvc-client: --target: %s\n", err);

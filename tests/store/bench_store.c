@@ -321,7 +321,7 @@ int main(int argc, char **argv)
     content[content_bytes] = '\0';
 
     cli *c = cli_create(threads, 64 << 20);
-    cli_channel *ch = cli_channel_create(c, target, 0, NULL, NULL, 0);
+    cli_channel *ch = cli_channel_create(c, target, NULL, 0, NULL, NULL, 0);
     static const int all_batches[] = {1, 10, 100, 1000};
     const int *batches = one_batch > 0 ? &one_batch : all_batches;
     size_t nbatches = one_batch > 0 ? 1 : sizeof all_batches / sizeof all_batches[0];

@@ -55,7 +55,7 @@ static int setup(void **state)
     assert_non_null(e->st);
     fakesrv_run(&e->srv);
     e->c = cli_create(1, 0);
-    e->ch = cli_channel_create(e->c, e->srv.target, 0, NULL, NULL, 0);
+    e->ch = cli_channel_create(e->c, e->srv.target, NULL, 0, NULL, NULL, 0);
     *state = e;
     return 0;
 }

@@ -177,7 +177,7 @@ static int setup(void **state)
     fakesrv_add(&e->fake, ms, sizeof ms / sizeof ms[0]);
     fakesrv_run(&e->fake);
     e->c = cli_create(1, 0);
-    e->ch = cli_channel_create(e->c, e->fake.target, 0, NULL, NULL, 0);
+    e->ch = cli_channel_create(e->c, e->fake.target, NULL, 0, NULL, NULL, 0);
     e->je = (job_env){.store = e->ch,
                       .llm = e->ch,
                       .worker_id = WORKER,

@@ -166,7 +166,7 @@ static int setup(void **state)
     assert_int_equal(service_register(e->sv, e->own.s), 0);
     fakesrv_run(&e->own);
     service_start(e->sv);
-    e->ch = cli_channel_create(e->c, e->own.target, 0, NULL, NULL, 0);
+    e->ch = cli_channel_create(e->c, e->own.target, NULL, 0, NULL, NULL, 0);
     *state = e;
     return 0;
 }
