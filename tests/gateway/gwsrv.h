@@ -116,10 +116,10 @@ static void gwsrv_start(gwsrv *s, struct ev_loop *loop, cli *client, const char 
     g->bridge = bridge_create();
     g->client = client;
     const char *addr = target != NULL ? target : GWSRV_DEAD_ADDR;
-    g->router = cli_channel_create(client, addr, 0, NULL, err, sizeof err);
-    g->llm = cli_channel_create(client, addr, 0, NULL, err, sizeof err);
-    g->store = cli_channel_create(client, addr, 0, NULL, err, sizeof err);
-    g->summary = cli_channel_create(client, addr, 0, NULL, err, sizeof err);
+    g->router = cli_channel_create(client, addr, NULL, 0, NULL, err, sizeof err);
+    g->llm = cli_channel_create(client, addr, NULL, 0, NULL, err, sizeof err);
+    g->store = cli_channel_create(client, addr, NULL, 0, NULL, err, sizeof err);
+    g->summary = cli_channel_create(client, addr, NULL, 0, NULL, err, sizeof err);
     assert_non_null(g->router);
     g->sessions = sess_table_create(g);
     g->ws = ws_server_create(g, open != NULL ? open : sess_open, open != NULL ? arg : g->sessions);

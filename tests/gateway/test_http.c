@@ -451,7 +451,8 @@ static void readiness_follows_llm_and_store(void **state)
 
     /* router-svc down: turns take the default route, still ready. */
     char err[256];
-    e->srv.g.router = cli_channel_create(e->client, GWSRV_DEAD_ADDR, 0, NULL, err, sizeof err);
+    e->srv.g.router =
+        cli_channel_create(e->client, GWSRV_DEAD_ADDR, NULL, 0, NULL, err, sizeof err);
     e->nreqs = 0;
     memset(e->reqs, 0, sizeof e->reqs);
     ready = add(e, "/readyz");

@@ -477,7 +477,7 @@ static int setup(void **state)
     fakesrv_add(&e->fake, ms, sizeof ms / sizeof ms[0]);
     fakesrv_run(&e->fake);
     e->g.client = cli_create(1, 0);
-    e->g.store = cli_channel_create(e->g.client, e->fake.target, 0, NULL, NULL, 0);
+    e->g.store = cli_channel_create(e->g.client, e->fake.target, NULL, 0, NULL, NULL, 0);
     e->g.router = e->g.llm = e->g.summary = e->g.store;
     e->g.loop = ev_loop_new(EVFLAG_AUTO);
     e->g.bridge = bridge_create();
