@@ -67,9 +67,9 @@ struct evlog {
     int closing;
     int ended; /* EndSession succeeded */
     int closed_fired;
-    int refused;      /* the store refused the session for good */
-    int taken_over;   /* another writer opened it in the store since (refused too) */
-    int64_t epoch;    /* our writer epoch from OpenSession; 0 until opened */
+    int refused;    /* the store refused the session for good */
+    int taken_over; /* another writer opened it in the store since (refused too) */
+    int64_t epoch;  /* our writer epoch from OpenSession; 0 until opened */
     evlog_taken_fn on_taken_over;
     int abandoned;    /* given up by the session (evlog_abandon) */
     int64_t close_ms; /* when closing began, for --event-retry-ms */

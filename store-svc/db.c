@@ -502,7 +502,8 @@ int db_get_session(db_conn *c, const char *session_id, db_session *out)
 
 /* A new writer ($4 = 0) moves the epoch on; a writer naming its own keeps
  * it, and only while it is still the session's. */
-#define NEXT_EPOCH  "writer_epoch = CASE WHEN $4::int8 = 0 THEN writer_epoch + 1 ELSE writer_epoch END"
+#define NEXT_EPOCH                                                                                 \
+    "writer_epoch = CASE WHEN $4::int8 = 0 THEN writer_epoch + 1 ELSE writer_epoch END"
 #define SAME_WRITER "($4::int8 = 0 OR writer_epoch = $4::int8)"
 
 int db_open_session(db_conn *c, const char *session_id, const char *user_id, int32_t live_seconds,
@@ -991,10 +992,10 @@ int db_append_events(db_conn *c, const char *session_id, const char *user_id, in
     arr_header(&b->ts, OID_INT8, n);
     const Oid types[] = {OID_TEXT,       OID_INT8_ARRAY, OID_INT4_ARRAY, OID_TEXT_ARRAY,
                          OID_INT8_ARRAY, OID_TEXT,       OID_INT8};
-    const char *vals[] = {session_id, b->seq.data, b->type.data, b->content.data,
-                          b->ts.data, user_id,     ep};
-    const int lens[] = {0, (int)b->seq.len, (int)b->type.len, (int)b->content.len, (int)b->ts.len,
-                        0, 0};
+    const char *vals[] = {session_id, b->seq.data, b->type.data, b->content.data, b->ts.data,
+                          user_id,    ep};
+    const int lens[] = {
+        0, (int)b->seq.len, (int)b->type.len, (int)b->content.len, (int)b->ts.len, 0, 0};
     const int fmts[] = {0, 1, 1, 1, 1, 0, 0};
     int rc;
 

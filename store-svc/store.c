@@ -49,7 +49,7 @@ SAME_NUMBER(DB_SUMMARY_FAILED, CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_FAILED)
     X(S, duplicates, COUNTER, "convo_store_events_duplicate_total", "", NULL,                      \
       "events sent again that were stored already (a caller's retry; skipped)")                    \
     X(S, conflicts, COUNTER, "convo_store_events_conflict_total", "", NULL,                        \
-      "events not written: their seq is stored with another type or content (two writers)")       \
+      "events not written: their seq is stored with another type or content (two writers)")        \
     X(S, stale, COUNTER, "convo_store_stale_writes_total", "", NULL,                               \
       "AppendEvents, EndSession and OpenSession calls refused: their writer epoch was taken over") \
     X(S, batch, HISTOGRAM, "convo_store_append_batch_events", "", &metrics_buckets_count,          \
@@ -300,16 +300,16 @@ static void open_run(pool_job *pj, db_conn *conn, int err)
     db_session s = {0};
     int created = 0;
     if (job_begin(&j->h, conn, err)) {
-        int rc = db_open_session(conn, j->h.session_id, j->user_id, j->live_seconds, j->h.epoch,
-                                 &s, &created);
+        int rc = db_open_session(conn, j->h.session_id, j->user_id, j->live_seconds, j->h.epoch, &s,
+                                 &created);
         if (rc == 0) {
             Convo__V1__OpenSessionResponse resp = CONVO__V1__OPEN_SESSION_RESPONSE__INIT;
             Convo__V1__Session pb;
             session_to_pb(&s, &pb);
             resp.session = &pb;
             resp.created = created;
-            log_debug("%s session for user %s (writer_epoch %lld)",
-                      created ? "created" : "resumed", j->user_id, (long long)s.writer_epoch);
+            log_debug("%s session for user %s (writer_epoch %lld)", created ? "created" : "resumed",
+                      j->user_id, (long long)s.writer_epoch);
             job_finish(&j->h, RPC_OK, NULL, &resp.base);
         } else {
             job_fail(&j->h, conn, rc);
@@ -576,9 +576,9 @@ static void session_run(pool_job *pj, db_conn *conn, int err)
     session_job *j = (session_job *)pj;
     db_session s = {0};
     if (job_begin(&j->h, conn, err)) {
-        int rc = j->end ? db_end_session(conn, j->h.session_id, j->user_id, j->h.epoch, j->end_us,
-                                         &s)
-                        : db_get_session(conn, j->h.session_id, &s);
+        int rc = j->end
+                     ? db_end_session(conn, j->h.session_id, j->user_id, j->h.epoch, j->end_us, &s)
+                     : db_get_session(conn, j->h.session_id, &s);
         if (rc == 0) {
             Convo__V1__Session pb;
             session_to_pb(&s, &pb);

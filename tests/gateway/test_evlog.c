@@ -40,8 +40,8 @@
 typedef struct fake {
     pthread_mutex_t mu;
     rpc_code open_code;
-    int append_failures; /* the next appends that fail UNAVAILABLE */
-    int64_t epoch;       /* the session's writer epoch; 0: not checked */
+    int append_failures;              /* the next appends that fail UNAVAILABLE */
+    int64_t epoch;                    /* the session's writer epoch; 0: not checked */
     int64_t open_epochs[MAX_APPENDS]; /* writer_epoch of each OpenSession */
     int64_t append_epoch;             /* of the last AppendEvents */
     int stale;                        /* calls refused as the writer before */
