@@ -70,6 +70,7 @@ struct evlog {
     int refused;    /* the store refused the session for good */
     int taken_over; /* another writer opened it in the store since (refused too) */
     int64_t epoch;  /* our writer epoch from OpenSession; 0 until opened */
+    int claim;      /* a new connection took the session: open it as a new writer */
     evlog_taken_fn on_taken_over;
     int abandoned;    /* given up by the session (evlog_abandon) */
     int64_t close_ms; /* when closing began, for --event-retry-ms */
@@ -327,6 +328,9 @@ static void handle_open(evlog *ev, reply *r)
         ev->epoch = resp->session != NULL ? resp->session->writer_epoch : 0;
         ev->flush_due = 1;
         ev->keep.live = !ev->abandoned;
+    } else if (r->code == RPC_FAILED_PRECONDITION && ev->claim) {
+        /* A new connection came while we asked as the writer before: it
+         * asks again as a new writer (pump). */
     } else if (r->code == RPC_FAILED_PRECONDITION && ev->epoch != 0) {
         /* Reopening as the writer we were: someone else is now. */
         taken_over(ev, r->message);
@@ -447,10 +451,12 @@ static void start_open(evlog *ev)
     req.user_id = ev->user_id;
     /* Kept open while we renew it (keep.h); 0 without a lease. */
     req.live_seconds = ev->g->keep != NULL ? (int32_t)ev->g->opts.session_lease_secs : 0;
-    /* 0 the first time (we become the writer: the one before is fenced
-     * off); then ours, so that a reopen never takes the session back from
-     * a newer writer. */
-    req.writer_epoch = ev->epoch;
+    /* 0 the first time and after a new connection took the session here
+     * (we become the writer: the one before, on another gateway, is fenced
+     * off); otherwise ours, so that a reopen never takes the session back
+     * from a newer writer. */
+    req.writer_epoch = ev->claim ? 0 : ev->epoch;
+    ev->claim = 0;
     cli_opts o = store_opts(ev);
     ev->busy = 1;
     if (cli_unary(ev->g->store, &convo__v1__store__open_session__method, &req.base, &o,
@@ -545,6 +551,8 @@ static void pump(evlog *ev)
 {
     if (ev->busy || ev->timer_armed || ev->closed_fired)
         return;
+    if (ev->claim && !ev->refused)
+        ev->next_seq = 0; /* open it again first, as a new writer */
     if (ev->refused) {
         if (ev->closing)
             fire_closed(ev);
@@ -681,6 +689,12 @@ void evlog_reopen(evlog *ev)
         ev->ended = 0;
         ev->next_seq = 0;
     }
+    pump(ev);
+}
+
+void evlog_claim(evlog *ev)
+{
+    ev->claim = 1;
     pump(ev);
 }
 

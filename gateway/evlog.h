@@ -60,6 +60,10 @@ void evlog_abandon(evlog *ev);
 /* Takes a closing session back (a reconnect within the grace period or
  * before the events were flushed): it is not ended. */
 void evlog_reopen(evlog *ev);
+/* A new connection took the session (the newest connection wins, on any
+ * gateway): OpenSession again as a new writer before the next events, so
+ * that a gateway the client used meanwhile is fenced off, not this one. */
+void evlog_claim(evlog *ev);
 /* fn(arg) (evlog_create's arg) fires once, on the loop, when store-svc
  * refused this gateway's writes because another writer opened the session
  * since: nothing more is stored. */

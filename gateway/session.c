@@ -1406,6 +1406,10 @@ static session *attach(sess_table *t, conn *c, const char *id, const char *user_
             s->ending = 0;
             evlog_reopen(s->log);
         }
+        /* The client may have resumed the session on another gateway
+         * meanwhile (a hung connection here, then there, then back): the
+         * newest connection wins, so we become its writer again. */
+        evlog_claim(s->log);
         s->resumed = 1;
     }
     s->conn = c;

@@ -83,6 +83,8 @@ static void on_open_session(srv_call *call, const ProtobufCMessage *msg)
     rpc_code code = fake_stale(req->writer_epoch) ? RPC_FAILED_PRECONDITION : fk.open_code;
     if (code == RPC_OK)
         fk.ended = 0;
+    if (code == RPC_OK && req->writer_epoch == 0 && fk.epoch != 0)
+        fk.epoch++; /* a new writer */
     int64_t epoch = fk.epoch;
     pthread_mutex_unlock(&fk.mu);
     Convo__V1__Session s = CONVO__V1__SESSION__INIT;
@@ -440,7 +442,7 @@ static int is_taken_over(env *e, void *arg)
 static void taken_over_session_writes_nothing_more(void **state)
 {
     env *e = begin(state);
-    fk.epoch = 5;
+    fk.epoch = 4; /* the first OpenSession makes it 5, ours */
     evlog *ev = evlog_create(&e->g, SESSION_ID, USER_ID, on_open, e);
     evlog_on_taken_over(ev, on_taken);
     assert_true(run_until(e, is_opened, NULL));
@@ -479,7 +481,7 @@ static void taken_over_session_writes_nothing_more(void **state)
 static void ended_elsewhere_is_reopened_as_the_same_writer(void **state)
 {
     env *e = begin(state);
-    fk.epoch = 3;
+    fk.epoch = 2; /* ours will be 3 */
     evlog *ev = evlog_create(&e->g, SESSION_ID, USER_ID, on_open, e);
     evlog_on_taken_over(ev, on_taken);
     assert_true(run_until(e, is_opened, NULL));
@@ -502,6 +504,32 @@ static void ended_elsewhere_is_reopened_as_the_same_writer(void **state)
     assert_int_equal(fake_get(&fk.ends), 1);
 }
 
+static void new_connection_takes_the_session_back(void **state)
+{
+    env *e = begin(state);
+    fk.epoch = 4;
+    evlog *ev = evlog_create(&e->g, SESSION_ID, USER_ID, on_open, e);
+    evlog_on_taken_over(ev, on_taken);
+    assert_true(run_until(e, is_opened, NULL));
+    /* Another gateway took the session (epoch 6), then the client came
+     * back here on a new connection: we open it as a new writer (7). */
+    pthread_mutex_lock(&fk.mu);
+    fk.epoch = 6;
+    pthread_mutex_unlock(&fk.mu);
+    evlog_claim(ev);
+    add(ev, "back here");
+    assert_true(run_until(e, settled_all, ev));
+    fake f = fake_snap();
+    assert_int_equal(f.opens, 2);
+    assert_int_equal(f.open_epochs[1], 0);
+    assert_int_equal(f.append_epoch, 7);
+    assert_int_equal(f.stale, 0);
+    assert_int_equal(atomic_load(&e->g.counters.events_dropped), 0);
+    close_and_destroy(e, &ev);
+    assert_int_equal(e->taken_over, 0);
+    assert_int_equal(fake_get(&fk.ends), 1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -512,6 +540,7 @@ int main(void)
         cmocka_unit_test(abandoned_session_sends_nothing_more),
         cmocka_unit_test(taken_over_session_writes_nothing_more),
         cmocka_unit_test(ended_elsewhere_is_reopened_as_the_same_writer),
+        cmocka_unit_test(new_connection_takes_the_session_back),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

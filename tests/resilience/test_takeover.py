@@ -37,6 +37,12 @@ def rows(pg, session, want=None, timeout=30):
         time.sleep(0.1)
 
 
+def stored_all(pg, gw, session, message):
+    """Waits until `message` is stored and `gw` holds no event unstored."""
+    rows(pg, session, lambda r: any(c == message for _, t, c in r)
+         and gw.metric("convo_gateway_events_buffered") == 0)
+
+
 def session_row(pg, session):
     with psycopg2.connect(pg.url) as conn, conn.cursor() as cur:
         cur.execute("SELECT end_time, writer_epoch FROM sessions WHERE session_id = %s",
@@ -72,6 +78,9 @@ def test_the_gateway_a_client_left_is_fenced_off(stack):
                 f = await recv(one)
                 if f["type"] == "token":
                     seen_on_a.append(f["content"])
+            # The message is stored (a hung connection would have had time).
+            await asyncio.to_thread(rows, stack.pg, SESSION, lambda r: any(
+                t == "user_message" and "long on A" in c for _, t, c in r))
             async with websockets.connect(ws_url(b, SESSION, USER)) as two:
                 hello = await first_frame(two)
                 assert hello["resumed"] is True
@@ -130,3 +139,61 @@ def test_the_gateway_a_client_left_is_fenced_off(stack):
     while session_row(stack.pg, SESSION)[0] is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert session_row(stack.pg, SESSION)[0] is not None
+
+
+def test_the_newest_connection_wins_when_the_client_comes_back(stack):
+    """A, then B, then A again (the first connection to A still hanging
+    there): A's new connection makes A the writer again, and it is B that
+    is fenced off, not the newest connection."""
+    a = stack.gateway()
+    b = stack.gateway()
+    sid = SESSION + "-back"
+    try:
+        async def go():
+            one = await websockets.connect(ws_url(a, sid, USER))
+            await first_frame(one)
+            assert (await turn(one, "first on A"))[-1]["type"] == "done"
+            await asyncio.to_thread(stored_all, stack.pg, a, sid, "first on A")
+            two = await websockets.connect(ws_url(b, sid, USER))
+            assert (await first_frame(two))["resumed"] is True
+            frames = await turn(two, "then on B")
+            assert frames[-1]["type"] == "done"
+            b_text = "".join(f["content"] for f in frames if f["type"] == "token")
+            # B has stored all it had before the client moves on.
+            await asyncio.to_thread(rows, stack.pg, sid, lambda r: "".join(
+                c for _, t, c in r if t == "ai_token").endswith(b_text)
+                and b.metric("convo_gateway_events_buffered") == 0)
+            # Back on A: the old connection there is taken over at once.
+            three = await websockets.connect(ws_url(a, sid, USER))
+            assert (await first_frame(three))["resumed"] is True
+            f = await recv(one)
+            assert f["code"] == "taken_over" and "newer connection" in f["content"], f
+            # The newest connection is answered and stored...
+            frames = await turn(three, "back on A")
+            assert frames[-1]["type"] == "done", frames[-1]
+            text = "".join(f["content"] for f in frames if f["type"] == "token")
+            # ...and B learns at its next write that it lost the session.
+            await two.send(json.dumps({"message": "B again"}))
+            while True:
+                f = await recv(two)
+                if f["type"] == "error":
+                    break
+            assert f["code"] == "taken_over" and "another gateway" in f["content"], f
+            with pytest.raises(ConnectionClosed) as closed:
+                await recv(two)
+            assert closed.value.code == 4409
+            await three.close()
+            return text
+
+        text = asyncio.run(asyncio.wait_for(go(), 120))
+        got = rows(stack.pg, sid, lambda r: "".join(
+            c for _, t, c in r if t == "ai_token").endswith(text))
+        assert [s for s, _, _ in got] == list(range(1, len(got) + 1))
+        users = [c for _, t, c in got if t == "user_message"]
+        assert users[:3] == ["first on A", "then on B", "back on A"], users
+        assert "B again" not in users
+        assert a.metric("convo_gateway_sessions_taken_over_total") == 0
+        assert b.metric("convo_gateway_sessions_taken_over_total") == 1
+    finally:
+        a.stop()
+        b.stop()
