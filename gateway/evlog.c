@@ -67,7 +67,11 @@ struct evlog {
     int closing;
     int ended; /* EndSession succeeded */
     int closed_fired;
-    int refused;      /* the store refused the session for good */
+    int refused;    /* the store refused the session for good */
+    int taken_over; /* another writer opened it in the store since (refused too) */
+    int64_t epoch;  /* our writer epoch from OpenSession; 0 until opened */
+    int claim;      /* a new connection took the session: open it as a new writer */
+    evlog_taken_fn on_taken_over;
     int abandoned;    /* given up by the session (evlog_abandon) */
     int64_t close_ms; /* when closing began, for --event-retry-ms */
     unsigned long dropped;
@@ -286,6 +290,34 @@ static int retryable(rpc_code code)
            code == RPC_UNKNOWN || code == RPC_CANCELLED;
 }
 
+/* The store refused our writer epoch: another gateway opened the session
+ * since (its client resumed there). Nothing more is written — the new
+ * writer numbers the seqs now — and what waits is dropped; the session is
+ * told once, to close its connection. */
+static void taken_over(evlog *ev, const char *message)
+{
+    if (ev->taken_over)
+        return;
+    ev->taken_over = 1;
+    ev->refused = 1;
+    ev->keep.live = 0;
+    size_t n = waiting(ev);
+    metrics_counter_inc(ev->g->mx.sessions_taken_over);
+    const log_field f[] = {{"session_id", ev->session_id}, {NULL, NULL}};
+    log_fields(LOG_WARN, f,
+               "session taken over by another gateway (writer_epoch %lld refused: %s); %zu events "
+               "not stored, no more written",
+               (long long)ev->epoch, message, n);
+    if (n > 0) {
+        release(ev, n);
+        ev->dropped += n;
+        count_dropped(ev, n, "taken_over");
+    }
+    ev->batch = 0;
+    if (ev->on_taken_over != NULL)
+        ev->on_taken_over(ev->arg);
+}
+
 static void handle_open(evlog *ev, reply *r)
 {
     const Convo__V1__OpenSessionResponse *resp = (const Convo__V1__OpenSessionResponse *)r->resp;
@@ -293,8 +325,15 @@ static void handle_open(evlog *ev, reply *r)
     if (r->code == RPC_OK) {
         backoff_reset(&ev->retry);
         ev->next_seq = (resp->session != NULL ? resp->session->last_seq : 0) + 1;
+        ev->epoch = resp->session != NULL ? resp->session->writer_epoch : 0;
         ev->flush_due = 1;
         ev->keep.live = !ev->abandoned;
+    } else if (r->code == RPC_FAILED_PRECONDITION && ev->claim) {
+        /* A new connection came while we asked as the writer before: it
+         * asks again as a new writer (pump). */
+    } else if (r->code == RPC_FAILED_PRECONDITION && ev->epoch != 0) {
+        /* Reopening as the writer we were: someone else is now. */
+        taken_over(ev, r->message);
     } else if (retryable(r->code)) {
         retry_later(ev);
     } else {
@@ -324,6 +363,17 @@ static void handle_append(evlog *ev, reply *r)
         backoff_reset(&ev->retry);
         atomic_fetch_add(&ev->g->counters.events_logged, (long)resp->appended);
         metrics_counter_add(ev->g->mx.events_stored, resp->appended);
+        if (resp->conflicts > 0) {
+            /* Stored under the same seqs by another writer (one that does
+             * not fence): ours are not, and never will be. */
+            ev->dropped += resp->conflicts;
+            count_dropped(ev, resp->conflicts, "conflict");
+            const log_field f[] = {{"session_id", ev->session_id}, {NULL, NULL}};
+            log_fields(LOG_ERROR, f,
+                       "%u events not stored: store-svc holds other events under their seqs "
+                       "(another writer)",
+                       resp->conflicts);
+        }
         if (ev->batch_us != 0)
             metrics_histogram_observe(ev->g->mx.store_batch_seconds,
                                       (uint64_t)(lws_now_usecs() - ev->batch_us));
@@ -331,8 +381,10 @@ static void handle_append(evlog *ev, reply *r)
     }
     ev->batch = 0;
     if (r->code == RPC_NOT_FOUND || r->code == RPC_FAILED_PRECONDITION) {
-        /* The session is gone or was ended elsewhere: open it again, then
-         * send the same events with the same seqs. */
+        /* The session is gone, was ended elsewhere, or was taken over:
+         * open it again as the writer we were (start_open names our
+         * epoch), then send the same events with the same seqs. If another
+         * writer has it now, that OpenSession is refused (taken_over). */
         ev->next_seq = 0;
         ev->flush_due = 1;
         return;
@@ -352,6 +404,10 @@ static void handle_end(evlog *ev, reply *r)
         ev->ended = 1;
         backoff_reset(&ev->retry);
         ev->keep.live = 0;
+    } else if (r->code == RPC_FAILED_PRECONDITION) {
+        /* Another writer has the session: it is not ours to end. */
+        ev->ended = 1;
+        taken_over(ev, r->message);
     } else {
         retry_later(ev);
     }
@@ -395,6 +451,12 @@ static void start_open(evlog *ev)
     req.user_id = ev->user_id;
     /* Kept open while we renew it (keep.h); 0 without a lease. */
     req.live_seconds = ev->g->keep != NULL ? (int32_t)ev->g->opts.session_lease_secs : 0;
+    /* 0 the first time and after a new connection took the session here
+     * (we become the writer: the one before, on another gateway, is fenced
+     * off); otherwise ours, so that a reopen never takes the session back
+     * from a newer writer. */
+    req.writer_epoch = ev->claim ? 0 : ev->epoch;
+    ev->claim = 0;
     cli_opts o = store_opts(ev);
     ev->busy = 1;
     if (cli_unary(ev->g->store, &convo__v1__store__open_session__method, &req.base, &o,
@@ -427,6 +489,7 @@ static void start_append(evlog *ev)
     req.user_id = ev->user_id;
     req.n_events = n;
     req.events = ptrs;
+    req.writer_epoch = ev->epoch;
     cli_opts o = store_opts(ev);
     /* Under the first event's span, linked to the others of the batch;
      * the events of one span are consecutive, and share one trace_ref. */
@@ -463,6 +526,7 @@ static void start_end(evlog *ev)
     Convo__V1__EndSessionRequest req = CONVO__V1__END_SESSION_REQUEST__INIT;
     req.session_id = ev->session_id;
     req.user_id = ev->user_id;
+    req.writer_epoch = ev->epoch;
     cli_opts o = store_opts(ev);
     ev->busy = 1;
     if (cli_unary(ev->g->store, &convo__v1__store__end_session__method, &req.base, &o, on_end_reply,
@@ -487,6 +551,8 @@ static void pump(evlog *ev)
 {
     if (ev->busy || ev->timer_armed || ev->closed_fired)
         return;
+    if (ev->claim && !ev->refused)
+        ev->next_seq = 0; /* open it again first, as a new writer */
     if (ev->refused) {
         if (ev->closing)
             fire_closed(ev);
@@ -551,7 +617,7 @@ void evlog_add(evlog *ev, Convo__V1__EventType type, const char *content, size_t
     }
     if (ev->refused) {
         ev->dropped++;
-        count_dropped(ev, 1, "refused");
+        count_dropped(ev, 1, ev->taken_over ? "taken_over" : "refused");
         settled(ev);
         return;
     }
@@ -626,6 +692,12 @@ void evlog_reopen(evlog *ev)
     pump(ev);
 }
 
+void evlog_claim(evlog *ev)
+{
+    ev->claim = 1;
+    pump(ev);
+}
+
 uint64_t evlog_added(const evlog *ev)
 {
     return ev->added;
@@ -637,6 +709,11 @@ uint64_t evlog_settled(const evlog *ev)
      * the first one waiting are settled. An event dropped on arrival while
      * others wait is settled with them. */
     return waiting(ev) == 0 ? ev->added : ev->q[ev->head].idx - 1;
+}
+
+void evlog_on_taken_over(evlog *ev, evlog_taken_fn fn)
+{
+    ev->on_taken_over = fn;
 }
 
 void evlog_on_settled(evlog *ev, evlog_settled_fn fn, void *arg)
@@ -652,8 +729,8 @@ int evlog_full(const gw *g)
 
 void evlog_metrics_init(gw *g)
 {
-    static const char *const reasons[] = {"buffer_full", "refused", "store_unreachable",
-                                          "shutdown"};
+    static const char *const reasons[] = {"buffer_full", "refused",    "store_unreachable",
+                                          "shutdown",    "taken_over", "conflict"};
     for (size_t i = 0; i < sizeof reasons / sizeof reasons[0]; i++)
         metrics_counter_of(g->mx.events_dropped, (const char *[]){reasons[i]});
 }

@@ -11,6 +11,13 @@
  * a user was shown is not dropped to make room. The evlog also owns the session's
  * OpenSession (retried until the store answers) and, once the session is
  * closed and every event is stored, EndSession and Summarize.
+ *
+ * Writes are fenced (store.proto's writer_epoch): OpenSession makes this
+ * gateway the session's writer and every AppendEvents and EndSession names
+ * that epoch. When the client resumed on another gateway since, store-svc
+ * refuses them; the evlog then stops writing the session for good, drops
+ * what waits (counted: taken_over), never ends it in the store, and says so
+ * once (evlog_on_taken_over).
  * Loop thread only. */
 #ifndef GW_EVLOG_H
 #define GW_EVLOG_H
@@ -53,6 +60,15 @@ void evlog_abandon(evlog *ev);
 /* Takes a closing session back (a reconnect within the grace period or
  * before the events were flushed): it is not ended. */
 void evlog_reopen(evlog *ev);
+/* A new connection took the session (the newest connection wins, on any
+ * gateway): OpenSession again as a new writer before the next events, so
+ * that a gateway the client used meanwhile is fenced off, not this one. */
+void evlog_claim(evlog *ev);
+/* fn(arg) (evlog_create's arg) fires once, on the loop, when store-svc
+ * refused this gateway's writes because another writer opened the session
+ * since: nothing more is stored. */
+typedef void (*evlog_taken_fn)(void *arg);
+void evlog_on_taken_over(evlog *ev, evlog_taken_fn fn);
 /* Frees an evlog with no call in flight (after on_closed, or never
  * opened); clears *ev. */
 void evlog_destroy(evlog **ev);

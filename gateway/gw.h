@@ -149,7 +149,10 @@ CONF_DECLARE(gw_opts, GW_OPTS)
       "events store-svc acknowledged as written")                                                  \
     X(S, events_dropped, COUNTER_VEC, "convo_gateway_events_dropped_total", "reason", NULL,        \
       "events that will never be stored, by reason (buffer_full, refused, store_unreachable, "     \
-      "shutdown)")                                                                                 \
+      "shutdown, taken_over, conflict)")                                                           \
+    X(S, sessions_taken_over, COUNTER, "convo_gateway_sessions_taken_over_total", "", NULL,        \
+      "sessions this gateway stopped writing because their client resumed them on another "        \
+      "gateway (store-svc refused its writer epoch); their connection is closed with 4409")        \
     X(S, store_batch_seconds, HISTOGRAM, "convo_gateway_store_batch_seconds", "",                  \
       &metrics_buckets_seconds, "time of one AppendEvents call, from sent to answered")            \
     X(S, store_batch_events, HISTOGRAM, "convo_gateway_store_batch_events", "",                    \

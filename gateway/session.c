@@ -1123,6 +1123,21 @@ static void on_open(void *arg, rpc_code code, const char *message,
     start_next_turn(s);
 }
 
+/* store-svc refused our writes: the client resumed the session on another
+ * gateway (evlog.h). This gateway is not its writer any more: the session
+ * leaves the table (a new connection here opens it afresh, as a new
+ * writer) and its connection is closed as a takeover here would close it. */
+static void on_taken_over(void *arg)
+{
+    session *s = arg;
+    if (s->linked) {
+        unlink_session(s->g->sessions, s);
+        s->linked = 0;
+    }
+    kick(s, WS_CLOSE_TAKEN_OVER, "taken_over",
+         "this session was opened by a newer connection on another gateway");
+}
+
 /* ---- lifetime ---------------------------------------------------------- */
 
 static void sess_free(session *s)
@@ -1199,6 +1214,7 @@ static session *sess_create(gw *g, const char *id, const char *user_id)
     t->live++;
     metrics_gauge_add(g->mx.sessions, 1);
     s->log = evlog_create(g, id, user_id, on_open, s);
+    evlog_on_taken_over(s->log, on_taken_over);
     if (g->opts.store_before_send)
         evlog_on_settled(s->log, on_settled, s);
     ev_timer_init(&s->open_timer, on_open_timer, (double)g->opts.open_timeout_ms / MS_PER_S, 0.);
@@ -1390,6 +1406,10 @@ static session *attach(sess_table *t, conn *c, const char *id, const char *user_
             s->ending = 0;
             evlog_reopen(s->log);
         }
+        /* The client may have resumed the session on another gateway
+         * meanwhile (a hung connection here, then there, then back): the
+         * newest connection wins, so we become its writer again. */
+        evlog_claim(s->log);
         s->resumed = 1;
     }
     s->conn = c;

@@ -427,7 +427,7 @@ static void fmt_i64(char *buf, size_t size, int64_t v)
     "session_id, user_id, (extract(epoch FROM start_time) * 1000000)::int8, "                      \
     "COALESCE((extract(epoch FROM end_time) * 1000000)::int8, 0), COALESCE(duration_seconds, 0), " \
     "COALESCE(final_summary, ''), summary_status, COALESCE(summary_error, ''), "                   \
-    "summary_attempts, event_count, last_seq, user_message_count, tool_call_count"
+    "summary_attempts, event_count, last_seq, user_message_count, tool_call_count, writer_epoch"
 
 static void session_from_row(const PGresult *r, int row, db_session *s)
 {
@@ -444,6 +444,7 @@ static void session_from_row(const PGresult *r, int row, db_session *s)
     s->last_seq = get_i64(r, row, 10);
     s->user_message_count = get_i64(r, row, 11);
     s->tool_call_count = get_i64(r, row, 12);
+    s->writer_epoch = get_i64(r, row, 13);
 }
 
 void db_session_clear(db_session *s)
@@ -499,21 +500,28 @@ int db_get_session(db_conn *c, const char *session_id, db_session *out)
  * none for 0 (only EndSession ends it). */
 #define LIVE_UNTIL "CASE WHEN $3::int4 > 0 THEN now() + $3::int4 * interval '1 second' END"
 
+/* A new writer ($4 = 0) moves the epoch on; a writer naming its own keeps
+ * it, and only while it is still the session's. */
+#define NEXT_EPOCH                                                                                 \
+    "writer_epoch = CASE WHEN $4::int8 = 0 THEN writer_epoch + 1 ELSE writer_epoch END"
+#define SAME_WRITER "($4::int8 = 0 OR writer_epoch = $4::int8)"
+
 int db_open_session(db_conn *c, const char *session_id, const char *user_id, int32_t live_seconds,
-                    db_session *out, int *created)
+                    int64_t epoch, db_session *out, int *created)
 {
-    char live[16];
+    char live[16], ep[24];
     snprintf(live, sizeof live, "%d", (int)live_seconds);
-    const char *vals[] = {session_id, user_id, live};
+    fmt_i64(ep, sizeof ep, epoch);
+    const char *vals[] = {session_id, user_id, live, ep};
     int found, rc;
     *created = 0;
-    /* A session deleted between the steps sends us round again; a few
-     * rounds are plenty (each step is a fresh snapshot). */
+    /* A session deleted or ended between the steps sends us round again; a
+     * few rounds are plenty (each step is a fresh snapshot). */
     for (int round = 0; round < 3; round++) {
         rc = one_session(c, ST_OPEN_INSERT, "OpenSession(insert)",
-                         "INSERT INTO sessions (session_id, user_id, summary_status, live_until) "
-                         "VALUES ($1, $2, 'none', " LIVE_UNTIL
-                         ") ON CONFLICT (session_id) DO NOTHING "
+                         "INSERT INTO sessions (session_id, user_id, summary_status, live_until, "
+                         "writer_epoch) VALUES ($1, $2, 'none', " LIVE_UNTIL
+                         ", 1) ON CONFLICT (session_id) DO NOTHING "
                          "RETURNING " SESSION_COLS,
                          3, vals, out, &found);
         if (rc != 0)
@@ -529,40 +537,46 @@ int db_open_session(db_conn *c, const char *session_id, const char *user_id, int
                          "UPDATE sessions SET end_time = NULL, duration_seconds = NULL, "
                          "summary_status = 'none', summary_error = NULL, summary_attempts = 0, "
                          "summary_lease_owner = NULL, summary_lease_until = NULL, "
-                         "live_until = " LIVE_UNTIL " "
+                         "live_until = " LIVE_UNTIL ", " NEXT_EPOCH " "
                          "WHERE session_id = $1 AND user_id = $2 AND end_time IS NOT NULL "
-                         "RETURNING " SESSION_COLS,
-                         3, vals, out, &found);
+                         "AND " SAME_WRITER " RETURNING " SESSION_COLS,
+                         4, vals, out, &found);
         if (rc != 0 || found)
             return rc;
-        /* Live: its new writer (a resume on another gateway, say) keeps it
-         * open from now on. */
-        if (live_seconds > 0) {
-            rc = one_session(c, ST_OPEN_RESUME, "OpenSession(resume)",
-                             "UPDATE sessions SET live_until = " LIVE_UNTIL " "
-                             "WHERE session_id = $1 AND user_id = $2 AND end_time IS NULL "
-                             "RETURNING " SESSION_COLS,
-                             3, vals, out, &found);
-            if (rc != 0 || found)
-                return rc;
-        }
+        /* Live: its new writer (a resume on another gateway, say) takes it
+         * over, and keeps it open from now on. The row lock orders this
+         * after any append of the writer before: last_seq counts them, and
+         * the appends after it see the new epoch. */
+        rc = one_session(c, ST_OPEN_RESUME, "OpenSession(resume)",
+                         "UPDATE sessions SET live_until = CASE WHEN $3::int4 > 0 THEN now() + "
+                         "$3::int4 * interval '1 second' ELSE live_until END, " NEXT_EPOCH " "
+                         "WHERE session_id = $1 AND user_id = $2 AND end_time IS NULL "
+                         "AND " SAME_WRITER " RETURNING " SESSION_COLS,
+                         4, vals, out, &found);
+        if (rc != 0 || found)
+            return rc;
         rc = db_get_session(c, session_id, out);
         if (rc == DB_ENOTFOUND)
             continue;
         if (rc != 0)
             return rc;
-        return strcmp(out->user_id, user_id) == 0 ? 0 : DB_EOWNER;
+        if (strcmp(out->user_id, user_id) != 0)
+            return DB_EOWNER;
+        if (epoch != 0 && out->writer_epoch != epoch)
+            return DB_ESTALE;
+        /* Ended or reopened between the steps: once more. */
     }
-    set_err(c, "OpenSession: the session kept disappearing");
+    set_err(c, "OpenSession: the session kept changing under it");
     return DB_EUNAVAIL;
 }
 
-int db_end_session(db_conn *c, const char *session_id, const char *user_id, int64_t end_us,
-                   db_session *out)
+int db_end_session(db_conn *c, const char *session_id, const char *user_id, int64_t epoch,
+                   int64_t end_us, db_session *out)
 {
-    char ts[24];
+    char ts[24], ep[24];
     fmt_i64(ts, sizeof ts, end_us);
-    const char *vals[] = {session_id, ts, user_id};
+    fmt_i64(ep, sizeof ep, epoch);
+    const char *vals[] = {session_id, ts, user_id, ep};
     int found;
     /* Only a live session of this user changes; ending it again is
      * answered from a plain read (no new row version), another user's is
@@ -577,13 +591,16 @@ int db_end_session(db_conn *c, const char *session_id, const char *user_id, int6
          * double through to_timestamp() would lose the last microsecond). */
         "FROM (SELECT CASE WHEN $2::int8 = 0 THEN now() ELSE 'epoch'::timestamptz + "
         "$2::int8 * interval '1 microsecond' END AS ts) t "
-        "WHERE session_id = $1 AND user_id = $3 AND end_time IS NULL RETURNING " SESSION_COLS,
-        3, vals, out, &found);
+        "WHERE session_id = $1 AND user_id = $3 AND end_time IS NULL "
+        "AND ($4::int8 = 0 OR writer_epoch = $4::int8) RETURNING " SESSION_COLS,
+        4, vals, out, &found);
     if (rc != 0 || found)
         return rc;
     rc = db_get_session(c, session_id, out);
     if (rc == 0 && strcmp(out->user_id, user_id) != 0)
         return DB_EOWNER;
+    if (rc == 0 && epoch != 0 && out->writer_epoch != epoch)
+        return DB_ESTALE;
     return rc;
 }
 
@@ -892,14 +909,27 @@ void db_batch_destroy(db_batch **bp)
 }
 
 /* One statement, so one transaction: lock the session row (serializing
- * writers of one session and seeing a concurrent EndSession), check its
- * owner ($6), insert the rows not stored yet in seq order (event_id then
- * follows seq too), and
- * bump the session's counters by what was really inserted. Rows come as
- * four binary arrays unnested side by side: one round trip and one plan
- * for any batch size. */
+ * writers of one session and seeing a concurrent EndSession or OpenSession:
+ * FOR UPDATE reads the row's latest version), check its owner ($6) and
+ * writer epoch ($7, 0: not checked), insert the rows not stored yet in seq
+ * order (event_id then follows seq too), and bump the session's counters by
+ * what was really inserted. Rows come as four binary arrays unnested side
+ * by side: one round trip and one plan for any batch size.
+ *
+ * A seq stored already is a retry when the stored row is the same, a
+ * conflict when not. ON CONFLICT DO UPDATE ... WHERE (not DO NOTHING) sees
+ * the stored row as committed, even one written after this statement's
+ * snapshot, which a separate read would miss; it rewrites the row unchanged
+ * only when it differs, and RETURNING shows those with xmax set (a fresh
+ * insert has none), so they are counted and never stored over. */
+#define APPEND_INSERT_TAIL                                                                         \
+    "ON CONFLICT (session_id, seq) DO UPDATE SET event_type = session_events.event_type "          \
+    "WHERE (session_events.event_type, session_events.content) IS DISTINCT FROM "                  \
+    "(EXCLUDED.event_type, EXCLUDED.content) "
+
 static const char append_sql[] =
-    "WITH s AS (SELECT end_time IS NOT NULL AS ended, last_seq, user_id = $6 AS mine "
+    "WITH s AS (SELECT end_time IS NOT NULL AS ended, last_seq, user_id = $6 AS mine, "
+    "($7::int8 <> 0 AND writer_epoch <> $7::int8) AS stale "
     "FROM sessions WHERE session_id = $1 FOR UPDATE), "
     "e AS (SELECT * FROM unnest($2::int8[], $3::int4[], $4::text[], $5::int8[]) "
     "AS e(seq, t, content, ts)), "
@@ -907,11 +937,13 @@ static const char append_sql[] =
     "SELECT $1, e.seq, (ARRAY['user_message','ai_token','tool_call','tool_result',"
     "'system_event'])[e.t], e.content, "
     "CASE WHEN e.ts = 0 THEN now() ELSE 'epoch'::timestamptz + e.ts * interval '1 microsecond' "
-    "END FROM e WHERE EXISTS (SELECT 1 FROM s WHERE NOT s.ended AND s.mine) ORDER BY e.seq "
-    "ON CONFLICT (session_id, seq) DO NOTHING RETURNING seq, event_type), "
-    "agg AS (SELECT count(*) AS n, COALESCE(max(seq), 0) AS max_seq, "
-    "count(*) FILTER (WHERE event_type = 'user_message') AS um, "
-    "count(*) FILTER (WHERE event_type = 'tool_call') AS tc FROM ins), "
+    "END FROM e WHERE EXISTS (SELECT 1 FROM s WHERE NOT s.ended AND s.mine AND NOT s.stale) "
+    "ORDER BY e.seq " APPEND_INSERT_TAIL "RETURNING seq, event_type, xmax = 0 AS fresh), "
+    "agg AS (SELECT count(*) FILTER (WHERE fresh) AS n, "
+    "COALESCE(max(seq) FILTER (WHERE fresh), 0) AS max_seq, "
+    "count(*) FILTER (WHERE fresh AND event_type = 'user_message') AS um, "
+    "count(*) FILTER (WHERE fresh AND event_type = 'tool_call') AS tc, "
+    "count(*) FILTER (WHERE NOT fresh) AS conflicts FROM ins), "
     "upd AS (UPDATE sessions SET last_seq = GREATEST(last_seq, agg.max_seq), "
     "event_count = event_count + agg.n, user_message_count = user_message_count + agg.um, "
     "tool_call_count = tool_call_count + agg.tc FROM agg "
@@ -921,17 +953,18 @@ static const char append_sql[] =
     "COALESCE((SELECT last_seq FROM upd), (SELECT last_seq FROM s), 0), "
     "CASE WHEN (SELECT ended AND mine FROM s) THEN (SELECT count(*) FROM session_events "
     "WHERE session_id = $1 AND seq = ANY($2::int8[])) ELSE 0 END, "
-    "COALESCE((SELECT mine FROM s), false)";
+    "COALESCE((SELECT mine FROM s), false), COALESCE((SELECT stale FROM s), false), "
+    "(SELECT conflicts FROM agg)";
 
 /* What a call's result row says, as db_append_events answers it. */
-static int append_outcome(uint32_t n, int found, int mine, int ended, int64_t appended,
-                          int64_t stored, db_append_result *out)
+static int append_outcome(uint32_t n, int found, int mine, int stale, int ended, int64_t appended,
+                          int64_t conflicts, int64_t stored, db_append_result *out)
 {
     if (!found)
         return DB_ENOTFOUND;
-    if (!mine) {
-        out->last_seq = 0; /* nothing about another user's session */
-        return DB_EOWNER;
+    if (!mine || stale) {
+        out->last_seq = 0; /* nothing about another user's or writer's session */
+        return !mine ? DB_EOWNER : DB_ESTALE;
     }
     if (ended) {
         /* A retry of a batch that made it before the end is still a
@@ -942,29 +975,32 @@ static int append_outcome(uint32_t n, int found, int mine, int ended, int64_t ap
         return 0;
     }
     out->appended = (uint32_t)appended;
-    out->duplicates = n - (uint32_t)appended;
+    out->conflicts = (uint32_t)conflicts;
+    out->duplicates = n - (uint32_t)appended - (uint32_t)conflicts;
     return 0;
 }
 
-int db_append_events(db_conn *c, const char *session_id, const char *user_id, const db_batch *b,
-                     db_append_result *out)
+int db_append_events(db_conn *c, const char *session_id, const char *user_id, int64_t epoch,
+                     const db_batch *b, db_append_result *out)
 {
     uint32_t n = (uint32_t)b->n;
+    char ep[24];
+    fmt_i64(ep, sizeof ep, epoch);
     arr_header(&b->seq, OID_INT8, n);
     arr_header(&b->type, OID_INT4, n);
     arr_header(&b->content, OID_TEXT, n);
     arr_header(&b->ts, OID_INT8, n);
-    const Oid types[] = {OID_TEXT,       OID_INT8_ARRAY, OID_INT4_ARRAY,
-                         OID_TEXT_ARRAY, OID_INT8_ARRAY, OID_TEXT};
-    const char *vals[] = {session_id,      b->seq.data, b->type.data,
-                          b->content.data, b->ts.data,  user_id};
-    const int lens[] = {0, (int)b->seq.len, (int)b->type.len, (int)b->content.len, (int)b->ts.len,
-                        0};
-    const int fmts[] = {0, 1, 1, 1, 1, 0};
+    const Oid types[] = {OID_TEXT,       OID_INT8_ARRAY, OID_INT4_ARRAY, OID_TEXT_ARRAY,
+                         OID_INT8_ARRAY, OID_TEXT,       OID_INT8};
+    const char *vals[] = {session_id, b->seq.data, b->type.data, b->content.data, b->ts.data,
+                          user_id,    ep};
+    const int lens[] = {
+        0, (int)b->seq.len, (int)b->type.len, (int)b->content.len, (int)b->ts.len, 0, 0};
+    const int fmts[] = {0, 1, 1, 1, 1, 0, 0};
     int rc;
 
     memset(out, 0, sizeof *out);
-    PGresult *r = exec(c, ST_APPEND, "AppendEvents", append_sql, 6, types, vals, lens, fmts, &rc);
+    PGresult *r = exec(c, ST_APPEND, "AppendEvents", append_sql, 7, types, vals, lens, fmts, &rc);
     if (r == NULL)
         return rc;
     int found = get_i64(r, 0, 0) > 0;
@@ -973,21 +1009,27 @@ int db_append_events(db_conn *c, const char *session_id, const char *user_id, co
     out->last_seq = get_i64(r, 0, 3);
     int64_t stored = get_i64(r, 0, 4);
     int mine = get_bool(r, 0, 5);
+    int stale = get_bool(r, 0, 6);
+    int64_t conflicts = get_i64(r, 0, 7);
     PQclear(r);
-    return append_outcome(n, found, mine, ended, appended, stored, out);
+    return append_outcome(n, found, mine, stale, ended, appended, conflicts, stored, out);
 }
 
-/* The group form of append_sql: $1 the calls' session ids and $2 their
- * users, then per event the (1-based) call it belongs to, its seq, type,
- * content and time. The sessions are locked in session_id order (the Sort
- * under LockRows), a call's rows go in only when its session is live and
- * its user's, by call then seq, counters move by what each session really
- * got, and one row per call comes back, in call order. */
+/* The group form of append_sql: $1 the calls' session ids, $2 their users
+ * and $8 their writer epochs, then per event the (1-based) call it belongs
+ * to, its seq, type, content and time. The sessions are locked in
+ * session_id order (the Sort under LockRows), a call's rows go in only when
+ * its session is live, its user's and its writer's (each call checked on
+ * its own: a stale one writes nothing and fails alone), by call then seq,
+ * counters move by what each session really got, and one row per call
+ * comes back, in call order. */
 static const char append_group_sql[] =
-    "WITH s AS MATERIALIZED (SELECT session_id, user_id, end_time IS NOT NULL AS ended, last_seq "
-    "FROM sessions WHERE session_id = ANY($1::text[]) ORDER BY session_id FOR UPDATE), "
+    "WITH s AS MATERIALIZED (SELECT session_id, user_id, end_time IS NOT NULL AS ended, last_seq, "
+    "writer_epoch FROM sessions WHERE session_id = ANY($1::text[]) ORDER BY session_id "
+    "FOR UPDATE), "
     "c AS (SELECT c.sid, c.i, s.session_id IS NOT NULL AS found, "
     "COALESCE(s.ended, false) AS ended, COALESCE(s.user_id = ($2::text[])[c.i], false) AS mine, "
+    "COALESCE(($8::int8[])[c.i] <> 0 AND s.writer_epoch <> ($8::int8[])[c.i], false) AS stale, "
     "s.last_seq "
     "FROM unnest($1::text[]) WITH ORDINALITY AS c(sid, i) LEFT JOIN s ON s.session_id = c.sid), "
     "e AS (SELECT * FROM unnest($3::int4[], $4::int8[], $5::int4[], $6::text[], $7::int8[]) "
@@ -996,20 +1038,22 @@ static const char append_group_sql[] =
     "SELECT c.sid, e.seq, (ARRAY['user_message','ai_token','tool_call','tool_result',"
     "'system_event'])[e.t], e.content, "
     "CASE WHEN e.ts = 0 THEN now() ELSE 'epoch'::timestamptz + e.ts * interval '1 microsecond' "
-    "END FROM e JOIN c ON c.i = e.call WHERE c.found AND c.mine AND NOT c.ended "
-    "ORDER BY e.call, e.seq "
-    "ON CONFLICT (session_id, seq) DO NOTHING RETURNING session_id, seq, event_type), "
-    "agg AS (SELECT session_id, count(*) AS n, max(seq) AS max_seq, "
-    "count(*) FILTER (WHERE event_type = 'user_message') AS um, "
-    "count(*) FILTER (WHERE event_type = 'tool_call') AS tc FROM ins GROUP BY session_id), "
+    "END FROM e JOIN c ON c.i = e.call WHERE c.found AND c.mine AND NOT c.stale AND NOT c.ended "
+    "ORDER BY e.call, e.seq " APPEND_INSERT_TAIL
+    "RETURNING session_id, seq, event_type, xmax = 0 AS fresh), "
+    "agg AS (SELECT session_id, count(*) FILTER (WHERE fresh) AS n, "
+    "max(seq) FILTER (WHERE fresh) AS max_seq, "
+    "count(*) FILTER (WHERE fresh AND event_type = 'user_message') AS um, "
+    "count(*) FILTER (WHERE fresh AND event_type = 'tool_call') AS tc, "
+    "count(*) FILTER (WHERE NOT fresh) AS conflicts FROM ins GROUP BY session_id), "
     "upd AS (UPDATE sessions x SET last_seq = GREATEST(x.last_seq, agg.max_seq), "
     "event_count = x.event_count + agg.n, user_message_count = x.user_message_count + agg.um, "
     "tool_call_count = x.tool_call_count + agg.tc FROM agg "
-    "WHERE x.session_id = agg.session_id RETURNING x.session_id, x.last_seq) "
+    "WHERE x.session_id = agg.session_id AND agg.n > 0 RETURNING x.session_id, x.last_seq) "
     "SELECT c.found, c.mine, c.ended, COALESCE(agg.n, 0), COALESCE(upd.last_seq, c.last_seq, 0), "
     "CASE WHEN c.ended AND c.mine THEN (SELECT count(*) FROM session_events x "
     "WHERE x.session_id = c.sid AND x.seq = ANY(ARRAY(SELECT e.seq FROM e WHERE e.call = c.i))) "
-    "ELSE 0 END "
+    "ELSE 0 END, c.stale, COALESCE(agg.conflicts, 0) "
     "FROM c LEFT JOIN agg ON agg.session_id = c.sid LEFT JOIN upd ON upd.session_id = c.sid "
     "ORDER BY c.i";
 
@@ -1026,7 +1070,7 @@ static void arr_put_text(arr *a, const char *s)
     arr_put(a, s, len);
 }
 
-#define GROUP_PARAMS 7
+#define GROUP_PARAMS 8
 
 int db_append_group(db_conn *c, db_append_call *calls, size_t n)
 {
@@ -1035,8 +1079,9 @@ int db_append_group(db_conn *c, db_append_call *calls, size_t n)
         events += calls[i].batch->n;
         content += calls[i].batch->content.len;
     }
-    arr sids, users, call, seq, type, text, ts;
+    arr sids, users, call, seq, type, text, ts, epochs;
     arr_init(&sids, ARR_HEADER + n * 64);
+    arr_init(&epochs, ARR_HEADER + n * 12);
     arr_init(&users, ARR_HEADER + n * 64);
     arr_init(&call, ARR_HEADER + events * 8);
     arr_init(&seq, ARR_HEADER + events * 12);
@@ -1047,6 +1092,7 @@ int db_append_group(db_conn *c, db_append_call *calls, size_t n)
         const db_batch *b = calls[i].batch;
         arr_put_text(&sids, calls[i].session_id);
         arr_put_text(&users, calls[i].user_id);
+        arr_put_i64(&epochs, calls[i].epoch);
         for (size_t k = 0; k < b->n; k++) {
             arr_put_u32(&call, 4);
             arr_put_u32(&call, (uint32_t)(i + 1));
@@ -1065,9 +1111,11 @@ int db_append_group(db_conn *c, db_append_call *calls, size_t n)
     arr_header(&type, OID_INT4, (uint32_t)events);
     arr_header(&text, OID_TEXT, (uint32_t)events);
     arr_header(&ts, OID_INT8, (uint32_t)events);
-    const Oid types[GROUP_PARAMS] = {OID_TEXT_ARRAY, OID_TEXT_ARRAY, OID_INT4_ARRAY, OID_INT8_ARRAY,
-                                     OID_INT4_ARRAY, OID_TEXT_ARRAY, OID_INT8_ARRAY};
-    arr *params[GROUP_PARAMS] = {&sids, &users, &call, &seq, &type, &text, &ts};
+    arr_header(&epochs, OID_INT8, (uint32_t)n);
+    const Oid types[GROUP_PARAMS] = {OID_TEXT_ARRAY, OID_TEXT_ARRAY, OID_INT4_ARRAY,
+                                     OID_INT8_ARRAY, OID_INT4_ARRAY, OID_TEXT_ARRAY,
+                                     OID_INT8_ARRAY, OID_INT8_ARRAY};
+    arr *params[GROUP_PARAMS] = {&sids, &users, &call, &seq, &type, &text, &ts, &epochs};
     const char *vals[GROUP_PARAMS];
     int lens[GROUP_PARAMS], fmts[GROUP_PARAMS], rc;
     for (int i = 0; i < GROUP_PARAMS; i++) {
@@ -1086,8 +1134,8 @@ int db_append_group(db_conn *c, db_append_call *calls, size_t n)
             db_append_call *k = &calls[i];
             k->res.last_seq = get_i64(r, row, 4);
             k->rc = append_outcome((uint32_t)k->batch->n, get_bool(r, row, 0), get_bool(r, row, 1),
-                                   get_bool(r, row, 2), get_i64(r, row, 3), get_i64(r, row, 5),
-                                   &k->res);
+                                   get_bool(r, row, 6), get_bool(r, row, 2), get_i64(r, row, 3),
+                                   get_i64(r, row, 7), get_i64(r, row, 5), &k->res);
         }
     }
     PQclear(r);

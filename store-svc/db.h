@@ -27,6 +27,7 @@
 #define DB_EENDED    (-4) /* the session has ended */
 #define DB_ELEASE    (-5) /* the summary lease is held by another worker (or nobody) */
 #define DB_EQUERY    (-6) /* the server refused a statement: a bug or a foreign schema */
+#define DB_ESTALE    (-7) /* the writer epoch named is not the session's: it was taken over */
 
 /* Event types and summary states carry the numbers of the proto enums
  * (convo.v1.EventType, convo.v1.SummaryStatus) so the glue can cast;
@@ -111,25 +112,30 @@ typedef struct db_session {
     int64_t last_seq;
     int64_t user_message_count;
     int64_t tool_call_count;
+    int64_t writer_epoch; /* the current writer's fencing token */
 } db_session;
 
 void db_session_clear(db_session *s);
 /* Frees an array of n sessions from a db_list_* call; clears *ss. */
 void db_sessions_free(db_session **ss, size_t n);
 
-/* Creates the session for user_id, or resumes it: an ended session of the
- * same user is reopened (end cleared, summary state back to NONE; the old
- * summary stays until a new one is saved). *created says which. DB_EOWNER
- * when it belongs to another user (out is filled anyway). live_seconds > 0
- * keeps it open that long (db_keep_alive renews it, db_end_abandoned ends
- * it after); 0 leaves it to EndSession (a live session keeps its lease). */
+/* Creates the session for user_id (writer epoch 1), or resumes it: an
+ * ended session of the same user is reopened (end cleared, summary state
+ * back to NONE; the old summary stays until a new one is saved). *created
+ * says which. DB_EOWNER when it belongs to another user (out is filled
+ * anyway). live_seconds > 0 keeps it open that long (db_keep_alive renews
+ * it, db_end_abandoned ends it after); 0 leaves it to EndSession (a live
+ * session keeps its lease). epoch 0: a new writer, the session's writer
+ * epoch moves on; else it is resumed only while its epoch is still that
+ * one, kept (DB_ESTALE otherwise, nothing changed, out filled). */
 int db_open_session(db_conn *c, const char *session_id, const char *user_id, int32_t live_seconds,
-                    db_session *out, int *created);
+                    int64_t epoch, db_session *out, int *created);
 /* Ends a live session of user_id at end_us (0: now) with its duration and
  * summary PENDING; an ended session is returned unchanged. DB_ENOTFOUND;
- * DB_EOWNER (nothing changed) when it belongs to another user. */
-int db_end_session(db_conn *c, const char *session_id, const char *user_id, int64_t end_us,
-                   db_session *out);
+ * DB_EOWNER (nothing changed) when it belongs to another user; DB_ESTALE
+ * (nothing changed) when epoch is not 0 and not the session's. */
+int db_end_session(db_conn *c, const char *session_id, const char *user_id, int64_t epoch,
+                   int64_t end_us, db_session *out);
 int db_get_session(db_conn *c, const char *session_id, db_session *out);
 
 /* status is DB_SUMMARY_DONE (summary), _FAILED or _PENDING (error). The
@@ -182,25 +188,31 @@ void db_batch_destroy(db_batch **b);
 
 typedef struct db_append_result {
     uint32_t appended;   /* rows written */
-    uint32_t duplicates; /* rows whose (session, seq) was already stored */
+    uint32_t duplicates; /* rows whose (session, seq) was already stored, the same */
+    uint32_t conflicts;  /* rows whose (session, seq) was stored with another type or content */
     int64_t last_seq;    /* the session's highest stored seq afterwards */
 } db_append_result;
 
 /* Appends the batch in one statement (one transaction): all rows or none.
- * Rows whose seq is stored already are skipped and counted as duplicates.
- * DB_ENOTFOUND; DB_EOWNER (nothing written) when the session is not
- * user_id's; DB_EENDED when the session ended, unless every event of the
- * batch is stored already (a retry after the end is still answered). */
-int db_append_events(db_conn *c, const char *session_id, const char *user_id, const db_batch *b,
-                     db_append_result *out);
+ * Rows whose seq is stored already are skipped: duplicates when the stored
+ * row has the same type and content, conflicts otherwise (the stored row
+ * stays). DB_ENOTFOUND; DB_EOWNER (nothing written) when the session is not
+ * user_id's; DB_ESTALE (nothing written) when epoch is not 0 and not the
+ * session's writer epoch, read under the session's row lock; DB_EENDED
+ * when the session ended, unless every event of the batch is stored
+ * already (a retry after the end is still answered). */
+int db_append_events(db_conn *c, const char *session_id, const char *user_id, int64_t epoch,
+                     const db_batch *b, db_append_result *out);
 
 /* One call of a group append (db_append_group): the session and its batch
  * in; its own outcome out. */
 typedef struct db_append_call {
     const char *session_id;
     const char *user_id; /* the caller's: the session must be this user's */
+    int64_t epoch;       /* the caller's writer epoch; 0: not checked */
     const db_batch *batch;
-    int rc; /* what db_append_events would have returned: 0, DB_ENOTFOUND, DB_EOWNER, DB_EENDED */
+    int rc; /* what db_append_events would have returned: 0, DB_ENOTFOUND, DB_EOWNER,
+             * DB_ESTALE, DB_EENDED */
     db_append_result res;
 } db_append_call;
 

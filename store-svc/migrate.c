@@ -94,6 +94,14 @@ static const migration migrations[] = {
      "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS live_until TIMESTAMPTZ;"
      "CREATE INDEX IF NOT EXISTS idx_sessions_live_until ON sessions(live_until)"
      " WHERE end_time IS NULL AND live_until IS NOT NULL;"},
+
+    {5, "store-svc: the session's writer epoch (fencing two gateways writing one session)",
+     /* Every OpenSession by a new writer moves it on; AppendEvents and
+      * EndSession that name an older one are refused, checked under the
+      * session's row lock, so a gateway that lost its client to another
+      * gateway cannot write over the new writer's seqs. 0: never opened
+      * since (rows of before). */
+     "ALTER TABLE sessions ADD COLUMN IF NOT EXISTS writer_epoch BIGINT NOT NULL DEFAULT 0;"},
 };
 
 #define NMIGRATIONS (sizeof migrations / sizeof migrations[0])

@@ -48,6 +48,10 @@ SAME_NUMBER(DB_SUMMARY_FAILED, CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_FAILED)
       "events written to the event log")                                                           \
     X(S, duplicates, COUNTER, "convo_store_events_duplicate_total", "", NULL,                      \
       "events sent again that were stored already (a caller's retry; skipped)")                    \
+    X(S, conflicts, COUNTER, "convo_store_events_conflict_total", "", NULL,                        \
+      "events not written: their seq is stored with another type or content (two writers)")        \
+    X(S, stale, COUNTER, "convo_store_stale_writes_total", "", NULL,                               \
+      "AppendEvents, EndSession and OpenSession calls refused: their writer epoch was taken over") \
     X(S, batch, HISTOGRAM, "convo_store_append_batch_events", "", &metrics_buckets_count,          \
       "events per AppendEvents call")                                                              \
     X(S, abandoned, COUNTER, "convo_store_sessions_abandoned_total", "", NULL,                     \
@@ -73,6 +77,18 @@ static int check_time(const char *field, int64_t us, char *err, size_t errsize)
     return 0;
 }
 
+static int check_epoch(int64_t epoch, char *err, size_t errsize)
+{
+    if (epoch < 0) {
+        snprintf(err, errsize,
+                 "writer_epoch is %lld; it must be >= 0 (0: not checked; else the one "
+                 "OpenSession returned)",
+                 (long long)epoch);
+        return -1;
+    }
+    return 0;
+}
+
 /* protobuf-c gives unset strings as "", but a message built by hand may
  * hold NULL. */
 static const char *str(const char *s)
@@ -89,6 +105,7 @@ typedef struct job {
     store *st;
     const char *op;   /* the method's name, for its database span */
     char *session_id; /* for errors and log lines; may be "" */
+    int64_t epoch;    /* the writer epoch the call names (0: none), for errors */
     trace_span db;    /* the database work: a child of the call's span */
 } job;
 
@@ -209,6 +226,16 @@ static void job_fail(job *j, db_conn *conn, int rc)
         job_finishf(j, RPC_PERMISSION_DENIED, "session '%s' belongs to another user",
                     j->session_id);
         return;
+    case DB_ESTALE:
+        /* The writer learns it lost the session; nothing was written. */
+        metrics_counter_inc(j->st->mx.stale);
+        log_info("refused a write of a writer the session was taken from (writer_epoch %lld)",
+                 (long long)j->epoch);
+        job_finishf(j, RPC_FAILED_PRECONDITION,
+                    "session '%s' was taken over: another writer opened it after writer_epoch "
+                    "%lld; nothing written, stop writing it",
+                    j->session_id, (long long)j->epoch);
+        return;
     case DB_EENDED:
         job_finishf(j, RPC_FAILED_PRECONDITION,
                     "session '%s' has ended; OpenSession resumes it before more events",
@@ -244,6 +271,7 @@ static void session_to_pb(const db_session *s, Convo__V1__Session *pb)
     pb->last_seq = s->last_seq;
     pb->user_message_count = s->user_message_count;
     pb->tool_call_count = s->tool_call_count;
+    pb->writer_epoch = s->writer_epoch;
 }
 
 static void finish_invalid(srv_call *call, const char *err)
@@ -272,14 +300,16 @@ static void open_run(pool_job *pj, db_conn *conn, int err)
     db_session s = {0};
     int created = 0;
     if (job_begin(&j->h, conn, err)) {
-        int rc = db_open_session(conn, j->h.session_id, j->user_id, j->live_seconds, &s, &created);
+        int rc = db_open_session(conn, j->h.session_id, j->user_id, j->live_seconds, j->h.epoch, &s,
+                                 &created);
         if (rc == 0) {
             Convo__V1__OpenSessionResponse resp = CONVO__V1__OPEN_SESSION_RESPONSE__INIT;
             Convo__V1__Session pb;
             session_to_pb(&s, &pb);
             resp.session = &pb;
             resp.created = created;
-            log_debug("%s session for user %s", created ? "created" : "resumed", j->user_id);
+            log_debug("%s session for user %s (writer_epoch %lld)", created ? "created" : "resumed",
+                      j->user_id, (long long)s.writer_epoch);
             job_finish(&j->h, RPC_OK, NULL, &resp.base);
         } else {
             job_fail(&j->h, conn, rc);
@@ -305,9 +335,14 @@ static void on_open(srv_call *call, const ProtobufCMessage *msg)
         finish_invalid(call, err);
         return;
     }
+    if (check_epoch(req->writer_epoch, err, sizeof err) != 0) {
+        finish_invalid(call, err);
+        return;
+    }
     open_job *j = job_new(sizeof *j, call, st, "OpenSession", req->session_id, open_run);
     j->user_id = mem_strdup(req->user_id);
     j->live_seconds = req->live_seconds;
+    j->h.epoch = req->writer_epoch;
     job_submit(&j->h, open_free);
 }
 
@@ -338,8 +373,14 @@ static void append_answer(append_job *j, db_conn *conn, int rc, const db_append_
     resp.appended = res->appended;
     resp.duplicates = res->duplicates;
     resp.last_seq = res->last_seq;
+    resp.conflicts = res->conflicts;
     metrics_counter_add(j->h.st->mx.appended, res->appended);
     metrics_counter_add(j->h.st->mx.duplicates, res->duplicates);
+    metrics_counter_add(j->h.st->mx.conflicts, res->conflicts);
+    if (res->conflicts > 0)
+        log_warn("append: %u events not written: their seqs are stored with another type or "
+                 "content (two writers numbering the same seqs?); %u new, %u already stored",
+                 res->conflicts, res->appended, res->duplicates);
     if (res->duplicates > 0)
         log_debug("append: %u new, %u already stored (a retry)", res->appended, res->duplicates);
     job_finish(&j->h, RPC_OK, NULL, &resp.base);
@@ -350,7 +391,7 @@ static void append_run(pool_job *pj, db_conn *conn, int err)
     append_job *j = (append_job *)pj;
     if (job_begin(&j->h, conn, err)) {
         db_append_result res;
-        int rc = db_append_events(conn, j->h.session_id, j->user_id, j->batch, &res);
+        int rc = db_append_events(conn, j->h.session_id, j->user_id, j->h.epoch, j->batch, &res);
         append_answer(j, conn, rc, &res);
     }
     append_free(&j->h);
@@ -364,8 +405,8 @@ static void append_run_group(append_job **jobs, db_append_call *calls, size_t n,
     if (n == 1) {
         db_append_result res;
         job_enter(&jobs[0]->h);
-        int rc =
-            db_append_events(conn, calls[0].session_id, calls[0].user_id, calls[0].batch, &res);
+        int rc = db_append_events(conn, calls[0].session_id, calls[0].user_id, calls[0].epoch,
+                                  calls[0].batch, &res);
         append_answer(jobs[0], conn, rc, &res);
         return;
     }
@@ -414,6 +455,7 @@ static void append_group(pool_job **pjs, size_t n, db_conn *conn)
             round[k] = jobs[i];
             calls[k] = (db_append_call){.session_id = jobs[i]->h.session_id,
                                         .user_id = jobs[i]->user_id,
+                                        .epoch = jobs[i]->h.epoch,
                                         .batch = jobs[i]->batch};
             k++;
         }
@@ -439,7 +481,8 @@ static db_batch *append_encode(const store *st, const Convo__V1__AppendEventsReq
     int64_t prev = 0;
 
     if (check_id("session_id", sid, err, errsize) != 0 ||
-        check_id("user_id", str(req->user_id), err, errsize) != 0)
+        check_id("user_id", str(req->user_id), err, errsize) != 0 ||
+        check_epoch(req->writer_epoch, err, errsize) != 0)
         return NULL;
     if ((long long)req->n_events > st->lim.max_batch_events) {
         snprintf(err, errsize, "events has %zu events, over the batch limit of %lld", req->n_events,
@@ -506,6 +549,7 @@ static void on_append(srv_call *call, const ProtobufCMessage *msg)
     append_job *j = job_new(sizeof *j, call, st, "AppendEvents", req->session_id, append_run);
     j->batch = b;
     j->user_id = mem_strdup(req->user_id);
+    j->h.epoch = req->writer_epoch;
     j->h.pj.bytes += db_batch_bytes(b);
     j->h.pj.group = append_group;
     j->h.pj.weight = req->n_events > 0 ? req->n_events : 1;
@@ -532,8 +576,9 @@ static void session_run(pool_job *pj, db_conn *conn, int err)
     session_job *j = (session_job *)pj;
     db_session s = {0};
     if (job_begin(&j->h, conn, err)) {
-        int rc = j->end ? db_end_session(conn, j->h.session_id, j->user_id, j->end_us, &s)
-                        : db_get_session(conn, j->h.session_id, &s);
+        int rc = j->end
+                     ? db_end_session(conn, j->h.session_id, j->user_id, j->h.epoch, j->end_us, &s)
+                     : db_get_session(conn, j->h.session_id, &s);
         if (rc == 0) {
             Convo__V1__Session pb;
             session_to_pb(&s, &pb);
@@ -561,7 +606,8 @@ static void on_end(srv_call *call, const ProtobufCMessage *msg)
     char err[256];
     if (check_id("session_id", str(req->session_id), err, sizeof err) != 0 ||
         check_id("user_id", str(req->user_id), err, sizeof err) != 0 ||
-        check_time("end_time_us", req->end_time_us, err, sizeof err) != 0) {
+        check_time("end_time_us", req->end_time_us, err, sizeof err) != 0 ||
+        check_epoch(req->writer_epoch, err, sizeof err) != 0) {
         finish_invalid(call, err);
         return;
     }
@@ -569,6 +615,7 @@ static void on_end(srv_call *call, const ProtobufCMessage *msg)
     j->end = 1;
     j->end_us = req->end_time_us;
     j->user_id = mem_strdup(req->user_id);
+    j->h.epoch = req->writer_epoch;
     job_submit(&j->h, session_free);
 }
 

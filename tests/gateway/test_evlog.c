@@ -4,8 +4,9 @@
  * runs libev until what it waits for happened. Checks sequence numbers
  * after the stored ones, batches bounded by --event-batch, a failed batch
  * retried with the same seqs, the per-session buffer bound, the total byte
- * bound (evlog_full), a refused session, and the end (EndSession, then
- * Summarize). */
+ * bound (evlog_full), a refused session, the end (EndSession, then
+ * Summarize), and a session taken over by another writer (fenced: no more
+ * writes, no EndSession, the owner told once). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -39,7 +40,12 @@
 typedef struct fake {
     pthread_mutex_t mu;
     rpc_code open_code;
-    int append_failures; /* the next appends that fail UNAVAILABLE */
+    int append_failures;              /* the next appends that fail UNAVAILABLE */
+    int64_t epoch;                    /* the session's writer epoch; 0: not checked */
+    int64_t open_epochs[MAX_APPENDS]; /* writer_epoch of each OpenSession */
+    int64_t append_epoch;             /* of the last AppendEvents */
+    int stale;                        /* calls refused as the writer before */
+    int ended;                        /* ended elsewhere: appends refused until reopened */
     int opens, appends, ends, summarizes;
     size_t batch_sizes[MAX_APPENDS];
     int64_t seqs[MAX_SEQS]; /* every seq of every append, in arrival order */
@@ -58,17 +64,34 @@ static void fake_reset(void)
     pthread_mutex_unlock(&fk.mu);
 }
 
+/* As store-svc fences writers: a call naming another epoch than the
+ * session's is refused. Under fk.mu. */
+static int fake_stale(int64_t epoch)
+{
+    int stale = fk.epoch != 0 && epoch != 0 && epoch != fk.epoch;
+    fk.stale += stale;
+    return stale;
+}
+
 static void on_open_session(srv_call *call, const ProtobufCMessage *msg)
 {
-    (void)msg;
+    const Convo__V1__OpenSessionRequest *req = (const Convo__V1__OpenSessionRequest *)msg;
     pthread_mutex_lock(&fk.mu);
+    if (fk.opens < MAX_APPENDS)
+        fk.open_epochs[fk.opens] = req->writer_epoch;
     fk.opens++;
-    rpc_code code = fk.open_code;
+    rpc_code code = fake_stale(req->writer_epoch) ? RPC_FAILED_PRECONDITION : fk.open_code;
+    if (code == RPC_OK)
+        fk.ended = 0;
+    if (code == RPC_OK && req->writer_epoch == 0 && fk.epoch != 0)
+        fk.epoch++; /* a new writer */
+    int64_t epoch = fk.epoch;
     pthread_mutex_unlock(&fk.mu);
     Convo__V1__Session s = CONVO__V1__SESSION__INIT;
     s.session_id = SESSION_ID;
     s.user_id = USER_ID;
     s.last_seq = LAST_STORED;
+    s.writer_epoch = epoch;
     Convo__V1__OpenSessionResponse r = CONVO__V1__OPEN_SESSION_RESPONSE__INIT;
     r.session = &s;
     if (code != RPC_OK)
@@ -91,10 +114,14 @@ static void on_append(srv_call *call, const ProtobufCMessage *msg)
     int fail = fk.append_failures > 0;
     if (fail)
         fk.append_failures--;
+    fk.append_epoch = req->writer_epoch;
+    int stale = fake_stale(req->writer_epoch) || fk.ended;
     pthread_mutex_unlock(&fk.mu);
     Convo__V1__AppendEventsResponse r = CONVO__V1__APPEND_EVENTS_RESPONSE__INIT;
     r.appended = (uint32_t)req->n_events;
-    if (fail)
+    if (stale)
+        srv_call_finish(call, RPC_FAILED_PRECONDITION, "taken over", NULL);
+    else if (fail)
         srv_call_finish(call, RPC_UNAVAILABLE, "store busy", NULL);
     else
         srv_call_finish(call, RPC_OK, NULL, &r.base);
@@ -102,12 +129,16 @@ static void on_append(srv_call *call, const ProtobufCMessage *msg)
 
 static void on_end_session(srv_call *call, const ProtobufCMessage *msg)
 {
-    (void)msg;
+    const Convo__V1__EndSessionRequest *req = (const Convo__V1__EndSessionRequest *)msg;
     pthread_mutex_lock(&fk.mu);
     fk.ends++;
+    int stale = fake_stale(req->writer_epoch);
     pthread_mutex_unlock(&fk.mu);
     Convo__V1__EndSessionResponse r = CONVO__V1__END_SESSION_RESPONSE__INIT;
-    srv_call_finish(call, RPC_OK, NULL, &r.base);
+    if (stale)
+        srv_call_finish(call, RPC_FAILED_PRECONDITION, "taken over", NULL);
+    else
+        srv_call_finish(call, RPC_OK, NULL, &r.base);
 }
 
 static void on_summarize(srv_call *call, const ProtobufCMessage *msg)
@@ -145,6 +176,7 @@ typedef struct env {
     int opened;
     rpc_code open_code;
     int closed;
+    int taken_over;
 } env;
 
 static int setup(void **state)
@@ -189,7 +221,7 @@ static env *begin(void **state)
 {
     env *e = *state;
     fake_reset();
-    e->opened = e->closed = 0;
+    e->opened = e->closed = e->taken_over = 0;
     e->open_code = RPC_OK;
     memset(&e->g.counters, 0, sizeof e->g.counters);
     e->g.events_full = 0;
@@ -396,6 +428,108 @@ static void abandoned_session_sends_nothing_more(void **state)
     evlog_destroy(&ev);
 }
 
+static void on_taken(void *arg)
+{
+    ((env *)arg)->taken_over++;
+}
+
+static int is_taken_over(env *e, void *arg)
+{
+    (void)arg;
+    return e->taken_over > 0;
+}
+
+static void taken_over_session_writes_nothing_more(void **state)
+{
+    env *e = begin(state);
+    fk.epoch = 4; /* the first OpenSession makes it 5, ours */
+    evlog *ev = evlog_create(&e->g, SESSION_ID, USER_ID, on_open, e);
+    evlog_on_taken_over(ev, on_taken);
+    assert_true(run_until(e, is_opened, NULL));
+    add(ev, "mine");
+    assert_true(run_until(e, settled_all, ev));
+    assert_int_equal(fake_snap().append_epoch, 5); /* the epoch OpenSession gave */
+
+    /* The client resumed on another gateway: the store's epoch moved on. */
+    pthread_mutex_lock(&fk.mu);
+    fk.epoch = 6;
+    pthread_mutex_unlock(&fk.mu);
+    add(ev, "after the move");
+    add(ev, "and more");
+    assert_true(run_until(e, is_taken_over, NULL));
+    fake f = fake_snap();
+    /* The refused append made it reopen as the writer it was (never as a
+     * new writer, which would take the session back); that was refused. */
+    assert_int_equal(f.opens, 2);
+    assert_int_equal(f.open_epochs[0], 0);
+    assert_int_equal(f.open_epochs[1], 5);
+    assert_int_equal(evlog_settled(ev), evlog_added(ev));
+    assert_int_equal(atomic_load(&e->g.counters.events_dropped), 2);
+    add(ev, "ignored");
+    assert_int_equal(atomic_load(&e->g.counters.events_dropped), 3);
+    int appends = fake_get(&fk.appends);
+    close_and_destroy(e, &ev);
+    usleep(100 * 1000);
+    /* Not ours to end or summarize; nothing retried; told once. */
+    assert_int_equal(fake_get(&fk.appends), appends);
+    assert_int_equal(fake_get(&fk.ends), 0);
+    assert_int_equal(fake_get(&fk.summarizes), 0);
+    assert_int_equal(fake_get(&fk.opens), 2);
+    assert_int_equal(e->taken_over, 1);
+}
+
+static void ended_elsewhere_is_reopened_as_the_same_writer(void **state)
+{
+    env *e = begin(state);
+    fk.epoch = 2; /* ours will be 3 */
+    evlog *ev = evlog_create(&e->g, SESSION_ID, USER_ID, on_open, e);
+    evlog_on_taken_over(ev, on_taken);
+    assert_true(run_until(e, is_opened, NULL));
+    /* Ended by the sweep, our epoch still current: the refused append
+     * reopens it as ourselves and the same events go again. */
+    pthread_mutex_lock(&fk.mu);
+    fk.ended = 1;
+    pthread_mutex_unlock(&fk.mu);
+    add(ev, "x");
+    assert_true(run_until(e, settled_all, ev));
+    fake f = fake_snap();
+    assert_int_equal(f.opens, 2);
+    assert_int_equal(f.open_epochs[1], 3);
+    assert_int_equal(f.nseqs, 2);
+    assert_int_equal(f.seqs[0], LAST_STORED + 1);
+    assert_int_equal(f.seqs[1], LAST_STORED + 1);
+    assert_int_equal(atomic_load(&e->g.counters.events_dropped), 0);
+    close_and_destroy(e, &ev);
+    assert_int_equal(e->taken_over, 0);
+    assert_int_equal(fake_get(&fk.ends), 1);
+}
+
+static void new_connection_takes_the_session_back(void **state)
+{
+    env *e = begin(state);
+    fk.epoch = 4;
+    evlog *ev = evlog_create(&e->g, SESSION_ID, USER_ID, on_open, e);
+    evlog_on_taken_over(ev, on_taken);
+    assert_true(run_until(e, is_opened, NULL));
+    /* Another gateway took the session (epoch 6), then the client came
+     * back here on a new connection: we open it as a new writer (7). */
+    pthread_mutex_lock(&fk.mu);
+    fk.epoch = 6;
+    pthread_mutex_unlock(&fk.mu);
+    evlog_claim(ev);
+    add(ev, "back here");
+    assert_true(run_until(e, settled_all, ev));
+    fake f = fake_snap();
+    assert_int_equal(f.opens, 2);
+    assert_int_equal(f.open_epochs[1], 0);
+    assert_int_equal(f.append_epoch, 7);
+    assert_int_equal(f.stale, 0);
+    assert_int_equal(atomic_load(&e->g.counters.events_dropped), 0);
+    close_and_destroy(e, &ev);
+    assert_int_equal(e->taken_over, 0);
+    assert_int_equal(fake_get(&fk.ends), 1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -404,6 +538,9 @@ int main(void)
         cmocka_unit_test(refused_session_drops_its_events),
         cmocka_unit_test(buffer_bounds_events_and_bytes),
         cmocka_unit_test(abandoned_session_sends_nothing_more),
+        cmocka_unit_test(taken_over_session_writes_nothing_more),
+        cmocka_unit_test(ended_elsewhere_is_reopened_as_the_same_writer),
+        cmocka_unit_test(new_connection_takes_the_session_back),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

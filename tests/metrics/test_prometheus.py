@@ -145,7 +145,7 @@ def test_prometheus_scrapes_every_process_and_the_counters_move(stack, prometheu
     assert query(prometheus, 'sum(convo_gateway_turns_total)') == 0
     # Series whose label words are known exist at 0 before anything happens,
     # so rate() and increase() (the alerts) see their first counts.
-    assert query(prometheus, "count(convo_gateway_events_dropped_total)") == 4
+    assert query(prometheus, "count(convo_gateway_events_dropped_total)") == 6
     assert query(prometheus, "count(convo_gateway_first_token_seconds_count)") == 4
     assert query(prometheus, 'count(convo_llm_upstream_requests_total{category="rate_limited"})') == 1
 

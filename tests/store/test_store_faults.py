@@ -62,7 +62,7 @@ def test_database_down_at_start_then_up():
             sid = new_id()
             assert open_session(stub, sid).created
             assert append(stub, sid, [ev(1)]).appended == 1
-            assert versions(pg) == "1,2,3,4"
+            assert versions(pg) == "1,2,3,4,5"
             # The outage was logged once, not once per attempt.
             warns = [l for l in svc.log_lines() if "database unavailable" in l.get("message", "")]
             assert 1 <= len(warns) <= 2, warns
@@ -205,16 +205,16 @@ def test_migrate_subcommand_concurrently_is_safe():
             results = list(ex.map(lambda _: migrate(pg.url), range(3)))
         for code, err in results:
             assert code == 0, err
-        assert versions(pg) == "1,2,3,4"
+        assert versions(pg) == "1,2,3,4,5"
         # Each migration was applied by exactly one of them (not
         # necessarily the same one: each is its own transaction).
         applied = sorted(l.split('"message":"applied migration ')[1].split(":")[0]
                          for _, err in results for l in err.splitlines()
                          if '"message":"applied migration ' in l)
-        assert applied == ["1", "2", "3", "4"], results
+        assert applied == ["1", "2", "3", "4", "5"], results
         code, err = migrate(pg.url)  # again: nothing to do, still 0
         assert code == 0 and "(0 migrations applied now)" in err
-        assert versions(pg) == "1,2,3,4"
+        assert versions(pg) == "1,2,3,4,5"
 
 
 def test_migrate_gives_up_when_the_database_stays_down():
@@ -232,7 +232,7 @@ def test_replicas_starting_at_once_migrate_once():
         try:
             for svc in svcs:
                 wait_health(svc, SERVING, timeout=30)
-            assert versions(pg) == "1,2,3,4"
+            assert versions(pg) == "1,2,3,4,5"
             sid = new_id()
             assert open_session(stub_of(svcs[0]), sid).created
             assert not open_session(stub_of(svcs[2]), sid).created
