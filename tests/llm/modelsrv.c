@@ -24,6 +24,7 @@
 #define HOLD_POLLS  200   /* a held connection's longest wait: 200 polls of POLL_MS */
 #define HEAD_BYTES  512   /* a reply's status line and headers */
 #define FIRST_BYTES 16384 /* a request buffer's first size; doubled as needed */
+#define DROP_SHORT  64    /* the bytes a dropped JSON answer leaves out */
 
 static const char *reason(int status)
 {
@@ -129,10 +130,12 @@ static void reply(modelsrv *m, int c, const modelsrv_reply *r)
         if (r->end == MODELSRV_END)
             send_all(c, "0\r\n\r\n", 5);
     } else {
+        /* A dropped answer promises more than it sends. */
+        size_t promised = r->end == MODELSRV_DROP ? blen + DROP_SHORT : blen;
         snprintf(head, sizeof head,
                  "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
                  "Connection: close\r\n\r\n",
-                 r->status, reason(r->status), blen);
+                 r->status, reason(r->status), promised);
         send_all(c, head, strlen(head));
         send_all(c, body, blen);
     }

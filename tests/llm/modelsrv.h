@@ -7,7 +7,8 @@
  * One connection at a time, each closed after its reply (Connection:
  * close), so a request is a connection. A streamed reply is one chunk of
  * chunked transfer encoding; it then ends (the last chunk), drops (the
- * connection closes without it: a stream cut mid-answer) or holds (the
+ * connection closes without it: a stream cut mid-answer; a JSON answer
+ * is cut short of its Content-Length) or holds (the
  * connection stays open until the client closes it, which is recorded).
  * Failures are cmocka assertions. */
 #ifndef CONVO_TESTS_MODELSRV_H
@@ -43,7 +44,7 @@
 
 typedef enum modelsrv_end {
     MODELSRV_END,  /* the whole reply, then the connection closes */
-    MODELSRV_DROP, /* a streamed reply cut before its last chunk */
+    MODELSRV_DROP, /* cut short: a stream before its last chunk, a body before its length */
     MODELSRV_HOLD, /* the reply so far, then wait for the client to close */
 } modelsrv_end;
 

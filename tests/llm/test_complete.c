@@ -237,9 +237,14 @@ static void falls_back_before_an_answer(void **state)
 {
     (void)state;
     modelsrv primary, backup;
-    const modelsrv_reply down[] = {{503, 0, ERROR_BODY("overloaded"), MODELSRV_END}};
+    /* Refused, then cut off mid-answer: neither is a reply, and what was
+     * read of the cut one must not stay for the backup's. */
+    const modelsrv_reply down[] = {
+        {503, 0, ERROR_BODY("overloaded"), MODELSRV_END},
+        {200, 0, "{\"id\":\"cut", MODELSRV_DROP},
+    };
     const modelsrv_reply up[] = {{200, 0, ANSWER("from the backup"), MODELSRV_END}};
-    modelsrv_start(&primary, down, 1);
+    modelsrv_start(&primary, down, 2);
     modelsrv_start(&backup, up, 1);
     char fallback[160];
     snprintf(fallback, sizeof fallback, "url=%s,model=m-backup,name=backup", backup.base_url);
@@ -264,6 +269,14 @@ static void falls_back_before_an_answer(void **state)
     assert_string_equal(json_object_to_json_string(a), json_object_to_json_string(b));
     json_object_put(a);
     json_object_put(b);
+
+    assert_int_equal(rig_complete(&r, &cv.req, &resp, &msg), RPC_OK);
+    assert_string_equal(resp->content, "from the backup");
+    assert_string_equal(resp->upstream, "backup");
+    protobuf_c_message_free_unpacked(&resp->base, NULL);
+    mem_free(msg);
+    assert_int_equal(modelsrv_requests(&primary), 2);
+    assert_int_equal(modelsrv_requests(&backup), 2);
     rig_stop(&r);
     modelsrv_stop(&primary);
     modelsrv_stop(&backup);

@@ -350,9 +350,14 @@ static void falls_back_when_a_stream_is_cut_before_any_text(void **state)
 {
     (void)state;
     modelsrv primary, backup;
-    /* Bytes reached llm-svc (the role chunk) but nothing reached the
-     * caller: the request may still go elsewhere. */
-    const modelsrv_reply cut[] = {{200, 1, CHUNK_ROLE, MODELSRV_DROP}};
+    /* Bytes reached llm-svc (a model name, the start of a tool call, half
+     * an event) but nothing reached the caller: the request may still go
+     * elsewhere, and none of it may stay for the next endpoint's answer. */
+    const modelsrv_reply cut[] = {
+        {200, 1,
+         CHUNK("{\"model\":\"m-primary\",\"choices\":[{\"index\":0,\"delta\":{\"role\":"
+               "\"assistant\"}}]}") CHUNK_CALL(0, "ghost", "ping", "{") "data: {\"choi",
+         MODELSRV_DROP}};
     const modelsrv_reply up[] = {{200, 1, STREAM("whole", " answer"), MODELSRV_END}};
     modelsrv_start(&primary, cut, 1);
     modelsrv_start(&backup, up, 1);
