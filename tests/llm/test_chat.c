@@ -325,6 +325,7 @@ static void body_without_params_or_tools(void **state)
     assert_int_equal(modelsrv_requests(&ms), 2);
     b = modelsrv_body(&ms, 1);
     assert_null(field(b, "tools"));
+    assert_null(field(b, "max_tokens")); /* 0: the model's own default */
     assert_true(json_object_get_double(field(b, "temperature")) == 1.0);
     json_object_put(b);
     rig_stop(&r);
@@ -343,9 +344,10 @@ static void tool_loop_sends_results_back_for_the_next_round(void **state)
         {200, 1,
          CHUNK_ROLE CHUNK_TOKEN("Let me look.") CHUNK_CALL(0, "call_a", "later", "")
              CHUNK_CALL(1, "call_b", "echo", "{\\\"q\\\":") CHUNK_ARGS(1, "\\\"hey\\\"}")
-                 CHUNK_FINISH("tool_calls") CHUNK_DONE,
+                 CHUNK_FINISH("tool_calls") CHUNK_USAGE(10, 1, 11) CHUNK_DONE,
          MODELSRV_END},
-        {200, 1, CHUNK_TOKEN("Found it.") CHUNK_FINISH("stop") CHUNK_DONE, MODELSRV_END},
+        {200, 1, CHUNK_TOKEN("Found it.") CHUNK_FINISH("stop") CHUNK_USAGE(20, 2, 22) CHUNK_DONE,
+         MODELSRV_END},
     };
     modelsrv_start(&ms, script, 2);
     rig r;
@@ -372,6 +374,10 @@ static void tool_loop_sends_results_back_for_the_next_round(void **state)
                                       "tool_result call_a later error=0 {\"late\":true}\n"
                                       "token Found it.\n"
                                       "done stop rounds=2 upstream=primary model=m-served\n");
+    assert_true(c.has_usage); /* summed over the rounds */
+    assert_int_equal(c.usage.prompt_tokens, 30);
+    assert_int_equal(c.usage.completion_tokens, 3);
+    assert_int_equal(c.usage.total_tokens, 33);
     pthread_mutex_lock(&seen.mu);
     assert_int_equal(seen.echo_runs, 1);
     assert_string_equal(seen.echo_session, "s1"); /* bound to the call */
