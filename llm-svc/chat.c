@@ -15,16 +15,17 @@ typedef struct held {
     struct held *next;
 } held;
 
-/* One Chat call. Everything after `t` is under t.mu unless marked fixed. */
+/* One Chat call. Everything after `t` is under t.mu unless marked fixed
+ * (run_tools reads those without it). */
 typedef struct chat {
-    turn t; /* first: a chat is a turn */
-    const chat_svc *svc;
-    char *user_id; /* fixed */
-    int round;     /* 1-based, of the request in flight or last made */
+    turn t;              /* first: a chat is a turn */
+    const chat_svc *svc; /* fixed */
+    char *user_id;       /* fixed */
+    int round;           /* 1-based, of the request in flight or last made */
     /* This round's stream. */
     sse_parser *sse;
-    toolcall_set *calls;
-    turn_text text; /* this round's text, for the assistant message */
+    toolcall_set *calls; /* the pointer is fixed, the calls in it under mu */
+    turn_text text;      /* this round's text, for the assistant message */
     char *finish_reason, *resp_model;
     int saw_end; /* [DONE] or a finish_reason */
     /* Summed over the rounds. */
