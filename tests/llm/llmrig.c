@@ -59,7 +59,7 @@ void rig_start(rig *r)
     fakesrv_create(&r->srv, "llm-svc");
     assert_int_equal(llm_register(r->srv.s, r->l), 0);
     fakesrv_run(&r->srv);
-    r->ch = cli_channel_create(r->cli, r->srv.target, 0, NULL, err, sizeof err);
+    r->ch = cli_channel_create(r->cli, r->srv.target, NULL, 0, NULL, err, sizeof err);
     assert_non_null(r->ch);
 }
 

@@ -520,7 +520,7 @@ static void context_tool_reads_only_the_callers_session(void **state)
     const char *args[] = {"--openai-base-url", ms.base_url, "--max-attempts", "1", NULL};
     rig_init(&r, args);
     char err[256];
-    cli_channel *ch = cli_channel_create(r.cli, st.target, 0, NULL, err, sizeof err);
+    cli_channel *ch = cli_channel_create(r.cli, st.target, NULL, 0, NULL, err, sizeof err);
     assert_non_null(ch);
     assert_int_equal(tool_context_register(r.tools, ch, TOOL_TIMEOUT), 0);
     rig_start(&r);
