@@ -10,9 +10,9 @@
 #include "caller.h"
 #include "convo_methods.h"
 #include "evlog.h"
+#include "front.h"
 #include "gw.h"
 #include "keep.h"
-#include "http.h"
 #include "lim.h"
 #include "log.h"
 #include "mem.h"
@@ -114,34 +114,6 @@ static void sync_gauges(void *arg)
     metrics_gauge_set(g->mx.connections, atomic_load(&g->counters.connections));
     metrics_gauge_set(g->mx.events_buffered, atomic_load(&g->counters.events_buffered));
     metrics_gauge_set(g->mx.events_buffered_bytes, atomic_load(&g->counters.events_buffered_bytes));
-}
-
-/* The one libwebsockets protocol: HTTP requests go to http.c, WebSocket
- * connections to ws.c, and a wake-up from a gRPC thread drains the bridge. */
-static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in,
-                  size_t len)
-{
-    gw *g = lws_context_user(lws_get_context(wsi));
-    switch (reason) {
-    case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
-        bridge_drain(g->bridge);
-        return 0;
-    case LWS_CALLBACK_HTTP:
-        return http_on_request(g, wsi, (const char *)in);
-    case LWS_CALLBACK_HTTP_BODY:
-        return http_on_body(wsi, in, len);
-    case LWS_CALLBACK_HTTP_BODY_COMPLETION:
-        return http_on_body_done(wsi);
-    case LWS_CALLBACK_HTTP_WRITEABLE:
-        return http_on_writeable(wsi);
-    case LWS_CALLBACK_HTTP_FILE_COMPLETION:
-        return lws_http_transaction_completed(wsi) ? -1 : 0;
-    case LWS_CALLBACK_CLOSED_HTTP:
-        http_on_closed(wsi);
-        return 0;
-    default:
-        return ws_callback(wsi, reason, user, in, len);
-    }
 }
 
 static void lws_log(int level, const char *line)
@@ -361,7 +333,7 @@ int main(int argc, char **argv)
     g.ws = ws_server_create(&g, sess_open, g.sessions);
 
     static struct lws_protocols protocols[] = {
-        {"convo", on_lws, 0, 0, 0, NULL, 0},
+        {"convo", front_callback, 0, 0, 0, NULL, 0},
         {NULL, NULL, 0, 0, 0, NULL, 0},
     };
     protocols[0].per_session_data_size = ws_session_data_size();

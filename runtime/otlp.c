@@ -365,6 +365,21 @@ static int transient(CURLcode rc, long status)
     }
 }
 
+/* Waits (mu held) on cv for at most ms > 0: until a push, a stop or the
+ * time is up, whichever comes first. */
+static void wait_locked(otlp *e, int64_t ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (ms % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    pthread_cond_timedwait(&e->cv, &e->mu, &ts);
+}
+
 /* Waits ms on the export thread, unless the exporter starts stopping
  * (then no batch is retried: the last flush has only its deadline).
  * Returns 1 when the wait ran out, 0 when stopping. */
@@ -376,15 +391,7 @@ static int retry_wait(otlp *e, int64_t ms)
         int64_t left = until - monotonic_ms();
         if (left <= 0)
             break;
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        ts.tv_sec += left / 1000;
-        ts.tv_nsec += (left % 1000) * 1000000;
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-        }
-        pthread_cond_timedwait(&e->cv, &e->mu, &ts);
+        wait_locked(e, left);
     }
     int stopping = e->stopping;
     pthread_mutex_unlock(&e->mu);
@@ -471,15 +478,7 @@ static void wait_for_work(otlp *e)
         int64_t left = due - monotonic_ms();
         if (left <= 0)
             return;
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        ts.tv_sec += left / 1000;
-        ts.tv_nsec += (left % 1000) * 1000000;
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-        }
-        pthread_cond_timedwait(&e->cv, &e->mu, &ts);
+        wait_locked(e, left);
     }
 }
 

@@ -17,6 +17,7 @@
 #include "bridge.h"
 #include "caller.h"
 #include "defroute.h"
+#include "front.h"
 #include "gw.h"
 #include "http.h"
 #include "lim.h"
@@ -55,34 +56,8 @@ typedef struct gwsrv {
     void *client_arg;
 } gwsrv;
 
-/* main.c's protocol callback: HTTP to http.c, WebSocket to ws.c, a wake-up
- * from a gRPC thread drains the bridge. */
-static int gwsrv__on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in,
-                         size_t len)
-{
-    gw *g = lws_context_user(lws_get_context(wsi));
-    switch (reason) {
-    case LWS_CALLBACK_EVENT_WAIT_CANCELLED:
-        bridge_drain(g->bridge);
-        return 0;
-    case LWS_CALLBACK_HTTP:
-        return http_on_request(g, wsi, (const char *)in);
-    case LWS_CALLBACK_HTTP_BODY:
-        return http_on_body(wsi, in, len);
-    case LWS_CALLBACK_HTTP_BODY_COMPLETION:
-        return http_on_body_done(wsi);
-    case LWS_CALLBACK_HTTP_WRITEABLE:
-        return http_on_writeable(wsi);
-    case LWS_CALLBACK_CLOSED_HTTP:
-        http_on_closed(wsi);
-        return 0;
-    default:
-        return ws_callback(wsi, reason, user, in, len);
-    }
-}
-
 static struct lws_protocols gwsrv__protocols[] = {
-    {"convo", gwsrv__on_lws, 0, 0, 0, NULL, 0},
+    {"convo", front_callback, 0, 0, 0, NULL, 0},
     {NULL, NULL, 0, 0, 0, NULL, 0},
 };
 

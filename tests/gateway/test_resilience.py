@@ -13,14 +13,13 @@ import urllib.request
 from concurrent import futures
 
 import grpc
-import psycopg2
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
 from conftest import ws_url
 from harness import proto_stubs
-from stack import first_frame, recv, turn
+from stack import first_frame, recv, turn, stored_events as rows
 
 
 def run(coro):
@@ -29,19 +28,6 @@ def run(coro):
 
 def tokens(frames):
     return [f["content"] for f in frames if f["type"] == "token"]
-
-
-def rows(pg, session, want=None, timeout=30):
-    """The session's events (seq, type, content) once `want(rows)` holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with psycopg2.connect(pg.url) as conn, conn.cursor() as cur:
-            cur.execute("SELECT seq, event_type, content FROM session_events "
-                        "WHERE session_id = %s ORDER BY seq", (session,))
-            got = cur.fetchall()
-        if want is None or want(got) or time.monotonic() > deadline:
-            return got
-        time.sleep(0.1)
 
 
 def system_events(got, name):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 import urllib.parse
 import urllib.request
 from typing import Iterable, Mapping, Optional
@@ -283,3 +284,18 @@ class ReplicaStack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def stored_events(pg, session: str, want=None, timeout: float = 30) -> list:
+    """A session's events in PostgreSQL as (seq, event_type, content), in seq
+    order, once `want(rows)` holds (or the timeout passed: then as they are)."""
+    import psycopg2  # only the tests that read the database need it
+    deadline = time.monotonic() + timeout
+    while True:
+        with psycopg2.connect(pg.url) as conn, conn.cursor() as cur:
+            cur.execute("SELECT seq, event_type, content FROM session_events "
+                        "WHERE session_id = %s ORDER BY seq", (session,))
+            got = cur.fetchall()
+        if want is None or want(got) or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)

@@ -18,23 +18,10 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from stack import Stack, first_frame, recv, turn, ws_url
+from stack import Stack, first_frame, recv, turn, ws_url, stored_events as rows
 
 SESSION = "fence-two-gateways"
 USER = "fay"
-
-
-def rows(pg, session, want=None, timeout=30):
-    """The session's events (seq, type, content) once `want(rows)` holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with psycopg2.connect(pg.url) as conn, conn.cursor() as cur:
-            cur.execute("SELECT seq, event_type, content FROM session_events "
-                        "WHERE session_id = %s ORDER BY seq", (session,))
-            got = cur.fetchall()
-        if want is None or want(got) or time.monotonic() > deadline:
-            return got
-        time.sleep(0.1)
 
 
 def stored_all(pg, gw, session, message):
