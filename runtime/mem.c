@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static atomic_size_t used;
 
@@ -89,4 +90,26 @@ void mem_free(void *p)
 size_t mem_used(void)
 {
     return atomic_load(&used);
+}
+
+static atomic_llong last_trim_ms;
+
+static long long monotonic_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+size_t mem_trim_idle(void)
+{
+    long long now = monotonic_ms(), last = atomic_load(&last_trim_ms);
+    if (now - last < MEM_TRIM_EVERY_MS ||
+        !atomic_compare_exchange_strong(&last_trim_ms, &last, now))
+        return 0; /* another thread trims, or did a moment ago */
+    struct mallinfo2 mi = mallinfo2();
+    if (mi.fordblks < MEM_TRIM_MIN_FREE)
+        return 0;
+    malloc_trim(0);
+    return mi.fordblks;
 }

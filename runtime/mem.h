@@ -20,4 +20,15 @@ void mem_free(void *p);
 /* Bytes currently allocated through this module, process-wide. */
 size_t mem_used(void);
 
+/* Memory freed after a burst is kept by the C library for reuse: a
+ * store-svc that served 200 resumed sessions at once stayed at 72-118 MB
+ * when it needed 25. Call this where a thread goes idle: at most once per
+ * MEM_TRIM_EVERY_MS process-wide, and only when the library holds more than
+ * MEM_TRIM_MIN_FREE bytes unused, it gives free pages back to the system
+ * (malloc_trim). Returns the bytes the library held free before a trim, 0
+ * when it did not trim. Any thread; takes the allocator's locks briefly. */
+#define MEM_TRIM_EVERY_MS 1000
+#define MEM_TRIM_MIN_FREE (8u << 20)
+size_t mem_trim_idle(void);
+
 #endif

@@ -343,6 +343,16 @@ static void *worker_main(void *arg)
         if (p->head != NULL && (w->up || p->nup == 0 || maintenance))
             job = take_locked(p, w->up && p->gathering);
         if (job == NULL && !maintenance) {
+            /* Going idle: give back what a burst (200 resumed sessions'
+             * pages) left free; mem_trim_idle does it at most once a
+             * second, and not under the queue's lock. */
+            if (p->head == NULL) {
+                pthread_mutex_unlock(&p->mu);
+                mem_trim_idle();
+                pthread_mutex_lock(&p->mu);
+                if (p->head != NULL || p->stopping)
+                    continue; /* it came while the lock was free */
+            }
             timed_wait(p, w->up ? w->next_check_ms : w->next_try_ms);
             continue;
         }
