@@ -159,6 +159,7 @@ class Tally:
         self.connects = 0
         self.connect_failures = 0
         self.gateway_epoch = 0     # bumped by the main thread before each gateway kill
+        self.dropped = Counter()   # reason -> events killed gateways had dropped (their counter)
         self.t0 = time.monotonic()
 
 
@@ -239,11 +240,22 @@ def inject(name, stack, procs, tally, down_s):
         svc = procs.services()[name]
         if name == "gateway":
             tally.gateway_epoch += 1
+            tally.dropped.update(dropped_by(svc))
         svc.kill()
     time.sleep(down_s)
     t0 = time.monotonic()
     (stack.pg if name == "postgresql" else procs.services()[name]).start()
     return time.monotonic() - t0
+
+
+def dropped_by(gw):
+    """reason -> events this gateway dropped (decided, logged and counted:
+    a full buffer, store-svc refusing, a session taken over) so far."""
+    try:
+        return Counter({ls["reason"]: int(v) for n, ls, v in gw.samples()
+                        if n == "convo_gateway_events_dropped_total" and v})
+    except OSError:  # its metrics listener is not up (yet)
+        return Counter()
 
 
 # ------------------------------------------------------------------ PostgreSQL
@@ -406,6 +418,7 @@ def main():
         time.sleep(0.5)
     end = procs.sample()
     start = start or end
+    tally.dropped.update(dropped_by(procs.services()["gateway"]))
     clients.join(FRAME_TIMEOUT_S * 3)
     ran = time.monotonic() - t0
     client_cpu = process_cpu_seconds(os.getpid())
@@ -429,6 +442,8 @@ def main():
     print(f"tokens lost: {lost}; lost in the memory of a SIGKILLed gateway (its crash window): "
           f"{crash} in {len(crash_turns)} turns, {cut} of them cut by the kill" +
           (f", the others ended up to {max(ages):.2f} s before it" if ages else ""))
+    print("events the gateways dropped and counted, by reason: " +
+          (", ".join(f"{k} {v}" for k, v in tally.dropped.most_common()) or "none"))
     for t in bad[:10]:
         print(f"  lost: {t.sid} turn {t.k} (ended at {t.end:.1f} s): {t.seen} seen, "
               f"{stored.get((t.sid, t.k), 0)} stored ({t.outcome})")
