@@ -25,7 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from conftest import dev_token, ws_url
 from harness import Service, proto_stubs
-from stack import first_frame, recv, turn
+from stack import first_frame, recv, turn, stored_events
 
 TIMEOUT = 20
 
@@ -39,16 +39,8 @@ def streamed_text(frames):
 
 
 def events(pg, session, want=None, timeout=15):
-    """The session's events in seq order, once `want(rows)` holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with psycopg2.connect(pg.url) as conn, conn.cursor() as cur:
-            cur.execute("SELECT seq, event_type, content FROM session_events "
-                        "WHERE session_id = %s ORDER BY seq", (session,))
-            rows = cur.fetchall()
-        if want is None or want(rows) or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.1)
+    """The session's events (seq, type, content) in seq order, once `want(rows)` holds."""
+    return stored_events(pg, session, want, timeout)
 
 
 def session_row(pg, session):

@@ -22,6 +22,7 @@ import websockets
 
 from conftest import ws_url
 from harness import build_dir
+from stack import stored_events
 
 SCRIPT = Path(__file__).resolve().parent / "webpage.mjs"
 SCENARIO_TIMEOUT = 240
@@ -102,17 +103,13 @@ def dev_gateway(stack):
     gw.stop()
 
 
+def _pairs(got):
+    return [(t, c) for _, t, c in got]
+
+
 def rows(pg, session, want=None, timeout=15):
     """(event_type, content) of a session in seq order, once want(rows)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with psycopg2.connect(pg.url) as conn, conn.cursor() as cur:
-            cur.execute("SELECT event_type, content FROM session_events WHERE session_id = %s "
-                        "ORDER BY seq", (session,))
-            got = cur.fetchall()
-        if want is None or want(got) or time.monotonic() > deadline:
-            return got
-        time.sleep(0.1)
+    return _pairs(stored_events(pg, session, want and (lambda got: want(_pairs(got))), timeout))
 
 
 def user_messages(got):
