@@ -101,15 +101,12 @@ static long long monotonic_ms(void)
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-size_t mem_trim_idle(void)
+void mem_trim_idle(void)
 {
     long long now = monotonic_ms(), last = atomic_load(&last_trim_ms);
     if (now - last < MEM_TRIM_EVERY_MS ||
         !atomic_compare_exchange_strong(&last_trim_ms, &last, now))
-        return 0; /* another thread trims, or did a moment ago */
-    struct mallinfo2 mi = mallinfo2();
-    if (mi.fordblks < MEM_TRIM_MIN_FREE)
-        return 0;
-    malloc_trim(0);
-    return mi.fordblks;
+        return; /* another thread trims, or did a moment ago */
+    if (mallinfo2().fordblks >= MEM_TRIM_MIN_FREE)
+        malloc_trim(0);
 }

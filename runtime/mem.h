@@ -25,10 +25,9 @@ size_t mem_used(void);
  * when it needed 25. Call this where a thread goes idle: at most once per
  * MEM_TRIM_EVERY_MS process-wide, and only when the library holds more than
  * MEM_TRIM_MIN_FREE bytes unused, it gives free pages back to the system
- * (malloc_trim). Returns the bytes the library held free before a trim, 0
- * when it did not trim. Any thread; takes the allocator's locks briefly. */
+ * (malloc_trim). Any thread; takes the allocator's locks briefly. */
 #define MEM_TRIM_EVERY_MS 1000
 #define MEM_TRIM_MIN_FREE (8u << 20)
-size_t mem_trim_idle(void);
+void mem_trim_idle(void);
 
 #endif

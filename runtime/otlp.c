@@ -782,7 +782,7 @@ static void setup_curl(otlp *e, const tls_files *t)
     curl_easy_setopt(c, CURLOPT_HTTPHEADER, e->headers);
     curl_easy_setopt(c, CURLOPT_POST, 1L);
     curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, (long)e->request_timeout_ms);
+    /* The whole request's timeout is set per attempt (post). */
     curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, (long)e->request_timeout_ms);
     curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_answer);
