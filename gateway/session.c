@@ -892,7 +892,9 @@ static void stop_turn(turn *t)
 static void cancel_turn(session *s)
 {
     turn *t = s->cur;
-    if (t == NULL || t->cancelled) {
+    /* A turn whose done or error went out is over for the client, though
+     * its call has not ended yet: nothing is left to cancel. */
+    if (t == NULL || t->cancelled || t->terminal) {
         send_error(s, "no_active_turn", "there is no answer being streamed to cancel", NULL);
         return;
     }

@@ -64,6 +64,7 @@ typedef struct fake {
     rpc_code chat_code; /* RPC_OK: an answer; else Chat fails at once */
     int chat_tokens;    /* tokens of an answer that is not held */
     int chat_hold;      /* answers wait after their first token (fake_release) */
+    int end_hold;       /* a released answer's call stays open after done (fake_end) */
     rpc_code open_code; /* OpenSession */
     int open_delay_ms;  /* OpenSession answers this late */
     int resumed_events; /* > 0: the session exists with a user message and an answer */
@@ -76,6 +77,7 @@ typedef struct fake {
     size_t chat_history[MAX_SEEN];
     char chat_history0[TEXT_MAX]; /* the first history message of the last Chat */
     srv_call *held;               /* a Chat waiting for fake_release or its cancel */
+    srv_call *ending;             /* a Chat that sent done, waiting for fake_end */
     stored_event events[MAX_EVENTS];
     size_t nevents;
 } fake;
@@ -130,7 +132,7 @@ static void send_token(srv_call *call, const char *text)
     assert_int_equal(srv_call_send(call, &ev.base), 0);
 }
 
-static void send_done(srv_call *call)
+static void send_done_event(srv_call *call)
 {
     Convo__V1__Usage u = CONVO__V1__USAGE__INIT;
     u.prompt_tokens = 7;
@@ -143,6 +145,11 @@ static void send_done(srv_call *call)
     ev.event_case = CONVO__V1__CHAT_EVENT__EVENT_DONE;
     ev.done = &d;
     assert_int_equal(srv_call_send(call, &ev.base), 0);
+}
+
+static void send_done(srv_call *call)
+{
+    send_done_event(call);
     srv_call_finish(call, RPC_OK, NULL, NULL);
 }
 
@@ -199,6 +206,9 @@ static int fake_release(void)
     pthread_mutex_lock(&fk.mu);
     srv_call *call = fk.held;
     fk.held = NULL;
+    int end_hold = fk.end_hold;
+    if (end_hold)
+        fk.ending = call;
     pthread_mutex_unlock(&fk.mu);
     if (call == NULL)
         return -1;
@@ -207,8 +217,22 @@ static int fake_release(void)
         snprintf(text, sizeof text, "t%d", i);
         send_token(call, text);
     }
-    send_done(call);
+    if (end_hold)
+        send_done_event(call);
+    else
+        send_done(call);
     return 0;
+}
+
+/* Ends the call that fake_release left open after its done event. */
+static void fake_end(void)
+{
+    pthread_mutex_lock(&fk.mu);
+    srv_call *call = fk.ending;
+    fk.ending = NULL;
+    pthread_mutex_unlock(&fk.mu);
+    assert_non_null(call);
+    srv_call_finish(call, RPC_OK, NULL, NULL);
 }
 
 static void session_of(Convo__V1__Session *s, const char *id, const char *user, int resumed)
@@ -751,6 +775,34 @@ static void cancel_ends_the_turn_as_cancelled(void **state)
     finish(e);
 }
 
+/* The done frame goes out when llm-svc's done event arrives; the call
+ * ends a moment later. A cancel in between finds nothing to cancel and is
+ * told so (it used to be taken silently, and the client waited forever). */
+static void cancel_after_done_is_told_no_active_turn(void **state)
+{
+    env *e = begin(state, NULL);
+    fk.chat_hold = 1;
+    fk.end_hold = 1;
+    conn *c = connect_to(e, "s-cancel-late", "u1");
+    wait_frames(e, c, "session", 1);
+    conn_text(c, "{\"message\": \"a short answer\"}");
+    wait_frames(e, c, "token", 1);
+    assert_int_equal(fake_release(), 0);
+    wait_frames(e, c, "done", 1);
+    assert_string_equal(field(c, "done", 0, "status"), "completed");
+    conn_text(c, "{\"type\": \"cancel\"}");
+    wait_frames(e, c, "error", 1);
+    assert_string_equal(field(c, "error", 0, "code"), "no_active_turn");
+    fake_end();
+    /* The turn ends as it was answered: the next message is answered too. */
+    fk.chat_hold = 0;
+    conn_text(c, "{\"message\": \"and another\"}");
+    wait_frames(e, c, "done", 2);
+    assert_string_equal(field(c, "done", 1, "status"), "completed");
+    assert_int_equal(fake_snap().chat_cancels, 0);
+    finish(e);
+}
+
 static void another_users_session_looks_taken(void **state)
 {
     env *e = begin(state, NULL);
@@ -990,6 +1042,7 @@ int main(void)
         cmocka_unit_test(new_session_is_announced_and_a_turn_relayed),
         cmocka_unit_test(second_message_waits_and_the_queue_is_bounded),
         cmocka_unit_test(cancel_ends_the_turn_as_cancelled),
+        cmocka_unit_test(cancel_after_done_is_told_no_active_turn),
         cmocka_unit_test(another_users_session_looks_taken),
         cmocka_unit_test(reconnect_takes_over_mid_answer),
         cmocka_unit_test(resumed_session_brings_its_history),
