@@ -360,15 +360,13 @@ const scenarios = {
       ids.length, { timeout: WAIT });
     await page.waitForFunction(() => [...document.querySelectorAll("#sessions .item-summary")]
       .some((s) => s.textContent.startsWith("Overview")), null, { timeout: 60000 });
-    // The list pages as it scrolls.
-    for (let i = 0; i < 20; i++) {
-      const n = await page.$eval("nav.sessions", (nav) => {
-        nav.scrollTop = nav.scrollHeight;
-        return nav.querySelectorAll("a[data-id]").length;
-      });
-      if (n >= Number(args.total)) break;
-      await page.waitForTimeout(300);
-    }
+    // The list pages as it scrolls: scrolled to the bottom until it holds
+    // them all (polled, so a slow machine only takes longer).
+    await page.waitForFunction((total) => {
+      const nav = document.querySelector("nav.sessions");
+      nav.scrollTop = nav.scrollHeight;
+      return nav.querySelectorAll("a[data-id]").length >= total;
+    }, Number(args.total), { timeout: WAIT, polling: 300 });
     const listed = await page.$$eval("#sessions a[data-id]", (as) => as.map((a) => ({
       id: a.dataset.id, summary: a.querySelector(".item-summary")?.textContent ?? "",
     })));
@@ -378,16 +376,12 @@ const scenarios = {
     check(page.url().endsWith(`#/s/${ids[0]}`), `the URL does not name the session: ${page.url()}`);
     const firstShown = await page.evaluate((t) => document.getElementById("turns").textContent.includes(t), args.first);
     check(!firstShown, "the whole history was loaded at once");
-    for (let i = 0; i < 20; i++) {
-      const found = await page.evaluate((t) => {
-        document.getElementById("log").scrollTop = 0;
-        return document.getElementById("turns").textContent.includes(t);
-      }, args.first);
-      if (found) break;
-      await page.waitForTimeout(300);
-    }
-    await page.waitForFunction((t) => document.getElementById("turns").textContent.includes(t),
-      args.first, { timeout: WAIT });
+    // Older pages come as the log is scrolled to the top, until the first
+    // message is there.
+    await page.waitForFunction((t) => {
+      document.getElementById("log").scrollTop = 0;
+      return document.getElementById("turns").textContent.includes(t);
+    }, args.first, { timeout: WAIT, polling: 300 });
     return { listed, texts: await answerTexts(page) };
   },
 
