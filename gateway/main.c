@@ -52,14 +52,6 @@
  * default --max-message-bytes (GRPC_MAX_MESSAGE_BYTES, runtime/srv.h). */
 #define GW_GRPC_MAX_MESSAGE_BYTES (4 << 20)
 
-/* Bytes libwebsockets reads and writes at once per service thread. */
-#define GW_LWS_SERV_BUF 32768
-
-/* libwebsockets' header buffer, in --max-header-bytes: requests over the
- * limit but within the buffer are answered 431; past it libwebsockets
- * closes the connection unanswered. */
-#define GW_HEADER_BUFFER_FACTOR 2
-
 /* The process around the gateway: its loop and how it stops. */
 typedef struct runner {
     gw *g;
@@ -332,44 +324,20 @@ int main(int argc, char **argv)
     g.sessions = sess_table_create(&g);
     g.ws = ws_server_create(&g, sess_open, g.sessions);
 
-    static struct lws_protocols protocols[] = {
-        {"convo", front_callback, 0, 0, 0, NULL, 0},
-        {NULL, NULL, 0, 0, 0, NULL, 0},
-    };
-    protocols[0].per_session_data_size = ws_session_data_size();
-    lws_retry_bo_t retry = {
-        .secs_since_valid_ping = (uint16_t)g.opts.ping_secs,
-        .secs_since_valid_hangup = (uint16_t)(g.opts.ping_secs + GW_PING_GRACE_SECS),
-    };
-    struct lws_context_creation_info info;
-    memset(&info, 0, sizeof info);
-    info.port = port;
-    info.iface = strcmp(host, "0.0.0.0") == 0 || host[0] == '\0' ? NULL : host;
-    info.protocols = protocols;
-    info.options = LWS_SERVER_OPTION_VALIDATE_UTF8 | LWS_SERVER_OPTION_DISABLE_IPV6;
-    if (g.opts.ping_secs > 0)
-        info.retry_and_idle_policy = &retry;
-    info.pt_serv_buf_size = GW_LWS_SERV_BUF;
-    info.max_http_header_data2 = (unsigned)(g.opts.max_header_bytes * GW_HEADER_BUFFER_FACTOR);
-    info.user = &g;
     run.loop = ev_loop_new(EVFLAG_AUTO);
     g.loop = run.loop;
     if (run.loop == NULL) {
         log_error("cannot create the event loop (libev): out of memory or descriptors");
         goto out;
     }
-    void *foreign[] = {run.loop};
-    info.options |= LWS_SERVER_OPTION_LIBEV;
-    info.foreign_loops = foreign;
-    g.ctx = lws_create_context(&info);
-    if (g.ctx == NULL) {
+    const char *iface = strcmp(host, "0.0.0.0") == 0 || host[0] == '\0' ? NULL : host;
+    if (front_listen(&g, iface, port) != 0) {
         log_error("cannot listen on %s:%d: the address is in use or invalid (pick another with "
                   "--listen HOST:PORT), or libwebsockets' libev plugin is missing (install the "
                   "Debian package libwebsockets-evlib-ev)",
                   host, port);
         goto out;
     }
-    bridge_set_context(g.bridge, g.ctx);
     if (keep_create(&g, &g.keep, err, sizeof err) != 0) {
         log_error("%s", err);
         rc = 2;

@@ -56,11 +56,6 @@ typedef struct gwsrv {
     void *client_arg;
 } gwsrv;
 
-static struct lws_protocols gwsrv__protocols[] = {
-    {"convo", front_callback, 0, 0, 0, NULL, 0},
-    {NULL, NULL, 0, 0, 0, NULL, 0},
-};
-
 /* Starts the gateway's front end with the defaults plus `args` (flags as
  * on the command line, NULL-terminated), its gRPC channels to `target`
  * (NULL: an address nothing listens on) over `client`, and new WebSocket
@@ -99,22 +94,8 @@ static void gwsrv_start(gwsrv *s, struct ev_loop *loop, cli *client, const char 
     g->sessions = sess_table_create(g);
     g->ws = ws_server_create(g, open != NULL ? open : sess_open, open != NULL ? arg : g->sessions);
 
-    gwsrv__protocols[0].per_session_data_size = ws_session_data_size();
-    struct lws_context_creation_info info;
-    memset(&info, 0, sizeof info);
-    info.port = 0; /* any free port */
-    info.iface = "127.0.0.1";
-    info.protocols = gwsrv__protocols;
-    info.options =
-        LWS_SERVER_OPTION_VALIDATE_UTF8 | LWS_SERVER_OPTION_DISABLE_IPV6 | LWS_SERVER_OPTION_LIBEV;
-    info.max_http_header_data2 = (unsigned)(g->opts.max_header_bytes * 2);
-    info.user = g;
-    void *foreign[] = {loop};
-    info.foreign_loops = foreign;
-    g->ctx = lws_create_context(&info);
-    assert_non_null(g->ctx);
-    bridge_set_context(g->bridge, g->ctx);
-    s->port = lws_get_vhost_listen_port(lws_get_vhost_by_name(g->ctx, "default"));
+    assert_int_equal(front_listen(g, "127.0.0.1", 0), 0);
+    s->port = front_port(g);
     assert_true(s->port > 0);
 }
 
