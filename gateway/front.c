@@ -16,8 +16,9 @@
  * closes the connection unanswered. */
 #define FRONT_HEADER_BUFFER_FACTOR 2
 
-int front_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in,
-                   size_t len)
+/* The protocol's callback (struct lws_protocols.callback). */
+static int front_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in,
+                          size_t len)
 {
     gw *g = lws_context_user(lws_get_context(wsi));
     switch (reason) {

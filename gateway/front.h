@@ -10,10 +10,6 @@
 
 #include "gw.h"
 
-/* The protocol's callback (struct lws_protocols.callback). */
-int front_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in,
-                   size_t len);
-
 /* Listens on iface:port (iface NULL: every address; port 0: a free one)
  * on g->loop (libev), with g->opts' header bound and pings, and hands the
  * context to g->bridge. g->ws and g->bridge must exist. Returns 0 with
