@@ -75,6 +75,9 @@
       "events in one group at most (a bigger call runs alone)")                                    \
     X(S, list_page_size, INT_IN(1, 100000), "list-page-size", "STORE_LIST_PAGE_SIZE", "1000",      \
       "events read from the database per page of ListEvents (the most held per stream)")           \
+    X(S, list_pages_max, INT_IN(1, 100000), "list-pages-max", "STORE_LIST_PAGES_MAX", "64",        \
+      "ListEvents pages held in memory at once over all streams (a burst of resumes waits for "    \
+      "pages to be sent, rather than holding --list-page-size events each)")                       \
     X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
 CONF_DECLARE(store_opts, STORE_OPTS)
 
@@ -255,6 +258,7 @@ int main(int argc, char **argv)
         .max_batch_events = opts.max_batch_events,
         .max_content_bytes = opts.max_content_bytes,
         .list_page_size = opts.list_page_size,
+        .list_pages_max = opts.list_pages_max,
         .max_message_bytes = sopts.max_message_bytes,
     };
     /* NOT_SERVING until a worker is connected and the schema is current

@@ -55,14 +55,25 @@ SAME_NUMBER(DB_SUMMARY_FAILED, CONVO__V1__SUMMARY_STATUS__SUMMARY_STATUS_FAILED)
     X(S, batch, HISTOGRAM, "convo_store_append_batch_events", "", &metrics_buckets_count,          \
       "events per AppendEvents call")                                                              \
     X(S, abandoned, COUNTER, "convo_store_sessions_abandoned_total", "", NULL,                     \
-      "live sessions ended because their gateway stopped keeping them alive (it died)")
+      "live sessions ended because their gateway stopped keeping them alive (it died)")            \
+    X(S, page_waits, COUNTER, "convo_store_list_page_waits_total", "", NULL,                       \
+      "ListEvents pages that waited because --list-pages-max pages were held")                     \
+    X(S, pages_held, GAUGE, "convo_store_list_pages_held", "", NULL,                               \
+      "ListEvents pages being read or sent now (at most --list-pages-max)")
 METRICS_DECLARE(store_metrics, STORE_METRICS)
+
+typedef struct lstream lstream;
 
 struct store {
     srv *s;
     pool *pool;
     store_limits lim;
     store_metrics mx;
+    /* ListEvents' page budget: pages held (being read or sent) and the
+     * streams waiting for one, oldest first (lstream.next_waiter). */
+    pthread_mutex_t pages_mu;
+    long long pages_held;
+    lstream *waiters, *waiters_tail;
 };
 
 /* ---- checks --------------------------------------------------------------- */
@@ -1017,7 +1028,7 @@ static void on_end_abandoned(srv_call *call, const ProtobufCMessage *msg)
  * lock; streams_mu only guards the hand-overs (state, the call's data
  * pointer) so that a cancel or writable callback racing a finish never
  * touches a freed stream. */
-typedef struct lstream {
+struct lstream {
     job h;
     int64_t after_seq; /* the last seq sent (or the request's after_seq) */
     int64_t left;      /* events the request still allows */
@@ -1027,13 +1038,86 @@ typedef struct lstream {
     int last_page;     /* the page was short: nothing after it */
     int parked;        /* waiting for on_writable; nobody owns it */
     int writable_seen; /* on_writable came while the owner was still sending */
-} lstream;
+    int has_page;      /* holds one of the store's pages (read, being sent or to be read) */
+    lstream *next_waiter;
+};
 
 static pthread_mutex_t streams_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void stream_page_run(pool_job *pj, db_conn *conn, int err);
+static void stream_end(lstream *ls, rpc_code code, const char *msg);
+
+/* Queues the stream's next page job: at once when the budget has a page
+ * for it, else when one is given back. Its owner gives it up here. Returns
+ * 0, or the pool's error (POOL_EFULL, POOL_ESHUTDOWN) with nothing queued
+ * and the owner still owning it. */
+static int stream_queue(lstream *ls, int first)
+{
+    store *st = ls->h.st;
+    ls->h.pj.fn = stream_page_run;
+    pthread_mutex_lock(&st->pages_mu);
+    if (st->pages_held >= st->lim.list_pages_max) {
+        ls->next_waiter = NULL;
+        if (st->waiters_tail != NULL)
+            st->waiters_tail->next_waiter = ls;
+        else
+            st->waiters = ls;
+        st->waiters_tail = ls;
+        pthread_mutex_unlock(&st->pages_mu);
+        metrics_counter_inc(st->mx.page_waits);
+        return 0;
+    }
+    st->pages_held++;
+    metrics_gauge_set(st->mx.pages_held, st->pages_held);
+    pthread_mutex_unlock(&st->pages_mu);
+    ls->has_page = 1;
+    int rc = first ? pool_submit(st->pool, &ls->h.pj) : pool_resubmit(st->pool, &ls->h.pj);
+    if (rc != 0) {
+        ls->has_page = 0;
+        pthread_mutex_lock(&st->pages_mu);
+        st->pages_held--;
+        metrics_gauge_set(st->mx.pages_held, st->pages_held);
+        pthread_mutex_unlock(&st->pages_mu);
+    }
+    return rc;
+}
+
+/* Gives the stream's page back to the budget: the oldest waiting stream
+ * takes it (its job is queued; a waiter whose job cannot be queued any
+ * more, the store stopping, is ended and passes the page on). */
+static void stream_give_page(lstream *ls)
+{
+    if (!ls->has_page)
+        return;
+    ls->has_page = 0;
+    store *st = ls->h.st;
+    for (;;) {
+        pthread_mutex_lock(&st->pages_mu);
+        lstream *w = st->waiters;
+        if (w == NULL) {
+            st->pages_held--;
+            metrics_gauge_set(st->mx.pages_held, st->pages_held);
+            pthread_mutex_unlock(&st->pages_mu);
+            return;
+        }
+        st->waiters = w->next_waiter;
+        if (st->waiters == NULL)
+            st->waiters_tail = NULL;
+        pthread_mutex_unlock(&st->pages_mu);
+        w->has_page = 1;
+        if (pool_resubmit(st->pool, &w->h.pj) == 0)
+            return;
+        /* The store is stopping: w ends, and the page goes on to the next
+         * waiter (here, not through w's end, so that no stack grows). */
+        w->has_page = 0;
+        stream_end(w, RPC_UNAVAILABLE, "the store is shutting down; resume with after_seq");
+    }
+}
 
 static void stream_free(lstream *ls)
 {
     db_page_destroy(&ls->page);
+    stream_give_page(ls);
     job_free(&ls->h);
 }
 
@@ -1047,8 +1131,6 @@ static void stream_end(lstream *ls, rpc_code code, const char *msg)
     job_finish(&ls->h, code, msg, NULL);
     stream_free(ls);
 }
-
-static void stream_page_run(pool_job *pj, db_conn *conn, int err);
 
 /* Sends what is left of the page, then queues the next page's job. Runs
  * on whichever thread owns the stream; never blocks. */
@@ -1105,12 +1187,11 @@ static void stream_pump(lstream *ls)
         stream_end(ls, RPC_OK, NULL);
         return;
     }
+    /* The next page waits its turn behind streams already waiting. */
+    stream_give_page(ls);
     job_leave();
-    ls->h.pj.fn = stream_page_run;
-    if (pool_resubmit(ls->h.st->pool, &ls->h.pj) != 0) {
+    if (stream_queue(ls, 0) != 0)
         stream_end(ls, RPC_UNAVAILABLE, "the store is shutting down; resume with after_seq");
-        return;
-    }
 }
 
 static void stream_page_run(pool_job *pj, db_conn *conn, int err)
@@ -1204,7 +1285,7 @@ static void on_list_events(srv_call *call, const ProtobufCMessage *msg)
     srv_call_set_data(call, ls);
     srv_call_on_writable(call, stream_on_writable);
     srv_call_on_cancel(call, stream_on_cancel);
-    int rc = pool_submit(st->pool, &ls->h.pj);
+    int rc = stream_queue(ls, 1);
     if (rc != 0) {
         srv_call_set_data(call, NULL);
         srv_call_finish(call, rc == POOL_EFULL ? RPC_RESOURCE_EXHAUSTED : RPC_UNAVAILABLE,
@@ -1251,6 +1332,7 @@ store *store_create(srv *s, pool *p, const store_limits *lim, metrics *m)
     st->s = s;
     st->pool = p;
     st->lim = *lim;
+    pthread_mutex_init(&st->pages_mu, NULL);
     metrics_register(m, METRICS_SECTION(store_metrics, &st->mx));
     for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++) {
         if (srv_add_method(s, &methods[i], st) != 0) {
@@ -1264,6 +1346,9 @@ store *store_create(srv *s, pool *p, const store_limits *lim, metrics *m)
 
 void store_destroy(store **stp)
 {
+    if (*stp == NULL)
+        return;
+    pthread_mutex_destroy(&(*stp)->pages_mu);
     mem_free(*stp);
     *stp = NULL;
 }

@@ -11,7 +11,10 @@
  * and sends it; when the call's write queue is full the rest of the page
  * waits for on_writable, which sends it from the completion-queue thread
  * and queues the next page's job. At most one page per stream is held in
- * memory, and no thread ever waits for a slow reader. */
+ * memory, and no thread ever waits for a slow reader. Over all streams at
+ * most list_pages_max pages are held: a stream that would read one more
+ * waits, holding no worker, until another stream's page is sent or dropped
+ * (first come, first served). */
 #ifndef CONVO_STORE_H
 #define CONVO_STORE_H
 
@@ -31,6 +34,7 @@ typedef struct store_limits {
     long long max_batch_events;  /* events per AppendEvents */
     long long max_content_bytes; /* an event's content, a summary or an error text */
     long long list_page_size;    /* events per database page of ListEvents */
+    long long list_pages_max;    /* ListEvents pages held at once, all streams */
     long long max_message_bytes; /* the largest response (list responses stop short of it) */
 } store_limits;
 

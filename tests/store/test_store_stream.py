@@ -148,3 +148,44 @@ def test_many_concurrent_streams(store, stub):
 def test_limit_across_pages(store, stub, big_session):
     got = list_events(stub, big_session, after_seq=250, limit=1234)
     assert [e.seq for e in got] == list(range(251, 1485))
+
+
+def test_pages_held_at_once_are_bounded_over_all_streams(pg, big_session):
+    """--list-pages-max: a reader that stops reading keeps its stream's page
+    (parked), so with one page allowed another stream waits, holding no
+    worker, until the first is cancelled; it then streams whole."""
+    svc = start_store(pg.url, "--list-pages-max", "1", "--list-page-size", "500",
+                      "--db-pool-size", "2", "--max-queued-writes", "64")
+    try:
+        stub = pb.store_pb2_grpc.StoreStub(svc.channel())
+        small = new_id("small")
+        open_session(stub, small)
+        for start in (1, 601):  # three pages
+            append(stub, small, [ev(i) for i in range(start, start + 600)])
+        # The reader's flow-control window stays at 64 KB (no BDP probing):
+        # a page of 500 1-KB events can never be sent whole while it does not
+        # read, so the stream keeps its page.
+        slow = pb.store_pb2_grpc.StoreStub(svc.channel(options=[
+            ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65536)]))
+        a = slow.ListEvents(S.ListEventsRequest(session_id=big_session), timeout=120)
+        first = iter(a)
+        assert next(first).seq == 1  # and no more read: its page stays held
+        b = stub.ListEvents(S.ListEventsRequest(session_id=small), timeout=120)
+        got = []
+        reader = threading.Thread(target=lambda: got.extend(e.seq for e in b))
+        reader.start()
+        deadline = time.monotonic() + 30
+        while svc.metric("convo_store_list_page_waits_total") < 1:
+            assert time.monotonic() < deadline, "the second stream never waited for a page"
+            time.sleep(0.05)
+        assert got == [], "the second stream was sent events past the page budget"
+        assert svc.metric("convo_store_list_pages_held") == 1
+        # Waiting holds no worker: other calls go through.
+        assert stub.GetSession(S.GetSessionRequest(session_id=small),
+                               timeout=5).session.event_count == 1200
+        a.cancel()
+        reader.join(60)
+        assert got == list(range(1, 1201))
+        assert svc.metric("convo_store_list_pages_held") == 0
+    finally:
+        check_clean_exit(svc)
