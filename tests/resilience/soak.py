@@ -233,19 +233,22 @@ def run_clients(a, gw, tally, prefix, deadline, done):
 
 def inject(name, stack, procs, tally, down_s):
     """Kills `name` (PostgreSQL: fast shutdown), waits `down_s`, starts it
-    again; returns the seconds the start took."""
+    again; returns when the kill was sent (seconds since the run began) and
+    the seconds the start took."""
     if name == "postgresql":
+        at = time.monotonic() - tally.t0
         stack.pg.stop()
     else:
         svc = procs.services()[name]
         if name == "gateway":
             tally.gateway_epoch += 1
             tally.dropped.update(dropped_by(svc))
+        at = time.monotonic() - tally.t0
         svc.kill()
     time.sleep(down_s)
     t0 = time.monotonic()
     (stack.pg if name == "postgresql" else procs.services()[name]).start()
-    return time.monotonic() - t0
+    return at, time.monotonic() - t0
 
 
 def dropped_by(gw):
@@ -408,8 +411,8 @@ def main():
                 start = s
             current = FAULTS[n % len(FAULTS)]
             n += 1
-            took = inject(current, stack, procs, tally, a.down_s)
-            faults.append((now - t0, current, took))
+            at, took = inject(current, stack, procs, tally, a.down_s)
+            faults.append((at, current, took))
             how = "stopped" if current == "postgresql" else "killed"
             print(f"[{now - t0:7.1f} s] {current} {how}, back {a.down_s:g} s later (start took "
                   f"{took:.1f} s); turns so far {len(tally.turns)}, load {load()}", flush=True)
@@ -437,11 +440,15 @@ def main():
           f"{sum(min(t.seen, stored.get((t.sid, t.k), 0)) for t in tally.turns)} of them")
     kills = [t for t, name, _ in faults if name == "gateway"]
     cut = sum(t.outcome == "connection_lost" for t in crash_turns)
-    ages = [min((k - t.end for k in kills if k >= t.end), default=0) for t in crash_turns
+    # A finished turn lost with a gateway: when it ended, against the kill
+    # nearest to it. Frames the gateway wrote before it died can reach the
+    # client after the kill was sent, so the offset can be positive.
+    ages = [min((t.end - k for k in kills), key=abs, default=0) for t in crash_turns
             if t.outcome != "connection_lost"]
     print(f"tokens lost: {lost}; lost in the memory of a SIGKILLed gateway (its crash window): "
           f"{crash} in {len(crash_turns)} turns, {cut} of them cut by the kill" +
-          (f", the others ended up to {max(ages):.2f} s before it" if ages else ""))
+          (f", the others ended {min(ages):+.3f} to {max(ages):+.3f} s from the SIGKILL"
+           if ages else ""))
     print("events the gateways dropped and counted, by reason: " +
           (", ".join(f"{k} {v}" for k, v in tally.dropped.most_common()) or "none"))
     for t in bad[:10]:
