@@ -75,7 +75,7 @@
       "events in one group at most (a bigger call runs alone)")                                    \
     X(S, list_page_size, INT_IN(1, 100000), "list-page-size", "STORE_LIST_PAGE_SIZE", "1000",      \
       "events read from the database per page of ListEvents (the most held per stream)")           \
-    X(S, list_pages_max, INT_IN(1, 100000), "list-pages-max", "STORE_LIST_PAGES_MAX", "64",        \
+    X(S, list_pages_max, INT_IN(1, 100000), "list-pages-max", "STORE_LIST_PAGES_MAX", "16",        \
       "ListEvents pages held in memory at once over all streams (a burst of resumes waits for "    \
       "pages to be sent, rather than holding --list-page-size events each)")                       \
     X(S, log_level, STR, "log-level", "LOG_LEVEL", "info", "debug, info, warn or error")
