@@ -946,8 +946,10 @@ static void sess_on_text(void *peer, const char *data, size_t len)
         s->queue = mem_realloc(s->queue, (s->nqueue + 1) * sizeof *s->queue);
         s->queue[s->nqueue++] = in.text;
         in.text = NULL;
-        if (s->cur != NULL) {
-            /* Behind an answer: say so (not while the session is opening). */
+        if (s->cur != NULL && !s->cur->terminal) {
+            /* Behind an answer: say so (not while the session is opening,
+             * nor once the answer's done or error went out: its call is
+             * only closing, and the message starts in a moment). */
             size_t flen;
             char *f = frame_queued(s->next_turn_id + s->nqueue, s->nqueue, &flen);
             send_frame(s, f, flen);

@@ -777,7 +777,8 @@ static void cancel_ends_the_turn_as_cancelled(void **state)
 
 /* The done frame goes out when llm-svc's done event arrives; the call
  * ends a moment later. A cancel in between finds nothing to cancel and is
- * told so (it used to be taken silently, and the client waited forever). */
+ * told so (it used to be taken silently, and the client waited forever);
+ * a message in between is not told it is queued. */
 static void cancel_after_done_is_told_no_active_turn(void **state)
 {
     env *e = begin(state, NULL);
@@ -793,12 +794,15 @@ static void cancel_after_done_is_told_no_active_turn(void **state)
     conn_text(c, "{\"type\": \"cancel\"}");
     wait_frames(e, c, "error", 1);
     assert_string_equal(field(c, "error", 0, "code"), "no_active_turn");
-    fake_end();
-    /* The turn ends as it was answered: the next message is answered too. */
+    /* A message in that gap waits for the call's end, without a queued
+     * frame: no answer is being streamed any more. */
     fk.chat_hold = 0;
     conn_text(c, "{\"message\": \"and another\"}");
+    fake_end();
     wait_frames(e, c, "done", 2);
     assert_string_equal(field(c, "done", 1, "status"), "completed");
+    assert_string_equal(field(c, "done", 1, "turn_id"), "2");
+    assert_int_equal(count_of(c, "queued"), 0);
     assert_int_equal(fake_snap().chat_cancels, 0);
     finish(e);
 }
