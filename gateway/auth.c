@@ -3,7 +3,6 @@
 #include "check.h"
 #include "log.h"
 #include "mem.h"
-#include "rpc.h"
 
 #include <cjose/cjose.h>
 #include <curl/curl.h>
@@ -464,7 +463,16 @@ static void keys_reload(auth *a, const char *why)
 
 static struct timespec mono_deadline(double secs_from_now)
 {
-    return rpc_deadline(CLOCK_MONOTONIC, (int64_t)(secs_from_now * 1e6));
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    double whole = floor(secs_from_now);
+    ts.tv_sec += (time_t)whole;
+    ts.tv_nsec += (long)((secs_from_now - whole) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    return ts;
 }
 
 /* auth's thread: reloads the JWKS every --jwks-refresh-secs (every

@@ -3,7 +3,6 @@
 #include "backoff.h"
 #include "log.h"
 #include "mem.h"
-#include "rpc.h"
 
 #include <ctype.h>
 #include <curl/curl.h>
@@ -370,7 +369,14 @@ static int transient(CURLcode rc, long status)
  * time is up, whichever comes first. */
 static void wait_locked(otlp *e, int64_t ms)
 {
-    struct timespec ts = rpc_deadline(CLOCK_MONOTONIC, ms * 1000);
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (ms % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
     pthread_cond_timedwait(&e->cv, &e->mu, &ts);
 }
 

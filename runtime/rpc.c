@@ -78,16 +78,6 @@ int64_t rpc_now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-struct timespec rpc_deadline(clockid_t clock, int64_t us)
-{
-    struct timespec ts;
-    clock_gettime(clock, &ts);
-    int64_t ns = ts.tv_nsec + us % 1000000 * 1000;
-    ts.tv_sec += (time_t)(us / 1000000 + ns / 1000000000);
-    ts.tv_nsec = (long)(ns % 1000000000);
-    return ts;
-}
-
 int rpc_utf8_valid(const char *str, size_t len)
 {
     const unsigned char *s = (const unsigned char *)str;

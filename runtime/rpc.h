@@ -9,7 +9,6 @@
 #include <protobuf-c/protobuf-c.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <time.h>
 
 typedef enum rpc_code {
     RPC_OK = 0,
@@ -70,11 +69,6 @@ const char *rpc_strerror(int err);
 
 /* Milliseconds on a monotonic clock, for deadlines and timing. */
 int64_t rpc_now_ms(void);
-
-/* The moment `us` microseconds from now on `clock`, as
- * pthread_cond_timedwait takes it: the clock must be the condition
- * variable's (CLOCK_REALTIME unless it was set to CLOCK_MONOTONIC). */
-struct timespec rpc_deadline(clockid_t clock, int64_t us);
 
 /* Whether s[0..len) is valid UTF-8 (no overlongs, no surrogates). proto3
  * requires string fields to be; protobuf-c does not check, so handlers do. */

@@ -1059,7 +1059,14 @@ void srv_stop(srv *s)
  * Returns whether it came. */
 static int wait_shutdown(srv *s, int64_t ms)
 {
-    struct timespec until = rpc_deadline(CLOCK_REALTIME, ms * 1000);
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += ms / 1000;
+    until.tv_nsec += (ms % 1000) * 1000000;
+    if (until.tv_nsec >= 1000000000) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000;
+    }
     pthread_mutex_lock(&s->shutdown_mu);
     while (!s->shutdown_done) {
         if (ms < 0)

@@ -178,10 +178,17 @@ static void try_connect(worker *w)
 static void timed_wait(pool *p, int64_t until_ms)
 {
     /* rpc_now_ms is monotonic; the condvar uses CLOCK_MONOTONIC too. */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
     int64_t wait = until_ms - rpc_now_ms();
     if (wait < 1)
         wait = 1;
-    struct timespec ts = rpc_deadline(CLOCK_MONOTONIC, wait * 1000);
+    ts.tv_sec += wait / 1000;
+    ts.tv_nsec += (wait % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
     pthread_cond_timedwait(&p->cv, &p->mu, &ts);
 }
 
@@ -292,7 +299,11 @@ static size_t gather_locked(pool *p, worker *w, pool_job *first)
         if (n >= p->cfg.group_max_jobs || weight >= p->cfg.group_max_weight ||
             p->queued_group_jobs > 0 || p->stopping || now >= until)
             break;
-        struct timespec ts = rpc_deadline(CLOCK_MONOTONIC, until - now);
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        int64_t ns = ts.tv_nsec + (until - now) * 1000;
+        ts.tv_sec += ns / 1000000000;
+        ts.tv_nsec = ns % 1000000000;
         pthread_cond_timedwait(&p->gather_cv, &p->mu, &ts);
     }
     p->gathering = 0;

@@ -4,7 +4,6 @@
 #include "bcall.h"
 #include "log.h"
 #include "mem.h"
-#include "rpc.h"
 
 #include "convo_methods.h"
 
@@ -212,7 +211,14 @@ static void *sweep_main(void *arg)
          * lockstep (they would only race for the same leases). */
         int64_t wait = sw->cfg.interval_ms +
                        backoff_rand_between(0, sw->cfg.interval_ms / INTERVAL_JITTER_DIVISOR);
-        struct timespec until = rpc_deadline(CLOCK_MONOTONIC, wait * 1000);
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_sec += wait / 1000;
+        until.tv_nsec += (wait % 1000) * 1000000;
+        if (until.tv_nsec >= 1000000000) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000;
+        }
         while (!sw->stop) {
             if (pthread_cond_timedwait(&sw->cv, &sw->mu, &until) == ETIMEDOUT)
                 break;
